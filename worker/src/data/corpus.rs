@@ -1,0 +1,413 @@
+//! Corpus readers: raw files -> documents (plain strings).
+//!
+//! Three formats, chosen by file extension:
+//! - `.json`: a JSON array of objects, the original project's `data.json`
+//!   (`[{"title": ..., "content": ...}, ...]`); text = title + content, as the
+//!   original's wudao reader builds it. Objects without `content` fall back to
+//!   the configured `text_key`.
+//! - `.jsonl` / `.ndjson`: JSON Lines, one object per line, text under
+//!   `text_key` (default `text`; title + content is accepted too). Streamed.
+//! - anything else: UTF-8 text, one document per blank-line-separated block.
+//!   Streamed.
+//!
+//! Every text gets the original's punctuation standardisation (curly quotes
+//! and en dashes to ASCII). Malformed input is an error naming
+//! `file:line:col`; with `skip_malformed` a malformed *record* is counted and
+//! skipped instead (a JSON array's syntax errors cannot be skipped: after one
+//! the rest of the array has no reliable structure).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Clone, Debug)]
+pub struct CorpusOptions {
+    /// Key of the text in JSON Lines records (the original's `text_key`).
+    pub text_key: String,
+    /// Count and skip malformed records instead of failing.
+    pub skip_malformed: bool,
+}
+
+impl Default for CorpusOptions {
+    fn default() -> Self {
+        CorpusOptions { text_key: "text".into(), skip_malformed: false }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    JsonArray,
+    JsonLines,
+    Text,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("json") => Format::JsonArray,
+            Some("jsonl") | Some("ndjson") => Format::JsonLines,
+            _ => Format::Text,
+        }
+    }
+}
+
+/// What a read produced, for reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub documents: u64,
+    /// Records that held no text after trimming (kept out of the corpus).
+    pub empty: u64,
+    /// Malformed records skipped (only with `skip_malformed`).
+    pub skipped: u64,
+    /// UTF-8 bytes of document text handed on.
+    pub text_bytes: u64,
+}
+
+/// The corpus files under `path`: the file itself, or every regular file of a
+/// folder (recursively, hidden files and `README*` excluded), sorted by path
+/// so the document order — and so every split and sample — is reproducible.
+pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            let p = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || name.starts_with("README") {
+                continue;
+            }
+            let ft = entry.file_type().at(&p)?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() || (ft.is_symlink() && p.is_file()) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::invalid(path, "corpus folder holds no files"));
+    }
+    Ok(out)
+}
+
+/// The original's `punctuation_standardization`.
+pub fn standardize_punctuation(s: &str) -> String {
+    if !s.contains(['\u{201c}', '\u{201d}', '\u{2018}', '\u{2019}', '\u{2013}']) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| match c {
+            '\u{201c}' | '\u{201d}' => '"',
+            '\u{2018}' | '\u{2019}' => '\'',
+            '\u{2013}' => '-',
+            c => c,
+        })
+        .collect()
+}
+
+/// Reads every document of `files` in order, handing each to `sink` together
+/// with the number of input bytes consumed so far in the current file (for
+/// progress). Returns what was read.
+pub fn read_corpus(
+    files: &[PathBuf],
+    opts: &CorpusOptions,
+    mut sink: impl FnMut(String, u64) -> Result<()>,
+) -> Result<ReadStats> {
+    let mut stats = ReadStats::default();
+    for f in files {
+        let mut emit = |text: String, pos: u64| -> Result<()> {
+            let text = standardize_punctuation(text.trim());
+            if text.is_empty() {
+                stats.empty += 1;
+                return Ok(());
+            }
+            stats.documents += 1;
+            stats.text_bytes += text.len() as u64;
+            sink(text, pos)
+        };
+        let skipped = match Format::of(f) {
+            Format::JsonArray => read_json_array(f, opts, &mut emit)?,
+            Format::JsonLines => read_json_lines(f, opts, &mut emit)?,
+            Format::Text => read_text(f, &mut emit)?,
+        };
+        stats.skipped += skipped;
+    }
+    Ok(stats)
+}
+
+/// Text of one JSON record, or a message saying why there is none.
+fn record_text(v: &Value, text_key: &str) -> std::result::Result<String, String> {
+    let Value::Object(map) = v else {
+        return Err(format!("expected an object, found {}", kind(v)));
+    };
+    let field = |k: &str| -> std::result::Result<Option<&str>, String> {
+        match map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(format!("\"{k}\" must be a string, found {}", kind(other))),
+        }
+    };
+    if let Some(content) = field("content")? {
+        let title = field("title")?.unwrap_or("");
+        return Ok(format!("{title}{content}"));
+    }
+    match field(text_key)? {
+        Some(t) => Ok(t.to_string()),
+        None => Err(format!("record has neither \"content\" nor \"{text_key}\"")),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// 1-based (line, column in characters) of byte `offset` in `buf`.
+fn line_col(buf: &[u8], offset: usize) -> (usize, usize) {
+    let before = &buf[..offset.min(buf.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let start = before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let col = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
+    (line, col)
+}
+
+fn read_json_array(
+    path: &Path,
+    opts: &CorpusOptions,
+    emit: &mut dyn FnMut(String, u64) -> Result<()>,
+) -> Result<u64> {
+    let file = File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len == 0 {
+        return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects"));
+    }
+    // SAFETY: the map is read-only and dropped before returning; a corpus
+    // file truncated underneath us is a user error we cannot guard against.
+    let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
+    let buf: &[u8] = &map;
+    let first = buf.iter().position(|b| !b.is_ascii_whitespace());
+    let first = match first {
+        None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects")),
+        Some(i) => i,
+    };
+    if buf[first] != b'[' {
+        let (l, c) = line_col(buf, first);
+        let hint = if buf[first] == b'{' {
+            " (a fragment of objects without the enclosing `[` `]`? wrap it in brackets, \
+             or name it .jsonl with one object per line)"
+        } else {
+            ""
+        };
+        return Err(Error::parse(
+            path,
+            l,
+            c,
+            format!("expected `[` starting a JSON array of objects, found `{}`{hint}", buf[first] as char),
+        ));
+    }
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(buf)
+        .map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {}", strip_pos(&e))))?;
+    let mut skipped = 0;
+    for (i, raw) in items.iter().enumerate() {
+        let offset = raw.get().as_ptr() as usize - buf.as_ptr() as usize;
+        let v: Value = serde_json::from_str(raw.get()).expect("RawValue re-parses");
+        match record_text(&v, &opts.text_key) {
+            Ok(t) => emit(t, offset as u64)?,
+            Err(msg) if opts.skip_malformed => {
+                let (l, c) = line_col(buf, offset);
+                log::debug!("{}:{l}:{c}: skipped record {i}: {msg}", path.display());
+                skipped += 1;
+            }
+            Err(msg) => {
+                let (l, c) = line_col(buf, offset);
+                return Err(Error::parse(path, l, c, format!("record {i}: {msg}")));
+            }
+        }
+    }
+    Ok(skipped)
+}
+
+/// serde_json appends " at line L column C"; we print the position up front.
+fn strip_pos(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn read_json_lines(
+    path: &Path,
+    opts: &CorpusOptions,
+    emit: &mut dyn FnMut(String, u64) -> Result<()>,
+) -> Result<u64> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
+    let mut line = Vec::new();
+    let (mut lineno, mut pos, mut skipped) = (0usize, 0u64, 0u64);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).at(path)?;
+        if n == 0 {
+            break;
+        }
+        lineno += 1;
+        pos += n as u64;
+        let text = match std::str::from_utf8(&line) {
+            Ok(t) => t,
+            Err(e) => {
+                let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
+                if opts.skip_malformed {
+                    skipped += 1;
+                    continue;
+                }
+                return Err(Error::parse(path, lineno, col, "invalid UTF-8"));
+            }
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(text)
+            .map_err(|e| (e.column(), format!("malformed JSON: {}", strip_pos(&e))))
+            .and_then(|v| record_text(&v, &opts.text_key).map_err(|m| (1, m)));
+        match parsed {
+            Ok(t) => emit(t, pos)?,
+            Err(_) if opts.skip_malformed => skipped += 1,
+            Err((col, msg)) => return Err(Error::parse(path, lineno, col, msg)),
+        }
+    }
+    Ok(skipped)
+}
+
+fn read_text(path: &Path, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
+    let file = File::open(path).at(path)?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
+    let mut doc = String::new();
+    let (mut lineno, mut pos) = (0usize, 0u64);
+    loop {
+        line.clear();
+        let n = reader.by_ref().read_until(b'\n', &mut line).at(path)?;
+        if n == 0 {
+            break;
+        }
+        lineno += 1;
+        pos += n as u64;
+        let text = std::str::from_utf8(&line).map_err(|e| {
+            let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
+            Error::parse(path, lineno, col, "invalid UTF-8 (text corpora must be UTF-8)")
+        })?;
+        if text.trim().is_empty() {
+            if !doc.is_empty() {
+                emit(std::mem::take(&mut doc), pos)?;
+            }
+        } else {
+            doc.push_str(text);
+        }
+    }
+    if !doc.is_empty() {
+        emit(doc, pos)?;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().write_all(content).unwrap();
+        p
+    }
+
+    fn docs(files: &[PathBuf], opts: &CorpusOptions) -> Result<(Vec<String>, ReadStats)> {
+        let mut out = Vec::new();
+        let stats = read_corpus(files, opts, |t, _| {
+            out.push(t);
+            Ok(())
+        })?;
+        Ok((out, stats))
+    }
+
+    #[test]
+    fn json_array_title_plus_content_with_punctuation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "a.json",
+            "[{\"title\": \"题\", \"content\": \"“内容”\"},\n {\"content\": \"二\"}, {\"title\":\"t\",\"content\":\"  \"}]".as_bytes(),
+        );
+        let (docs, stats) = docs(&[p], &CorpusOptions::default()).unwrap();
+        assert_eq!(docs, vec!["题\"内容\"".to_string(), "二".to_string(), "t".to_string()]);
+        assert_eq!(stats.documents, 3);
+    }
+
+    #[test]
+    fn json_array_errors_have_location() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "bad.json", b"[\n {\"content\": \"a\"},\n {\"content\": 3}\n]");
+        let e = docs(&[p.clone()], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("bad.json:3:2:") && e.contains("must be a string"), "{e}");
+        let (ok, stats) = docs(&[p], &CorpusOptions { skip_malformed: true, ..Default::default() }).unwrap();
+        assert_eq!((ok.len(), stats.skipped), (1, 1));
+
+        let p = write(d.path(), "syntax.json", b"[\n {\"content\": \"a\"\n]");
+        let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("syntax.json:3:1: malformed JSON"), "{e}");
+
+        let p = write(d.path(), "frag.json", b"  {\n \"content\": \"a\"\n}");
+        let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("frag.json:1:3: expected `[`") && e.contains("enclosing"), "{e}");
+    }
+
+    #[test]
+    fn json_lines_with_text_key_and_skips() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "a.jsonl", b"{\"sentence\": \"one\"}\n\n{\"sentence\": oops}\n{\"title\":\"x\",\"content\":\"y\"}\n");
+        let opts = CorpusOptions { text_key: "sentence".into(), skip_malformed: false };
+        let e = docs(&[p.clone()], &opts).unwrap_err().to_string();
+        assert!(e.contains("a.jsonl:3:14: malformed JSON"), "{e}");
+        let (ok, stats) = docs(&[p], &CorpusOptions { skip_malformed: true, ..opts }).unwrap();
+        assert_eq!(ok, vec!["one", "xy"]);
+        assert_eq!(stats.skipped, 1);
+    }
+
+    #[test]
+    fn text_blocks_and_bad_utf8() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "a.txt", b"first line\nsecond\n\n\n  \nnext doc\n");
+        let (ok, _) = docs(&[p], &CorpusOptions::default()).unwrap();
+        assert_eq!(ok, vec!["first line\nsecond", "next doc"]);
+        let p = write(d.path(), "b.txt", b"ok\nab\xffc\n");
+        let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("b.txt:2:3: invalid UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn folder_is_sorted_and_skips_readme() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "b.txt", b"b");
+        write(d.path(), "a.txt", b"a");
+        write(d.path(), "README.md", b"not data");
+        let files = corpus_files(d.path()).unwrap();
+        let (ok, _) = docs(&files, &CorpusOptions::default()).unwrap();
+        assert_eq!(ok, vec!["a", "b"]);
+    }
+}

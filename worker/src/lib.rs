@@ -1,0 +1,13 @@
+//! glm_worker: the library behind `glm-worker`.
+//!
+//! Data flows one way: text -> token store -> blank-infilling samples ->
+//! batches -> model -> loss -> gradients -> optimizer -> checkpoint.
+//! This crate currently holds the data half (`data`), the reproducible RNG
+//! every random decision draws from (`rng`) and libtorch start-up (`runtime`).
+
+pub mod data;
+pub mod error;
+pub mod rng;
+pub mod runtime;
+
+pub use error::{Error, Result};
