@@ -104,6 +104,9 @@ struct SamplesArgs {
     /// Use [sMASK]/[gMASK] for sentence/generation blanks
     #[arg(long)]
     task_mask: bool,
+    /// Print statistics (masked fraction, span lengths, build rate) instead of samples
+    #[arg(long)]
+    summary: bool,
 }
 
 fn main() -> ExitCode {
@@ -191,6 +194,9 @@ fn tokenizer_for(a: &PrepareArgs, files: &[PathBuf], opts: &CorpusOptions) -> Re
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
+    // Check every argument before doing work, so a typo costs nothing.
+    let weights = store::parse_split(&a.split)?;
+    anyhow::ensure!(a.vocab_size >= 64, "--vocab-size {}: must be at least 64", a.vocab_size);
     let files = corpus_files(&a.data)?;
     let opts = CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
@@ -203,7 +209,6 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         a.make_vocab_size_divisible_by,
         &tok.sha256[..16]
     );
-    let weights = store::parse_split(&a.split)?;
     let meta = match (a.force, store::staleness(&a.out, &files, &tok.sha256)?) {
         (false, None) => {
             let meta = store::read_meta(&a.out)?;
@@ -268,6 +273,9 @@ fn samples(a: SamplesArgs) -> Result<()> {
         ModeArg::Sentence => Mode::Sentence,
         ModeArg::Generation => Mode::Generation,
     };
+    if a.summary {
+        return summarize(&sm, mode, a.count, &tok);
+    }
     for i in 0..a.count {
         let s = sm.sample(i, mode);
         println!("sample {i} ({mode:?}{}): {} tokens, sep {}", if s.suffix { ", suffix" } else { "" }, s.len, s.sep);
@@ -279,12 +287,40 @@ fn samples(a: SamplesArgs) -> Result<()> {
             while j < s.len && s.tokens[j] != tok.special.sop {
                 j += 1;
             }
-            println!(
-                "  Part B @{}: {}",
-                s.position_ids[start],
-                tok.decode(&s.targets[start..j], false)
-            );
+            println!("  Part B @{}: {}", s.position_ids[start], tok.decode(&s.targets[start..j], false));
         }
+    }
+    Ok(())
+}
+
+/// Builds `count` samples and reports what a user checks a masking setup by.
+fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let (mut used, mut loss, mut blocks, mut suffix) = (0usize, 0usize, 0usize, 0usize);
+    for i in 0..count {
+        let s = sm.sample(i, mode);
+        used += s.len;
+        loss += s.loss_mask.iter().map(|&m| m as usize).sum::<usize>();
+        blocks += s.tokens[s.sep..s.len].iter().filter(|&&t| t == tok.special.sop).count();
+        suffix += usize::from(s.suffix);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let seq = sm.config().seq_length;
+    let n = count.max(1) as f64;
+    println!("samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {:.0} samples/s ({:.2} M tokens/s)", n / secs, n * seq as f64 / secs / 1e6);
+    println!("samples: {:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample", 100.0 * used as f64 / (n * seq as f64), blocks as f64 / n, loss as f64 / n);
+    if mode == Mode::Span && blocks > 0 {
+        // a span of k tokens gives k + 1 loss tokens (the span and <|endofpiece|>)
+        let masked = loss - blocks;
+        println!(
+            "samples: mean span length {:.2} (distribution mean {:.2}), {:.1}% of Part A+B tokens masked",
+            masked as f64 / blocks as f64,
+            sm.config().mean_span_length(),
+            100.0 * masked as f64 / (used - 2 * blocks) as f64
+        );
+    }
+    if mode == Mode::Generation {
+        println!("samples: {:.1}% prefix/suffix form, the rest one blank in the middle", 100.0 * suffix as f64 / n);
     }
     Ok(())
 }

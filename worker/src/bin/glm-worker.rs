@@ -7,7 +7,8 @@
 //! unaffected). When no usable libtorch exists it prints one clear error
 //! instead of the dynamic loader's crash.
 //!
-//! Search order: `GLM_LIBTORCH_LIB` (a `.../torch/lib` directory), `LIBTORCH`
+//! Search order: `GLM_LIBTORCH_LIB` (a `.../torch/lib` directory; when set,
+//! the only place looked at), `LIBTORCH`
 //! (a libtorch root), the directories on `LD_LIBRARY_PATH`, the directory the
 //! build used, the project's `.venv` next to the binary's checkout, and the
 //! `torch` package of `python3` on `PATH`.
@@ -82,8 +83,9 @@ fn fail(msg: &str) -> ExitCode {
 /// Directories that may hold libtorch, most explicit first, without duplicates.
 fn candidates(exe: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
-    if let Some(d) = std::env::var_os("GLM_LIBTORCH_LIB") {
-        out.push(d.into());
+    // An explicit choice is authoritative: no silent fallback elsewhere.
+    if let Some(d) = std::env::var_os("GLM_LIBTORCH_LIB").filter(|d| !d.is_empty()) {
+        return vec![d.into()];
     }
     if let Some(d) = std::env::var_os("LIBTORCH") {
         out.push(PathBuf::from(d).join("lib"));

@@ -109,7 +109,7 @@ pub fn build_corpus(src: &Path, out: &Path) -> Result<Vec<(String, usize)>> {
         let bytes = std::fs::read(&p).map_err(|e| {
             Error::invalid(
                 &p,
-                format!("{e}\nHINT: install Debian's fortunes-zh (`apt-get install fortunes-zh`) or run scripts/setup.sh"),
+                format!("{e}; hint: install Debian's fortunes-zh (`apt-get install fortunes-zh`) or run scripts/setup.sh"),
             )
         })?;
         let text = String::from_utf8(bytes)

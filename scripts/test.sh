@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up what is missing (scripts/setup.sh), then runs every test.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/setup.sh
+export LIBTORCH_USE_PYTORCH=1 PATH="$ROOT/.venv/bin:$PATH"
+# Several test processes share 2 cores: one intra-op thread each.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+cargo test --release --workspace "$@"
