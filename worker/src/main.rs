@@ -110,6 +110,12 @@ struct SamplesArgs {
 }
 
 fn main() -> ExitCode {
+    // Behave like a Unix tool when the reader goes away (`| head`): exit
+    // quietly instead of panicking on a failed print.
+    // SAFETY: called first thing, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.cmd {

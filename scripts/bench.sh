@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests) of the data pipeline on this machine:
+#   - corpus -> token store throughput (MB/s of text), with a trained WordPiece
+#     tokenizer and with the seed's bert-base-chinese vocab.txt, on all cores
+#     and on one;
+#   - blank-infilling sample construction rate for the three modes.
+# Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/setup.sh
+BIN="$ROOT/target/release/glm-worker"
+VOCAB="$ROOT/../shared/seed/vocab.txt"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+"$ROOT/.venv/bin/python" - "$ROOT/glm_pretrain/data/data.json" "$WORK/big.json" <<'PY'
+import json, sys
+docs = json.load(open(sys.argv[1], encoding="utf-8"))
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    json.dump(docs * 8, f, ensure_ascii=False)
+PY
+echo "bench: corpus $(du -h "$WORK/big.json" | cut -f1) ($(nproc) cores)"
+
+rate() { grep -E "tokenized|trained WordPiece" | sed 's/^prepare: /  /'; }
+echo "== prepare, WordPiece trained on the corpus (training time shown separately)"
+"$BIN" prepare --data "$WORK/big.json" --out "$WORK/s1" --tokenizer-cache "$WORK/model" | rate
+echo "== prepare, seed vocab.txt (bert-base-chinese), all cores"
+"$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --tokenizer "$VOCAB" | rate
+echo "== prepare, seed vocab.txt, one thread"
+RAYON_NUM_THREADS=1 "$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --tokenizer "$VOCAB" --force | rate
+echo "== sample construction, seq_length 512, task_mask"
+for mode in span sentence generation; do
+  "$BIN" samples --store "$WORK/s2" --count 50000 --seq-length 512 --mode "$mode" --task-mask --summary | head -1 | sed 's/^samples: /  /'
+done
