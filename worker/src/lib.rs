@@ -5,8 +5,11 @@
 //! This crate currently holds the data half (`data`), the reproducible RNG
 //! every random decision draws from (`rng`) and libtorch start-up (`runtime`).
 
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod model;
+pub mod optim;
 pub mod rng;
 pub mod runtime;
 

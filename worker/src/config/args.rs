@@ -1,0 +1,402 @@
+//! The original's `configs.json` (model, data and training arguments), with
+//! `--set key=value` overrides and the provenance of every value.
+//!
+//! Every key of the original's file is known here and falls in one class:
+//! - used: read into [`Args`];
+//! - unsupported: accepted only at its default, because ignoring another value
+//!   would silently change the result (`transformer_xl`, `encoder_decoder`,
+//!   `masked_lm`, `mem_length > 0`, ...); any other value is an error naming
+//!   the key;
+//! - irrelevant here (launcher, logging and DeepSpeed plumbing that this
+//!   program handles elsewhere): listed once at start-up.
+//! A key the original does not have is an error with the closest known key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The arguments the trainer uses, with the original's defaults.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Args {
+    // model
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub make_vocab_size_divisible_by: usize,
+    pub layernorm_epsilon: f64,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub output_dropout: f64,
+    pub attention_scale: f64,
+    pub no_block_position: bool,
+    pub model_parallel_size: usize,
+    // precision (the DeepSpeed config decides; kept to report conflicts)
+    pub fp16: bool,
+    pub checkpoint_activations: bool,
+    // batch and optimisation
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub train_iters: u64,
+    pub lr: f64,
+    pub lr_decay_iters: Option<u64>,
+    pub lr_decay_style: String,
+    pub lr_decay_ratio: f64,
+    pub warmup: f64,
+    pub weight_decay: f64,
+    pub clip_grad: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub optimizer: String,
+    pub seed: u64,
+    // logging, evaluation, checkpoints
+    pub log_interval: u64,
+    pub eval_interval: u64,
+    pub eval_iters: u64,
+    pub eval_batch_size: Option<usize>,
+    pub experiment_name: String,
+    pub save: Option<PathBuf>,
+    pub save_interval: u64,
+    pub no_save_optim: bool,
+    pub no_save_rng: bool,
+    pub load: Option<PathBuf>,
+    pub no_load_optim: bool,
+    pub no_load_rng: bool,
+    pub no_load_lr_scheduler: bool,
+    // data
+    pub train_data: Vec<String>,
+    pub text_key: String,
+    pub split: String,
+    pub seq_length: usize,
+    pub tokenizer_path: Option<PathBuf>,
+    pub tokenizer_type: String,
+    pub sample_one_document: bool,
+    // blank infilling
+    pub bert_prob: f64,
+    pub gpt_infill_prob: f64,
+    pub gpt_min_ratio: f64,
+    pub gap_sentence_prob: f64,
+    pub gap_sentence_ratio: f64,
+    pub avg_block_length: f64,
+    pub task_mask: bool,
+    pub no_shuffle_block: bool,
+    // generation
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub out_seq_length: usize,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            num_layers: 24,
+            hidden_size: 1024,
+            num_attention_heads: 16,
+            intermediate_size: None,
+            max_position_embeddings: 512,
+            make_vocab_size_divisible_by: 128,
+            layernorm_epsilon: 1e-5,
+            hidden_dropout: 0.1,
+            attention_dropout: 0.1,
+            output_dropout: 0.1,
+            attention_scale: 1.0,
+            no_block_position: false,
+            model_parallel_size: 1,
+            fp16: false,
+            checkpoint_activations: false,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            train_iters: 1_000_000,
+            lr: 1e-4,
+            lr_decay_iters: None,
+            lr_decay_style: "linear".into(),
+            lr_decay_ratio: 0.1,
+            warmup: 0.01,
+            weight_decay: 0.01,
+            clip_grad: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            optimizer: "adam".into(),
+            seed: 1234,
+            log_interval: 100,
+            eval_interval: 1000,
+            eval_iters: 100,
+            eval_batch_size: None,
+            experiment_name: "gpt-345M".into(),
+            save: None,
+            save_interval: 5000,
+            no_save_optim: false,
+            no_save_rng: false,
+            load: None,
+            no_load_optim: false,
+            no_load_rng: false,
+            no_load_lr_scheduler: false,
+            train_data: Vec::new(),
+            text_key: "sentence".into(),
+            split: "1000,1,1".into(),
+            seq_length: 512,
+            tokenizer_path: None,
+            tokenizer_type: "BertWordPieceTokenizer".into(),
+            sample_one_document: false,
+            bert_prob: 0.5,
+            gpt_infill_prob: 0.5,
+            gpt_min_ratio: 0.5,
+            gap_sentence_prob: 0.0,
+            gap_sentence_ratio: 0.15,
+            avg_block_length: 3.0,
+            task_mask: false,
+            no_shuffle_block: false,
+            temperature: 1.0,
+            top_p: 0.0,
+            top_k: 0,
+            out_seq_length: 256,
+        }
+    }
+}
+
+/// Keys whose non-default value this program cannot honour, with the only
+/// accepted value.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("transformer_xl", "false"),
+    ("encoder_decoder", "false"),
+    ("masked_lm", "false"),
+    ("mem_length", "0"),
+    ("block_lm", "true"),
+    ("pretrained_bert", "false"),
+    ("sentinel_token", "false"),
+    ("random_position", "false"),
+    ("block_mask_prob", "0.0"),
+    ("context_mask_ratio", "0.0"),
+    ("short_seq_prob", "0.0"),
+    ("single_span_prob", "0.0"),
+    ("label_smoothing", "0.0"),
+    ("reset_position_ids", "false"),
+    ("reset_attention_mask", "false"),
+    ("switch_linear", "false"),
+    ("finetune", "false"),
+    ("load_pretrained", "null"),
+    ("multi_task_data", "null"),
+    ("multi_task_ratio", "0.0"),
+    ("task", "null"),
+    ("continuous_prompt", "false"),
+    ("freeze_transformer", "false"),
+    ("prefix_prompt", "0"),
+    ("num_prompt_tokens", "0"),
+    ("loss_func", "\"cross_entropy\""),
+    ("non_sentence_start", "0.0"),
+    ("filter_english", "false"),
+    ("deepscale", "false"),
+    ("unidirectional", "false"),
+    ("fast_decode", "false"),
+    ("segment_length", "0"),
+    ("block_lm_ratio", "0.0"),
+    ("cpu_optimizer", "false"),
+    ("cpu_torch_adam", "false"),
+    ("num_beams", "1"),
+];
+
+/// Keys of the original that do not matter to this program.
+const IRRELEVANT: &[&str] = &[
+    "vocab_size", "deep_init", "fp32_embedding", "fp32_layernorm", "fp32_tokentypes", "fp32_allreduce",
+    "hysteresis", "loss_scale", "loss_scale_window", "min_scale", "checkpoint_num_layers",
+    "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory", "save_epoch",
+    "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm",
+    "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq", "overlapping_eval", "length_penalty",
+    "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle", "valid_data",
+    "test_data", "data_dir", "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader",
+    "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers",
+    "tokenizer_model_type", "fix_command_token", "no_pre_tokenize", "cache_dir", "use_tfrecords",
+    "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length",
+    "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue",
+    "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "overwrite",
+    "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed",
+    "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
+    "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose",
+    "data_set_type", "samples_per_shard",
+];
+
+/// Where a value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Set,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(p) => write!(f, "{}", p.file_name().unwrap_or_default().to_string_lossy()),
+            Source::Set => write!(f, "--set"),
+        }
+    }
+}
+
+/// The parsed arguments plus what the user should be told about them.
+#[derive(Debug)]
+pub struct LoadedArgs {
+    pub args: Args,
+    /// key -> where its value came from (used keys only).
+    pub sources: BTreeMap<String, Source>,
+    /// Keys present in the file that this program ignores.
+    pub ignored: Vec<String>,
+}
+
+fn used_keys() -> Vec<String> {
+    match serde_json::to_value(Args::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => unreachable!("Args serialises to an object"),
+    }
+}
+
+/// Parses `value` of `--set key=value`: JSON when it parses (numbers, true,
+/// null, lists), otherwise a plain string.
+fn parse_set_value(v: &str) -> Value {
+    serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()))
+}
+
+fn closest<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    fn dist(a: &str, b: &str) -> usize {
+        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for i in 1..=a.len() {
+            let mut cur = vec![i; b.len() + 1];
+            for j in 1..=b.len() {
+                cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + usize::from(a[i - 1] != b[j - 1]));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    candidates.map(|c| (dist(key, c), c)).filter(|(d, _)| *d <= 3).min().map(|(_, c)| c)
+}
+
+impl LoadedArgs {
+    /// Reads `path` (when given) and applies `sets` ("key=value") on top.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let used = used_keys();
+        let known = |k: &str| used.iter().any(|u| u == k) || UNSUPPORTED.iter().any(|(u, _)| *u == k) || IRRELEVANT.contains(&k);
+        let all_known = || used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
+        let mut map = Map::new();
+        let mut sources = BTreeMap::new();
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::parse(p, e.line(), e.column(), format!("malformed JSON: {e}")))?;
+            let Value::Object(m) = v else {
+                return Err(Error::parse(p, 1, 1, "expected a JSON object of arguments"));
+            };
+            for (k, v) in m {
+                if !known(&k) {
+                    let hint = closest(&k, all_known()).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+                    return Err(Error::invalid(p, format!("unknown key \"{k}\"{hint}")));
+                }
+                sources.insert(k.clone(), Source::File(p.to_path_buf()));
+                map.insert(k, v);
+            }
+        }
+        for s in sets {
+            let Some((k, v)) = s.split_once('=') else {
+                return Err(Error::Config(format!("--set {s}: expected key=value")));
+            };
+            let k = k.trim();
+            if !known(k) {
+                let hint = closest(k, all_known()).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+                return Err(Error::Config(format!("--set {s}: unknown key \"{k}\"{hint}")));
+            }
+            map.insert(k.to_string(), parse_set_value(v));
+            sources.insert(k.to_string(), Source::Set);
+        }
+        // unsupported keys must keep their one accepted value
+        for (k, accepted) in UNSUPPORTED {
+            if let Some(v) = map.get(*k) {
+                let want: Value = serde_json::from_str(accepted).expect("table value is JSON");
+                let same = match (v, &want) {
+                    (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+                    _ => v == &want,
+                };
+                if !same {
+                    return Err(Error::Config(format!(
+                        "{k} = {v} ({}): not supported by glm-pretrain-rs, which would silently train something else; use {accepted}",
+                        sources[*k]
+                    )));
+                }
+            }
+        }
+        let mut ignored = Vec::new();
+        let mut typed = Map::new();
+        for (k, v) in map {
+            if used.contains(&k) {
+                typed.insert(k, v);
+            } else {
+                sources.remove(&k);
+                if IRRELEVANT.contains(&k.as_str()) {
+                    ignored.push(k);
+                }
+            }
+        }
+        // the original writes train_data as a list; accept a single string too
+        if let Some(Value::String(s)) = typed.get("train_data").cloned() {
+            typed.insert("train_data".into(), Value::Array(vec![Value::String(s)]));
+        }
+        let args: Args = serde_json::from_value(Value::Object(typed.clone())).map_err(|e| {
+            // serde names the type, not the key: find the key that fails alone
+            let culprit = typed.iter().find(|(k, v)| {
+                let one: Map<String, Value> = [((*k).clone(), (*v).clone())].into_iter().collect();
+                serde_json::from_value::<Args>(Value::Object(one)).is_err()
+            });
+            Error::Config(match culprit {
+                Some((k, v)) => format!("{k} = {v} ({}): {e}", sources.get(k).map(ToString::to_string).unwrap_or_default()),
+                None => format!("arguments: {e}"),
+            })
+        })?;
+        Ok(LoadedArgs { args, sources, ignored })
+    }
+
+    pub fn source(&self, key: &str) -> Source {
+        self.sources.get(key).cloned().unwrap_or(Source::Default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_the_original_is_known() {
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/configs.json");
+        let l = LoadedArgs::load(Some(&seed), &[]).unwrap();
+        assert_eq!(l.args.hidden_size, 768);
+        assert_eq!(l.args.train_data, vec!["wudao".to_string()]);
+        assert!(l.ignored.contains(&"deepspeed_config".to_string()));
+        assert_eq!(l.source("hidden_size"), Source::File(seed.clone()));
+        let l = LoadedArgs::load(Some(&seed), &["train_iters=0".into(), "save=/tmp/run".into()]).unwrap();
+        assert_eq!(l.args.train_iters, 0);
+        assert_eq!(l.args.save, Some(PathBuf::from("/tmp/run")));
+        assert_eq!(l.source("train_iters"), Source::Set);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = LoadedArgs::load(None, &["hiden_size=3".into()]).unwrap_err().to_string();
+        assert!(e.contains("\"hiden_size\"") && e.contains("did you mean \"hidden_size\""), "{e}");
+        let e = LoadedArgs::load(None, &["transformer_xl=true".into()]).unwrap_err().to_string();
+        assert!(e.contains("transformer_xl = true (--set): not supported"), "{e}");
+        let e = LoadedArgs::load(None, &["mem_length=16".into()]).unwrap_err().to_string();
+        assert!(e.contains("mem_length"), "{e}");
+        assert!(LoadedArgs::load(None, &["mem_length=0".into()]).is_ok());
+        let e = LoadedArgs::load(None, &["hidden_size=big".into()]).unwrap_err().to_string();
+        assert!(e.contains("hidden_size = \"big\" (--set)"), "{e}");
+        let e = LoadedArgs::load(None, &["lr".into()]).unwrap_err().to_string();
+        assert!(e.contains("expected key=value"), "{e}");
+    }
+}

@@ -1,0 +1,361 @@
+//! DeepSpeed's JSON configuration, with DeepSpeed's rules.
+//!
+//! Read: the batch triple, `gradient_clipping`, `optimizer` (`Adam`/`AdamW`
+//! with `lr`, `betas`, `eps`, `weight_decay`; DeepSpeed's Adam decays weights
+//! decoupled, as AdamW), `scheduler` (`WarmupLR`, `WarmupDecayLR`,
+//! `WarmupCosineLR`), `fp16`, `bf16`, `zero_optimization`, `steps_per_print`.
+//! Errors name the file and the key path (`optimizer.params.betas`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerCfg {
+    pub kind: String,
+    pub lr: Option<f64>,
+    pub betas: Option<(f64, f64)>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SchedulerCfg {
+    WarmupLr { min_lr: f64, max_lr: Option<f64>, warmup_steps: u64, log: bool },
+    WarmupDecayLr { min_lr: f64, max_lr: Option<f64>, warmup_steps: u64, log: bool, total_steps: u64 },
+    WarmupCosineLr { warmup_min_ratio: f64, cos_min_ratio: f64, warmup_steps: u64, total_steps: u64, log: bool },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp16Cfg {
+    pub enabled: bool,
+    pub loss_scale: f64,
+    pub initial_scale_power: u32,
+    pub loss_scale_window: u64,
+    pub hysteresis: u32,
+    pub consecutive_hysteresis: bool,
+    pub min_loss_scale: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DsConfig {
+    pub path: PathBuf,
+    pub train_batch_size: Option<usize>,
+    pub micro_batch: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub gradient_clipping: Option<f64>,
+    pub steps_per_print: Option<u64>,
+    pub optimizer: Option<OptimizerCfg>,
+    pub scheduler: Option<SchedulerCfg>,
+    pub fp16: Option<Fp16Cfg>,
+    pub bf16: bool,
+    pub zero_stage: u32,
+    /// Top-level keys DeepSpeed has that this program does not read.
+    pub unused: Vec<String>,
+}
+
+/// Batch sizes after DeepSpeed's derivation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub global: usize,
+    pub micro: usize,
+    pub accum: usize,
+}
+
+const READ: &[&str] = &[
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "steps_per_print", "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "zero_optimization",
+];
+
+struct Ctx<'a> {
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Error::invalid(self.path, format!("{key}: {msg}"))
+    }
+    fn num(&self, obj: &Map<String, Value>, key: &str, full: &str) -> Result<Option<f64>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(v) => Err(self.err(full, format!("expected a number, found {v}"))),
+        }
+    }
+    fn uint(&self, obj: &Map<String, Value>, key: &str, full: &str) -> Result<Option<u64>> {
+        match self.num(obj, key, full)? {
+            None => Ok(None),
+            Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as u64)),
+            Some(x) => Err(self.err(full, format!("expected a non-negative integer, found {x}"))),
+        }
+    }
+    fn boolean(&self, obj: &Map<String, Value>, key: &str, full: &str) -> Result<Option<bool>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(full, format!("expected true or false, found {v}"))),
+        }
+    }
+    fn obj<'v>(&self, v: &'v Value, full: &str) -> Result<&'v Map<String, Value>> {
+        v.as_object().ok_or_else(|| self.err(full, format!("expected an object, found {v}")))
+    }
+}
+
+impl DsConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {e}")))?;
+        Self::from_value(path, &v)
+    }
+
+    pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
+        let c = Ctx { path };
+        let top = v.as_object().ok_or_else(|| Error::parse(path, 1, 1, "expected a JSON object (a DeepSpeed config)"))?;
+        let positive = |key: &str| -> Result<Option<usize>> {
+            match c.uint(top, key, key)? {
+                Some(0) => Err(c.err(key, "must be positive")),
+                x => Ok(x.map(|x| x as usize)),
+            }
+        };
+        let train_batch_size = positive("train_batch_size")?;
+        let micro_batch = positive("train_micro_batch_size_per_gpu")?;
+        let grad_accum = positive("gradient_accumulation_steps")?;
+        let gradient_clipping = c.num(top, "gradient_clipping", "gradient_clipping")?;
+        if gradient_clipping.is_some_and(|g| g < 0.0) {
+            return Err(c.err("gradient_clipping", "must be >= 0 (0 disables clipping)"));
+        }
+        let steps_per_print = c.uint(top, "steps_per_print", "steps_per_print")?;
+
+        let optimizer = match top.get("optimizer") {
+            None | Some(Value::Null) => None,
+            Some(o) => {
+                let o = c.obj(o, "optimizer")?;
+                let kind = match o.get("type") {
+                    Some(Value::String(s)) => s.clone(),
+                    other => return Err(c.err("optimizer.type", format!("expected a string such as \"Adam\", found {}", other.unwrap_or(&Value::Null)))),
+                };
+                if !["adam", "adamw"].contains(&kind.to_ascii_lowercase().as_str()) {
+                    return Err(c.err("optimizer.type", format!("\"{kind}\" is not supported (Adam or AdamW)")));
+                }
+                let empty = Map::new();
+                let p = match o.get("params") {
+                    None => &empty,
+                    Some(p) => c.obj(p, "optimizer.params")?,
+                };
+                let betas = match p.get("betas") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Array(a)) if a.len() == 2 && a.iter().all(|x| x.as_f64().is_some_and(|b| (0.0..1.0).contains(&b))) => {
+                        Some((a[0].as_f64().unwrap(), a[1].as_f64().unwrap()))
+                    }
+                    Some(v) => return Err(c.err("optimizer.params.betas", format!("expected two numbers in [0, 1), found {v}"))),
+                };
+                let lr = c.num(p, "lr", "optimizer.params.lr")?;
+                if lr.is_some_and(|l| l <= 0.0) {
+                    return Err(c.err("optimizer.params.lr", "must be positive"));
+                }
+                let eps = c.num(p, "eps", "optimizer.params.eps")?;
+                let weight_decay = c.num(p, "weight_decay", "optimizer.params.weight_decay")?;
+                if weight_decay.is_some_and(|w| w < 0.0) {
+                    return Err(c.err("optimizer.params.weight_decay", "must be >= 0"));
+                }
+                Some(OptimizerCfg { kind, lr, betas, eps, weight_decay })
+            }
+        };
+
+        let scheduler = match top.get("scheduler") {
+            None | Some(Value::Null) => None,
+            Some(s) => {
+                let s = c.obj(s, "scheduler")?;
+                let kind = s.get("type").and_then(Value::as_str).unwrap_or("");
+                let empty = Map::new();
+                let p = match s.get("params") {
+                    None => &empty,
+                    Some(p) => c.obj(p, "scheduler.params")?,
+                };
+                let warmup_steps = c.uint(p, "warmup_num_steps", "scheduler.params.warmup_num_steps")?.unwrap_or(1000).max(2);
+                let log = match p.get("warmup_type").and_then(Value::as_str).unwrap_or("log") {
+                    "log" => true,
+                    "linear" => false,
+                    other => return Err(c.err("scheduler.params.warmup_type", format!("\"{other}\": expected \"log\" or \"linear\""))),
+                };
+                let total = |c: &Ctx| -> Result<u64> {
+                    c.uint(p, "total_num_steps", "scheduler.params.total_num_steps")?
+                        .ok_or_else(|| c.err("scheduler.params.total_num_steps", format!("required by {kind}")))
+                };
+                match kind {
+                    "WarmupLR" => Some(SchedulerCfg::WarmupLr {
+                        min_lr: c.num(p, "warmup_min_lr", "scheduler.params.warmup_min_lr")?.unwrap_or(0.0),
+                        max_lr: c.num(p, "warmup_max_lr", "scheduler.params.warmup_max_lr")?,
+                        warmup_steps,
+                        log,
+                    }),
+                    "WarmupDecayLR" => Some(SchedulerCfg::WarmupDecayLr {
+                        min_lr: c.num(p, "warmup_min_lr", "scheduler.params.warmup_min_lr")?.unwrap_or(0.0),
+                        max_lr: c.num(p, "warmup_max_lr", "scheduler.params.warmup_max_lr")?,
+                        warmup_steps,
+                        log,
+                        total_steps: total(&c)?,
+                    }),
+                    "WarmupCosineLR" => Some(SchedulerCfg::WarmupCosineLr {
+                        warmup_min_ratio: c.num(p, "warmup_min_ratio", "scheduler.params.warmup_min_ratio")?.unwrap_or(0.0),
+                        cos_min_ratio: c.num(p, "cos_min_ratio", "scheduler.params.cos_min_ratio")?.unwrap_or(1e-4),
+                        warmup_steps,
+                        total_steps: total(&c)?,
+                        log,
+                    }),
+                    other => return Err(c.err("scheduler.type", format!("\"{other}\" is not supported (WarmupLR, WarmupDecayLR, WarmupCosineLR)"))),
+                }
+            }
+        };
+
+        let fp16 = match top.get("fp16") {
+            None | Some(Value::Null) => None,
+            Some(f) => {
+                let f = c.obj(f, "fp16")?;
+                let loss_scale = c.num(f, "loss_scale", "fp16.loss_scale")?.unwrap_or(0.0);
+                if !(loss_scale >= 0.0 && loss_scale.is_finite()) {
+                    return Err(c.err("fp16.loss_scale", "must be >= 0 and finite (0 = dynamic)"));
+                }
+                Some(Fp16Cfg {
+                    enabled: c.boolean(f, "enabled", "fp16.enabled")?.unwrap_or(false),
+                    loss_scale,
+                    initial_scale_power: c.uint(f, "initial_scale_power", "fp16.initial_scale_power")?.unwrap_or(16) as u32,
+                    loss_scale_window: c.uint(f, "loss_scale_window", "fp16.loss_scale_window")?.unwrap_or(1000),
+                    hysteresis: c.uint(f, "hysteresis", "fp16.hysteresis")?.unwrap_or(2) as u32,
+                    consecutive_hysteresis: c.boolean(f, "consecutive_hysteresis", "fp16.consecutive_hysteresis")?.unwrap_or(false),
+                    min_loss_scale: c.num(f, "min_loss_scale", "fp16.min_loss_scale")?.unwrap_or(1.0),
+                })
+            }
+        };
+        let bf16 = match top.get("bf16").or_else(|| top.get("bfloat16")) {
+            None | Some(Value::Null) => false,
+            Some(b) => c.boolean(c.obj(b, "bf16")?, "enabled", "bf16.enabled")?.unwrap_or(false),
+        };
+        if bf16 && fp16.as_ref().is_some_and(|f| f.enabled) {
+            return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one"));
+        }
+        let zero_stage = match top.get("zero_optimization") {
+            None | Some(Value::Null) => 0,
+            Some(z) => {
+                let stage = c.uint(c.obj(z, "zero_optimization")?, "stage", "zero_optimization.stage")?.unwrap_or(0);
+                if stage > 3 {
+                    return Err(c.err("zero_optimization.stage", format!("{stage}: expected 0, 1, 2 or 3")));
+                }
+                stage as u32
+            }
+        };
+        let unused = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
+        Ok(DsConfig {
+            path: path.to_path_buf(),
+            train_batch_size,
+            micro_batch,
+            grad_accum,
+            gradient_clipping,
+            steps_per_print,
+            optimizer,
+            scheduler,
+            fp16,
+            bf16,
+            zero_stage,
+            unused,
+        })
+    }
+
+    /// DeepSpeed's batch rule: `global = micro × accum × dp`; any two given
+    /// determine the third; all three must agree. `fallback_micro` (the
+    /// original's `batch_size`) applies when the config names no batch size.
+    pub fn batch(&self, dp: usize, fallback_micro: usize, fallback_accum: usize) -> Result<Batch> {
+        let err = |msg: String| Error::invalid(&self.path, msg);
+        let (g, m, a) = (self.train_batch_size, self.micro_batch, self.grad_accum);
+        let b = match (g, m, a) {
+            (Some(g), Some(m), Some(a)) => {
+                if g != m * a * dp {
+                    return Err(err(format!(
+                        "train_batch_size {g} != train_micro_batch_size_per_gpu {m} × gradient_accumulation_steps {a} × data-parallel size {dp}"
+                    )));
+                }
+                Batch { global: g, micro: m, accum: a }
+            }
+            (Some(g), Some(m), None) => Batch { global: g, micro: m, accum: g / (m * dp) },
+            (Some(g), None, Some(a)) => Batch { global: g, micro: g / (a * dp), accum: a },
+            (None, Some(m), Some(a)) => Batch { global: m * a * dp, micro: m, accum: a },
+            (Some(g), None, None) => Batch { global: g, micro: g / dp, accum: 1 },
+            (None, Some(m), None) => Batch { global: m * dp, micro: m, accum: 1 },
+            (None, None, a) => {
+                let a = a.unwrap_or(fallback_accum);
+                Batch { global: fallback_micro * a * dp, micro: fallback_micro, accum: a }
+            }
+        };
+        if b.micro == 0 || b.accum == 0 || b.global != b.micro * b.accum * dp {
+            return Err(err(format!(
+                "train_batch_size {} is not train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × data-parallel size {dp}",
+                b.global, b.micro, b.accum
+            )));
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(v: Value) -> Result<DsConfig> {
+        DsConfig::from_value(Path::new("ds.json"), &v)
+    }
+
+    #[test]
+    fn seed_configs_load() {
+        for (name, micro, lr) in [
+            ("config_block_base.json", 32, 4e-4),
+            ("config_block_large.json", 16, 2e-4),
+            ("config_block_large_chinese.json", 32, 4e-4),
+        ] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+            let c = DsConfig::load(&p).unwrap();
+            assert_eq!(c.micro_batch, Some(micro));
+            assert!(c.fp16.as_ref().unwrap().enabled);
+            let o = c.optimizer.as_ref().unwrap();
+            assert_eq!((o.lr, o.betas, o.eps), (Some(lr), Some((0.9, 0.98)), Some(1e-6)));
+            assert_eq!(c.batch(1, 4, 1).unwrap(), Batch { global: micro, micro, accum: 1 });
+            assert_eq!(c.batch(2, 4, 1).unwrap(), Batch { global: 2 * micro, micro, accum: 1 });
+        }
+    }
+
+    #[test]
+    fn batch_rules() {
+        let c = cfg(json!({"train_batch_size": 32, "gradient_accumulation_steps": 2})).unwrap();
+        assert_eq!(c.batch(2, 1, 1).unwrap(), Batch { global: 32, micro: 8, accum: 2 });
+        let c = cfg(json!({"train_batch_size": 32})).unwrap();
+        assert_eq!(c.batch(4, 1, 1).unwrap(), Batch { global: 32, micro: 8, accum: 1 });
+        let c = cfg(json!({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})).unwrap();
+        let e = c.batch(4, 1, 1).unwrap_err().to_string();
+        assert!(e.contains("train_batch_size 30 != train_micro_batch_size_per_gpu 4 × gradient_accumulation_steps 2 × data-parallel size 4"), "{e}");
+        let c = cfg(json!({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4})).unwrap();
+        assert!(c.batch(1, 1, 1).is_err());
+        let c = cfg(json!({})).unwrap();
+        assert_eq!(c.batch(1, 6, 3).unwrap(), Batch { global: 18, micro: 6, accum: 3 });
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        for (v, want) in [
+            (json!({"optimizer": {"type": "SGD"}}), "optimizer.type: \"SGD\" is not supported"),
+            (json!({"optimizer": {"type": "Adam", "params": {"betas": [0.9]}}}), "optimizer.params.betas"),
+            (json!({"optimizer": {"type": "Adam", "params": {"lr": "x"}}}), "optimizer.params.lr: expected a number"),
+            (json!({"fp16": {"enabled": "yes"}}), "fp16.enabled: expected true or false"),
+            (json!({"fp16": {"loss_scale": -1}}), "fp16.loss_scale"),
+            (json!({"train_micro_batch_size_per_gpu": 0}), "train_micro_batch_size_per_gpu: must be positive"),
+            (json!({"scheduler": {"type": "WarmupDecayLR", "params": {}}}), "scheduler.params.total_num_steps: required"),
+            (json!({"scheduler": {"type": "OneCycle"}}), "scheduler.type"),
+            (json!({"zero_optimization": {"stage": 5}}), "zero_optimization.stage"),
+            (json!({"fp16": {"enabled": true}, "bf16": {"enabled": true}}), "fp16 and bf16"),
+        ] {
+            let e = cfg(v).unwrap_err().to_string();
+            assert!(e.starts_with("ds.json: ") && e.contains(want), "want {want:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Configuration: DeepSpeed JSON (`ds`) and the original's `configs.json` (`args`).
+
+pub mod args;
+pub mod ds;

@@ -1,0 +1,233 @@
+//! GLM (THUDM/GLM `modeling_glm.py` + `mpu/transformer.py`), one process.
+//!
+//! word + position + block-position embeddings -> dropout -> `num_layers`
+//! pre-LayerNorm blocks (fused query_key_value, attention under the GLM mask,
+//! dense; LayerNorm, dense_h_to_4h, tanh-GeLU, dense_4h_to_h; residuals) ->
+//! final LayerNorm -> logits through the word-embedding matrix (tied).
+//!
+//! Parameter names are the original's state-dict keys, so a checkpoint maps
+//! 1:1 onto the PyTorch model. Attention uses libtorch's fused
+//! scaled-dot-product attention with a boolean mask: Part A (positions before
+//! `sep`) is visible to every token, Part B is causal. The original's
+//! `attention_scale` only rescales q and k to keep fp16 scores in range; in
+//! fp32 the result is the same, so it is not applied.
+
+use tch::{Kind, Tensor};
+
+use super::params::{Init, ParamBuilder, Params};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GlmConfig {
+    /// Embedding rows: the tokenizer's size padded (see `padded_vocab_size`).
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub layernorm_epsilon: f64,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub output_dropout: f64,
+    pub block_position_encoding: bool,
+}
+
+impl GlmConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.hidden_size == 0 || self.num_layers == 0 || self.num_attention_heads == 0 {
+            return bad("hidden_size, num_layers and num_attention_heads must be positive".into());
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        for (k, p) in [("hidden_dropout", self.hidden_dropout), ("attention_dropout", self.attention_dropout), ("output_dropout", self.output_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("{k} = {p}: must lie in [0, 1)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters excluding position embeddings (the tied output matrix counts once).
+    pub fn num_params(&self) -> (usize, usize) {
+        let h = self.hidden_size;
+        let per_layer = 4 * h + 3 * h * h + 3 * h + h * h + h + 2 * h * self.intermediate_size + self.intermediate_size + h;
+        let emb = self.vocab_size * h;
+        let pos = (self.max_position_embeddings + 1) * h * if self.block_position_encoding { 2 } else { 1 };
+        (self.num_layers * per_layer + 2 * h + emb, pos)
+    }
+
+    /// Model FLOPs per token, torchtitan's convention: 6·N + 12·L·h·s, with N
+    /// the matmul parameters (the layers plus the tied output matrix).
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let h = self.hidden_size as f64;
+        let n_matmul = self.num_layers as f64 * (4.0 * h * h + 2.0 * h * self.intermediate_size as f64) + self.vocab_size as f64 * h;
+        6.0 * n_matmul + 12.0 * self.num_layers as f64 * h * seq as f64
+    }
+}
+
+struct Linear {
+    weight: usize, // [out, in]
+    bias: usize,
+}
+
+impl Linear {
+    fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64) -> Self {
+        let weight = pb.add(format!("{name}.weight"), &[d_out as i64, d_in as i64], Init::Normal(std), true);
+        let bias = pb.add(format!("{name}.bias"), &[d_out as i64], Init::Zeros, false);
+        Linear { weight, bias }
+    }
+    fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
+        x.linear(p.get(self.weight), Some(p.get(self.bias)))
+    }
+}
+
+struct LayerNorm {
+    weight: usize,
+    bias: usize,
+    eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64) -> Self {
+        let weight = pb.add(format!("{name}.weight"), &[dim as i64], Init::Ones, false);
+        let bias = pb.add(format!("{name}.bias"), &[dim as i64], Init::Zeros, false);
+        LayerNorm { weight, bias, eps, dim: dim as i64 }
+    }
+    fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(p.get(self.weight)), Some(p.get(self.bias)), self.eps, true)
+    }
+}
+
+struct Block {
+    input_layernorm: LayerNorm,
+    query_key_value: Linear,
+    dense: Linear,
+    post_attention_layernorm: LayerNorm,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+pub struct Glm {
+    pub cfg: GlmConfig,
+    pub params: Params,
+    word_embeddings: usize,
+    position_embeddings: usize,
+    block_position_embeddings: Option<usize>,
+    layers: Vec<Block>,
+    final_layernorm: LayerNorm,
+}
+
+/// One batch of samples as tensors, all `[batch, seq]` int64 except `sep` `[batch]`.
+pub struct Batch {
+    pub tokens: Tensor,
+    pub targets: Tensor,
+    pub loss_mask: Tensor,
+    pub position_ids: Tensor,
+    pub block_position_ids: Tensor,
+    pub sep: Tensor,
+}
+
+impl Glm {
+    pub fn new(cfg: GlmConfig, device: tch::Device, seed: i64) -> Result<Self> {
+        cfg.validate()?;
+        let std = 0.02;
+        let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
+        let (h, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layernorm_epsilon);
+        let rows = cfg.max_position_embeddings as i64 + 1;
+        let mut pb = ParamBuilder::default();
+        let word_embeddings = pb.add("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], Init::Normal(std), true);
+        let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
+        let block_position_embeddings = cfg
+            .block_position_encoding
+            .then(|| pb.add("transformer.block_position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true));
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let n = format!("transformer.layers.{i}");
+                Block {
+                    input_layernorm: LayerNorm::new(&mut pb, &format!("{n}.input_layernorm"), h, eps),
+                    query_key_value: Linear::new(&mut pb, &format!("{n}.attention.query_key_value"), h, 3 * h, std),
+                    dense: Linear::new(&mut pb, &format!("{n}.attention.dense"), h, h, out_std),
+                    post_attention_layernorm: LayerNorm::new(&mut pb, &format!("{n}.post_attention_layernorm"), h, eps),
+                    dense_h_to_4h: Linear::new(&mut pb, &format!("{n}.mlp.dense_h_to_4h"), h, ffn, std),
+                    dense_4h_to_h: Linear::new(&mut pb, &format!("{n}.mlp.dense_4h_to_h"), ffn, h, out_std),
+                }
+            })
+            .collect();
+        let final_layernorm = LayerNorm::new(&mut pb, "transformer.final_layernorm", h, eps);
+        let params = pb.build(device, seed);
+        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm })
+    }
+
+    /// GLM's attention mask, `[b, 1, s, s]`, true = may attend: key j is
+    /// visible to query i when j <= i or j < sep.
+    pub fn attention_mask(sep: &Tensor, s: i64) -> Tensor {
+        let dev = sep.device();
+        let ar = Tensor::arange(s, (Kind::Int64, dev));
+        let causal = ar.unsqueeze(0).le_tensor(&ar.unsqueeze(1)); // (s, s): [i][j] = j <= i
+        let prefix = ar.unsqueeze(0).lt_tensor(&sep.unsqueeze(1)); // (b, s): j < sep_b
+        causal.unsqueeze(0).logical_or(&prefix.unsqueeze(1)).unsqueeze(1)
+    }
+
+    /// Final hidden states `(b, s, h)`.
+    pub fn hidden(&self, batch: &Batch, train: bool) -> Tensor {
+        let p = &self.params;
+        let (b, s) = (batch.tokens.size()[0], batch.tokens.size()[1]);
+        let (h, nh) = (self.cfg.hidden_size as i64, self.cfg.num_attention_heads as i64);
+        let hd = h / nh;
+        let mut x = Tensor::embedding(p.get(self.word_embeddings), &batch.tokens, -1, false, false)
+            + Tensor::embedding(p.get(self.position_embeddings), &batch.position_ids, -1, false, false);
+        if let Some(bpe) = self.block_position_embeddings {
+            x += Tensor::embedding(p.get(bpe), &batch.block_position_ids, -1, false, false);
+        }
+        let mut x = x.dropout(self.cfg.hidden_dropout, train); // (b, s, h)
+        let mask = Self::attention_mask(&batch.sep, s);
+        let attn_p = if train { self.cfg.attention_dropout } else { 0.0 };
+        for l in &self.layers {
+            let y = l.input_layernorm.forward(p, &x);
+            let qkv = l.query_key_value.forward(p, &y); // (b, s, 3h)
+            let parts = qkv.split(h, -1);
+            let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh, s, hd)
+            let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), attn_p, false, None, false); // (b, nh, s, hd)
+            let a = a.transpose(1, 2).contiguous().view([b, s, h]);
+            x = x + l.dense.forward(p, &a).dropout(self.cfg.output_dropout, train);
+            let y = l.post_attention_layernorm.forward(p, &x);
+            let y = l.dense_h_to_4h.forward(p, &y).gelu("tanh"); // (b, s, ffn)
+            x = x + l.dense_4h_to_h.forward(p, &y).dropout(self.cfg.output_dropout, train);
+        }
+        self.final_layernorm.forward(p, &x)
+    }
+
+    /// Logits of hidden states `(..., h)` through the tied embedding: `(..., vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.params.get(self.word_embeddings).tr())
+    }
+
+    /// Loss over the Part B targets of `batch` (mean over masked tokens), and
+    /// the number of correctly predicted masked tokens (argmax), and the
+    /// count of masked tokens. Logits are computed only where the loss mask
+    /// is set: the loss and gradients equal those of full logits.
+    pub fn loss(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
+        let hidden = self.hidden(batch, train);
+        let h = self.cfg.hidden_size as i64;
+        let idx = batch.loss_mask.view([-1]).nonzero().squeeze_dim(1);
+        let n = idx.size()[0];
+        if n == 0 {
+            let zero = hidden.sum(Kind::Float) * 0.0;
+            return (zero, 0, 0);
+        }
+        let sel = hidden.view([-1, h]).index_select(0, &idx); // (n, h)
+        let logits = self.logits(&sel); // (n, vocab)
+        let targets = batch.targets.view([-1]).index_select(0, &idx);
+        let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0);
+        let correct = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]));
+        (loss, correct, n)
+    }
+}

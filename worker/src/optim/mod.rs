@@ -1,0 +1,4 @@
+//! Optimizer and learning-rate schedules.
+
+pub mod adamw;
+pub mod schedule;
