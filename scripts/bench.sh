@@ -3,7 +3,11 @@
 #   - corpus -> token store throughput (MB/s of text), with a trained WordPiece
 #     tokenizer and with the seed's bert-base-chinese vocab.txt, on all cores
 #     and on one;
-#   - blank-infilling sample construction rate for the three modes.
+#   - blank-infilling sample construction rate for the three modes;
+#   - the training step (forward, backward, clipping, AdamW) of the default
+#     model shape (GLM 4 layers, hidden 256, 4 heads, seq 256, micro-batch 8,
+#     vocab 16000) against the same model in eager PyTorch from .venv
+#     (bench/glm_torch.py), on 1 and on 2 threads, in the same run.
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,4 +36,14 @@ RAYON_NUM_THREADS=1 "$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --to
 echo "== sample construction, seq_length 512, task_mask"
 for mode in span sentence generation; do
   "$BIN" samples --store "$WORK/s2" --count 50000 --seq-length 512 --mode "$mode" --task-mask --summary | head -1 | sed 's/^samples: /  /'
+done
+
+echo "== training step, GLM 4x256, seq 256, micro-batch 8, vocab 16000, CPU (model TFLOP/s: 6·N + 12·L·h·s per token)"
+for t in 1 2; do
+  r=$("$BIN" bench-step --threads "$t" --iters 20)
+  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" --threads "$t" --iters 20)
+  echo "  $r"
+  echo "  $p"
+  rt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r"); pt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")
+  awk -v r="$rt" -v p="$pt" -v t="$t" 'BEGIN { printf "  ratio rust/torch at %d thread(s): %.3f\n", t, r / p }'
 done

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# Sets up what is missing, then prepares the default corpus for pretraining:
-# tokenizer (trained on the corpus and cached under glm_pretrain/model/, or the
-# one given with --tokenizer), token store under glm_pretrain/data/store, and a
-# look at a few blank-infilling samples. Extra arguments go to `glm-worker prepare`,
-# e.g. scripts/run_pretrain.sh --tokenizer ../shared/seed/vocab.txt
+# Sets up what is missing, then pretrains the default model — GLM with 4 layers,
+# hidden 256, 4 heads, seq 256 (configs/config_block_tiny.json +
+# configs/configs_tiny.json) — on the default corpus (fortunes-zh), on CPU (or
+# cuda:0 when CUDA is available): about 10 minutes on 2 cores.
 #
-# The trainer (GLM model, optimizer, checkpoints) is not part of this release
-# yet; the script stops after data preparation and says so.
+# The token store and tokenizer are prepared on the way. Checkpoints,
+# metrics.jsonl and loss.png go to glm_pretrain/model/checkpoints/glm-tiny.
+# Extra arguments go to glm-worker, e.g.
+#   scripts/run_pretrain.sh --set train_iters=200
+#   scripts/run_pretrain.sh --set load=glm_pretrain/model/checkpoints/glm-tiny   # resume
+#   scripts/run_pretrain.sh --set tokenizer_path=../shared/seed/vocab.txt
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup.sh
-BIN="$ROOT/target/release/glm-worker"
-STORE=glm_pretrain/data/store
-"$BIN" prepare --data glm_pretrain/data/data.json --out "$STORE" "$@"
-"$BIN" samples --store "$STORE" --count 2 --seq-length 96
-echo "run_pretrain: data is ready in $STORE. Training is not implemented in this release yet (GLM model and trainer come next); stopping after data preparation."
+exec "$ROOT/target/release/glm-worker" --config configs/config_block_tiny.json --args configs/configs_tiny.json "$@"

@@ -5,12 +5,15 @@
 //! This crate currently holds the data half (`data`), the reproducible RNG
 //! every random decision draws from (`rng`) and libtorch start-up (`runtime`).
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod runtime;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -6,20 +6,54 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
-use glm_worker::data::corpus::{corpus_files, read_corpus, CorpusOptions};
-use glm_worker::data::store::{self, build_store, split_documents, CorpusFingerprint, TokenStore};
+use glm_worker::data::corpus::{corpus_files, CorpusOptions};
+use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
+use glm_worker::data::store::{self, split_documents, TokenStore};
 use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use glm_worker::data::fortunes;
 
 #[derive(Parser)]
-#[command(name = "glm-worker", version, about = "GLM pretraining worker: data preparation (and, in later releases, training)")]
+#[command(
+    name = "glm-worker",
+    version,
+    about = "GLM pretraining worker",
+    long_about = "GLM pretraining worker.\n\nWithout a subcommand it trains: glm-worker --config <deepspeed.json> [--args configs.json] [--set key=value]...",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// DeepSpeed JSON config (batch sizes, optimizer, clipping, precision, scheduler)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The original's configs.json (model, data and training arguments)
+    #[arg(long = "args", default_value = "configs/configs.json")]
+    args_file: PathBuf,
+    /// Override a key of configs.json: --set train_iters=200 --set save=/tmp/run
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Token store directory (built or refreshed from train_data as needed)
+    #[arg(long, default_value = "glm_pretrain/data/store")]
+    store: PathBuf,
+    /// Where a tokenizer trained on the corpus is cached (when tokenizer_path is unset)
+    #[arg(long, default_value = "glm_pretrain/model")]
+    tokenizer_cache: PathBuf,
+    /// Vocabulary size of a tokenizer trained on the corpus
+    #[arg(long, default_value_t = 16000)]
+    vocab_size: usize,
+    /// cpu, cuda, or auto (cuda when available)
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -39,6 +73,60 @@ enum Cmd {
     Samples(SamplesArgs),
     /// Print libtorch and device facts
     Env,
+    /// Fill the blanks ([MASK], [sMASK], [gMASK]) of a text with a trained model
+    Generate(GenerateArgs),
+    /// Time the training step on a synthetic batch (the benchmark of scripts/bench.sh)
+    BenchStep(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 16000)]
+    vocab: usize,
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// cpu, cuda, or auto
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint directory, or a save directory (its `latest` is used)
+    #[arg(long)]
+    load: PathBuf,
+    /// Text with blanks; without one, the model continues the text
+    #[arg(long)]
+    text: String,
+    /// Tokens generated per blank at most
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Sample among the k most likely tokens (0 and --top-p 0: greedy)
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the smallest set of tokens with this much probability
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: i64,
 }
 
 #[derive(clap::Args)]
@@ -119,15 +207,22 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Prepare(a) => prepare(a),
-        Cmd::MakeCorpus { src, out } => make_corpus(&src, &out),
-        Cmd::Samples(a) => samples(a),
-        Cmd::Env => {
+        Some(Cmd::Prepare(a)) => prepare(a),
+        Some(Cmd::MakeCorpus { src, out }) => make_corpus(&src, &out),
+        Some(Cmd::Samples(a)) => samples(a),
+        Some(Cmd::Env) => {
+            glm_worker::runtime::load_cuda();
             for (k, v) in glm_worker::runtime::describe() {
                 println!("{k:>18}: {v}");
             }
             Ok(())
         }
+        Some(Cmd::Generate(a)) => generate(a),
+        Some(Cmd::BenchStep(a)) => bench_step(a),
+        None => match train(cli.train) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,71 +260,38 @@ fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-/// Loads the given tokenizer, or the cached one trained on this corpus, or trains one.
-fn tokenizer_for(a: &PrepareArgs, files: &[PathBuf], opts: &CorpusOptions) -> Result<(GlmTokenizer, String)> {
-    if let Some(p) = &a.tokenizer {
-        let t = GlmTokenizer::load(p)?;
-        return Ok((t, format!("{}", p.display())));
-    }
-    let fp = CorpusFingerprint::compute(files)?;
-    let cache = a.tokenizer_cache.join(format!("tokenizer-{}-v{}.json", &fp.digest[..12], a.vocab_size));
-    if cache.is_file() {
-        let t = GlmTokenizer::load(&cache).with_context(|| format!("cached tokenizer {} (delete it to retrain)", cache.display()))?;
-        return Ok((t, format!("{} (cached, trained on this corpus)", cache.display())));
-    }
-    let cap = a.tokenizer_train_mb << 20;
-    let mut texts = Vec::new();
-    let mut bytes = 0usize;
-    read_corpus(files, opts, |t, _| {
-        if bytes < cap {
-            bytes += t.len();
-            texts.push(t);
-        }
-        Ok(())
-    })?;
-    if texts.is_empty() {
-        anyhow::bail!("{}: the corpus holds no documents with text", a.data.display());
-    }
-    let t0 = std::time::Instant::now();
-    let t = GlmTokenizer::train(texts.into_iter(), a.vocab_size, std::io::stderr().is_terminal())?;
-    std::fs::create_dir_all(&a.tokenizer_cache).with_context(|| a.tokenizer_cache.display().to_string())?;
-    let tmp = cache.with_extension(format!("json.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, t.to_json()?).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, &cache).with_context(|| cache.display().to_string())?;
-    Ok((t, format!("{} (trained WordPiece on {:.2} MB in {:.1} s)", cache.display(), mb(bytes as u64), t0.elapsed().as_secs_f64())))
-}
-
 fn prepare(a: PrepareArgs) -> Result<()> {
     // Check every argument before doing work, so a typo costs nothing.
     let weights = store::parse_split(&a.split)?;
     anyhow::ensure!(a.vocab_size >= 64, "--vocab-size {}: must be at least 64", a.vocab_size);
     let files = corpus_files(&a.data)?;
-    let opts = CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed };
+    let opts = PrepareOptions {
+        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
+        vocab_size: a.vocab_size,
+        tokenizer_cache: a.tokenizer_cache.clone(),
+        tokenizer_train_bytes: a.tokenizer_train_mb << 20,
+        force: a.force,
+        show_progress: std::io::stderr().is_terminal(),
+    };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
-    let (tok, tok_desc) = tokenizer_for(&a, &files, &opts)?;
+    let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &opts)?;
     println!(
-        "prepare: tokenizer {tok_desc}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
+        "prepare: tokenizer {origin}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
         tok.vocab_size(),
         padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, 1),
         a.make_vocab_size_divisible_by,
         &tok.sha256[..16]
     );
-    let meta = match (a.force, store::staleness(&a.out, &files, &tok.sha256)?) {
-        (false, None) => {
-            let meta = store::read_meta(&a.out)?;
-            println!("prepare: store {} is up to date (same corpus and tokenizer); reusing it", a.out.display());
-            meta
-        }
-        (force, why) => {
-            if let Some(why) = why.filter(|_| a.out.exists()) {
-                println!("prepare: rebuilding {}: {why}", a.out.display());
-            } else if force {
-                println!("prepare: rebuilding {} (--force)", a.out.display());
+    let pb = progress_bar(total_bytes, "tokenizing");
+    let (meta, outcome) = ensure_store(&files, &tok, &a.out, &opts, &|done| pb.set_position(done))?;
+    pb.finish_and_clear();
+    match outcome {
+        StoreOutcome::Reused => println!("prepare: store {} is up to date (same corpus and tokenizer); reusing it", a.out.display()),
+        StoreOutcome::Built { report, reason } => {
+            if let Some(why) = reason {
+                println!("prepare: rebuilt {}: {why}", a.out.display());
             }
-            let pb = progress_bar(total_bytes, "tokenizing");
-            let (meta, report) = build_store(&files, &opts, &tok, &a.out, &|done| pb.set_position(done))?;
-            pb.finish_and_clear();
             println!(
                 "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document)",
                 meta.documents,
@@ -246,20 +308,13 @@ fn prepare(a: PrepareArgs) -> Result<()> {
                 mb(meta.text_bytes) / report.seconds,
                 meta.tokens as f64 / report.seconds
             );
-            meta
         }
-    };
+    }
     let splits = split_documents(meta.documents as usize, &weights, a.seed);
     let names = ["train", "valid", "test"];
     let parts: Vec<String> = splits.iter().zip(names).map(|(s, n)| format!("{n} {}", s.len())).collect();
     println!("prepare: split {} (seed {}): {} documents", a.split, a.seed, parts.join(", "));
-    println!(
-        "prepare: store {} ({} ids of {} bytes, {} documents)",
-        a.out.display(),
-        meta.tokens,
-        meta.bytes_per_token,
-        meta.documents
-    );
+    println!("prepare: store {} ({} ids of {} bytes, {} documents)", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
     Ok(())
 }
 
@@ -328,5 +383,160 @@ fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> R
     if mode == Mode::Generation {
         println!("samples: {:.1}% prefix/suffix form, the rest one blank in the middle", 100.0 * suffix as f64 / n);
     }
+    Ok(())
+}
+
+fn device(choice: &str) -> Result<tch::Device> {
+    glm_worker::runtime::load_cuda();
+    match choice {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: CUDA is not available (no GPU, driver, or libtorch_cuda)");
+            Ok(tch::Device::Cuda(0))
+        }
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
+    }
+}
+
+fn train(t: TrainArgs) -> Result<ExitCode> {
+    use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
+    use glm_worker::train::trainer::{install_signal_handlers, Outcome, TrainOptions, Trainer};
+    let Some(ds_path) = &t.config else {
+        anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
+    };
+    let ds = DsConfig::load(ds_path)?;
+    let args_path = t.args_file.exists().then_some(t.args_file.as_path());
+    if args_path.is_none() && t.args_file != Path::new("configs/configs.json") {
+        anyhow::bail!("{}: no such file (--args)", t.args_file.display());
+    }
+    let args = LoadedArgs::load(args_path, &t.sets)?;
+    let cfg = RunConfig::build(ds, args, 1)?;
+    println!("effective configuration (value  (source)):");
+    for line in cfg.describe() {
+        println!("{line}");
+    }
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
+    let a = &cfg.args.args;
+    if a.train_iters == 0 {
+        for d in &cfg.train_data {
+            if !d.exists() {
+                println!("note: train_data {} does not exist yet (training needs it; scripts/setup.sh builds the default corpus)", d.display());
+            }
+        }
+        if let Some(p) = a.tokenizer_path.as_ref().filter(|p| !p.exists()) {
+            println!("note: tokenizer_path {} does not exist (training needs it, or --set tokenizer_path=null to train one)", p.display());
+        }
+        println!("train_iters = 0: configuration is valid; nothing to train");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let device = device(&t.device)?;
+    let opts = TrainOptions {
+        store: t.store.clone(),
+        prepare: PrepareOptions {
+            vocab_size: t.vocab_size,
+            tokenizer_cache: t.tokenizer_cache.clone(),
+            show_progress: std::io::stderr().is_terminal(),
+            ..PrepareOptions::default()
+        },
+        device,
+    };
+    install_signal_handlers();
+    let mut trainer = Trainer::new(cfg, opts)?;
+    let t0 = std::time::Instant::now();
+    let outcome = trainer.run()?;
+    let secs = t0.elapsed().as_secs_f64();
+    match outcome {
+        Outcome::Finished { iteration } => {
+            println!("train: finished at iteration {iteration} in {secs:.1} s");
+            if let Some(d) = trainer.metrics_dir() {
+                println!("train: metrics in {}, curve in {}", d.join("metrics.jsonl").display(), d.join("loss.png").display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { iteration } => {
+            let sig = glm_worker::train::trainer::received_signal();
+            println!("train: stopped by signal {sig} after iteration {iteration}{}", if trainer.metrics_dir().is_some() { " (checkpoint saved)" } else { "" });
+            Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
+        }
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    use glm_worker::generate::{fill, Sampling};
+    let device = device("auto")?;
+    let (model, state, dir) = glm_worker::checkpoint::load_for_inference(&a.load, device)?;
+    let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+    let task_mask = state.args.get("task_mask").and_then(|v| v.as_bool()).unwrap_or(false);
+    let gen_mask = if task_mask { tok.special.gmask } else { tok.special.mask };
+    let s = Sampling { max_tokens: a.max_tokens, top_k: a.top_k, top_p: a.top_p, temperature: a.temperature, seed: a.seed };
+    let out = fill(&model, &tok, &a.text, gen_mask, &s)?;
+    println!("checkpoint: {} (iteration {})", dir.display(), state.iteration);
+    for (i, b) in out.blanks.iter().enumerate() {
+        println!("blank {i}: {b}");
+    }
+    println!("{}", out.text);
+    Ok(())
+}
+
+/// One training step per iteration on a fixed synthetic batch (Part A = first
+/// half, Part B = second half in the loss), as bench/glm_torch.py does.
+fn bench_step(a: BenchArgs) -> Result<()> {
+    use glm_worker::model::glm::{Batch, Glm, GlmConfig};
+    use glm_worker::optim::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+    use tch::Tensor;
+    tch::set_num_threads(a.threads);
+    let device = device(&a.device)?;
+    let cfg = GlmConfig {
+        vocab_size: a.vocab,
+        hidden_size: a.hidden,
+        num_layers: a.layers,
+        num_attention_heads: a.heads,
+        intermediate_size: 4 * a.hidden,
+        max_position_embeddings: a.seq,
+        layernorm_epsilon: 1e-5,
+        hidden_dropout: a.dropout,
+        attention_dropout: a.dropout,
+        output_dropout: a.dropout,
+        block_position_encoding: true,
+    };
+    let mut model = Glm::new(cfg.clone(), device, 1234)?;
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 }, &model.params.flat);
+    let (b, s) = (a.batch as i64, a.seq as i64);
+    let half = s / 2;
+    let mut rng = glm_worker::rng::Rng::new(7);
+    let mut rand = |n: i64| -> Tensor {
+        let v: Vec<i64> = (0..n).map(|_| 10 + rng.below(a.vocab as u64 - 10) as i64).collect();
+        Tensor::from_slice(&v).view([b, s]).to(device)
+    };
+    let row = |f: &dyn Fn(i64) -> i64| Tensor::from_slice(&(0..s).map(f).collect::<Vec<_>>()).unsqueeze(0).repeat([b, 1]).to(device);
+    let batch = Batch {
+        tokens: rand(b * s),
+        targets: rand(b * s),
+        position_ids: row(&|i| i.min(half - 1)),
+        block_position_ids: row(&|i| if i < half { 0 } else { i - half + 1 }),
+        loss_mask: row(&|i| i64::from(i >= half)),
+        sep: Tensor::from_slice(&vec![half; a.batch]).to(device),
+    };
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.iters {
+        let t0 = std::time::Instant::now();
+        let (loss, _, _) = model.loss(&batch, true);
+        loss.backward();
+        let mut g = model.params.grad_flat();
+        clip_grad_norm(&mut g, 1.0);
+        let decay = model.params.decay_numel;
+        opt.update(&mut model.params.flat, decay, &mut g, 1e-3);
+        model.params.zero_grad();
+        let _ = loss.double_value(&[]);
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let sec = times.iter().sum::<f64>() / times.len() as f64;
+    let tps = (a.batch * a.seq) as f64 / sec;
+    println!("rust threads={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1}", a.threads, tps * cfg.flops_per_token(a.seq) / 1e12, sec * 1000.0);
     Ok(())
 }

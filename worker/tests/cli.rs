@@ -117,7 +117,7 @@ fn prepare_trains_reuses_and_detects_changes() {
     std::fs::write(&corpus, CORPUS.replace("静夜思", "夜思静")).unwrap();
     let o = prepare(&corpus, &out, &cache, &["--tokenizer", &tj]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("rebuilding") && stdout(&o).contains("corpus changed"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("rebuilt") && stdout(&o).contains("corpus changed"), "{}", stdout(&o));
 
     // a different tokenizer: detected through its hash
     let vocab = seed("vocab.txt").display().to_string();

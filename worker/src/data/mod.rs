@@ -3,5 +3,6 @@
 pub mod blocklm;
 pub mod corpus;
 pub mod fortunes;
+pub mod prepare;
 pub mod store;
 pub mod tokenizer;

@@ -136,6 +136,11 @@ pub struct Batch {
 
 impl Glm {
     pub fn new(cfg: GlmConfig, device: tch::Device, seed: i64) -> Result<Self> {
+        Self::new_as(cfg, device, Kind::Float, seed)
+    }
+
+    /// As `new`, with parameters of `kind` (Double for gradient checks).
+    pub fn new_as(cfg: GlmConfig, device: tch::Device, kind: Kind, seed: i64) -> Result<Self> {
         cfg.validate()?;
         let std = 0.02;
         let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
@@ -161,7 +166,7 @@ impl Glm {
             })
             .collect();
         let final_layernorm = LayerNorm::new(&mut pb, "transformer.final_layernorm", h, eps);
-        let params = pb.build(device, seed);
+        let params = pb.build_as(device, kind, seed);
         Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm })
     }
 
@@ -210,9 +215,9 @@ impl Glm {
         hidden.matmul(&self.params.get(self.word_embeddings).tr())
     }
 
-    /// Loss over the Part B targets of `batch` (mean over masked tokens), and
-    /// the number of correctly predicted masked tokens (argmax), and the
-    /// count of masked tokens. Logits are computed only where the loss mask
+    /// Loss over the Part B targets of `batch` (mean over masked tokens), the
+    /// number of correctly predicted masked tokens (argmax; 0 when `train`),
+    /// and the count of masked tokens. Logits are computed only where the loss mask
     /// is set: the loss and gradients equal those of full logits.
     pub fn loss(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
         let hidden = self.hidden(batch, train);
@@ -227,7 +232,163 @@ impl Glm {
         let logits = self.logits(&sel); // (n, vocab)
         let targets = batch.targets.view([-1]).index_select(0, &idx);
         let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0);
-        let correct = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]));
+        // accuracy only where someone reads it (evaluation): an argmax over
+        // every masked position's logits is not free
+        let correct = if train {
+            0
+        } else {
+            tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]))
+        };
         (loss, correct, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny(dropout: f64) -> GlmConfig {
+        GlmConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            num_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            max_position_embeddings: 16,
+            layernorm_epsilon: 1e-5,
+            hidden_dropout: dropout,
+            attention_dropout: dropout,
+            output_dropout: dropout,
+            block_position_encoding: true,
+        }
+    }
+
+    /// Two samples of length 10: Part A of 6 and 4 tokens, then Part B.
+    fn batch() -> Batch {
+        let t = |v: Vec<i64>| Tensor::from_slice(&v).view([2, 10]);
+        Batch {
+            tokens: t(vec![2, 11, 12, 4, 13, 14, 5, 20, 21, 0, 2, 15, 4, 16, 5, 22, 5, 23, 24, 0]),
+            targets: t(vec![2, 11, 12, 4, 13, 14, 20, 21, 6, 0, 2, 15, 4, 16, 22, 6, 23, 24, 6, 0]),
+            loss_mask: t(vec![0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0]),
+            position_ids: t(vec![0, 1, 2, 3, 4, 5, 3, 3, 3, 0, 0, 1, 2, 3, 2, 2, 2, 2, 2, 0]),
+            block_position_ids: t(vec![0, 0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 0, 1, 2, 1, 2, 3, 0]),
+            sep: Tensor::from_slice(&[6i64, 4]),
+        }
+    }
+
+    #[test]
+    fn mask_is_bidirectional_before_sep_and_causal_after() {
+        let m = Glm::attention_mask(&Tensor::from_slice(&[2i64]), 4);
+        let got: Vec<i64> = Vec::try_from(m.view([-1]).to_kind(Kind::Int64)).unwrap();
+        #[rustfmt::skip]
+        let want = vec![1, 1, 0, 0,
+                        1, 1, 0, 0,
+                        1, 1, 1, 0,
+                        1, 1, 1, 1];
+        assert_eq!(got, want);
+    }
+
+    /// The fused attention path against the original's formulation
+    /// (explicit scores, `scores * m - 65504 (1 - m)`, softmax) and the loss
+    /// against `sum(ce * mask) / sum(mask)` over full logits.
+    #[test]
+    fn forward_matches_the_reference_formulation() {
+        let m = Glm::new_as(tiny(0.0), Device::Cpu, Kind::Double, 3).unwrap();
+        let b = batch();
+        let p = &m.params;
+        let (bs, s, h, nh) = (2i64, 10i64, 16i64, 2i64);
+        let hd = h / nh;
+        let mut x = Tensor::embedding(p.get(m.word_embeddings), &b.tokens, -1, false, false)
+            + Tensor::embedding(p.get(m.position_embeddings), &b.position_ids, -1, false, false)
+            + Tensor::embedding(p.get(m.block_position_embeddings.unwrap()), &b.block_position_ids, -1, false, false);
+        let mask = Glm::attention_mask(&b.sep, s).to_kind(Kind::Double);
+        for l in &m.layers {
+            let y = l.input_layernorm.forward(p, &x);
+            let qkv = l.query_key_value.forward(p, &y);
+            let parts = qkv.split(h, -1);
+            let heads = |t: &Tensor| t.view([bs, s, nh, hd]).transpose(1, 2);
+            let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+            let scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt();
+            let scores: Tensor = &scores * &mask - (1.0 - &mask) * 65504.0;
+            let a = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).contiguous().view([bs, s, h]);
+            x = x + l.dense.forward(p, &a);
+            let y = l.post_attention_layernorm.forward(p, &x);
+            let y = y.linear(p.get(l.dense_h_to_4h.weight), Some(p.get(l.dense_h_to_4h.bias)));
+            let cube: Tensor = &y * &y * &y;
+            let inner: Tensor = (&y + cube * 0.044715) * 0.7978845608028654;
+            let y: Tensor = &y * 0.5 * (inner.tanh() + 1.0);
+            x = x + l.dense_4h_to_h.forward(p, &y);
+        }
+        let want_h = m.final_layernorm.forward(p, &x);
+        let got_h = m.hidden(&b, false);
+        assert!(want_h.allclose(&got_h, 1e-9, 1e-9, false), "hidden states differ");
+        let logits = m.logits(&want_h).view([-1, 40]);
+        let ce = logits.cross_entropy_loss::<Tensor>(&b.targets.view([-1]), None, tch::Reduction::None, -100, 0.0);
+        let mask = b.loss_mask.view([-1]).to_kind(Kind::Double);
+        let want = ((ce * &mask).sum(Kind::Double) / mask.sum(Kind::Double)).double_value(&[]);
+        let (got, _, n) = m.loss(&b, false);
+        assert_eq!(n, 8);
+        assert!((got.double_value(&[]) - want).abs() < 1e-12, "{} vs {want}", got.double_value(&[]));
+    }
+
+    /// Autograd gradients against central finite differences, in f64, on
+    /// coordinates of every parameter.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut m = Glm::new_as(tiny(0.0), Device::Cpu, Kind::Double, 5).unwrap();
+        let b = batch();
+        let (loss, _, _) = m.loss(&b, false);
+        loss.backward();
+        let grad = m.params.grad_flat();
+        let infos = m.params.infos.clone();
+        let eps = 1e-6;
+        let mut checked = 0;
+        for info in &infos {
+            for j in [0, info.numel / 2, info.numel - 1] {
+                let i = info.offset + j;
+                let orig = m.params.flat.double_value(&[i]);
+                let at = |m: &mut Glm, v: f64| {
+                    tch::no_grad(|| {
+                        let _ = m.params.flat.get(i).fill_(v);
+                    });
+                    tch::no_grad(|| m.loss(&b, false).0.double_value(&[]))
+                };
+                let numeric = (at(&mut m, orig + eps) - at(&mut m, orig - eps)) / (2.0 * eps);
+                at(&mut m, orig);
+                let analytic = grad.double_value(&[i]);
+                assert!(
+                    (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
+                    "{}[{j}]: autograd {analytic:e}, finite difference {numeric:e}",
+                    info.name
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3 * 20);
+        // names follow the original's state dict
+        let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
+        for n in ["word_embeddings.weight", "transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight",
+                  "transformer.layers.1.attention.query_key_value.bias", "transformer.layers.0.mlp.dense_4h_to_h.weight", "transformer.final_layernorm.weight"] {
+            assert!(names.contains(&n), "{n}");
+        }
+    }
+
+    #[test]
+    fn init_follows_the_original() {
+        let m = Glm::new(GlmConfig { hidden_size: 64, intermediate_size: 256, vocab_size: 500, ..tiny(0.1) }, Device::Cpu, 1).unwrap();
+        for (name, t) in m.params.named() {
+            let std = t.std(true).double_value(&[]);
+            let mean = t.mean(Kind::Float).double_value(&[]);
+            if name.ends_with(".bias") {
+                assert_eq!(t.abs().max().double_value(&[]), 0.0, "{name}");
+            } else if name.contains("layernorm") {
+                assert_eq!(mean, 1.0, "{name}");
+            } else if name.ends_with("attention.dense.weight") || name.ends_with("dense_4h_to_h.weight") {
+                assert!((std - 0.01).abs() < 0.001, "{name}: std {std}, want 0.02/sqrt(2·2)");
+            } else {
+                assert!((std - 0.02).abs() < 0.0015, "{name}: std {std}");
+            }
+        }
     }
 }

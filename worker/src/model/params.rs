@@ -41,6 +41,11 @@ impl ParamBuilder {
     /// in declaration order from `seed` (so the same model comes out
     /// whatever the layout).
     pub fn build(self, device: Device, seed: i64) -> Params {
+        self.build_as(device, Kind::Float, seed)
+    }
+
+    /// As `build`, in `kind` (Double for numerical gradient checks).
+    pub fn build_as(self, device: Device, kind: Kind, seed: i64) -> Params {
         let mut order: Vec<usize> = (0..self.decls.len()).collect();
         order.sort_by_key(|&i| !self.decls[i].3); // decayed first, stable
         let mut infos = vec![None; self.decls.len()];
@@ -54,7 +59,7 @@ impl ParamBuilder {
         let infos: Vec<ParamInfo> = infos.into_iter().map(Option::unwrap).collect();
         let total = offset;
         let decay_numel = infos.iter().filter(|p| p.decay).map(|p| p.numel).sum();
-        let flat = Tensor::zeros([total], (Kind::Float, device));
+        let flat = Tensor::zeros([total], (kind, device));
         let gen_seed = seed;
         tch::manual_seed(gen_seed);
         let mut views = Vec::with_capacity(infos.len());
@@ -75,7 +80,7 @@ impl ParamBuilder {
                 views.push(v.set_requires_grad(true));
             }
         });
-        Params { infos, views, flat, decay_numel }
+        Params { infos, views, flat, decay_numel, grad_buf: None }
     }
 }
 
@@ -86,6 +91,7 @@ pub struct Params {
     pub flat: Tensor,
     /// Parameters `[0, decay_numel)` of `flat` take weight decay.
     pub decay_numel: i64,
+    grad_buf: Option<Tensor>,
 }
 
 impl Params {
@@ -102,7 +108,8 @@ impl Params {
     }
 
     /// Gradients in the flat layout (zeros for parameters without one).
-    pub fn grad_flat(&self) -> Tensor {
+    /// Reuses one buffer across calls: the previous result is overwritten.
+    pub fn grad_flat(&mut self) -> Tensor {
         let mut order: Vec<usize> = (0..self.infos.len()).collect();
         order.sort_by_key(|&i| self.infos[i].offset);
         let parts: Vec<Tensor> = order
@@ -112,11 +119,13 @@ impl Params {
                 if g.defined() {
                     g.view([-1])
                 } else {
-                    Tensor::zeros([self.infos[i].numel], (Kind::Float, self.flat.device()))
+                    Tensor::zeros([self.infos[i].numel], (self.flat.kind(), self.flat.device()))
                 }
             })
             .collect();
-        Tensor::cat(&parts, 0)
+        let buf = self.grad_buf.get_or_insert_with(|| self.flat.zeros_like());
+        let _ = Tensor::cat_out(buf, &parts, 0);
+        buf.shallow_clone()
     }
 
     pub fn zero_grad(&mut self) {

@@ -32,19 +32,23 @@ impl AdamW {
         let c = self.cfg;
         self.step += 1;
         let t = self.step as i32;
+        // Everything in place, `grad` doubling as scratch: no allocation of
+        // parameter-sized temporaries per step.
         tch::no_grad(|| {
             if c.weight_decay != 0.0 && decay_numel > 0 {
                 let _ = flat.narrow(0, 0, decay_numel).g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
-            let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1);
+            let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1); // m = β1 m + (1-β1) g
+            let _ = grad.g_mul_scalar_((1.0 - c.beta2).sqrt());
             let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2);
-            let _ = grad.g_mul_(&grad.shallow_clone()); // g²
-            let _ = self.exp_avg_sq.g_add_(&(grad.shallow_clone() * (1.0 - c.beta2)));
+            let _ = self.exp_avg_sq.addcmul_(grad, grad); // v = β2 v + (1-β2) g²
             let bc1 = 1.0 - c.beta1.powi(t);
             let bc2 = 1.0 - c.beta2.powi(t);
-            let mut denom = self.exp_avg_sq.sqrt();
-            let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(c.eps);
-            let _ = flat.g_sub_(&(self.exp_avg.g_div(&denom) * (lr / bc1)));
+            let _ = self.exp_avg_sq.sqrt_out(grad); // scratch = sqrt(v)
+            let _ = grad.g_div_scalar_(bc2.sqrt()).g_add_scalar_(c.eps); // denominator
+            let _ = self.exp_avg.div_out(grad, grad); // scratch = m / denominator
+            let _ = grad.g_mul_scalar_(lr / bc1);
+            let _ = flat.g_sub_(grad);
         });
     }
 }

@@ -1,0 +1,194 @@
+//! Checkpoints: `<save>/<iteration>/` with
+//! - `model.safetensors`: the weights under the original's state-dict names;
+//! - `optim.safetensors`: AdamW's `exp_avg.<name>` / `exp_avg_sq.<name>`
+//!   (absent with `no_save_optim`);
+//! - `tokenizer.json`: the tokenizer, so generation needs nothing else;
+//! - `state.json`: format version, iteration, optimizer step, model config,
+//!   the effective configs, and the sha256 of every other file.
+//!
+//! `<save>/latest` names the newest complete checkpoint. Both are written
+//! atomically (temporary directory/file, then rename), and every file is
+//! verified against its checksum before anything is loaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::data::tokenizer::hex;
+use crate::error::{Error, IoContext, Result};
+use crate::model::glm::{Glm, GlmConfig};
+use crate::optim::adamw::AdamW;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub format_version: u32,
+    pub iteration: u64,
+    pub optimizer_step: u64,
+    pub model: GlmConfig,
+    pub has_optimizer: bool,
+    /// The store's tokenizer hash: what the token ids mean.
+    pub tokenizer_sha256: String,
+    /// Effective configuration, for the record: DeepSpeed JSON and configs.json.
+    pub deepspeed_config: serde_json::Value,
+    pub args: serde_json::Value,
+    /// file name -> sha256
+    pub files: BTreeMap<String, String>,
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).at(p)?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+fn tch_err(p: &Path, e: tch::TchError) -> Error {
+    Error::invalid(p, e.to_string())
+}
+
+/// Writes checkpoint `iteration` under `save` and points `latest` at it.
+pub fn save(
+    save: &Path,
+    model: &Glm,
+    opt: Option<&AdamW>,
+    tokenizer_json: &str,
+    mut state: State,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(save).at(save)?;
+    let it = state.iteration;
+    let final_dir = save.join(it.to_string());
+    let tmp = save.join(format!(".tmp-{it}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).at(&tmp)?;
+    let result = (|| -> Result<()> {
+        let named: Vec<(&str, Tensor)> = model.params.named().map(|(n, t)| (n, t.detach())).collect();
+        let mp = tmp.join("model.safetensors");
+        Tensor::write_safetensors(&named, &mp).map_err(|e| tch_err(&mp, e))?;
+        state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
+        if let Some(opt) = opt {
+            let mut named: Vec<(String, Tensor)> = Vec::new();
+            for info in &model.params.infos {
+                let view = |t: &Tensor| t.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
+                named.push((format!("exp_avg.{}", info.name), view(&opt.exp_avg)));
+                named.push((format!("exp_avg_sq.{}", info.name), view(&opt.exp_avg_sq)));
+            }
+            let op = tmp.join("optim.safetensors");
+            Tensor::write_safetensors(&named, &op).map_err(|e| tch_err(&op, e))?;
+            state.files.insert("optim.safetensors".into(), sha256_file(&op)?);
+            state.optimizer_step = opt.step;
+        }
+        state.has_optimizer = opt.is_some();
+        let tp = tmp.join("tokenizer.json");
+        std::fs::write(&tp, tokenizer_json).at(&tp)?;
+        state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
+        let sp = tmp.join("state.json");
+        std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+        let latest_tmp = save.join(format!(".latest.tmp-{}", std::process::id()));
+        std::fs::write(&latest_tmp, format!("{it}\n")).at(&latest_tmp)?;
+        std::fs::rename(&latest_tmp, save.join("latest")).at(save)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|_| final_dir)
+}
+
+/// The checkpoint directory `load` designates: `load` itself when it holds a
+/// `state.json`, else the iteration named by `load/latest`.
+pub fn resolve(load: &Path) -> Result<PathBuf> {
+    if load.join("state.json").is_file() {
+        return Ok(load.to_path_buf());
+    }
+    let latest = load.join("latest");
+    let text = std::fs::read_to_string(&latest).map_err(|e| {
+        Error::invalid(load, format!("not a checkpoint: no state.json, and latest: {e}"))
+    })?;
+    let it = text.trim();
+    if it.is_empty() || !it.chars().all(|c| c.is_ascii_digit()) {
+        return Err(Error::parse(&latest, 1, 1, format!("expected an iteration number, found {it:?}")));
+    }
+    Ok(load.join(it))
+}
+
+/// Reads and verifies `state.json` and every file's checksum.
+pub fn read_state(dir: &Path) -> Result<State> {
+    let sp = dir.join("state.json");
+    let text = std::fs::read_to_string(&sp).at(&sp)?;
+    let state: State = serde_json::from_str(&text)
+        .map_err(|e| Error::parse(&sp, e.line(), e.column(), format!("corrupt checkpoint state: {e}")))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(Error::invalid(&sp, format!("checkpoint format {} (this build reads {FORMAT_VERSION})", state.format_version)));
+    }
+    for (name, want) in &state.files {
+        let p = dir.join(name);
+        let got = sha256_file(&p)?;
+        if &got != want {
+            return Err(Error::invalid(&p, "checksum mismatch: the file is truncated or was modified after saving; refusing to load it"));
+        }
+    }
+    Ok(state)
+}
+
+/// Copies named tensors from `file` into `model`'s parameters (or, with
+/// `prefix`, into views of `flat` laid out like them).
+fn load_into(file: &Path, infos: &[crate::model::params::ParamInfo], flat: &mut Tensor, prefix: &str) -> Result<()> {
+    let tensors = Tensor::read_safetensors(file).map_err(|e| tch_err(file, e))?;
+    // "exp_avg." and "exp_avg_sq." never prefix each other
+    let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().filter(|(k, _)| k.starts_with(prefix)).collect();
+    tch::no_grad(|| -> Result<()> {
+        for info in infos {
+            let key = format!("{prefix}{}", info.name);
+            let t = by_name.remove(&key).ok_or_else(|| Error::invalid(file, format!("missing tensor {key}")))?;
+            if t.size() != info.shape {
+                return Err(Error::invalid(file, format!("{key}: shape {:?}, the model has {:?}", t.size(), info.shape)));
+            }
+            flat.narrow(0, info.offset, info.numel).copy_(&t.reshape([-1]).to_kind(tch::Kind::Float));
+        }
+        Ok(())
+    })?;
+    if let Some(extra) = by_name.keys().next() {
+        return Err(Error::invalid(file, format!("unexpected tensor {extra} (a different model?)")));
+    }
+    Ok(())
+}
+
+/// Loads weights (and optimizer state when `opt` is given and saved) from a
+/// verified checkpoint directory.
+pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: Option<&mut AdamW>) -> Result<()> {
+    if state.model != model.cfg {
+        return Err(Error::invalid(
+            dir.join("state.json"),
+            format!("checkpoint model {:?} differs from the configured model {:?}", state.model, model.cfg),
+        ));
+    }
+    let infos = model.params.infos.clone();
+    load_into(&dir.join("model.safetensors"), &infos, &mut model.params.flat, "")?;
+    if let Some(opt) = opt {
+        if state.has_optimizer {
+            let op = dir.join("optim.safetensors");
+            let mut m = opt.exp_avg.shallow_clone();
+            let mut v = opt.exp_avg_sq.shallow_clone();
+            load_into(&op, &infos, &mut m, "exp_avg.")?;
+            load_into(&op, &infos, &mut v, "exp_avg_sq.")?;
+            opt.step = state.optimizer_step;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's model only (for generation): config, weights, tokenizer.
+pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, State, PathBuf)> {
+    let dir = resolve(path)?;
+    let state = read_state(&dir)?;
+    let mut model = Glm::new(state.model.clone(), device, 0)?;
+    load(&dir, &state, &mut model, None)?;
+    Ok((model, state, dir))
+}

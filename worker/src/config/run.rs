@@ -1,0 +1,204 @@
+//! The effective run configuration: DeepSpeed JSON + `configs.json` +
+//! `--set`, merged with DeepSpeed's precedence (the DeepSpeed file decides
+//! batch sizes, optimizer hyper-parameters, clipping and precision; its
+//! `scheduler` block, when present, replaces the original's AnnealingLR),
+//! each value remembered with where it came from.
+
+use std::path::{Path, PathBuf};
+
+use super::args::LoadedArgs;
+use super::ds::{Batch, DsConfig};
+use crate::data::blocklm::BlockConfig;
+use crate::error::{Error, Result};
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::schedule::{Decay, Schedule};
+
+/// One line of the effective-configuration report.
+pub struct Entry {
+    pub key: String,
+    pub value: String,
+    pub source: String,
+}
+
+pub struct RunConfig {
+    pub ds: DsConfig,
+    pub args: LoadedArgs,
+    pub batch: Batch,
+    pub lr: f64,
+    pub adam: AdamWConfig,
+    pub clip: f64,
+    pub schedule: Schedule,
+    pub block: BlockConfig,
+    /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
+    pub train_data: Vec<PathBuf>,
+    pub eval_batch: usize,
+    pub report: Vec<Entry>,
+    /// Things the user must know: unsupported-yet settings that fall back.
+    pub warnings: Vec<String>,
+}
+
+/// The original project's dataset name for its `data.json`.
+pub const DEFAULT_CORPUS: &str = "glm_pretrain/data/data.json";
+
+impl RunConfig {
+    pub fn build(ds: DsConfig, args: LoadedArgs, dp: usize) -> Result<Self> {
+        let a = &args.args;
+        let dsname = ds.path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let src = |key: &str| args.source(key).to_string();
+        let mut report = Vec::new();
+        let mut put = |key: &str, value: String, source: String| report.push(Entry { key: key.into(), value, source });
+
+        let batch = ds.batch(dp, a.batch_size, a.gradient_accumulation_steps)?;
+        let batch_src = if ds.micro_batch.is_some() || ds.train_batch_size.is_some() { dsname.clone() } else { src("batch_size") };
+        put("train_batch_size", batch.global.to_string(), batch_src.clone());
+        put("train_micro_batch_size_per_gpu", batch.micro.to_string(), batch_src);
+        put("gradient_accumulation_steps", batch.accum.to_string(), if ds.grad_accum.is_some() { dsname.clone() } else { src("gradient_accumulation_steps") });
+
+        let o = ds.optimizer.clone();
+        let pick = |ds_v: Option<f64>, key: &str, arg: f64| -> (f64, String) {
+            match ds_v {
+                Some(v) => (v, dsname.clone()),
+                None => (arg, args.source(key).to_string()),
+            }
+        };
+        let (lr, lr_src) = pick(o.as_ref().and_then(|o| o.lr), "lr", a.lr);
+        let (b1, b1_src) = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "adam_beta1", a.adam_beta1);
+        let (b2, _) = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "adam_beta2", a.adam_beta2);
+        let (eps, eps_src) = pick(o.as_ref().and_then(|o| o.eps), "adam_eps", a.adam_eps);
+        let (wd, wd_src) = pick(o.as_ref().and_then(|o| o.weight_decay), "weight_decay", a.weight_decay);
+        let (clip, clip_src) = pick(ds.gradient_clipping, "clip_grad", a.clip_grad);
+        if a.optimizer.to_ascii_lowercase() != "adam" && o.is_none() {
+            return Err(Error::Config(format!("optimizer = \"{}\" ({}): only adam (AdamW) is supported", a.optimizer, src("optimizer"))));
+        }
+        put("optimizer", format!("AdamW (decoupled weight decay; no decay for biases and LayerNorm)"), o.as_ref().map_or(src("optimizer"), |_| dsname.clone()));
+        put("lr", lr.to_string(), lr_src);
+        put("betas", format!("({b1}, {b2})"), b1_src);
+        put("eps", eps.to_string(), eps_src);
+        put("weight_decay", wd.to_string(), wd_src);
+        put("gradient_clipping", clip.to_string(), clip_src);
+
+        let schedule = match &ds.scheduler {
+            Some(s) => {
+                put("scheduler", format!("{s:?}"), dsname.clone());
+                Schedule::DeepSpeed { cfg: s.clone(), base_lr: lr }
+            }
+            None => {
+                let style = Decay::parse(&a.lr_decay_style).ok_or_else(|| {
+                    Error::Config(format!("lr_decay_style = \"{}\" ({}): expected cosine, linear or constant", a.lr_decay_style, src("lr_decay_style")))
+                })?;
+                let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
+                let warmup_iters = (a.warmup * decay_iters as f64) as u64;
+                if !(0.0..=1.0).contains(&a.warmup) {
+                    return Err(Error::Config(format!("warmup = {} ({}): a fraction in [0, 1]", a.warmup, src("warmup"))));
+                }
+                put(
+                    "lr schedule",
+                    format!("AnnealingLR {} over {decay_iters} iterations, {warmup_iters} warmup, floor lr × {}", a.lr_decay_style, a.lr_decay_ratio),
+                    src("lr_decay_style"),
+                );
+                Schedule::Annealing { lr, warmup_iters, decay_iters, style, decay_ratio: a.lr_decay_ratio }
+            }
+        };
+
+        let mut warnings = Vec::new();
+        if ds.fp16.as_ref().is_some_and(|f| f.enabled) {
+            warnings.push(format!("{dsname}: fp16.enabled is true, but mixed precision is not implemented yet: this run trains in fp32"));
+        } else if ds.bf16 {
+            warnings.push(format!("{dsname}: bf16.enabled is true, but mixed precision is not implemented yet: this run trains in fp32"));
+        }
+        if ds.zero_stage > 0 {
+            warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
+        }
+        if a.checkpoint_activations {
+            warnings.push(format!("checkpoint_activations ({}): activation checkpointing is not implemented yet; activations are kept (more memory, same result)", src("checkpoint_activations")));
+        }
+        put("precision", "fp32".into(), dsname.clone());
+
+        if a.model_parallel_size != 1 {
+            return Err(Error::Config(format!(
+                "model_parallel_size = {} ({}): tensor parallelism is not available in this release (world of 1 process)",
+                a.model_parallel_size,
+                src("model_parallel_size")
+            )));
+        }
+        if a.seq_length > a.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "seq_length {} ({}) exceeds max_position_embeddings {} ({})",
+                a.seq_length,
+                src("seq_length"),
+                a.max_position_embeddings,
+                src("max_position_embeddings")
+            )));
+        }
+        if a.train_iters > 0 && a.log_interval == 0 {
+            return Err(Error::Config(format!("log_interval ({}): must be positive", src("log_interval"))));
+        }
+        let block = BlockConfig {
+            seq_length: a.seq_length,
+            bert_prob: a.bert_prob,
+            gap_sentence_prob: a.gap_sentence_prob,
+            gpt_infill_prob: a.gpt_infill_prob,
+            gpt_min_ratio: a.gpt_min_ratio,
+            gap_sentence_ratio: a.gap_sentence_ratio,
+            avg_block_length: a.avg_block_length,
+            shuffle_blocks: !a.no_shuffle_block,
+            block_position_encoding: !a.no_block_position,
+            task_mask: a.task_mask,
+            sample_across_doc: !a.sample_one_document,
+            seed: a.seed,
+            ..BlockConfig::default()
+        };
+        block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
+
+        let train_data: Vec<PathBuf> = if a.train_data.is_empty() {
+            vec![PathBuf::from(DEFAULT_CORPUS)]
+        } else {
+            a.train_data.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
+        };
+        let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
+
+        for (k, v) in [
+            ("num_layers", a.num_layers.to_string()),
+            ("hidden_size", a.hidden_size.to_string()),
+            ("num_attention_heads", a.num_attention_heads.to_string()),
+            ("intermediate_size", a.intermediate_size.unwrap_or(4 * a.hidden_size).to_string()),
+            ("max_position_embeddings", a.max_position_embeddings.to_string()),
+            ("seq_length", a.seq_length.to_string()),
+            ("hidden_dropout", a.hidden_dropout.to_string()),
+            ("attention_dropout", a.attention_dropout.to_string()),
+            ("train_iters", a.train_iters.to_string()),
+            ("seed", a.seed.to_string()),
+            ("train_data", format!("{:?}", train_data)),
+            ("split", a.split.clone()),
+            ("tokenizer_path", a.tokenizer_path.as_ref().map_or("(train on the corpus)".into(), |p| p.display().to_string())),
+            ("bert_prob / gap_sentence_prob", format!("{} / {}", a.bert_prob, a.gap_sentence_prob)),
+            ("task_mask", a.task_mask.to_string()),
+            ("log_interval", a.log_interval.to_string()),
+            ("eval_interval / eval_iters", format!("{} / {}", a.eval_interval, a.eval_iters)),
+            ("save / save_interval", format!("{} / {}", a.save.as_ref().map_or("(none)".into(), |p| p.display().to_string()), a.save_interval)),
+            ("load", a.load.as_ref().map_or("(none)".into(), |p| p.display().to_string())),
+        ] {
+            let key = k.split(' ').next().unwrap();
+            let s = args.source(key);
+            report.push(Entry { key: k.into(), value: v, source: s.to_string() });
+        }
+        Ok(RunConfig { ds, args, batch, lr, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+    }
+
+    /// Lines of the "effective configuration" block printed at start.
+    pub fn describe(&self) -> Vec<String> {
+        let w = self.report.iter().map(|e| e.key.len()).max().unwrap_or(0);
+        let mut out: Vec<String> = self.report.iter().map(|e| format!("  {:<w$} = {}  ({})", e.key, e.value, e.source)).collect();
+        if !self.args.ignored.is_empty() {
+            out.push(format!("  no effect here (configs.json): {}", self.args.ignored.join(", ")));
+        }
+        if !self.ds.unused.is_empty() {
+            out.push(format!("  no effect here ({}): {}", self.ds.path.display(), self.ds.unused.join(", ")));
+        }
+        out
+    }
+
+    pub fn save_dir(&self) -> Option<&Path> {
+        self.args.args.save.as_deref()
+    }
+}

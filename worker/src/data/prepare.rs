@@ -1,0 +1,116 @@
+//! Obtaining a tokenizer and an up-to-date token store for a corpus: shared
+//! by `glm-worker prepare` and by training, which prepares on demand.
+
+use std::path::{Path, PathBuf};
+
+use super::corpus::{read_corpus, CorpusOptions};
+use super::store::{self, build_store, BuildReport, CorpusFingerprint, StoreMeta};
+use super::tokenizer::GlmTokenizer;
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub corpus: CorpusOptions,
+    /// Vocabulary size when a tokenizer is trained.
+    pub vocab_size: usize,
+    /// Where trained tokenizers are cached.
+    pub tokenizer_cache: PathBuf,
+    /// At most this many bytes of text train a tokenizer.
+    pub tokenizer_train_bytes: usize,
+    pub force: bool,
+    pub show_progress: bool,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        PrepareOptions {
+            corpus: CorpusOptions::default(),
+            vocab_size: 16000,
+            tokenizer_cache: PathBuf::from("glm_pretrain/model"),
+            tokenizer_train_bytes: 512 << 20,
+            force: false,
+            show_progress: false,
+        }
+    }
+}
+
+/// Where the tokenizer came from, for the report.
+pub enum TokenizerOrigin {
+    Given(PathBuf),
+    Cached(PathBuf),
+    Trained { path: PathBuf, text_bytes: usize, seconds: f64 },
+}
+
+impl std::fmt::Display for TokenizerOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerOrigin::Given(p) => write!(f, "{}", p.display()),
+            TokenizerOrigin::Cached(p) => write!(f, "{} (cached, trained on this corpus)", p.display()),
+            TokenizerOrigin::Trained { path, text_bytes, seconds } => {
+                write!(f, "{} (trained WordPiece on {:.2} MB in {seconds:.1} s)", path.display(), *text_bytes as f64 / 1e6)
+            }
+        }
+    }
+}
+
+/// The given tokenizer, or the one cached for this corpus, or a new one trained on it.
+pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
+    if let Some(p) = given {
+        return Ok((GlmTokenizer::load(p)?, TokenizerOrigin::Given(p.to_path_buf())));
+    }
+    let fp = CorpusFingerprint::compute(files)?;
+    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}.json", &fp.digest[..12], opts.vocab_size));
+    if cache.is_file() {
+        return Ok((GlmTokenizer::load(&cache)?, TokenizerOrigin::Cached(cache)));
+    }
+    let mut texts = Vec::new();
+    let mut bytes = 0usize;
+    read_corpus(files, &opts.corpus, |t, _| {
+        if bytes < opts.tokenizer_train_bytes {
+            bytes += t.len();
+            texts.push(t);
+        }
+        Ok(())
+    })?;
+    if texts.is_empty() {
+        return Err(Error::invalid(corpus_name(files), "the corpus holds no documents with text"));
+    }
+    let t0 = std::time::Instant::now();
+    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress)?;
+    std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
+    let tmp = cache.with_extension(format!("json.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, tok.to_json()?).at(&tmp)?;
+    std::fs::rename(&tmp, &cache).at(&cache)?;
+    Ok((tok, TokenizerOrigin::Trained { path: cache, text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
+}
+
+/// The path to name in messages about a corpus of `files`.
+pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
+    match files {
+        [one] => one.clone(),
+        _ => files.first().and_then(|f| f.parent()).unwrap_or(Path::new(".")).to_path_buf(),
+    }
+}
+
+pub enum StoreOutcome {
+    Reused,
+    /// Built; `reason` says why an existing store was replaced.
+    Built { report: BuildReport, reason: Option<String> },
+}
+
+/// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
+pub fn ensure_store(
+    files: &[PathBuf],
+    tok: &GlmTokenizer,
+    out: &Path,
+    opts: &PrepareOptions,
+    progress: &dyn Fn(u64),
+) -> Result<(StoreMeta, StoreOutcome)> {
+    let why = store::staleness(out, files, &tok.sha256)?;
+    if why.is_none() && !opts.force {
+        return Ok((store::read_meta(out)?, StoreOutcome::Reused));
+    }
+    let reason = if opts.force { Some("--force".to_string()) } else { why.filter(|_| out.exists()) };
+    let (meta, report) = build_store(files, &opts.corpus, tok, out, progress)?;
+    Ok((meta, StoreOutcome::Built { report, reason }))
+}

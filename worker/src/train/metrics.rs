@@ -1,0 +1,174 @@
+//! Run metrics: `metrics.jsonl` (one JSON object per log or eval event,
+//! appended) and `loss.png` (train and validation loss against iterations,
+//! rewritten at every evaluation), both in the run's save directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct TrainEvent {
+    pub iteration: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub ms_per_iter: f64,
+    pub tokens_per_s: f64,
+    pub tflops: f64,
+    pub mem_mb: f64,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct EvalEvent {
+    pub iteration: u64,
+    pub loss: f64,
+    pub ppl: f64,
+    pub accuracy: f64,
+    pub tokens: i64,
+}
+
+pub struct Metrics {
+    dir: Option<PathBuf>,
+    train: Vec<(u64, f64)>,
+    valid: Vec<(u64, f64)>,
+    baseline: Option<f64>,
+}
+
+const FONT_PATHS: &[&str] = &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"];
+
+fn register_font() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| {
+        for p in FONT_PATHS {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+impl Metrics {
+    /// Metrics of a run saving to `dir` (none: nothing is written). Earlier
+    /// events of `metrics.jsonl` up to `resume_from` are kept and plotted, so
+    /// a resumed run continues the same file and curve.
+    pub fn new(dir: Option<&Path>, resume_from: u64) -> Result<Self> {
+        let mut m = Metrics { dir: dir.map(Path::to_path_buf), train: Vec::new(), valid: Vec::new(), baseline: None };
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d).at(d)?;
+            let p = d.join("metrics.jsonl");
+            if resume_from == 0 {
+                // a fresh run starts a fresh record
+                let _ = std::fs::remove_file(&p);
+            } else if let Ok(text) = std::fs::read_to_string(&p) {
+                let mut kept = String::new();
+                for line in text.lines() {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                    let it = v["iteration"].as_u64().unwrap_or(u64::MAX);
+                    if it > resume_from {
+                        continue; // a later run of these iterations replaces them
+                    }
+                    match v["type"].as_str() {
+                        Some("train") => m.train.push((it, v["loss"].as_f64().unwrap_or(f64::NAN))),
+                        Some("eval") => m.valid.push((it, v["loss"].as_f64().unwrap_or(f64::NAN))),
+                        _ => {}
+                    }
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+                std::fs::write(&p, kept).at(&p)?;
+            }
+        }
+        Ok(m)
+    }
+
+    fn append(&self, kind: &str, event: &impl Serialize) -> Result<()> {
+        let Some(d) = &self.dir else { return Ok(()) };
+        let mut v = serde_json::to_value(event).expect("event serialises");
+        v.as_object_mut().unwrap().insert("type".into(), kind.into());
+        let p = d.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).at(&p)?;
+        writeln!(f, "{v}").at(&p)
+    }
+
+    pub fn train(&mut self, e: &TrainEvent) -> Result<()> {
+        self.train.push((e.iteration, e.loss));
+        self.append("train", e)
+    }
+
+    /// The unigram baseline of the validation loss, drawn as a flat line.
+    pub fn baseline(&mut self, loss: f64) -> Result<()> {
+        self.baseline = Some(loss);
+        self.append("baseline", &serde_json::json!({ "iteration": 0, "unigram_loss": loss }))
+    }
+
+    pub fn eval(&mut self, e: &EvalEvent) -> Result<()> {
+        self.valid.push((e.iteration, e.loss));
+        self.append("eval", e)?;
+        self.plot()
+    }
+
+    /// Rewrites `loss.png` (atomically). Without a usable font the picture
+    /// is skipped with a warning.
+    pub fn plot(&self) -> Result<()> {
+        let Some(d) = &self.dir else { return Ok(()) };
+        if !register_font() {
+            log::warn!("no TrueType font found ({}); loss.png not drawn (install fonts-dejavu-core)", FONT_PATHS.join(", "));
+            return Ok(());
+        }
+        let out = d.join("loss.png");
+        let tmp = d.join(".loss.png.tmp.png");
+        draw(&tmp, &self.train, &self.valid, self.baseline).map_err(|e| Error::invalid(&out, format!("cannot draw: {e}")))?;
+        std::fs::rename(&tmp, &out).at(&out)
+    }
+}
+
+fn draw(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64)], baseline: Option<f64>) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let all = train.iter().chain(valid).filter(|(_, l)| l.is_finite());
+    let xmax = all.clone().map(|(i, _)| *i).max().unwrap_or(1).max(1) as f64;
+    let ymax = all.clone().map(|(_, l)| *l).fold(f64::MIN, f64::max).max(0.1) * 1.05;
+    let ymin = all.map(|(_, l)| *l).fold(f64::MAX, f64::min).min(ymax - 0.1).max(0.0) * 0.95;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("GLM pretraining loss", ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..xmax, ymin..ymax)?;
+    chart.configure_mesh().x_desc("iteration").y_desc("loss (nats)").label_style(("sans-serif", 14)).draw()?;
+    chart
+        .draw_series(LineSeries::new(train.iter().map(|&(i, l)| (i as f64, l)), BLUE.stroke_width(2)))?
+        .label("train")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(valid.iter().map(|&(i, l)| (i as f64, l)), RED.stroke_width(2)))?
+        .label("validation")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart.draw_series(valid.iter().map(|&(i, l)| Circle::new((i as f64, l), 4, RED.filled())))?;
+    if let Some(u) = baseline.filter(|u| (ymin..ymax).contains(u)) {
+        let grey = RGBColor(120, 120, 120);
+        chart
+            .draw_series(LineSeries::new([(0.0, u), (xmax, u)], grey.stroke_width(1)))?
+            .label("unigram baseline (validation)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Resident memory of this process in MB (Linux), 0 when unknown.
+pub fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
+        .map_or(0.0, |pages| pages * 4096.0 / 1e6)
+}

@@ -1,0 +1,4 @@
+//! Training: the step loop, evaluation, metrics.
+
+pub mod metrics;
+pub mod trainer;

@@ -1,0 +1,392 @@
+//! The single-process step loop: data -> forward -> backward (accumulated
+//! over micro-batches) -> clip -> AdamW -> log / evaluate / checkpoint.
+//!
+//! Reproducibility: the torch generator (dropout) is re-seeded from
+//! `(seed, iteration)` before every iteration and every sample is a function
+//! of `(seed, global sample index)`, so a run resumed from a checkpoint of
+//! iteration k continues exactly as the uninterrupted run (bit-for-bit on CPU).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Tensor};
+
+use super::metrics::{rss_mb, EvalEvent, Metrics, TrainEvent};
+use crate::checkpoint::{self, State};
+use crate::config::run::RunConfig;
+use crate::data::blocklm::{BlockSampler, Sample};
+use crate::data::corpus::corpus_files;
+use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
+use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
+use crate::error::{Error, Result};
+use crate::model::glm::{Batch, Glm, GlmConfig};
+use crate::optim::adamw::{clip_grad_norm, AdamW};
+
+/// Set by SIGINT/SIGTERM: finish the current iteration, checkpoint, exit.
+static STOP: AtomicBool = AtomicBool::new(false);
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// The signal that stopped the run (0 if none).
+pub fn received_signal() -> i32 {
+    SIGNAL.load(Ordering::SeqCst)
+}
+
+pub fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Options that are not part of the two config files.
+pub struct TrainOptions {
+    pub store: PathBuf,
+    pub prepare: PrepareOptions,
+    pub device: Device,
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Finished { iteration: u64 },
+    Interrupted { iteration: u64 },
+}
+
+/// Samples -> tensors on `device`.
+pub fn collate(samples: &[Sample], device: Device) -> Batch {
+    let b = samples.len() as i64;
+    let s = samples[0].tokens.len() as i64;
+    let stack = |f: &dyn Fn(&Sample) -> Vec<i64>| -> Tensor {
+        let flat: Vec<i64> = samples.iter().flat_map(f).collect();
+        Tensor::from_slice(&flat).view([b, s]).to(device)
+    };
+    Batch {
+        tokens: stack(&|x| x.tokens.iter().map(|&t| t as i64).collect()),
+        targets: stack(&|x| x.targets.iter().map(|&t| t as i64).collect()),
+        loss_mask: stack(&|x| x.loss_mask.iter().map(|&t| t as i64).collect()),
+        position_ids: stack(&|x| x.position_ids.iter().map(|&t| t as i64).collect()),
+        block_position_ids: stack(&|x| x.block_position_ids.iter().map(|&t| t as i64).collect()),
+        sep: Tensor::from_slice(&samples.iter().map(|x| x.sep as i64).collect::<Vec<_>>()).to(device),
+    }
+}
+
+pub struct Trainer {
+    pub cfg: RunConfig,
+    pub model: Glm,
+    pub opt: AdamW,
+    train: BlockSampler,
+    valid: Option<BlockSampler>,
+    tokenizer: GlmTokenizer,
+    tokenizer_sha256: String,
+    pub iteration: u64,
+    device: Device,
+    metrics: Metrics,
+}
+
+fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
+    match pb {
+        Some(pb) => pb.println(line),
+        None => println!("{line}"),
+    }
+}
+
+impl Trainer {
+    /// Prepares data (tokenizer, store), builds the model, and resumes from
+    /// `load` when configured.
+    pub fn new(cfg: RunConfig, opts: TrainOptions) -> Result<Self> {
+        let a = cfg.args.args.clone();
+        let weights = parse_split(&a.split)?;
+        let mut files = Vec::new();
+        for d in &cfg.train_data {
+            files.extend(corpus_files(d).map_err(|e| match e {
+                Error::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => Error::invalid(
+                    path,
+                    "train_data: no such file or folder; hint: scripts/setup.sh builds the default corpus, or --set train_data=<path>",
+                ),
+                e => e,
+            })?);
+        }
+        let mut popts = opts.prepare.clone();
+        popts.corpus.text_key = a.text_key.clone();
+        let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &popts)?;
+        println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
+        let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
+        match outcome {
+            StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens)", opts.store.display(), meta.documents, meta.tokens),
+            StoreOutcome::Built { report, reason } => println!(
+                "data: built store {} from {}{} ({} documents, {} tokens, {:.1} s)",
+                opts.store.display(),
+                corpus_name(&files).display(),
+                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                meta.documents,
+                meta.tokens,
+                report.seconds
+            ),
+        }
+        let store = Arc::new(TokenStore::open(&opts.store)?);
+        let splits = split_documents(store.num_docs(), &weights, a.seed);
+        let sentence_end = tok.sentence_end_table().to_vec();
+        let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
+        let valid = match splits.get(1).filter(|v| !v.is_empty()) {
+            Some(v) => {
+                let mut vb = cfg.block.clone();
+                vb.seed ^= 0x00E7_A100;
+                Some(BlockSampler::new(store.clone(), v.clone(), vb, sentence_end)?)
+            }
+            None => None,
+        };
+        println!("data: split {}: {}", a.split, splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", "));
+
+        let mcfg = GlmConfig {
+            vocab_size: padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, a.model_parallel_size),
+            hidden_size: a.hidden_size,
+            num_layers: a.num_layers,
+            num_attention_heads: a.num_attention_heads,
+            intermediate_size: a.intermediate_size.unwrap_or(4 * a.hidden_size),
+            max_position_embeddings: a.max_position_embeddings,
+            layernorm_epsilon: a.layernorm_epsilon,
+            hidden_dropout: a.hidden_dropout,
+            attention_dropout: a.attention_dropout,
+            output_dropout: a.output_dropout,
+            block_position_encoding: !a.no_block_position,
+        };
+        let mut model = Glm::new(mcfg, opts.device, a.seed as i64)?;
+        let mut opt = AdamW::new(cfg.adam, &model.params.flat);
+        let (n, pos) = model.cfg.num_params();
+        println!(
+            "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), on {:?}",
+            model.cfg.num_layers, model.cfg.hidden_size, model.cfg.num_attention_heads, model.cfg.intermediate_size, model.cfg.vocab_size,
+            n as f64 / 1e6, pos as f64 / 1e6, opts.device
+        );
+        let mut iteration = 0;
+        if let Some(load) = &a.load {
+            let dir = checkpoint::resolve(load)?;
+            let state = checkpoint::read_state(&dir)?;
+            if state.tokenizer_sha256 != tok.sha256 {
+                return Err(Error::invalid(
+                    dir.join("state.json"),
+                    "the checkpoint was trained with a different tokenizer than this run's (token ids would not match)",
+                ));
+            }
+            checkpoint::load(&dir, &state, &mut model, (!a.no_load_optim).then_some(&mut opt))?;
+            iteration = state.iteration;
+            println!("checkpoint: resumed from {} (iteration {iteration})", dir.display());
+        }
+        let metrics = Metrics::new(cfg.save_dir(), iteration)?;
+        let tokenizer_sha256 = tok.sha256.clone();
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics })
+    }
+
+    /// Micro-batch `m` of iteration `it` (1-based) for data-parallel rank 0 of 1.
+    fn micro_batch(&self, it: u64, m: usize) -> Vec<Sample> {
+        let b = self.cfg.batch;
+        let batch_index = (it - 1) * b.accum as u64 + m as u64;
+        let start = batch_index * b.micro as u64; // × dp, + rank × micro with dp > 1
+        self.train.batch(batch_index, start..start + b.micro as u64)
+    }
+
+    /// One optimizer step; returns (mean loss, grad norm before clipping, lr).
+    pub fn step(&mut self, it: u64) -> (f64, f64, f64) {
+        let a = &self.cfg.args.args;
+        tch::manual_seed((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64));
+        let accum = self.cfg.batch.accum;
+        let mut loss_sum = 0.0;
+        for m in 0..accum {
+            let batch = collate(&self.micro_batch(it, m), self.device);
+            let (loss, _, _) = self.model.loss(&batch, true);
+            loss_sum += loss.double_value(&[]);
+            (loss / accum as f64).backward();
+        }
+        let mut grad = self.model.params.grad_flat();
+        let norm = clip_grad_norm(&mut grad, self.cfg.clip);
+        let lr = self.cfg.schedule.lr(it);
+        let decay = self.model.params.decay_numel;
+        self.opt.update(&mut self.model.params.flat, decay, &mut grad, lr);
+        self.model.params.zero_grad();
+        (loss_sum / accum as f64, norm, lr)
+    }
+
+    /// Validation loss, perplexity and masked-token accuracy over
+    /// `eval_iters` fixed batches of the valid split.
+    pub fn evaluate(&self) -> Option<EvalEvent> {
+        let valid = self.valid.as_ref()?;
+        let a = &self.cfg.args.args;
+        let (mut nll, mut correct, mut count) = (0.0, 0i64, 0i64);
+        tch::no_grad(|| {
+            for i in 0..a.eval_iters {
+                let eb = self.cfg.eval_batch as u64;
+                let samples = valid.batch(i, i * eb..(i + 1) * eb);
+                let (loss, c, n) = self.model.loss(&collate(&samples, self.device), false);
+                nll += loss.double_value(&[]) * n as f64;
+                correct += c;
+                count += n;
+            }
+        });
+        let loss = nll / count.max(1) as f64;
+        Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy: correct as f64 / count.max(1) as f64, tokens: count })
+    }
+
+    /// Cross-entropy on the validation targets of a unigram model fitted
+    /// (add-one smoothed) to the targets of the first `fit_batches` training
+    /// batches: the loss a model that knows only token frequencies reaches,
+    /// measured exactly as `evaluate` measures the model.
+    pub fn unigram_baseline(&self, fit_batches: u64) -> Option<f64> {
+        let valid = self.valid.as_ref()?;
+        let v = self.model.cfg.vocab_size;
+        let mut counts = vec![1.0f64; v];
+        let mut total = v as f64;
+        let b = self.cfg.batch.micro as u64;
+        for i in 0..fit_batches {
+            for s in self.train.batch(i, i * b..(i + 1) * b) {
+                for (t, m) in s.targets.iter().zip(&s.loss_mask) {
+                    if *m == 1 {
+                        counts[*t as usize] += 1.0;
+                        total += 1.0;
+                    }
+                }
+            }
+        }
+        let (mut nll, mut n) = (0.0, 0u64);
+        let eb = self.cfg.eval_batch as u64;
+        for i in 0..self.cfg.args.args.eval_iters {
+            for s in valid.batch(i, i * eb..(i + 1) * eb) {
+                for (t, m) in s.targets.iter().zip(&s.loss_mask) {
+                    if *m == 1 {
+                        nll -= (counts[*t as usize] / total).ln();
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Some(nll / n.max(1) as f64)
+    }
+
+    fn save(&self) -> Result<PathBuf> {
+        let a = &self.cfg.args.args;
+        let dir = self.cfg.save_dir().expect("save configured");
+        let ds = std::fs::read_to_string(&self.cfg.ds.path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        let state = State {
+            format_version: checkpoint::FORMAT_VERSION,
+            iteration: self.iteration,
+            optimizer_step: self.opt.step,
+            model: self.model.cfg.clone(),
+            has_optimizer: false,
+            tokenizer_sha256: self.tokenizer_sha256.clone(),
+            deepspeed_config: ds,
+            args: serde_json::to_value(a).expect("args serialise"),
+            files: Default::default(),
+        };
+        checkpoint::save(dir, &self.model, (!a.no_save_optim).then_some(&self.opt), &self.tokenizer.to_json()?, state)
+    }
+
+    /// Runs iterations up to `train_iters`.
+    pub fn run(&mut self) -> Result<Outcome> {
+        let a = self.cfg.args.args.clone();
+        let total = a.train_iters;
+        if self.iteration >= total {
+            println!("train: nothing to do (checkpoint iteration {} >= train_iters {total})", self.iteration);
+            return Ok(Outcome::Finished { iteration: self.iteration });
+        }
+        let seq = a.seq_length;
+        let tokens_per_iter = (self.cfg.batch.global * seq) as f64;
+        let flops_per_token = self.model.cfg.flops_per_token(seq);
+        let pb = std::io::stdout().is_terminal().then(|| {
+            let pb = indicatif::ProgressBar::new(total);
+            pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}").expect("template"));
+            pb.set_position(self.iteration);
+            pb
+        });
+        if a.eval_interval > 0 {
+            if let Some(u) = self.unigram_baseline(200) {
+                say(&pb, &format!("validation unigram baseline | loss {u:.4} | ppl {:.2} (token frequencies of 200 training batches)", u.exp()));
+                self.metrics.baseline(u)?;
+            }
+        }
+        if self.iteration == 0 && a.eval_interval > 0 {
+            if let Some(e) = self.evaluate() {
+                say(&pb, &format!("validation at iteration 0 | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
+                self.metrics.eval(&e)?;
+            }
+        }
+        let (mut loss_acc, mut norm_acc, mut n_acc) = (0.0, 0.0, 0u64);
+        let mut t_log = Instant::now();
+        while self.iteration < total {
+            let it = self.iteration + 1;
+            let (loss, norm, lr) = self.step(it);
+            if !loss.is_finite() {
+                return Err(Error::Config(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
+            }
+            self.iteration = it;
+            loss_acc += loss;
+            norm_acc += norm;
+            n_acc += 1;
+            if let Some(pb) = &pb {
+                pb.set_position(it);
+                pb.set_message(format!("loss {loss:.4}"));
+            }
+            if it % a.log_interval == 0 || it == total {
+                let secs = t_log.elapsed().as_secs_f64();
+                let ms = secs * 1000.0 / n_acc as f64;
+                let tps = tokens_per_iter * n_acc as f64 / secs;
+                let e = TrainEvent {
+                    iteration: it,
+                    lr,
+                    loss: loss_acc / n_acc as f64,
+                    grad_norm: norm_acc / n_acc as f64,
+                    ms_per_iter: ms,
+                    tokens_per_s: tps,
+                    tflops: tps * flops_per_token / 1e12,
+                    mem_mb: rss_mb(),
+                };
+                say(
+                    &pb,
+                    &format!(
+                        " iteration {it:>7}/{total} | lr {:.3E} | lm loss {:.5E} | grad norm {:.3} | {:.1} ms/it | {:.0} tokens/s | {:.3} TFLOP/s | mem {:.0} MB",
+                        e.lr, e.loss, e.grad_norm, e.ms_per_iter, e.tokens_per_s, e.tflops, e.mem_mb
+                    ),
+                );
+                self.metrics.train(&e)?;
+                (loss_acc, norm_acc, n_acc) = (0.0, 0.0, 0);
+                t_log = Instant::now();
+            }
+            let stopping = STOP.load(Ordering::SeqCst);
+            if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
+                if let Some(e) = self.evaluate() {
+                    say(&pb, &format!("validation at iteration {it} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
+                    self.metrics.eval(&e)?;
+                }
+                t_log = Instant::now();
+            }
+            if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
+                let dir = self.save()?;
+                say(&pb, &format!("checkpoint: saved {}", dir.display()));
+                t_log = Instant::now();
+            }
+            if stopping {
+                if let Some(pb) = &pb {
+                    pb.abandon();
+                }
+                return Ok(Outcome::Interrupted { iteration: it });
+            }
+        }
+        if let Some(pb) = &pb {
+            pb.finish_and_clear();
+        }
+        Ok(Outcome::Finished { iteration: self.iteration })
+    }
+
+    pub fn metrics_dir(&self) -> Option<&Path> {
+        self.cfg.save_dir()
+    }
+}
+

@@ -1,0 +1,206 @@
+//! Training end to end through `glm-worker`, on a small slice of the default
+//! corpus with a tiny model: the loss falls, an interrupted-and-resumed run
+//! equals the uninterrupted one bit for bit, corrupt checkpoints are refused,
+//! generation runs from a checkpoint, and bad configs fail clearly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    /// A temp dir with `corpus.json` (the first 600 records of the default
+    /// corpus, or of the seed-free fallback) and a DeepSpeed config.
+    fn new() -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let default = repo().join("glm_pretrain/data/data.json");
+        let text = std::fs::read_to_string(&default)
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/setup.sh builds it)", default.display()));
+        let docs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let docs: Vec<_> = docs.into_iter().take(600).collect();
+        std::fs::write(dir.path().join("corpus.json"), serde_json::to_string(&docs).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("ds.json"),
+            r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+                "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}}}"#,
+        )
+        .unwrap();
+        Run { dir }
+    }
+
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn worker(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+            .current_dir(repo())
+            .env("OMP_NUM_THREADS", "1")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Trains with the tiny test model; `sets` add or override keys.
+    fn train(&self, sets: &[String]) -> Output {
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            self.p("ds.json").display().to_string(),
+            "--args".into(),
+            "configs/configs_tiny.json".into(),
+            "--store".into(),
+            self.p("store").display().to_string(),
+            "--tokenizer-cache".into(),
+            self.p("model").display().to_string(),
+            "--vocab-size".into(),
+            "1500".into(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        let base = [
+            "num_layers=2",
+            "hidden_size=64",
+            "num_attention_heads=2",
+            "seq_length=64",
+            "max_position_embeddings=64",
+            "hidden_dropout=0.1",
+            "warmup=0.1",
+            "eval_iters=4",
+            "log_interval=1",
+        ];
+        for s in base.iter().map(|s| s.to_string()).chain([format!("train_data={}", self.p("corpus.json").display())]).chain(sets.iter().cloned()) {
+            args.push("--set".into());
+            args.push(s);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.worker(&args)
+    }
+}
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn events(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+#[test]
+fn short_run_learns_and_writes_its_outputs() {
+    let r = Run::new();
+    let save = r.p("run");
+    let out = ok(&r.train(&["train_iters=60".into(), "eval_interval=30".into(), "save_interval=30".into(), format!("save={}", save.display())]));
+    assert!(out.contains("effective configuration") && out.contains("(--set)"), "{out}");
+    let evals = events(&save, "eval");
+    assert_eq!(evals.iter().map(|e| e["iteration"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 30, 60]);
+    let first = evals[0]["loss"].as_f64().unwrap();
+    let last = evals[2]["loss"].as_f64().unwrap();
+    assert!(last < first - 1.5, "validation loss {first} -> {last}");
+    let baseline = events(&save, "baseline")[0]["unigram_loss"].as_f64().unwrap();
+    assert!(first > baseline, "an untrained model is worse than unigram ({first} vs {baseline})");
+    assert_eq!(events(&save, "train").len(), 60);
+    for f in ["latest", "30/model.safetensors", "60/optim.safetensors", "60/state.json", "60/tokenizer.json", "loss.png"] {
+        assert!(save.join(f).is_file(), "{f}");
+    }
+    assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "60");
+    let png = std::fs::read(save.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // generation from the saved checkpoint
+    let g = ok(&r.worker(&["generate", "--load", &save.display().to_string(), "--text", "床前明月光，[MASK]是地上霜。", "--max-tokens", "8"]));
+    assert!(g.contains("checkpoint:") && g.contains("blank 0:"), "{g}");
+    let g = ok(&r.worker(&["generate", "--load", &save.join("30").display().to_string(), "--text", "举头望明月", "--top-k", "5", "--max-tokens", "4"]));
+    assert!(g.contains("(iteration 30)"), "{g}");
+}
+
+#[test]
+fn resumed_run_equals_the_uninterrupted_one() {
+    let r = Run::new();
+    let (a, b) = (r.p("a"), r.p("b"));
+    let common = ["train_iters=10".to_string(), "eval_interval=0".into(), "save_interval=4".into()];
+    let mut sa = common.to_vec();
+    sa.push(format!("save={}", a.display()));
+    ok(&r.train(&sa));
+    // resume from iteration 4 of run a into a new directory
+    std::fs::create_dir_all(&b).unwrap();
+    let mut sb = common.to_vec();
+    sb.push(format!("save={}", b.display()));
+    sb.push(format!("load={}", a.join("4").display()));
+    let out = ok(&r.train(&sb));
+    assert!(out.contains("resumed from") && out.contains("(iteration 4)"), "{out}");
+    let la: Vec<String> = events(&a, "train").iter().filter(|e| e["iteration"].as_u64().unwrap() > 4).map(|e| e["loss"].to_string()).collect();
+    let lb: Vec<String> = events(&b, "train").iter().map(|e| e["loss"].to_string()).collect();
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb, "loss sequence after resuming");
+    let wa = std::fs::read(a.join("10/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("10/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn corrupt_checkpoints_are_refused() {
+    let r = Run::new();
+    let save = r.p("run");
+    ok(&r.train(&["train_iters=2".into(), "eval_interval=0".into(), format!("save={}", save.display())]));
+    let model = save.join("2/model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() - 100]).unwrap();
+    let o = r.worker(&["generate", "--load", &save.display().to_string(), "--text", "明月"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.safetensors: checksum mismatch"), "{err}");
+    let o = r.train(&["train_iters=4".into(), format!("load={}", save.display())]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("checksum mismatch"));
+
+    std::fs::write(save.join("latest"), "two\n").unwrap();
+    let o = r.worker(&["generate", "--load", &save.display().to_string(), "--text", "明月"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("latest:1:1: expected an iteration number"), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = save.join("2/state.json");
+    std::fs::write(&state, "{\"format_version\": 1,").unwrap();
+    let o = r.worker(&["generate", "--load", &save.join("2").display().to_string(), "--text", "明月"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt checkpoint state"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn seed_configs_load_and_bad_configs_fail_clearly() {
+    let r = Run::new();
+    let seed = repo().join("configs");
+    for ds in ["config_block_base.json", "config_block_large.json", "config_block_large_chinese.json"] {
+        let o = r.worker(&["--config", &seed.join(ds).display().to_string(), "--args", "configs/configs.json", "--set", "train_iters=0"]);
+        let out = ok(&o);
+        assert!(out.contains("configuration is valid") && out.contains("fp16.enabled is true"), "{out}");
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--set", "transformer_xl=true"], "transformer_xl = true (--set): not supported"),
+        (vec!["--set", "hiden_size=3"], "did you mean \"hidden_size\""),
+        (vec!["--set", "seq_length=1024"], "seq_length 1024 (--set) exceeds max_position_embeddings 256"),
+        (vec!["--set", "num_attention_heads=3"], "hidden_size 256 is not divisible by num_attention_heads 3"),
+        (vec!["--set", "lr_decay_style=exponential"], "lr_decay_style"),
+        (vec!["--set", "model_parallel_size=2"], "model_parallel_size = 2"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json"];
+        args.extend(extra);
+        args.extend(["--set", "train_iters=1", "--device", "cpu", "--store", "/nonexistent/store"]);
+        let o = r.worker(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{want}: {err}");
+        assert!(err.lines().count() == 1 && err.contains(want), "want {want:?}: {err}");
+    }
+    let bad = r.p("bad.json");
+    std::fs::write(&bad, r#"{"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#).unwrap();
+    let o = r.worker(&["--config", &bad.display().to_string(), "--args", "configs/configs_tiny.json", "--set", "train_iters=0"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.json: train_batch_size 30 != train_micro_batch_size_per_gpu 4"));
+}
