@@ -47,3 +47,15 @@ for t in 1 2; do
   rt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r"); pt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")
   awk -v r="$rt" -v p="$pt" -v t="$t" 'BEGIN { printf "  ratio rust/torch at %d thread(s): %.3f\n", t, r / p }'
 done
+echo "== practical peak: fp32 2048x2048 matmul (torch, 2 threads)"
+"$ROOT/.venv/bin/python" - 2>/dev/null <<'PY'
+import time, torch
+torch.set_num_threads(2)
+a = torch.randn(2048, 2048)
+a @ a
+t = time.perf_counter()
+for _ in range(10):
+    a @ a
+dt = (time.perf_counter() - t) / 10
+print(f"  {2 * 2048 ** 3 / dt / 1e12:.3f} TFLOP/s")
+PY

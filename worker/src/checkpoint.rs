@@ -14,10 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::data::tokenizer::hex;
+use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::{Glm, GlmConfig};
 use crate::optim::adamw::AdamW;
@@ -28,6 +27,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct State {
     pub format_version: u32,
     pub iteration: u64,
+    /// Data position: samples consumed so far (iteration × train_batch_size).
+    /// Samples are a function of (seed, global index), so this and the
+    /// iteration restore the data stream; dropout is re-seeded from
+    /// (seed, iteration), so there is no generator state to save.
+    #[serde(default)]
+    pub consumed_samples: u64,
     pub optimizer_step: u64,
     pub model: GlmConfig,
     pub has_optimizer: bool,
@@ -38,11 +43,6 @@ pub struct State {
     pub args: serde_json::Value,
     /// file name -> sha256
     pub files: BTreeMap<String, String>,
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    let bytes = std::fs::read(p).at(p)?;
-    Ok(hex(&Sha256::digest(&bytes)))
 }
 
 fn tch_err(p: &Path, e: tch::TchError) -> Error {

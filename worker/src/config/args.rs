@@ -286,7 +286,11 @@ impl LoadedArgs {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let used = used_keys();
         let known = |k: &str| used.iter().any(|u| u == k) || UNSUPPORTED.iter().any(|(u, _)| *u == k) || IRRELEVANT.contains(&k);
-        let all_known = || used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
+        let unknown = |k: &str| {
+            let all = used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
+            let hint = closest(k, all).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+            format!("unknown key \"{k}\"{hint}")
+        };
         let mut map = Map::new();
         let mut sources = BTreeMap::new();
         if let Some(p) = path {
@@ -297,8 +301,7 @@ impl LoadedArgs {
             };
             for (k, v) in m {
                 if !known(&k) {
-                    let hint = closest(&k, all_known()).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
-                    return Err(Error::invalid(p, format!("unknown key \"{k}\"{hint}")));
+                    return Err(Error::invalid(p, unknown(&k)));
                 }
                 sources.insert(k.clone(), Source::File(p.to_path_buf()));
                 map.insert(k, v);
@@ -310,8 +313,7 @@ impl LoadedArgs {
             };
             let k = k.trim();
             if !known(k) {
-                let hint = closest(k, all_known()).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
-                return Err(Error::Config(format!("--set {s}: unknown key \"{k}\"{hint}")));
+                return Err(Error::Config(format!("--set {s}: {}", unknown(k))));
             }
             map.insert(k.to_string(), parse_set_value(v));
             sources.insert(k.to_string(), Source::Set);

@@ -56,7 +56,8 @@ fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
     meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos())
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// sha256 (hex) of a file's content, read in 1 MiB chunks.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).at(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

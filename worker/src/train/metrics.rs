@@ -143,7 +143,13 @@ fn draw(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64)], baseline: Optio
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..xmax, ymin..ymax)?;
-    chart.configure_mesh().x_desc("iteration").y_desc("loss (nats)").label_style(("sans-serif", 14)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("iteration")
+        .y_desc("loss (nats)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
     chart
         .draw_series(LineSeries::new(train.iter().map(|&(i, l)| (i as f64, l)), BLUE.stroke_width(2)))?
         .label("train")
@@ -154,11 +160,11 @@ fn draw(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64)], baseline: Optio
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
     chart.draw_series(valid.iter().map(|&(i, l)| Circle::new((i as f64, l), 4, RED.filled())))?;
     if let Some(u) = baseline.filter(|u| (ymin..ymax).contains(u)) {
-        let grey = RGBColor(120, 120, 120);
+        let green = RGBColor(0, 140, 60);
         chart
-            .draw_series(LineSeries::new([(0.0, u), (xmax, u)], grey.stroke_width(1)))?
+            .draw_series(LineSeries::new([(0.0, u), (xmax, u)], green.stroke_width(2)))?
             .label("unigram baseline (validation)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2)));
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
     root.present()?;

@@ -278,6 +278,7 @@ impl Trainer {
         let state = State {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
+            consumed_samples: self.iteration * self.cfg.batch.global as u64,
             optimizer_step: self.opt.step,
             model: self.model.cfg.clone(),
             has_optimizer: false,
