@@ -6,12 +6,14 @@
 //! every random decision draws from (`rng`) and libtorch start-up (`runtime`).
 
 pub mod checkpoint;
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod rng;
 pub mod runtime;
 pub mod train;

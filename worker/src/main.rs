@@ -399,8 +399,19 @@ fn device(choice: &str) -> Result<tch::Device> {
     }
 }
 
+/// Trains, then finalises MPI on success. After an error the process exits
+/// without MPI_Finalize (other ranks may be inside a collective and would
+/// never join it); under mpirun that aborts the whole job, as it should.
 fn train(t: TrainArgs) -> Result<ExitCode> {
+    let code = train_run(t)?;
+    glm_worker::comm::mpi::finalize();
+    Ok(code)
+}
+
+fn train_run(t: TrainArgs) -> Result<ExitCode> {
     use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
+    use glm_worker::comm::Communicator;
+    use glm_worker::parallel::{dims::ParallelDims, Parallel};
     use glm_worker::train::trainer::{install_signal_handlers, Outcome, TrainOptions, Trainer};
     let Some(ds_path) = &t.config else {
         anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
@@ -411,7 +422,13 @@ fn train(t: TrainArgs) -> Result<ExitCode> {
         anyhow::bail!("{}: no such file (--args)", t.args_file.display());
     }
     let args = LoadedArgs::load(args_path, &t.sets)?;
-    let cfg = RunConfig::build(ds, args, 1)?;
+    // The MPI world: under mpirun/srun the launched ranks, alone a world of one.
+    let world = glm_worker::comm::mpi::world()?;
+    let dims = ParallelDims::new(world.size(), world.rank(), args.args.model_parallel_size)?;
+    if dims.rank != 0 {
+        quiet_stdout(); // rank 0 reports; every rank's errors still reach stderr
+    }
+    let cfg = RunConfig::build(ds, args, dims.dp)?;
     println!("effective configuration (value  (source)):");
     for line in cfg.describe() {
         println!("{line}");
@@ -432,7 +449,21 @@ fn train(t: TrainArgs) -> Result<ExitCode> {
         println!("train_iters = 0: configuration is valid; nothing to train");
         return Ok(ExitCode::SUCCESS);
     }
-    let device = device(&t.device)?;
+    let local_rank = glm_worker::comm::mpi::local_rank(&world);
+    let device = match device(&t.device)? {
+        tch::Device::Cuda(_) => tch::Device::Cuda(local_rank),
+        d => d,
+    };
+    // data-parallel group: the ranks with this rank's tensor-parallel index
+    let dp_comm = world.split(dims.tp_rank(), dims.dp_rank())?;
+    let par = Parallel {
+        dims,
+        dp: (dims.dp > 1).then(|| Box::new(dp_comm) as Box<dyn Communicator>),
+        world: (dims.world > 1).then(|| Box::new(world.split(0, dims.rank).expect("world copy")) as Box<dyn Communicator>),
+    };
+    if dims.world > 1 {
+        println!("parallel: world {} = tensor-parallel {} × data-parallel {}; rank 0 reports", dims.world, dims.tp, dims.dp);
+    }
     let opts = TrainOptions {
         store: t.store.clone(),
         prepare: PrepareOptions {
@@ -444,7 +475,7 @@ fn train(t: TrainArgs) -> Result<ExitCode> {
         device,
     };
     install_signal_handlers();
-    let mut trainer = Trainer::new(cfg, opts)?;
+    let mut trainer = Trainer::new(cfg, opts, par)?;
     let t0 = std::time::Instant::now();
     let outcome = trainer.run()?;
     let secs = t0.elapsed().as_secs_f64();
@@ -460,6 +491,17 @@ fn train(t: TrainArgs) -> Result<ExitCode> {
             let sig = glm_worker::train::trainer::received_signal();
             println!("train: stopped by signal {sig} after iteration {iteration}{}", if trainer.metrics_dir().is_some() { " (checkpoint saved)" } else { "" });
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
+        }
+    }
+}
+
+/// Sends this process's stdout to /dev/null (non-zero ranks).
+fn quiet_stdout() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 1; `null` stays open until the duplicate exists.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
         }
     }
 }

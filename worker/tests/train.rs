@@ -188,7 +188,7 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         (vec!["--set", "seq_length=1024"], "seq_length 1024 (--set) exceeds max_position_embeddings 256"),
         (vec!["--set", "num_attention_heads=3"], "hidden_size 256 is not divisible by num_attention_heads 3"),
         (vec!["--set", "lr_decay_style=exponential"], "lr_decay_style"),
-        (vec!["--set", "model_parallel_size=2"], "model_parallel_size = 2"),
+        (vec!["--set", "model_parallel_size=2"], "world size 1 is not a multiple of model_parallel_size 2"),
     ];
     for (extra, want) in cases {
         let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json"];

@@ -52,6 +52,8 @@ pub struct DsConfig {
     pub fp16: Option<Fp16Cfg>,
     pub bf16: bool,
     pub zero_stage: u32,
+    /// `zero_optimization.reduce_bucket_size` (elements per gradient reduction).
+    pub reduce_bucket_size: Option<u64>,
     /// Top-level keys DeepSpeed has that this program does not read.
     pub unused: Vec<String>,
 }
@@ -236,14 +238,19 @@ impl DsConfig {
         if bf16 && fp16.as_ref().is_some_and(|f| f.enabled) {
             return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one"));
         }
-        let zero_stage = match top.get("zero_optimization") {
-            None | Some(Value::Null) => 0,
+        let (zero_stage, reduce_bucket_size) = match top.get("zero_optimization") {
+            None | Some(Value::Null) => (0, None),
             Some(z) => {
-                let stage = c.uint(c.obj(z, "zero_optimization")?, "stage", "zero_optimization.stage")?.unwrap_or(0);
+                let z = c.obj(z, "zero_optimization")?;
+                let stage = c.uint(z, "stage", "zero_optimization.stage")?.unwrap_or(0);
                 if stage > 3 {
                     return Err(c.err("zero_optimization.stage", format!("{stage}: expected 0, 1, 2 or 3")));
                 }
-                stage as u32
+                let bucket = c.uint(z, "reduce_bucket_size", "zero_optimization.reduce_bucket_size")?;
+                if bucket == Some(0) {
+                    return Err(c.err("zero_optimization.reduce_bucket_size", "must be positive"));
+                }
+                (stage as u32, bucket)
             }
         };
         let unused = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
@@ -259,6 +266,7 @@ impl DsConfig {
             fp16,
             bf16,
             zero_stage,
+            reduce_bucket_size,
             unused,
         })
     }
@@ -289,9 +297,13 @@ impl DsConfig {
             }
         };
         if b.micro == 0 || b.accum == 0 || b.global != b.micro * b.accum * dp {
+            let given = [(g, "train_batch_size"), (m, "train_micro_batch_size_per_gpu"), (a, "gradient_accumulation_steps")]
+                .iter()
+                .filter_map(|(v, k)| v.map(|v| format!("{k} {v}")))
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(err(format!(
-                "train_batch_size {} is not train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × data-parallel size {dp}",
-                b.global, b.micro, b.accum
+                "{given} cannot satisfy train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps × data-parallel size {dp}"
             )));
         }
         Ok(b)

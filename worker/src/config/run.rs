@@ -32,6 +32,8 @@ pub struct RunConfig {
     /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
     pub train_data: Vec<PathBuf>,
     pub eval_batch: usize,
+    /// Elements per data-parallel gradient reduction (DeepSpeed's reduce_bucket_size).
+    pub reduce_bucket_size: i64,
     pub report: Vec<Entry>,
     /// Things the user must know: unsupported-yet settings that fall back.
     pub warnings: Vec<String>,
@@ -116,7 +118,7 @@ impl RunConfig {
 
         if a.model_parallel_size != 1 {
             return Err(Error::Config(format!(
-                "model_parallel_size = {} ({}): tensor parallelism is not available in this release (world of 1 process)",
+                "model_parallel_size = {} ({}): tensor parallelism is not implemented yet; use 1 (data parallelism over all ranks)",
                 a.model_parallel_size,
                 src("model_parallel_size")
             )));
@@ -182,7 +184,8 @@ impl RunConfig {
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
-        Ok(RunConfig { ds, args, batch, lr, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+        let reduce_bucket_size = ds.reduce_bucket_size.unwrap_or(500_000_000) as i64;
+        Ok(RunConfig { ds, args, batch, lr, reduce_bucket_size, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
     }
 
     /// Lines of the "effective configuration" block printed at start.

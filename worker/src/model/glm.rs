@@ -217,21 +217,29 @@ impl Glm {
 
     /// Loss over the Part B targets of `batch` (mean over masked tokens), the
     /// number of correctly predicted masked tokens (argmax; 0 when `train`),
-    /// and the count of masked tokens. Logits are computed only where the loss mask
-    /// is set: the loss and gradients equal those of full logits.
+    /// and the count of masked tokens.
     pub fn loss(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
+        let (sum, correct, n) = self.loss_terms(batch, train);
+        (sum / (n.max(1) as f64), correct, n)
+    }
+
+    /// As `loss`, but the *sum* of the masked tokens' cross entropy, so data
+    /// parallel ranks can divide by the global token count. Logits are
+    /// computed only where the loss mask is set: the loss and gradients equal
+    /// those of full logits.
+    pub fn loss_terms(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
         let hidden = self.hidden(batch, train);
         let h = self.cfg.hidden_size as i64;
         let idx = batch.loss_mask.view([-1]).nonzero().squeeze_dim(1);
         let n = idx.size()[0];
         if n == 0 {
-            let zero = hidden.sum(Kind::Float) * 0.0;
+            let zero = hidden.sum(hidden.kind()) * 0.0;
             return (zero, 0, 0);
         }
         let sel = hidden.view([-1, h]).index_select(0, &idx); // (n, h)
         let logits = self.logits(&sel); // (n, vocab)
         let targets = batch.targets.view([-1]).index_select(0, &idx);
-        let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0);
+        let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0);
         // accuracy only where someone reads it (evaluation): an argmax over
         // every masked position's logits is not free
         let correct = if train {

@@ -25,6 +25,7 @@ use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm, GlmConfig};
 use crate::optim::adamw::{clip_grad_norm, AdamW};
+use crate::parallel::Parallel;
 
 /// Set by SIGINT/SIGTERM: finish the current iteration, checkpoint, exit.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -91,6 +92,7 @@ pub struct Trainer {
     pub iteration: u64,
     device: Device,
     metrics: Metrics,
+    par: Parallel,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -103,7 +105,7 @@ fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
 impl Trainer {
     /// Prepares data (tokenizer, store), builds the model, and resumes from
     /// `load` when configured.
-    pub fn new(cfg: RunConfig, opts: TrainOptions) -> Result<Self> {
+    pub fn new(cfg: RunConfig, opts: TrainOptions, par: Parallel) -> Result<Self> {
         let a = cfg.args.args.clone();
         let weights = parse_split(&a.split)?;
         let mut files = Vec::new();
@@ -118,9 +120,19 @@ impl Trainer {
         }
         let mut popts = opts.prepare.clone();
         popts.corpus.text_key = a.text_key.clone();
+        // Rank 0 trains the tokenizer and builds the store; the others wait,
+        // then find both up to date. (Two ranks training tokenizers at once
+        // could end with different token ids: training is not deterministic.)
+        // Several nodes need the store on a shared filesystem.
+        if !par.is_main() {
+            par.barrier()?;
+        }
         let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &popts)?;
         println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
         let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
+        if par.is_main() {
+            par.barrier()?;
+        }
         match outcome {
             StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens)", opts.store.display(), meta.documents, meta.tokens),
             StoreOutcome::Built { report, reason } => println!(
@@ -182,58 +194,80 @@ impl Trainer {
             iteration = state.iteration;
             println!("checkpoint: resumed from {} (iteration {iteration})", dir.display());
         }
-        let metrics = Metrics::new(cfg.save_dir(), iteration)?;
+        // identical weights everywhere, whatever happened at initialisation
+        par.dp_broadcast(&mut model.params.flat)?;
+        let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
         let tokenizer_sha256 = tok.sha256.clone();
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics, par })
     }
 
-    /// Micro-batch `m` of iteration `it` (1-based) for data-parallel rank 0 of 1.
+    /// This rank's share of micro-batch `m` of iteration `it` (1-based): the
+    /// global micro-batch is `micro × dp` consecutive sample indices, of which
+    /// data-parallel rank r reads the r-th run of `micro`.
     fn micro_batch(&self, it: u64, m: usize) -> Vec<Sample> {
         let b = self.cfg.batch;
+        let d = &self.par.dims;
         let batch_index = (it - 1) * b.accum as u64 + m as u64;
-        let start = batch_index * b.micro as u64; // × dp, + rank × micro with dp > 1
+        let start = (batch_index * d.dp as u64 + d.dp_rank() as u64) * b.micro as u64;
         self.train.batch(batch_index, start..start + b.micro as u64)
     }
 
     /// One optimizer step; returns (mean loss, grad norm before clipping, lr).
-    pub fn step(&mut self, it: u64) -> (f64, f64, f64) {
+    ///
+    /// Each micro-step's loss is the summed cross entropy of this rank's
+    /// masked tokens divided by the masked-token count of the whole global
+    /// micro-batch (all data-parallel ranks), so summing gradients over the
+    /// data-parallel group gives exactly the gradient of one process holding
+    /// the whole global batch.
+    pub fn step(&mut self, it: u64) -> Result<(f64, f64, f64)> {
         let a = &self.cfg.args.args;
         tch::manual_seed((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64));
         let accum = self.cfg.batch.accum;
         let mut loss_sum = 0.0;
         for m in 0..accum {
             let batch = collate(&self.micro_batch(it, m), self.device);
-            let (loss, _, _) = self.model.loss(&batch, true);
-            loss_sum += loss.double_value(&[]);
-            (loss / accum as f64).backward();
+            let (sum, _, n) = self.model.loss_terms(&batch, true);
+            let mut stats = Tensor::from_slice(&[n as f64, 0.0]);
+            let _ = stats.get(1).fill_(sum.double_value(&[]));
+            self.par.dp_sum(&mut stats)?;
+            let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
+            loss_sum += global_sum / global_n;
+            (sum / (global_n * accum as f64)).backward();
         }
         let mut grad = self.model.params.grad_flat();
+        let bucket = self.cfg.reduce_bucket_size;
+        self.par.dp_sum_buckets(&mut grad, bucket)?;
         let norm = clip_grad_norm(&mut grad, self.cfg.clip);
         let lr = self.cfg.schedule.lr(it);
         let decay = self.model.params.decay_numel;
         self.opt.update(&mut self.model.params.flat, decay, &mut grad, lr);
         self.model.params.zero_grad();
-        (loss_sum / accum as f64, norm, lr)
+        Ok((loss_sum / accum as f64, norm, lr))
     }
 
     /// Validation loss, perplexity and masked-token accuracy over
     /// `eval_iters` fixed batches of the valid split.
-    pub fn evaluate(&self) -> Option<EvalEvent> {
-        let valid = self.valid.as_ref()?;
+    pub fn evaluate(&self) -> Result<Option<EvalEvent>> {
+        let Some(valid) = self.valid.as_ref() else { return Ok(None) };
         let a = &self.cfg.args.args;
-        let (mut nll, mut correct, mut count) = (0.0, 0i64, 0i64);
+        let d = &self.par.dims;
+        // [nll, correct, count], batches shared out over the data-parallel ranks
+        let mut acc = [0.0f64; 3];
         tch::no_grad(|| {
-            for i in 0..a.eval_iters {
+            for i in (0..a.eval_iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
                 let eb = self.cfg.eval_batch as u64;
                 let samples = valid.batch(i, i * eb..(i + 1) * eb);
-                let (loss, c, n) = self.model.loss(&collate(&samples, self.device), false);
-                nll += loss.double_value(&[]) * n as f64;
-                correct += c;
-                count += n;
+                let (sum, c, n) = self.model.loss_terms(&collate(&samples, self.device), false);
+                acc[0] += sum.double_value(&[]);
+                acc[1] += c as f64;
+                acc[2] += n as f64;
             }
         });
-        let loss = nll / count.max(1) as f64;
-        Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy: correct as f64 / count.max(1) as f64, tokens: count })
+        let mut t = Tensor::from_slice(&acc);
+        self.par.dp_sum(&mut t)?;
+        let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
+        let loss = nll / count;
+        Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy: correct / count, tokens: count as i64 }))
     }
 
     /// Cross-entropy on the validation targets of a unigram model fitted
@@ -302,7 +336,9 @@ impl Trainer {
         let tokens_per_iter = (self.cfg.batch.global * seq) as f64;
         let flops_per_token = self.model.cfg.flops_per_token(seq);
         let pb = std::io::stdout().is_terminal().then(|| {
-            let pb = indicatif::ProgressBar::new(total);
+            // on stdout, the stream the decision was made for (under mpirun
+            // stdout can be a pty while stderr is not)
+            let pb = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stdout());
             pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}").expect("template"));
             pb.set_position(self.iteration);
             pb
@@ -314,7 +350,7 @@ impl Trainer {
             }
         }
         if self.iteration == 0 && a.eval_interval > 0 {
-            if let Some(e) = self.evaluate() {
+            if let Some(e) = self.evaluate()? {
                 say(&pb, &format!("validation at iteration 0 | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
                 self.metrics.eval(&e)?;
             }
@@ -323,7 +359,7 @@ impl Trainer {
         let mut t_log = Instant::now();
         while self.iteration < total {
             let it = self.iteration + 1;
-            let (loss, norm, lr) = self.step(it);
+            let (loss, norm, lr) = self.step(it)?;
             if !loss.is_finite() {
                 return Err(Error::Config(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
             }
@@ -360,15 +396,16 @@ impl Trainer {
                 (loss_acc, norm_acc, n_acc) = (0.0, 0.0, 0);
                 t_log = Instant::now();
             }
-            let stopping = STOP.load(Ordering::SeqCst);
+            // every rank stops after the same iteration
+            let stopping = self.par.dp_any(STOP.load(Ordering::SeqCst))?;
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
-                if let Some(e) = self.evaluate() {
+                if let Some(e) = self.evaluate()? {
                     say(&pb, &format!("validation at iteration {it} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
                     self.metrics.eval(&e)?;
                 }
                 t_log = Instant::now();
             }
-            if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
+            if self.par.is_main() && self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
                 let dir = self.save()?;
                 say(&pb, &format!("checkpoint: saved {}", dir.display()));
                 t_log = Instant::now();

@@ -1,0 +1,143 @@
+//! Multi-process training under `mpirun` (OpenMPI, `--oversubscribe` on 2
+//! cores): data parallelism must give the single-process results.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ds(dir: &Path, name: &str, micro: usize, global: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            r#"{{"train_batch_size": {global}, "train_micro_batch_size_per_gpu": {micro}, "gradient_clipping": 1.0,
+                "optimizer": {{"type": "Adam", "params": {{"lr": 0.002, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}}}},
+                "zero_optimization": {{"stage": 0, "reduce_bucket_size": 100000}}}}"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Runs glm-worker on `np` ranks (np = 0: without mpirun) with a tiny,
+/// dropout-free model on the first 300 records of the default corpus.
+fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
+    let corpus = dir.join("corpus.json");
+    if !corpus.exists() {
+        let text = std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).expect("default corpus (scripts/setup.sh builds it)");
+        let docs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        std::fs::write(&corpus, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
+    }
+    let mut args: Vec<String> = vec![
+        "--config".into(),
+        ds.display().to_string(),
+        "--args".into(),
+        "configs/configs_tiny.json".into(),
+        "--store".into(),
+        dir.join("store").display().to_string(),
+        "--tokenizer-cache".into(),
+        dir.join("model").display().to_string(),
+        "--vocab-size".into(),
+        "1200".into(),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    let base = [
+        "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64",
+        "hidden_dropout=0", "attention_dropout=0", "output_dropout=0", "log_interval=1", "eval_interval=3", "eval_iters=4",
+    ];
+    for s in base.iter().map(|s| s.to_string()).chain([format!("train_data={}", corpus.display())]).chain(sets.iter().cloned()) {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = env!("CARGO_BIN_EXE_glm-worker");
+    let mut cmd = if np == 0 {
+        Command::new(worker)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none", worker]);
+        c
+    };
+    cmd.current_dir(repo())
+        .env("OMP_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(&args)
+        .output()
+        .expect("mpirun (openmpi-bin; scripts/setup.sh installs it)")
+}
+
+/// mpirun jobs of concurrently running tests contend for the 2 cores and
+/// OpenMPI's session directory; run them one at a time.
+static MPIRUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn losses(save: &Path, kind: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(save.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .map(|v| (v["iteration"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for ((ia, la), (ib, lb)) in a.iter().zip(b) {
+        assert_eq!(ia, ib);
+        assert!((la - lb).abs() <= rel * la.abs(), "iteration {ia}: {la} vs {lb} (relative tolerance {rel})");
+    }
+}
+
+#[test]
+fn data_parallel_equals_one_process_with_the_whole_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let one = d.path().join("one");
+    let two = d.path().join("two");
+    // the data-parallel run goes first: its rank 0 must prepare tokenizer
+    // and store while rank 1 waits (concurrent preparation gave ranks
+    // different tokenizers once)
+    let out = ok(&run(d.path(), 2, &ds(d.path(), "ds2.json", 4, 8), &["train_iters=6".into(), "eval_batch_size=4".into(), format!("save={}", two.display())]));
+    ok(&run(d.path(), 0, &ds(d.path(), "ds1.json", 8, 8), &["train_iters=6".into(), "eval_batch_size=4".into(), format!("save={}", one.display())]));
+    assert!(out.contains("world 2 = tensor-parallel 1 × data-parallel 2"), "{out}");
+    assert_close(&losses(&one, "train"), &losses(&two, "train"), 1e-5);
+    assert_close(&losses(&one, "eval"), &losses(&two, "eval"), 1e-5);
+    // one checkpoint writer: the same files as the single process
+    assert!(two.join("6/model.safetensors").is_file() && two.join("latest").is_file());
+}
+
+#[test]
+fn data_parallel_resume_equals_the_uninterrupted_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let cfg = ds(d.path(), "ds2.json", 2, 4);
+    ok(&run(d.path(), 2, &cfg, &["train_iters=6".into(), "save_interval=3".into(), format!("save={}", a.display())]));
+    ok(&run(d.path(), 2, &cfg, &["train_iters=6".into(), format!("load={}", a.join("3").display()), format!("save={}", b.display())]));
+    let la: Vec<_> = losses(&a, "train").into_iter().filter(|(i, _)| *i > 3).collect();
+    let lb = losses(&b, "train");
+    assert_eq!(la, lb, "losses after resuming at iteration 3");
+    assert!(std::fs::read(a.join("6/model.safetensors")).unwrap() == std::fs::read(b.join("6/model.safetensors")).unwrap());
+}
+
+#[test]
+fn invalid_layouts_fail_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(d.path(), 3, &ds(d.path(), "ds.json", 4, 12), &["model_parallel_size=2".into(), "train_iters=1".into()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("world size 3 is not a multiple of model_parallel_size 2"), "{err}");
+    // a batch triple that contradicts the data-parallel size
+    let o = run(d.path(), 2, &ds(d.path(), "bad.json", 4, 4), &["train_iters=1".into()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("train_batch_size 4, train_micro_batch_size_per_gpu 4 cannot satisfy") && err.contains("data-parallel size 2"), "{err}");
+}
