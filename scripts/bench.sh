@@ -7,7 +7,10 @@
 #   - the training step (forward, backward, clipping, AdamW) of the default
 #     model shape (GLM 4 layers, hidden 256, 4 heads, seq 256, micro-batch 8,
 #     vocab 16000) against the same model in eager PyTorch from .venv
-#     (bench/glm_torch.py), on 1 and on 2 threads, in the same run.
+#     (bench/glm_torch.py), on 1 and on 2 threads, in the same run;
+#   - the MPI back end: all-reduce bus bandwidth of the tensor collective
+#     against a plain MPI_Allreduce of the same bytes (2 ranks);
+#   - training tokens/s of the default model on (TP, DP) = (1, 1) and (1, 2).
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,3 +62,12 @@ for _ in range(10):
 dt = (time.perf_counter() - t) / 10
 print(f"  {2 * 2048 ** 3 / dt / 1e12:.3f} TFLOP/s")
 PY
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+echo "== MPI back end: all-reduce bus bandwidth, 2 ranks (2(p-1)/p x bytes / time)"
+mpirun -np 2 --oversubscribe --bind-to none "$BIN" bench-comm | sed 's/^/  /'
+echo "== training throughput, default model, 30 iterations (mean of the last 20)"
+TRAIN=(--config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=30 --set log_interval=10 --set eval_interval=0 --set save=null --device cpu)
+tps() { grep -E " iteration +(20|30)/" | sed 's/.*| \([0-9]*\) tokens\/s.*/\1/' | awk '{s+=$1} END {printf "%.0f tokens/s\n", s/NR}'; }
+echo "  (TP, DP) = (1, 1), 1 process x 2 threads: $(OMP_NUM_THREADS=2 "$BIN" "${TRAIN[@]}" | tps)"
+echo "  (TP, DP) = (1, 2), 2 processes x 1 thread: $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${TRAIN[@]}" | tr '\r' '\n' | tps)"
+echo "  (TP, DP) = (2, 1): tensor parallelism is not implemented yet"

@@ -77,6 +77,14 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Time the training step on a synthetic batch (the benchmark of scripts/bench.sh)
     BenchStep(BenchArgs),
+    /// All-reduce bus bandwidth through the tensor collectives vs plain MPI_Allreduce (run under mpirun)
+    BenchComm {
+        /// Message sizes in MiB
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        mib: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -219,6 +227,7 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Generate(a)) => generate(a),
         Some(Cmd::BenchStep(a)) => bench_step(a),
+        Some(Cmd::BenchComm { mib, iters }) => bench_comm(&mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
         None => match train(cli.train) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -580,5 +589,48 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     let sec = times.iter().sum::<f64>() / times.len() as f64;
     let tps = (a.batch * a.seq) as f64 / sec;
     println!("rust threads={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1}", a.threads, tps * cfg.flops_per_token(a.seq) / 1e12, sec * 1000.0);
+    Ok(())
+}
+
+/// Bus bandwidth (2(p-1)/p × bytes / time, NCCL's convention) of a sum
+/// all-reduce of f32 tensors through `Communicator::all_reduce`, and of a
+/// plain `MPI_Allreduce` of the same bytes.
+fn bench_comm(mib: &[usize], iters: usize) -> Result<()> {
+    use glm_worker::comm::{Communicator, ReduceOp};
+    let world = glm_worker::comm::mpi::world()?;
+    let p = world.size();
+    anyhow::ensure!(p > 1, "bench-comm needs several ranks: mpirun -np 2 glm-worker bench-comm");
+    let factor = 2.0 * (p - 1) as f64 / p as f64;
+    for &m in mib {
+        let n = m * (1 << 20) / 4;
+        let mut t = tch::Tensor::ones([n as i64], (tch::Kind::Float, tch::Device::Cpu));
+        world.all_reduce(&mut t, ReduceOp::Sum)?;
+        anyhow::ensure!(t.double_value(&[0]) == p as f64, "all_reduce gave {} instead of {p}", t.double_value(&[0]));
+        world.barrier()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            world.all_reduce(&mut t, ReduceOp::Sum)?;
+        }
+        let ours = t0.elapsed().as_secs_f64() / iters as f64;
+        let send = vec![1.0f32; n];
+        let mut recv = vec![0.0f32; n];
+        world.raw_all_reduce_f32(&send, &mut recv);
+        world.barrier()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            world.raw_all_reduce_f32(&send, &mut recv);
+        }
+        let raw = t0.elapsed().as_secs_f64() / iters as f64;
+        if world.rank() == 0 {
+            let bytes = (n * 4) as f64;
+            println!(
+                "allreduce {m:>4} MiB on {p} ranks: tensors {:.2} GB/s bus, MPI_Allreduce {:.2} GB/s bus, ratio {:.3}",
+                factor * bytes / ours / 1e9,
+                factor * bytes / raw / 1e9,
+                raw / ours
+            );
+        }
+    }
+    drop(world);
     Ok(())
 }

@@ -3,9 +3,9 @@
 //! The world is initialised once with at least `MPI_THREAD_SERIALIZED`
 //! (autograd may run a collective from another thread). Started without a
 //! launcher, MPI gives a singleton world of one. fp32/f64/int64 reduce
-//! natively; bf16/fp16 are reduced through fp32. rsmpi has no
-//! `MPI_IN_PLACE`, so reductions go through a receive buffer that is copied
-//! back.
+//! natively; bf16/fp16 are reduced through fp32. Reductions are in place
+//! (`MPI_IN_PLACE`, through the small C shim in `csrc/mpi_shim.c`, since
+//! rsmpi does not expose it): no receive buffer, no copy back.
 
 use std::sync::OnceLock;
 
@@ -15,6 +15,13 @@ use mpi::traits::*;
 use tch::{Kind, Tensor};
 
 use super::{Communicator, ReduceOp};
+use mpi::raw::AsRaw;
+use std::os::raw::c_int;
+
+extern "C" {
+    /// csrc/mpi_shim.c
+    fn glm_allreduce_inplace(buf: *mut std::ffi::c_void, count: c_int, kind: c_int, op: c_int, comm: mpi::ffi::MPI_Comm) -> c_int;
+}
 use crate::error::{Error, Result};
 
 static UNIVERSE: OnceLock<std::sync::Mutex<Option<mpi::environment::Universe>>> = OnceLock::new();
@@ -88,12 +95,6 @@ fn with_slice_mut<T, R>(t: &mut Tensor, f: impl FnOnce(&mut [T]) -> R) -> R {
     f(s)
 }
 
-fn mpi_op(op: ReduceOp) -> SystemOperation {
-    match op {
-        ReduceOp::Sum => SystemOperation::sum(),
-        ReduceOp::Max => SystemOperation::max(),
-    }
-}
 
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
@@ -110,19 +111,36 @@ impl Communicator for MpiComm {
             return Ok(());
         }
         let kind = t.kind();
-        let mut work = match kind {
-            Kind::Float | Kind::Double | Kind::Int64 => t.contiguous(),
-            Kind::BFloat16 | Kind::Half => t.to_kind(Kind::Float).contiguous(),
+        let code = match kind {
+            Kind::Float | Kind::BFloat16 | Kind::Half => 0,
+            Kind::Double => 1,
+            Kind::Int64 => 2,
             k => return Err(err("all_reduce", format!("unsupported element type {k:?}"))),
         };
-        let mut out = work.empty_like();
-        match work.kind() {
-            Kind::Float => with_slice::<f32, _>(&work, |s| with_slice_mut::<f32, _>(&mut out, |r| self.comm.all_reduce_into(s, r, mpi_op(op)))),
-            Kind::Double => with_slice::<f64, _>(&work, |s| with_slice_mut::<f64, _>(&mut out, |r| self.comm.all_reduce_into(s, r, mpi_op(op)))),
-            _ => with_slice::<i64, _>(&work, |s| with_slice_mut::<i64, _>(&mut out, |r| self.comm.all_reduce_into(s, r, mpi_op(op)))),
+        // reduce in place when t is a contiguous fp32/f64/i64 tensor, else in a fp32/contiguous copy
+        let direct = t.is_contiguous() && matches!(kind, Kind::Float | Kind::Double | Kind::Int64);
+        let mut work = if direct { t.shallow_clone() } else { t.to_kind(if code == 0 { Kind::Float } else { kind }).contiguous() };
+        let elt = work.kind().elt_size_in_bytes();
+        let (n, base) = (work.numel(), work.data_ptr() as *mut u8);
+        let opc = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+        };
+        const CHUNK: usize = 1 << 30; // MPI counts are C ints
+        let mut off = 0;
+        while off < n {
+            let len = CHUNK.min(n - off);
+            // SAFETY: a contiguous CPU buffer of n elements of the coded type.
+            let rc = unsafe { glm_allreduce_inplace(base.add(off * elt).cast(), len as c_int, code, opc, self.comm.as_raw()) };
+            if rc != 0 {
+                return Err(err("all_reduce", format!("MPI_Allreduce returned error code {rc}")));
+            }
+            off += len;
         }
-        work = out;
-        tch::no_grad(|| t.copy_(&work.to_kind(kind)));
+        if !direct {
+            tch::no_grad(|| t.copy_(&work.to_kind(kind)));
+        }
+        let _ = &mut work;
         Ok(())
     }
 
@@ -179,6 +197,14 @@ impl Communicator for MpiComm {
     fn barrier(&self) -> Result<()> {
         self.comm.barrier();
         Ok(())
+    }
+}
+
+impl MpiComm {
+    /// A plain `MPI_Allreduce` (sum) of f32 buffers, bypassing the tensor
+    /// layer: the baseline the benchmark compares `all_reduce` against.
+    pub fn raw_all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
+        self.comm.all_reduce_into(send, recv, SystemOperation::sum());
     }
 }
 
