@@ -1,0 +1,237 @@
+//! Megatron's conjugate tensor-parallel regions, side by side. Each is a
+//! libtorch autograd function defined in `csrc/tp_autograd.cpp` (tch cannot
+//! define autograd functions); its collective, in forward or backward, calls
+//! back into Rust and runs on the group's registered `Communicator`.
+//!
+//! | region             | forward                       | backward                      |
+//! |--------------------|-------------------------------|-------------------------------|
+//! | `copy_to`          | identity                      | all-reduce (sum) of the grad  |
+//! | `reduce_from`      | all-reduce (sum)              | identity                      |
+//! | `scatter_to`       | own slice of the last dim     | all-gather along the last dim |
+//! | `gather_from`      | all-gather along the last dim | own slice of the last dim     |
+//!
+//! Backward may run on an autograd worker thread; MPI is initialised with
+//! `MPI_THREAD_SERIALIZED` and every callback holds the registry lock, so
+//! collectives never overlap.
+
+use std::ffi::CStr;
+use std::os::raw::c_char;
+use std::sync::Mutex;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use crate::comm::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+
+type Callback = extern "C" fn(i32, i32, *mut C_tensor, *mut i32) -> *mut C_tensor;
+
+extern "C" {
+    fn glm_tp_set_collective(f: Callback);
+    fn glm_tp_last_error() -> *const c_char;
+    fn glm_tp_copy_to(x: *mut C_tensor, group: i64) -> *mut C_tensor;
+    fn glm_tp_reduce_from(x: *mut C_tensor, group: i64) -> *mut C_tensor;
+    fn glm_tp_scatter_to(x: *mut C_tensor, group: i64, rank: i64, size: i64) -> *mut C_tensor;
+    fn glm_tp_gather_from(x: *mut C_tensor, group: i64, rank: i64, size: i64) -> *mut C_tensor;
+}
+
+/// Communicators reachable from the C++ side, by group id.
+struct Registry(Vec<Box<dyn Communicator>>);
+// SAFETY: the communicators are only used under the registry's mutex, one
+// call at a time, which MPI_THREAD_SERIALIZED permits from any thread.
+unsafe impl Send for Registry {}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry(Vec::new()));
+
+/// A tensor-parallel group registered for the autograd regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub id: i32,
+    pub rank: usize,
+    pub size: usize,
+}
+
+/// Registers `comm` (e.g. a tensor-parallel group) and returns its handle.
+pub fn register(comm: Box<dyn Communicator>) -> Group {
+    let (rank, size) = (comm.rank(), comm.size());
+    let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    reg.0.push(comm);
+    // SAFETY: installs a plain function pointer; idempotent.
+    unsafe { glm_tp_set_collective(collective) };
+    Group { id: reg.0.len() as i32 - 1, rank, size }
+}
+
+/// Drops every registered communicator (before MPI is finalised).
+pub fn unregister_all() {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).0.clear();
+}
+
+extern "C" fn collective(op: i32, group: i32, t: *mut C_tensor, err: *mut i32) -> *mut C_tensor {
+    // SAFETY: the C++ side hands over a heap tensor it no longer owns.
+    let mut t = unsafe { Tensor::from_ptr(t) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Option<Tensor>> {
+        let reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = reg.0.get(group as usize).ok_or_else(|| Error::Config(format!("no tensor-parallel group {group}")))?;
+        match op {
+            0 => comm.all_reduce(&mut t, ReduceOp::Sum).map(|_| None),
+            1 => {
+                // gather along the last dimension = gather along dim 0 of the moved tensor
+                let moved = t.movedim(&[-1], &[0]).contiguous();
+                let g = comm.all_gather(&moved)?;
+                Ok(Some(g.movedim(&[0], &[-1]).contiguous()))
+            }
+            other => Err(Error::Config(format!("unknown collective {other}"))),
+        }
+    }));
+    let fail = |msg: String| {
+        log::error!("tensor-parallel collective: {msg}");
+        // SAFETY: err points to the caller's int.
+        unsafe { *err = 1 };
+        std::ptr::null_mut()
+    };
+    match result {
+        Ok(Ok(None)) => std::ptr::null_mut(),
+        Ok(Ok(Some(mut out))) => {
+            let p = out.as_mut_ptr();
+            std::mem::forget(out); // the C++ side owns and frees it
+            p
+        }
+        Ok(Err(e)) => fail(e.to_string()),
+        Err(_) => fail("panicked".into()),
+    }
+}
+
+fn wrap(p: *mut C_tensor, what: &str) -> Result<Tensor> {
+    if p.is_null() {
+        // SAFETY: a NUL-terminated thread-local string of the shim.
+        let msg = unsafe { CStr::from_ptr(glm_tp_last_error()) }.to_string_lossy().into_owned();
+        return Err(Error::Config(format!("{what}: {msg}")));
+    }
+    // SAFETY: a fresh heap tensor returned by the shim, now ours.
+    Ok(unsafe { Tensor::from_ptr(p) })
+}
+
+/// Identity forward; the gradient is summed over the group.
+pub fn copy_to(x: &Tensor, g: Group) -> Result<Tensor> {
+    wrap(unsafe { glm_tp_copy_to(x.as_ptr() as *mut C_tensor, g.id as i64) }, "copy_to_tensor_parallel_region")
+}
+
+/// Sum over the group forward; identity backward.
+pub fn reduce_from(x: &Tensor, g: Group) -> Result<Tensor> {
+    wrap(unsafe { glm_tp_reduce_from(x.as_ptr() as *mut C_tensor, g.id as i64) }, "reduce_from_tensor_parallel_region")
+}
+
+/// This rank's slice of the last dimension forward; all-gather backward.
+pub fn scatter_to(x: &Tensor, g: Group) -> Result<Tensor> {
+    wrap(
+        unsafe { glm_tp_scatter_to(x.as_ptr() as *mut C_tensor, g.id as i64, g.rank as i64, g.size as i64) },
+        "scatter_to_tensor_parallel_region",
+    )
+}
+
+/// All-gather along the last dimension forward; own slice backward.
+pub fn gather_from(x: &Tensor, g: Group) -> Result<Tensor> {
+    wrap(
+        unsafe { glm_tp_gather_from(x.as_ptr() as *mut C_tensor, g.id as i64, g.rank as i64, g.size as i64) },
+        "gather_from_tensor_parallel_region",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Rank 0 of a pretend group of two whose peer holds `peer` × this rank's
+    /// values: all-reduce gives (1 + peer)·x, all-gather [x, peer·x].
+    struct Pretend {
+        peer: f64,
+        fail: bool,
+    }
+
+    impl Communicator for Pretend {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn all_reduce(&self, t: &mut Tensor, _op: ReduceOp) -> Result<()> {
+            if self.fail {
+                return Err(Error::Config("the network is down".into()));
+            }
+            tch::no_grad(|| {
+                let _ = t.g_mul_scalar_(1.0 + self.peer);
+            });
+            Ok(())
+        }
+        fn broadcast(&self, _t: &mut Tensor, _root: usize) -> Result<()> {
+            Ok(())
+        }
+        fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+            Ok(Tensor::cat(&[t.shallow_clone(), t * self.peer], 0))
+        }
+        fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
+            Ok(t.shallow_clone())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn input() -> Tensor {
+        Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).view([2, 4]).set_requires_grad(true)
+    }
+
+    fn weights(shape: &[i64]) -> Tensor {
+        Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, tch::Device::Cpu)).view(shape) + 1.0
+    }
+
+    #[test]
+    fn regions_have_their_conjugate_backward() {
+        let g = register(Box::new(Pretend { peer: 1.0, fail: false }));
+        // copy_to: identity forward, gradient summed (doubled) backward
+        let x = input();
+        let y = copy_to(&x, g).unwrap();
+        assert!(y.equal(&x));
+        let w = weights(&[2, 4]);
+        (&y * &w).sum(Kind::Float).backward();
+        assert!(x.grad().equal(&(&w * 2.0)));
+
+        // reduce_from: summed forward, identity backward
+        let x = input();
+        let y = reduce_from(&x, g).unwrap();
+        assert!(y.equal(&(&x * 2.0)));
+        (&y * &w).sum(Kind::Float).backward();
+        assert!(x.grad().equal(&w));
+
+        // scatter_to: own half of the last dimension; backward gathers
+        let g10 = register(Box::new(Pretend { peer: 10.0, fail: false }));
+        let x = input();
+        let y = scatter_to(&x, g10).unwrap();
+        assert!(y.equal(&x.narrow(1, 0, 2)));
+        let w2 = weights(&[2, 2]);
+        (&y * &w2).sum(Kind::Float).backward();
+        assert!(x.grad().equal(&Tensor::cat(&[w2.shallow_clone(), &w2 * 10.0], 1)));
+
+        // gather_from: gathers along the last dimension; backward keeps own slice
+        let x = input();
+        let y = gather_from(&x, g10).unwrap();
+        assert_eq!(y.size(), vec![2, 8]);
+        assert!(y.equal(&Tensor::cat(&[x.detach(), x.detach() * 10.0], 1)));
+        let w8 = weights(&[2, 8]);
+        (&y * &w8).sum(Kind::Float).backward();
+        assert!(x.grad().equal(&w8.narrow(1, 0, 4)));
+    }
+
+    #[test]
+    fn a_failing_collective_is_an_error_not_a_crash() {
+        let g = register(Box::new(Pretend { peer: 1.0, fail: true }));
+        let e = reduce_from(&input(), g).unwrap_err().to_string();
+        assert!(e.contains("reduce_from_tensor_parallel_region") && e.contains("all-reduce failed"), "{e}");
+        let x = input();
+        let y = copy_to(&x, g).unwrap();
+        let r = y.sum(Kind::Float).f_backward();
+        assert!(r.is_err(), "backward must report the failed collective");
+    }
+}
