@@ -61,6 +61,14 @@ pub fn register(comm: Box<dyn Communicator>) -> Group {
     Group { id: reg.0.len() as i32 - 1, rank, size }
 }
 
+/// Max-reduces `t` in place over the group, outside autograd (for values
+/// that carry no gradient, such as the logits' maximum).
+pub fn all_reduce_max(t: &mut Tensor, g: Group) -> Result<()> {
+    let reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let comm = reg.0.get(g.id as usize).ok_or_else(|| Error::Config(format!("no tensor-parallel group {}", g.id)))?;
+    tch::no_grad(|| comm.all_reduce(t, ReduceOp::Max))
+}
+
 /// Drops every registered communicator (before MPI is finalised).
 pub fn unregister_all() {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).0.clear();

@@ -1,6 +1,7 @@
 //! Parallel layout: the rank grid and the communicators a rank trains with.
 
 pub mod dims;
+pub mod layers;
 pub mod mappings;
 
 use tch::Tensor;
