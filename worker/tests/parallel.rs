@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -58,14 +60,12 @@ fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
     let mut cmd = if np == 0 {
         Command::new(worker)
     } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none", worker]);
+        let mut c = common::mpirun(np);
+        c.arg(worker);
         c
     };
     cmd.current_dir(repo())
         .env("OMP_NUM_THREADS", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .args(&args)
         .output()
         .expect("mpirun (openmpi-bin; scripts/setup.sh installs it)")

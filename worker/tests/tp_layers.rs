@@ -6,6 +6,8 @@ use glm_worker::parallel::layers::{column_parallel_linear, row_parallel_linear, 
 use glm_worker::parallel::mappings::{register, unregister_all, Group};
 use tch::{Kind, Tensor};
 
+mod common;
+
 /// The same "random" master tensors on every rank.
 fn master(shape: &[i64], seed: i64) -> Tensor {
     tch::manual_seed(seed);
@@ -109,19 +111,7 @@ fn layers_on_a_group_of_one_are_the_serial_layers() {
 
 #[test]
 fn layers_on_two_mpi_ranks_match_the_serial_layers() {
-    let exe = std::env::current_exe().unwrap();
-    let o = std::process::Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
-        .arg(&exe)
-        .args(["--ignored", "--exact", "child_two_ranks", "--test-threads", "1", "--color", "never"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun (openmpi-bin)");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(out.matches("test result: ok. 1 passed").count(), 2, "both ranks ran the child: {out}");
+    common::run_child_on_two_ranks("child_two_ranks");
 }
 
 #[test]

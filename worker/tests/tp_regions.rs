@@ -6,21 +6,11 @@ use glm_worker::comm::Communicator;
 use glm_worker::parallel::mappings::{copy_to, gather_from, reduce_from, register, scatter_to, unregister_all};
 use tch::{Kind, Tensor};
 
+mod common;
+
 #[test]
 fn regions_over_two_mpi_ranks() {
-    let exe = std::env::current_exe().unwrap();
-    let o = std::process::Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
-        .arg(&exe)
-        .args(["--ignored", "--exact", "child_two_ranks", "--test-threads", "1", "--color", "never"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun (openmpi-bin)");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(out.matches("test result: ok. 1 passed").count(), 2, "both ranks ran the child: {out}");
+    common::run_child_on_two_ranks("child_two_ranks");
 }
 
 fn full(v: f64, shape: &[i64]) -> Tensor {
