@@ -2,7 +2,7 @@
 # Sets up what is missing, then pretrains the default model — GLM with 4 layers,
 # hidden 256, 4 heads, seq 256 (configs/config_block_tiny.json +
 # configs/configs_tiny.json) — on the default corpus (fortunes-zh), on CPU (or
-# cuda:0 when CUDA is available): about 10 minutes on 2 cores.
+# cuda:0 when CUDA is available): about 8 minutes on 2 cores.
 #
 # The token store and tokenizer are prepared on the way. Checkpoints,
 # metrics.jsonl and loss.png go to glm_pretrain/model/checkpoints/glm-tiny.
