@@ -19,6 +19,7 @@ use glm_worker::data::fortunes;
 #[derive(Parser)]
 #[command(
     name = "glm-worker",
+    bin_name = "glm-worker",
     version,
     about = "GLM pretraining worker",
     long_about = "GLM pretraining worker.\n\nWithout a subcommand it trains: glm-worker --config <deepspeed.json> [--args configs.json] [--set key=value]...",

@@ -54,8 +54,11 @@ fn main() -> ExitCode {
             path.push(":");
             path.push(old);
         }
+        let mut argv = std::env::args_os();
+        let arg0 = argv.next().unwrap_or_else(|| "glm-worker".into());
         let err = Command::new(&core)
-            .args(std::env::args_os().skip(1))
+            .arg0(arg0) // usage lines, ps and MPI see the name the user typed
+            .args(argv)
             .env("LD_LIBRARY_PATH", path)
             .env("GLM_LIBTORCH_LIB", &dir)
             .exec();
