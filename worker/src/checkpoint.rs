@@ -50,17 +50,40 @@ fn tch_err(p: &Path, e: tch::TchError) -> Error {
 }
 
 /// Writes checkpoint `iteration` under `save` and points `latest` at it.
-pub fn save(
-    save: &Path,
-    model: &Glm,
-    opt: Option<&AdamW>,
-    tokenizer_json: &str,
-    mut state: State,
-) -> Result<PathBuf> {
-    std::fs::create_dir_all(save).at(save)?;
+pub fn save(save: &Path, model: &Glm, opt: Option<&AdamW>, tokenizer_json: &str, state: State) -> Result<PathBuf> {
     let it = state.iteration;
-    let final_dir = save.join(it.to_string());
-    let tmp = save.join(format!(".tmp-{it}-{}", std::process::id()));
+    let dir = save_part(save, None, model, opt, tokenizer_json, state)?;
+    write_latest(save, it)?;
+    Ok(dir)
+}
+
+/// The sub-directory of tensor-parallel rank `tp_rank` in a checkpoint.
+pub fn mp_rank_dir(tp_rank: usize) -> String {
+    format!("mp_rank_{tp_rank:02}")
+}
+
+/// Points `<save>/latest` at iteration `it` (atomically). Call once every
+/// part of the checkpoint is complete.
+pub fn write_latest(save: &Path, it: u64) -> Result<()> {
+    let latest_tmp = save.join(format!(".latest.tmp-{}", std::process::id()));
+    std::fs::write(&latest_tmp, format!("{it}\n")).at(&latest_tmp)?;
+    std::fs::rename(&latest_tmp, save.join("latest")).at(save)
+}
+
+/// Writes `<save>/<iteration>/` (or, with `part`, `<save>/<iteration>/<part>/`,
+/// one tensor-parallel rank's slices) without touching `latest`.
+pub fn save_part(save: &Path, part: Option<&str>, model: &Glm, opt: Option<&AdamW>, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
+    let it = state.iteration;
+    let parent = match part {
+        None => save.to_path_buf(),
+        Some(_) => save.join(it.to_string()),
+    };
+    std::fs::create_dir_all(&parent).at(&parent)?;
+    let final_dir = match part {
+        None => save.join(it.to_string()),
+        Some(p) => parent.join(p),
+    };
+    let tmp = parent.join(format!(".tmp-{it}-{}-{}", part.unwrap_or("all"), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
     let result = (|| -> Result<()> {
@@ -90,9 +113,6 @@ pub fn save(
             std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
         }
         std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
-        let latest_tmp = save.join(format!(".latest.tmp-{}", std::process::id()));
-        std::fs::write(&latest_tmp, format!("{it}\n")).at(&latest_tmp)?;
-        std::fs::rename(&latest_tmp, save.join("latest")).at(save)?;
         Ok(())
     })();
     if result.is_err() {
@@ -102,9 +122,10 @@ pub fn save(
 }
 
 /// The checkpoint directory `load` designates: `load` itself when it holds a
-/// `state.json`, else the iteration named by `load/latest`.
+/// `state.json` (or tensor-parallel parts `mp_rank_XX/`), else the iteration
+/// named by `load/latest`.
 pub fn resolve(load: &Path) -> Result<PathBuf> {
-    if load.join("state.json").is_file() {
+    if load.join("state.json").is_file() || load.join(mp_rank_dir(0)).join("state.json").is_file() {
         return Ok(load.to_path_buf());
     }
     let latest = load.join("latest");
@@ -187,6 +208,12 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: Option<&mut AdamW>)
 /// Reads a checkpoint's model only (for generation): config, weights, tokenizer.
 pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, State, PathBuf)> {
     let dir = resolve(path)?;
+    if !dir.join("state.json").is_file() && dir.join(mp_rank_dir(0)).is_dir() {
+        return Err(Error::invalid(
+            &dir,
+            "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); generation needs a whole-model checkpoint, and merging parts is not implemented yet",
+        ));
+    }
     let state = read_state(&dir)?;
     let mut model = Glm::new(state.model.clone(), device, 0)?;
     load(&dir, &state, &mut model, None)?;

@@ -70,7 +70,7 @@ pub fn fill(model: &Glm, tok: &GlmTokenizer, text: &str, gen_mask: u32, s: &Samp
     let (mut b_tokens, mut b_pos, mut b_block): (Vec<u32>, Vec<u32>, Vec<u32>) = (vec![], vec![], vec![]);
     let mut spans = Vec::new();
     tch::manual_seed(s.seed);
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<()> {
         for &p in &blanks {
             let mut span: Vec<u32> = Vec::new();
             loop {
@@ -97,7 +97,7 @@ pub fn fill(model: &Glm, tok: &GlmTokenizer, text: &str, gen_mask: u32, s: &Samp
                     block_position_ids: t(&block),
                     sep: Tensor::from_slice(&[sep as i64]).to(model.params.device()),
                 };
-                let h = model.hidden(&batch, false);
+                let h = model.hidden(&batch, false)?;
                 let logits = model.logits(&h.get(0).get(n as i64 - 1)).to_device(Device::Cpu);
                 let next = pick(&logits, s) as u32;
                 if next == sp.eop || next == sp.eod || next >= tok.vocab_size() as u32 {
@@ -111,7 +111,8 @@ pub fn fill(model: &Glm, tok: &GlmTokenizer, text: &str, gen_mask: u32, s: &Samp
             b_block.extend(1..=(span.len() + 1) as u32);
             spans.push(span);
         }
-    });
+        Ok(())
+    })?;
     let mut out_ids = Vec::new();
     let mut k = 0;
     for (i, &t) in part_a.iter().enumerate().skip(1) {

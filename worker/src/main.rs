@@ -414,6 +414,7 @@ fn device(choice: &str) -> Result<tch::Device> {
 /// never join it); under mpirun that aborts the whole job, as it should.
 fn train(t: TrainArgs) -> Result<ExitCode> {
     let code = train_run(t)?;
+    glm_worker::parallel::mappings::unregister_all();
     glm_worker::comm::mpi::finalize();
     Ok(code)
 }
@@ -466,7 +467,16 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     };
     // data-parallel group: the ranks with this rank's tensor-parallel index
     let dp_comm = world.split(dims.tp_rank(), dims.dp_rank())?;
+    // tensor-parallel group: consecutive ranks; registered for the autograd regions
+    let tp = if dims.tp > 1 {
+        let a = &cfg.args.args;
+        dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
+        Some(glm_worker::parallel::mappings::register(Box::new(world.split(dims.dp_rank(), dims.tp_rank())?)))
+    } else {
+        None
+    };
     let par = Parallel {
+        tp,
         dims,
         dp: (dims.dp > 1).then(|| Box::new(dp_comm) as Box<dyn Communicator>),
         world: (dims.world > 1).then(|| Box::new(world.split(0, dims.rank).expect("world copy")) as Box<dyn Communicator>),
@@ -575,7 +585,7 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     let mut times = Vec::new();
     for i in 0..a.warmup + a.iters {
         let t0 = std::time::Instant::now();
-        let (loss, _, _) = model.loss(&batch, true);
+        let (loss, _, _) = model.loss(&batch, true)?;
         loss.backward();
         let mut g = model.params.grad_flat();
         clip_grad_norm(&mut g, 1.0);

@@ -131,6 +131,11 @@ fn data_parallel_resume_equals_the_uninterrupted_run() {
 
 #[test]
 fn invalid_layouts_fail_clearly() {
+    let d0 = tempfile::tempdir().unwrap();
+    // heads must split evenly over the tensor-parallel ranks
+    let o = run(d0.path(), 2, &ds(d0.path(), "ds.json", 4, 4), &["model_parallel_size=2".into(), "num_attention_heads=1".into(), "hidden_size=64".into(), "train_iters=1".into()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("num_attention_heads 1 is not divisible by model_parallel_size 2"), "{err}");
     let d = tempfile::tempdir().unwrap();
     let o = run(d.path(), 3, &ds(d.path(), "ds.json", 4, 12), &["model_parallel_size=2".into(), "train_iters=1".into()]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -140,4 +145,43 @@ fn invalid_layouts_fail_clearly() {
     let o = run(d.path(), 2, &ds(d.path(), "bad.json", 4, 4), &["train_iters=1".into()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("train_batch_size 4, train_micro_batch_size_per_gpu 4 cannot satisfy") && err.contains("data-parallel size 2"), "{err}");
+}
+
+#[test]
+fn tensor_parallel_equals_one_process() {
+    let d = tempfile::tempdir().unwrap();
+    let (one, tp2, tp2dp2) = (d.path().join("one"), d.path().join("tp2"), d.path().join("tp2dp2"));
+    // Megatron pads the vocabulary to make_vocab_size_divisible_by x tp:
+    // one process pads to 256 to get the embedding TP=2 gets with 128
+    ok(&run(d.path(), 2, &ds(d.path(), "ds_tp2.json", 4, 4), &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2.display())]));
+    let out = ok(&run(d.path(), 4, &ds(d.path(), "ds_tp2dp2.json", 2, 4), &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2dp2.display())]));
+    assert!(out.contains("world 4 = tensor-parallel 2 × data-parallel 2"), "{out}");
+    ok(&run(d.path(), 0, &ds(d.path(), "ds_one.json", 4, 4), &["train_iters=6".into(), "make_vocab_size_divisible_by=256".into(), "eval_batch_size=2".into(), format!("save={}", one.display())]));
+    for other in [&tp2, &tp2dp2] {
+        assert_close(&losses(&one, "train"), &losses(other, "train"), 1e-5);
+        assert_close(&losses(&one, "eval"), &losses(other, "eval"), 1e-5);
+    }
+    // one part per tensor-parallel rank, each holding its slices
+    for r in ["mp_rank_00", "mp_rank_01"] {
+        assert!(tp2dp2.join("6").join(r).join("model.safetensors").is_file(), "{r}");
+    }
+    assert_eq!(std::fs::read_to_string(tp2dp2.join("latest")).unwrap().trim(), "6");
+}
+
+#[test]
+fn tensor_and_data_parallel_resume_equals_the_uninterrupted_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let cfg = ds(d.path(), "ds.json", 2, 4);
+    let sets = |extra: Vec<String>| -> Vec<String> { ["train_iters=6".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into()].into_iter().chain(extra).collect() };
+    ok(&run(d.path(), 4, &cfg, &sets(vec!["save_interval=3".into(), format!("save={}", a.display())])));
+    let out = ok(&run(d.path(), 4, &cfg, &sets(vec![format!("load={}", a.join("3").display()), format!("save={}", b.display())])));
+    assert!(out.contains("(iteration 3)"), "{out}");
+    let la: Vec<_> = losses(&a, "train").into_iter().filter(|(i, _)| *i > 3).collect();
+    assert_eq!(la, losses(&b, "train"), "losses after resuming at iteration 3");
+    for r in ["mp_rank_00", "mp_rank_01"] {
+        let wa = std::fs::read(a.join("6").join(r).join("model.safetensors")).unwrap();
+        let wb = std::fs::read(b.join("6").join(r).join("model.safetensors")).unwrap();
+        assert!(wa == wb, "{r}: final weights differ");
+    }
 }

@@ -116,13 +116,6 @@ impl RunConfig {
         }
         put("precision", "fp32".into(), dsname.clone());
 
-        if a.model_parallel_size != 1 {
-            return Err(Error::Config(format!(
-                "model_parallel_size = {} ({}): tensor parallelism is not implemented yet; use 1 (data parallelism over all ranks)",
-                a.model_parallel_size,
-                src("model_parallel_size")
-            )));
-        }
         if a.seq_length > a.max_position_embeddings {
             return Err(Error::Config(format!(
                 "seq_length {} ({}) exceeds max_position_embeddings {} ({})",

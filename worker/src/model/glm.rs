@@ -14,8 +14,10 @@
 
 use tch::{Kind, Tensor};
 
-use super::params::{Init, ParamBuilder, Params};
+use super::params::{Init, ParamBuilder, Params, Part};
 use crate::error::{Error, Result};
+use crate::parallel::layers::{column_parallel_linear, row_parallel_linear, vocab_parallel_cross_entropy, vocab_parallel_embedding};
+use crate::parallel::mappings::{copy_to, gather_from, Group};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GlmConfig {
@@ -76,10 +78,26 @@ struct Linear {
     bias: usize,
 }
 
+/// How a linear layer is split over the tensor-parallel group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// Output rows (the fused query/key/value keeps whole heads per rank).
+    Column,
+    Qkv,
+    /// Input columns; the bias is whole and added after the sum.
+    Row,
+}
+
 impl Linear {
-    fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64) -> Self {
-        let weight = pb.add(format!("{name}.weight"), &[d_out as i64, d_in as i64], Init::Normal(std), true);
-        let bias = pb.add(format!("{name}.bias"), &[d_out as i64], Init::Zeros, false);
+    fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, split: Split, tp: Option<Group>) -> Self {
+        let (w, b) = match (tp, split) {
+            (None, _) => (Part::Whole, Part::Whole),
+            (Some(g), Split::Column) => (Part::Rows { rank: g.rank, size: g.size }, Part::Rows { rank: g.rank, size: g.size }),
+            (Some(g), Split::Qkv) => (Part::QkvRows { rank: g.rank, size: g.size }, Part::QkvRows { rank: g.rank, size: g.size }),
+            (Some(g), Split::Row) => (Part::Cols { rank: g.rank, size: g.size }, Part::Whole),
+        };
+        let weight = pb.add_part(format!("{name}.weight"), &[d_out as i64, d_in as i64], w, Init::Normal(std), true);
+        let bias = pb.add_part(format!("{name}.bias"), &[d_out as i64], b, Init::Zeros, false);
         Linear { weight, bias }
     }
     fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
@@ -122,6 +140,8 @@ pub struct Glm {
     block_position_embeddings: Option<usize>,
     layers: Vec<Block>,
     final_layernorm: LayerNorm,
+    /// The tensor-parallel group this rank's slices belong to (None: whole model).
+    pub tp: Option<Group>,
 }
 
 /// One batch of samples as tensors, all `[batch, seq]` int64 except `sep` `[batch]`.
@@ -141,13 +161,23 @@ impl Glm {
 
     /// As `new`, with parameters of `kind` (Double for gradient checks).
     pub fn new_as(cfg: GlmConfig, device: tch::Device, kind: Kind, seed: i64) -> Result<Self> {
+        Self::new_parallel(cfg, device, kind, seed, None)
+    }
+
+    /// This rank's part of the model under tensor parallelism `tp`: the
+    /// vocabulary, query/key/value heads, `dense_h_to_4h` rows and the
+    /// inputs of `attention.dense` and `dense_4h_to_h` are split; the rest is
+    /// replicated. Every rank draws the full master weights from `seed` and
+    /// keeps its slice, so any split starts from the weights of one process.
+    pub fn new_parallel(cfg: GlmConfig, device: tch::Device, kind: Kind, seed: i64, tp: Option<Group>) -> Result<Self> {
         cfg.validate()?;
         let std = 0.02;
         let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
         let (h, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layernorm_epsilon);
         let rows = cfg.max_position_embeddings as i64 + 1;
         let mut pb = ParamBuilder::default();
-        let word_embeddings = pb.add("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], Init::Normal(std), true);
+        let vocab_part = tp.map_or(Part::Whole, |g| Part::Rows { rank: g.rank, size: g.size });
+        let word_embeddings = pb.add_part("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], vocab_part, Init::Normal(std), true);
         let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
         let block_position_embeddings = cfg
             .block_position_encoding
@@ -157,17 +187,17 @@ impl Glm {
                 let n = format!("transformer.layers.{i}");
                 Block {
                     input_layernorm: LayerNorm::new(&mut pb, &format!("{n}.input_layernorm"), h, eps),
-                    query_key_value: Linear::new(&mut pb, &format!("{n}.attention.query_key_value"), h, 3 * h, std),
-                    dense: Linear::new(&mut pb, &format!("{n}.attention.dense"), h, h, out_std),
+                    query_key_value: Linear::new(&mut pb, &format!("{n}.attention.query_key_value"), h, 3 * h, std, Split::Qkv, tp),
+                    dense: Linear::new(&mut pb, &format!("{n}.attention.dense"), h, h, out_std, Split::Row, tp),
                     post_attention_layernorm: LayerNorm::new(&mut pb, &format!("{n}.post_attention_layernorm"), h, eps),
-                    dense_h_to_4h: Linear::new(&mut pb, &format!("{n}.mlp.dense_h_to_4h"), h, ffn, std),
-                    dense_4h_to_h: Linear::new(&mut pb, &format!("{n}.mlp.dense_4h_to_h"), ffn, h, out_std),
+                    dense_h_to_4h: Linear::new(&mut pb, &format!("{n}.mlp.dense_h_to_4h"), h, ffn, std, Split::Column, tp),
+                    dense_4h_to_h: Linear::new(&mut pb, &format!("{n}.mlp.dense_4h_to_h"), ffn, h, out_std, Split::Row, tp),
                 }
             })
             .collect();
         let final_layernorm = LayerNorm::new(&mut pb, "transformer.final_layernorm", h, eps);
         let params = pb.build_as(device, kind, seed);
-        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm })
+        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm, tp })
     }
 
     /// GLM's attention mask, `[b, 1, s, s]`, true = may attend: key j is
@@ -180,14 +210,28 @@ impl Glm {
         causal.unsqueeze(0).logical_or(&prefix.unsqueeze(1)).unsqueeze(1)
     }
 
+    /// `l` applied to `x`: whole, or split as `split` says under tensor parallelism.
+    fn linear(&self, l: &Linear, x: &Tensor, split: Split) -> Result<Tensor> {
+        let p = &self.params;
+        match (self.tp, split) {
+            (None, _) => Ok(l.forward(p, x)),
+            (Some(g), Split::Column | Split::Qkv) => column_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, false),
+            (Some(g), Split::Row) => row_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, true),
+        }
+    }
+
     /// Final hidden states `(b, s, h)`.
-    pub fn hidden(&self, batch: &Batch, train: bool) -> Tensor {
+    pub fn hidden(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         let p = &self.params;
         let (b, s) = (batch.tokens.size()[0], batch.tokens.size()[1]);
-        let (h, nh) = (self.cfg.hidden_size as i64, self.cfg.num_attention_heads as i64);
-        let hd = h / nh;
-        let mut x = Tensor::embedding(p.get(self.word_embeddings), &batch.tokens, -1, false, false)
-            + Tensor::embedding(p.get(self.position_embeddings), &batch.position_ids, -1, false, false);
+        let tp_size = self.tp.map_or(1, |g| g.size as i64);
+        let (h, nh) = (self.cfg.hidden_size as i64, self.cfg.num_attention_heads as i64 / tp_size);
+        let hd = h / self.cfg.num_attention_heads as i64;
+        let words = match self.tp {
+            None => Tensor::embedding(p.get(self.word_embeddings), &batch.tokens, -1, false, false),
+            Some(g) => vocab_parallel_embedding(&batch.tokens, p.get(self.word_embeddings), g)?,
+        };
+        let mut x = words + Tensor::embedding(p.get(self.position_embeddings), &batch.position_ids, -1, false, false);
         if let Some(bpe) = self.block_position_embeddings {
             x += Tensor::embedding(p.get(bpe), &batch.block_position_ids, -1, false, false);
         }
@@ -196,18 +240,18 @@ impl Glm {
         let attn_p = if train { self.cfg.attention_dropout } else { 0.0 };
         for l in &self.layers {
             let y = l.input_layernorm.forward(p, &x);
-            let qkv = l.query_key_value.forward(p, &y); // (b, s, 3h)
-            let parts = qkv.split(h, -1);
-            let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh, s, hd)
+            let qkv = self.linear(&l.query_key_value, &y, Split::Qkv)?; // (b, s, 3h/tp)
+            let parts = qkv.split(nh * hd, -1);
+            let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
-            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), attn_p, false, None, false); // (b, nh, s, hd)
-            let a = a.transpose(1, 2).contiguous().view([b, s, h]);
-            x = x + l.dense.forward(p, &a).dropout(self.cfg.output_dropout, train);
+            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), attn_p, false, None, false); // (b, nh/tp, s, hd)
+            let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
+            x = x + self.linear(&l.dense, &a, Split::Row)?.dropout(self.cfg.output_dropout, train);
             let y = l.post_attention_layernorm.forward(p, &x);
-            let y = l.dense_h_to_4h.forward(p, &y).gelu("tanh"); // (b, s, ffn)
-            x = x + l.dense_4h_to_h.forward(p, &y).dropout(self.cfg.output_dropout, train);
+            let y = self.linear(&l.dense_h_to_4h, &y, Split::Column)?.gelu("tanh"); // (b, s, ffn/tp)
+            x = x + self.linear(&l.dense_4h_to_h, &y, Split::Row)?.dropout(self.cfg.output_dropout, train);
         }
-        self.final_layernorm.forward(p, &x)
+        Ok(self.final_layernorm.forward(p, &x))
     }
 
     /// Logits of hidden states `(..., h)` through the tied embedding: `(..., vocab)`.
@@ -218,36 +262,49 @@ impl Glm {
     /// Loss over the Part B targets of `batch` (mean over masked tokens), the
     /// number of correctly predicted masked tokens (argmax; 0 when `train`),
     /// and the count of masked tokens.
-    pub fn loss(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
-        let (sum, correct, n) = self.loss_terms(batch, train);
-        (sum / (n.max(1) as f64), correct, n)
+    pub fn loss(&self, batch: &Batch, train: bool) -> Result<(Tensor, i64, i64)> {
+        let (sum, correct, n) = self.loss_terms(batch, train)?;
+        Ok((sum / (n.max(1) as f64), correct, n))
     }
 
     /// As `loss`, but the *sum* of the masked tokens' cross entropy, so data
     /// parallel ranks can divide by the global token count. Logits are
     /// computed only where the loss mask is set: the loss and gradients equal
-    /// those of full logits.
-    pub fn loss_terms(&self, batch: &Batch, train: bool) -> (Tensor, i64, i64) {
-        let hidden = self.hidden(batch, train);
+    /// those of full logits. Under tensor parallelism the logits stay split
+    /// by vocabulary (vocab-parallel cross entropy).
+    pub fn loss_terms(&self, batch: &Batch, train: bool) -> Result<(Tensor, i64, i64)> {
+        let hidden = self.hidden(batch, train)?;
         let h = self.cfg.hidden_size as i64;
         let idx = batch.loss_mask.view([-1]).nonzero().squeeze_dim(1);
         let n = idx.size()[0];
         if n == 0 {
             let zero = hidden.sum(hidden.kind()) * 0.0;
-            return (zero, 0, 0);
+            return Ok((zero, 0, 0));
         }
         let sel = hidden.view([-1, h]).index_select(0, &idx); // (n, h)
-        let logits = self.logits(&sel); // (n, vocab)
         let targets = batch.targets.view([-1]).index_select(0, &idx);
-        let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0);
+        let (loss, logits) = match self.tp {
+            None => {
+                let logits = self.logits(&sel); // (n, vocab)
+                (logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0), logits)
+            }
+            Some(g) => {
+                let local = copy_to(&sel, g)?.matmul(&self.params.get(self.word_embeddings).tr()); // (n, vocab/tp)
+                (vocab_parallel_cross_entropy(&local, &targets, g)?.sum(local.kind()), local)
+            }
+        };
         // accuracy only where someone reads it (evaluation): an argmax over
         // every masked position's logits is not free
         let correct = if train {
             0
         } else {
-            tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]))
+            let full = match self.tp {
+                None => logits,
+                Some(g) => tch::no_grad(|| gather_from(&logits, g))?,
+            };
+            tch::no_grad(|| full.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]))
         };
-        (loss, correct, n)
+        Ok((loss, correct, n))
     }
 }
 
@@ -329,13 +386,13 @@ mod tests {
             x = x + l.dense_4h_to_h.forward(p, &y);
         }
         let want_h = m.final_layernorm.forward(p, &x);
-        let got_h = m.hidden(&b, false);
+        let got_h = m.hidden(&b, false).unwrap();
         assert!(want_h.allclose(&got_h, 1e-9, 1e-9, false), "hidden states differ");
         let logits = m.logits(&want_h).view([-1, 40]);
         let ce = logits.cross_entropy_loss::<Tensor>(&b.targets.view([-1]), None, tch::Reduction::None, -100, 0.0);
         let mask = b.loss_mask.view([-1]).to_kind(Kind::Double);
         let want = ((ce * &mask).sum(Kind::Double) / mask.sum(Kind::Double)).double_value(&[]);
-        let (got, _, n) = m.loss(&b, false);
+        let (got, _, n) = m.loss(&b, false).unwrap();
         assert_eq!(n, 8);
         assert!((got.double_value(&[]) - want).abs() < 1e-12, "{} vs {want}", got.double_value(&[]));
     }
@@ -346,7 +403,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         let mut m = Glm::new_as(tiny(0.0), Device::Cpu, Kind::Double, 5).unwrap();
         let b = batch();
-        let (loss, _, _) = m.loss(&b, false);
+        let (loss, _, _) = m.loss(&b, false).unwrap();
         loss.backward();
         let grad = m.params.grad_flat();
         let infos = m.params.infos.clone();
@@ -360,7 +417,7 @@ mod tests {
                     tch::no_grad(|| {
                         let _ = m.params.flat.get(i).fill_(v);
                     });
-                    tch::no_grad(|| m.loss(&b, false).0.double_value(&[]))
+                    tch::no_grad(|| m.loss(&b, false).unwrap().0.double_value(&[]))
                 };
                 let numeric = (at(&mut m, orig + eps) - at(&mut m, orig - eps)) / (2.0 * eps);
                 at(&mut m, orig);

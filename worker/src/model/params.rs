@@ -15,6 +15,62 @@ pub enum Init {
     Ones,
 }
 
+/// Which part of the master tensor this rank holds. The master is generated
+/// whole on every rank (same seed, same order), so any tensor-parallel
+/// layout starts from the same full weights as one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// Rows `[r·n/p, (r+1)·n/p)` (column-parallel weights, vocabulary).
+    Rows { rank: usize, size: usize },
+    /// Columns likewise (row-parallel weights).
+    Cols { rank: usize, size: usize },
+    /// The fused query/key/value rows: this rank's rows of each of the
+    /// three blocks, so a rank holds whole attention heads.
+    QkvRows { rank: usize, size: usize },
+}
+
+impl Part {
+    pub fn is_split(&self) -> bool {
+        !matches!(self, Part::Whole | Part::Rows { size: 1, .. } | Part::Cols { size: 1, .. } | Part::QkvRows { size: 1, .. })
+    }
+
+    fn shape(&self, master: &[i64]) -> Vec<i64> {
+        let mut s = master.to_vec();
+        match *self {
+            Part::Whole => {}
+            Part::Rows { size, .. } | Part::QkvRows { size, .. } => s[0] /= size as i64,
+            Part::Cols { size, .. } => s[1] /= size as i64,
+        }
+        s
+    }
+
+    fn take(&self, master: &Tensor) -> Tensor {
+        match *self {
+            Part::Whole => master.shallow_clone(),
+            Part::Rows { rank, size } => {
+                let n = master.size()[0] / size as i64;
+                master.narrow(0, rank as i64 * n, n)
+            }
+            Part::Cols { rank, size } => {
+                let n = master.size()[1] / size as i64;
+                master.narrow(1, rank as i64 * n, n)
+            }
+            Part::QkvRows { rank, size } => {
+                let blocks = master.chunk(3, 0);
+                let parts: Vec<Tensor> = blocks
+                    .iter()
+                    .map(|b| {
+                        let n = b.size()[0] / size as i64;
+                        b.narrow(0, rank as i64 * n, n)
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ParamInfo {
     pub name: String,
@@ -22,18 +78,33 @@ pub struct ParamInfo {
     pub decay: bool,
     pub offset: i64,
     pub numel: i64,
+    /// Split over the tensor-parallel group (its gradient norm is summed over it).
+    pub split: bool,
 }
 
 /// Collects parameter declarations, then materialises them.
+struct Decl {
+    name: String,
+    master: Vec<i64>,
+    part: Part,
+    init: Init,
+    decay: bool,
+}
+
 #[derive(Default)]
 pub struct ParamBuilder {
-    decls: Vec<(String, Vec<i64>, Init, bool)>,
+    decls: Vec<Decl>,
 }
 
 impl ParamBuilder {
-    /// Declares a parameter; returns its index (resolved after `build`).
+    /// Declares a whole parameter; returns its index (resolved after `build`).
     pub fn add(&mut self, name: impl Into<String>, shape: &[i64], init: Init, decay: bool) -> usize {
-        self.decls.push((name.into(), shape.to_vec(), init, decay));
+        self.add_part(name, shape, Part::Whole, init, decay)
+    }
+
+    /// Declares this rank's `part` of a parameter whose full shape is `master`.
+    pub fn add_part(&mut self, name: impl Into<String>, master: &[i64], part: Part, init: Init, decay: bool) -> usize {
+        self.decls.push(Decl { name: name.into(), master: master.to_vec(), part, init, decay });
         self.decls.len() - 1
     }
 
@@ -47,40 +118,51 @@ impl ParamBuilder {
     /// As `build`, in `kind` (Double for numerical gradient checks).
     pub fn build_as(self, device: Device, kind: Kind, seed: i64) -> Params {
         let mut order: Vec<usize> = (0..self.decls.len()).collect();
-        order.sort_by_key(|&i| !self.decls[i].3); // decayed first, stable
+        order.sort_by_key(|&i| !self.decls[i].decay); // decayed first, stable
         let mut infos = vec![None; self.decls.len()];
         let mut offset = 0;
         for &i in &order {
-            let (name, shape, _, decay) = &self.decls[i];
+            let d = &self.decls[i];
+            let shape = d.part.shape(&d.master);
             let numel: i64 = shape.iter().product();
-            infos[i] = Some(ParamInfo { name: name.clone(), shape: shape.clone(), decay: *decay, offset, numel });
+            infos[i] = Some(ParamInfo { name: d.name.clone(), shape, decay: d.decay, offset, numel, split: d.part.is_split() });
             offset += numel;
         }
         let infos: Vec<ParamInfo> = infos.into_iter().map(Option::unwrap).collect();
         let total = offset;
         let decay_numel = infos.iter().filter(|p| p.decay).map(|p| p.numel).sum();
         let flat = Tensor::zeros([total], (kind, device));
-        let gen_seed = seed;
-        tch::manual_seed(gen_seed);
+        tch::manual_seed(seed);
         let mut views = Vec::with_capacity(infos.len());
         tch::no_grad(|| {
-            for (info, (_, _, init, _)) in infos.iter().zip(&self.decls) {
+            for (info, d) in infos.iter().zip(&self.decls) {
                 let mut v = flat.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
-                match init {
-                    Init::Normal(std) => {
-                        let _ = v.normal_(0.0, *std);
-                    }
-                    Init::Zeros => {
-                        let _ = v.zero_();
-                    }
-                    Init::Ones => {
-                        let _ = v.fill_(1.0);
-                    }
+                if d.part == Part::Whole {
+                    init_(&mut v, d.init);
+                } else {
+                    // the whole master, drawn exactly as a whole parameter would be
+                    let mut master = Tensor::zeros(d.master.as_slice(), (kind, device));
+                    init_(&mut master, d.init);
+                    v.copy_(&d.part.take(&master));
                 }
                 views.push(v.set_requires_grad(true));
             }
         });
         Params { infos, views, flat, decay_numel, grad_buf: None }
+    }
+}
+
+fn init_(t: &mut Tensor, init: Init) {
+    match init {
+        Init::Normal(std) => {
+            let _ = t.normal_(0.0, std);
+        }
+        Init::Zeros => {
+            let _ = t.zero_();
+        }
+        Init::Ones => {
+            let _ = t.fill_(1.0);
+        }
     }
 }
 

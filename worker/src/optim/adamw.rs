@@ -57,13 +57,18 @@ impl AdamW {
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(grad: &mut Tensor, max_norm: f64) -> f64 {
     let norm = tch::no_grad(|| grad.norm().double_value(&[]));
+    clip_to(grad, norm, max_norm);
+    norm
+}
+
+/// Scales `grad` whose global norm is `norm` down to `max_norm` (0 = off).
+pub fn clip_to(grad: &mut Tensor, norm: f64, max_norm: f64) {
     if max_norm > 0.0 && norm > max_norm {
         let coef = max_norm / (norm + 1e-6);
         tch::no_grad(|| {
             let _ = grad.g_mul_scalar_(coef);
         });
     }
-    norm
 }
 
 #[cfg(test)]

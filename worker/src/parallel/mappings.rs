@@ -61,12 +61,17 @@ pub fn register(comm: Box<dyn Communicator>) -> Group {
     Group { id: reg.0.len() as i32 - 1, rank, size }
 }
 
-/// Max-reduces `t` in place over the group, outside autograd (for values
-/// that carry no gradient, such as the logits' maximum).
-pub fn all_reduce_max(t: &mut Tensor, g: Group) -> Result<()> {
+/// Reduces `t` in place over the group, outside autograd (values that carry
+/// no gradient: the logits' maximum, squared gradient norms).
+pub fn all_reduce_nograd(t: &mut Tensor, g: Group, op: ReduceOp) -> Result<()> {
     let reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
     let comm = reg.0.get(g.id as usize).ok_or_else(|| Error::Config(format!("no tensor-parallel group {}", g.id)))?;
-    tch::no_grad(|| comm.all_reduce(t, ReduceOp::Max))
+    tch::no_grad(|| comm.all_reduce(t, op))
+}
+
+/// `all_reduce_nograd` with the maximum.
+pub fn all_reduce_max(t: &mut Tensor, g: Group) -> Result<()> {
+    all_reduce_nograd(t, g, ReduceOp::Max)
 }
 
 /// Drops every registered communicator (before MPI is finalised).

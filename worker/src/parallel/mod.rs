@@ -17,12 +17,15 @@ pub struct Parallel {
     pub dp: Option<Box<dyn Communicator>>,
     /// All ranks; `None` in a world of one.
     pub world: Option<Box<dyn Communicator>>,
+    /// The tensor-parallel group (registered for the autograd regions);
+    /// `None` without tensor parallelism.
+    pub tp: Option<mappings::Group>,
 }
 
 impl Parallel {
     /// One process: no collectives.
     pub fn single() -> Self {
-        Parallel { dims: ParallelDims::new(1, 0, 1).expect("1 x 1 grid"), dp: None, world: None }
+        Parallel { dims: ParallelDims::new(1, 0, 1).expect("1 x 1 grid"), dp: None, world: None, tp: None }
     }
 
     pub fn is_main(&self) -> bool {

@@ -24,7 +24,9 @@ use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm, GlmConfig};
-use crate::optim::adamw::{clip_grad_norm, AdamW};
+use crate::comm::ReduceOp;
+use crate::optim::adamw::{clip_grad_norm, clip_to, AdamW};
+use crate::parallel::mappings::all_reduce_nograd;
 use crate::parallel::Parallel;
 
 /// Set by SIGINT/SIGTERM: finish the current iteration, checkpoint, exit.
@@ -93,6 +95,8 @@ pub struct Trainer {
     device: Device,
     metrics: Metrics,
     par: Parallel,
+    /// 1 where the flat buffer holds tensor-parallel slices (None without TP).
+    split_mask: Option<Tensor>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -172,7 +176,15 @@ impl Trainer {
             output_dropout: a.output_dropout,
             block_position_encoding: !a.no_block_position,
         };
-        let mut model = Glm::new(mcfg, opts.device, a.seed as i64)?;
+        let mut model = Glm::new_parallel(mcfg, opts.device, tch::Kind::Float, a.seed as i64, par.tp)?;
+        // elements split over the tensor-parallel group, for the global norm
+        let split_mask = par.tp.map(|_| {
+            let m = model.params.flat.zeros_like();
+            for info in model.params.infos.iter().filter(|i| i.split) {
+                let _ = m.narrow(0, info.offset, info.numel).fill_(1.0);
+            }
+            m
+        });
         let mut opt = AdamW::new(cfg.adam, &model.params.flat);
         let (n, pos) = model.cfg.num_params();
         println!(
@@ -182,7 +194,10 @@ impl Trainer {
         );
         let mut iteration = 0;
         if let Some(load) = &a.load {
-            let dir = checkpoint::resolve(load)?;
+            let mut dir = checkpoint::resolve(load)?;
+            if let Some(g) = par.tp {
+                dir = dir.join(checkpoint::mp_rank_dir(g.rank));
+            }
             let state = checkpoint::read_state(&dir)?;
             if state.tokenizer_sha256 != tok.sha256 {
                 return Err(Error::invalid(
@@ -198,7 +213,7 @@ impl Trainer {
         par.dp_broadcast(&mut model.params.flat)?;
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
         let tokenizer_sha256 = tok.sha256.clone();
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics, par })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics, par, split_mask })
     }
 
     /// This rank's share of micro-batch `m` of iteration `it` (1-based): the
@@ -226,7 +241,7 @@ impl Trainer {
         let mut loss_sum = 0.0;
         for m in 0..accum {
             let batch = collate(&self.micro_batch(it, m), self.device);
-            let (sum, _, n) = self.model.loss_terms(&batch, true);
+            let (sum, _, n) = self.model.loss_terms(&batch, true)?;
             let mut stats = Tensor::from_slice(&[n as f64, 0.0]);
             let _ = stats.get(1).fill_(sum.double_value(&[]));
             self.par.dp_sum(&mut stats)?;
@@ -237,7 +252,21 @@ impl Trainer {
         let mut grad = self.model.params.grad_flat();
         let bucket = self.cfg.reduce_bucket_size;
         self.par.dp_sum_buckets(&mut grad, bucket)?;
-        let norm = clip_grad_norm(&mut grad, self.cfg.clip);
+        let norm = match (self.par.tp, &self.split_mask) {
+            (Some(g), Some(mask)) => {
+                // every parameter once: slices summed over the group, replicas counted here
+                let (split, total) = tch::no_grad(|| {
+                    let sq = grad.square();
+                    ((&sq * mask).sum(tch::Kind::Double).double_value(&[]), sq.sum(tch::Kind::Double).double_value(&[]))
+                });
+                let mut t = Tensor::from_slice(&[split]);
+                all_reduce_nograd(&mut t, g, ReduceOp::Sum)?;
+                let norm = (total - split + t.double_value(&[0])).max(0.0).sqrt();
+                clip_to(&mut grad, norm, self.cfg.clip);
+                norm
+            }
+            _ => clip_grad_norm(&mut grad, self.cfg.clip),
+        };
         let lr = self.cfg.schedule.lr(it);
         let decay = self.model.params.decay_numel;
         self.opt.update(&mut self.model.params.flat, decay, &mut grad, lr);
@@ -253,16 +282,17 @@ impl Trainer {
         let d = &self.par.dims;
         // [nll, correct, count], batches shared out over the data-parallel ranks
         let mut acc = [0.0f64; 3];
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<()> {
             for i in (0..a.eval_iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
                 let eb = self.cfg.eval_batch as u64;
                 let samples = valid.batch(i, i * eb..(i + 1) * eb);
-                let (sum, c, n) = self.model.loss_terms(&collate(&samples, self.device), false);
+                let (sum, c, n) = self.model.loss_terms(&collate(&samples, self.device), false)?;
                 acc[0] += sum.double_value(&[]);
                 acc[1] += c as f64;
                 acc[2] += n as f64;
             }
-        });
+            Ok(())
+        })?;
         let mut t = Tensor::from_slice(&acc);
         self.par.dp_sum(&mut t)?;
         let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
@@ -305,7 +335,11 @@ impl Trainer {
         Some(nll / n.max(1) as f64)
     }
 
-    fn save(&self) -> Result<PathBuf> {
+    /// Writes a checkpoint: rank 0 alone without tensor parallelism; with it,
+    /// data-parallel rank 0 of every tensor-parallel rank writes its
+    /// `mp_rank_XX` part, and rank 0 moves `latest` once all parts exist.
+    /// Every rank must call it. Returns the directory written on this rank.
+    fn save(&self) -> Result<Option<PathBuf>> {
         let a = &self.cfg.args.args;
         let dir = self.cfg.save_dir().expect("save configured");
         let ds = std::fs::read_to_string(&self.cfg.ds.path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
@@ -321,7 +355,28 @@ impl Trainer {
             args: serde_json::to_value(a).expect("args serialise"),
             files: Default::default(),
         };
-        checkpoint::save(dir, &self.model, (!a.no_save_optim).then_some(&self.opt), &self.tokenizer.to_json()?, state)
+        let opt = (!a.no_save_optim).then_some(&self.opt);
+        match self.par.tp {
+            None => {
+                if !self.par.is_main() {
+                    return Ok(None);
+                }
+                checkpoint::save(dir, &self.model, opt, &self.tokenizer.to_json()?, state).map(Some)
+            }
+            Some(g) => {
+                let written = if self.par.dims.dp_rank() == 0 {
+                    let part = checkpoint::mp_rank_dir(g.rank);
+                    Some(checkpoint::save_part(dir, Some(&part), &self.model, opt, &self.tokenizer.to_json()?, state)?)
+                } else {
+                    None
+                };
+                self.par.barrier()?;
+                if self.par.is_main() {
+                    checkpoint::write_latest(dir, self.iteration)?;
+                }
+                Ok(written)
+            }
+        }
     }
 
     /// Runs iterations up to `train_iters`.
@@ -405,9 +460,10 @@ impl Trainer {
                 }
                 t_log = Instant::now();
             }
-            if self.par.is_main() && self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
-                let dir = self.save()?;
-                say(&pb, &format!("checkpoint: saved {}", dir.display()));
+            if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
+                if let Some(dir) = self.save()? {
+                    say(&pb, &format!("checkpoint: saved {}", dir.display()));
+                }
                 t_log = Instant::now();
             }
             if stopping {
