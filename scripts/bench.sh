@@ -10,7 +10,7 @@
 #     (bench/glm_torch.py), on 1 and on 2 threads, in the same run;
 #   - the MPI back end: all-reduce bus bandwidth of the tensor collective
 #     against a plain MPI_Allreduce of the same bytes (2 ranks);
-#   - training tokens/s of the default model on (TP, DP) = (1, 1) and (1, 2).
+#   - training tokens/s of the default model on (TP, DP) = (1, 1), (1, 2), (2, 1).
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,4 +70,4 @@ TRAIN=(--config configs/config_block_tiny.json --args configs/configs_tiny.json 
 tps() { grep -E " iteration +(20|30)/" | sed 's/.*| \([0-9]*\) tokens\/s.*/\1/' | awk '{s+=$1} END {printf "%.0f tokens/s\n", s/NR}'; }
 echo "  (TP, DP) = (1, 1), 1 process x 2 threads: $(OMP_NUM_THREADS=2 "$BIN" "${TRAIN[@]}" | tps)"
 echo "  (TP, DP) = (1, 2), 2 processes x 1 thread: $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${TRAIN[@]}" | tr '\r' '\n' | tps)"
-echo "  (TP, DP) = (2, 1): tensor parallelism is not implemented yet"
+echo "  (TP, DP) = (2, 1), 2 processes x 1 thread: $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${TRAIN[@]}" --set model_parallel_size=2 | tr '\r' '\n' | tps)"

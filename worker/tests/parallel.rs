@@ -173,7 +173,13 @@ fn tensor_and_data_parallel_resume_equals_the_uninterrupted_run() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     let cfg = ds(d.path(), "ds.json", 2, 4);
-    let sets = |extra: Vec<String>| -> Vec<String> { ["train_iters=6".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into()].into_iter().chain(extra).collect() };
+    // with dropout: the per-rank attention-dropout streams must resume too
+    let sets = |extra: Vec<String>| -> Vec<String> {
+        ["train_iters=6".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into(), "hidden_dropout=0.1".into(), "attention_dropout=0.1".into()]
+            .into_iter()
+            .chain(extra)
+            .collect()
+    };
     ok(&run(d.path(), 4, &cfg, &sets(vec!["save_interval=3".into(), format!("save={}", a.display())])));
     let out = ok(&run(d.path(), 4, &cfg, &sets(vec![format!("load={}", a.join("3").display()), format!("save={}", b.display())])));
     assert!(out.contains("(iteration 3)"), "{out}");

@@ -142,6 +142,9 @@ pub struct Glm {
     final_layernorm: LayerNorm,
     /// The tensor-parallel group this rank's slices belong to (None: whole model).
     pub tp: Option<Group>,
+    /// Seed base of the current micro-step (set by the trainer), from which
+    /// tensor-parallel runs derive their dropout streams (see `hidden`).
+    pub rng_base: std::cell::Cell<i64>,
 }
 
 /// One batch of samples as tensors, all `[batch, seq]` int64 except `sep` `[batch]`.
@@ -197,7 +200,7 @@ impl Glm {
             .collect();
         let final_layernorm = LayerNorm::new(&mut pb, "transformer.final_layernorm", h, eps);
         let params = pb.build_as(device, kind, seed);
-        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm, tp })
+        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm, tp, rng_base: 0.into() })
     }
 
     /// GLM's attention mask, `[b, 1, s, s]`, true = may attend: key j is
@@ -238,13 +241,27 @@ impl Glm {
         let mut x = x.dropout(self.cfg.hidden_dropout, train); // (b, s, h)
         let mask = Self::attention_mask(&batch.sep, s);
         let attn_p = if train { self.cfg.attention_dropout } else { 0.0 };
-        for l in &self.layers {
+        // Megatron's RNG tracker: dropout inside a parallel region (attention
+        // probabilities of this rank's heads) draws from a per-rank stream;
+        // everywhere else all tensor-parallel ranks share one stream.
+        let reseed = |layer: usize, rank: Option<usize>| {
+            let k = (2 * layer + usize::from(rank.is_some())) as i64 * 7919 + rank.map_or(0, |r| r as i64 + 1);
+            tch::manual_seed(self.rng_base.get().wrapping_mul(1_000_003).wrapping_add(k));
+        };
+        let tracked = self.tp.filter(|_| attn_p > 0.0);
+        for (i, l) in self.layers.iter().enumerate() {
             let y = l.input_layernorm.forward(p, &x);
             let qkv = self.linear(&l.query_key_value, &y, Split::Qkv)?; // (b, s, 3h/tp)
             let parts = qkv.split(nh * hd, -1);
             let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+            if let Some(g) = tracked {
+                reseed(i, Some(g.rank));
+            }
             let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), attn_p, false, None, false); // (b, nh/tp, s, hd)
+            if tracked.is_some() {
+                reseed(i, None);
+            }
             let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
             x = x + self.linear(&l.dense, &a, Split::Row)?.dropout(self.cfg.output_dropout, train);
             let y = l.post_attention_layernorm.forward(p, &x);

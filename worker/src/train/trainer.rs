@@ -240,6 +240,7 @@ impl Trainer {
         let accum = self.cfg.batch.accum;
         let mut loss_sum = 0.0;
         for m in 0..accum {
+            self.model.rng_base.set((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64).wrapping_mul(64).wrapping_add(m as i64));
             let batch = collate(&self.micro_batch(it, m), self.device);
             let (sum, _, n) = self.model.loss_terms(&batch, true)?;
             let mut stats = Tensor::from_slice(&[n as f64, 0.0]);
