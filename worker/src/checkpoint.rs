@@ -219,3 +219,118 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
     load(&dir, &state, &mut model, None)?;
     Ok((model, state, dir))
 }
+
+use crate::model::glm::{partition_of, Partition};
+
+/// Writes a checkpoint directory from named tensors (no optimizer state).
+fn write_whole(out: &Path, named: &[(String, Tensor)], tokenizer_json: &str, mut state: State) -> Result<()> {
+    if out.exists() {
+        return Err(Error::invalid(out, "exists; refusing to overwrite (choose a new --out)"));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent)?;
+    let tmp = parent.join(format!(".tmp-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).at(&tmp)?;
+    let result = (|| -> Result<()> {
+        let mp = tmp.join("model.safetensors");
+        Tensor::write_safetensors(named, &mp).map_err(|e| tch_err(&mp, e))?;
+        state.files = BTreeMap::new();
+        state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
+        state.has_optimizer = false;
+        let tp = tmp.join("tokenizer.json");
+        std::fs::write(&tp, tokenizer_json).at(&tp)?;
+        state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
+        let sp = tmp.join("state.json");
+        std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
+        std::fs::rename(&tmp, out).at(out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn read_model(dir: &Path) -> Result<(State, BTreeMap<String, Tensor>, String)> {
+    let state = read_state(dir)?;
+    let mp = dir.join("model.safetensors");
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&mp).map_err(|e| tch_err(&mp, e))?.into_iter().collect();
+    let tj = dir.join("tokenizer.json");
+    let tok = std::fs::read_to_string(&tj).at(&tj)?;
+    Ok((state, tensors, tok))
+}
+
+/// Merges the tensor-parallel parts `<dir>/mp_rank_XX/` of one checkpoint
+/// into a whole-model checkpoint at `out` (weights only). Returns the number
+/// of parts.
+pub fn merge(dir: &Path, out: &Path) -> Result<usize> {
+    let mut parts = Vec::new();
+    while dir.join(mp_rank_dir(parts.len())).join("state.json").is_file() {
+        parts.push(read_model(&dir.join(mp_rank_dir(parts.len())))?);
+    }
+    if parts.is_empty() {
+        return Err(Error::invalid(dir, "no tensor-parallel parts (mp_rank_00/state.json) to merge"));
+    }
+    let n = parts.len();
+    let (state0, first, tok) = &parts[0];
+    if parts.iter().any(|(s, _, _)| s.iteration != state0.iteration || s.model != state0.model) {
+        return Err(Error::invalid(dir, "parts disagree on iteration or model configuration"));
+    }
+    let mut named = Vec::new();
+    for name in first.keys() {
+        let pieces: Vec<&Tensor> = parts
+            .iter()
+            .map(|(_, t, _)| t.get(name).ok_or_else(|| Error::invalid(dir, format!("a part lacks {name}"))))
+            .collect::<Result<_>>()?;
+        let whole = match partition_of(name) {
+            Partition::Whole => pieces[0].shallow_clone(),
+            Partition::Rows => Tensor::cat(&pieces, 0),
+            Partition::Cols => Tensor::cat(&pieces, 1),
+            Partition::QkvRows => {
+                // each part is [q_r; k_r; v_r]: regroup as [q_0..q_n; k_0..; v_0..]
+                let chunks: Vec<Vec<Tensor>> = pieces.iter().map(|p| p.chunk(3, 0)).collect();
+                let blocks: Vec<Tensor> = (0..3).map(|j| Tensor::cat(&chunks.iter().map(|c| c[j].shallow_clone()).collect::<Vec<_>>(), 0)).collect();
+                Tensor::cat(&blocks, 0)
+            }
+        };
+        named.push((name.clone(), whole));
+    }
+    write_whole(out, &named, tok, state0.clone())?;
+    Ok(n)
+}
+
+/// Splits a whole-model checkpoint `dir` into `n` tensor-parallel parts
+/// `<out>/mp_rank_XX/` (weights only).
+pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
+    let (state, tensors, tok) = read_model(dir)?;
+    if n < 1 {
+        return Err(Error::Config("--tp must be at least 1".into()));
+    }
+    let m = &state.model;
+    for (what, v) in [("vocab_size", m.vocab_size), ("hidden_size", m.hidden_size), ("num_attention_heads", m.num_attention_heads), ("intermediate_size", m.intermediate_size)] {
+        if v % n != 0 {
+            return Err(Error::invalid(dir, format!("{what} {v} is not divisible by {n} tensor-parallel ranks")));
+        }
+    }
+    if out.exists() {
+        return Err(Error::invalid(out, "exists; refusing to overwrite (choose a new --out)"));
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    for r in 0..n {
+        let mut named = Vec::new();
+        for (name, t) in &tensors {
+            let part = match partition_of(name) {
+                Partition::Whole => t.shallow_clone(),
+                Partition::Rows => t.chunk(n as i64, 0)[r].shallow_clone(),
+                Partition::Cols => t.chunk(n as i64, 1)[r].shallow_clone(),
+                Partition::QkvRows => {
+                    let blocks: Vec<Tensor> = t.chunk(3, 0).iter().map(|b| b.chunk(n as i64, 0)[r].shallow_clone()).collect();
+                    Tensor::cat(&blocks, 0)
+                }
+            };
+            named.push((name.clone(), part.contiguous()));
+        }
+        write_whole(&out.join(mp_rank_dir(r)), &named, &tok, state.clone())?;
+    }
+    Ok(())
+}

@@ -76,6 +76,9 @@ enum Cmd {
     Env,
     /// Fill the blanks ([MASK], [sMASK], [gMASK]) of a text with a trained model
     Generate(GenerateArgs),
+    /// Merge tensor-parallel checkpoint parts into one, or split one into parts
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
     /// Time the training step on a synthetic batch (the benchmark of scripts/bench.sh)
     BenchStep(BenchArgs),
     /// All-reduce bus bandwidth through the tensor collectives vs plain MPI_Allreduce (run under mpirun)
@@ -113,6 +116,27 @@ struct BenchArgs {
     /// cpu, cuda, or auto
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// <checkpoint>/mp_rank_XX/ -> one whole-model checkpoint (weights only)
+    Merge {
+        /// Checkpoint directory holding mp_rank_XX/ parts, or a save dir (its latest)
+        #[arg(long)]
+        load: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// One whole-model checkpoint -> <out>/mp_rank_XX/ parts for --tp ranks (weights only)
+    Split {
+        #[arg(long)]
+        load: PathBuf,
+        #[arg(long)]
+        tp: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -228,6 +252,18 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Generate(a)) => generate(a),
         Some(Cmd::BenchStep(a)) => bench_step(a),
+        Some(Cmd::Checkpoint(CheckpointCmd::Merge { load, out })) => (|| {
+            let dir = glm_worker::checkpoint::resolve(&load)?;
+            let n = glm_worker::checkpoint::merge(&dir, &out)?;
+            println!("checkpoint: merged {n} tensor-parallel parts of {} into {}", dir.display(), out.display());
+            Ok(())
+        })(),
+        Some(Cmd::Checkpoint(CheckpointCmd::Split { load, tp, out })) => (|| {
+            let dir = glm_worker::checkpoint::resolve(&load)?;
+            glm_worker::checkpoint::split(&dir, tp, &out)?;
+            println!("checkpoint: split {} into {tp} tensor-parallel parts under {}", dir.display(), out.display());
+            Ok(())
+        })(),
         Some(Cmd::BenchComm { mib, iters }) => bench_comm(&mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
         None => match train(cli.train) {
             Ok(code) => return code,

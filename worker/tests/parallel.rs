@@ -166,6 +166,31 @@ fn tensor_parallel_equals_one_process() {
         assert!(tp2dp2.join("6").join(r).join("model.safetensors").is_file(), "{r}");
     }
     assert_eq!(std::fs::read_to_string(tp2dp2.join("latest")).unwrap().trim(), "6");
+
+    // merged TP=2 weights after 6 updates equal the one-process weights
+    let merged = d.path().join("merged");
+    let worker = env!("CARGO_BIN_EXE_glm-worker");
+    let cmd = |args: &[&str]| ok(&Command::new(worker).current_dir(repo()).args(args).output().unwrap());
+    cmd(&["checkpoint", "merge", "--load", &tp2.display().to_string(), "--out", &merged.display().to_string()]);
+    let read = |p: PathBuf| -> std::collections::BTreeMap<String, tch::Tensor> { tch::Tensor::read_safetensors(p).unwrap().into_iter().collect() };
+    let (m, w) = (read(merged.join("model.safetensors")), read(one.join("6/model.safetensors")));
+    assert_eq!(m.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+    for (name, t) in &m {
+        assert!(t.allclose(&w[name], 1e-5, 1e-6, false), "{name}: merged TP=2 weights differ from one process");
+    }
+    let g = cmd(&["generate", "--load", &merged.display().to_string(), "--text", "明月[MASK]", "--max-tokens", "3"]);
+    assert!(g.contains("blank 0:"), "{g}");
+    // splitting the merged checkpoint gives back the parts exactly
+    let parts = d.path().join("parts");
+    cmd(&["checkpoint", "split", "--load", &merged.display().to_string(), "--tp", "2", "--out", &parts.display().to_string()]);
+    for r in ["mp_rank_00", "mp_rank_01"] {
+        let (a, b) = (read(parts.join(r).join("model.safetensors")), read(tp2.join("6").join(r).join("model.safetensors")));
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{r} {name}: split differs from the trained part");
+        }
+    }
+    let o = Command::new(worker).args(["generate", "--load", &tp2.display().to_string(), "--text", "明月"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("split over tensor-parallel ranks"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

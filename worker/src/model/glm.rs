@@ -78,6 +78,29 @@ struct Linear {
     bias: usize,
 }
 
+/// How a parameter of the original's state dict is split over
+/// tensor-parallel ranks (the table checkpoint merge/split uses; the model's
+/// constructor makes the same choices, which a test checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partition {
+    Whole,
+    Rows,
+    Cols,
+    QkvRows,
+}
+
+pub fn partition_of(name: &str) -> Partition {
+    if name == "word_embeddings.weight" || name.ends_with("mlp.dense_h_to_4h.weight") || name.ends_with("mlp.dense_h_to_4h.bias") {
+        Partition::Rows
+    } else if name.ends_with("attention.query_key_value.weight") || name.ends_with("attention.query_key_value.bias") {
+        Partition::QkvRows
+    } else if name.ends_with("attention.dense.weight") || name.ends_with("mlp.dense_4h_to_h.weight") {
+        Partition::Cols
+    } else {
+        Partition::Whole
+    }
+}
+
 /// How a linear layer is split over the tensor-parallel group.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Split {
@@ -453,6 +476,24 @@ mod tests {
         for n in ["word_embeddings.weight", "transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight",
                   "transformer.layers.1.attention.query_key_value.bias", "transformer.layers.0.mlp.dense_4h_to_h.weight", "transformer.final_layernorm.weight"] {
             assert!(names.contains(&n), "{n}");
+        }
+    }
+
+    #[test]
+    fn partition_table_matches_the_parallel_model() {
+        let g = Group { id: -1, rank: 1, size: 2 }; // construction runs no collective
+        let whole = Glm::new(tiny(0.0), Device::Cpu, 1).unwrap();
+        let part = Glm::new_parallel(tiny(0.0), Device::Cpu, Kind::Float, 1, Some(g)).unwrap();
+        for (w, p) in whole.params.infos.iter().zip(&part.params.infos) {
+            assert_eq!(w.name, p.name);
+            let mut want = w.shape.clone();
+            match partition_of(&w.name) {
+                Partition::Whole => {}
+                Partition::Rows | Partition::QkvRows => want[0] /= 2,
+                Partition::Cols => want[1] /= 2,
+            }
+            assert_eq!(p.shape, want, "{}", w.name);
+            assert_eq!(p.split, partition_of(&w.name) != Partition::Whole, "{}", w.name);
         }
     }
 
