@@ -211,7 +211,7 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
     if !dir.join("state.json").is_file() && dir.join(mp_rank_dir(0)).is_dir() {
         return Err(Error::invalid(
             &dir,
-            "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); generation needs a whole-model checkpoint, and merging parts is not implemented yet",
+            "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); generation needs a whole-model checkpoint: glm-worker checkpoint merge --load <it> --out <dir>",
         ));
     }
     let state = read_state(&dir)?;
