@@ -73,52 +73,65 @@ pub fn write_latest(save: &Path, it: u64) -> Result<()> {
 /// Writes `<save>/<iteration>/` (or, with `part`, `<save>/<iteration>/<part>/`,
 /// one tensor-parallel rank's slices) without touching `latest`.
 pub fn save_part(save: &Path, part: Option<&str>, model: &Glm, opt: Option<&AdamW>, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
-    let it = state.iteration;
-    let parent = match part {
-        None => save.to_path_buf(),
-        Some(_) => save.join(it.to_string()),
+    let it_dir = save.join(state.iteration.to_string());
+    let dir = match part {
+        None => it_dir,
+        Some(p) => it_dir.join(p),
     };
-    std::fs::create_dir_all(&parent).at(&parent)?;
-    let final_dir = match part {
-        None => save.join(it.to_string()),
-        Some(p) => parent.join(p),
-    };
-    let tmp = parent.join(format!(".tmp-{it}-{}-{}", part.unwrap_or("all"), std::process::id()));
+    let named: Vec<(String, Tensor)> = model.params.named().map(|(n, t)| (n.to_string(), t.detach())).collect();
+    let optim: Option<Vec<(String, Tensor)>> = opt.map(|opt| {
+        state.optimizer_step = opt.step;
+        let mut named = Vec::new();
+        for info in &model.params.infos {
+            let view = |t: &Tensor| t.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
+            named.push((format!("exp_avg.{}", info.name), view(&opt.exp_avg)));
+            named.push((format!("exp_avg_sq.{}", info.name), view(&opt.exp_avg_sq)));
+        }
+        named
+    });
+    write_dir(&dir, &named, optim.as_deref(), tokenizer_json, state, true)?;
+    Ok(dir)
+}
+
+/// Writes one checkpoint directory — weights, optimizer state when given,
+/// tokenizer, and `state.json` with every file's sha256 — into a temporary
+/// sibling, then renames it to `dir`. An existing `dir` is replaced when
+/// `replace`, else refused.
+fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str, mut state: State, replace: bool) -> Result<()> {
+    if dir.exists() && !replace {
+        return Err(Error::invalid(dir, "exists; refusing to overwrite (choose a new --out)"));
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent)?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
     let result = (|| -> Result<()> {
-        let named: Vec<(&str, Tensor)> = model.params.named().map(|(n, t)| (n, t.detach())).collect();
+        state.files = BTreeMap::new();
         let mp = tmp.join("model.safetensors");
-        Tensor::write_safetensors(&named, &mp).map_err(|e| tch_err(&mp, e))?;
+        Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
         state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
-        if let Some(opt) = opt {
-            let mut named: Vec<(String, Tensor)> = Vec::new();
-            for info in &model.params.infos {
-                let view = |t: &Tensor| t.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
-                named.push((format!("exp_avg.{}", info.name), view(&opt.exp_avg)));
-                named.push((format!("exp_avg_sq.{}", info.name), view(&opt.exp_avg_sq)));
-            }
+        if let Some(optim) = optim {
             let op = tmp.join("optim.safetensors");
-            Tensor::write_safetensors(&named, &op).map_err(|e| tch_err(&op, e))?;
+            Tensor::write_safetensors(optim, &op).map_err(|e| tch_err(&op, e))?;
             state.files.insert("optim.safetensors".into(), sha256_file(&op)?);
-            state.optimizer_step = opt.step;
         }
-        state.has_optimizer = opt.is_some();
+        state.has_optimizer = optim.is_some();
         let tp = tmp.join("tokenizer.json");
         std::fs::write(&tp, tokenizer_json).at(&tp)?;
         state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
         let sp = tmp.join("state.json");
         std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).at(dir)?;
         }
-        std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
-        Ok(())
+        std::fs::rename(&tmp, dir).at(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    result.map(|_| final_dir)
+    result
 }
 
 /// The checkpoint directory `load` designates: `load` itself when it holds a
@@ -222,35 +235,6 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
 
 use crate::model::glm::{partition_of, Partition};
 
-/// Writes a checkpoint directory from named tensors (no optimizer state).
-fn write_whole(out: &Path, named: &[(String, Tensor)], tokenizer_json: &str, mut state: State) -> Result<()> {
-    if out.exists() {
-        return Err(Error::invalid(out, "exists; refusing to overwrite (choose a new --out)"));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).at(parent)?;
-    let tmp = parent.join(format!(".tmp-convert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).at(&tmp)?;
-    let result = (|| -> Result<()> {
-        let mp = tmp.join("model.safetensors");
-        Tensor::write_safetensors(named, &mp).map_err(|e| tch_err(&mp, e))?;
-        state.files = BTreeMap::new();
-        state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
-        state.has_optimizer = false;
-        let tp = tmp.join("tokenizer.json");
-        std::fs::write(&tp, tokenizer_json).at(&tp)?;
-        state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
-        let sp = tmp.join("state.json");
-        std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
-        std::fs::rename(&tmp, out).at(out)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
 fn read_model(dir: &Path) -> Result<(State, BTreeMap<String, Tensor>, String)> {
     let state = read_state(dir)?;
     let mp = dir.join("model.safetensors");
@@ -295,7 +279,7 @@ pub fn merge(dir: &Path, out: &Path) -> Result<usize> {
         };
         named.push((name.clone(), whole));
     }
-    write_whole(out, &named, tok, state0.clone())?;
+    write_dir(out, &named, None, tok, state0.clone(), false)?;
     Ok(n)
 }
 
@@ -330,7 +314,7 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
             };
             named.push((name.clone(), part.contiguous()));
         }
-        write_whole(&out.join(mp_rank_dir(r)), &named, &tok, state.clone())?;
+        write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, state.clone(), false)?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ struct Run {
 
 impl Run {
     /// A temp dir with `corpus.json` (the first 600 records of the default
-    /// corpus, or of the seed-free fallback) and a DeepSpeed config.
+    /// corpus) and a DeepSpeed config.
     fn new() -> Run {
         let dir = tempfile::tempdir().unwrap();
         let default = repo().join("glm_pretrain/data/data.json");

@@ -119,7 +119,7 @@ impl Communicator for MpiComm {
         };
         // reduce in place when t is a contiguous fp32/f64/i64 tensor, else in a fp32/contiguous copy
         let direct = t.is_contiguous() && matches!(kind, Kind::Float | Kind::Double | Kind::Int64);
-        let mut work = if direct { t.shallow_clone() } else { t.to_kind(if code == 0 { Kind::Float } else { kind }).contiguous() };
+        let work = if direct { t.shallow_clone() } else { t.to_kind(if code == 0 { Kind::Float } else { kind }).contiguous() };
         let elt = work.kind().elt_size_in_bytes();
         let (n, base) = (work.numel(), work.data_ptr() as *mut u8);
         let opc = match op {
@@ -140,7 +140,6 @@ impl Communicator for MpiComm {
         if !direct {
             tch::no_grad(|| t.copy_(&work.to_kind(kind)));
         }
-        let _ = &mut work;
         Ok(())
     }
 
@@ -168,13 +167,12 @@ impl Communicator for MpiComm {
             shape = vec![1];
         }
         shape[0] *= n;
-        let mut out = Tensor::empty(shape.as_slice(), (work.kind(), work.device()));
+        let out = Tensor::empty(shape.as_slice(), (work.kind(), work.device()));
         let bytes = work.numel() * work.kind().elt_size_in_bytes();
         // SAFETY: byte views of contiguous CPU tensors; out holds n × bytes.
         let send = unsafe { std::slice::from_raw_parts(work.data_ptr() as *const u8, bytes) };
         let recv = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, bytes * n as usize) };
         self.comm.all_gather_into(send, recv);
-        let _ = &mut out;
         Ok(out)
     }
 

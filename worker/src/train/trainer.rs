@@ -90,7 +90,6 @@ pub struct Trainer {
     train: BlockSampler,
     valid: Option<BlockSampler>,
     tokenizer: GlmTokenizer,
-    tokenizer_sha256: String,
     pub iteration: u64,
     device: Device,
     metrics: Metrics,
@@ -212,8 +211,7 @@ impl Trainer {
         // identical weights everywhere, whatever happened at initialisation
         par.dp_broadcast(&mut model.params.flat)?;
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        let tokenizer_sha256 = tok.sha256.clone();
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, tokenizer_sha256, iteration, device: opts.device, metrics, par, split_mask })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, split_mask })
     }
 
     /// This rank's share of micro-batch `m` of iteration `it` (1-based): the
@@ -243,8 +241,7 @@ impl Trainer {
             self.model.rng_base.set((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64).wrapping_mul(64).wrapping_add(m as i64));
             let batch = collate(&self.micro_batch(it, m), self.device);
             let (sum, _, n) = self.model.loss_terms(&batch, true)?;
-            let mut stats = Tensor::from_slice(&[n as f64, 0.0]);
-            let _ = stats.get(1).fill_(sum.double_value(&[]));
+            let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
             self.par.dp_sum(&mut stats)?;
             let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
             loss_sum += global_sum / global_n;
@@ -351,7 +348,7 @@ impl Trainer {
             optimizer_step: self.opt.step,
             model: self.model.cfg.clone(),
             has_optimizer: false,
-            tokenizer_sha256: self.tokenizer_sha256.clone(),
+            tokenizer_sha256: self.tokenizer.sha256.clone(),
             deepspeed_config: ds,
             args: serde_json::to_value(a).expect("args serialise"),
             files: Default::default(),
