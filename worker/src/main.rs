@@ -89,6 +89,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
+    /// Check every collective (values, element types, autograd regions) on CPU (MPI) or CUDA (NCCL) tensors, then time all-reduce; alone or under mpirun
+    CommCheck {
+        /// cpu, cuda, or auto (CUDA tensors go through NCCL)
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// All-reduce sizes to time, in MiB
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        mib: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -265,6 +276,7 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Some(Cmd::BenchComm { mib, iters }) => bench_comm(&mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
+        Some(Cmd::CommCheck { device, mib, iters }) => comm_check(&device, &mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
         None => match train(cli.train) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -432,6 +444,18 @@ fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> R
     Ok(())
 }
 
+/// The device of a rank with this local rank: `cuda:<local rank>` on CUDA.
+fn rank_device(choice: &str, local_rank: usize) -> Result<tch::Device> {
+    match device(choice)? {
+        tch::Device::Cuda(_) => {
+            let n = tch::Cuda::device_count() as usize;
+            anyhow::ensure!(local_rank < n, "local rank {local_rank} needs cuda:{local_rank}, but this node shows {n} CUDA device(s); start at most {n} ranks per node (CUDA_VISIBLE_DEVICES)");
+            Ok(tch::Device::Cuda(local_rank))
+        }
+        d => Ok(d),
+    }
+}
+
 fn device(choice: &str) -> Result<tch::Device> {
     glm_worker::runtime::load_cuda();
     match choice {
@@ -458,7 +482,7 @@ fn train(t: TrainArgs) -> Result<ExitCode> {
 fn train_run(t: TrainArgs) -> Result<ExitCode> {
     use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
     use glm_worker::comm::Communicator;
-    use glm_worker::parallel::{dims::ParallelDims, Parallel};
+    use glm_worker::parallel::dims::ParallelDims;
     use glm_worker::train::trainer::{install_signal_handlers, Outcome, TrainOptions, Trainer};
     let Some(ds_path) = &t.config else {
         anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
@@ -497,28 +521,15 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let local_rank = glm_worker::comm::mpi::local_rank(&world);
-    let device = match device(&t.device)? {
-        tch::Device::Cuda(_) => tch::Device::Cuda(local_rank),
-        d => d,
-    };
-    // data-parallel group: the ranks with this rank's tensor-parallel index
-    let dp_comm = world.split(dims.tp_rank(), dims.dp_rank())?;
-    // tensor-parallel group: consecutive ranks; registered for the autograd regions
-    let tp = if dims.tp > 1 {
+    let device = rank_device(&t.device, local_rank)?;
+    if dims.tp > 1 {
         let a = &cfg.args.args;
         dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
-        Some(glm_worker::parallel::mappings::register(Box::new(world.split(dims.dp_rank(), dims.tp_rank())?)))
-    } else {
-        None
-    };
-    let par = Parallel {
-        tp,
-        dims,
-        dp: (dims.dp > 1).then(|| Box::new(dp_comm) as Box<dyn Communicator>),
-        world: (dims.world > 1).then(|| Box::new(world.split(0, dims.rank).expect("world copy")) as Box<dyn Communicator>),
-    };
+    }
+    let par = build_groups(&world, dims, device)?;
     if dims.world > 1 {
-        println!("parallel: world {} = tensor-parallel {} × data-parallel {}; rank 0 reports", dims.world, dims.tp, dims.dp);
+        let backend = if device.is_cuda() { "NCCL for CUDA tensors, MPI for host values" } else { "MPI" };
+        println!("parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports", dims.world, dims.tp, dims.dp);
     }
     let opts = TrainOptions {
         store: t.store.clone(),
@@ -549,6 +560,34 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
         }
     }
+}
+
+/// The data-parallel group (the ranks with this rank's tensor-parallel
+/// index), the tensor-parallel group (consecutive ranks, registered for the
+/// autograd regions) and the world. On CUDA each also gets an NCCL
+/// communicator: the world's is bootstrapped over MPI, the groups' are split
+/// from it. Collective: every rank calls it with the same layout.
+fn build_groups(world: &glm_worker::comm::mpi::MpiComm, dims: glm_worker::parallel::dims::ParallelDims, device: tch::Device) -> Result<glm_worker::parallel::Parallel> {
+    use glm_worker::comm::{nccl::NcclComm, Communicator, GroupComm};
+    if dims.world == 1 {
+        return Ok(glm_worker::parallel::Parallel::single());
+    }
+    let nccl_world = match device {
+        tch::Device::Cuda(d) => Some(NcclComm::init(world, d)?),
+        _ => None,
+    };
+    let group = |color: usize, key: usize| -> Result<GroupComm> {
+        let mpi = world.split(color, key)?;
+        let nccl = match &nccl_world {
+            Some(w) => Some(w.split(color, key, &mpi)?),
+            None => None,
+        };
+        Ok(GroupComm { mpi, nccl })
+    };
+    let dp = if dims.dp > 1 { Some(Box::new(group(dims.tp_rank(), dims.dp_rank())?) as Box<dyn Communicator>) } else { None };
+    let tp = if dims.tp > 1 { Some(glm_worker::parallel::mappings::register(Box::new(group(dims.dp_rank(), dims.tp_rank())?))) } else { None };
+    let world_group = GroupComm { mpi: world.split(0, dims.rank)?, nccl: nccl_world };
+    Ok(glm_worker::parallel::Parallel { dims, dp, world: Some(Box::new(world_group)), tp })
 }
 
 /// Sends this process's stdout to /dev/null (non-zero ranks).
@@ -635,7 +674,79 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     }
     let sec = times.iter().sum::<f64>() / times.len() as f64;
     let tps = (a.batch * a.seq) as f64 / sec;
-    println!("rust threads={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1}", a.threads, tps * cfg.flops_per_token(a.seq) / 1e12, sec * 1000.0);
+    println!("rust device={:?} threads={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1}", device, a.threads, tps * cfg.flops_per_token(a.seq) / 1e12, sec * 1000.0);
+    Ok(())
+}
+
+/// `glm-worker comm-check`: the world's collectives (and the tensor-parallel
+/// autograd regions over the world) checked on `device`, then all-reduce
+/// bus bandwidth. On CUDA the world is an NCCL communicator, even of one.
+fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
+    use glm_worker::comm::{check, nccl::NcclComm, Communicator, GroupComm};
+    let world = glm_worker::comm::mpi::world()?;
+    let device = rank_device(choice, glm_worker::comm::mpi::local_rank(&world))?;
+    let (rank, p) = (world.rank(), world.size());
+    let say = |line: &str| {
+        if rank == 0 {
+            println!("comm-check: {line}");
+        }
+    };
+    let comm = {
+        let mpi = world.split(0, rank)?;
+        let nccl = match device {
+            tch::Device::Cuda(d) => Some(NcclComm::init(&mpi, d)?),
+            _ => None,
+        };
+        GroupComm { mpi, nccl }
+    };
+    let backend = match &comm.nccl {
+        Some(_) => {
+            let v = glm_worker::comm::nccl::version()?;
+            format!("NCCL {v}")
+        }
+        None => "MPI".into(),
+    };
+    say(&format!("{p} rank(s), {device:?} tensors through {backend}"));
+    for line in check::collectives(&comm, device)? {
+        say(&line);
+    }
+    // the regions run over a second communicator split from the first, as
+    // training's tensor-parallel group is (ncclCommSplit on CUDA)
+    let sub = {
+        let mpi = world.split(0, rank)?;
+        let nccl = match &comm.nccl {
+            Some(n) => Some(n.split(0, rank, &mpi)?),
+            None => None,
+        };
+        GroupComm { mpi, nccl }
+    };
+    say(&format!("tensor-parallel regions over a group split from it{}", if sub.nccl.is_some() { " (ncclCommSplit)" } else { "" }));
+    let g = glm_worker::parallel::mappings::register(Box::new(sub));
+    for line in check::regions(g, device)? {
+        say(&line);
+    }
+    let factor = if p > 1 { 2.0 * (p - 1) as f64 / p as f64 } else { 1.0 };
+    for &m in mib {
+        let sec = check::time_all_reduce(&comm, device, m, iters)?;
+        let bytes = (m << 20) as f64;
+        if p == 1 {
+            say(&format!("all_reduce {m:>5} MiB: {:>8.3} ms (one rank: nothing moves; this is the call's overhead)", sec * 1e3));
+        } else {
+            say(&format!("all_reduce {m:>5} MiB: {:>8.3} ms, {:.2} GB/s bus", sec * 1e3, factor * bytes / sec / 1e9));
+        }
+    }
+    if let (Some(n), tch::Device::Cuda(_)) = (&comm.nccl, device) {
+        // an invalid root must come back as an error carrying NCCL's message
+        let mut t = tch::Tensor::zeros([4], (tch::Kind::Float, device));
+        match n.broadcast(&mut t, p + 3) {
+            Err(e) if e.to_string().contains("invalid argument") => say(&format!("NCCL error reporting: ok ({e})")),
+            Err(e) => anyhow::bail!("comm-check: NCCL error without NCCL's message: {e}"),
+            Ok(()) => anyhow::bail!("comm-check: broadcast from root {} of {p} ranks succeeded", p + 3),
+        }
+    }
+    glm_worker::parallel::mappings::unregister_all();
+    drop(comm);
+    say("all checks passed");
     Ok(())
 }
 

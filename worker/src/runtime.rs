@@ -9,6 +9,13 @@ pub fn describe() -> Vec<(String, String)> {
         ("cuda available".into(), tch::Cuda::is_available().to_string()),
         ("cuda devices".into(), tch::Cuda::device_count().to_string()),
     ];
+    out.push((
+        "nccl".into(),
+        match crate::comm::nccl::describe() {
+            Ok((path, v)) => format!("{v} ({path})"),
+            Err(e) => format!("not available: {e}"),
+        },
+    ));
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
     out.push(("cpu tensor check".into(), format!("sum(1,2,3) = {}", t.sum(tch::Kind::Float).double_value(&[]))));
     out
@@ -37,4 +44,43 @@ pub fn load_cuda() {
             log::info!("libtorch_cuda not loaded ({msg}); CPU only");
         }
     });
+}
+
+type CudaSetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
+
+/// `cudaSetDevice` from the CUDA runtime libtorch loaded (tch does not expose
+/// it; NCCL binds a communicator to the calling thread's current device).
+fn cuda_set_device_fn() -> Option<CudaSetDevice> {
+    static F: std::sync::OnceLock<Option<CudaSetDevice>> = std::sync::OnceLock::new();
+    *F.get_or_init(|| {
+        load_cuda();
+        // libtorch_cuda is loaded RTLD_GLOBAL, so its libcudart is in the global scope
+        let this = libloading::os::unix::Library::this();
+        // SAFETY: the symbol has this C signature in every CUDA runtime.
+        if let Ok(f) = unsafe { this.get::<CudaSetDevice>(b"cudaSetDevice\0") } {
+            return Some(*f);
+        }
+        for name in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
+            // SAFETY: as above; the library stays loaded (leaked on purpose).
+            if let Ok(lib) = unsafe { libloading::Library::new(name) } {
+                if let Ok(f) = unsafe { lib.get::<CudaSetDevice>(b"cudaSetDevice\0") } {
+                    let f = *f;
+                    std::mem::forget(lib);
+                    return Some(f);
+                }
+            }
+        }
+        None
+    })
+}
+
+/// Makes CUDA device `index` current for the calling thread.
+pub fn cuda_set_device(index: usize) -> crate::Result<()> {
+    let f = cuda_set_device_fn().ok_or_else(|| crate::Error::Config("CUDA runtime (libcudart) not loaded: is this a CUDA build of torch 2.11?".into()))?;
+    // SAFETY: plain CUDA runtime call.
+    let rc = unsafe { f(index as std::ffi::c_int) };
+    if rc != 0 {
+        return Err(crate::Error::Config(format!("cudaSetDevice({index}) failed with CUDA error {rc}")));
+    }
+    Ok(())
 }

@@ -216,3 +216,24 @@ fn tensor_and_data_parallel_resume_equals_the_uninterrupted_run() {
         assert!(wa == wb, "{r}: final weights differ");
     }
 }
+
+#[test]
+fn comm_check_passes_on_three_ranks() {
+    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let o = common::mpirun(3).arg(env!("CARGO_BIN_EXE_glm-worker")).args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "2"]).output().unwrap();
+    let out = ok(&o);
+    assert!(out.contains("3 rank(s), Cpu tensors through MPI"), "{out}");
+    assert_eq!(out.matches(": ok").count(), 17, "{out}");
+    assert!(out.contains("GB/s bus") && out.contains("all checks passed"), "{out}");
+}
+
+#[test]
+fn comm_check_on_cuda_runs_nccl_or_says_why_not() {
+    let o = Command::new(env!("CARGO_BIN_EXE_glm-worker")).args(["comm-check", "--device", "cuda", "--mib", "1", "--iters", "2"]).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    if o.status.success() {
+        assert!(out.contains("through NCCL") && out.contains("all checks passed"), "{out}");
+    } else {
+        assert!(err.contains("--device cuda: CUDA is not available"), "{err}");
+    }
+}

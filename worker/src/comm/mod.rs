@@ -1,7 +1,11 @@
-//! Collectives on tensors behind one trait; `mpi.rs` is the back end for CPU
-//! tensors. Every MPI call is made here and nowhere else.
+//! Collectives on tensors behind one trait, with two back ends: `mpi.rs` for
+//! CPU tensors and `nccl.rs` for CUDA tensors; `GroupComm` holds both for a
+//! group and picks by the tensor's device. Every MPI and NCCL call is made
+//! here and nowhere else.
 
+pub mod check;
 pub mod mpi;
+pub mod nccl;
 
 use tch::Tensor;
 
@@ -27,4 +31,50 @@ pub trait Communicator {
     /// (dimension 0 split in rank order; it must divide evenly).
     fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor>;
     fn barrier(&self) -> Result<()>;
+}
+
+/// One group's communicators: CPU tensors go through MPI, CUDA tensors
+/// through NCCL (when the group has an NCCL communicator, i.e. training on
+/// CUDA). Small host-side values (loss sums, flags) stay on MPI.
+pub struct GroupComm {
+    pub mpi: mpi::MpiComm,
+    pub nccl: Option<nccl::NcclComm>,
+}
+
+impl GroupComm {
+    pub fn cpu(mpi: mpi::MpiComm) -> Self {
+        GroupComm { mpi, nccl: None }
+    }
+
+    fn pick(&self, t: &Tensor) -> &dyn Communicator {
+        match (&self.nccl, t.device()) {
+            (Some(n), tch::Device::Cuda(_)) => n,
+            _ => &self.mpi,
+        }
+    }
+}
+
+impl Communicator for GroupComm {
+    fn rank(&self) -> usize {
+        self.mpi.rank()
+    }
+    fn size(&self) -> usize {
+        self.mpi.size()
+    }
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.pick(t).all_reduce(t, op)
+    }
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.pick(t).broadcast(t, root)
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        self.pick(t).all_gather(t)
+    }
+    fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
+        self.pick(t).reduce_scatter(t)
+    }
+    /// A host-side barrier (MPI): every rank has arrived.
+    fn barrier(&self) -> Result<()> {
+        self.mpi.barrier()
+    }
 }

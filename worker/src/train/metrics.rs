@@ -116,11 +116,12 @@ impl Metrics {
     }
 
     /// Rewrites `loss.png` (atomically). Without a usable font the picture
-    /// is skipped with a warning.
+    /// is skipped with a warning (once per process).
     pub fn plot(&self) -> Result<()> {
         let Some(d) = &self.dir else { return Ok(()) };
         if !register_font() {
-            log::warn!("no TrueType font found ({}); loss.png not drawn (install fonts-dejavu-core)", FONT_PATHS.join(", "));
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| log::warn!("no TrueType font found ({}); loss.png not drawn (install fonts-dejavu-core)", FONT_PATHS.join(", ")));
             return Ok(());
         }
         let out = d.join("loss.png");

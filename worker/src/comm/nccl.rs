@@ -1,0 +1,438 @@
+//! The NCCL back end, for CUDA tensors.
+//!
+//! `libnccl.so.2` is loaded at run time (the binary builds and runs without
+//! CUDA): first the copy libtorch_cuda already pulled in (the torch wheel's
+//! `nvidia/nccl/lib`), else one named by `GLM_NCCL_LIB`, else the loader's
+//! search path. A group's communicator is bootstrapped by broadcasting an
+//! `ncclUniqueId` from its rank 0 over MPI; sub-groups (tensor- and
+//! data-parallel) are derived with `ncclCommSplit` (NCCL >= 2.18), or, on an
+//! older NCCL, with an id of their own broadcast over the sub-group's MPI
+//! communicator.
+//!
+//! Streams: tch never changes libtorch's current stream, so libtorch computes
+//! on each device's default (legacy, stream 0) stream. Collectives are
+//! enqueued on that same stream, which orders them after the kernels that
+//! produced their input and before those that read the result, with no host
+//! synchronisation; reading a value back to the host waits, as for any kernel.
+//!
+//! Every NCCL error becomes an `Error` carrying NCCL's own message (its error
+//! string, plus `ncclGetLastError`'s detail where the library has it).
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+
+/// NCCL's `ncclUniqueId`: 128 opaque bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UniqueId {
+    pub internal: [c_char; 128],
+}
+
+type CommPtr = *mut c_void;
+type Stream = *mut c_void;
+type Res = c_int;
+
+/// The entry points glm-worker uses, resolved once.
+struct Api {
+    _lib: libloading::Library,
+    path: String,
+    get_version: unsafe extern "C" fn(*mut c_int) -> Res,
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> Res,
+    comm_init_rank: unsafe extern "C" fn(*mut CommPtr, c_int, UniqueId, c_int) -> Res,
+    comm_split: Option<unsafe extern "C" fn(CommPtr, c_int, c_int, *mut CommPtr, *mut c_void) -> Res>,
+    comm_destroy: unsafe extern "C" fn(CommPtr) -> Res,
+    comm_abort: unsafe extern "C" fn(CommPtr) -> Res,
+    error_string: unsafe extern "C" fn(Res) -> *const c_char,
+    last_error: Option<unsafe extern "C" fn(CommPtr) -> *const c_char>,
+    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, CommPtr, Stream) -> Res,
+    broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, CommPtr, Stream) -> Res,
+    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, CommPtr, Stream) -> Res,
+    reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, CommPtr, Stream) -> Res,
+}
+
+// SAFETY: plain function pointers into a library that stays loaded.
+unsafe impl Send for Api {}
+unsafe impl Sync for Api {}
+
+static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+
+fn candidates() -> Vec<String> {
+    let mut c = Vec::new();
+    if let Ok(p) = std::env::var("GLM_NCCL_LIB") {
+        c.push(p);
+    }
+    c.push("libnccl.so.2".into());
+    let torch_lib = std::env::var("GLM_LIBTORCH_LIB").ok().or_else(|| option_env!("GLM_BUILD_LIBTORCH_LIB").map(String::from));
+    if let Some(dir) = torch_lib {
+        // the torch wheel's layout: site-packages/torch/lib -> site-packages/nvidia/nccl/lib
+        c.push(format!("{dir}/../../nvidia/nccl/lib/libnccl.so.2"));
+    }
+    c
+}
+
+fn load() -> std::result::Result<Api, String> {
+    crate::runtime::load_cuda();
+    let mut tried = Vec::new();
+    for path in candidates() {
+        // SAFETY: loading NCCL runs its (benign) initialisers only.
+        match unsafe { libloading::Library::new(&path) } {
+            Ok(lib) => return resolve(lib, path),
+            Err(e) => tried.push(format!("{path} ({e})")),
+        }
+    }
+    Err(format!("libnccl.so.2 not found; tried: {}. HINT: install torch 2.11 with CUDA (its nvidia-nccl wheel), or set GLM_NCCL_LIB", tried.join("; ")))
+}
+
+fn resolve(lib: libloading::Library, path: String) -> std::result::Result<Api, String> {
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: the type matches the declaration in nccl.h.
+            *unsafe { lib.get($name) }.map_err(|e| format!("{path}: {e}"))?
+        };
+    }
+    macro_rules! opt_sym {
+        ($name:literal) => {
+            // SAFETY: as above; absent in older NCCL versions.
+            unsafe { lib.get($name) }.ok().map(|s| *s)
+        };
+    }
+    let api = Api {
+        get_version: sym!(b"ncclGetVersion\0"),
+        get_unique_id: sym!(b"ncclGetUniqueId\0"),
+        comm_init_rank: sym!(b"ncclCommInitRank\0"),
+        comm_split: opt_sym!(b"ncclCommSplit\0"),
+        comm_destroy: sym!(b"ncclCommDestroy\0"),
+        comm_abort: sym!(b"ncclCommAbort\0"),
+        error_string: sym!(b"ncclGetErrorString\0"),
+        last_error: opt_sym!(b"ncclGetLastError\0"),
+        all_reduce: sym!(b"ncclAllReduce\0"),
+        broadcast: sym!(b"ncclBroadcast\0"),
+        all_gather: sym!(b"ncclAllGather\0"),
+        reduce_scatter: sym!(b"ncclReduceScatter\0"),
+        path: path.clone(),
+        _lib: lib,
+    };
+    Ok(api)
+}
+
+fn api() -> Result<&'static Api> {
+    API.get_or_init(load).as_ref().map_err(|e| Error::Config(format!("NCCL: {e}")))
+}
+
+/// Where NCCL was loaded from and its version ("2.28.9"), or why it could not be.
+pub fn describe() -> std::result::Result<(String, String), String> {
+    let api = api().map_err(|e| e.to_string())?;
+    Ok((api.path.clone(), version().map_err(|e| e.to_string())?))
+}
+
+/// NCCL's version as "major.minor.patch".
+pub fn version() -> Result<String> {
+    let api = api()?;
+    let mut v: c_int = 0;
+    // SAFETY: writes one int.
+    check(api, unsafe { (api.get_version)(&mut v) }, "ncclGetVersion", std::ptr::null_mut())?;
+    // NCCL_VERSION_CODE: major*10000 + minor*100 + patch since 2.9, major*1000 + minor*100 + patch before
+    let (major, minor, patch) = if v >= 20900 { (v / 10000, (v % 10000) / 100, v % 100) } else { (v / 1000, (v % 1000) / 100, v % 100) };
+    Ok(format!("{major}.{minor}.{patch}"))
+}
+
+/// NCCL's message for a result code.
+pub fn error_string(code: i32) -> Result<String> {
+    let api = api()?;
+    // SAFETY: returns a static C string.
+    let p = unsafe { (api.error_string)(code) };
+    Ok(if p.is_null() { format!("NCCL error {code}") } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() })
+}
+
+fn check(api: &Api, code: Res, what: &str, comm: CommPtr) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: static / per-communicator C strings owned by NCCL.
+    let msg = unsafe { CStr::from_ptr((api.error_string)(code)) }.to_string_lossy().into_owned();
+    let detail = api
+        .last_error
+        .map(|f| unsafe { f(comm) })
+        .filter(|p| !p.is_null())
+        .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty());
+    Err(Error::Config(match detail {
+        Some(d) => format!("NCCL {what}: {msg} (code {code}): {d}"),
+        None => format!("NCCL {what}: {msg} (code {code})"),
+    }))
+}
+
+/// A fresh `ncclUniqueId` (rank 0 of a group makes it, the others receive it).
+pub fn unique_id() -> Result<UniqueId> {
+    let api = api()?;
+    let mut id = UniqueId { internal: [0; 128] };
+    // SAFETY: writes 128 bytes.
+    check(api, unsafe { (api.get_unique_id)(&mut id) }, "ncclGetUniqueId", std::ptr::null_mut())?;
+    Ok(id)
+}
+
+/// An NCCL communicator bound to one CUDA device.
+pub struct NcclComm {
+    comm: CommPtr,
+    rank: usize,
+    size: usize,
+    device: usize,
+    /// Set after an NCCL error: the communicator is aborted, not destroyed,
+    /// when dropped (destroying may wait for peers that will never come).
+    failed: Cell<bool>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls
+// are not concurrent; callers serialise them (the tensor-parallel registry's
+// mutex, the trainer's single thread).
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Creates the communicator of a group whose members are the ranks of
+    /// `mpi` (collective over it), on CUDA device `device`: rank 0 makes the
+    /// unique id, MPI broadcasts it, every rank joins.
+    pub fn init(mpi: &dyn Communicator, device: usize) -> Result<NcclComm> {
+        let api = api()?;
+        crate::runtime::cuda_set_device(device)?;
+        let mut id = if mpi.rank() == 0 { unique_id()? } else { UniqueId { internal: [0; 128] } };
+        let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+        let mut t = Tensor::from_slice(&bytes);
+        mpi.broadcast(&mut t, 0)?;
+        let mut got = vec![0u8; 128];
+        t.copy_data(&mut got, 128);
+        for (d, s) in id.internal.iter_mut().zip(got) {
+            *d = s as c_char;
+        }
+        let mut comm: CommPtr = std::ptr::null_mut();
+        // SAFETY: out-pointer and a by-value id, as declared in nccl.h.
+        check(api, unsafe { (api.comm_init_rank)(&mut comm, mpi.size() as c_int, id, mpi.rank() as c_int) }, "ncclCommInitRank", std::ptr::null_mut())?;
+        Ok(NcclComm { comm, rank: mpi.rank(), size: mpi.size(), device, failed: Cell::new(false) })
+    }
+
+    /// Splits this communicator (collective over it): ranks passing the same
+    /// `color` form one group, ordered by `key`. `mpi_sub` is the same
+    /// group's MPI communicator, used to bootstrap it on an NCCL without
+    /// `ncclCommSplit`.
+    pub fn split(&self, color: usize, key: usize, mpi_sub: &dyn Communicator) -> Result<NcclComm> {
+        let api = api()?;
+        crate::runtime::cuda_set_device(self.device)?;
+        match api.comm_split {
+            Some(split) => {
+                let mut comm: CommPtr = std::ptr::null_mut();
+                // SAFETY: as declared in nccl.h; a null config inherits the parent's.
+                let rc = unsafe { split(self.comm, color as c_int, key as c_int, &mut comm, std::ptr::null_mut()) };
+                self.track(check(api, rc, "ncclCommSplit", self.comm))?;
+                Ok(NcclComm { comm, rank: mpi_sub.rank(), size: mpi_sub.size(), device: self.device, failed: Cell::new(false) })
+            }
+            None => NcclComm::init(mpi_sub, self.device),
+        }
+    }
+
+    pub fn device(&self) -> usize {
+        self.device
+    }
+
+    fn track(&self, r: Result<()>) -> Result<()> {
+        if r.is_err() {
+            self.failed.set(true);
+        }
+        r
+    }
+
+    fn check_tensor(&self, t: &Tensor, what: &str) -> Result<()> {
+        match t.device() {
+            Device::Cuda(d) if d == self.device => Ok(()),
+            other => Err(Error::Config(format!("NCCL {what}: tensor on {other:?}, but this communicator is on cuda:{}", self.device))),
+        }
+    }
+
+    /// Runs one collective on the default stream of this communicator's device.
+    fn call(&self, what: &str, f: impl FnOnce(&Api, Stream) -> Res) -> Result<()> {
+        let api = api()?;
+        crate::runtime::cuda_set_device(self.device)?;
+        let rc = f(api, std::ptr::null_mut());
+        self.track(check(api, rc, what, self.comm))
+    }
+}
+
+/// NCCL's data type code for a tensor kind.
+fn data_type(k: Kind) -> Option<c_int> {
+    Some(match k {
+        Kind::Int8 => 0,
+        Kind::Uint8 | Kind::Bool => 1,
+        Kind::Int => 2,
+        Kind::Int64 => 4,
+        Kind::Half => 6,
+        Kind::Float => 7,
+        Kind::Double => 8,
+        Kind::BFloat16 => 9,
+        _ => return None,
+    })
+}
+
+fn dtype_of(t: &Tensor, what: &str) -> Result<c_int> {
+    data_type(t.kind()).ok_or_else(|| Error::Config(format!("NCCL {what}: unsupported element type {:?}", t.kind())))
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.check_tensor(t, "all_reduce")?;
+        let dt = dtype_of(t, "all_reduce")?;
+        let opc = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 2,
+        };
+        // in place on a contiguous tensor (16-bit types reduce natively in NCCL)
+        let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
+        let (n, p) = (work.numel(), work.data_ptr());
+        // SAFETY: a contiguous device buffer of n elements of type dt on this comm's device.
+        self.call("ncclAllReduce", |api, s| unsafe { (api.all_reduce)(p, p, n, dt, opc, self.comm, s) })?;
+        if !t.is_contiguous() {
+            tch::no_grad(|| t.copy_(&work));
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.check_tensor(t, "broadcast")?;
+        let dt = dtype_of(t, "broadcast")?;
+        let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
+        let (n, p) = (work.numel(), work.data_ptr());
+        // SAFETY: as above.
+        self.call("ncclBroadcast", |api, s| unsafe { (api.broadcast)(p, p, n, dt, root as c_int, self.comm, s) })?;
+        if !t.is_contiguous() {
+            tch::no_grad(|| t.copy_(&work));
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_tensor(t, "all_gather")?;
+        let dt = dtype_of(t, "all_gather")?;
+        let work = t.contiguous();
+        let mut shape = work.size();
+        if shape.is_empty() {
+            shape = vec![1];
+        }
+        shape[0] *= self.size as i64;
+        let out = Tensor::empty(shape.as_slice(), (work.kind(), work.device()));
+        let (n, src, dst) = (work.numel(), work.data_ptr(), out.data_ptr());
+        // SAFETY: out holds size × n elements; both on this comm's device.
+        self.call("ncclAllGather", |api, s| unsafe { (api.all_gather)(src, dst, n, dt, self.comm, s) })?;
+        // `work` may be a temporary: the caching allocator reuses its memory
+        // only for later work on the same stream, after the gather.
+        drop(work);
+        Ok(out)
+    }
+
+    fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_tensor(t, "reduce_scatter")?;
+        let dt = dtype_of(t, "reduce_scatter")?;
+        let n = self.size as i64;
+        let shape = t.size();
+        if shape.is_empty() || shape[0] % n != 0 {
+            return Err(Error::Config(format!("NCCL reduce_scatter: dimension 0 of {shape:?} is not divisible by the group size {n}")));
+        }
+        let work = t.contiguous();
+        let mut part_shape = shape.clone();
+        part_shape[0] /= n;
+        let out = Tensor::empty(part_shape.as_slice(), (work.kind(), work.device()));
+        let (count, src, dst) = (out.numel(), work.data_ptr(), out.data_ptr());
+        // SAFETY: work holds size × count elements, out count; same device.
+        self.call("ncclReduceScatter", |api, s| unsafe { (api.reduce_scatter)(src, dst, count, dt, 0, self.comm, s) })?;
+        Ok(out)
+    }
+
+    /// An all-reduce of one element, then a wait for the device: when it
+    /// returns, every rank's earlier collectives on this group are done.
+    fn barrier(&self) -> Result<()> {
+        let mut t = Tensor::zeros([1], (Kind::Float, Device::Cuda(self.device)));
+        self.all_reduce(&mut t, ReduceOp::Sum)?;
+        tch::Cuda::synchronize(self.device as i64);
+        Ok(())
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        let Ok(api) = api() else { return };
+        // SAFETY: the communicator was created by NCCL and is released once.
+        unsafe {
+            if self.failed.get() || std::thread::panicking() {
+                (api.comm_abort)(self.comm);
+            } else {
+                (api.comm_destroy)(self.comm);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The torch 2.11 wheel installs NCCL beside libtorch; on a machine
+    /// without it these checks say so and pass vacuously only there.
+    fn have_nccl() -> bool {
+        match api() {
+            Ok(_) => true,
+            Err(e) => {
+                let torch_lib = option_env!("GLM_BUILD_LIBTORCH_LIB").unwrap_or("");
+                let wheel = std::path::Path::new(torch_lib).join("../../nvidia/nccl/lib/libnccl.so.2");
+                assert!(!wheel.exists(), "NCCL is installed at {} but did not load: {e}", wheel.display());
+                eprintln!("no NCCL on this machine: {e}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn loads_and_reports_version_and_messages() {
+        if !have_nccl() {
+            return;
+        }
+        let v = version().unwrap();
+        let parts: Vec<u32> = v.split('.').map(|p| p.parse().unwrap()).collect();
+        assert_eq!(parts.len(), 3, "{v}");
+        assert!(parts[0] == 2 && parts[1] >= 18, "NCCL {v}: ncclCommSplit needs 2.18+");
+        assert!(api().unwrap().comm_split.is_some());
+        assert_eq!(error_string(0).unwrap(), "no error");
+        assert!(error_string(4).unwrap().contains("invalid argument"), "{}", error_string(4).unwrap());
+        let e = check(api().unwrap(), 5, "ncclAllReduce", std::ptr::null_mut()).unwrap_err().to_string();
+        assert!(e.contains("ncclAllReduce") && e.contains("code 5") && e.contains("usage"), "{e}");
+    }
+
+    #[test]
+    fn unique_ids_differ() {
+        if !have_nccl() {
+            return;
+        }
+        // needs no GPU: the id names rank 0's bootstrap socket
+        let (a, b) = (unique_id().unwrap(), unique_id().unwrap());
+        assert!(a.internal.iter().any(|&c| c != 0));
+        assert_ne!(a.internal.to_vec(), b.internal.to_vec());
+    }
+
+    #[test]
+    fn data_types_match_nccl_h() {
+        assert_eq!(data_type(Kind::Float), Some(7));
+        assert_eq!(data_type(Kind::BFloat16), Some(9));
+        assert_eq!(data_type(Kind::Half), Some(6));
+        assert_eq!(data_type(Kind::Int64), Some(4));
+        assert_eq!(data_type(Kind::ComplexFloat), None);
+    }
+}
