@@ -57,7 +57,7 @@ class Glm(torch.nn.Module):
         s = tokens.shape[1]
         x = self.word_embeddings(tokens) + self.position_embeddings(pos) + self.block_position_embeddings(block_pos)
         x = F.dropout(x, p)
-        ar = torch.arange(s)
+        ar = torch.arange(s, device=tokens.device)
         mask = ((ar[None, :] <= ar[:, None])[None] | (ar[None, :] < sep[:, None])[:, None, :])[:, None]
         for layer in self.layers:
             x = layer(x, mask, p)
@@ -79,11 +79,13 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1234)
     ffn = 4 * a.hidden
-    model = Glm(a.vocab, a.hidden, a.layers, a.heads, ffn, a.seq)
+    dev = torch.device(a.device)
+    model = Glm(a.vocab, a.hidden, a.layers, a.heads, ffn, a.seq).to(dev)
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "layernorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "layernorm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -97,6 +99,7 @@ def main():
     block_pos = torch.cat([torch.zeros(half, dtype=torch.long), torch.arange(1, s - half + 1)]).repeat(b, 1)
     sep = torch.full((b,), half)
     loss_mask = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(s - half, dtype=torch.long)]).repeat(b, 1)
+    tokens, targets, pos, block_pos, sep, loss_mask = (t.to(dev) for t in (tokens, targets, pos, block_pos, sep, loss_mask))
     times = []
     for i in range(a.warmup + a.iters):
         t0 = time.perf_counter()
@@ -112,7 +115,7 @@ def main():
     h, L = a.hidden, a.layers
     flops_per_token = 6 * (L * (4 * h * h + 2 * h * ffn) + a.vocab * h) + 12 * L * h * s
     tps = b * s / sec
-    print(f"torch threads={a.threads} tokens/s={tps:.0f} tflops={tps * flops_per_token / 1e12:.4f} ms/it={sec * 1000:.1f}")
+    print(f"torch device={a.device} threads={a.threads} tokens/s={tps:.0f} tflops={tps * flops_per_token / 1e12:.4f} ms/it={sec * 1000:.1f}")
 
 
 if __name__ == "__main__":
