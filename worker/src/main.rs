@@ -333,7 +333,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
-    let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &opts)?;
+    let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &a.out, &opts)?;
     println!(
         "prepare: tokenizer {origin}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
         tok.vocab_size(),

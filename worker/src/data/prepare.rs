@@ -53,12 +53,16 @@ impl std::fmt::Display for TokenizerOrigin {
     }
 }
 
-/// The given tokenizer, or the one cached for this corpus, or a new one trained on it.
-pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
+/// The given tokenizer, or the one cached for this corpus, or a new one
+/// trained on it. The cache is named by the corpus content; files that the
+/// store at `store` (if any) recorded with the same size and mtime are not
+/// read again to compute it.
+pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
     if let Some(p) = given {
         return Ok((GlmTokenizer::load(p)?, TokenizerOrigin::Given(p.to_path_buf())));
     }
-    let fp = CorpusFingerprint::compute(files)?;
+    let known = store::read_meta(store).ok().map(|m| m.corpus);
+    let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;
     let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}.json", &fp.digest[..12], opts.vocab_size));
     if cache.is_file() {
         return Ok((GlmTokenizer::load(&cache)?, TokenizerOrigin::Cached(cache)));

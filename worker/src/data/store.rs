@@ -71,12 +71,36 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// Content hashes computed by this process, by (path, size, mtime): a
+/// training start names the cached tokenizer and may rebuild the store from
+/// the same corpus, and should read it for hashing once.
+static HASHED: std::sync::Mutex<Vec<FileFingerprint>> = std::sync::Mutex::new(Vec::new());
+
 impl CorpusFingerprint {
     pub fn compute(files: &[PathBuf]) -> Result<Self> {
+        Self::compute_with(files, None)
+    }
+
+    /// As `compute`, but a file whose path, size and mtime equal an entry of
+    /// `known` (e.g. the fingerprint an existing store recorded) keeps that
+    /// entry's hash instead of being read again — the rule `matches` uses.
+    pub fn compute_with(files: &[PathBuf], known: Option<&CorpusFingerprint>) -> Result<Self> {
         let mut out = Vec::with_capacity(files.len());
         for p in files {
             let meta = std::fs::metadata(p).at(p)?;
-            out.push(FileFingerprint { path: p.clone(), size: meta.len(), mtime_ns: mtime_ns(&meta), sha256: sha256_file(p)? });
+            let (size, mtime) = (meta.len(), mtime_ns(&meta));
+            let same = |f: &&FileFingerprint| f.path == *p && f.size == size && f.mtime_ns == mtime;
+            let memo = HASHED.lock().unwrap_or_else(|e| e.into_inner()).iter().find(same).map(|f| f.sha256.clone());
+            let sha256 = match known.and_then(|k| k.files.iter().find(same)).map(|f| f.sha256.clone()).or(memo) {
+                Some(h) => h,
+                None => {
+                    let h = sha256_file(p)?;
+                    let f = FileFingerprint { path: p.clone(), size, mtime_ns: mtime, sha256: h.clone() };
+                    HASHED.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+                    h
+                }
+            };
+            out.push(FileFingerprint { path: p.clone(), size, mtime_ns: mtime, sha256 });
         }
         Ok(Self::from_files(out))
     }
@@ -538,6 +562,28 @@ pub fn split_documents(n: usize, weights: &[f64], seed: u64) -> Vec<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_reuse_a_known_hash_only_for_the_same_size_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.txt");
+        std::fs::write(&p, "some text").unwrap();
+        let files = vec![p.clone()];
+        let real = CorpusFingerprint::compute(&files).unwrap();
+        assert_eq!(real.files[0].sha256, sha256_file(&p).unwrap());
+        // a recorded hash for the same path, size and mtime is taken as is (the file is not read)
+        let mut known = real.clone();
+        known.files[0].sha256 = "recorded".into();
+        assert_eq!(CorpusFingerprint::compute_with(&files, Some(&known)).unwrap().files[0].sha256, "recorded");
+        // another mtime: the content is hashed
+        known.files[0].mtime_ns += 1;
+        assert_eq!(CorpusFingerprint::compute_with(&files, Some(&known)).unwrap().files[0].sha256, real.files[0].sha256);
+        // changed content (other size): a new hash, not the memo of the old one
+        std::fs::write(&p, "other, longer text").unwrap();
+        let changed = CorpusFingerprint::compute(&files).unwrap();
+        assert_eq!(changed.files[0].sha256, sha256_file(&p).unwrap());
+        assert_ne!(changed.digest, real.digest);
+    }
 
     #[test]
     fn split_matches_weights_and_is_disjoint() {

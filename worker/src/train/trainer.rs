@@ -130,7 +130,7 @@ impl Trainer {
         if !par.is_main() {
             par.barrier()?;
         }
-        let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &popts)?;
+        let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
         println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
         let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
         if par.is_main() {
