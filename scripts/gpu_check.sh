@@ -5,7 +5,7 @@
 #   1. environment: GPU, torch, what glm-worker sees (libtorch_cuda, NCCL);
 #   2. NCCL world of one on cuda:0: every collective and the tensor-parallel
 #      autograd regions checked by value, all-reduce timing (comm-check);
-#   3. training on cuda:0: the default model for a few hundred iterations
+#   3. training on cuda:0: the default run (1000 iterations of the default model)
 #      with a checkpoint, then a resume from it; tokens/s;
 #   4. the training step against eager PyTorch on the same GPU (bench-step vs
 #      bench/glm_torch.py), default shape and a GLM-base-sized one;
@@ -48,7 +48,7 @@ trap 'rm -rf "$WORK"' EXIT
 PY="${PYTHON:-python3}"
 DEV="${GLM_CHECK_DEVICE:-cuda}"
 QUICK="${GLM_CHECK_QUICK:-}"
-ITERS=400; [ -n "$QUICK" ] && ITERS=40
+ITERS=1000; [ -n "$QUICK" ] && ITERS=40
 
 declare -a RESULTS=()
 step() { # step <name> <command...>: runs it, records PASS/FAIL and the time
