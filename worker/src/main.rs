@@ -568,25 +568,13 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
 /// communicator: the world's is bootstrapped over MPI, the groups' are split
 /// from it. Collective: every rank calls it with the same layout.
 fn build_groups(world: &glm_worker::comm::mpi::MpiComm, dims: glm_worker::parallel::dims::ParallelDims, device: tch::Device) -> Result<glm_worker::parallel::Parallel> {
-    use glm_worker::comm::{nccl::NcclComm, Communicator, GroupComm};
+    use glm_worker::comm::{Communicator, GroupComm};
     if dims.world == 1 {
         return Ok(glm_worker::parallel::Parallel::single());
     }
-    let nccl_world = match device {
-        tch::Device::Cuda(d) => Some(NcclComm::init(world, d)?),
-        _ => None,
-    };
-    let group = |color: usize, key: usize| -> Result<GroupComm> {
-        let mpi = world.split(color, key)?;
-        let nccl = match &nccl_world {
-            Some(w) => Some(w.split(color, key, &mpi)?),
-            None => None,
-        };
-        Ok(GroupComm { mpi, nccl })
-    };
-    let dp = if dims.dp > 1 { Some(Box::new(group(dims.tp_rank(), dims.dp_rank())?) as Box<dyn Communicator>) } else { None };
-    let tp = if dims.tp > 1 { Some(glm_worker::parallel::mappings::register(Box::new(group(dims.dp_rank(), dims.tp_rank())?))) } else { None };
-    let world_group = GroupComm { mpi: world.split(0, dims.rank)?, nccl: nccl_world };
+    let world_group = GroupComm::world(world, device)?;
+    let dp = if dims.dp > 1 { Some(Box::new(world_group.split(dims.tp_rank(), dims.dp_rank())?) as Box<dyn Communicator>) } else { None };
+    let tp = if dims.tp > 1 { Some(glm_worker::parallel::mappings::register(Box::new(world_group.split(dims.dp_rank(), dims.tp_rank())?))) } else { None };
     Ok(glm_worker::parallel::Parallel { dims, dp, world: Some(Box::new(world_group)), tp })
 }
 
@@ -682,7 +670,7 @@ fn bench_step(a: BenchArgs) -> Result<()> {
 /// autograd regions over the world) checked on `device`, then all-reduce
 /// bus bandwidth. On CUDA the world is an NCCL communicator, even of one.
 fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
-    use glm_worker::comm::{check, nccl::NcclComm, Communicator, GroupComm};
+    use glm_worker::comm::{check, Communicator, GroupComm};
     let world = glm_worker::comm::mpi::world()?;
     let device = rank_device(choice, glm_worker::comm::mpi::local_rank(&world))?;
     let (rank, p) = (world.rank(), world.size());
@@ -691,14 +679,7 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
             println!("comm-check: {line}");
         }
     };
-    let comm = {
-        let mpi = world.split(0, rank)?;
-        let nccl = match device {
-            tch::Device::Cuda(d) => Some(NcclComm::init(&mpi, d)?),
-            _ => None,
-        };
-        GroupComm { mpi, nccl }
-    };
+    let comm = GroupComm::world(&world, device)?;
     let backend = match &comm.nccl {
         Some(_) => {
             let v = glm_worker::comm::nccl::version()?;
@@ -712,14 +693,7 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
     }
     // the regions run over a second communicator split from the first, as
     // training's tensor-parallel group is (ncclCommSplit on CUDA)
-    let sub = {
-        let mpi = world.split(0, rank)?;
-        let nccl = match &comm.nccl {
-            Some(n) => Some(n.split(0, rank, &mpi)?),
-            None => None,
-        };
-        GroupComm { mpi, nccl }
-    };
+    let sub = comm.split(0, rank)?;
     say(&format!("tensor-parallel regions over a group split from it{}", if sub.nccl.is_some() { " (ncclCommSplit)" } else { "" }));
     let g = glm_worker::parallel::mappings::register(Box::new(sub));
     for line in check::regions(g, device)? {

@@ -42,8 +42,26 @@ pub struct GroupComm {
 }
 
 impl GroupComm {
-    pub fn cpu(mpi: mpi::MpiComm) -> Self {
-        GroupComm { mpi, nccl: None }
+    /// All ranks of `world`; on CUDA device `device` also an NCCL
+    /// communicator, bootstrapped over MPI. Collective over `world`.
+    pub fn world(world: &mpi::MpiComm, device: tch::Device) -> Result<Self> {
+        let mpi = world.split(0, world.rank())?;
+        let nccl = match device {
+            tch::Device::Cuda(d) => Some(nccl::NcclComm::init(&mpi, d)?),
+            _ => None,
+        };
+        Ok(GroupComm { mpi, nccl })
+    }
+
+    /// The sub-group of the ranks passing the same `color`, ordered by `key`,
+    /// with both back ends split alike. Collective over this group.
+    pub fn split(&self, color: usize, key: usize) -> Result<Self> {
+        let mpi = self.mpi.split(color, key)?;
+        let nccl = match &self.nccl {
+            Some(n) => Some(n.split(color, key, &mpi)?),
+            None => None,
+        };
+        Ok(GroupComm { mpi, nccl })
     }
 
     fn pick(&self, t: &Tensor) -> &dyn Communicator {

@@ -68,8 +68,7 @@ fn candidates() -> Vec<String> {
         c.push(p);
     }
     c.push("libnccl.so.2".into());
-    let torch_lib = std::env::var("GLM_LIBTORCH_LIB").ok().or_else(|| option_env!("GLM_BUILD_LIBTORCH_LIB").map(String::from));
-    if let Some(dir) = torch_lib {
+    if let Some(dir) = crate::runtime::libtorch_dir() {
         // the torch wheel's layout: site-packages/torch/lib -> site-packages/nvidia/nccl/lib
         c.push(format!("{dir}/../../nvidia/nccl/lib/libnccl.so.2"));
     }
@@ -144,18 +143,25 @@ pub fn version() -> Result<String> {
 
 /// NCCL's message for a result code.
 pub fn error_string(code: i32) -> Result<String> {
-    let api = api()?;
+    Ok(message(api()?, code))
+}
+
+fn message(api: &Api, code: Res) -> String {
     // SAFETY: returns a static C string.
     let p = unsafe { (api.error_string)(code) };
-    Ok(if p.is_null() { format!("NCCL error {code}") } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() })
+    if p.is_null() {
+        format!("NCCL error {code}")
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
 }
 
 fn check(api: &Api, code: Res, what: &str, comm: CommPtr) -> Result<()> {
     if code == 0 {
         return Ok(());
     }
-    // SAFETY: static / per-communicator C strings owned by NCCL.
-    let msg = unsafe { CStr::from_ptr((api.error_string)(code)) }.to_string_lossy().into_owned();
+    let msg = message(api, code);
+    // SAFETY: a per-communicator C string owned by NCCL.
     let detail = api
         .last_error
         .map(|f| unsafe { f(comm) })
@@ -234,10 +240,6 @@ impl NcclComm {
         }
     }
 
-    pub fn device(&self) -> usize {
-        self.device
-    }
-
     fn track(&self, r: Result<()>) -> Result<()> {
         if r.is_err() {
             self.failed.set(true);
@@ -250,6 +252,22 @@ impl NcclComm {
             Device::Cuda(d) if d == self.device => Ok(()),
             other => Err(Error::Config(format!("NCCL {what}: tensor on {other:?}, but this communicator is on cuda:{}", self.device))),
         }
+    }
+
+    /// Runs an in-place collective `f(api, buffer, count, type, stream)` on
+    /// `t`: directly when it is contiguous, else on a contiguous copy that is
+    /// written back.
+    fn in_place(&self, t: &mut Tensor, what: &str, f: impl FnOnce(&Api, *mut c_void, usize, c_int, Stream) -> Res) -> Result<()> {
+        self.check_tensor(t, what)?;
+        let dt = dtype_of(t, what)?;
+        let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
+        let (n, p) = (work.numel(), work.data_ptr());
+        // f's SAFETY: a contiguous buffer of n elements of type dt on this communicator's device.
+        self.call(what, |api, s| f(api, p, n, dt, s))?;
+        if !t.is_contiguous() {
+            tch::no_grad(|| t.copy_(&work));
+        }
+        Ok(())
     }
 
     /// Runs one collective on the default stream of this communicator's device.
@@ -290,39 +308,21 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.check_tensor(t, "all_reduce")?;
-        let dt = dtype_of(t, "all_reduce")?;
         let opc = match op {
             ReduceOp::Sum => 0,
             ReduceOp::Max => 2,
         };
-        // in place on a contiguous tensor (16-bit types reduce natively in NCCL)
-        let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
-        let (n, p) = (work.numel(), work.data_ptr());
-        // SAFETY: a contiguous device buffer of n elements of type dt on this comm's device.
-        self.call("ncclAllReduce", |api, s| unsafe { (api.all_reduce)(p, p, n, dt, opc, self.comm, s) })?;
-        if !t.is_contiguous() {
-            tch::no_grad(|| t.copy_(&work));
-        }
-        Ok(())
+        // 16-bit types reduce natively in NCCL
+        self.in_place(t, "ncclAllReduce", |api, p, n, dt, s| unsafe { (api.all_reduce)(p, p, n, dt, opc, self.comm, s) })
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        self.check_tensor(t, "broadcast")?;
-        let dt = dtype_of(t, "broadcast")?;
-        let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
-        let (n, p) = (work.numel(), work.data_ptr());
-        // SAFETY: as above.
-        self.call("ncclBroadcast", |api, s| unsafe { (api.broadcast)(p, p, n, dt, root as c_int, self.comm, s) })?;
-        if !t.is_contiguous() {
-            tch::no_grad(|| t.copy_(&work));
-        }
-        Ok(())
+        self.in_place(t, "ncclBroadcast", |api, p, n, dt, s| unsafe { (api.broadcast)(p, p, n, dt, root as c_int, self.comm, s) })
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        self.check_tensor(t, "all_gather")?;
-        let dt = dtype_of(t, "all_gather")?;
+        self.check_tensor(t, "ncclAllGather")?;
+        let dt = dtype_of(t, "ncclAllGather")?;
         let work = t.contiguous();
         let mut shape = work.size();
         if shape.is_empty() {
@@ -340,8 +340,8 @@ impl Communicator for NcclComm {
     }
 
     fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
-        self.check_tensor(t, "reduce_scatter")?;
-        let dt = dtype_of(t, "reduce_scatter")?;
+        self.check_tensor(t, "ncclReduceScatter")?;
+        let dt = dtype_of(t, "ncclReduceScatter")?;
         let n = self.size as i64;
         let shape = t.size();
         if shape.is_empty() || shape[0] % n != 0 {
