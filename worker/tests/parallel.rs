@@ -27,6 +27,12 @@ fn ds(dir: &Path, name: &str, micro: usize, global: usize) -> PathBuf {
 /// Runs glm-worker on `np` ranks (np = 0: without mpirun) with a tiny,
 /// dropout-free model on the first 300 records of the default corpus.
 fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
+    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    command(dir, np, ds, sets).output().expect("mpirun (openmpi-bin; scripts/setup.sh installs it)")
+}
+
+/// The command `run` runs.
+fn command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
     let corpus = dir.join("corpus.json");
     if !corpus.exists() {
         let text = std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).expect("default corpus (scripts/setup.sh builds it)");
@@ -55,7 +61,6 @@ fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
         args.push("--set".into());
         args.push(s);
     }
-    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
     let worker = env!("CARGO_BIN_EXE_glm-worker");
     let mut cmd = if np == 0 {
         Command::new(worker)
@@ -64,11 +69,8 @@ fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
         c.arg(worker);
         c
     };
-    cmd.current_dir(repo())
-        .env("OMP_NUM_THREADS", "1")
-        .args(&args)
-        .output()
-        .expect("mpirun (openmpi-bin; scripts/setup.sh installs it)")
+    cmd.current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args);
+    cmd
 }
 
 /// mpirun jobs of concurrently running tests contend for the 2 cores and
@@ -235,5 +237,60 @@ fn comm_check_on_cuda_runs_nccl_or_says_why_not() {
         assert!(out.contains("through NCCL") && out.contains("all checks passed"), "{out}");
     } else {
         assert!(err.contains("--device cuda: CUDA is not available"), "{err}");
+    }
+}
+
+/// The processes mpirun `parent` started (its children, by /proc).
+fn children(parent: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_signal_to_one_tensor_parallel_rank_stops_every_rank_after_the_same_iteration() {
+    let d = tempfile::tempdir().unwrap();
+    let save = d.path().join("save");
+    let cfg = ds(d.path(), "ds.json", 4, 4);
+    let sets = ["train_iters=100000".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into(), "save_interval=0".into(), format!("save={}", save.display())];
+    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = command(d.path(), 2, &cfg, &sets).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // training is under way once rank 0 has logged an iteration
+    let t0 = std::time::Instant::now();
+    while !save.join("metrics.jsonl").is_file() {
+        assert!(t0.elapsed().as_secs() < 300, "no training progress");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    // SIGTERM to one rank only (the one started last)
+    unsafe { libc::kill(*ranks.iter().max().unwrap(), libc::SIGTERM) };
+    let t1 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t1.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("the other rank did not stop: the job hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{err}");
+    // both tensor-parallel parts of the stop iteration, and `latest` naming it
+    let it = std::fs::read_to_string(save.join("latest")).unwrap().trim().to_string();
+    for r in ["mp_rank_00", "mp_rank_01"] {
+        assert!(save.join(&it).join(r).join("model.safetensors").is_file(), "{r} of iteration {it}");
     }
 }

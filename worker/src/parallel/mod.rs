@@ -64,10 +64,12 @@ impl Parallel {
         Ok(())
     }
 
-    /// Whether any rank of the data-parallel group says yes.
-    pub fn dp_any(&self, flag: bool) -> Result<bool> {
+    /// Whether any rank of the world says yes (e.g. a stop signal reached
+    /// one rank: all must stop after the same iteration, tensor-parallel
+    /// peers included).
+    pub fn any_rank(&self, flag: bool) -> Result<bool> {
         let mut t = Tensor::from_slice(&[i64::from(flag)]);
-        if let Some(c) = &self.dp {
+        if let Some(c) = &self.world {
             c.all_reduce(&mut t, ReduceOp::Max)?;
         }
         Ok(t.int64_value(&[0]) != 0)

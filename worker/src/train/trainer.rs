@@ -450,7 +450,7 @@ impl Trainer {
                 t_log = Instant::now();
             }
             // every rank stops after the same iteration
-            let stopping = self.par.dp_any(STOP.load(Ordering::SeqCst))?;
+            let stopping = self.par.any_rank(STOP.load(Ordering::SeqCst))?;
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
                 if let Some(e) = self.evaluate()? {
                     say(&pb, &format!("validation at iteration {it} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
