@@ -42,6 +42,8 @@ pub struct Fp16Cfg {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DsConfig {
     pub path: PathBuf,
+    /// The file as loaded (recorded in every checkpoint's state).
+    pub raw: Value,
     pub train_batch_size: Option<usize>,
     pub micro_batch: Option<usize>,
     pub grad_accum: Option<usize>,
@@ -256,6 +258,7 @@ impl DsConfig {
         let unused = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
         Ok(DsConfig {
             path: path.to_path_buf(),
+            raw: v.clone(),
             train_batch_size,
             micro_batch,
             grad_accum,

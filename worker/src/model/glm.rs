@@ -76,6 +76,7 @@ impl GlmConfig {
 struct Linear {
     weight: usize, // [out, in]
     bias: usize,
+    split: Split,
 }
 
 /// How a parameter of the original's state dict is split over
@@ -121,7 +122,7 @@ impl Linear {
         };
         let weight = pb.add_part(format!("{name}.weight"), &[d_out as i64, d_in as i64], w, Init::Normal(std), true);
         let bias = pb.add_part(format!("{name}.bias"), &[d_out as i64], b, Init::Zeros, false);
-        Linear { weight, bias }
+        Linear { weight, bias, split }
     }
     fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
         x.linear(p.get(self.weight), Some(p.get(self.bias)))
@@ -236,10 +237,10 @@ impl Glm {
         causal.unsqueeze(0).logical_or(&prefix.unsqueeze(1)).unsqueeze(1)
     }
 
-    /// `l` applied to `x`: whole, or split as `split` says under tensor parallelism.
-    fn linear(&self, l: &Linear, x: &Tensor, split: Split) -> Result<Tensor> {
+    /// `l` applied to `x`: whole, or split as it was built under tensor parallelism.
+    fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
         let p = &self.params;
-        match (self.tp, split) {
+        match (self.tp, l.split) {
             (None, _) => Ok(l.forward(p, x)),
             (Some(g), Split::Column | Split::Qkv) => column_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, false),
             (Some(g), Split::Row) => row_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, true),
@@ -274,7 +275,7 @@ impl Glm {
         let tracked = self.tp.filter(|_| attn_p > 0.0);
         for (i, l) in self.layers.iter().enumerate() {
             let y = l.input_layernorm.forward(p, &x);
-            let qkv = self.linear(&l.query_key_value, &y, Split::Qkv)?; // (b, s, 3h/tp)
+            let qkv = self.linear(&l.query_key_value, &y)?; // (b, s, 3h/tp)
             let parts = qkv.split(nh * hd, -1);
             let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
@@ -286,10 +287,10 @@ impl Glm {
                 reseed(i, None);
             }
             let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
-            x = x + self.linear(&l.dense, &a, Split::Row)?.dropout(self.cfg.output_dropout, train);
+            x = x + self.linear(&l.dense, &a)?.dropout(self.cfg.output_dropout, train);
             let y = l.post_attention_layernorm.forward(p, &x);
-            let y = self.linear(&l.dense_h_to_4h, &y, Split::Column)?.gelu("tanh"); // (b, s, ffn/tp)
-            x = x + self.linear(&l.dense_4h_to_h, &y, Split::Row)?.dropout(self.cfg.output_dropout, train);
+            let y = self.linear(&l.dense_h_to_4h, &y)?.gelu("tanh"); // (b, s, ffn/tp)
+            x = x + self.linear(&l.dense_4h_to_h, &y)?.dropout(self.cfg.output_dropout, train);
         }
         Ok(self.final_layernorm.forward(p, &x))
     }

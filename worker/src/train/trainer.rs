@@ -234,11 +234,12 @@ impl Trainer {
     /// the whole global batch.
     pub fn step(&mut self, it: u64) -> Result<(f64, f64, f64)> {
         let a = &self.cfg.args.args;
-        tch::manual_seed((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64));
+        let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
+        tch::manual_seed(it_seed);
         let accum = self.cfg.batch.accum;
         let mut loss_sum = 0.0;
         for m in 0..accum {
-            self.model.rng_base.set((a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64).wrapping_mul(64).wrapping_add(m as i64));
+            self.model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
             let batch = collate(&self.micro_batch(it, m), self.device);
             let (sum, _, n) = self.model.loss_terms(&batch, true)?;
             let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
@@ -340,7 +341,6 @@ impl Trainer {
     fn save(&self) -> Result<Option<PathBuf>> {
         let a = &self.cfg.args.args;
         let dir = self.cfg.save_dir().expect("save configured");
-        let ds = std::fs::read_to_string(&self.cfg.ds.path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         let state = State {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
@@ -349,7 +349,7 @@ impl Trainer {
             model: self.model.cfg.clone(),
             has_optimizer: false,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
-            deepspeed_config: ds,
+            deepspeed_config: self.cfg.ds.raw.clone(),
             args: serde_json::to_value(a).expect("args serialise"),
             files: Default::default(),
         };
