@@ -1,7 +1,6 @@
 //! `glm-worker-core`: the real worker program. Users start it through the
 //! `glm-worker` entry point, which finds libtorch first.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -305,7 +304,7 @@ fn make_corpus(src: &Path, out: &Path) -> Result<()> {
 }
 
 fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !glm_worker::comm::mpi::live_terminal(&std::io::stderr()) {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
@@ -329,7 +328,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         tokenizer_cache: a.tokenizer_cache.clone(),
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
         force: a.force,
-        show_progress: std::io::stderr().is_terminal(),
+        show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
@@ -536,7 +535,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         prepare: PrepareOptions {
             vocab_size: t.vocab_size,
             tokenizer_cache: t.tokenizer_cache.clone(),
-            show_progress: std::io::stderr().is_terminal(),
+            show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
             ..PrepareOptions::default()
         },
         device,
@@ -554,8 +553,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Outcome::Interrupted { iteration } => {
-            let sig = glm_worker::train::trainer::received_signal();
+        Outcome::Interrupted { iteration, signal: sig } => {
             println!("train: stopped by signal {sig} after iteration {iteration}{}", if trainer.metrics_dir().is_some() { " (checkpoint saved)" } else { "" });
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
         }

@@ -262,7 +262,7 @@ fn a_signal_to_one_tensor_parallel_rank_stops_every_rank_after_the_same_iteratio
     let cfg = ds(d.path(), "ds.json", 4, 4);
     let sets = ["train_iters=100000".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into(), "save_interval=0".into(), format!("save={}", save.display())];
     let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = command(d.path(), 2, &cfg, &sets).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = command(d.path(), 2, &cfg, &sets).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // training is under way once rank 0 has logged an iteration
     let t0 = std::time::Instant::now();
     while !save.join("metrics.jsonl").is_file() {
@@ -285,9 +285,13 @@ fn a_signal_to_one_tensor_parallel_rank_stops_every_rank_after_the_same_iteratio
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    let mut err = String::new();
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    // every rank exits 128 + SIGTERM, whichever mpirun reports first, and
+    // rank 0 (the reporter) names the signal even if it went to rank 1
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{err}");
+    assert!(out.contains(&format!("train: stopped by signal {} after iteration", libc::SIGTERM)), "{out}");
     // both tensor-parallel parts of the stop iteration, and `latest` naming it
     let it = std::fs::read_to_string(save.join("latest")).unwrap().trim().to_string();
     for r in ["mp_rank_00", "mp_rank_01"] {

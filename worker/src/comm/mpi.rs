@@ -206,6 +206,20 @@ impl MpiComm {
     }
 }
 
+/// Whether an MPI launcher (mpirun/mpiexec, srun, a PMI/PMIx agent)
+/// started this process. OpenMPI hands its ranks a pty for stdout even when
+/// mpirun's own output goes to a file, so `is_terminal` cannot be trusted
+/// there: progress bars are drawn only outside a launcher.
+pub fn under_launcher() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "MPI_LOCALNRANKS"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// Whether to draw live progress on `stream`: a terminal, and no launcher
+/// in between (see [`under_launcher`]).
+pub fn live_terminal(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && !under_launcher()
+}
+
 /// The process's local rank: from the launcher's environment when it says,
 /// else the rank among the processes sharing this node.
 pub fn local_rank(world: &MpiComm) -> usize {

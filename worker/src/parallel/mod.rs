@@ -64,15 +64,15 @@ impl Parallel {
         Ok(())
     }
 
-    /// Whether any rank of the world says yes (e.g. a stop signal reached
-    /// one rank: all must stop after the same iteration, tensor-parallel
-    /// peers included).
-    pub fn any_rank(&self, flag: bool) -> Result<bool> {
-        let mut t = Tensor::from_slice(&[i64::from(flag)]);
+    /// The largest of every world rank's `v` (e.g. the number of a stop
+    /// signal that reached one rank: all must stop after the same iteration,
+    /// tensor-parallel peers included, and report the same signal).
+    pub fn world_max(&self, v: i64) -> Result<i64> {
+        let mut t = Tensor::from_slice(&[v]);
         if let Some(c) = &self.world {
             c.all_reduce(&mut t, ReduceOp::Max)?;
         }
-        Ok(t.int64_value(&[0]) != 0)
+        Ok(t.int64_value(&[0]))
     }
 
     /// Copies `t` of data-parallel rank 0 to every rank of the group.

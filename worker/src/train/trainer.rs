@@ -6,9 +6,8 @@
 //! of `(seed, global sample index)`, so a run resumed from a checkpoint of
 //! iteration k continues exactly as the uninterrupted run (bit-for-bit on CPU).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,18 +28,12 @@ use crate::optim::adamw::{clip_grad_norm, clip_to, AdamW};
 use crate::parallel::mappings::all_reduce_nograd;
 use crate::parallel::Parallel;
 
-/// Set by SIGINT/SIGTERM: finish the current iteration, checkpoint, exit.
-static STOP: AtomicBool = AtomicBool::new(false);
-static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
+/// checkpoint, exit.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// The signal that stopped the run (0 if none).
-pub fn received_signal() -> i32 {
-    SIGNAL.load(Ordering::SeqCst)
 }
 
 pub fn install_signal_handlers() {
@@ -62,7 +55,9 @@ pub struct TrainOptions {
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     Finished { iteration: u64 },
-    Interrupted { iteration: u64 },
+    /// Stopped by `signal`, which reached at least one rank of the world
+    /// (every rank reports the same number).
+    Interrupted { iteration: u64, signal: i32 },
 }
 
 /// Samples -> tensors on `device`.
@@ -388,9 +383,7 @@ impl Trainer {
         let seq = a.seq_length;
         let tokens_per_iter = (self.cfg.batch.global * seq) as f64;
         let flops_per_token = self.model.cfg.flops_per_token(seq);
-        let pb = std::io::stdout().is_terminal().then(|| {
-            // on stdout, the stream the decision was made for (under mpirun
-            // stdout can be a pty while stderr is not)
+        let pb = crate::comm::mpi::live_terminal(&std::io::stdout()).then(|| {
             let pb = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stdout());
             pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}").expect("template"));
             pb.set_position(self.iteration);
@@ -450,7 +443,8 @@ impl Trainer {
                 t_log = Instant::now();
             }
             // every rank stops after the same iteration
-            let stopping = self.par.any_rank(STOP.load(Ordering::SeqCst))?;
+            let signal = self.par.world_max(SIGNAL.load(Ordering::SeqCst).into())? as i32;
+            let stopping = signal != 0;
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
                 if let Some(e) = self.evaluate()? {
                     say(&pb, &format!("validation at iteration {it} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
@@ -468,7 +462,7 @@ impl Trainer {
                 if let Some(pb) = &pb {
                     pb.abandon();
                 }
-                return Ok(Outcome::Interrupted { iteration: it });
+                return Ok(Outcome::Interrupted { iteration: it, signal });
             }
         }
         if let Some(pb) = &pb {
