@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{ok, repo};
 
 fn ds(dir: &Path, name: &str, micro: usize, global: usize) -> PathBuf {
     let p = dir.join(name);
@@ -35,32 +32,10 @@ fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
 fn command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
     let corpus = dir.join("corpus.json");
     if !corpus.exists() {
-        let text = std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).expect("default corpus (scripts/setup.sh builds it)");
-        let docs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        std::fs::write(&corpus, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
+        common::corpus_slice(&corpus, 300);
     }
-    let mut args: Vec<String> = vec![
-        "--config".into(),
-        ds.display().to_string(),
-        "--args".into(),
-        "configs/configs_tiny.json".into(),
-        "--store".into(),
-        dir.join("store").display().to_string(),
-        "--tokenizer-cache".into(),
-        dir.join("model").display().to_string(),
-        "--vocab-size".into(),
-        "1200".into(),
-        "--device".into(),
-        "cpu".into(),
-    ];
-    let base = [
-        "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64",
-        "hidden_dropout=0", "attention_dropout=0", "output_dropout=0", "log_interval=1", "eval_interval=3", "eval_iters=4",
-    ];
-    for s in base.iter().map(|s| s.to_string()).chain([format!("train_data={}", corpus.display())]).chain(sets.iter().cloned()) {
-        args.push("--set".into());
-        args.push(s);
-    }
+    let dropout_free = ["hidden_dropout=0", "attention_dropout=0", "output_dropout=0", "eval_interval=3"].map(String::from);
+    let args = common::tiny_train_args(dir, ds, &corpus, 1200, &[&dropout_free[..], sets].concat());
     let worker = env!("CARGO_BIN_EXE_glm-worker");
     let mut cmd = if np == 0 {
         Command::new(worker)
@@ -77,18 +52,9 @@ fn command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
 /// OpenMPI's session directory; run them one at a time.
 static MPIRUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn ok(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stderr));
-    out
-}
-
 fn losses(save: &Path, kind: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(save.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == kind)
+    common::events(save, kind)
+        .into_iter()
         .map(|v| (v["iteration"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }

@@ -3,12 +3,11 @@
 //! equals the uninterrupted one bit for bit, corrupt checkpoints are refused,
 //! generation runs from a checkpoint, and bad configs fail clearly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{events, ok, repo};
 
 struct Run {
     dir: tempfile::TempDir,
@@ -19,12 +18,7 @@ impl Run {
     /// corpus) and a DeepSpeed config.
     fn new() -> Run {
         let dir = tempfile::tempdir().unwrap();
-        let default = repo().join("glm_pretrain/data/data.json");
-        let text = std::fs::read_to_string(&default)
-            .unwrap_or_else(|e| panic!("{}: {e} (scripts/setup.sh builds it)", default.display()));
-        let docs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        let docs: Vec<_> = docs.into_iter().take(600).collect();
-        std::fs::write(dir.path().join("corpus.json"), serde_json::to_string(&docs).unwrap()).unwrap();
+        common::corpus_slice(&dir.path().join("corpus.json"), 600);
         std::fs::write(
             dir.path().join("ds.json"),
             r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
@@ -49,53 +43,11 @@ impl Run {
 
     /// Trains with the tiny test model; `sets` add or override keys.
     fn train(&self, sets: &[String]) -> Output {
-        let mut args: Vec<String> = vec![
-            "--config".into(),
-            self.p("ds.json").display().to_string(),
-            "--args".into(),
-            "configs/configs_tiny.json".into(),
-            "--store".into(),
-            self.p("store").display().to_string(),
-            "--tokenizer-cache".into(),
-            self.p("model").display().to_string(),
-            "--vocab-size".into(),
-            "1500".into(),
-            "--device".into(),
-            "cpu".into(),
-        ];
-        let base = [
-            "num_layers=2",
-            "hidden_size=64",
-            "num_attention_heads=2",
-            "seq_length=64",
-            "max_position_embeddings=64",
-            "hidden_dropout=0.1",
-            "warmup=0.1",
-            "eval_iters=4",
-            "log_interval=1",
-        ];
-        for s in base.iter().map(|s| s.to_string()).chain([format!("train_data={}", self.p("corpus.json").display())]).chain(sets.iter().cloned()) {
-            args.push("--set".into());
-            args.push(s);
-        }
+        let run = ["hidden_dropout=0.1", "warmup=0.1"].map(String::from);
+        let args = common::tiny_train_args(self.dir.path(), &self.p("ds.json"), &self.p("corpus.json"), 1500, &[&run[..], sets].concat());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.worker(&args)
     }
-}
-
-fn ok(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stderr));
-    out
-}
-
-fn events(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == kind)
-        .collect()
 }
 
 #[test]

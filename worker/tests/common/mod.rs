@@ -1,7 +1,65 @@
-//! Helpers shared by the integration tests that start MPI jobs.
+//! Helpers shared by the integration tests: the repository, the tiny
+//! training setup, metrics, and MPI jobs.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The stdout of a run that must have succeeded (else both streams).
+pub fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// Writes the first `n` records of the default corpus to `path`.
+pub fn corpus_slice(path: &Path, n: usize) {
+    let default = repo().join("glm_pretrain/data/data.json");
+    let text = std::fs::read_to_string(&default).unwrap_or_else(|e| panic!("{}: {e} (scripts/setup.sh builds it)", default.display()));
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    std::fs::write(path, serde_json::to_string(&docs[..n.min(docs.len())]).unwrap()).unwrap();
+}
+
+/// glm-worker's arguments for training the tiny test model (2 layers,
+/// hidden 64, seq 64) on CPU with the DeepSpeed config `ds`, on `corpus`,
+/// with its token store and tokenizer under `dir`; `sets` (after the
+/// model's) add or override keys of configs.json.
+pub fn tiny_train_args(dir: &Path, ds: &Path, corpus: &Path, vocab_size: usize, sets: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--config".into(),
+        ds.display().to_string(),
+        "--args".into(),
+        "configs/configs_tiny.json".into(),
+        "--store".into(),
+        dir.join("store").display().to_string(),
+        "--tokenizer-cache".into(),
+        dir.join("model").display().to_string(),
+        "--vocab-size".into(),
+        vocab_size.to_string(),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    let model = ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_iters=4"];
+    for s in model.iter().map(|s| s.to_string()).chain([format!("train_data={}", corpus.display())]).chain(sets.iter().cloned()) {
+        args.push("--set".into());
+        args.push(s);
+    }
+    args
+}
+
+/// The events of `kind` ("train", "eval") in `<dir>/metrics.jsonl`.
+pub fn events(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
 
 /// `mpirun -np <np>` as the tests run it: oversubscribed on 2 cores, no
 /// binding, allowed as root, one intra-op thread per rank.
