@@ -496,6 +496,16 @@ mod tests {
             assert_eq!(p.shape, want, "{}", w.name);
             assert_eq!(p.split, partition_of(&w.name) != Partition::Whole, "{}", w.name);
         }
+        // the split elements are exactly the (at most two) split ranges
+        let ranges = part.params.split_ranges();
+        assert!(!ranges.is_empty() && ranges.len() <= 2, "{ranges:?}");
+        let in_ranges = |i: &crate::model::params::ParamInfo| ranges.iter().any(|&(o, n)| i.offset >= o && i.offset + i.numel <= o + n);
+        for i in &part.params.infos {
+            assert_eq!(in_ranges(i), i.split, "{}", i.name);
+        }
+        let split_numel: i64 = part.params.infos.iter().filter(|i| i.split).map(|i| i.numel).sum();
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<i64>(), split_numel);
+        assert!(whole.params.split_ranges().is_empty());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Every parameter is a view into `flat`; `grad_flat` gathers their gradients
 //! in the same layout. Weight-decayed parameters come first, so decay is one
-//! `narrow`. The optimizer, gradient clipping and norms are then a few large
+//! `narrow`; within each group, tensor-parallel slices come first, so they
+//! are at most two ranges (`split_ranges`). The optimizer, gradient clipping and norms are then a few large
 //! vector operations, and ZeRO can later shard the buffer by ranges.
 
 use tch::{Device, Kind, Tensor};
@@ -118,7 +119,8 @@ impl ParamBuilder {
     /// As `build`, in `kind` (Double for numerical gradient checks).
     pub fn build_as(self, device: Device, kind: Kind, seed: i64) -> Params {
         let mut order: Vec<usize> = (0..self.decls.len()).collect();
-        order.sort_by_key(|&i| !self.decls[i].decay); // decayed first, stable
+        // decayed first, then split before replicated; stable otherwise
+        order.sort_by_key(|&i| (!self.decls[i].decay, !self.decls[i].part.is_split()));
         let mut infos = vec![None; self.decls.len()];
         let mut offset = 0;
         for &i in &order {
@@ -183,6 +185,21 @@ impl Params {
 
     pub fn numel(&self) -> i64 {
         self.flat.size()[0]
+    }
+
+    /// The `(offset, numel)` ranges of `flat` that hold tensor-parallel
+    /// slices (adjacent parameters merged: at most two ranges).
+    pub fn split_ranges(&self) -> Vec<(i64, i64)> {
+        let mut split: Vec<(i64, i64)> = self.infos.iter().filter(|i| i.split).map(|i| (i.offset, i.numel)).collect();
+        split.sort_unstable();
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for (o, n) in split {
+            match out.last_mut() {
+                Some((lo, ln)) if *lo + *ln == o => *ln += n,
+                _ => out.push((o, n)),
+            }
+        }
+        out
     }
 
     pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {

@@ -89,8 +89,8 @@ pub struct Trainer {
     device: Device,
     metrics: Metrics,
     par: Parallel,
-    /// 1 where the flat buffer holds tensor-parallel slices (None without TP).
-    split_mask: Option<Tensor>,
+    /// The ranges of the flat buffer that hold tensor-parallel slices.
+    split_ranges: Vec<(i64, i64)>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -172,13 +172,7 @@ impl Trainer {
         };
         let mut model = Glm::new_parallel(mcfg, opts.device, tch::Kind::Float, a.seed as i64, par.tp)?;
         // elements split over the tensor-parallel group, for the global norm
-        let split_mask = par.tp.map(|_| {
-            let m = model.params.flat.zeros_like();
-            for info in model.params.infos.iter().filter(|i| i.split) {
-                let _ = m.narrow(0, info.offset, info.numel).fill_(1.0);
-            }
-            m
-        });
+        let split_ranges = model.params.split_ranges();
         let mut opt = AdamW::new(cfg.adam, &model.params.flat);
         let (n, pos) = model.cfg.num_params();
         println!(
@@ -206,7 +200,7 @@ impl Trainer {
         // identical weights everywhere, whatever happened at initialisation
         par.dp_broadcast(&mut model.params.flat)?;
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, split_mask })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, split_ranges })
     }
 
     /// This rank's share of micro-batch `m` of iteration `it` (1-based): the
@@ -246,12 +240,12 @@ impl Trainer {
         let mut grad = self.model.params.grad_flat();
         let bucket = self.cfg.reduce_bucket_size;
         self.par.dp_sum_buckets(&mut grad, bucket)?;
-        let norm = match (self.par.tp, &self.split_mask) {
-            (Some(g), Some(mask)) => {
+        let norm = match self.par.tp {
+            Some(g) => {
                 // every parameter once: slices summed over the group, replicas counted here
                 let (split, total) = tch::no_grad(|| {
-                    let sq = grad.square();
-                    ((&sq * mask).sum(tch::Kind::Double).double_value(&[]), sq.sum(tch::Kind::Double).double_value(&[]))
+                    let sum_sq = |t: &Tensor| t.square().sum(tch::Kind::Double).double_value(&[]);
+                    (self.split_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum::<f64>(), sum_sq(&grad))
                 });
                 let mut t = Tensor::from_slice(&[split]);
                 all_reduce_nograd(&mut t, g, ReduceOp::Sum)?;
@@ -259,7 +253,7 @@ impl Trainer {
                 clip_to(&mut grad, norm, self.cfg.clip);
                 norm
             }
-            _ => clip_grad_norm(&mut grad, self.cfg.clip),
+            None => clip_grad_norm(&mut grad, self.cfg.clip),
         };
         let lr = self.cfg.schedule.lr(it);
         let decay = self.model.params.decay_numel;
