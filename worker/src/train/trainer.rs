@@ -288,6 +288,16 @@ impl Trainer {
         Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy: correct / count, tokens: count as i64 }))
     }
 
+    /// Evaluates (when there is a valid split), prints the result and
+    /// records it in the metrics.
+    fn evaluate_and_report(&mut self, pb: &Option<indicatif::ProgressBar>) -> Result<()> {
+        if let Some(e) = self.evaluate()? {
+            say(pb, &format!("validation at iteration {} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.iteration, e.loss, e.ppl, e.accuracy));
+            self.metrics.eval(&e)?;
+        }
+        Ok(())
+    }
+
     /// Cross-entropy on the validation targets of a unigram model fitted
     /// (add-one smoothed) to the targets of the first `fit_batches` training
     /// batches: the loss a model that knows only token frequencies reaches,
@@ -390,10 +400,7 @@ impl Trainer {
             }
         }
         if self.iteration == 0 && a.eval_interval > 0 {
-            if let Some(e) = self.evaluate()? {
-                say(&pb, &format!("validation at iteration 0 | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
-                self.metrics.eval(&e)?;
-            }
+            self.evaluate_and_report(&pb)?;
         }
         let (mut loss_acc, mut norm_acc, mut n_acc) = (0.0, 0.0, 0u64);
         let mut t_log = Instant::now();
@@ -440,10 +447,7 @@ impl Trainer {
             let signal = self.par.world_max(SIGNAL.load(Ordering::SeqCst).into())? as i32;
             let stopping = signal != 0;
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
-                if let Some(e) = self.evaluate()? {
-                    say(&pb, &format!("validation at iteration {it} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.loss, e.ppl, e.accuracy));
-                    self.metrics.eval(&e)?;
-                }
+                self.evaluate_and_report(&pb)?;
                 t_log = Instant::now();
             }
             if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
