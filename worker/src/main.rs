@@ -697,7 +697,7 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
     for line in check::regions(g, device)? {
         say(&line);
     }
-    let factor = if p > 1 { 2.0 * (p - 1) as f64 / p as f64 } else { 1.0 };
+    let factor = if p > 1 { check::bus_factor(p) } else { 1.0 };
     for &m in mib {
         let sec = check::time_all_reduce(&comm, device, m, iters)?;
         let bytes = (m << 20) as f64;
@@ -726,22 +726,14 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
 /// all-reduce of f32 tensors through `Communicator::all_reduce`, and of a
 /// plain `MPI_Allreduce` of the same bytes.
 fn bench_comm(mib: &[usize], iters: usize) -> Result<()> {
-    use glm_worker::comm::{Communicator, ReduceOp};
+    use glm_worker::comm::{check, Communicator};
     let world = glm_worker::comm::mpi::world()?;
     let p = world.size();
     anyhow::ensure!(p > 1, "bench-comm needs several ranks: mpirun -np 2 glm-worker bench-comm");
-    let factor = 2.0 * (p - 1) as f64 / p as f64;
+    let factor = check::bus_factor(p);
     for &m in mib {
         let n = m * (1 << 20) / 4;
-        let mut t = tch::Tensor::ones([n as i64], (tch::Kind::Float, tch::Device::Cpu));
-        world.all_reduce(&mut t, ReduceOp::Sum)?;
-        anyhow::ensure!(t.double_value(&[0]) == p as f64, "all_reduce gave {} instead of {p}", t.double_value(&[0]));
-        world.barrier()?;
-        let t0 = std::time::Instant::now();
-        for _ in 0..iters {
-            world.all_reduce(&mut t, ReduceOp::Sum)?;
-        }
-        let ours = t0.elapsed().as_secs_f64() / iters as f64;
+        let ours = check::time_all_reduce(&world, tch::Device::Cpu, m, iters)?;
         let send = vec![1.0f32; n];
         let mut recv = vec![0.0f32; n];
         world.raw_all_reduce_f32(&send, &mut recv);

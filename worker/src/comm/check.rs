@@ -99,8 +99,15 @@ pub fn regions(g: Group, device: Device) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The factor from algorithm bandwidth to bus bandwidth of an all-reduce
+/// over `p` ranks, 2(p-1)/p (NCCL's convention).
+pub fn bus_factor(p: usize) -> f64 {
+    2.0 * (p - 1) as f64 / p as f64
+}
+
 /// Seconds per sum all-reduce of `mib` MiB of f32 on `device` (mean of
-/// `iters` after one warm-up), waiting for the device around the timing.
+/// `iters` after one warm-up, whose sum of ones is checked), waiting for the
+/// device around the timing.
 pub fn time_all_reduce(comm: &dyn Communicator, device: Device, mib: usize, iters: usize) -> Result<f64> {
     let n = (mib * (1 << 20) / 4) as i64;
     let mut t = Tensor::ones([n], (Kind::Float, device));
@@ -110,6 +117,10 @@ pub fn time_all_reduce(comm: &dyn Communicator, device: Device, mib: usize, iter
         }
     };
     comm.all_reduce(&mut t, ReduceOp::Sum)?;
+    let got = t.double_value(&[0]);
+    if got != comm.size() as f64 {
+        return Err(Error::Config(format!("comm-check: all_reduce of ones over {} rank(s) gave {got}", comm.size())));
+    }
     sync();
     comm.barrier()?;
     let t0 = std::time::Instant::now();
