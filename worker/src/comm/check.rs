@@ -50,10 +50,12 @@ pub fn collectives(comm: &dyn Communicator, device: Device) -> Result<Vec<String
     let g = comm.all_gather(&t)?;
     let want = Tensor::cat(&(0..pi).map(|q| Tensor::arange(3, opts) + 10.0 * q as f64).collect::<Vec<_>>(), 0);
     out.push(expect("all_gather", &g, &want)?);
-    // reduce-scatter: rank r holds arange(2p) + r; keeps its 2 of the sum
-    let t = Tensor::arange(2 * pi, opts) + r;
+    // reduce-scatter in f64: rank r holds arange(2p) + r + 2^-30 (exact in
+    // f64, lost in f32); keeps its 2 of the sum
+    let (f64_opts, frac) = ((Kind::Double, device), 2f64.powi(-30));
+    let t = Tensor::arange(2 * pi, f64_opts) + (r + frac);
     let s = comm.reduce_scatter(&t)?;
-    let want = (Tensor::arange(2 * pi, opts) * p + p * (p - 1.0) / 2.0).narrow(0, 2 * r as i64, 2);
+    let want = (Tensor::arange(2 * pi, f64_opts) * p + (p * (p - 1.0) / 2.0 + p * frac)).narrow(0, 2 * r as i64, 2);
     out.push(expect("reduce_scatter", &s, &want)?);
     comm.barrier()?;
     out.push("barrier: ok".into());

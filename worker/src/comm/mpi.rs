@@ -184,11 +184,22 @@ impl Communicator for MpiComm {
             return Err(err("reduce_scatter", format!("dimension 0 of {shape:?} is not divisible by the group size {n}")));
         }
         let kind = t.kind();
-        let work = t.to_kind(Kind::Float).contiguous();
+        // f64 natively, fp32/bf16/fp16 through fp32 (as all_reduce)
+        let wide = match kind {
+            Kind::Double => Kind::Double,
+            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
+            k => return Err(err("reduce_scatter", format!("unsupported element type {k:?}"))),
+        };
+        let work = t.to_kind(wide).contiguous();
         let mut part_shape = shape.clone();
         part_shape[0] /= n;
-        let mut out = Tensor::empty(part_shape.as_slice(), (Kind::Float, t.device()));
-        with_slice::<f32, _>(&work, |s| with_slice_mut::<f32, _>(&mut out, |r| self.comm.reduce_scatter_block_into(s, r, SystemOperation::sum())));
+        let mut out = Tensor::empty(part_shape.as_slice(), (wide, t.device()));
+        let sum = SystemOperation::sum();
+        if wide == Kind::Double {
+            with_slice::<f64, _>(&work, |s| with_slice_mut::<f64, _>(&mut out, |r| self.comm.reduce_scatter_block_into(s, r, sum)));
+        } else {
+            with_slice::<f32, _>(&work, |s| with_slice_mut::<f32, _>(&mut out, |r| self.comm.reduce_scatter_block_into(s, r, sum)));
+        }
         Ok(out.to_kind(kind))
     }
 
