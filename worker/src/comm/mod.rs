@@ -33,6 +33,28 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
 }
 
+/// The shape of an all-gather of `t` over `n` ranks: dimension 0 (a
+/// scalar counts as one element) times `n`. Both back ends use it.
+pub(crate) fn gathered_shape(t: &Tensor, n: usize) -> Vec<i64> {
+    let mut shape = t.size();
+    if shape.is_empty() {
+        shape = vec![1];
+    }
+    shape[0] *= n as i64;
+    shape
+}
+
+/// The shape of each rank's part of a reduce-scatter of `t` over `n` ranks;
+/// an error (naming `backend`) unless dimension 0 splits evenly.
+pub(crate) fn scattered_shape(t: &Tensor, n: usize, backend: &str) -> Result<Vec<i64>> {
+    let mut shape = t.size();
+    if shape.is_empty() || shape[0] % n as i64 != 0 {
+        return Err(crate::error::Error::Config(format!("{backend} reduce_scatter: dimension 0 of {shape:?} is not divisible by the group size {n}")));
+    }
+    shape[0] /= n as i64;
+    Ok(shape)
+}
+
 /// One group's communicators: CPU tensors go through MPI, CUDA tensors
 /// through NCCL (when the group has an NCCL communicator, i.e. training on
 /// CUDA). Small host-side values (loss sums, flags) stay on MPI.

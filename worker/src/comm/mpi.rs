@@ -161,28 +161,19 @@ impl Communicator for MpiComm {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         check_cpu(t, "all_gather")?;
         let work = t.contiguous();
-        let n = self.size() as i64;
-        let mut shape = work.size();
-        if shape.is_empty() {
-            shape = vec![1];
-        }
-        shape[0] *= n;
-        let out = Tensor::empty(shape.as_slice(), (work.kind(), work.device()));
+        let n = self.size();
+        let out = Tensor::empty(super::gathered_shape(&work, n).as_slice(), (work.kind(), work.device()));
         let bytes = work.numel() * work.kind().elt_size_in_bytes();
         // SAFETY: byte views of contiguous CPU tensors; out holds n × bytes.
         let send = unsafe { std::slice::from_raw_parts(work.data_ptr() as *const u8, bytes) };
-        let recv = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, bytes * n as usize) };
+        let recv = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, bytes * n) };
         self.comm.all_gather_into(send, recv);
         Ok(out)
     }
 
     fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
         check_cpu(t, "reduce_scatter")?;
-        let n = self.size() as i64;
-        let shape = t.size();
-        if shape.is_empty() || shape[0] % n != 0 {
-            return Err(err("reduce_scatter", format!("dimension 0 of {shape:?} is not divisible by the group size {n}")));
-        }
+        let part_shape = super::scattered_shape(t, self.size(), "MPI")?;
         let kind = t.kind();
         // f64 natively, fp32/bf16/fp16 through fp32 (as all_reduce)
         let wide = match kind {
@@ -191,8 +182,6 @@ impl Communicator for MpiComm {
             k => return Err(err("reduce_scatter", format!("unsupported element type {k:?}"))),
         };
         let work = t.to_kind(wide).contiguous();
-        let mut part_shape = shape.clone();
-        part_shape[0] /= n;
         let mut out = Tensor::empty(part_shape.as_slice(), (wide, t.device()));
         let sum = SystemOperation::sum();
         if wide == Kind::Double {

@@ -324,12 +324,7 @@ impl Communicator for NcclComm {
         self.check_tensor(t, "ncclAllGather")?;
         let dt = dtype_of(t, "ncclAllGather")?;
         let work = t.contiguous();
-        let mut shape = work.size();
-        if shape.is_empty() {
-            shape = vec![1];
-        }
-        shape[0] *= self.size as i64;
-        let out = Tensor::empty(shape.as_slice(), (work.kind(), work.device()));
+        let out = Tensor::empty(super::gathered_shape(&work, self.size).as_slice(), (work.kind(), work.device()));
         let (n, src, dst) = (work.numel(), work.data_ptr(), out.data_ptr());
         // SAFETY: out holds size × n elements; both on this comm's device.
         self.call("ncclAllGather", |api, s| unsafe { (api.all_gather)(src, dst, n, dt, self.comm, s) })?;
@@ -342,14 +337,8 @@ impl Communicator for NcclComm {
     fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
         self.check_tensor(t, "ncclReduceScatter")?;
         let dt = dtype_of(t, "ncclReduceScatter")?;
-        let n = self.size as i64;
-        let shape = t.size();
-        if shape.is_empty() || shape[0] % n != 0 {
-            return Err(Error::Config(format!("NCCL reduce_scatter: dimension 0 of {shape:?} is not divisible by the group size {n}")));
-        }
+        let part_shape = super::scattered_shape(t, self.size, "NCCL")?;
         let work = t.contiguous();
-        let mut part_shape = shape.clone();
-        part_shape[0] /= n;
         let out = Tensor::empty(part_shape.as_slice(), (work.kind(), work.device()));
         let (count, src, dst) = (out.numel(), work.data_ptr(), out.data_ptr());
         // SAFETY: work holds size × count elements, out count; same device.
