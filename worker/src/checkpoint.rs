@@ -303,16 +303,8 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
     for r in 0..n {
         let mut named = Vec::new();
         for (name, t) in &tensors {
-            let part = match partition_of(name) {
-                Partition::Whole => t.shallow_clone(),
-                Partition::Rows => t.chunk(n as i64, 0)[r].shallow_clone(),
-                Partition::Cols => t.chunk(n as i64, 1)[r].shallow_clone(),
-                Partition::QkvRows => {
-                    let blocks: Vec<Tensor> = t.chunk(3, 0).iter().map(|b| b.chunk(n as i64, 0)[r].shallow_clone()).collect();
-                    Tensor::cat(&blocks, 0)
-                }
-            };
-            named.push((name.clone(), part.contiguous()));
+            // the slicing the model's constructor applies to its master weights
+            named.push((name.clone(), partition_of(name).part(r, n).take(t).contiguous()));
         }
         write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, state.clone(), false)?;
     }

@@ -80,8 +80,10 @@ struct Linear {
 }
 
 /// How a parameter of the original's state dict is split over
-/// tensor-parallel ranks (the table checkpoint merge/split uses; the model's
-/// constructor makes the same choices, which a test checks).
+/// tensor-parallel ranks, by name: the table checkpoint merge/split uses.
+/// The model's constructor picks each layer's partition from its kind, and
+/// a test checks that both agree; `Partition::part` + `Part::take` do the
+/// slicing for both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Partition {
     Whole,
@@ -102,6 +104,23 @@ pub fn partition_of(name: &str) -> Partition {
     }
 }
 
+impl Partition {
+    /// Rank `rank`'s part of a parameter split this way over `size` ranks.
+    pub fn part(self, rank: usize, size: usize) -> Part {
+        match self {
+            Partition::Whole => Part::Whole,
+            Partition::Rows => Part::Rows { rank, size },
+            Partition::Cols => Part::Cols { rank, size },
+            Partition::QkvRows => Part::QkvRows { rank, size },
+        }
+    }
+}
+
+/// This rank's part under `tp` (whole without tensor parallelism).
+fn part_under(tp: Option<Group>, p: Partition) -> Part {
+    tp.map_or(Part::Whole, |g| p.part(g.rank, g.size))
+}
+
 /// How a linear layer is split over the tensor-parallel group.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Split {
@@ -114,14 +133,13 @@ enum Split {
 
 impl Linear {
     fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, split: Split, tp: Option<Group>) -> Self {
-        let (w, b) = match (tp, split) {
-            (None, _) => (Part::Whole, Part::Whole),
-            (Some(g), Split::Column) => (Part::Rows { rank: g.rank, size: g.size }, Part::Rows { rank: g.rank, size: g.size }),
-            (Some(g), Split::Qkv) => (Part::QkvRows { rank: g.rank, size: g.size }, Part::QkvRows { rank: g.rank, size: g.size }),
-            (Some(g), Split::Row) => (Part::Cols { rank: g.rank, size: g.size }, Part::Whole),
+        let (w, b) = match split {
+            Split::Column => (Partition::Rows, Partition::Rows),
+            Split::Qkv => (Partition::QkvRows, Partition::QkvRows),
+            Split::Row => (Partition::Cols, Partition::Whole),
         };
-        let weight = pb.add_part(format!("{name}.weight"), &[d_out as i64, d_in as i64], w, Init::Normal(std), true);
-        let bias = pb.add_part(format!("{name}.bias"), &[d_out as i64], b, Init::Zeros, false);
+        let weight = pb.add_part(format!("{name}.weight"), &[d_out as i64, d_in as i64], part_under(tp, w), Init::Normal(std), true);
+        let bias = pb.add_part(format!("{name}.bias"), &[d_out as i64], part_under(tp, b), Init::Zeros, false);
         Linear { weight, bias, split }
     }
     fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
@@ -203,8 +221,7 @@ impl Glm {
         let (h, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layernorm_epsilon);
         let rows = cfg.max_position_embeddings as i64 + 1;
         let mut pb = ParamBuilder::default();
-        let vocab_part = tp.map_or(Part::Whole, |g| Part::Rows { rank: g.rank, size: g.size });
-        let word_embeddings = pb.add_part("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], vocab_part, Init::Normal(std), true);
+        let word_embeddings = pb.add_part("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], part_under(tp, Partition::Rows), Init::Normal(std), true);
         let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
         let block_position_embeddings = cfg
             .block_position_encoding

@@ -46,7 +46,8 @@ impl Part {
         s
     }
 
-    fn take(&self, master: &Tensor) -> Tensor {
+    /// This rank's part of the whole tensor `master`.
+    pub fn take(&self, master: &Tensor) -> Tensor {
         match *self {
             Part::Whole => master.shallow_clone(),
             Part::Rows { rank, size } => {
