@@ -155,9 +155,7 @@ pub fn resolve(load: &Path) -> Result<PathBuf> {
 /// Reads and verifies `state.json` and every file's checksum.
 pub fn read_state(dir: &Path) -> Result<State> {
     let sp = dir.join("state.json");
-    let text = std::fs::read_to_string(&sp).at(&sp)?;
-    let state: State = serde_json::from_str(&text)
-        .map_err(|e| Error::parse(&sp, e.line(), e.column(), format!("corrupt checkpoint state: {e}")))?;
+    let state: State = crate::error::read_json(&sp, "corrupt checkpoint state")?;
     if state.format_version != FORMAT_VERSION {
         return Err(Error::invalid(&sp, format!("checkpoint format {} (this build reads {FORMAT_VERSION})", state.format_version)));
     }

@@ -294,8 +294,7 @@ impl LoadedArgs {
         let mut map = Map::new();
         let mut sources = BTreeMap::new();
         if let Some(p) = path {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::parse(p, e.line(), e.column(), format!("malformed JSON: {e}")))?;
+            let v: Value = crate::error::read_json(p, "malformed JSON")?;
             let Value::Object(m) = v else {
                 return Err(Error::parse(p, 1, 1, "expected a JSON object of arguments"));
             };

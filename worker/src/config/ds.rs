@@ -109,8 +109,7 @@ impl Ctx<'_> {
 
 impl DsConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {e}")))?;
+        let v: Value = crate::error::read_json(path, "malformed JSON")?;
         Self::from_value(path, &v)
     }
 

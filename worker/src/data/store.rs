@@ -378,9 +378,7 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
 /// Reads `meta.json` of a store, if there is one.
 pub fn read_meta(dir: &Path) -> Result<StoreMeta> {
     let p = dir.join("meta.json");
-    let text = std::fs::read_to_string(&p).at(&p)?;
-    let meta: StoreMeta = serde_json::from_str(&text)
-        .map_err(|e| Error::parse(&p, e.line(), e.column(), format!("not a token store's meta.json: {e}")))?;
+    let meta: StoreMeta = crate::error::read_json(&p, "not a token store's meta.json")?;
     if meta.format_version != FORMAT_VERSION {
         return Err(Error::invalid(
             &p,
