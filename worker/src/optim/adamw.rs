@@ -54,9 +54,10 @@ impl AdamW {
 }
 
 /// Global L2 norm of `grad`; scales it to `max_norm` when above (0 = off).
-/// Returns the norm before clipping.
+/// Returns the norm before clipping. The squares are summed in f64, so the
+/// result does not depend on the order of the elements (the flat layout).
 pub fn clip_grad_norm(grad: &mut Tensor, max_norm: f64) -> f64 {
-    let norm = tch::no_grad(|| grad.norm().double_value(&[]));
+    let norm = tch::no_grad(|| grad.square().sum(tch::Kind::Double).double_value(&[]).sqrt());
     clip_to(grad, norm, max_norm);
     norm
 }
