@@ -8,8 +8,16 @@
 #   3. training on cuda:0: the default run (1000 iterations of the default model)
 #      with a checkpoint, then a resume from it; tokens/s;
 #   4. the training step against eager PyTorch on the same GPU (bench-step vs
-#      bench/glm_torch.py), default shape and a GLM-base-sized one;
-#   5. generation on CUDA from the checkpoint.
+#      bench/glm_torch.py), default shape and a GLM-base-sized one, fp32;
+#   5. mixed precision at the GLM-Large shape (24x1024, 16 heads, seq 512,
+#      micro-batch 16, vocab 30592) against eager PyTorch autocast: bf16,
+#      fp16 (loss scaling), bf16 with activation checkpointing; tokens/s
+#      ratio, peak memory and MFU (of the H200's 989 TFLOP/s dense bf16) of
+#      each side;
+#   6. a bf16 training run (50 iterations) of configs/config_block_large.json
+#      with configs/configs.json, its fp16 section switched off by --set;
+#      checks that the run reports precision = bf16;
+#   7. generation on CUDA from the checkpoint.
 # Every step runs even if an earlier one failed; the summary lists each
 # step's result and the exit status is non-zero if any failed.
 #
@@ -17,10 +25,12 @@
 # bundle: binaries, OpenMPI runtime, default corpus), else target/release.
 # Usage: scripts/gpu_check.sh [bundle-dir] [log-file]
 # GLM_CHECK_DEVICE=cpu GLM_CHECK_QUICK=1 runs the same steps on the CPU, in
-# seconds, to test this script itself where there is no GPU.
+# seconds, to test this script itself where there is no GPU (steps 5 and 6
+# then use tiny shapes, never GLM-Large; GLM_CHECK_QUICK alone keeps the GPU
+# but shrinks steps 5 and 6 to the default shape and 4 iterations).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 2
 BUNDLE="${1:-$ROOT/.gpu}"
 LOG="${2:-/dev/null}"
 exec > >(tee -a "$LOG") 2>&1
@@ -75,22 +85,77 @@ train_step() {
   grep -q "resumed from" "$WORK/resume.log"
 }
 
-bench_pair() { # bench_pair <args...>: the Rust step and the eager PyTorch step on cuda:0
-  local r p
-  r=$("$BIN" bench-step --device "$DEV" "$@") || return 1
+field() { # field <key> <bench line>: the value of " key=value", "?" if absent
+  local v
+  v=$(sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2")
+  echo "${v:-?}"
+}
+
+bench_pair() { # bench_pair <fp32|bf16|fp16> <args...>: the Rust step and the eager PyTorch step on $DEV
+  local prec="$1"; shift
+  local r p rc rprec=()
+  [ "$prec" = fp32 ] || rprec=(--precision "$prec") # fp32 is bench-step's default
+  r=$("$BIN" bench-step --device "$DEV" ${rprec[@]+"${rprec[@]}"} "$@") || { echo "  (glm-worker bench-step failed)"; return 1; }
   echo "  $r"
-  p=$("$PY" bench/glm_torch.py --device "$DEV" "$@" 2>/dev/null) || { echo "  (eager PyTorch reference failed)"; return 1; }
+  p=$("$PY" bench/glm_torch.py --device "$DEV" --dtype "$prec" "$@" 2>"$WORK/torch.err"); rc=$?
+  if [ "$rc" -eq 2 ] && [ "$DEV" = cpu ] && [ "$prec" = fp16 ] && grep -q '^glm_torch: fp16 autocast' "$WORK/torch.err"; then
+    echo "  (eager PyTorch fp16 skipped on the CPU: $(grep '^glm_torch:' "$WORK/torch.err" | tail -n 1))"
+    return 0
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "  (eager PyTorch reference failed, exit $rc)"; tail -n 5 "$WORK/torch.err" | sed 's/^/    /'
+    return 1
+  fi
   echo "  $p"
   awk -v r="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r")" -v p="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")" \
-    'BEGIN { printf "  ratio rust/torch: %.3f\n", r / p }'
+    'BEGIN { if (p > 0) printf "  ratio rust/torch: %.3f\n", r / p; else print "  ratio rust/torch: ?" }'
+  echo "  peak memory: rust $(field peak_mem_mb "$r") MB, torch $(field peak_mem_mb "$p") MB"
+  [ "$prec" = fp32 ] && return 0
+  awk -v r="$(field tflops "$r")" -v p="$(field tflops "$p")" 'function mfu(t) { return t == "?" ? "?" : sprintf("%.1f%%", 100 * t / 989) }
+    BEGIN { printf "  MFU (of 989 TFLOP/s, H200 dense bf16): rust %s, torch %s\n", mfu(r), mfu(p) }'
 }
 
 bench_step() {
   echo "-- default shape: GLM 4x256, 4 heads, seq 256, micro-batch 8, vocab 16000, fp32"
-  if [ -n "$QUICK" ]; then bench_pair --iters 2 --warmup 1; return; fi
-  bench_pair --iters 30 --warmup 5 || return 1
+  if [ -n "$QUICK" ]; then bench_pair fp32 --iters 2 --warmup 1; return; fi
+  bench_pair fp32 --iters 30 --warmup 5 || return 1
   echo "-- GLM-base shape: 12x768, 12 heads, seq 512, micro-batch 16, vocab 30592, fp32"
-  bench_pair --iters 20 --warmup 5 --layers 12 --hidden 768 --heads 12 --seq 512 --batch 16 --vocab 30592
+  bench_pair fp32 --iters 20 --warmup 5 --layers 12 --hidden 768 --heads 12 --seq 512 --batch 16 --vocab 30592
+}
+
+mixed_step() { # bf16, fp16, bf16 + activation checkpointing; runs all three, fails if a command failed
+  local shape=(--iters 20 --warmup 5 --layers 24 --hidden 1024 --heads 16 --seq 512 --batch 16 --vocab 30592)
+  local what="GLM-Large shape: 24x1024, 16 heads, seq 512, micro-batch 16, vocab 30592"
+  if [ "$DEV" = cpu ]; then
+    shape=(--iters 2 --warmup 1 --layers 2 --hidden 64 --heads 2 --seq 64 --batch 2 --vocab 500)
+    what="tiny CPU shape: 2x64, 2 heads, seq 64, micro-batch 2, vocab 500"
+  elif [ -n "$QUICK" ]; then
+    shape=(--iters 2 --warmup 1)
+    what="default shape: GLM 4x256, 4 heads, seq 256, micro-batch 8, vocab 16000"
+  fi
+  local fail=0
+  echo "-- bf16 autocast, $what"
+  bench_pair bf16 "${shape[@]}" || fail=1
+  echo "-- fp16 autocast with loss scaling, $what"
+  bench_pair fp16 "${shape[@]}" || fail=1
+  echo "-- bf16 autocast + activation checkpointing (per layer), $what"
+  bench_pair bf16 --checkpoint-activations "${shape[@]}" || fail=1
+  return "$fail"
+}
+
+train_bf16_step() { # the real trainer, bf16 via dotted --set keys over the DeepSpeed JSON
+  local n=50 log=10 model=(--args configs/configs.json)
+  [ -n "$QUICK" ] && n=4 log=2
+  # on the CPU: the tiny model at seq 64 (the DeepSpeed JSON's micro-batch 16 stays)
+  [ "$DEV" = cpu ] && model=(--args configs/configs_tiny.json --set num_layers=2 --set hidden_size=64
+    --set num_attention_heads=2 --set seq_length=64)
+  "$BIN" --config configs/config_block_large.json "${model[@]}" --device "$DEV" \
+    --set fp16.enabled=false --set bf16.enabled=true --set train_iters=$n --set log_interval=$log \
+    --set eval_interval=0 --set save=null --store "$WORK/store" --tokenizer-cache "$WORK/model" \
+    --set train_data=glm_pretrain/data/data.json --set tokenizer_path=null 2>&1 | tee "$WORK/bf16.log" || return 1
+  # the effective-configuration line "precision = bf16 (...)", not the fp32 fall-back warning
+  grep -Eq 'precision[ :=]+bf16' "$WORK/bf16.log" || { echo "gpu_check: the run does not report precision = bf16"; return 1; }
+  ! grep -q 'trains in fp32' "$WORK/bf16.log" || { echo "gpu_check: the run fell back to fp32"; return 1; }
 }
 
 generate_step() {
@@ -101,6 +166,9 @@ step "environment" env_step
 step "NCCL world of one on $DEV (comm-check)" "$BIN" comm-check --device "$DEV" --mib 1,64,512 --iters 20
 step "training on $DEV ($ITERS iterations, checkpoint, resume)" train_step
 step "training step vs eager PyTorch on $DEV" bench_step
+SHAPE="GLM-Large shape"; [ -n "$QUICK" ] && SHAPE="default shape (quick)"; [ "$DEV" = cpu ] && SHAPE="tiny CPU shape"
+step "mixed precision at $SHAPE vs eager PyTorch autocast on $DEV" mixed_step
+step "bf16 training run of configs/config_block_large.json on $DEV$([ "$DEV" = cpu ] && echo ", tiny model")" train_bf16_step
 step "generation from the checkpoint (device auto)" generate_step
 
 echo; echo "=== summary"

@@ -4,11 +4,13 @@
 //! 2. Compiles csrc/mpi_shim.c (in-place MPI_Allreduce) against the MPI
 //!    headers that rsmpi's own probe finds.
 //! 3. Compiles csrc/tp_autograd.cpp (tensor-parallel autograd functions)
+//!    and csrc/train_ext.cpp (gradient views, activation recomputation)
 //!    against the libtorch headers.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/mpi_shim.c");
     println!("cargo:rerun-if-changed=csrc/tp_autograd.cpp");
+    println!("cargo:rerun-if-changed=csrc/train_ext.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports its libtorch (DEP_TCH_LIBTORCH_LIB)");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-env=GLM_BUILD_LIBTORCH_LIB={lib}");
@@ -18,6 +20,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/tp_autograd.cpp")
+        .file("csrc/train_ext.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -1,10 +1,13 @@
 //! Checkpoints: `<save>/<iteration>/` with
 //! - `model.safetensors`: the weights under the original's state-dict names;
+//! - `model.safetensors` holds fp32 weights whatever the training precision
+//!   (the optimizer's master weights under bf16/fp16);
 //! - `optim.safetensors`: AdamW's `exp_avg.<name>` / `exp_avg_sq.<name>`
 //!   (absent with `no_save_optim`);
 //! - `tokenizer.json`: the tokenizer, so generation needs nothing else;
-//! - `state.json`: format version, iteration, optimizer step, model config,
-//!   the effective configs, and the sha256 of every other file.
+//! - `state.json`: format version, iteration, optimizer step, skipped
+//!   steps, precision and the fp16 loss scaler's state, model config, the
+//!   effective configs, and the sha256 of every other file.
 //!
 //! `<save>/latest` names the newest complete checkpoint. Both are written
 //! atomically (temporary directory/file, then rename), and every file is
@@ -19,7 +22,9 @@ use tch::Tensor;
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::{Glm, GlmConfig};
-use crate::optim::adamw::AdamW;
+use crate::model::params::{ParamInfo, Params};
+use crate::optim::optimizer::{Optimizer, Precision};
+use crate::optim::scaler::ScalerState;
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -34,6 +39,16 @@ pub struct State {
     #[serde(default)]
     pub consumed_samples: u64,
     pub optimizer_step: u64,
+    /// Iterations whose update was skipped (fp16 overflow): the
+    /// learning-rate schedule stands at `iteration - skipped_steps`.
+    #[serde(default)]
+    pub skipped_steps: u64,
+    /// The precision the run trained in (the weights here are fp32 anyway).
+    #[serde(default)]
+    pub precision: Precision,
+    /// The fp16 loss scaler's state (fp16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<ScalerState>,
     pub model: GlmConfig,
     pub has_optimizer: bool,
     /// The store's tokenizer hash: what the token ids mean.
@@ -49,10 +64,11 @@ fn tch_err(p: &Path, e: tch::TchError) -> Error {
     Error::invalid(p, e.to_string())
 }
 
-/// Writes checkpoint `iteration` under `save` and points `latest` at it.
-pub fn save(save: &Path, model: &Glm, opt: Option<&AdamW>, tokenizer_json: &str, state: State) -> Result<PathBuf> {
+/// Writes checkpoint `iteration` under `save` and points `latest` at it:
+/// the fp32 weights, and the optimizer state when `with_state`.
+pub fn save(save: &Path, model: &Glm, opt: &Optimizer, with_state: bool, tokenizer_json: &str, state: State) -> Result<PathBuf> {
     let it = state.iteration;
-    let dir = save_part(save, None, model, opt, tokenizer_json, state)?;
+    let dir = save_part(save, None, model, opt, with_state, tokenizer_json, state)?;
     write_latest(save, it)?;
     Ok(dir)
 }
@@ -72,20 +88,20 @@ pub fn write_latest(save: &Path, it: u64) -> Result<()> {
 
 /// Writes `<save>/<iteration>/` (or, with `part`, `<save>/<iteration>/<part>/`,
 /// one tensor-parallel rank's slices) without touching `latest`.
-pub fn save_part(save: &Path, part: Option<&str>, model: &Glm, opt: Option<&AdamW>, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
+pub fn save_part(save: &Path, part: Option<&str>, model: &Glm, opt: &Optimizer, with_state: bool, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
     let it_dir = save.join(state.iteration.to_string());
     let dir = match part {
         None => it_dir,
         Some(p) => it_dir.join(p),
     };
-    let named: Vec<(String, Tensor)> = model.params.named().map(|(n, t)| (n.to_string(), t.detach())).collect();
-    let optim: Option<Vec<(String, Tensor)>> = opt.map(|opt| {
-        state.optimizer_step = opt.step;
+    let weights = opt.fp32_weights(&model.params);
+    let named: Vec<(String, Tensor)> = model.params.infos.iter().map(|i| (i.name.clone(), Params::view_of(weights, i).detach())).collect();
+    let optim: Option<Vec<(String, Tensor)>> = with_state.then(|| {
+        state.optimizer_step = opt.adam.step;
         let mut named = Vec::new();
         for info in &model.params.infos {
-            let view = |t: &Tensor| t.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
-            named.push((format!("exp_avg.{}", info.name), view(&opt.exp_avg)));
-            named.push((format!("exp_avg_sq.{}", info.name), view(&opt.exp_avg_sq)));
+            named.push((format!("exp_avg.{}", info.name), Params::view_of(&opt.adam.exp_avg, info)));
+            named.push((format!("exp_avg_sq.{}", info.name), Params::view_of(&opt.adam.exp_avg_sq, info)));
         }
         named
     });
@@ -169,9 +185,10 @@ pub fn read_state(dir: &Path) -> Result<State> {
     Ok(state)
 }
 
-/// Copies named tensors from `file` into `model`'s parameters (or, with
-/// `prefix`, into views of `flat` laid out like them).
-fn load_into(file: &Path, infos: &[crate::model::params::ParamInfo], flat: &mut Tensor, prefix: &str) -> Result<()> {
+/// Copies the tensors `<prefix><name>` of `file` into views of `flat` laid
+/// out as `infos` say (cast to `flat`'s dtype); every one must be there,
+/// with its shape, and nothing else with that prefix.
+fn load_into(file: &Path, infos: &[ParamInfo], flat: &mut Tensor, prefix: &str) -> Result<()> {
     let tensors = Tensor::read_safetensors(file).map_err(|e| tch_err(file, e))?;
     // "exp_avg." and "exp_avg_sq." never prefix each other
     let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().filter(|(k, _)| k.starts_with(prefix)).collect();
@@ -182,7 +199,7 @@ fn load_into(file: &Path, infos: &[crate::model::params::ParamInfo], flat: &mut 
             if t.size() != info.shape {
                 return Err(Error::invalid(file, format!("{key}: shape {:?}, the model has {:?}", t.size(), info.shape)));
             }
-            flat.narrow(0, info.offset, info.numel).copy_(&t.reshape([-1]).to_kind(tch::Kind::Float));
+            flat.narrow(0, info.offset, info.numel).copy_(&t.reshape([-1]).to_kind(flat.kind()));
         }
         Ok(())
     })?;
@@ -192,25 +209,39 @@ fn load_into(file: &Path, infos: &[crate::model::params::ParamInfo], flat: &mut 
     Ok(())
 }
 
-/// Loads weights (and optimizer state when `opt` is given and saved) from a
-/// verified checkpoint directory.
-pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: Option<&mut AdamW>) -> Result<()> {
+fn check_model(dir: &Path, state: &State, model: &Glm) -> Result<()> {
     if state.model != model.cfg {
         return Err(Error::invalid(
             dir.join("state.json"),
             format!("checkpoint model {:?} differs from the configured model {:?}", state.model, model.cfg),
         ));
     }
-    let infos = model.params.infos.clone();
-    load_into(&dir.join("model.safetensors"), &infos, &mut model.params.flat, "")?;
-    if let Some(opt) = opt {
-        if state.has_optimizer {
-            let op = dir.join("optim.safetensors");
-            let mut m = opt.exp_avg.shallow_clone();
-            let mut v = opt.exp_avg_sq.shallow_clone();
-            load_into(&op, &infos, &mut m, "exp_avg.")?;
-            load_into(&op, &infos, &mut v, "exp_avg_sq.")?;
-            opt.step = state.optimizer_step;
+    Ok(())
+}
+
+/// The checkpoint's fp32 weights, laid out like `model`'s parameters.
+fn read_weights(dir: &Path, model: &Glm) -> Result<Tensor> {
+    let mut flat = Tensor::zeros([model.params.padded_numel()], (tch::Kind::Float, model.params.device()));
+    load_into(&dir.join("model.safetensors"), &model.params.infos, &mut flat, "")?;
+    Ok(flat)
+}
+
+/// Loads the weights of a verified checkpoint directory into the optimizer
+/// (master weights) and the model, and with `with_state` (when saved) the
+/// optimizer state: moments, step counts and the fp16 loss scaler.
+pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<()> {
+    check_model(dir, state, model)?;
+    let weights = read_weights(dir, model)?;
+    opt.set_weights(&mut model.params, &weights);
+    if with_state && state.has_optimizer {
+        let op = dir.join("optim.safetensors");
+        let infos = model.params.infos.clone();
+        load_into(&op, &infos, &mut opt.adam.exp_avg, "exp_avg.")?;
+        load_into(&op, &infos, &mut opt.adam.exp_avg_sq, "exp_avg_sq.")?;
+        opt.adam.step = state.optimizer_step;
+        opt.skipped_steps = state.skipped_steps;
+        if let (Some(scaler), Some(saved)) = (opt.scaler.as_mut(), state.loss_scaler.as_ref()) {
+            scaler.state = saved.clone();
         }
     }
     Ok(())
@@ -227,11 +258,16 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
     }
     let state = read_state(&dir)?;
     let mut model = Glm::new(state.model.clone(), device, 0)?;
-    load(&dir, &state, &mut model, None)?;
+    check_model(&dir, &state, &model)?;
+    let weights = read_weights(&dir, &model)?;
+    tch::no_grad(|| {
+        let _ = model.params.flat_mut().copy_(&weights);
+    });
     Ok((model, state, dir))
 }
 
-use crate::model::glm::{partition_of, Partition};
+use crate::model::glm::partitions;
+use crate::model::params::Partition;
 
 fn read_model(dir: &Path) -> Result<(State, BTreeMap<String, Tensor>, String)> {
     let state = read_state(dir)?;
@@ -258,13 +294,15 @@ pub fn merge(dir: &Path, out: &Path) -> Result<usize> {
     if parts.iter().any(|(s, _, _)| s.iteration != state0.iteration || s.model != state0.model) {
         return Err(Error::invalid(dir, "parts disagree on iteration or model configuration"));
     }
+    let table = partitions(&state0.model);
     let mut named = Vec::new();
     for name in first.keys() {
+        let partition = *table.get(name).ok_or_else(|| Error::invalid(dir.join(mp_rank_dir(0)).join("model.safetensors"), format!("unexpected tensor {name} (not a parameter of the model in state.json)")))?;
         let pieces: Vec<&Tensor> = parts
             .iter()
             .map(|(_, t, _)| t.get(name).ok_or_else(|| Error::invalid(dir, format!("a part lacks {name}"))))
             .collect::<Result<_>>()?;
-        let whole = match partition_of(name) {
+        let whole = match partition {
             Partition::Whole => pieces[0].shallow_clone(),
             Partition::Rows => Tensor::cat(&pieces, 0),
             Partition::Cols => Tensor::cat(&pieces, 1),
@@ -297,12 +335,18 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
     if out.exists() {
         return Err(Error::invalid(out, "exists; refusing to overwrite (choose a new --out)"));
     }
+    let table = partitions(m);
+    let mp = dir.join("model.safetensors");
+    let unknown = tensors.keys().find(|k| !table.contains_key(*k));
+    if let Some(k) = unknown {
+        return Err(Error::invalid(&mp, format!("unexpected tensor {k} (not a parameter of the model in state.json)")));
+    }
     std::fs::create_dir_all(out).at(out)?;
     for r in 0..n {
         let mut named = Vec::new();
         for (name, t) in &tensors {
             // the slicing the model's constructor applies to its master weights
-            named.push((name.clone(), partition_of(name).part(r, n).take(t).contiguous()));
+            named.push((name.clone(), table[name].part(r, n).take(t).contiguous()));
         }
         write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, state.clone(), false)?;
     }

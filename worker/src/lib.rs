@@ -19,3 +19,12 @@ pub mod runtime;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Tests that seed or draw from libtorch's global generator hold this lock:
+/// the test harness runs tests on several threads, and a draw from another
+/// test in between would change their random streams.
+#[cfg(test)]
+pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

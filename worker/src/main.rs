@@ -39,7 +39,8 @@ struct TrainArgs {
     /// The original's configs.json (model, data and training arguments)
     #[arg(long = "args", default_value = "configs/configs.json")]
     args_file: PathBuf,
-    /// Override a key of configs.json: --set train_iters=200 --set save=/tmp/run
+    /// Override a key of configs.json (--set train_iters=200 --set save=/tmp/run)
+    /// or, as a dotted path, of the DeepSpeed JSON (--set bf16.enabled=true)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Token store directory (built or refreshed from train_data as needed)
@@ -126,6 +127,12 @@ struct BenchArgs {
     /// cpu, cuda, or auto
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// fp32, bf16 or fp16 (fp16: dynamic loss scaling)
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Recompute every layer in backward (activation checkpointing)
+    #[arg(long)]
+    checkpoint_activations: bool,
 }
 
 #[derive(Subcommand)]
@@ -486,12 +493,21 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     let Some(ds_path) = &t.config else {
         anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
     };
-    let ds = DsConfig::load(ds_path)?;
+    // dotted keys address the DeepSpeed JSON, plain ones configs.json
+    let (ds_sets, arg_sets): (Vec<String>, Vec<String>) = t.sets.iter().cloned().partition(|s| s.split_once('=').is_some_and(|(k, _)| k.contains('.')));
+    let overrides: Vec<(String, serde_json::Value)> = ds_sets
+        .iter()
+        .map(|s| {
+            let (k, v) = s.split_once('=').expect("partitioned on '='");
+            (k.trim().to_string(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string())))
+        })
+        .collect();
+    let ds = DsConfig::load_with(ds_path, &overrides)?;
     let args_path = t.args_file.exists().then_some(t.args_file.as_path());
     if args_path.is_none() && t.args_file != Path::new("configs/configs.json") {
         anyhow::bail!("{}: no such file (--args)", t.args_file.display());
     }
-    let args = LoadedArgs::load(args_path, &t.sets)?;
+    let args = LoadedArgs::load(args_path, &arg_sets)?;
     // The MPI world: under mpirun/srun the launched ranks, alone a world of one.
     let world = glm_worker::comm::mpi::world()?;
     let dims = ParallelDims::new(world.size(), world.rank(), args.args.model_parallel_size)?;
@@ -605,13 +621,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// One training step per iteration on a fixed synthetic batch (Part A = first
-/// half, Part B = second half in the loss), as bench/glm_torch.py does.
+/// half, Part B = second half in the loss), as bench/glm_torch.py does,
+/// through the trainer's own step (`train::step::train_step`).
 fn bench_step(a: BenchArgs) -> Result<()> {
-    use glm_worker::model::glm::{Batch, Glm, GlmConfig};
-    use glm_worker::optim::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+    use glm_worker::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
+    use glm_worker::optim::adamw::AdamWConfig;
+    use glm_worker::optim::optimizer::{Optimizer, Precision};
+    use glm_worker::parallel::Parallel;
     use tch::Tensor;
     tch::set_num_threads(a.threads);
     let device = device(&a.device)?;
+    let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
         vocab_size: a.vocab,
         hidden_size: a.hidden,
@@ -625,8 +645,19 @@ fn bench_step(a: BenchArgs) -> Result<()> {
         output_dropout: a.dropout,
         block_position_encoding: true,
     };
-    let mut model = Glm::new(cfg.clone(), device, 1234)?;
-    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 }, &model.params.flat);
+    // device memory before the model: the baseline of the peak reported
+    let baseline = match device {
+        tch::Device::Cuda(_) => {
+            let _ = Tensor::zeros([1], (tch::Kind::Float, device));
+            glm_worker::runtime::cuda_memory_in_use()
+        }
+        _ => None,
+    };
+    let mo = ModelOptions { kind: precision.kind(), checkpoint_num_layers: usize::from(a.checkpoint_activations), pad_multiple: 64, ..ModelOptions::new(device, 1234) };
+    let mut model = Glm::build(cfg.clone(), &mo)?;
+    let par = Parallel::single();
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 };
+    let mut opt = Optimizer::new(&model.params, precision, adam, 1.0, None, 0)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
     let mut rng = glm_worker::rng::Rng::new(7);
@@ -643,24 +674,45 @@ fn bench_step(a: BenchArgs) -> Result<()> {
         loss_mask: row(&|i| i64::from(i >= half)),
         sep: Tensor::from_slice(&vec![half; a.batch]).to(device),
     };
+    let shallow = |b: &Batch| Batch {
+        tokens: b.tokens.shallow_clone(),
+        targets: b.targets.shallow_clone(),
+        loss_mask: b.loss_mask.shallow_clone(),
+        position_ids: b.position_ids.shallow_clone(),
+        block_position_ids: b.block_position_ids.shallow_clone(),
+        sep: b.sep.shallow_clone(),
+    };
     let mut times = Vec::new();
     for i in 0..a.warmup + a.iters {
         let t0 = std::time::Instant::now();
-        let (loss, _, _) = model.loss(&batch, true)?;
-        loss.backward();
-        let mut g = model.params.grad_flat();
-        clip_grad_norm(&mut g, 1.0);
-        let decay = model.params.decay_numel;
-        opt.update(&mut model.params.flat, decay, &mut g, 1e-3);
-        model.params.zero_grad();
-        let _ = loss.double_value(&[]);
+        // the step reads its loss back (a device sync), so the time is the step's
+        glm_worker::train::step::train_step(&mut model, &mut opt, &par, 1234 + i as i64, 1, i64::MAX, 1e-3, &mut |_| Ok(shallow(&batch)))?;
+        if let tch::Device::Cuda(d) = device {
+            tch::Cuda::synchronize(d as i64);
+        }
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
     let sec = times.iter().sum::<f64>() / times.len() as f64;
     let tps = (a.batch * a.seq) as f64 / sec;
-    println!("rust device={:?} threads={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1}", device, a.threads, tps * cfg.flops_per_token(a.seq) / 1e12, sec * 1000.0);
+    // CUDA: device memory the run added (the caching allocator's high-water
+    // mark); CPU: the process's peak resident memory
+    let peak = match (baseline, glm_worker::runtime::cuda_memory_in_use()) {
+        (Some(b0), Some(b1)) if device.is_cuda() => b1.saturating_sub(b0),
+        _ => glm_worker::runtime::peak_rss_bytes(),
+    } as f64
+        / 1e6;
+    let peak = format!("{peak:.0}");
+    println!(
+        "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}",
+        device,
+        a.threads,
+        precision.name(),
+        u8::from(a.checkpoint_activations),
+        tps * cfg.flops_per_token(a.seq) / 1e12,
+        sec * 1000.0
+    );
     Ok(())
 }
 

@@ -87,3 +87,27 @@ pub fn cuda_set_device(index: usize) -> crate::Result<()> {
     }
     Ok(())
 }
+
+type CudaMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> std::ffi::c_int;
+
+/// Bytes of device memory in use on the current CUDA device (all of it, as
+/// `cudaMemGetInfo` sees it: libtorch's caching allocator keeps what it
+/// reserved, so after a run this includes its high-water mark).
+pub fn cuda_memory_in_use() -> Option<u64> {
+    load_cuda();
+    let this = libloading::os::unix::Library::this();
+    // SAFETY: the symbol has this C signature in every CUDA runtime.
+    let f = unsafe { this.get::<CudaMemGetInfo>(b"cudaMemGetInfo\0") }.ok()?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: plain CUDA runtime call writing two integers.
+    let rc = unsafe { f(&mut free, &mut total) };
+    (rc == 0).then(|| (total - free) as u64)
+}
+
+/// The process's peak resident memory so far (bytes).
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    r.ru_maxrss as u64 * 1024
+}

@@ -132,7 +132,7 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
     for ds in ["config_block_base.json", "config_block_large.json", "config_block_large_chinese.json"] {
         let o = r.worker(&["--config", &seed.join(ds).display().to_string(), "--args", "configs/configs.json", "--set", "train_iters=0"]);
         let out = ok(&o);
-        assert!(out.contains("configuration is valid") && out.contains("fp16.enabled is true"), "{out}");
+        assert!(out.contains("configuration is valid") && out.contains("precision") && out.contains("fp16 (fp32 master weights"), "{out}");
     }
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--set", "transformer_xl=true"], "transformer_xl = true (--set): not supported"),

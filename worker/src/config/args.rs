@@ -37,9 +37,17 @@ pub struct Args {
     pub attention_scale: f64,
     pub no_block_position: bool,
     pub model_parallel_size: usize,
-    // precision (the DeepSpeed config decides; kept to report conflicts)
+    // precision: where the DeepSpeed config says nothing (see config::run)
     pub fp16: bool,
+    pub loss_scale: Option<f64>,
+    pub loss_scale_window: u64,
+    pub hysteresis: u32,
+    pub min_scale: f64,
+    pub fp32_layernorm: bool,
+    pub fp32_embedding: bool,
+    // activation checkpointing
     pub checkpoint_activations: bool,
+    pub checkpoint_num_layers: usize,
     // batch and optimisation
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
@@ -111,7 +119,14 @@ impl Default for Args {
             no_block_position: false,
             model_parallel_size: 1,
             fp16: false,
+            loss_scale: None,
+            loss_scale_window: 1000,
+            hysteresis: 2,
+            min_scale: 1.0,
+            fp32_layernorm: false,
+            fp32_embedding: false,
             checkpoint_activations: false,
+            checkpoint_num_layers: 1,
             batch_size: 4,
             gradient_accumulation_steps: 1,
             train_iters: 1_000_000,
@@ -206,9 +221,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Keys of the original that do not matter to this program.
 const IRRELEVANT: &[&str] = &[
-    "vocab_size", "deep_init", "fp32_embedding", "fp32_layernorm", "fp32_tokentypes", "fp32_allreduce",
-    "hysteresis", "loss_scale", "loss_scale_window", "min_scale", "checkpoint_num_layers",
-    "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory", "save_epoch",
+    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory", "save_epoch",
     "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm",
     "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq", "overlapping_eval", "length_penalty",
     "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle", "valid_data",

@@ -28,15 +28,18 @@ pub enum SchedulerCfg {
     WarmupCosineLr { warmup_min_ratio: f64, cos_min_ratio: f64, warmup_steps: u64, total_steps: u64, log: bool },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// The `fp16` block as written: keys it leaves out may come from the
+/// original's configs.json, else from DeepSpeed's defaults
+/// (`config::run::RunConfig` decides).
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Fp16Cfg {
-    pub enabled: bool,
-    pub loss_scale: f64,
-    pub initial_scale_power: u32,
-    pub loss_scale_window: u64,
-    pub hysteresis: u32,
-    pub consecutive_hysteresis: bool,
-    pub min_loss_scale: f64,
+    pub enabled: Option<bool>,
+    pub loss_scale: Option<f64>,
+    pub initial_scale_power: Option<u32>,
+    pub loss_scale_window: Option<u64>,
+    pub hysteresis: Option<u32>,
+    pub consecutive_hysteresis: Option<bool>,
+    pub min_loss_scale: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -52,7 +55,10 @@ pub struct DsConfig {
     pub optimizer: Option<OptimizerCfg>,
     pub scheduler: Option<SchedulerCfg>,
     pub fp16: Option<Fp16Cfg>,
-    pub bf16: bool,
+    /// `bf16.enabled` (or `bfloat16.enabled`) as written.
+    pub bf16: Option<bool>,
+    /// Keys overridden on the command line (`--set fp16.enabled=false`), as dotted paths.
+    pub set_keys: Vec<String>,
     pub zero_stage: u32,
     /// `zero_optimization.reduce_bucket_size` (elements per gradient reduction).
     pub reduce_bucket_size: Option<u64>,
@@ -109,8 +115,40 @@ impl Ctx<'_> {
 
 impl DsConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let v: Value = crate::error::read_json(path, "malformed JSON")?;
-        Self::from_value(path, &v)
+        Self::load_with(path, &[])
+    }
+
+    /// Reads `path`, then applies `overrides` (`("fp16.enabled", false)`:
+    /// dotted key paths; objects on the way are created) before validating.
+    pub fn load_with(path: &Path, overrides: &[(String, Value)]) -> Result<Self> {
+        let mut v: Value = crate::error::read_json(path, "malformed JSON")?;
+        for (key, value) in overrides {
+            let mut at = &mut v;
+            let parts: Vec<&str> = key.split('.').collect();
+            for (i, k) in parts.iter().enumerate() {
+                let Value::Object(m) = at else {
+                    return Err(Error::Config(format!("--set {key}: {} is not an object in {}", parts[..i].join("."), path.display())));
+                };
+                if i + 1 == parts.len() {
+                    m.insert(k.to_string(), value.clone());
+                    break;
+                }
+                at = m.entry(k.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            }
+        }
+        let mut c = Self::from_value(path, &v)?;
+        c.set_keys = overrides.iter().map(|(k, _)| k.clone()).collect();
+        Ok(c)
+    }
+
+    /// Where a value under `prefix` (e.g. "fp16") came from: "--set" when
+    /// the command line overrode a key there, else the file's name.
+    pub fn source(&self, prefix: &str) -> String {
+        if self.set_keys.iter().any(|k| k == prefix || k.starts_with(&format!("{prefix}."))) {
+            "--set".into()
+        } else {
+            self.path.file_name().unwrap_or_default().to_string_lossy().into_owned()
+        }
     }
 
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
@@ -217,27 +255,46 @@ impl DsConfig {
             None | Some(Value::Null) => None,
             Some(f) => {
                 let f = c.obj(f, "fp16")?;
-                let loss_scale = c.num(f, "loss_scale", "fp16.loss_scale")?.unwrap_or(0.0);
-                if !(loss_scale >= 0.0 && loss_scale.is_finite()) {
+                let loss_scale = c.num(f, "loss_scale", "fp16.loss_scale")?;
+                if loss_scale.is_some_and(|l| !(l >= 0.0 && l.is_finite())) {
                     return Err(c.err("fp16.loss_scale", "must be >= 0 and finite (0 = dynamic)"));
                 }
+                let small = |key: &str, max: u64| -> Result<Option<u32>> {
+                    let full = format!("fp16.{key}");
+                    match c.uint(f, key, &full)? {
+                        Some(v) if v > max => Err(c.err(&full, format!("{v} is too large (at most {max})"))),
+                        v => Ok(v.map(|v| v as u32)),
+                    }
+                };
+                let window = c.uint(f, "loss_scale_window", "fp16.loss_scale_window")?;
+                if window == Some(0) {
+                    return Err(c.err("fp16.loss_scale_window", "must be positive"));
+                }
+                let hysteresis = small("hysteresis", 1 << 20)?;
+                if hysteresis == Some(0) {
+                    return Err(c.err("fp16.hysteresis", "must be positive"));
+                }
+                let min_loss_scale = c.num(f, "min_loss_scale", "fp16.min_loss_scale")?;
+                if min_loss_scale.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+                    return Err(c.err("fp16.min_loss_scale", "must be positive and finite"));
+                }
                 Some(Fp16Cfg {
-                    enabled: c.boolean(f, "enabled", "fp16.enabled")?.unwrap_or(false),
+                    enabled: c.boolean(f, "enabled", "fp16.enabled")?,
                     loss_scale,
-                    initial_scale_power: c.uint(f, "initial_scale_power", "fp16.initial_scale_power")?.unwrap_or(16) as u32,
-                    loss_scale_window: c.uint(f, "loss_scale_window", "fp16.loss_scale_window")?.unwrap_or(1000),
-                    hysteresis: c.uint(f, "hysteresis", "fp16.hysteresis")?.unwrap_or(2) as u32,
-                    consecutive_hysteresis: c.boolean(f, "consecutive_hysteresis", "fp16.consecutive_hysteresis")?.unwrap_or(false),
-                    min_loss_scale: c.num(f, "min_loss_scale", "fp16.min_loss_scale")?.unwrap_or(1.0),
+                    initial_scale_power: small("initial_scale_power", 64)?,
+                    loss_scale_window: window,
+                    hysteresis,
+                    consecutive_hysteresis: c.boolean(f, "consecutive_hysteresis", "fp16.consecutive_hysteresis")?,
+                    min_loss_scale,
                 })
             }
         };
         let bf16 = match top.get("bf16").or_else(|| top.get("bfloat16")) {
-            None | Some(Value::Null) => false,
-            Some(b) => c.boolean(c.obj(b, "bf16")?, "enabled", "bf16.enabled")?.unwrap_or(false),
+            None | Some(Value::Null) => None,
+            Some(b) => c.boolean(c.obj(b, "bf16")?, "enabled", "bf16.enabled")?,
         };
-        if bf16 && fp16.as_ref().is_some_and(|f| f.enabled) {
-            return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one"));
+        if bf16 == Some(true) && fp16.as_ref().is_some_and(|f| f.enabled == Some(true)) {
+            return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
         }
         let (zero_stage, reduce_bucket_size) = match top.get("zero_optimization") {
             None | Some(Value::Null) => (0, None),
@@ -267,6 +324,7 @@ impl DsConfig {
             scheduler,
             fp16,
             bf16,
+            set_keys: Vec::new(),
             zero_stage,
             reduce_bucket_size,
             unused,
@@ -331,7 +389,7 @@ mod tests {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
             let c = DsConfig::load(&p).unwrap();
             assert_eq!(c.micro_batch, Some(micro));
-            assert!(c.fp16.as_ref().unwrap().enabled);
+            assert_eq!(c.fp16.as_ref().unwrap().enabled, Some(true));
             let o = c.optimizer.as_ref().unwrap();
             assert_eq!((o.lr, o.betas, o.eps), (Some(lr), Some((0.9, 0.98)), Some(1e-6)));
             assert_eq!(c.batch(1, 4, 1).unwrap(), Batch { global: micro, micro, accum: 1 });
@@ -367,9 +425,26 @@ mod tests {
             (json!({"scheduler": {"type": "OneCycle"}}), "scheduler.type"),
             (json!({"zero_optimization": {"stage": 5}}), "zero_optimization.stage"),
             (json!({"fp16": {"enabled": true}, "bf16": {"enabled": true}}), "fp16 and bf16"),
+            (json!({"fp16": {"loss_scale_window": 0}}), "fp16.loss_scale_window: must be positive"),
+            (json!({"fp16": {"hysteresis": 0}}), "fp16.hysteresis: must be positive"),
+            (json!({"fp16": {"min_loss_scale": 0}}), "fp16.min_loss_scale"),
+            (json!({"fp16": {"initial_scale_power": 99}}), "fp16.initial_scale_power: 99 is too large"),
         ] {
             let e = cfg(v).unwrap_err().to_string();
             assert!(e.starts_with("ds.json: ") && e.contains(want), "want {want:?}: {e}");
         }
+    }
+
+    #[test]
+    fn dotted_overrides_apply_before_validation() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/config_block_large.json");
+        let c = DsConfig::load_with(&p, &[("fp16.enabled".into(), json!(false)), ("bf16.enabled".into(), json!(true))]).unwrap();
+        assert_eq!((c.fp16.as_ref().unwrap().enabled, c.bf16), (Some(false), Some(true)));
+        assert_eq!(c.source("bf16"), "--set");
+        assert_eq!(c.source("optimizer"), "config_block_large.json");
+        let e = DsConfig::load_with(&p, &[("bf16.enabled".into(), json!(true))]).unwrap_err().to_string();
+        assert!(e.contains("fp16 and bf16 are both enabled"), "{e}");
+        let e = DsConfig::load_with(&p, &[("steps_per_print.x".into(), json!(1))]).unwrap_err().to_string();
+        assert!(e.contains("--set steps_per_print.x: steps_per_print is not an object"), "{e}");
     }
 }

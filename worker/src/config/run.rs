@@ -11,6 +11,8 @@ use super::ds::{Batch, DsConfig};
 use crate::data::blocklm::BlockConfig;
 use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
+use crate::optim::optimizer::Precision;
+use crate::optim::scaler::ScalerConfig;
 use crate::optim::schedule::{Decay, Schedule};
 
 /// One line of the effective-configuration report.
@@ -34,6 +36,14 @@ pub struct RunConfig {
     pub eval_batch: usize,
     /// Elements per data-parallel gradient reduction (DeepSpeed's reduce_bucket_size).
     pub reduce_bucket_size: i64,
+    /// Compute dtype, and the fp16 loss scaler's settings.
+    pub precision: Precision,
+    pub scaler: Option<ScalerConfig>,
+    pub fp32_layernorm: bool,
+    pub fp32_embedding: bool,
+    pub attention_scale: f64,
+    /// Layers per recomputed chunk; 0 = activation checkpointing off.
+    pub checkpoint_num_layers: usize,
     pub report: Vec<Entry>,
     /// Things the user must know: unsupported-yet settings that fall back.
     pub warnings: Vec<String>,
@@ -103,18 +113,39 @@ impl RunConfig {
         };
 
         let mut warnings = Vec::new();
-        if ds.fp16.as_ref().is_some_and(|f| f.enabled) {
-            warnings.push(format!("{dsname}: fp16.enabled is true, but mixed precision is not implemented yet: this run trains in fp32"));
-        } else if ds.bf16 {
-            warnings.push(format!("{dsname}: bf16.enabled is true, but mixed precision is not implemented yet: this run trains in fp32"));
-        }
         if ds.zero_stage > 0 {
             warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
         }
-        if a.checkpoint_activations {
-            warnings.push(format!("checkpoint_activations ({}): activation checkpointing is not implemented yet; activations are kept (more memory, same result)", src("checkpoint_activations")));
+        let (precision, scaler) = Self::precision(&ds, &args)?;
+        match &scaler {
+            Some(sc) => {
+                let s = crate::optim::scaler::LossScaler::new(sc.clone());
+                put("precision", format!("fp16 (fp32 master weights and optimizer state), {}", s.describe()), ds.source("fp16"));
+            }
+            None if precision == Precision::Bf16 => put("precision", "bf16 (fp32 master weights, gradient accumulation and optimizer state)".into(), ds.source("bf16")),
+            None => {
+                let from_ds = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16.is_some();
+                put("precision", "fp32".into(), if from_ds { ds.source("fp16") } else { src("fp16") })
+            }
         }
-        put("precision", "fp32".into(), dsname.clone());
+        if precision != Precision::Fp32 {
+            put("fp32_layernorm / fp32_embedding", format!("{} / {}", a.fp32_layernorm, a.fp32_embedding), src("fp32_layernorm"));
+        }
+        if a.attention_scale < 1.0 || !a.attention_scale.is_finite() {
+            return Err(Error::Config(format!("attention_scale = {} ({}): must be >= 1 (1 = off)", a.attention_scale, src("attention_scale"))));
+        }
+        if a.attention_scale != 1.0 {
+            put("attention_scale", a.attention_scale.to_string(), src("attention_scale"));
+        }
+        let checkpoint_num_layers = if a.checkpoint_activations {
+            if a.checkpoint_num_layers == 0 {
+                return Err(Error::Config(format!("checkpoint_num_layers = 0 ({}): must be positive when checkpoint_activations is on", src("checkpoint_num_layers"))));
+            }
+            put("activation checkpointing", format!("every {} layer(s) recomputed in backward", a.checkpoint_num_layers), src("checkpoint_activations"));
+            a.checkpoint_num_layers
+        } else {
+            0
+        };
 
         if a.seq_length > a.max_position_embeddings {
             return Err(Error::Config(format!(
@@ -178,7 +209,49 @@ impl RunConfig {
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
         let reduce_bucket_size = ds.reduce_bucket_size.unwrap_or(500_000_000) as i64;
-        Ok(RunConfig { ds, args, batch, lr, reduce_bucket_size, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+        let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
+        Ok(RunConfig { ds, precision, scaler, fp32_layernorm, fp32_embedding, attention_scale, checkpoint_num_layers, args, batch, lr, reduce_bucket_size, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+    }
+
+    /// The compute dtype and fp16 loss-scaler settings: the DeepSpeed file's
+    /// `fp16`/`bf16` blocks decide; where they say nothing, the original's
+    /// configs.json keys (`fp16`, `loss_scale` — null = dynamic —,
+    /// `loss_scale_window`, `hysteresis`, `min_scale`) apply when given,
+    /// else DeepSpeed's defaults.
+    fn precision(ds: &DsConfig, args: &LoadedArgs) -> Result<(Precision, Option<ScalerConfig>)> {
+        let a = &args.args;
+        let f = ds.fp16.clone().unwrap_or_default();
+        let fp16 = match (f.enabled, ds.bf16) {
+            (Some(e), _) => e,
+            (None, Some(true)) => false,
+            (None, _) => a.fp16,
+        };
+        if fp16 && ds.bf16 == Some(true) {
+            return Err(Error::invalid(&ds.path, "bf16.enabled is true and configs.json asks for fp16; enable one"));
+        }
+        if ds.bf16 == Some(true) {
+            return Ok((Precision::Bf16, None));
+        }
+        if !fp16 {
+            return Ok((Precision::Fp32, None));
+        }
+        let given = |k: &str| args.source(k) != super::args::Source::Default;
+        let d = ScalerConfig::default();
+        let loss_scale = match f.loss_scale {
+            Some(l) => l,
+            None if given("loss_scale") => a.loss_scale.unwrap_or(0.0),
+            None => d.loss_scale,
+        };
+        let cfg = ScalerConfig {
+            loss_scale,
+            initial_scale_power: f.initial_scale_power.unwrap_or(d.initial_scale_power),
+            loss_scale_window: f.loss_scale_window.unwrap_or(if given("loss_scale_window") { a.loss_scale_window } else { d.loss_scale_window }),
+            hysteresis: f.hysteresis.unwrap_or(if given("hysteresis") { a.hysteresis } else { d.hysteresis }),
+            consecutive_hysteresis: f.consecutive_hysteresis.unwrap_or(d.consecutive_hysteresis),
+            min_loss_scale: f.min_loss_scale.unwrap_or(if given("min_scale") { a.min_scale } else { d.min_loss_scale }),
+        };
+        cfg.validate().map_err(|e| Error::invalid(&ds.path, format!("fp16 loss scaler (with configs.json's loss_scale, loss_scale_window, hysteresis, min_scale where the file has none): {e}")))?;
+        Ok((Precision::Fp16, Some(cfg)))
     }
 
     /// Lines of the "effective configuration" block printed at start.

@@ -1,4 +1,4 @@
-//! GLM (THUDM/GLM `modeling_glm.py` + `mpu/transformer.py`), one process.
+//! GLM (THUDM/GLM `modeling_glm.py` + `mpu/transformer.py`).
 //!
 //! word + position + block-position embeddings -> dropout -> `num_layers`
 //! pre-LayerNorm blocks (fused query_key_value, attention under the GLM mask,
@@ -8,13 +8,26 @@
 //! Parameter names are the original's state-dict keys, so a checkpoint maps
 //! 1:1 onto the PyTorch model. Attention uses libtorch's fused
 //! scaled-dot-product attention with a boolean mask: Part A (positions before
-//! `sep`) is visible to every token, Part B is causal. The original's
-//! `attention_scale` only rescales q and k to keep fp16 scores in range; in
-//! fp32 the result is the same, so it is not applied.
+//! `sep`) is visible to every token, Part B is causal.
+//!
+//! Precision: parameters and activations are in the compute dtype of the
+//! parameter buffer (fp32, bf16 or fp16). The fused attention accumulates
+//! its scores and softmax in fp32 whatever the dtype; logits are cast to
+//! fp32 before the cross entropy; with `fp32_layernorm` LayerNorm runs in
+//! fp32, with `fp32_embedding` the embeddings are summed in fp32. The
+//! original's `attention_scale` (> 1) divides q and k by its square root
+//! before the scores and multiplies them back (the fp16 overflow guard).
+//!
+//! Activation checkpointing (`checkpoint_num_layers` > 0): each chunk of that
+//! many layers keeps only its input and runs again in backward
+//! (`model::autograd::recompute`), with the same dropout masks.
+
+use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::params::{Init, ParamBuilder, Params, Part};
+use super::autograd::recompute;
+use super::params::{Init, ParamBuilder, Params, Part, Partition};
 use crate::error::{Error, Result};
 use crate::parallel::layers::{column_parallel_linear, row_parallel_linear, vocab_parallel_cross_entropy, vocab_parallel_embedding};
 use crate::parallel::mappings::{copy_to, gather_from, Group};
@@ -73,52 +86,41 @@ impl GlmConfig {
     }
 }
 
-struct Linear {
-    weight: usize, // [out, in]
-    bias: usize,
-    split: Split,
-}
-
-/// How a parameter of the original's state dict is split over
-/// tensor-parallel ranks, by name: the table checkpoint merge/split uses.
-/// The model's constructor picks each layer's partition from its kind, and
-/// a test checks that both agree; `Partition::part` + `Part::take` do the
-/// slicing for both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Partition {
-    Whole,
-    Rows,
-    Cols,
-    QkvRows,
-}
-
-pub fn partition_of(name: &str) -> Partition {
-    if name == "word_embeddings.weight" || name.ends_with("mlp.dense_h_to_4h.weight") || name.ends_with("mlp.dense_h_to_4h.bias") {
-        Partition::Rows
-    } else if name.ends_with("attention.query_key_value.weight") || name.ends_with("attention.query_key_value.bias") {
-        Partition::QkvRows
-    } else if name.ends_with("attention.dense.weight") || name.ends_with("mlp.dense_4h_to_h.weight") {
-        Partition::Cols
-    } else {
-        Partition::Whole
+/// `t` in fp32 when it is in a 16-bit type (softmax and cross entropy
+/// run in fp32 at least).
+fn to_fp32(t: Tensor) -> Tensor {
+    match t.kind() {
+        Kind::BFloat16 | Kind::Half => t.to_kind(Kind::Float),
+        _ => t,
     }
 }
 
-impl Partition {
-    /// Rank `rank`'s part of a parameter split this way over `size` ranks.
-    pub fn part(self, rank: usize, size: usize) -> Part {
-        match self {
-            Partition::Whole => Part::Whole,
-            Partition::Rows => Part::Rows { rank, size },
-            Partition::Cols => Part::Cols { rank, size },
-            Partition::QkvRows => Part::QkvRows { rank, size },
-        }
-    }
+/// How a model is built and run, apart from its shape (`GlmConfig`, which
+/// checkpoints record): device, dtype, layout and numerics.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub device: tch::Device,
+    /// Compute dtype of parameters and activations: Float, BFloat16, Half
+    /// (Double for gradient checks).
+    pub kind: Kind,
+    /// Initialisation seed.
+    pub seed: i64,
+    /// The tensor-parallel group this rank's slices belong to.
+    pub tp: Option<Group>,
+    /// The flat buffers are padded to a multiple of this (ZeRO partitions).
+    pub pad_multiple: i64,
+    pub fp32_layernorm: bool,
+    pub fp32_embedding: bool,
+    pub attention_scale: f64,
+    /// Layers per recomputed chunk (activation checkpointing); 0 = off.
+    pub checkpoint_num_layers: usize,
 }
 
-/// This rank's part under `tp` (whole without tensor parallelism).
-fn part_under(tp: Option<Group>, p: Partition) -> Part {
-    tp.map_or(Part::Whole, |g| p.part(g.rank, g.size))
+impl ModelOptions {
+    /// fp32, one process, no checkpointing.
+    pub fn new(device: tch::Device, seed: i64) -> Self {
+        ModelOptions { device, kind: Kind::Float, seed, tp: None, pad_multiple: 1, fp32_layernorm: false, fp32_embedding: false, attention_scale: 1.0, checkpoint_num_layers: 0 }
+    }
 }
 
 /// How a linear layer is split over the tensor-parallel group.
@@ -131,38 +133,102 @@ enum Split {
     Row,
 }
 
-impl Linear {
+/// Parameter indices of a linear layer, resolved to tensors after building.
+struct LinearDecl {
+    weight: usize,
+    bias: usize,
+    split: Split,
+}
+
+impl LinearDecl {
     fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, split: Split, tp: Option<Group>) -> Self {
         let (w, b) = match split {
             Split::Column => (Partition::Rows, Partition::Rows),
             Split::Qkv => (Partition::QkvRows, Partition::QkvRows),
             Split::Row => (Partition::Cols, Partition::Whole),
         };
-        let weight = pb.add_part(format!("{name}.weight"), &[d_out as i64, d_in as i64], part_under(tp, w), Init::Normal(std), true);
-        let bias = pb.add_part(format!("{name}.bias"), &[d_out as i64], part_under(tp, b), Init::Zeros, false);
-        Linear { weight, bias, split }
+        let weight = pb.add_split(format!("{name}.weight"), &[d_out as i64, d_in as i64], w, part_under(tp, w), Init::Normal(std), true);
+        let bias = pb.add_split(format!("{name}.bias"), &[d_out as i64], b, part_under(tp, b), Init::Zeros, false);
+        LinearDecl { weight, bias, split }
     }
-    fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
-        x.linear(p.get(self.weight), Some(p.get(self.bias)))
+    fn resolve(&self, p: &Params) -> Linear {
+        Linear { weight: p.get(self.weight).shallow_clone(), bias: p.get(self.bias).shallow_clone(), split: self.split }
+    }
+}
+
+/// This rank's part under `tp` (whole without tensor parallelism).
+fn part_under(tp: Option<Group>, p: Partition) -> Part {
+    tp.map_or(Part::Whole, |g| p.part(g.rank, g.size))
+}
+
+struct Linear {
+    weight: Tensor, // [out, in]
+    bias: Tensor,
+    split: Split,
+}
+
+impl Linear {
+    fn shallow(&self) -> Self {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), split: self.split }
+    }
+
+    /// `x Wᵀ + b`: whole, or split as it was built under tensor parallelism.
+    fn forward(&self, x: &Tensor, tp: Option<Group>) -> Result<Tensor> {
+        match (tp, self.split) {
+            (None, _) => Ok(x.linear(&self.weight, Some(&self.bias))),
+            (Some(g), Split::Column | Split::Qkv) => column_parallel_linear(x, &self.weight, Some(&self.bias), g, false),
+            (Some(g), Split::Row) => row_parallel_linear(x, &self.weight, Some(&self.bias), g, true),
+        }
+    }
+}
+
+struct LayerNormDecl {
+    weight: usize,
+    bias: usize,
+}
+
+impl LayerNormDecl {
+    fn new(pb: &mut ParamBuilder, name: &str, dim: usize) -> Self {
+        let weight = pb.add(format!("{name}.weight"), &[dim as i64], Init::Ones, false);
+        let bias = pb.add(format!("{name}.bias"), &[dim as i64], Init::Zeros, false);
+        LayerNormDecl { weight, bias }
+    }
+    fn resolve(&self, p: &Params, eps: f64, fp32: bool) -> LayerNorm {
+        let (weight, bias) = (p.get(self.weight).shallow_clone(), p.get(self.bias).shallow_clone());
+        LayerNorm { dim: weight.size()[0], weight, bias, eps, fp32 }
     }
 }
 
 struct LayerNorm {
-    weight: usize,
-    bias: usize,
+    weight: Tensor,
+    bias: Tensor,
     eps: f64,
     dim: i64,
+    /// Normalise in fp32 (and return the input's dtype).
+    fp32: bool,
 }
 
 impl LayerNorm {
-    fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64) -> Self {
-        let weight = pb.add(format!("{name}.weight"), &[dim as i64], Init::Ones, false);
-        let bias = pb.add(format!("{name}.bias"), &[dim as i64], Init::Zeros, false);
-        LayerNorm { weight, bias, eps, dim: dim as i64 }
+    fn shallow(&self) -> Self {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), ..*self }
     }
-    fn forward(&self, p: &Params, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(p.get(self.weight)), Some(p.get(self.bias)), self.eps, true)
+    fn forward(&self, x: &Tensor) -> Tensor {
+        if self.fp32 && matches!(x.kind(), Kind::BFloat16 | Kind::Half) {
+            let f = |t: &Tensor| t.to_kind(Kind::Float);
+            f(x).layer_norm([self.dim], Some(f(&self.weight)), Some(f(&self.bias)), self.eps, true).to_kind(x.kind())
+        } else {
+            x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        }
     }
+}
+
+struct BlockDecl {
+    input_layernorm: LayerNormDecl,
+    query_key_value: LinearDecl,
+    dense: LinearDecl,
+    post_attention_layernorm: LayerNormDecl,
+    dense_h_to_4h: LinearDecl,
+    dense_4h_to_h: LinearDecl,
 }
 
 struct Block {
@@ -174,19 +240,96 @@ struct Block {
     dense_4h_to_h: Linear,
 }
 
+/// What every layer of one forward pass shares.
+struct LayerCtx {
+    /// `(b, 1, s, s)`, true = may attend.
+    mask: Tensor,
+    /// Heads on this rank and their size.
+    heads: i64,
+    head_dim: i64,
+    attention_dropout: f64,
+    output_dropout: f64,
+    attention_scale: f64,
+    train: bool,
+    tp: Option<Group>,
+    /// Seed base of the micro-step (tensor-parallel dropout streams).
+    rng_base: i64,
+}
+
+impl LayerCtx {
+    fn shallow(&self) -> Self {
+        LayerCtx { mask: self.mask.shallow_clone(), ..*self }
+    }
+
+    /// Megatron's RNG tracker: dropout inside a parallel region (attention
+    /// probabilities of this rank's heads) draws from a per-rank stream;
+    /// everywhere else all tensor-parallel ranks share one stream.
+    fn reseed(&self, layer: usize, rank: Option<usize>) {
+        let k = (2 * layer + usize::from(rank.is_some())) as i64 * 7919 + rank.map_or(0, |r| r as i64 + 1);
+        tch::manual_seed(self.rng_base.wrapping_mul(1_000_003).wrapping_add(k));
+    }
+}
+
+impl Block {
+    fn shallow(&self) -> Self {
+        Block {
+            input_layernorm: self.input_layernorm.shallow(),
+            query_key_value: self.query_key_value.shallow(),
+            dense: self.dense.shallow(),
+            post_attention_layernorm: self.post_attention_layernorm.shallow(),
+            dense_h_to_4h: self.dense_h_to_4h.shallow(),
+            dense_4h_to_h: self.dense_4h_to_h.shallow(),
+        }
+    }
+
+    /// Layer `index` on `x` `(b, s, h)`.
+    fn forward(&self, x: &Tensor, c: &LayerCtx, index: usize) -> Result<Tensor> {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let (nh, hd) = (c.heads, c.head_dim);
+        let attn_p = if c.train { c.attention_dropout } else { 0.0 };
+        let tracked = c.tp.filter(|_| attn_p > 0.0);
+        let y = self.input_layernorm.forward(x);
+        let qkv = self.query_key_value.forward(&y, c.tp)?; // (b, s, 3h/tp)
+        let parts = qkv.split(nh * hd, -1);
+        let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
+        let (mut q, mut k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+        let mut scale = None;
+        if c.attention_scale > 1.0 {
+            let r = c.attention_scale.sqrt();
+            (q, k) = (q / r, k / r);
+            scale = Some(c.attention_scale / (hd as f64).sqrt());
+        }
+        if let Some(g) = tracked {
+            c.reseed(index, Some(g.rank));
+        }
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&c.mask), attn_p, false, scale, false); // (b, nh/tp, s, hd)
+        if tracked.is_some() {
+            c.reseed(index, None);
+        }
+        let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
+        let x = x + self.dense.forward(&a, c.tp)?.dropout(c.output_dropout, c.train);
+        let y = self.post_attention_layernorm.forward(&x);
+        let y = self.dense_h_to_4h.forward(&y, c.tp)?.gelu("tanh"); // (b, s, ffn/tp)
+        Ok(x + self.dense_4h_to_h.forward(&y, c.tp)?.dropout(c.output_dropout, c.train))
+    }
+}
+
 pub struct Glm {
     pub cfg: GlmConfig,
     pub params: Params,
-    word_embeddings: usize,
-    position_embeddings: usize,
-    block_position_embeddings: Option<usize>,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    block_position_embeddings: Option<Tensor>,
     layers: Vec<Block>,
     final_layernorm: LayerNorm,
     /// The tensor-parallel group this rank's slices belong to (None: whole model).
     pub tp: Option<Group>,
     /// Seed base of the current micro-step (set by the trainer), from which
-    /// tensor-parallel runs derive their dropout streams (see `hidden`).
+    /// tensor-parallel runs derive their dropout streams (see `LayerCtx::reseed`).
     pub rng_base: std::cell::Cell<i64>,
+    fp32_embedding: bool,
+    attention_scale: f64,
+    checkpoint_num_layers: usize,
 }
 
 /// One batch of samples as tensors, all `[batch, seq]` int64 except `sep` `[batch]`.
@@ -199,49 +342,110 @@ pub struct Batch {
     pub sep: Tensor,
 }
 
+/// The declarations of a model: its parameters in `pb`, the indices here.
+struct Decls {
+    word_embeddings: usize,
+    position_embeddings: usize,
+    block_position_embeddings: Option<usize>,
+    layers: Vec<BlockDecl>,
+    final_layernorm: LayerNormDecl,
+}
+
+/// Declares every parameter of `cfg` (this rank's parts under `tp`):
+/// embeddings, then each layer, then the final LayerNorm, each its own
+/// layout group.
+fn declare(cfg: &GlmConfig, tp: Option<Group>) -> (ParamBuilder, Decls) {
+    let std = 0.02;
+    let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
+    let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+    let rows = cfg.max_position_embeddings as i64 + 1;
+    let mut pb = ParamBuilder::default();
+    let word_embeddings = pb.add_split("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], Partition::Rows, part_under(tp, Partition::Rows), Init::Normal(std), true);
+    let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
+    let block_position_embeddings = cfg.block_position_encoding.then(|| pb.add("transformer.block_position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true));
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            pb.group();
+            let n = format!("transformer.layers.{i}");
+            BlockDecl {
+                input_layernorm: LayerNormDecl::new(&mut pb, &format!("{n}.input_layernorm"), h),
+                query_key_value: LinearDecl::new(&mut pb, &format!("{n}.attention.query_key_value"), h, 3 * h, std, Split::Qkv, tp),
+                dense: LinearDecl::new(&mut pb, &format!("{n}.attention.dense"), h, h, out_std, Split::Row, tp),
+                post_attention_layernorm: LayerNormDecl::new(&mut pb, &format!("{n}.post_attention_layernorm"), h),
+                dense_h_to_4h: LinearDecl::new(&mut pb, &format!("{n}.mlp.dense_h_to_4h"), h, ffn, std, Split::Column, tp),
+                dense_4h_to_h: LinearDecl::new(&mut pb, &format!("{n}.mlp.dense_4h_to_h"), ffn, h, out_std, Split::Row, tp),
+            }
+        })
+        .collect();
+    pb.group();
+    let final_layernorm = LayerNormDecl::new(&mut pb, "transformer.final_layernorm", h);
+    (pb, Decls { word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm })
+}
+
+/// How each parameter of a model of shape `cfg` splits over tensor-parallel
+/// ranks, by state-dict name: the table checkpoint merge/split slice by,
+/// derived from the model's own declarations.
+pub fn partitions(cfg: &GlmConfig) -> BTreeMap<String, Partition> {
+    let (pb, _) = declare(cfg, None);
+    pb.layout(1).0.into_iter().map(|i| (i.name, i.partition)).collect()
+}
+
 impl Glm {
+    /// The whole model in fp32 on `device`.
     pub fn new(cfg: GlmConfig, device: tch::Device, seed: i64) -> Result<Self> {
-        Self::new_as(cfg, device, Kind::Float, seed)
+        Self::build(cfg, &ModelOptions::new(device, seed))
     }
 
     /// As `new`, with parameters of `kind` (Double for gradient checks).
     pub fn new_as(cfg: GlmConfig, device: tch::Device, kind: Kind, seed: i64) -> Result<Self> {
-        Self::new_parallel(cfg, device, kind, seed, None)
+        Self::build(cfg, &ModelOptions { kind, ..ModelOptions::new(device, seed) })
     }
 
-    /// This rank's part of the model under tensor parallelism `tp`: the
-    /// vocabulary, query/key/value heads, `dense_h_to_4h` rows and the
+    /// This rank's part of the model as `o` says. Under tensor parallelism
+    /// the vocabulary, query/key/value heads, `dense_h_to_4h` rows and the
     /// inputs of `attention.dense` and `dense_4h_to_h` are split; the rest is
-    /// replicated. Every rank draws the full master weights from `seed` and
-    /// keeps its slice, so any split starts from the weights of one process.
-    pub fn new_parallel(cfg: GlmConfig, device: tch::Device, kind: Kind, seed: i64, tp: Option<Group>) -> Result<Self> {
+    /// replicated. Every rank draws the full master weights from the seed
+    /// and keeps its slice, so any split starts from the weights of one
+    /// process.
+    pub fn build(cfg: GlmConfig, o: &ModelOptions) -> Result<Self> {
         cfg.validate()?;
-        let std = 0.02;
-        let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
-        let (h, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layernorm_epsilon);
-        let rows = cfg.max_position_embeddings as i64 + 1;
-        let mut pb = ParamBuilder::default();
-        let word_embeddings = pb.add_part("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], part_under(tp, Partition::Rows), Init::Normal(std), true);
-        let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
-        let block_position_embeddings = cfg
-            .block_position_encoding
-            .then(|| pb.add("transformer.block_position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true));
-        let layers = (0..cfg.num_layers)
-            .map(|i| {
-                let n = format!("transformer.layers.{i}");
-                Block {
-                    input_layernorm: LayerNorm::new(&mut pb, &format!("{n}.input_layernorm"), h, eps),
-                    query_key_value: Linear::new(&mut pb, &format!("{n}.attention.query_key_value"), h, 3 * h, std, Split::Qkv, tp),
-                    dense: Linear::new(&mut pb, &format!("{n}.attention.dense"), h, h, out_std, Split::Row, tp),
-                    post_attention_layernorm: LayerNorm::new(&mut pb, &format!("{n}.post_attention_layernorm"), h, eps),
-                    dense_h_to_4h: Linear::new(&mut pb, &format!("{n}.mlp.dense_h_to_4h"), h, ffn, std, Split::Column, tp),
-                    dense_4h_to_h: Linear::new(&mut pb, &format!("{n}.mlp.dense_4h_to_h"), ffn, h, out_std, Split::Row, tp),
-                }
+        if o.attention_scale < 1.0 {
+            return Err(Error::Config(format!("attention_scale {}: must be >= 1", o.attention_scale)));
+        }
+        let (pb, d) = declare(&cfg, o.tp);
+        let params = pb.build(o.device, o.kind, o.seed, o.pad_multiple)?;
+        let (eps, ln32) = (cfg.layernorm_epsilon, o.fp32_layernorm);
+        let layers = d
+            .layers
+            .iter()
+            .map(|l| Block {
+                input_layernorm: l.input_layernorm.resolve(&params, eps, ln32),
+                query_key_value: l.query_key_value.resolve(&params),
+                dense: l.dense.resolve(&params),
+                post_attention_layernorm: l.post_attention_layernorm.resolve(&params, eps, ln32),
+                dense_h_to_4h: l.dense_h_to_4h.resolve(&params),
+                dense_4h_to_h: l.dense_4h_to_h.resolve(&params),
             })
             .collect();
-        let final_layernorm = LayerNorm::new(&mut pb, "transformer.final_layernorm", h, eps);
-        let params = pb.build_as(device, kind, seed);
-        Ok(Glm { cfg, params, word_embeddings, position_embeddings, block_position_embeddings, layers, final_layernorm, tp, rng_base: 0.into() })
+        Ok(Glm {
+            word_embeddings: params.get(d.word_embeddings).shallow_clone(),
+            position_embeddings: params.get(d.position_embeddings).shallow_clone(),
+            block_position_embeddings: d.block_position_embeddings.map(|i| params.get(i).shallow_clone()),
+            final_layernorm: d.final_layernorm.resolve(&params, eps, ln32),
+            layers,
+            params,
+            cfg,
+            tp: o.tp,
+            rng_base: 0.into(),
+            fp32_embedding: o.fp32_embedding,
+            attention_scale: o.attention_scale,
+            checkpoint_num_layers: o.checkpoint_num_layers,
+        })
+    }
+
+    /// Layers per recomputed chunk (0: activation checkpointing off).
+    pub fn checkpoint_num_layers(&self) -> usize {
+        self.checkpoint_num_layers
     }
 
     /// GLM's attention mask, `[b, 1, s, s]`, true = may attend: key j is
@@ -254,67 +458,82 @@ impl Glm {
         causal.unsqueeze(0).logical_or(&prefix.unsqueeze(1)).unsqueeze(1)
     }
 
-    /// `l` applied to `x`: whole, or split as it was built under tensor parallelism.
-    fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
-        let p = &self.params;
-        match (self.tp, l.split) {
-            (None, _) => Ok(l.forward(p, x)),
-            (Some(g), Split::Column | Split::Qkv) => column_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, false),
-            (Some(g), Split::Row) => row_parallel_linear(x, p.get(l.weight), Some(p.get(l.bias)), g, true),
-        }
-    }
-
     /// Final hidden states `(b, s, h)`.
     pub fn hidden(&self, batch: &Batch, train: bool) -> Result<Tensor> {
-        let p = &self.params;
-        let (b, s) = (batch.tokens.size()[0], batch.tokens.size()[1]);
+        let s = batch.tokens.size()[1];
         let tp_size = self.tp.map_or(1, |g| g.size as i64);
-        let (h, nh) = (self.cfg.hidden_size as i64, self.cfg.num_attention_heads as i64 / tp_size);
-        let hd = h / self.cfg.num_attention_heads as i64;
+        let h = self.cfg.hidden_size as i64;
+        let kind = self.params.kind();
         let words = match self.tp {
-            None => Tensor::embedding(p.get(self.word_embeddings), &batch.tokens, -1, false, false),
-            Some(g) => vocab_parallel_embedding(&batch.tokens, p.get(self.word_embeddings), g)?,
+            None => Tensor::embedding(&self.word_embeddings, &batch.tokens, -1, false, false),
+            Some(g) => vocab_parallel_embedding(&batch.tokens, &self.word_embeddings, g)?,
         };
-        let mut x = words + Tensor::embedding(p.get(self.position_embeddings), &batch.position_ids, -1, false, false);
-        if let Some(bpe) = self.block_position_embeddings {
-            x += Tensor::embedding(p.get(bpe), &batch.block_position_ids, -1, false, false);
+        let up = |t: Tensor| if self.fp32_embedding { to_fp32(t) } else { t };
+        let mut x = up(words) + up(Tensor::embedding(&self.position_embeddings, &batch.position_ids, -1, false, false));
+        if let Some(bpe) = &self.block_position_embeddings {
+            x += up(Tensor::embedding(bpe, &batch.block_position_ids, -1, false, false));
         }
-        let mut x = x.dropout(self.cfg.hidden_dropout, train); // (b, s, h)
-        let mask = Self::attention_mask(&batch.sep, s);
-        let attn_p = if train { self.cfg.attention_dropout } else { 0.0 };
-        // Megatron's RNG tracker: dropout inside a parallel region (attention
-        // probabilities of this rank's heads) draws from a per-rank stream;
-        // everywhere else all tensor-parallel ranks share one stream.
-        let reseed = |layer: usize, rank: Option<usize>| {
-            let k = (2 * layer + usize::from(rank.is_some())) as i64 * 7919 + rank.map_or(0, |r| r as i64 + 1);
-            tch::manual_seed(self.rng_base.get().wrapping_mul(1_000_003).wrapping_add(k));
+        let mut x = x.dropout(self.cfg.hidden_dropout, train).to_kind(kind); // (b, s, h)
+        let ctx = LayerCtx {
+            mask: Self::attention_mask(&batch.sep, s),
+            heads: self.cfg.num_attention_heads as i64 / tp_size,
+            head_dim: h / self.cfg.num_attention_heads as i64,
+            attention_dropout: self.cfg.attention_dropout,
+            output_dropout: self.cfg.output_dropout,
+            attention_scale: self.attention_scale,
+            train,
+            tp: self.tp,
+            rng_base: self.rng_base.get(),
         };
-        let tracked = self.tp.filter(|_| attn_p > 0.0);
-        for (i, l) in self.layers.iter().enumerate() {
-            let y = l.input_layernorm.forward(p, &x);
-            let qkv = self.linear(&l.query_key_value, &y)?; // (b, s, 3h/tp)
-            let parts = qkv.split(nh * hd, -1);
-            let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
-            let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
-            if let Some(g) = tracked {
-                reseed(i, Some(g.rank));
+        let n = self.checkpoint_num_layers;
+        if n > 0 && train {
+            for (c, chunk) in self.layers.chunks(n).enumerate() {
+                let blocks: Vec<Block> = chunk.iter().map(Block::shallow).collect();
+                let lc = ctx.shallow();
+                let first = c * n;
+                x = recompute(
+                    &x,
+                    Box::new(move |x: &Tensor| {
+                        let mut x = x.shallow_clone();
+                        for (k, b) in blocks.iter().enumerate() {
+                            x = b.forward(&x, &lc, first + k)?;
+                        }
+                        Ok(x)
+                    }),
+                )?;
             }
-            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), attn_p, false, None, false); // (b, nh/tp, s, hd)
-            if tracked.is_some() {
-                reseed(i, None);
+        } else {
+            for (i, l) in self.layers.iter().enumerate() {
+                x = l.forward(&x, &ctx, i)?;
             }
-            let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
-            x = x + self.linear(&l.dense, &a)?.dropout(self.cfg.output_dropout, train);
-            let y = l.post_attention_layernorm.forward(p, &x);
-            let y = self.linear(&l.dense_h_to_4h, &y)?.gelu("tanh"); // (b, s, ffn/tp)
-            x = x + self.linear(&l.dense_4h_to_h, &y)?.dropout(self.cfg.output_dropout, train);
         }
-        Ok(self.final_layernorm.forward(p, &x))
+        Ok(self.final_layernorm.forward(&x))
     }
 
     /// Logits of hidden states `(..., h)` through the tied embedding: `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.params.get(self.word_embeddings).tr())
+        hidden.matmul(&self.word_embeddings.tr())
+    }
+
+    /// Bytes of activations one micro-batch of `b × s` keeps for backward,
+    /// without and with this model's checkpointing: Korthikanti et al.'s
+    /// estimate `s·b·h·(34 + 5·a·s/h)` bytes per layer in 16-bit (twice the
+    /// 2-byte terms in fp32), and per checkpointed chunk only its input plus,
+    /// during backward, one chunk's worth.
+    pub fn activation_bytes(&self, b: usize, s: usize) -> (f64, f64) {
+        let (h, a, l) = (self.cfg.hidden_size as f64, self.cfg.num_attention_heads as f64, self.cfg.num_layers as f64);
+        let tp = self.tp.map_or(1.0, |g| g.size as f64);
+        let (b, s) = (b as f64, s as f64);
+        let width = self.params.kind().elt_size_in_bytes() as f64 / 2.0;
+        // 16-bit: 10 sbh replicated + 24 sbh split, masks of 1 byte (5as² split as 2 + 2 + 1)
+        let per_layer = s * b * h * (10.0 * width + 24.0 * width / tp) + s * s * b * a * (4.0 * width + 1.0) / tp;
+        let full = l * per_layer;
+        let n = self.checkpoint_num_layers;
+        if n == 0 {
+            return (full, full);
+        }
+        let chunks = (l / n as f64).ceil();
+        (full, chunks * s * b * h * 2.0 * width + n as f64 * per_layer)
     }
 
     /// Loss over the Part B targets of `batch` (mean over masked tokens), the
@@ -343,11 +562,11 @@ impl Glm {
         let targets = batch.targets.view([-1]).index_select(0, &idx);
         let (loss, logits) = match self.tp {
             None => {
-                let logits = self.logits(&sel); // (n, vocab)
+                let logits = to_fp32(self.logits(&sel)); // (n, vocab), fp32 at least
                 (logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0), logits)
             }
             Some(g) => {
-                let local = copy_to(&sel, g)?.matmul(&self.params.get(self.word_embeddings).tr()); // (n, vocab/tp)
+                let local = to_fp32(copy_to(&sel, g)?.matmul(&self.word_embeddings.tr())); // (n, vocab/tp), fp32 at least
                 (vocab_parallel_cross_entropy(&local, &targets, g)?.sum(local.kind()), local)
             }
         };
@@ -402,6 +621,7 @@ mod tests {
 
     #[test]
     fn mask_is_bidirectional_before_sep_and_causal_after() {
+        let _rng = crate::torch_rng_lock();
         let m = Glm::attention_mask(&Tensor::from_slice(&[2i64]), 4);
         let got: Vec<i64> = Vec::try_from(m.view([-1]).to_kind(Kind::Int64)).unwrap();
         #[rustfmt::skip]
@@ -417,33 +637,33 @@ mod tests {
     /// against `sum(ce * mask) / sum(mask)` over full logits.
     #[test]
     fn forward_matches_the_reference_formulation() {
+        let _rng = crate::torch_rng_lock();
         let m = Glm::new_as(tiny(0.0), Device::Cpu, Kind::Double, 3).unwrap();
         let b = batch();
-        let p = &m.params;
         let (bs, s, h, nh) = (2i64, 10i64, 16i64, 2i64);
         let hd = h / nh;
-        let mut x = Tensor::embedding(p.get(m.word_embeddings), &b.tokens, -1, false, false)
-            + Tensor::embedding(p.get(m.position_embeddings), &b.position_ids, -1, false, false)
-            + Tensor::embedding(p.get(m.block_position_embeddings.unwrap()), &b.block_position_ids, -1, false, false);
+        let mut x = Tensor::embedding(&m.word_embeddings, &b.tokens, -1, false, false)
+            + Tensor::embedding(&m.position_embeddings, &b.position_ids, -1, false, false)
+            + Tensor::embedding(m.block_position_embeddings.as_ref().unwrap(), &b.block_position_ids, -1, false, false);
         let mask = Glm::attention_mask(&b.sep, s).to_kind(Kind::Double);
         for l in &m.layers {
-            let y = l.input_layernorm.forward(p, &x);
-            let qkv = l.query_key_value.forward(p, &y);
+            let y = l.input_layernorm.forward(&x);
+            let qkv = l.query_key_value.forward(&y, None).unwrap();
             let parts = qkv.split(h, -1);
             let heads = |t: &Tensor| t.view([bs, s, nh, hd]).transpose(1, 2);
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
             let scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt();
             let scores: Tensor = &scores * &mask - (1.0 - &mask) * 65504.0;
             let a = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).contiguous().view([bs, s, h]);
-            x = x + l.dense.forward(p, &a);
-            let y = l.post_attention_layernorm.forward(p, &x);
-            let y = y.linear(p.get(l.dense_h_to_4h.weight), Some(p.get(l.dense_h_to_4h.bias)));
+            x = x + l.dense.forward(&a, None).unwrap();
+            let y = l.post_attention_layernorm.forward(&x);
+            let y = y.linear(&l.dense_h_to_4h.weight, Some(&l.dense_h_to_4h.bias));
             let cube: Tensor = &y * &y * &y;
             let inner: Tensor = (&y + cube * 0.044715) * 0.7978845608028654;
             let y: Tensor = &y * 0.5 * (inner.tanh() + 1.0);
-            x = x + l.dense_4h_to_h.forward(p, &y);
+            x = x + l.dense_4h_to_h.forward(&y, None).unwrap();
         }
-        let want_h = m.final_layernorm.forward(p, &x);
+        let want_h = m.final_layernorm.forward(&x);
         let got_h = m.hidden(&b, false).unwrap();
         assert!(want_h.allclose(&got_h, 1e-9, 1e-9, false), "hidden states differ");
         let logits = m.logits(&want_h).view([-1, 40]);
@@ -459,21 +679,22 @@ mod tests {
     /// coordinates of every parameter.
     #[test]
     fn gradients_match_finite_differences() {
+        let _rng = crate::torch_rng_lock();
         let mut m = Glm::new_as(tiny(0.0), Device::Cpu, Kind::Double, 5).unwrap();
         let b = batch();
         let (loss, _, _) = m.loss(&b, false).unwrap();
         loss.backward();
-        let grad = m.params.grad_flat();
+        let grad = m.params.grad().copy();
         let infos = m.params.infos.clone();
         let eps = 1e-6;
         let mut checked = 0;
         for info in &infos {
             for j in [0, info.numel / 2, info.numel - 1] {
                 let i = info.offset + j;
-                let orig = m.params.flat.double_value(&[i]);
+                let orig = m.params.flat().double_value(&[i]);
                 let at = |m: &mut Glm, v: f64| {
                     tch::no_grad(|| {
-                        let _ = m.params.flat.get(i).fill_(v);
+                        let _ = m.params.flat_mut().get(i).fill_(v);
                     });
                     tch::no_grad(|| m.loss(&b, false).unwrap().0.double_value(&[]))
                 };
@@ -499,34 +720,64 @@ mod tests {
 
     #[test]
     fn partition_table_matches_the_parallel_model() {
+        let _rng = crate::torch_rng_lock();
         let g = Group { id: -1, rank: 1, size: 2 }; // construction runs no collective
         let whole = Glm::new(tiny(0.0), Device::Cpu, 1).unwrap();
-        let part = Glm::new_parallel(tiny(0.0), Device::Cpu, Kind::Float, 1, Some(g)).unwrap();
+        let part = Glm::build(tiny(0.0), &ModelOptions { tp: Some(g), ..ModelOptions::new(Device::Cpu, 1) }).unwrap();
+        let table = partitions(&tiny(0.0));
+        assert_eq!(table.len(), whole.params.infos.len());
         for (w, p) in whole.params.infos.iter().zip(&part.params.infos) {
             assert_eq!(w.name, p.name);
             let mut want = w.shape.clone();
-            match partition_of(&w.name) {
+            match table[&w.name] {
                 Partition::Whole => {}
                 Partition::Rows | Partition::QkvRows => want[0] /= 2,
                 Partition::Cols => want[1] /= 2,
             }
             assert_eq!(p.shape, want, "{}", w.name);
-            assert_eq!(p.split, partition_of(&w.name) != Partition::Whole, "{}", w.name);
+            assert_eq!(p.split(), table[&w.name] != Partition::Whole, "{}", w.name);
         }
-        // the split elements are exactly the (at most two) split ranges
+        // the split elements are exactly the split ranges (one or two per layer)
         let ranges = part.params.split_ranges();
-        assert!(!ranges.is_empty() && ranges.len() <= 2, "{ranges:?}");
+        assert!(!ranges.is_empty() && ranges.len() <= 2 * (tiny(0.0).num_layers + 1), "{ranges:?}");
         let in_ranges = |i: &crate::model::params::ParamInfo| ranges.iter().any(|&(o, n)| i.offset >= o && i.offset + i.numel <= o + n);
         for i in &part.params.infos {
-            assert_eq!(in_ranges(i), i.split, "{}", i.name);
+            assert_eq!(in_ranges(i), i.split(), "{}", i.name);
         }
-        let split_numel: i64 = part.params.infos.iter().filter(|i| i.split).map(|i| i.numel).sum();
+        let split_numel: i64 = part.params.infos.iter().filter(|i| i.split()).map(|i| i.numel).sum();
         assert_eq!(ranges.iter().map(|r| r.1).sum::<i64>(), split_numel);
         assert!(whole.params.split_ranges().is_empty());
+        // decay: weights and embeddings, not biases or LayerNorm; one range per layer group
+        for i in &whole.params.infos {
+            assert_eq!(i.decay, i.name.ends_with(".weight") && !i.name.contains("layernorm"), "{}", i.name);
+        }
+        assert_eq!(whole.params.decay_ranges().len(), tiny(0.0).num_layers + 1);
+    }
+
+    /// Activation checkpointing recomputes layer chunks in backward with
+    /// the same dropout masks: the gradients are bitwise those without it.
+    #[test]
+    fn checkpointed_layers_give_bitwise_equal_gradients() {
+        let _rng = crate::torch_rng_lock();
+        let run = |n: usize| -> (f64, Tensor) {
+            let cfg = GlmConfig { num_layers: 3, ..tiny(0.2) };
+            let m = Glm::build(cfg, &ModelOptions { checkpoint_num_layers: n, ..ModelOptions::new(Device::Cpu, 9) }).unwrap();
+            tch::manual_seed(77);
+            let (loss, _, _) = m.loss(&batch(), true).unwrap();
+            loss.backward();
+            (loss.double_value(&[]), m.params.grad().copy())
+        };
+        let (l0, g0) = run(0);
+        for n in [1, 2, 3] {
+            let (l, g) = run(n);
+            assert_eq!(l, l0, "loss with checkpoint_num_layers {n}");
+            assert!(g.equal(&g0), "gradients with checkpoint_num_layers {n}");
+        }
     }
 
     #[test]
     fn init_follows_the_original() {
+        let _rng = crate::torch_rng_lock();
         let m = Glm::new(GlmConfig { hidden_size: 64, intermediate_size: 256, vocab_size: 500, ..tiny(0.1) }, Device::Cpu, 1).unwrap();
         for (name, t) in m.params.named() {
             let std = t.std(true).double_value(&[]);

@@ -1,4 +1,5 @@
-//! The GLM model: a flat parameter buffer and the network over it.
+//! The GLM model: parameters over flat buffers and the network over them.
 
+pub mod autograd;
 pub mod glm;
 pub mod params;

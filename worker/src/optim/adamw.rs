@@ -1,5 +1,6 @@
 //! AdamW (decoupled weight decay, as DeepSpeed's Adam and torch.optim.AdamW)
-//! over the flat parameter buffer, with global gradient-norm clipping.
+//! over a flat fp32 buffer; clipping and the rest of the step live in
+//! `optim::optimizer`.
 
 use tch::Tensor;
 
@@ -24,19 +25,21 @@ impl AdamW {
         AdamW { cfg, exp_avg: like.zeros_like(), exp_avg_sq: like.zeros_like(), step: 0 }
     }
 
-    /// One update of `flat` (`[0, decay_numel)` decayed) with gradient `grad`
+    /// One update of `flat` (the `decay` ranges decayed) with gradient `grad`
     /// (consumed as scratch space). Same arithmetic as torch.optim.AdamW:
     /// p *= 1 - lr·wd; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
     /// p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps).
-    pub fn update(&mut self, flat: &mut Tensor, decay_numel: i64, grad: &mut Tensor, lr: f64) {
+    pub fn update(&mut self, flat: &mut Tensor, decay: &[(i64, i64)], grad: &mut Tensor, lr: f64) {
         let c = self.cfg;
         self.step += 1;
         let t = self.step as i32;
         // Everything in place, `grad` doubling as scratch: no allocation of
         // parameter-sized temporaries per step.
         tch::no_grad(|| {
-            if c.weight_decay != 0.0 && decay_numel > 0 {
-                let _ = flat.narrow(0, 0, decay_numel).g_mul_scalar_(1.0 - lr * c.weight_decay);
+            if c.weight_decay != 0.0 {
+                for &(o, n) in decay {
+                    let _ = flat.narrow(0, o, n).g_mul_scalar_(1.0 - lr * c.weight_decay);
+                }
             }
             let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1); // m = β1 m + (1-β1) g
             let _ = grad.g_mul_scalar_((1.0 - c.beta2).sqrt());
@@ -49,25 +52,6 @@ impl AdamW {
             let _ = self.exp_avg.div_out(grad, grad); // scratch = m / denominator
             let _ = grad.g_mul_scalar_(lr / bc1);
             let _ = flat.g_sub_(grad);
-        });
-    }
-}
-
-/// Global L2 norm of `grad`; scales it to `max_norm` when above (0 = off).
-/// Returns the norm before clipping. The squares are summed in f64, so the
-/// result does not depend on the order of the elements (the flat layout).
-pub fn clip_grad_norm(grad: &mut Tensor, max_norm: f64) -> f64 {
-    let norm = tch::no_grad(|| grad.square().sum(tch::Kind::Double).double_value(&[]).sqrt());
-    clip_to(grad, norm, max_norm);
-    norm
-}
-
-/// Scales `grad` whose global norm is `norm` down to `max_norm` (0 = off).
-pub fn clip_to(grad: &mut Tensor, norm: f64, max_norm: f64) {
-    if max_norm > 0.0 && norm > max_norm {
-        let coef = max_norm / (norm + 1e-6);
-        tch::no_grad(|| {
-            let _ = grad.g_mul_scalar_(coef);
         });
     }
 }
@@ -87,7 +71,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             let lr = 0.01;
             let mut gt = Tensor::from_slice(g);
-            opt.update(&mut flat, 2, &mut gt, lr);
+            opt.update(&mut flat, &[(0, 2)], &mut gt, lr);
             for i in 0..3 {
                 let wd = if i < 2 { 0.1 } else { 0.0 };
                 p[i] *= 1.0 - lr * wd;
@@ -102,15 +86,5 @@ mod tests {
         for i in 0..3 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
         }
-    }
-
-    #[test]
-    fn clipping_scales_to_the_limit() {
-        let mut g = Tensor::from_slice(&[3.0f32, 4.0]);
-        assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
-        assert!((g.norm().double_value(&[]) - 1.0).abs() < 1e-5);
-        let mut g = Tensor::from_slice(&[0.3f32, 0.4]);
-        clip_grad_norm(&mut g, 1.0);
-        assert!((g.norm().double_value(&[]) - 0.5).abs() < 1e-6);
     }
 }

@@ -20,6 +20,16 @@ pub struct TrainEvent {
     pub tokens_per_s: f64,
     pub tflops: f64,
     pub mem_mb: f64,
+    /// The fp16 loss scale of the interval's last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps of the interval skipped for gradient overflow (fp16).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]

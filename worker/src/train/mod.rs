@@ -1,4 +1,6 @@
-//! Training: the step loop, evaluation, metrics.
+//! Training: the step (shared by the trainer and `bench-step`), the step
+//! loop, evaluation, metrics.
 
 pub mod metrics;
+pub mod step;
 pub mod trainer;

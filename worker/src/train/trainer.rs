@@ -22,11 +22,11 @@ use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareO
 use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
-use crate::model::glm::{Batch, Glm, GlmConfig};
-use crate::comm::ReduceOp;
-use crate::optim::adamw::{clip_grad_norm, clip_to, AdamW};
-use crate::parallel::mappings::all_reduce_nograd;
+use crate::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
+use crate::optim::optimizer::Optimizer;
+use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
+use super::step::{train_step, StepOutput};
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
 /// checkpoint, exit.
@@ -81,7 +81,7 @@ pub fn collate(samples: &[Sample], device: Device) -> Batch {
 pub struct Trainer {
     pub cfg: RunConfig,
     pub model: Glm,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     train: BlockSampler,
     valid: Option<BlockSampler>,
     tokenizer: GlmTokenizer,
@@ -89,8 +89,6 @@ pub struct Trainer {
     device: Device,
     metrics: Metrics,
     par: Parallel,
-    /// The ranges of the flat buffer that hold tensor-parallel slices.
-    split_ranges: Vec<(i64, i64)>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -170,16 +168,34 @@ impl Trainer {
             output_dropout: a.output_dropout,
             block_position_encoding: !a.no_block_position,
         };
-        let mut model = Glm::new_parallel(mcfg, opts.device, tch::Kind::Float, a.seed as i64, par.tp)?;
-        // elements split over the tensor-parallel group, for the global norm
-        let split_ranges = model.params.split_ranges();
-        let mut opt = AdamW::new(cfg.adam, &model.params.flat);
+        let mo = ModelOptions {
+            device: opts.device,
+            kind: cfg.precision.kind(),
+            seed: a.seed as i64,
+            tp: par.tp,
+            pad_multiple: 64 * par.dims.dp as i64,
+            fp32_layernorm: cfg.fp32_layernorm,
+            fp32_embedding: cfg.fp32_embedding,
+            attention_scale: cfg.attention_scale,
+            checkpoint_num_layers: cfg.checkpoint_num_layers,
+        };
+        let mut model = Glm::build(mcfg, &mo)?;
+        let mut opt = Optimizer::new(&model.params, cfg.precision, cfg.adam, cfg.clip, cfg.scaler.clone(), par.dims.rank)?;
         let (n, pos) = model.cfg.num_params();
         println!(
-            "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), on {:?}",
+            "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), {}, on {:?}",
             model.cfg.num_layers, model.cfg.hidden_size, model.cfg.num_attention_heads, model.cfg.intermediate_size, model.cfg.vocab_size,
-            n as f64 / 1e6, pos as f64 / 1e6, opts.device
+            n as f64 / 1e6, pos as f64 / 1e6, cfg.precision.name(), opts.device
         );
+        let (pb, gb, ob) = opt.memory_bytes(&model.params);
+        println!("memory: this rank holds parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB", pb as f64 / 1e6, gb as f64 / 1e6, ob as f64 / 1e6);
+        if model.checkpoint_num_layers() > 0 {
+            let (full, kept) = model.activation_bytes(cfg.batch.micro, a.seq_length);
+            println!(
+                "activation checkpointing: every {} layer(s) recomputed in backward; activations of a micro-batch about {:.1} MB instead of {:.1} MB (estimate), {:.1} MB saved",
+                model.checkpoint_num_layers(), kept / 1e6, full / 1e6, (full - kept) / 1e6
+            );
+        }
         let mut iteration = 0;
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
@@ -193,73 +209,35 @@ impl Trainer {
                     "the checkpoint was trained with a different tokenizer than this run's (token ids would not match)",
                 ));
             }
-            checkpoint::load(&dir, &state, &mut model, (!a.no_load_optim).then_some(&mut opt))?;
+            checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
             println!("checkpoint: resumed from {} (iteration {iteration})", dir.display());
         }
         // identical weights everywhere, whatever happened at initialisation
-        par.dp_broadcast(&mut model.params.flat)?;
+        opt.broadcast_weights(&mut model.params, &par)?;
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, split_ranges })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par })
     }
 
-    /// This rank's share of micro-batch `m` of iteration `it` (1-based): the
-    /// global micro-batch is `micro × dp` consecutive sample indices, of which
-    /// data-parallel rank r reads the r-th run of `micro`.
-    fn micro_batch(&self, it: u64, m: usize) -> Vec<Sample> {
-        let b = self.cfg.batch;
-        let d = &self.par.dims;
-        let batch_index = (it - 1) * b.accum as u64 + m as u64;
-        let start = (batch_index * d.dp as u64 + d.dp_rank() as u64) * b.micro as u64;
-        self.train.batch(batch_index, start..start + b.micro as u64)
-    }
-
-    /// One optimizer step; returns (mean loss, grad norm before clipping, lr).
-    ///
-    /// Each micro-step's loss is the summed cross entropy of this rank's
-    /// masked tokens divided by the masked-token count of the whole global
-    /// micro-batch (all data-parallel ranks), so summing gradients over the
-    /// data-parallel group gives exactly the gradient of one process holding
-    /// the whole global batch.
-    pub fn step(&mut self, it: u64) -> Result<(f64, f64, f64)> {
+    /// One optimizer step of iteration `it` (see `train::step`). The
+    /// learning-rate schedule advances only with applied updates: after
+    /// fp16 overflows it lags the iteration by the skipped steps.
+    pub fn step(&mut self, it: u64) -> Result<(StepOutput, f64)> {
         let a = &self.cfg.args.args;
         let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
-        tch::manual_seed(it_seed);
-        let accum = self.cfg.batch.accum;
-        let mut loss_sum = 0.0;
-        for m in 0..accum {
-            self.model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
-            let batch = collate(&self.micro_batch(it, m), self.device);
-            let (sum, _, n) = self.model.loss_terms(&batch, true)?;
-            let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
-            self.par.dp_sum(&mut stats)?;
-            let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
-            loss_sum += global_sum / global_n;
-            (sum / (global_n * accum as f64)).backward();
-        }
-        let mut grad = self.model.params.grad_flat();
-        let bucket = self.cfg.reduce_bucket_size;
-        self.par.dp_sum_buckets(&mut grad, bucket)?;
-        let norm = match self.par.tp {
-            Some(g) => {
-                // every parameter once: slices summed over the group, replicas counted here
-                let (split, total) = tch::no_grad(|| {
-                    let sum_sq = |t: &Tensor| t.square().sum(tch::Kind::Double).double_value(&[]);
-                    (self.split_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum::<f64>(), sum_sq(&grad))
-                });
-                let mut t = Tensor::from_slice(&[split]);
-                all_reduce_nograd(&mut t, g, ReduceOp::Sum)?;
-                let norm = (total - split + t.double_value(&[0])).max(0.0).sqrt();
-                clip_to(&mut grad, norm, self.cfg.clip);
-                norm
-            }
-            None => clip_grad_norm(&mut grad, self.cfg.clip),
+        let lr = self.cfg.schedule.lr(it - self.opt.skipped_steps);
+        let (b, bucket, device, d, train) = (self.cfg.batch, self.cfg.reduce_bucket_size, self.device, self.par.dims, &self.train);
+        // this rank's share of micro-batch m: the global micro-batch is
+        // micro × dp consecutive sample indices, of which data-parallel rank
+        // r reads the r-th run of micro
+        let mut next = |m: usize| {
+            let batch_index = (it - 1) * b.accum as u64 + m as u64;
+            let start = (batch_index * d.dp as u64 + d.dp_rank() as u64) * b.micro as u64;
+            Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
-        let lr = self.cfg.schedule.lr(it);
-        let decay = self.model.params.decay_numel;
-        self.opt.update(&mut self.model.params.flat, decay, &mut grad, lr);
-        self.model.params.zero_grad();
-        Ok((loss_sum / accum as f64, norm, lr))
+        let accum = b.accum;
+        let out = train_step(&mut self.model, &mut self.opt, &self.par, it_seed, accum, bucket, lr, &mut next)?;
+        Ok((out, lr))
     }
 
     /// Validation loss, perplexity and masked-token accuracy over
@@ -344,7 +322,10 @@ impl Trainer {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
             consumed_samples: self.iteration * self.cfg.batch.global as u64,
-            optimizer_step: self.opt.step,
+            optimizer_step: self.opt.adam.step,
+            skipped_steps: self.opt.skipped_steps,
+            precision: self.opt.precision,
+            loss_scaler: self.opt.scaler.as_ref().map(|s| s.state.clone()),
             model: self.model.cfg.clone(),
             has_optimizer: false,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
@@ -352,18 +333,18 @@ impl Trainer {
             args: serde_json::to_value(a).expect("args serialise"),
             files: Default::default(),
         };
-        let opt = (!a.no_save_optim).then_some(&self.opt);
+        let (opt, with_state) = (&self.opt, !a.no_save_optim);
         match self.par.tp {
             None => {
                 if !self.par.is_main() {
                     return Ok(None);
                 }
-                checkpoint::save(dir, &self.model, opt, &self.tokenizer.to_json()?, state).map(Some)
+                checkpoint::save(dir, &self.model, opt, with_state, &self.tokenizer.to_json()?, state).map(Some)
             }
             Some(g) => {
                 let written = if self.par.dims.dp_rank() == 0 {
                     let part = checkpoint::mp_rank_dir(g.rank);
-                    Some(checkpoint::save_part(dir, Some(&part), &self.model, opt, &self.tokenizer.to_json()?, state)?)
+                    Some(checkpoint::save_part(dir, Some(&part), &self.model, opt, with_state, &self.tokenizer.to_json()?, state)?)
                 } else {
                     None
                 };
@@ -402,18 +383,31 @@ impl Trainer {
         if self.iteration == 0 && a.eval_interval > 0 {
             self.evaluate_and_report(&pb)?;
         }
-        let (mut loss_acc, mut norm_acc, mut n_acc) = (0.0, 0.0, 0u64);
+        let (mut loss_acc, mut norm_acc, mut n_acc, mut skipped) = (0.0, 0.0, 0u64, 0u64);
         let mut t_log = Instant::now();
         while self.iteration < total {
             let it = self.iteration + 1;
-            let (loss, norm, lr) = self.step(it)?;
+            let (out, lr) = self.step(it)?;
+            let loss = out.loss;
             if !loss.is_finite() {
                 return Err(Error::Config(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
             }
             self.iteration = it;
             loss_acc += loss;
-            norm_acc += norm;
             n_acc += 1;
+            if out.stats.skipped {
+                skipped += 1;
+            } else {
+                norm_acc += out.stats.grad_norm;
+            }
+            match out.stats.scale_event {
+                Some(ScaleEvent::Overflow { from, to, hysteresis_left }) => say(
+                    &pb,
+                    &format!("iteration {it}: gradient overflow (inf/NaN) on some rank; step skipped (learning-rate schedule held), loss scale {from} -> {to} (hysteresis left {hysteresis_left})"),
+                ),
+                Some(ScaleEvent::Clean { grown: Some((from, to)) }) => say(&pb, &format!("iteration {it}: no overflow for {} steps; loss scale {from} -> {to}", self.opt.scaler.as_ref().map_or(0, |s| s.cfg.loss_scale_window))),
+                _ => {}
+            }
             if let Some(pb) = &pb {
                 pb.set_position(it);
                 pb.set_message(format!("loss {loss:.4}"));
@@ -426,21 +420,24 @@ impl Trainer {
                     iteration: it,
                     lr,
                     loss: loss_acc / n_acc as f64,
-                    grad_norm: norm_acc / n_acc as f64,
+                    grad_norm: if n_acc > skipped { norm_acc / (n_acc - skipped) as f64 } else { f64::NAN },
                     ms_per_iter: ms,
                     tokens_per_s: tps,
                     tflops: tps * flops_per_token / 1e12,
                     mem_mb: rss_mb(),
+                    loss_scale: self.opt.scaler.as_ref().map(|_| out.stats.loss_scale),
+                    skipped,
                 };
+                let scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
                 say(
                     &pb,
                     &format!(
-                        " iteration {it:>7}/{total} | lr {:.3E} | lm loss {:.5E} | grad norm {:.3} | {:.1} ms/it | {:.0} tokens/s | {:.3} TFLOP/s | mem {:.0} MB",
+                        " iteration {it:>7}/{total} | lr {:.3E} | lm loss {:.5E} | grad norm {:.3} | {:.1} ms/it | {:.0} tokens/s | {:.3} TFLOP/s | mem {:.0} MB{scale}",
                         e.lr, e.loss, e.grad_norm, e.ms_per_iter, e.tokens_per_s, e.tflops, e.mem_mb
                     ),
                 );
                 self.metrics.train(&e)?;
-                (loss_acc, norm_acc, n_acc) = (0.0, 0.0, 0);
+                (loss_acc, norm_acc, n_acc, skipped) = (0.0, 0.0, 0, 0);
                 t_log = Instant::now();
             }
             // every rank stops after the same iteration

@@ -1,0 +1,144 @@
+// Training extensions tch does not bind:
+//
+// - glm_set_grad: makes a view of the flat gradient buffer a parameter's
+//   `.grad`, so autograd accumulates into the buffer in place (no per-step
+//   concatenation of gradients);
+// - glm_recompute: activation checkpointing as a libtorch autograd function.
+//   Forward runs a Rust closure under no_grad and keeps only its input and
+//   the random-generator state; backward restores that state, re-runs the
+//   closure with grad enabled and back-propagates through it, so dropout
+//   masks and gradients are those of the run without checkpointing.
+//
+// Ownership across the boundary as in tp_autograd.cpp: every `torch::Tensor*`
+// handed to Rust is owned by Rust afterwards, every one returned from Rust is
+// owned (and freed) here; C++ exceptions never cross into Rust.
+#include <ATen/Context.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+extern "C" {
+// Runs the closure `ctx` on `x`; returns a new tensor, or null with *err set.
+typedef torch::Tensor* (*glm_closure_call_fn)(void* ctx, torch::Tensor* x, int32_t* err);
+// Frees the closure `ctx`.
+typedef void (*glm_closure_drop_fn)(void* ctx);
+}
+
+static thread_local std::string g_ext_error;
+
+// The Rust closure, freed when the autograd node that keeps it dies (after
+// backward, or with the graph when backward never runs).
+struct RustClosure : torch::CustomClassHolder {
+    void* ctx;
+    glm_closure_call_fn call;
+    glm_closure_drop_fn drop;
+    RustClosure(void* c, glm_closure_call_fn f, glm_closure_drop_fn d) : ctx(c), call(f), drop(d) {}
+    ~RustClosure() override { drop(ctx); }
+    torch::Tensor run(const torch::Tensor& x) const {
+        int32_t err = 0;
+        torch::Tensor* out = call(ctx, new torch::Tensor(x), &err);
+        if (err || !out) throw std::runtime_error("activation recompute: the layer chunk failed (see the log)");
+        torch::Tensor r = *out;
+        delete out;
+        return r;
+    }
+};
+
+// The default generators a chunk on `device` draws from: the CPU one always,
+// and the device's own on CUDA.
+struct RngStates {
+    torch::Tensor cpu, cuda;
+    static RngStates capture(const c10::Device& device) {
+        RngStates s;
+        {
+            auto gen = at::globalContext().defaultGenerator(c10::DeviceType::CPU);
+            std::lock_guard<std::mutex> lock(gen.mutex());
+            s.cpu = gen.get_state();
+        }
+        if (device.is_cuda()) {
+            auto gen = at::globalContext().defaultGenerator(device);
+            std::lock_guard<std::mutex> lock(gen.mutex());
+            s.cuda = gen.get_state();
+        }
+        return s;
+    }
+    void restore(const c10::Device& device) const {
+        {
+            auto gen = at::globalContext().defaultGenerator(c10::DeviceType::CPU);
+            std::lock_guard<std::mutex> lock(gen.mutex());
+            gen.set_state(cpu);
+        }
+        if (device.is_cuda() && cuda.defined()) {
+            auto gen = at::globalContext().defaultGenerator(device);
+            std::lock_guard<std::mutex> lock(gen.mutex());
+            gen.set_state(cuda);
+        }
+    }
+};
+
+struct Recompute : public torch::autograd::Function<Recompute> {
+    static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, c10::intrusive_ptr<RustClosure> f) {
+        // custom forwards run with grad disabled: nothing inside is kept
+        RngStates s = RngStates::capture(x.device());
+        torch::Tensor y = f->run(x);
+        ctx->save_for_backward({x});
+        ctx->saved_data["f"] = c10::IValue::make_capsule(f);
+        ctx->saved_data["rng_cpu"] = s.cpu;
+        if (s.cuda.defined()) ctx->saved_data["rng_cuda"] = s.cuda;
+        return y;
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g) {
+        torch::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+        auto f = c10::static_intrusive_pointer_cast<RustClosure>(ctx->saved_data["f"].toCapsule());
+        RngStates saved;
+        saved.cpu = ctx->saved_data["rng_cpu"].toTensor();
+        if (ctx->saved_data.count("rng_cuda")) saved.cuda = ctx->saved_data["rng_cuda"].toTensor();
+        RngStates now = RngStates::capture(x.device());
+        saved.restore(x.device());
+        torch::Tensor y;
+        {
+            at::AutoGradMode on(true);
+            y = f->run(x);
+        }
+        now.restore(x.device());
+        torch::autograd::backward({y}, {g[0]});
+        return {x.grad(), torch::Tensor()};
+    }
+};
+
+extern "C" {
+const char* glm_ext_last_error() { return g_ext_error.c_str(); }
+
+// param.grad = grad (a view of the flat gradient buffer). Returns 0, or -1
+// with the message kept for glm_ext_last_error.
+int32_t glm_set_grad(torch::Tensor* param, torch::Tensor* grad) {
+    try {
+        if (grad->sizes() != param->sizes() || grad->scalar_type() != param->scalar_type() || grad->device() != param->device())
+            throw std::runtime_error("gradient view does not match its parameter (shape, dtype or device)");
+        param->mutable_grad() = *grad;
+        return 0;
+    } catch (const std::exception& e) {
+        g_ext_error = e.what();
+        return -1;
+    }
+}
+
+// y = closure(x), recomputed in backward. Takes ownership of the closure
+// (freed through `drop`, also on failure). Returns null on failure.
+torch::Tensor* glm_recompute(torch::Tensor* x, void* ctx, glm_closure_call_fn call, glm_closure_drop_fn drop) {
+    auto f = c10::make_intrusive<RustClosure>(ctx, call, drop);
+    try {
+        return new torch::Tensor(Recompute::apply(*x, f));
+    } catch (const std::exception& e) {
+        g_ext_error = e.what();
+        return nullptr;
+    }
+}
+}

@@ -1,0 +1,51 @@
+//! One training step: forward and backward over the micro-batches of an
+//! iteration, then the optimizer's update. The trainer and `bench-step` run
+//! this same code.
+
+use tch::Tensor;
+
+use crate::error::Result;
+use crate::model::glm::{Batch, Glm};
+use crate::optim::optimizer::{Optimizer, StepStats};
+use crate::parallel::Parallel;
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutput {
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    pub stats: StepStats,
+}
+
+/// One optimizer step over `accum` micro-batches (`batch(m)` gives this
+/// rank's share of micro-batch `m`).
+///
+/// Dropout is seeded from `it_seed` (and the micro-batch index, for
+/// tensor-parallel streams), so a step is a function of its inputs. Each
+/// micro-step's loss is the summed cross entropy of this rank's masked
+/// tokens divided by the masked-token count of the whole global micro-batch
+/// (all data-parallel ranks), so summing gradients over the data-parallel
+/// group gives exactly the gradient of one process holding the whole batch.
+pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, it_seed: i64, accum: usize, bucket: i64, lr: f64, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
+    tch::manual_seed(it_seed);
+    let scale = opt.loss_scale();
+    let mut loss_sum = 0.0;
+    for m in 0..accum {
+        model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
+        let b = batch(m)?;
+        let (sum, _, n) = model.loss_terms(&b, true)?;
+        let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
+        par.dp_sum(&mut stats)?;
+        let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
+        loss_sum += global_sum / global_n;
+        let loss = sum / (global_n * accum as f64);
+        if scale != 1.0 {
+            (loss * scale).backward();
+        } else {
+            loss.backward();
+        }
+        opt.accumulate(&mut model.params);
+    }
+    let stats = opt.step(&mut model.params, par, bucket, lr)?;
+    Ok(StepOutput { loss: loss_sum / accum as f64, stats })
+}
