@@ -775,6 +775,27 @@ mod tests {
         }
     }
 
+    /// bf16 and fp16 forward passes (with and without fp32 LayerNorm and
+    /// embeddings) stay close to fp32 and return an fp32 loss.
+    #[test]
+    fn half_precision_losses_track_fp32() {
+        let _rng = crate::torch_rng_lock();
+        let cfg = GlmConfig { hidden_size: 32, intermediate_size: 64, ..tiny(0.0) };
+        let loss = |kind: Kind, fp32: bool, scale: f64| {
+            let o = ModelOptions { kind, fp32_layernorm: fp32, fp32_embedding: fp32, attention_scale: scale, ..ModelOptions::new(Device::Cpu, 4) };
+            let (l, _, _) = Glm::build(cfg.clone(), &o).unwrap().loss(&batch(), false).unwrap();
+            assert_eq!(l.kind(), Kind::Float);
+            l.double_value(&[])
+        };
+        let want = loss(Kind::Float, false, 1.0);
+        for (kind, fp32, scale) in [(Kind::BFloat16, false, 1.0), (Kind::BFloat16, true, 1.0), (Kind::Half, false, 1.0), (Kind::Half, true, 4.0)] {
+            let got = loss(kind, fp32, scale);
+            assert!((got - want).abs() < 0.02 * want, "{kind:?} fp32 LayerNorm/embedding {fp32}, attention_scale {scale}: {got} vs fp32 {want}");
+        }
+        // attention_scale only guards fp16 against overflow: in fp32 it changes (almost) nothing
+        assert!((loss(Kind::Float, false, 8.0) - want).abs() < 1e-5);
+    }
+
     #[test]
     fn init_follows_the_original() {
         let _rng = crate::torch_rng_lock();
