@@ -9,6 +9,9 @@
 //   closure with grad enabled and back-propagates through it, so dropout
 //   masks and gradients are those of the run without checkpointing.
 //
+// - glm_fused_adamw: libtorch's multi-tensor AdamW kernel (`_fused_adamw_`,
+//   what torch.optim.AdamW(fused=True) runs) over lists of flat ranges.
+//
 // Ownership across the boundary as in tp_autograd.cpp: every `torch::Tensor*`
 // handed to Rust is owned by Rust afterwards, every one returned from Rust is
 // owned (and freed) here; C++ exceptions never cross into Rust.
@@ -18,6 +21,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -123,6 +127,29 @@ int32_t glm_set_grad(torch::Tensor* param, torch::Tensor* grad) {
         if (grad->sizes() != param->sizes() || grad->scalar_type() != param->scalar_type() || grad->device() != param->device())
             throw std::runtime_error("gradient view does not match its parameter (shape, dtype or device)");
         param->mutable_grad() = *grad;
+        return 0;
+    } catch (const std::exception& e) {
+        g_ext_error = e.what();
+        return -1;
+    }
+}
+
+// One AdamW step (step number `step`, counted from 1) of n tensors with
+// their gradients and moments, all updated in place. Returns 0, or -1 with
+// the message kept for glm_ext_last_error.
+int32_t glm_fused_adamw(torch::Tensor** params, torch::Tensor** grads, torch::Tensor** exp_avgs, torch::Tensor** exp_avg_sqs, int32_t n,
+                        double step, double lr, double beta1, double beta2, double weight_decay, double eps) {
+    try {
+        std::vector<torch::Tensor> p, g, m, v, steps;
+        for (int32_t i = 0; i < n; i++) {
+            p.push_back(*params[i]);
+            g.push_back(*grads[i]);
+            m.push_back(*exp_avgs[i]);
+            v.push_back(*exp_avg_sqs[i]);
+            steps.push_back(torch::full({}, step, params[i]->options().dtype(torch::kFloat)));
+        }
+        at::NoGradGuard no_grad;
+        at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps, false, false);
         return 0;
     } catch (const std::exception& e) {
         g_ext_error = e.what();

@@ -30,22 +30,8 @@ fn run(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Output {
 
 /// The command `run` runs.
 fn command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
-    let corpus = dir.join("corpus.json");
-    if !corpus.exists() {
-        common::corpus_slice(&corpus, 300);
-    }
     let dropout_free = ["hidden_dropout=0", "attention_dropout=0", "output_dropout=0", "eval_interval=3"].map(String::from);
-    let args = common::tiny_train_args(dir, ds, &corpus, 1200, &[&dropout_free[..], sets].concat());
-    let worker = env!("CARGO_BIN_EXE_glm-worker");
-    let mut cmd = if np == 0 {
-        Command::new(worker)
-    } else {
-        let mut c = common::mpirun(np);
-        c.arg(worker);
-        c
-    };
-    cmd.current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args);
-    cmd
+    common::tiny_command(dir, np, ds, &[&dropout_free[..], sets].concat())
 }
 
 /// mpirun jobs of concurrently running tests contend for the 2 cores and

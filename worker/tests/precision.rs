@@ -34,20 +34,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// first 300 records of the default corpus.
 fn run_env(dir: &Path, np: usize, ds: &Path, sets: &[String], env: &[(&str, &str)]) -> Output {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let corpus = dir.join("corpus.json");
-    if !corpus.exists() {
-        common::corpus_slice(&corpus, 300);
-    }
-    let args = common::tiny_train_args(dir, ds, &corpus, 1200, sets);
-    let worker = env!("CARGO_BIN_EXE_glm-worker");
-    let mut cmd = if np == 0 {
-        Command::new(worker)
-    } else {
-        let mut c = common::mpirun(np);
-        c.arg(worker);
-        c
-    };
-    cmd.current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args);
+    let mut cmd = common::tiny_command(dir, np, ds, sets);
     for (k, v) in env {
         cmd.env(k, v);
     }

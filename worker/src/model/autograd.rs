@@ -19,7 +19,8 @@ extern "C" {
     fn glm_recompute(x: *mut C_tensor, ctx: *mut c_void, call: CallFn, drop: DropFn) -> *mut C_tensor;
 }
 
-fn last_error() -> String {
+/// The shim's last error message (this thread).
+pub(crate) fn last_error() -> String {
     // SAFETY: a NUL-terminated thread-local string of the shim.
     unsafe { CStr::from_ptr(glm_ext_last_error()) }.to_string_lossy().into_owned()
 }

@@ -237,16 +237,16 @@ impl Optimizer {
                 self.zero(params);
                 return Ok(StepStats { grad_norm: norm, skipped: true, loss_scale, scale_event: Some(event) });
             }
-            self.apply(params, &mut grad, norm, loss_scale, lr);
+            self.apply(params, &mut grad, norm, loss_scale, lr)?;
             return Ok(StepStats { grad_norm: norm / loss_scale, skipped: false, loss_scale, scale_event: Some(event) });
         }
-        self.apply(params, &mut grad, norm, 1.0, lr);
+        self.apply(params, &mut grad, norm, 1.0, lr)?;
         Ok(StepStats { grad_norm: norm, skipped: false, loss_scale, scale_event: None })
     }
 
     /// Unscale and clip (one multiply), AdamW on the fp32 weights, copy
     /// back, zero the gradients.
-    fn apply(&mut self, params: &mut Params, grad: &mut Tensor, norm: f64, scale: f64, lr: f64) {
+    fn apply(&mut self, params: &mut Params, grad: &mut Tensor, norm: f64, scale: f64, lr: f64) -> Result<()> {
         let coef = if scale == 1.0 {
             // torch's clip_grad_norm_ (the golden losses depend on this exact form)
             if self.clip > 0.0 && norm > self.clip {
@@ -270,17 +270,24 @@ impl Optimizer {
                 let _ = grad.g_mul_scalar_(coef);
             });
         }
-        match &mut self.master {
-            Some(m) => {
-                self.adam.update(m, &self.decay_ranges, grad, lr);
-                let m = m.shallow_clone();
-                tch::no_grad(|| {
-                    let _ = params.flat_mut().copy_(&m);
-                });
-            }
-            None => self.adam.update(params.flat_mut(), &self.decay_ranges, grad, lr),
+        let weights = match &mut self.master {
+            Some(m) => m,
+            None => params.flat_mut(),
+        };
+        if weights.device().is_cuda() {
+            // one fused pass on the GPU; CPU keeps the plain arithmetic (bitwise golden losses)
+            self.adam.update_fused(weights, &self.decay_ranges, grad, lr)?;
+        } else {
+            self.adam.update(weights, &self.decay_ranges, grad, lr);
+        }
+        if let Some(m) = &self.master {
+            let m = m.shallow_clone();
+            tch::no_grad(|| {
+                let _ = params.flat_mut().copy_(&m);
+            });
         }
         self.zero(params);
+        Ok(())
     }
 
     fn zero(&mut self, params: &mut Params) {

@@ -72,6 +72,27 @@ pub fn mpirun(np: usize) -> Command {
     c
 }
 
+/// The command that trains the tiny test model (`tiny_train_args`) on the
+/// first 300 records of the default corpus (written to `dir` on first use)
+/// on `np` MPI ranks, or without mpirun when `np` is 0.
+pub fn tiny_command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
+    let corpus = dir.join("corpus.json");
+    if !corpus.exists() {
+        corpus_slice(&corpus, 300);
+    }
+    let args = tiny_train_args(dir, ds, &corpus, 1200, sets);
+    let worker = env!("CARGO_BIN_EXE_glm-worker");
+    let mut cmd = if np == 0 {
+        Command::new(worker)
+    } else {
+        let mut c = mpirun(np);
+        c.arg(worker);
+        c
+    };
+    cmd.current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args);
+    cmd
+}
+
 /// Runs the `#[ignore]`d test `child` of this test binary on two MPI ranks
 /// and asserts that it passed on both.
 pub fn run_child_on_two_ranks(child: &str) {
