@@ -13,9 +13,10 @@ torch.amp.GradScaler (unscaled before clipping). --checkpoint-activations
 recomputes each transformer block in the backward pass
 (torch.utils.checkpoint, non-reentrant). tflops counts model FLOPs only
 (6·N + 12·L·h·s per token), not the recomputation. peak_mem_mb: on CUDA the
-caching allocator's peak reserved memory (what glm-worker's bench-step
-reports too: the device memory the run took), alloc_mb its peak allocated
-memory; on the CPU the process's peak RSS; MB = 1e6 bytes.
+device memory the run took (cudaMemGetInfo after the timed steps minus before
+the model, measured the same way by glm-worker's bench-step: the caching
+allocator keeps its high-water mark, plus cuBLAS/cuDNN workspaces), alloc_mb
+torch's peak allocated memory; on the CPU the process's peak RSS; MB = 1e6 bytes.
 
 Prints one line: "torch device=D threads=T dtype=P ckpt=C tokens/s=X
 tflops=Y ms/it=Z peak_mem_mb=M". Exits 2 if this torch cannot run the
@@ -113,6 +114,10 @@ def main():
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     amp = DTYPES[a.dtype]
+    if cuda:
+        torch.zeros(1, device=dev)  # the context, before the baseline
+        free, total = torch.cuda.mem_get_info(dev)
+        baseline = total - free
     model = Glm(a.vocab, a.hidden, a.layers, a.heads, ffn, a.seq).to(dev)
     model.checkpoint_activations = a.checkpoint_activations
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "layernorm" in n)]
@@ -167,7 +172,8 @@ def main():
             sys.exit(2)
         raise
     if cuda:
-        peak = torch.cuda.max_memory_reserved(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        peak = total - free - baseline
         alloc = f" alloc_mb={torch.cuda.max_memory_allocated(dev) / 1e6:.0f}"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

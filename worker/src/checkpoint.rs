@@ -227,19 +227,20 @@ fn read_weights(dir: &Path, model: &Glm) -> Result<Tensor> {
 }
 
 /// Loads the weights of a verified checkpoint directory into the optimizer
-/// (master weights) and the model, and with `with_state` (when saved) the
-/// optimizer state: moments, step counts and the fp16 loss scaler.
+/// (master weights) and the model, the skipped-step count (the learning-rate
+/// schedule's position, always), and with `with_state` (when saved) the
+/// optimizer state: moments, step count and the fp16 loss scaler.
 pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<()> {
     check_model(dir, state, model)?;
     let weights = read_weights(dir, model)?;
     opt.set_weights(&mut model.params, &weights);
+    opt.skipped_steps = state.skipped_steps;
     if with_state && state.has_optimizer {
         let op = dir.join("optim.safetensors");
         let infos = model.params.infos.clone();
         load_into(&op, &infos, &mut opt.adam.exp_avg, "exp_avg.")?;
         load_into(&op, &infos, &mut opt.adam.exp_avg_sq, "exp_avg_sq.")?;
         opt.adam.step = state.optimizer_step;
-        opt.skipped_steps = state.skipped_steps;
         if let (Some(scaler), Some(saved)) = (opt.scaler.as_mut(), state.loss_scaler.as_ref()) {
             scaler.state = saved.clone();
         }

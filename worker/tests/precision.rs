@@ -125,6 +125,12 @@ fn resume_is_exact(extra: &str, precision_sets: &[String]) -> (Vec<serde_json::V
         (v["loss_scaler"].clone(), v["skipped_steps"].clone(), v["optimizer_step"].clone())
     };
     assert_eq!(pick(&sa), pick(&sb));
+    // without the optimizer state (fresh moments and scaler) the learning-rate
+    // schedule still resumes where it stood (iteration − skipped steps)
+    let c = d.path().join("c");
+    ok(&run(d.path(), 0, &cfg, &[&common[..], &[format!("save={}", c.display()), format!("load={}", a.join("4").display()), "no_load_optim=true".into()]].concat()));
+    let lr5 = |dir: &Path| events(dir, "train").iter().find(|e| e["iteration"] == 5).map(|e| e["lr"].clone());
+    assert_eq!(lr5(&c), lr5(&a), "lr at iteration 5 after a resume with no_load_optim");
     (events(&a, "train"), out)
 }
 
@@ -170,6 +176,24 @@ fn an_overflow_on_one_rank_skips_the_step_on_every_rank() {
     // identical up to the skip, different after it
     assert_eq!(i[1]["loss"], c[1]["loss"]);
     assert_ne!(i[3]["loss"], c[3]["loss"]);
+}
+
+#[test]
+fn an_overflow_inside_tensor_parallel_slices_skips_the_step() {
+    // every rank writes an inf into one of its tensor-parallel slices: the
+    // slices' squared sums are inf on both ranks (inf - inf would be NaN, and
+    // a NaN norm once passed for 0)
+    let d = tempfile::tempdir().unwrap();
+    let (clean, inj) = (d.path().join("clean"), d.path().join("injected"));
+    let cfg = ds(d.path(), "ds.json", 4, 4, FP16);
+    let s = |save: &Path| sets(&["train_iters=4".to_string(), "model_parallel_size=2".into(), "warmup=0.5".into(), format!("save={}", save.display())]);
+    ok(&run(d.path(), 2, &cfg, &s(&clean)));
+    let out = ok(&run_env(d.path(), 2, &cfg, &s(&inj), &[("GLM_INJECT_INF_GRAD", "*:2:split")]));
+    assert!(out.contains("iteration 2: gradient overflow (inf/NaN) on some rank; step skipped"), "{out}");
+    let (c, i) = (events(&clean, "train"), events(&inj, "train"));
+    assert_eq!(i[1]["skipped"].as_u64(), Some(1), "{:?}", i[1]);
+    assert_eq!(i[2]["lr"], c[1]["lr"], "the schedule held at the skipped step");
+    assert!(i.iter().all(|e| e["loss"].as_f64().unwrap().is_finite()));
 }
 
 #[test]
@@ -233,7 +257,7 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     let plain = ds(d.path(), "plain.json", 4, 4, "");
     let p = plain.display().to_string();
     let out = ok(&worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "loss_scale=128"]));
-    assert!(out.contains("static loss scale 128") && out.contains("(--set)"), "{out}");
+    assert!(out.contains("fp16 (fp32 master weights and optimizer state), static loss scale 128  (--set)"), "{out}");
     let out = ok(&worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "hysteresis=3", "--set", "min_scale=4"]));
     assert!(out.contains("dynamic loss scale 65536 (window 1000, hysteresis 3, min 4)"), "{out}");
     // the DeepSpeed file wins where it speaks; dotted --set edits it
@@ -241,7 +265,11 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     assert!(out.contains("bf16 (fp32 master weights, gradient accumulation and optimizer state)  (--set)"), "{out}");
     let o = worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "bf16.enabled=true"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fp16 and bf16 are both enabled"), "{}", String::from_utf8_lossy(&o.stderr));
+    // a bad configs.json value is named with its own key and source
     let o = worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "min_scale=0"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("plain.json") && err.contains("min_loss_scale"), "{err}");
+    assert!(!o.status.success() && err.contains("min_scale = 0.0 (--set): must be positive"), "{err}");
+    // a configs.json fp16 that the DeepSpeed file overrides is reported
+    let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "fp16=false"]));
+    assert!(out.contains("warning: fp16 = false (--set) has no effect: config_block_large.json decides the precision (fp16)"), "{out}");
 }

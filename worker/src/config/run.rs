@@ -117,16 +117,17 @@ impl RunConfig {
             warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
         }
         let (precision, scaler) = Self::precision(&ds, &args)?;
+        let ds_decides = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16.is_some();
+        if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
+            warnings.push(format!("fp16 = {} ({}) has no effect: {} decides the precision ({})", a.fp16, src("fp16"), dsname, precision.name()));
+        }
         match &scaler {
             Some(sc) => {
                 let s = crate::optim::scaler::LossScaler::new(sc.clone());
-                put("precision", format!("fp16 (fp32 master weights and optimizer state), {}", s.describe()), ds.source("fp16"));
+                put("precision", format!("fp16 (fp32 master weights and optimizer state), {}", s.describe()), if ds_decides { ds.source("fp16") } else { src("fp16") });
             }
             None if precision == Precision::Bf16 => put("precision", "bf16 (fp32 master weights, gradient accumulation and optimizer state)".into(), ds.source("bf16")),
-            None => {
-                let from_ds = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16.is_some();
-                put("precision", "fp32".into(), if from_ds { ds.source("fp16") } else { src("fp16") })
-            }
+            None => put("precision", "fp32".into(), if ds_decides { ds.source("fp16") } else { src("fp16") }),
         }
         if precision != Precision::Fp32 {
             put("fp32_layernorm / fp32_embedding", format!("{} / {}", a.fp32_layernorm, a.fp32_embedding), src("fp32_layernorm"));
@@ -236,21 +237,47 @@ impl RunConfig {
             return Ok((Precision::Fp32, None));
         }
         let given = |k: &str| args.source(k) != super::args::Source::Default;
+        // configs.json values that fill in: each checked under its own name and source
+        let from_args = |key: &str, ok: bool, what: &str| -> Result<bool> {
+            if !given(key) {
+                return Ok(false);
+            }
+            if !ok {
+                let v = serde_json::to_value(a).ok().and_then(|m| m.get(key).cloned()).unwrap_or_default();
+                return Err(Error::Config(format!("{key} = {v} ({}): {what}", args.source(key))));
+            }
+            Ok(true)
+        };
         let d = ScalerConfig::default();
         let loss_scale = match f.loss_scale {
             Some(l) => l,
-            None if given("loss_scale") => a.loss_scale.unwrap_or(0.0),
+            None if from_args("loss_scale", a.loss_scale.is_none_or(|l| l >= 0.0 && l.is_finite()), "must be null (dynamic) or a number >= 0")? => a.loss_scale.unwrap_or(0.0),
             None => d.loss_scale,
+        };
+        let window = match f.loss_scale_window {
+            Some(w) => w,
+            None if from_args("loss_scale_window", a.loss_scale_window > 0, "must be positive")? => a.loss_scale_window,
+            None => d.loss_scale_window,
+        };
+        let hysteresis = match f.hysteresis {
+            Some(h) => h,
+            None if from_args("hysteresis", a.hysteresis > 0, "must be positive")? => a.hysteresis,
+            None => d.hysteresis,
+        };
+        let min_loss_scale = match f.min_loss_scale {
+            Some(m) => m,
+            None if from_args("min_scale", a.min_scale > 0.0 && a.min_scale.is_finite(), "must be positive")? => a.min_scale,
+            None => d.min_loss_scale,
         };
         let cfg = ScalerConfig {
             loss_scale,
             initial_scale_power: f.initial_scale_power.unwrap_or(d.initial_scale_power),
-            loss_scale_window: f.loss_scale_window.unwrap_or(if given("loss_scale_window") { a.loss_scale_window } else { d.loss_scale_window }),
-            hysteresis: f.hysteresis.unwrap_or(if given("hysteresis") { a.hysteresis } else { d.hysteresis }),
+            loss_scale_window: window,
+            hysteresis,
             consecutive_hysteresis: f.consecutive_hysteresis.unwrap_or(d.consecutive_hysteresis),
-            min_loss_scale: f.min_loss_scale.unwrap_or(if given("min_scale") { a.min_scale } else { d.min_loss_scale }),
+            min_loss_scale,
         };
-        cfg.validate().map_err(|e| Error::invalid(&ds.path, format!("fp16 loss scaler (with configs.json's loss_scale, loss_scale_window, hysteresis, min_scale where the file has none): {e}")))?;
+        cfg.validate().map_err(|e| Error::invalid(&ds.path, format!("fp16 loss scaler (with configs.json's min_scale where the file has no min_loss_scale): {e}")))?;
         Ok((Precision::Fp16, Some(cfg)))
     }
 

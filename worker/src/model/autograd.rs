@@ -37,8 +37,9 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A chunk of the network, run again in backward.
-pub type Chunk = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+/// A chunk of the network, run again in backward (on CUDA from an autograd
+/// worker thread, hence `Send`).
+pub type Chunk = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send>;
 
 extern "C" fn call_chunk(ctx: *mut c_void, x: *mut C_tensor, err: *mut i32) -> *mut C_tensor {
     // SAFETY: `ctx` is the `Box<Chunk>` leaked by `recompute`, alive until

@@ -88,10 +88,14 @@ pub struct Optimizer {
     clip: f64,
     decay_ranges: Vec<(i64, i64)>,
     split_ranges: Vec<(i64, i64)>,
-    /// Test hook (`GLM_INJECT_INF_GRAD=<world rank>:<step>`): this rank
-    /// writes an inf into its gradient after the data-parallel sum at that
-    /// step (counted from 1 in this process).
-    inject_inf_at: Option<u64>,
+    /// Test hook (`GLM_INJECT_INF_GRAD=<world rank or *>:<step>[:split]`):
+    /// the rank (every rank with `*`) writes an inf into its gradient after
+    /// the data-parallel sum at that step (counted from 1 in this process),
+    /// at element 0, or with `split` at the first element of a
+    /// tensor-parallel slice. The value is the element.
+    inject_inf: Option<(u64, i64)>,
+    /// The ranges that hold no tensor-parallel slice (complement of `split_ranges`).
+    replicated_ranges: Vec<(i64, i64)>,
     steps_taken: u64,
 }
 
@@ -134,10 +138,25 @@ impl Optimizer {
             }
             _ => None,
         };
-        let inject_inf_at = std::env::var("GLM_INJECT_INF_GRAD").ok().and_then(|v| {
-            let (r, s) = v.split_once(':')?;
-            (r.trim().parse::<usize>().ok()? == world_rank).then(|| s.trim().parse::<u64>().ok()).flatten()
+        let split_ranges = params.split_ranges();
+        let inject_inf = std::env::var("GLM_INJECT_INF_GRAD").ok().and_then(|v| {
+            let mut f = v.split(':').map(str::trim);
+            let (rank, step, at) = (f.next()?, f.next()?.parse::<u64>().ok()?, f.next());
+            let mine = rank == "*" || rank.parse::<usize>().ok()? == world_rank;
+            let offset = if at == Some("split") { split_ranges.first()?.0 } else { 0 };
+            mine.then_some((step, offset))
         });
+        let mut replicated_ranges = Vec::new();
+        let mut at = 0;
+        for &(o, n) in &split_ranges {
+            if o > at {
+                replicated_ranges.push((at, o - at));
+            }
+            at = o + n;
+        }
+        if at < params.padded_numel() {
+            replicated_ranges.push((at, params.padded_numel() - at));
+        }
         Ok(Optimizer {
             precision,
             adam: AdamW::new(adam, &fp32()),
@@ -147,8 +166,9 @@ impl Optimizer {
             skipped_steps: 0,
             clip,
             decay_ranges: params.decay_ranges(),
-            split_ranges: params.split_ranges(),
-            inject_inf_at,
+            split_ranges,
+            replicated_ranges,
+            inject_inf,
             steps_taken: 0,
         })
     }
@@ -211,26 +231,33 @@ impl Optimizer {
             None => params.grad().shallow_clone(),
         };
         par.dp_sum_buckets(&mut grad, bucket)?;
-        if self.inject_inf_at == Some(self.steps_taken) {
-            tch::no_grad(|| {
-                let _ = grad.get(0).fill_(f64::INFINITY);
-            });
-            log::warn!("GLM_INJECT_INF_GRAD: wrote inf into the gradient at step {}", self.steps_taken);
+        if let Some((step, at)) = self.inject_inf {
+            if step == self.steps_taken {
+                tch::no_grad(|| {
+                    let _ = grad.get(at).fill_(f64::INFINITY);
+                });
+                log::warn!("GLM_INJECT_INF_GRAD: wrote inf into gradient element {at} at step {}", self.steps_taken);
+            }
         }
-        // global norm: every parameter once (slices summed over the tensor-parallel group)
-        let total = sum_sq(&grad);
-        let norm = match par.tp {
+        // global norm: every parameter once (slices' squares summed over the
+        // tensor-parallel group, replicas counted here); `local_finite` says
+        // whether this rank's gradient is free of inf/NaN
+        let (norm, local_finite) = match par.tp {
             Some(g) => {
                 let split: f64 = self.split_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum();
+                let replicated: f64 = self.replicated_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum();
                 let mut t = Tensor::from_slice(&[split]);
                 all_reduce_nograd(&mut t, g, ReduceOp::Sum)?;
-                (total - split + t.double_value(&[0])).max(0.0).sqrt()
+                ((replicated + t.double_value(&[0])).sqrt(), split.is_finite() && replicated.is_finite())
             }
-            None => total.sqrt(),
+            None => {
+                let total = sum_sq(&grad);
+                (total.sqrt(), total.is_finite())
+            }
         };
         if let Some(scaler) = &mut self.scaler {
             // an inf/NaN on any rank (data- or tensor-parallel) skips the step everywhere
-            let overflow = par.world_max(i64::from(!norm.is_finite()))? != 0;
+            let overflow = par.world_max(i64::from(!(local_finite && norm.is_finite())))? != 0;
             let event = scaler.update(overflow)?;
             if overflow {
                 self.skipped_steps += 1;

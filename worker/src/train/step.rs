@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{Optimizer, StepStats};
 use crate::parallel::Parallel;
@@ -39,11 +39,10 @@ pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, it_seed:
         let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
         loss_sum += global_sum / global_n;
         let loss = sum / (global_n * accum as f64);
-        if scale != 1.0 {
-            (loss * scale).backward();
-        } else {
-            loss.backward();
-        }
+        let loss = if scale != 1.0 { loss * scale } else { loss };
+        // a failure inside backward (a collective of a tensor-parallel region,
+        // a recomputed chunk) is an error here, not a panic
+        loss.f_backward().map_err(|e| Error::Config(format!("backward: {e}")))?;
         opt.accumulate(&mut model.params);
     }
     let stats = opt.step(&mut model.params, par, bucket, lr)?;
