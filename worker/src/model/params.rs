@@ -259,6 +259,22 @@ fn coalesce(mut r: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
+/// The parts of `[0, n)` that sorted, disjoint `ranges` leave out.
+pub fn complement(ranges: &[(i64, i64)], n: i64) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(o, len) in ranges {
+        if o > at {
+            out.push((at, o - at));
+        }
+        at = o + len;
+    }
+    if at < n {
+        out.push((at, n - at));
+    }
+    out
+}
+
 impl Params {
     /// Parameters over `flat` laid out as `infos` say, with a zeroed
     /// gradient buffer whose views are their `.grad`s.
@@ -392,5 +408,7 @@ mod tests {
         assert_eq!(p.grad().abs().max().double_value(&[]), 0.0);
         assert_eq!(p.decay_ranges(), vec![(0, 4), (8, 4), (16, 8)]);
         assert_eq!(p.split_ranges(), vec![(0, 4), (8, 4)]);
+        assert_eq!(complement(&p.split_ranges(), 32), vec![(4, 4), (12, 20)]);
+        assert_eq!(complement(&[(0, 32)], 32), vec![]);
     }
 }

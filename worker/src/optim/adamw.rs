@@ -83,17 +83,7 @@ impl AdamW {
         self.step += 1;
         let n = flat.size()[0];
         // the decayed ranges, and the rest (no decay)
-        let mut plain = Vec::new();
-        let mut at = 0;
-        for &(o, len) in decay {
-            if o > at {
-                plain.push((at, o - at));
-            }
-            at = o + len;
-        }
-        if at < n {
-            plain.push((at, n - at));
-        }
+        let plain = crate::model::params::complement(decay, n);
         for (ranges, wd) in [(decay, c.weight_decay), (&plain[..], 0.0)] {
             if ranges.is_empty() {
                 continue;

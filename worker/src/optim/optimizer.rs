@@ -146,17 +146,7 @@ impl Optimizer {
             let offset = if at == Some("split") { split_ranges.first()?.0 } else { 0 };
             mine.then_some((step, offset))
         });
-        let mut replicated_ranges = Vec::new();
-        let mut at = 0;
-        for &(o, n) in &split_ranges {
-            if o > at {
-                replicated_ranges.push((at, o - at));
-            }
-            at = o + n;
-        }
-        if at < params.padded_numel() {
-            replicated_ranges.push((at, params.padded_numel() - at));
-        }
+        let replicated_ranges = crate::model::params::complement(&split_ranges, params.padded_numel());
         Ok(Optimizer {
             precision,
             adam: AdamW::new(adam, &fp32()),
