@@ -7,7 +7,9 @@
 #   - the training step (forward, backward, clipping, AdamW) of the default
 #     model shape (GLM 4 layers, hidden 256, 4 heads, seq 256, micro-batch 8,
 #     vocab 16000) against the same model in eager PyTorch from .venv
-#     (bench/glm_torch.py), on 1 and on 2 threads, in the same run;
+#     (bench/glm_torch.py), on 1 and on 2 threads, in the same run; then with
+#     activation checkpointing (tokens/s and peak memory), and in bf16 against
+#     autocast at a smaller shape;
 #   - the MPI back end: all-reduce bus bandwidth of the tensor collective
 #     against a plain MPI_Allreduce of the same bytes (2 ranks);
 #   - training tokens/s of the default model on (TP, DP) = (1, 1), (1, 2), (2, 1).
@@ -50,6 +52,24 @@ for t in 1 2; do
   rt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r"); pt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")
   awk -v r="$rt" -v p="$pt" -v t="$t" 'BEGIN { printf "  ratio rust/torch at %d thread(s): %.3f\n", t, r / p }'
 done
+pair() { # pair <label> <rust args> -- <torch args>: both lines, the tokens/s ratio, peak memory
+  local label="$1"; shift
+  local rargs=() targs=()
+  while [ "$1" != "--" ]; do rargs+=("$1"); shift; done; shift
+  targs=("$@")
+  local r p
+  r=$("$BIN" bench-step "${rargs[@]}")
+  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" "${targs[@]}" 2>/dev/null)
+  echo "  $r"
+  echo "  $p"
+  awk -v r="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r")" -v p="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")" -v l="$label" \
+    'BEGIN { printf "  ratio rust/torch, %s: %.3f\n", l, r / p }'
+}
+echo "== fp32 with activation checkpointing (every layer), default shape, 2 threads (peak_mem_mb: peak resident memory)"
+pair "fp32 + checkpointing" --threads 2 --iters 10 --checkpoint-activations -- --threads 2 --iters 10 --checkpoint-activations
+echo "== bf16 vs eager PyTorch autocast bf16, GLM 4x256, seq 128, micro-batch 4, 2 threads (16-bit matmuls are emulated on most CPUs: slow on both sides)"
+SMALL=(--threads 2 --iters 3 --warmup 1 --seq 128 --batch 4)
+pair "bf16" "${SMALL[@]}" --precision bf16 -- "${SMALL[@]}" --dtype bf16
 echo "== practical peak: fp32 2048x2048 matmul (torch, 2 threads)"
 "$ROOT/.venv/bin/python" - 2>/dev/null <<'PY'
 import time, torch
