@@ -262,7 +262,7 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
     check_model(&dir, &state, &model)?;
     let weights = read_weights(&dir, &model)?;
     tch::no_grad(|| {
-        let _ = model.params.flat_mut().copy_(&weights);
+        model.params.flat_mut().copy_(&weights);
     });
     Ok((model, state, dir))
 }

@@ -686,7 +686,8 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     for i in 0..a.warmup + a.iters {
         let t0 = std::time::Instant::now();
         // the step reads its loss back (a device sync), so the time is the step's
-        let out = glm_worker::train::step::train_step(&mut model, &mut opt, &par, 1234 + i as i64, 1, i64::MAX, 1e-3, &mut |_| Ok(shallow(&batch)))?;
+        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, bucket: i64::MAX, lr: 1e-3 };
+        let out = glm_worker::train::step::train_step(&mut model, &mut opt, &par, plan, &mut |_| Ok(shallow(&batch)))?;
         if i >= a.warmup && out.stats.skipped {
             skipped += 1;
         }

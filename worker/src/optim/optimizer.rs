@@ -178,9 +178,9 @@ impl Optimizer {
     pub fn set_weights(&mut self, params: &mut Params, fp32: &Tensor) {
         tch::no_grad(|| {
             if let Some(m) = &mut self.master {
-                let _ = m.copy_(fp32);
+                m.copy_(fp32);
             }
-            let _ = params.flat_mut().copy_(fp32);
+            params.flat_mut().copy_(fp32);
         });
     }
 
@@ -191,7 +191,7 @@ impl Optimizer {
                 par.dp_broadcast(m)?;
                 let m = m.shallow_clone();
                 tch::no_grad(|| {
-                    let _ = params.flat_mut().copy_(&m);
+                    params.flat_mut().copy_(&m);
                 });
                 Ok(())
             }
@@ -300,7 +300,7 @@ impl Optimizer {
         if let Some(m) = &self.master {
             let m = m.shallow_clone();
             tch::no_grad(|| {
-                let _ = params.flat_mut().copy_(&m);
+                params.flat_mut().copy_(&m);
             });
         }
         self.zero(params);
@@ -342,7 +342,7 @@ mod tests {
     fn set_grad(p: &mut Params, g: &[f32]) {
         let t = Tensor::from_slice(g).to_kind(p.kind());
         tch::no_grad(|| {
-            let _ = p.grad_mut().narrow(0, 0, 3).copy_(&t);
+            p.grad_mut().narrow(0, 0, 3).copy_(&t);
         });
     }
 

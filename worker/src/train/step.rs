@@ -17,7 +17,19 @@ pub struct StepOutput {
     pub stats: StepStats,
 }
 
-/// One optimizer step over `accum` micro-batches (`batch(m)` gives this
+/// What one step runs with, besides the model, optimizer and layout.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPlan {
+    /// Seed of the iteration's dropout.
+    pub it_seed: i64,
+    /// Micro-batches per step (gradient accumulation).
+    pub accum: usize,
+    /// Elements per data-parallel gradient reduction.
+    pub bucket: i64,
+    pub lr: f64,
+}
+
+/// One optimizer step over `plan.accum` micro-batches (`batch(m)` gives this
 /// rank's share of micro-batch `m`).
 ///
 /// Dropout is seeded from `it_seed` (and the micro-batch index, for
@@ -26,7 +38,8 @@ pub struct StepOutput {
 /// tokens divided by the masked-token count of the whole global micro-batch
 /// (all data-parallel ranks), so summing gradients over the data-parallel
 /// group gives exactly the gradient of one process holding the whole batch.
-pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, it_seed: i64, accum: usize, bucket: i64, lr: f64, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
+pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
+    let StepPlan { it_seed, accum, bucket, lr } = plan;
     tch::manual_seed(it_seed);
     let scale = opt.loss_scale();
     let mut loss_sum = 0.0;

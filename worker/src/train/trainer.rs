@@ -26,7 +26,7 @@ use crate::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
 use crate::optim::optimizer::Optimizer;
 use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
-use super::step::{train_step, StepOutput};
+use super::step::{train_step, StepOutput, StepPlan};
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
 /// checkpoint, exit.
@@ -236,7 +236,7 @@ impl Trainer {
             Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
         let accum = b.accum;
-        let out = train_step(&mut self.model, &mut self.opt, &self.par, it_seed, accum, bucket, lr, &mut next)?;
+        let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, bucket, lr }, &mut next)?;
         Ok((out, lr))
     }
 
