@@ -59,7 +59,7 @@ pair() { # pair <label> <rust args> -- <torch args>: both lines, the tokens/s ra
   targs=("$@")
   local r p
   r=$("$BIN" bench-step "${rargs[@]}")
-  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" "${targs[@]}" 2>/dev/null)
+  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" "${targs[@]}" 2>"$WORK/torch.err") || { echo "  eager PyTorch failed:"; tail -5 "$WORK/torch.err"; return 1; }
   echo "  $r"
   echo "  $p"
   awk -v r="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r")" -v p="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")" -v l="$label" \

@@ -27,6 +27,10 @@ pub enum Error {
     /// A configuration value out of range or inconsistent.
     #[error("config: {0}")]
     Config(String),
+
+    /// A failure while training (a libtorch kernel, backward, diverging values).
+    #[error("{0}")]
+    Runtime(String),
 }
 
 fn fmt_at(path: &Path, line: usize, col: usize, msg: &str) -> String {

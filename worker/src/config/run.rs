@@ -117,7 +117,7 @@ impl RunConfig {
             warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
         }
         let (precision, scaler) = Self::precision(&ds, &args)?;
-        let ds_decides = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16.is_some();
+        let ds_decides = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16 == Some(true);
         if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
             warnings.push(format!("fp16 = {} ({}) has no effect: {} decides the precision ({})", a.fp16, src("fp16"), dsname, precision.name()));
         }
@@ -227,9 +227,6 @@ impl RunConfig {
             (None, Some(true)) => false,
             (None, _) => a.fp16,
         };
-        if fp16 && ds.bf16 == Some(true) {
-            return Err(Error::invalid(&ds.path, "bf16.enabled is true and configs.json asks for fp16; enable one"));
-        }
         if ds.bf16 == Some(true) {
             return Ok((Precision::Bf16, None));
         }
@@ -254,19 +251,21 @@ impl RunConfig {
             None if from_args("loss_scale", a.loss_scale.is_none_or(|l| l >= 0.0 && l.is_finite()), "must be null (dynamic) or a number >= 0")? => a.loss_scale.unwrap_or(0.0),
             None => d.loss_scale,
         };
+        // a static scale ignores the dynamic scaler's settings: nothing to check
+        let dynamic = loss_scale == 0.0;
         let window = match f.loss_scale_window {
             Some(w) => w,
-            None if from_args("loss_scale_window", a.loss_scale_window > 0, "must be positive")? => a.loss_scale_window,
+            None if from_args("loss_scale_window", !dynamic || a.loss_scale_window > 0, "must be positive")? => a.loss_scale_window,
             None => d.loss_scale_window,
         };
         let hysteresis = match f.hysteresis {
             Some(h) => h,
-            None if from_args("hysteresis", a.hysteresis > 0, "must be positive")? => a.hysteresis,
+            None if from_args("hysteresis", !dynamic || a.hysteresis > 0, "must be positive")? => a.hysteresis,
             None => d.hysteresis,
         };
         let min_loss_scale = match f.min_loss_scale {
             Some(m) => m,
-            None if from_args("min_scale", a.min_scale > 0.0 && a.min_scale.is_finite(), "must be positive")? => a.min_scale,
+            None if from_args("min_scale", !dynamic || (a.min_scale > 0.0 && a.min_scale.is_finite()), "must be positive")? => a.min_scale,
             None => d.min_loss_scale,
         };
         let cfg = ScalerConfig {
@@ -277,7 +276,13 @@ impl RunConfig {
             consecutive_hysteresis: f.consecutive_hysteresis.unwrap_or(d.consecutive_hysteresis),
             min_loss_scale,
         };
-        cfg.validate().map_err(|e| Error::invalid(&ds.path, format!("fp16 loss scaler (with configs.json's min_scale where the file has no min_loss_scale): {e}")))?;
+        cfg.validate().map_err(|e| {
+            if f.min_loss_scale.is_none() && given("min_scale") {
+                Error::Config(format!("min_scale = {} ({}) with {}: {e}", a.min_scale, args.source("min_scale"), ds.path.display()))
+            } else {
+                Error::invalid(&ds.path, format!("fp16 loss scaler: {e}"))
+            }
+        })?;
         Ok((Precision::Fp16, Some(cfg)))
     }
 

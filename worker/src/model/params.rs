@@ -259,15 +259,16 @@ fn coalesce(mut r: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
-/// The parts of `[0, n)` that sorted, disjoint `ranges` leave out.
+/// The parts of `[0, n)` that sorted `ranges` leave out.
 pub fn complement(ranges: &[(i64, i64)], n: i64) -> Vec<(i64, i64)> {
+    debug_assert!(ranges.windows(2).all(|w| w[0].0 <= w[1].0), "ranges must be sorted: {ranges:?}");
     let mut out = Vec::new();
     let mut at = 0;
     for &(o, len) in ranges {
         if o > at {
             out.push((at, o - at));
         }
-        at = o + len;
+        at = at.max(o + len);
     }
     if at < n {
         out.push((at, n - at));

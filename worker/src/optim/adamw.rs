@@ -80,7 +80,7 @@ impl AdamW {
     /// (their golden losses are bitwise).
     pub fn update_fused(&mut self, flat: &mut Tensor, decay: &[(i64, i64)], grad: &mut Tensor, lr: f64) -> crate::Result<()> {
         let c = self.cfg;
-        self.step += 1;
+        let step = self.step + 1;
         let n = flat.size()[0];
         // the decayed ranges, and the rest (no decay)
         let plain = crate::model::params::complement(decay, n);
@@ -93,11 +93,12 @@ impl AdamW {
             let ptrs = |ts: &[Tensor]| -> Vec<*mut torch_sys::C_tensor> { ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect() };
             let (pp, gp, mp, vp) = (ptrs(&p), ptrs(&g), ptrs(&m), ptrs(&v));
             // SAFETY: four arrays of live tensors of equal length, borrowed for the call
-            let rc = unsafe { glm_fused_adamw(pp.as_ptr(), gp.as_ptr(), mp.as_ptr(), vp.as_ptr(), pp.len() as i32, self.step as f64, lr, c.beta1, c.beta2, wd, c.eps) };
+            let rc = unsafe { glm_fused_adamw(pp.as_ptr(), gp.as_ptr(), mp.as_ptr(), vp.as_ptr(), pp.len() as i32, step as f64, lr, c.beta1, c.beta2, wd, c.eps) };
             if rc != 0 {
-                return Err(crate::Error::Config(format!("fused AdamW: {}", crate::model::autograd::last_error())));
+                return Err(crate::Error::Runtime(format!("fused AdamW: {}", crate::model::autograd::last_error())));
             }
         }
+        self.step = step;
         Ok(())
     }
 }

@@ -94,29 +94,33 @@ pub struct Optimizer {
     /// at element 0, or with `split` at the first element of a
     /// tensor-parallel slice. The value is the element.
     inject_inf: Option<(u64, i64)>,
+    /// AdamW through libtorch's fused kernel (on CUDA; CPU keeps the plain
+    /// arithmetic of the golden losses).
+    pub(crate) fused: bool,
     /// The ranges that hold no tensor-parallel slice (complement of `split_ranges`).
     replicated_ranges: Vec<(i64, i64)>,
     steps_taken: u64,
 }
 
-/// Σ t² of a flat tensor, accumulated in f64 (so it does not depend on the
-/// order of the elements), in chunks that bound the temporary memory; one
-/// device sync.
-fn sum_sq(t: &Tensor) -> f64 {
+/// Σ t² over the `ranges` of a flat tensor, accumulated in f64 (so it does
+/// not depend on the order of the elements), in chunks that bound the
+/// temporary memory; a 0-dim f64 tensor on `t`'s device (no sync).
+fn sum_sq(t: &Tensor, ranges: &[(i64, i64)]) -> Tensor {
     const CHUNK: i64 = 1 << 24;
-    let n = t.size()[0];
     tch::no_grad(|| {
         let mut acc: Option<Tensor> = None;
-        let mut off = 0;
-        while off < n {
-            let s = t.narrow(0, off, CHUNK.min(n - off)).square().sum(Kind::Double);
-            acc = Some(match acc {
-                None => s,
-                Some(a) => a + s,
-            });
-            off += CHUNK;
+        for &(o, n) in ranges {
+            let mut off = 0;
+            while off < n {
+                let s = t.narrow(0, o + off, CHUNK.min(n - off)).square().sum(Kind::Double);
+                acc = Some(match acc {
+                    None => s,
+                    Some(a) => a + s,
+                });
+                off += CHUNK;
+            }
         }
-        acc.map_or(0.0, |a| a.double_value(&[]))
+        acc.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, t.device())))
     })
 }
 
@@ -159,6 +163,7 @@ impl Optimizer {
             split_ranges,
             replicated_ranges,
             inject_inf,
+            fused: params.device().is_cuda(),
             steps_taken: 0,
         })
     }
@@ -234,20 +239,32 @@ impl Optimizer {
         // whether this rank's gradient is free of inf/NaN
         let (norm, local_finite) = match par.tp {
             Some(g) => {
-                let split: f64 = self.split_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum();
-                let replicated: f64 = self.replicated_ranges.iter().map(|&(o, n)| sum_sq(&grad.narrow(0, o, n))).sum();
+                // both partial sums read back in one device sync
+                let sums = Tensor::stack(&[sum_sq(&grad, &self.split_ranges), sum_sq(&grad, &self.replicated_ranges)], 0).to_device(tch::Device::Cpu);
+                let (split, replicated) = (sums.double_value(&[0]), sums.double_value(&[1]));
                 let mut t = Tensor::from_slice(&[split]);
                 all_reduce_nograd(&mut t, g, ReduceOp::Sum)?;
                 ((replicated + t.double_value(&[0])).sqrt(), split.is_finite() && replicated.is_finite())
             }
             None => {
-                let total = sum_sq(&grad);
+                let total = sum_sq(&grad, &[(0, grad.size()[0])]).double_value(&[]);
                 (total.sqrt(), total.is_finite())
             }
         };
+        // an inf/NaN on any rank (data- or tensor-parallel), agreed by all
+        let non_finite = || -> Result<bool> { Ok(par.world_max(i64::from(!(local_finite && norm.is_finite())))? != 0) };
+        if self.scaler.is_none() {
+            // without loss scaling there is nothing to adapt: stop before the
+            // weights (and a checkpoint of them) take the inf/NaN
+            if non_finite()? {
+                return Err(Error::Runtime(format!(
+                    "the gradients hold inf/NaN (global norm {norm}) at optimizer step {}; the update is not applied. Lower the learning rate, check the data, or train in fp32/bf16 with clipping",
+                    self.adam.step + 1
+                )));
+            }
+        }
         if let Some(scaler) = &mut self.scaler {
-            // an inf/NaN on any rank (data- or tensor-parallel) skips the step everywhere
-            let overflow = par.world_max(i64::from(!(local_finite && norm.is_finite())))? != 0;
+            let overflow = non_finite()?;
             let event = scaler.update(overflow)?;
             if overflow {
                 self.skipped_steps += 1;
@@ -291,7 +308,7 @@ impl Optimizer {
             Some(m) => m,
             None => params.flat_mut(),
         };
-        if weights.device().is_cuda() {
+        if self.fused {
             // one fused pass on the GPU; CPU keeps the plain arithmetic (bitwise golden losses)
             self.adam.update_fused(weights, &self.decay_ranges, grad, lr)?;
         } else {
@@ -409,6 +426,41 @@ mod tests {
         let s = opt.step(&mut p, &Parallel::single(), 1 << 20, 0.1).unwrap();
         assert!(!s.skipped && (s.grad_norm - 0.5).abs() < 1e-3 && s.loss_scale == 8.0);
         assert!((opt.adam.exp_avg.double_value(&[0]) - 0.03).abs() < 1e-4, "m = (1 - β1) · unscaled gradient");
+    }
+
+    /// The fused AdamW path (CUDA's) through the whole step, forced on CPU,
+    /// against the plain one: fp32 in place and bf16 masters, with decay ranges.
+    #[test]
+    fn fused_steps_match_plain_steps() {
+        let _rng = crate::torch_rng_lock();
+        for (kind, precision) in [(Kind::Float, Precision::Fp32), (Kind::BFloat16, Precision::Bf16)] {
+            let adam = AdamWConfig { weight_decay: 0.1, ..ADAM };
+            let (mut pa, mut pb) = (params(kind), params(kind));
+            let mut a = Optimizer::new(&pa, precision, adam, 1.0, None, 0).unwrap();
+            let mut b = Optimizer::new(&pb, precision, adam, 1.0, None, 0).unwrap();
+            b.fused = true;
+            for g in [[0.3f32, -0.2, 0.1], [0.05, 0.4, -0.3], [2.0, 1.0, -1.0]] {
+                for (p, o) in [(&mut pa, &mut a), (&mut pb, &mut b)] {
+                    set_grad(p, &g);
+                    o.accumulate(p);
+                    o.step(p, &Parallel::single(), 1 << 20, 0.05).unwrap();
+                }
+            }
+            assert!(a.fp32_weights(&pa).allclose(b.fp32_weights(&pb), 1e-5, 1e-6, false), "{precision:?}");
+            assert_eq!((a.adam.step, b.adam.step), (3, 3));
+        }
+    }
+
+    /// Without a loss scaler an inf gradient is an error before the update.
+    #[test]
+    fn fp32_inf_gradient_stops_before_the_update() {
+        let _rng = crate::torch_rng_lock();
+        let mut p = params(Kind::Float);
+        let mut opt = Optimizer::new(&p, Precision::Fp32, ADAM, 1.0, None, 0).unwrap();
+        set_grad(&mut p, &[f32::NAN, 1.0, 0.0]);
+        let e = opt.step(&mut p, &Parallel::single(), 1 << 20, 0.1).err().unwrap().to_string();
+        assert!(e.contains("inf/NaN") && e.contains("not applied"), "{e}");
+        assert_eq!(p.flat().double_value(&[0]), 1.0, "weights untouched");
     }
 
     #[test]

@@ -390,7 +390,7 @@ impl Trainer {
             let (out, lr) = self.step(it)?;
             let loss = out.loss;
             if !loss.is_finite() {
-                return Err(Error::Config(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
+                return Err(Error::Runtime(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
             }
             self.iteration = it;
             loss_acc += loss;
