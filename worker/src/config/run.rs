@@ -116,8 +116,7 @@ impl RunConfig {
         if ds.zero_stage > 0 {
             warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
         }
-        let (precision, scaler) = Self::precision(&ds, &args)?;
-        let ds_decides = ds.fp16.as_ref().is_some_and(|f| f.enabled.is_some()) || ds.bf16 == Some(true);
+        let (precision, scaler, ds_decides) = Self::precision(&ds, &args)?;
         if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
             warnings.push(format!("fp16 = {} ({}) has no effect: {} decides the precision ({})", a.fp16, src("fp16"), dsname, precision.name()));
         }
@@ -218,20 +217,16 @@ impl RunConfig {
     /// `fp16`/`bf16` blocks decide; where they say nothing, the original's
     /// configs.json keys (`fp16`, `loss_scale` — null = dynamic —,
     /// `loss_scale_window`, `hysteresis`, `min_scale`) apply when given,
-    /// else DeepSpeed's defaults.
-    fn precision(ds: &DsConfig, args: &LoadedArgs) -> Result<(Precision, Option<ScalerConfig>)> {
+    /// else DeepSpeed's defaults. The flag says whether the DeepSpeed file
+    /// (rather than configs.json) decided the precision.
+    fn precision(ds: &DsConfig, args: &LoadedArgs) -> Result<(Precision, Option<ScalerConfig>, bool)> {
         let a = &args.args;
         let f = ds.fp16.clone().unwrap_or_default();
-        let fp16 = match (f.enabled, ds.bf16) {
-            (Some(e), _) => e,
-            (None, Some(true)) => false,
-            (None, _) => a.fp16,
-        };
         if ds.bf16 == Some(true) {
-            return Ok((Precision::Bf16, None));
+            return Ok((Precision::Bf16, None, true));
         }
-        if !fp16 {
-            return Ok((Precision::Fp32, None));
+        if !f.enabled.unwrap_or(a.fp16) {
+            return Ok((Precision::Fp32, None, f.enabled.is_some()));
         }
         let given = |k: &str| args.source(k) != super::args::Source::Default;
         // configs.json values that fill in: each checked under its own name and source
@@ -283,7 +278,7 @@ impl RunConfig {
                 Error::invalid(&ds.path, format!("fp16 loss scaler: {e}"))
             }
         })?;
-        Ok((Precision::Fp16, Some(cfg)))
+        Ok((Precision::Fp16, Some(cfg), f.enabled.is_some()))
     }
 
     /// Lines of the "effective configuration" block printed at start.

@@ -181,12 +181,13 @@ impl Optimizer {
     /// Sets the weights from `fp32` (laid out like the parameters): the
     /// masters and the parameters (cast).
     pub fn set_weights(&mut self, params: &mut Params, fp32: &Tensor) {
-        tch::no_grad(|| {
-            if let Some(m) = &mut self.master {
-                m.copy_(fp32);
+        match &mut self.master {
+            Some(m) => {
+                tch::no_grad(|| m.copy_(fp32));
+                self.params_from_master(params);
             }
-            params.flat_mut().copy_(fp32);
-        });
+            None => tch::no_grad(|| params.flat_mut().copy_(fp32)),
+        }
     }
 
     /// Copies data-parallel rank 0's weights to every rank of the group.
@@ -194,13 +195,17 @@ impl Optimizer {
         match &mut self.master {
             Some(m) => {
                 par.dp_broadcast(m)?;
-                let m = m.shallow_clone();
-                tch::no_grad(|| {
-                    params.flat_mut().copy_(&m);
-                });
+                self.params_from_master(params);
                 Ok(())
             }
             None => par.dp_broadcast(params.flat_mut()),
+        }
+    }
+
+    /// The compute-dtype parameters := the masters, rounded (bf16/fp16).
+    fn params_from_master(&self, params: &mut Params) {
+        if let Some(m) = &self.master {
+            tch::no_grad(|| params.flat_mut().copy_(m));
         }
     }
 
@@ -252,30 +257,27 @@ impl Optimizer {
             }
         };
         // an inf/NaN on any rank (data- or tensor-parallel), agreed by all
-        let non_finite = || -> Result<bool> { Ok(par.world_max(i64::from(!(local_finite && norm.is_finite())))? != 0) };
-        if self.scaler.is_none() {
+        let overflow = par.world_max(i64::from(!(local_finite && norm.is_finite())))? != 0;
+        let Some(scaler) = &mut self.scaler else {
             // without loss scaling there is nothing to adapt: stop before the
             // weights (and a checkpoint of them) take the inf/NaN
-            if non_finite()? {
+            if overflow {
                 return Err(Error::Runtime(format!(
-                    "the gradients hold inf/NaN (global norm {norm}) at optimizer step {}; the update is not applied. Lower the learning rate, check the data, or train in fp32/bf16 with clipping",
+                    "the gradients hold inf/NaN (global norm {norm}) at optimizer step {}; the update is not applied. Lower the learning rate or check the data",
                     self.adam.step + 1
                 )));
             }
+            self.apply(params, &mut grad, norm, 1.0, lr)?;
+            return Ok(StepStats { grad_norm: norm, skipped: false, loss_scale, scale_event: None });
+        };
+        let event = scaler.update(overflow)?;
+        if overflow {
+            self.skipped_steps += 1;
+            self.zero(params);
+            return Ok(StepStats { grad_norm: norm, skipped: true, loss_scale, scale_event: Some(event) });
         }
-        if let Some(scaler) = &mut self.scaler {
-            let overflow = non_finite()?;
-            let event = scaler.update(overflow)?;
-            if overflow {
-                self.skipped_steps += 1;
-                self.zero(params);
-                return Ok(StepStats { grad_norm: norm, skipped: true, loss_scale, scale_event: Some(event) });
-            }
-            self.apply(params, &mut grad, norm, loss_scale, lr)?;
-            return Ok(StepStats { grad_norm: norm / loss_scale, skipped: false, loss_scale, scale_event: Some(event) });
-        }
-        self.apply(params, &mut grad, norm, 1.0, lr)?;
-        Ok(StepStats { grad_norm: norm, skipped: false, loss_scale, scale_event: None })
+        self.apply(params, &mut grad, norm, loss_scale, lr)?;
+        Ok(StepStats { grad_norm: norm / loss_scale, skipped: false, loss_scale, scale_event: Some(event) })
     }
 
     /// Unscale and clip (one multiply), AdamW on the fp32 weights, copy
@@ -314,12 +316,7 @@ impl Optimizer {
         } else {
             self.adam.update(weights, &self.decay_ranges, grad, lr);
         }
-        if let Some(m) = &self.master {
-            let m = m.shallow_clone();
-            tch::no_grad(|| {
-                params.flat_mut().copy_(&m);
-            });
-        }
+        self.params_from_master(params);
         self.zero(params);
         Ok(())
     }
