@@ -22,3 +22,20 @@ int glm_allreduce_inplace(void *buf, int count, int kind, int op, MPI_Comm comm)
     }
     return MPI_Allreduce(MPI_IN_PLACE, buf, count, dt, o, comm);
 }
+
+/* In-place MPI_Allgather of `bytes` bytes per rank: this rank's block
+ * already sits at its slot of `buf` (size × bytes). */
+int glm_allgather_inplace(void *buf, int bytes, MPI_Comm comm) {
+    return MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, bytes, MPI_BYTE, comm);
+}
+
+/* MPI_Reduce_scatter_block (sum) of `count` elements per rank; kind as above. */
+int glm_reduce_scatter_block(const void *send, void *recv, int count, int kind, MPI_Comm comm) {
+    MPI_Datatype dt;
+    switch (kind) {
+        case 0: dt = MPI_FLOAT; break;
+        case 1: dt = MPI_DOUBLE; break;
+        default: return -1;
+    }
+    return MPI_Reduce_scatter_block(send, recv, count, dt, MPI_SUM, comm);
+}

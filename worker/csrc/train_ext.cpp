@@ -9,6 +9,11 @@
 //   closure with grad enabled and back-propagates through it, so dropout
 //   masks and gradients are those of the run without checkpointing.
 //
+// - glm_set_grad_hook / glm_clear_grad: ZeRO stage 2's gradient hook. After
+//   autograd accumulates a parameter's gradient, a Rust closure takes it
+//   (copies it into the reduction bucket) and the parameter's `.grad` is
+//   released, so no rank keeps the full gradient;
+//
 // - glm_fused_adamw: libtorch's multi-tensor AdamW kernel (`_fused_adamw_`,
 //   what torch.optim.AdamW(fused=True) runs) over lists of flat ranges.
 //
@@ -18,6 +23,8 @@
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -118,7 +125,44 @@ struct Recompute : public torch::autograd::Function<Recompute> {
 };
 
 extern "C" {
+// Hands a parameter's accumulated gradient to `ctx`; returns 0, or sets *err.
+typedef void (*glm_grad_hook_fn)(void* ctx, torch::Tensor* grad, int32_t* err);
+}
+
+// Runs after AccumulateGrad: the closure consumes the gradient, then the
+// parameter's `.grad` is released.
+struct RustGradHook : torch::autograd::PostAccumulateGradHook {
+    void* ctx;
+    glm_grad_hook_fn call;
+    glm_closure_drop_fn drop;
+    RustGradHook(void* c, glm_grad_hook_fn f, glm_closure_drop_fn d) : ctx(c), call(f), drop(d) {}
+    ~RustGradHook() override { drop(ctx); }
+    void operator()(const torch::autograd::Variable& param) override {
+        int32_t err = 0;
+        call(ctx, new torch::Tensor(param.grad()), &err);
+        if (err) throw std::runtime_error("ZeRO stage 2 gradient reduction failed (see the log)");
+        param.mutable_grad().reset();
+    }
+};
+
+extern "C" {
 const char* glm_ext_last_error() { return g_ext_error.c_str(); }
+
+// Installs the gradient hook of `param` (replacing any), taking ownership of
+// `ctx` (freed through `drop`, also on failure). Returns 0, or -1.
+int32_t glm_set_grad_hook(torch::Tensor* param, void* ctx, glm_grad_hook_fn call, glm_closure_drop_fn drop) {
+    std::unique_ptr<torch::autograd::PostAccumulateGradHook> hook(new RustGradHook(ctx, call, drop));
+    try {
+        torch::autograd::impl::set_post_acc_grad_hooks(*param, std::move(hook));
+        return 0;
+    } catch (const std::exception& e) {
+        g_ext_error = e.what();
+        return -1;
+    }
+}
+
+// param.grad = undefined.
+void glm_clear_grad(torch::Tensor* param) { param->mutable_grad().reset(); }
 
 // param.grad = grad (a view of the flat gradient buffer). Returns 0, or -1
 // with the message kept for glm_ext_last_error.

@@ -1,17 +1,27 @@
-//! Checkpoints: `<save>/<iteration>/` with
-//! - `model.safetensors`: the weights under the original's state-dict names;
-//! - `model.safetensors` holds fp32 weights whatever the training precision
-//!   (the optimizer's master weights under bf16/fp16);
-//! - `optim.safetensors`: AdamW's `exp_avg.<name>` / `exp_avg_sq.<name>`
-//!   (absent with `no_save_optim`);
+//! Checkpoints: `<save>/<iteration>/`, or with tensor parallelism one
+//! part per tensor-parallel rank, `<save>/<iteration>/mp_rank_XX/`, each
+//! holding
+//! - `model.safetensors`: the fp32 weights under the original's state-dict
+//!   names, whatever the training precision (the optimizer's master
+//!   weights under bf16/fp16, gathered from their shards under ZeRO);
+//! - the optimizer state (absent with `no_save_optim`): at ZeRO stage 0
+//!   `optim.safetensors` with AdamW's `exp_avg.<name>` / `exp_avg_sq.<name>`;
+//!   at stages 1 and 2 one file per data-parallel rank,
+//!   `zero_dp_rank_YY_optim.safetensors`, holding that rank's shard of the
+//!   moments (`exp_avg`, `exp_avg_sq`, flat), with the flat ranges of every
+//!   shard in the manifest (`zero` in `state.json`);
 //! - `tokenizer.json`: the tokenizer, so generation needs nothing else;
-//! - `state.json`: format version, iteration, optimizer step, skipped
-//!   steps, precision and the fp16 loss scaler's state, model config, the
-//!   effective configs, and the sha256 of every other file.
+//! - `state.json`: format version, iteration, layout (tensor × data
+//!   parallel, ZeRO stage), optimizer step, skipped steps, precision and
+//!   the fp16 loss scaler's state, model config, the effective configs, and
+//!   the sha256 of every other file.
 //!
-//! `<save>/latest` names the newest complete checkpoint. Both are written
-//! atomically (temporary directory/file, then rename), and every file is
-//! verified against its checksum before anything is loaded.
+//! `<save>/latest` names the newest complete checkpoint. A part is written
+//! into a temporary directory and renamed when complete; `latest` moves
+//! only after every part is. Every file is verified against its checksum
+//! before anything is loaded. A run resumes from any data-parallel size and
+//! ZeRO stage (the moments are re-partitioned); `merge` turns any layout
+//! into one whole-model checkpoint, and `inspect` says what one holds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,12 +29,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::comm::ReduceOp;
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::{Glm, GlmConfig};
 use crate::model::params::{ParamInfo, Params};
 use crate::optim::optimizer::{Optimizer, Precision};
 use crate::optim::scaler::ScalerState;
+use crate::optim::zero::{Piece, Shards};
+use crate::parallel::Parallel;
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -50,6 +63,14 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<ScalerState>,
     pub model: GlmConfig,
+    /// Tensor- and data-parallel sizes of the run that saved it.
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub dp: usize,
+    /// ZeRO's partition of the optimizer state (stages 1 and 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero: Option<ZeroManifest>,
     pub has_optimizer: bool,
     /// The store's tokenizer hash: what the token ids mean.
     pub tokenizer_sha256: String,
@@ -60,17 +81,36 @@ pub struct State {
     pub files: BTreeMap<String, String>,
 }
 
-fn tch_err(p: &Path, e: tch::TchError) -> Error {
-    Error::invalid(p, e.to_string())
+fn one() -> usize {
+    1
 }
 
-/// Writes checkpoint `iteration` under `save` and points `latest` at it:
-/// the fp32 weights, and the optimizer state when `with_state`.
-pub fn save(save: &Path, model: &Glm, opt: &Optimizer, with_state: bool, tokenizer_json: &str, state: State) -> Result<PathBuf> {
-    let it = state.iteration;
-    let dir = save_part(save, None, model, opt, with_state, tokenizer_json, state)?;
-    write_latest(save, it)?;
-    Ok(dir)
+/// Where every data-parallel rank's shard of the optimizer state lives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ZeroManifest {
+    pub stage: u8,
+    /// The partition: padded flat size, unit size, data-parallel ranks.
+    pub shards: Shards,
+    /// Parameter elements (the flat buffers hold them first, then padding).
+    pub numel: i64,
+    pub files: Vec<ShardFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardFile {
+    pub file: String,
+    pub dp_rank: usize,
+    /// The shard's runs: `flat` in the flat buffers, `shard` in the file's tensors.
+    pub pieces: Vec<Piece>,
+}
+
+/// The optimizer shard file of data-parallel rank `r`.
+pub fn shard_file(r: usize) -> String {
+    format!("zero_dp_rank_{r:02}_optim.safetensors")
+}
+
+fn tch_err(p: &Path, e: tch::TchError) -> Error {
+    Error::invalid(p, e.to_string())
 }
 
 /// The sub-directory of tensor-parallel rank `tp_rank` in a checkpoint.
@@ -86,35 +126,138 @@ pub fn write_latest(save: &Path, it: u64) -> Result<()> {
     std::fs::rename(&latest_tmp, save.join("latest")).at(save)
 }
 
-/// Writes `<save>/<iteration>/` (or, with `part`, `<save>/<iteration>/<part>/`,
-/// one tensor-parallel rank's slices) without touching `latest`.
-pub fn save_part(save: &Path, part: Option<&str>, model: &Glm, opt: &Optimizer, with_state: bool, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
-    let it_dir = save.join(state.iteration.to_string());
-    let dir = match part {
+/// Whether every rank of `c` succeeded (`ok`), agreed by all: a failure on
+/// one rank (a full disk) stops every rank's save instead of leaving the
+/// others waiting.
+fn agree(c: Option<&crate::comm::Comm>, ok: bool) -> Result<bool> {
+    let mut t = tch::Tensor::from_slice(&[i64::from(!ok)]);
+    if let Some(c) = c {
+        c.all_reduce(&mut t, ReduceOp::Max)?;
+    }
+    Ok(t.int64_value(&[0]) == 0)
+}
+
+/// Writes checkpoint `state.iteration` under `save` and points `latest` at
+/// it. Data-parallel rank 0 of every tensor-parallel rank writes its part
+/// (`<it>/`, or `<it>/mp_rank_XX/` with tensor parallelism): the fp32
+/// weights, the tokenizer, `state.json`, and at ZeRO stage 0 the
+/// moments; at stages 1 and 2 every data-parallel rank writes its shard of
+/// the moments into the part. Collective over the world; returns the part
+/// this rank wrote or contributed to.
+pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_state: bool, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
+    let it = state.iteration;
+    let it_dir = save.join(it.to_string());
+    let dir = match &par.tp {
         None => it_dir,
-        Some(p) => it_dir.join(p),
+        Some(g) => it_dir.join(mp_rank_dir(g.rank)),
     };
-    let weights = opt.fp32_weights(&model.params);
-    let named: Vec<(String, Tensor)> = model.params.infos.iter().map(|i| (i.name.clone(), Params::view_of(weights, i).detach())).collect();
-    let optim: Option<Vec<(String, Tensor)>> = with_state.then(|| {
-        state.optimizer_step = opt.adam.step;
-        let mut named = Vec::new();
-        for info in &model.params.infos {
-            named.push((format!("exp_avg.{}", info.name), Params::view_of(&opt.adam.exp_avg, info)));
-            named.push((format!("exp_avg_sq.{}", info.name), Params::view_of(&opt.adam.exp_avg_sq, info)));
+    let (shards, dp_rank) = opt.shards();
+    let partitioned = opt.partitioned() && with_state;
+    // collectives first (every data-parallel rank takes part): the fp32
+    // weights and, at stage 0, nothing else to gather
+    let weights = opt.full_weights(&model.params)?;
+    let main = par.dims.dp_rank() == 0;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+    // one temporary directory for the part, shared by its data-parallel ranks
+    let tmp = parent.join(format!(".tmp-{name}"));
+    let prepared = if main {
+        (|| -> Result<()> {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).at(&tmp)
+        })()
+    } else {
+        Ok(())
+    };
+    let dp = par.dp.as_ref();
+    if !agree(dp, prepared.is_ok())? {
+        return Err(prepared.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint {}: data-parallel rank 0 could not create the part's directory", dir.display()))));
+    }
+    let shard_name = shard_file(dp_rank);
+    let wrote_shard = if partitioned {
+        let path = tmp.join(&shard_name);
+        let named = [("exp_avg".to_string(), opt.adam.exp_avg.shallow_clone()), ("exp_avg_sq".to_string(), opt.adam.exp_avg_sq.shallow_clone())];
+        Tensor::write_safetensors(&named, &path).map_err(|e| tch_err(&path, e))
+    } else {
+        Ok(())
+    };
+    if !agree(dp, wrote_shard.is_ok())? {
+        if main {
+            let _ = std::fs::remove_dir_all(&tmp);
         }
-        named
-    });
-    write_dir(&dir, &named, optim.as_deref(), tokenizer_json, state, true)?;
+        return Err(wrote_shard.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint {}: another data-parallel rank could not write its optimizer shard", dir.display()))));
+    }
+    let written = if main {
+        state.optimizer_step = opt.adam.step;
+        state.zero = partitioned.then(|| ZeroManifest {
+            stage: opt.zero.stage,
+            shards,
+            numel: model.params.numel(),
+            files: (0..shards.dp).map(|r| ShardFile { file: shard_file(r), dp_rank: r, pieces: shards.pieces(r) }).collect(),
+        });
+        let weights = weights.expect("data-parallel rank 0 holds the weights");
+        let named: Vec<(String, Tensor)> = model.params.infos.iter().map(|i| (i.name.clone(), Params::view_of(&weights, i).detach())).collect();
+        let optim: Option<Vec<(String, Tensor)>> = (with_state && !partitioned).then(|| {
+            let mut named = Vec::new();
+            for info in &model.params.infos {
+                named.push((format!("exp_avg.{}", info.name), Params::view_of(&opt.adam.exp_avg, info)));
+                named.push((format!("exp_avg_sq.{}", info.name), Params::view_of(&opt.adam.exp_avg_sq, info)));
+            }
+            named
+        });
+        let shard_files: Vec<String> = state.zero.iter().flat_map(|z| z.files.iter().map(|f| f.file.clone())).collect();
+        let r = finish_dir(&tmp, &dir, &named, optim.as_deref(), &shard_files, tokenizer_json, state, with_state);
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        r
+    } else {
+        Ok(())
+    };
+    if !agree(par.world.as_ref(), written.is_ok())? {
+        return Err(written.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to write its part (see its error)"))));
+    }
+    if par.is_main() {
+        write_latest(save, it)?;
+    }
     Ok(dir)
+}
+
+/// Completes a part in `tmp` (the shard files already there): weights,
+/// optimizer state, tokenizer, `state.json` with every file's sha256; then
+/// renames it to `dir` (replacing an older one).
+#[allow(clippy::too_many_arguments)]
+fn finish_dir(tmp: &Path, dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, shard_files: &[String], tokenizer_json: &str, mut state: State, with_state: bool) -> Result<()> {
+    state.files = BTreeMap::new();
+    let mp = tmp.join("model.safetensors");
+    Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
+    state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
+    if let Some(optim) = optim {
+        let op = tmp.join("optim.safetensors");
+        Tensor::write_safetensors(optim, &op).map_err(|e| tch_err(&op, e))?;
+        state.files.insert("optim.safetensors".into(), sha256_file(&op)?);
+    }
+    for f in shard_files {
+        state.files.insert(f.clone(), sha256_file(&tmp.join(f))?);
+    }
+    state.has_optimizer = with_state;
+    let tp = tmp.join("tokenizer.json");
+    std::fs::write(&tp, tokenizer_json).at(&tp)?;
+    state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
+    let sp = tmp.join("state.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).at(dir)?;
+    }
+    std::fs::rename(tmp, dir).at(dir)
 }
 
 /// Writes one checkpoint directory — weights, optimizer state when given,
 /// tokenizer, and `state.json` with every file's sha256 — into a temporary
-/// sibling, then renames it to `dir`. An existing `dir` is replaced when
-/// `replace`, else refused.
-fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str, mut state: State, replace: bool) -> Result<()> {
-    if dir.exists() && !replace {
+/// sibling, then renames it to `dir`. An existing `dir` is refused (merge
+/// and split never overwrite).
+fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str, state: State) -> Result<()> {
+    if dir.exists() {
         return Err(Error::invalid(dir, "exists; refusing to overwrite (choose a new --out)"));
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -123,27 +266,7 @@ fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Te
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
-    let result = (|| -> Result<()> {
-        state.files = BTreeMap::new();
-        let mp = tmp.join("model.safetensors");
-        Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
-        state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
-        if let Some(optim) = optim {
-            let op = tmp.join("optim.safetensors");
-            Tensor::write_safetensors(optim, &op).map_err(|e| tch_err(&op, e))?;
-            state.files.insert("optim.safetensors".into(), sha256_file(&op)?);
-        }
-        state.has_optimizer = optim.is_some();
-        let tp = tmp.join("tokenizer.json");
-        std::fs::write(&tp, tokenizer_json).at(&tp)?;
-        state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
-        let sp = tmp.join("state.json");
-        std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).at(dir)?;
-        }
-        std::fs::rename(&tmp, dir).at(dir)
-    })();
+    let result = finish_dir(&tmp, dir, model, optim, &[], tokenizer_json, state, optim.is_some());
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -226,26 +349,121 @@ fn read_weights(dir: &Path, model: &Glm) -> Result<Tensor> {
     Ok(flat)
 }
 
-/// Loads the weights of a verified checkpoint directory into the optimizer
-/// (master weights) and the model, the skipped-step count (the learning-rate
-/// schedule's position, always), and with `with_state` (when saved) the
-/// optimizer state: moments, step count and the fp16 loss scaler.
+/// Loads the weights of a verified checkpoint part into the optimizer
+/// (master weights) and the model, the skipped-step count (the
+/// learning-rate schedule's position, always), and with `with_state` (when
+/// saved) the optimizer state: moments, step count and the fp16 loss
+/// scaler. The moments are re-partitioned when the saved layout
+/// (data-parallel size, ZeRO stage, bucket) differs from this run's; with
+/// the same layout each rank reads only its own shard.
 pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<()> {
     check_model(dir, state, model)?;
     let weights = read_weights(dir, model)?;
     opt.set_weights(&mut model.params, &weights);
+    drop(weights);
     opt.skipped_steps = state.skipped_steps;
-    if with_state && state.has_optimizer {
-        let op = dir.join("optim.safetensors");
-        let infos = model.params.infos.clone();
-        load_into(&op, &infos, &mut opt.adam.exp_avg, "exp_avg.")?;
-        load_into(&op, &infos, &mut opt.adam.exp_avg_sq, "exp_avg_sq.")?;
-        opt.adam.step = state.optimizer_step;
-        if let (Some(scaler), Some(saved)) = (opt.scaler.as_mut(), state.loss_scaler.as_ref()) {
-            scaler.state = saved.clone();
+    if !(with_state && state.has_optimizer) {
+        return Ok(());
+    }
+    let (shards, dp_rank) = opt.shards();
+    match &state.zero {
+        None => {
+            // stage 0: whole moments by parameter name
+            let op = dir.join("optim.safetensors");
+            let infos = model.params.infos.clone();
+            let mut m = tch::Tensor::zeros([model.params.padded_numel()], (tch::Kind::Float, model.params.device()));
+            let mut v = m.zeros_like();
+            load_into(&op, &infos, &mut m, "exp_avg.")?;
+            load_into(&op, &infos, &mut v, "exp_avg_sq.")?;
+            opt.set_full_moments(&m, &v);
+        }
+        Some(z) if opt.partitioned() && z.shards == shards && z.numel == model.params.numel() => {
+            // the same partition: this rank's shard, as saved
+            let f = z.files.iter().find(|f| f.dp_rank == dp_rank).ok_or_else(|| Error::invalid(dir.join("state.json"), format!("the manifest lists no shard of data-parallel rank {dp_rank}")))?;
+            let (m, v) = read_shard(dir, f)?;
+            tch::no_grad(|| {
+                opt.adam.exp_avg.copy_(&m);
+                opt.adam.exp_avg_sq.copy_(&v);
+            });
+        }
+        Some(z) => {
+            // another partition: the whole moments from every shard, then this rank's
+            let (m, v) = read_sharded_moments(dir, z, model.params.numel())?;
+            let pad = |t: Tensor| Tensor::cat(&[t.to_device(model.params.device()), Tensor::zeros([model.params.padded_numel() - z.numel], (tch::Kind::Float, model.params.device()))], 0);
+            opt.set_full_moments(&pad(m), &pad(v));
         }
     }
+    opt.adam.step = state.optimizer_step;
+    if let (Some(scaler), Some(saved)) = (opt.scaler.as_mut(), state.loss_scaler.as_ref()) {
+        scaler.state = saved.clone();
+    }
     Ok(())
+}
+
+/// One data-parallel rank's shard of the moments, checked against the
+/// manifest's size for it.
+fn read_shard(dir: &Path, f: &ShardFile) -> Result<(Tensor, Tensor)> {
+    let path = dir.join(&f.file);
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path).map_err(|e| tch_err(&path, e))?.into_iter().collect();
+    let want: i64 = f.pieces.iter().map(|p| p.len).sum();
+    let get = |k: &str| -> Result<Tensor> {
+        let t = tensors.get(k).ok_or_else(|| Error::invalid(&path, format!("missing tensor {k}")))?;
+        if t.size() != [want] {
+            return Err(Error::invalid(&path, format!("{k}: shape {:?}, the manifest says [{want}] for data-parallel rank {}", t.size(), f.dp_rank)));
+        }
+        Ok(t.to_kind(tch::Kind::Float))
+    };
+    Ok((get("exp_avg")?, get("exp_avg_sq")?))
+}
+
+/// The whole moments (`numel` parameter elements, no padding) of a
+/// checkpoint part saved with ZeRO, assembled from every rank's shard.
+fn read_sharded_moments(dir: &Path, z: &ZeroManifest, numel: i64) -> Result<(Tensor, Tensor)> {
+    let sp = dir.join("state.json");
+    if z.numel != numel || z.shards.padded < numel {
+        return Err(Error::invalid(&sp, format!("the optimizer shards cover {} parameters, the model has {numel}", z.numel)));
+    }
+    let ranks: Vec<usize> = z.files.iter().map(|f| f.dp_rank).collect();
+    if ranks != (0..z.shards.dp).collect::<Vec<_>>() {
+        return Err(Error::invalid(&sp, format!("the manifest lists shards of data-parallel ranks {ranks:?}, expected 0..{}", z.shards.dp)));
+    }
+    let m = Tensor::zeros([z.shards.padded], (tch::Kind::Float, tch::Device::Cpu));
+    let v = m.zeros_like();
+    for f in &z.files {
+        if f.pieces != z.shards.pieces(f.dp_rank) {
+            return Err(Error::invalid(&sp, format!("{}: its ranges do not match the partition in the manifest", f.file)));
+        }
+        let (sm, sv) = read_shard(dir, f)?;
+        tch::no_grad(|| {
+            for p in &f.pieces {
+                m.narrow(0, p.flat, p.len).copy_(&sm.narrow(0, p.shard, p.len));
+                v.narrow(0, p.flat, p.len).copy_(&sv.narrow(0, p.shard, p.len));
+            }
+        });
+    }
+    Ok((m.narrow(0, 0, numel), v.narrow(0, 0, numel)))
+}
+
+/// A part's moments by parameter name (`exp_avg.<name>`, `exp_avg_sq.<name>`),
+/// whatever the ZeRO stage it was saved at; `infos` are the part's
+/// parameters (`glm::param_layout`).
+fn read_named_moments(dir: &Path, state: &State, infos: &[ParamInfo]) -> Result<BTreeMap<String, Tensor>> {
+    match &state.zero {
+        None => {
+            let op = dir.join("optim.safetensors");
+            Ok(Tensor::read_safetensors(&op).map_err(|e| tch_err(&op, e))?.into_iter().collect())
+        }
+        Some(z) => {
+            let numel: i64 = infos.iter().map(|i| i.numel).sum();
+            let (m, v) = read_sharded_moments(dir, z, numel)?;
+            let mut out = BTreeMap::new();
+            for i in infos {
+                out.insert(format!("exp_avg.{}", i.name), Params::view_of(&m, i).copy());
+                out.insert(format!("exp_avg_sq.{}", i.name), Params::view_of(&v, i).copy());
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Reads a checkpoint's model only (for generation): config, weights, tokenizer.
@@ -279,17 +497,45 @@ fn read_model(dir: &Path) -> Result<(State, BTreeMap<String, Tensor>, String)> {
     Ok((state, tensors, tok))
 }
 
-/// Merges the tensor-parallel parts `<dir>/mp_rank_XX/` of one checkpoint
-/// into a whole-model checkpoint at `out` (weights only). Returns the number
-/// of parts.
-pub fn merge(dir: &Path, out: &Path) -> Result<usize> {
+/// The parts of checkpoint `dir`: itself without tensor parallelism, else
+/// `mp_rank_00/`, `mp_rank_01/`, ... in order.
+pub fn part_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.join("state.json").is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
     let mut parts = Vec::new();
     while dir.join(mp_rank_dir(parts.len())).join("state.json").is_file() {
-        parts.push(read_model(&dir.join(mp_rank_dir(parts.len())))?);
+        parts.push(dir.join(mp_rank_dir(parts.len())));
     }
     if parts.is_empty() {
-        return Err(Error::invalid(dir, "no tensor-parallel parts (mp_rank_00/state.json) to merge"));
+        return Err(Error::invalid(dir, "not a checkpoint: no state.json and no tensor-parallel parts (mp_rank_00/state.json)"));
     }
+    Ok(parts)
+}
+
+/// One whole tensor from its tensor-parallel pieces (rank order).
+fn merge_pieces(partition: Partition, pieces: &[&Tensor]) -> Tensor {
+    match partition {
+        Partition::Whole => pieces[0].shallow_clone(),
+        Partition::Rows => Tensor::cat(pieces, 0),
+        Partition::Cols => Tensor::cat(pieces, 1),
+        Partition::QkvRows => {
+            // each part is [q_r; k_r; v_r]: regroup as [q_0..q_n; k_0..; v_0..]
+            let chunks: Vec<Vec<Tensor>> = pieces.iter().map(|p| p.chunk(3, 0)).collect();
+            let blocks: Vec<Tensor> = (0..3).map(|j| Tensor::cat(&chunks.iter().map(|c| c[j].shallow_clone()).collect::<Vec<_>>(), 0)).collect();
+            Tensor::cat(&blocks, 0)
+        }
+    }
+}
+
+/// Merges checkpoint `dir`, saved with any layout (tensor-parallel parts,
+/// ZeRO shards), into one whole-model checkpoint at `out`: the fp32
+/// weights, and with `with_optimizer` the whole AdamW state by parameter
+/// name (stage 0's format, which any layout resumes from). Returns the
+/// number of tensor-parallel parts and the merged state.
+pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, State)> {
+    let dirs = part_dirs(dir)?;
+    let parts: Vec<(State, BTreeMap<String, Tensor>, String)> = dirs.iter().map(|d| read_model(d)).collect::<Result<_>>()?;
     let n = parts.len();
     let (state0, first, tok) = &parts[0];
     if parts.iter().any(|(s, _, _)| s.iteration != state0.iteration || s.model != state0.model) {
@@ -298,26 +544,45 @@ pub fn merge(dir: &Path, out: &Path) -> Result<usize> {
     let table = partitions(&state0.model);
     let mut named = Vec::new();
     for name in first.keys() {
-        let partition = *table.get(name).ok_or_else(|| Error::invalid(dir.join(mp_rank_dir(0)).join("model.safetensors"), format!("unexpected tensor {name} (not a parameter of the model in state.json)")))?;
+        let partition = *table.get(name).ok_or_else(|| Error::invalid(dirs[0].join("model.safetensors"), format!("unexpected tensor {name} (not a parameter of the model in state.json)")))?;
         let pieces: Vec<&Tensor> = parts
             .iter()
-            .map(|(_, t, _)| t.get(name).ok_or_else(|| Error::invalid(dir, format!("a part lacks {name}"))))
+            .zip(&dirs)
+            .map(|((_, t, _), d)| t.get(name).ok_or_else(|| Error::invalid(d.join("model.safetensors"), format!("missing tensor {name}"))))
             .collect::<Result<_>>()?;
-        let whole = match partition {
-            Partition::Whole => pieces[0].shallow_clone(),
-            Partition::Rows => Tensor::cat(&pieces, 0),
-            Partition::Cols => Tensor::cat(&pieces, 1),
-            Partition::QkvRows => {
-                // each part is [q_r; k_r; v_r]: regroup as [q_0..q_n; k_0..; v_0..]
-                let chunks: Vec<Vec<Tensor>> = pieces.iter().map(|p| p.chunk(3, 0)).collect();
-                let blocks: Vec<Tensor> = (0..3).map(|j| Tensor::cat(&chunks.iter().map(|c| c[j].shallow_clone()).collect::<Vec<_>>(), 0)).collect();
-                Tensor::cat(&blocks, 0)
-            }
-        };
-        named.push((name.clone(), whole));
+        named.push((name.clone(), merge_pieces(partition, &pieces)));
     }
-    write_dir(out, &named, None, tok, state0.clone(), false)?;
-    Ok(n)
+    let optim = if with_optimizer {
+        let mut moments = Vec::new();
+        for (r, ((s, _, _), d)) in parts.iter().zip(&dirs).enumerate() {
+            if !s.has_optimizer {
+                return Err(Error::invalid(d.join("state.json"), "saved without optimizer state (no_save_optim): nothing to merge with --with-optimizer"));
+            }
+            let infos = crate::model::glm::param_layout(&s.model, (n > 1).then_some((r, n)));
+            moments.push(read_named_moments(d, s, &infos)?);
+        }
+        let mut out_named = Vec::new();
+        for (name, &partition) in &table {
+            for prefix in ["exp_avg.", "exp_avg_sq."] {
+                let key = format!("{prefix}{name}");
+                let pieces: Vec<&Tensor> = moments
+                    .iter()
+                    .zip(&dirs)
+                    .map(|(m, d)| m.get(&key).ok_or_else(|| Error::invalid(d, format!("missing optimizer tensor {key}"))))
+                    .collect::<Result<_>>()?;
+                out_named.push((key, merge_pieces(partition, &pieces)));
+            }
+        }
+        Some(out_named)
+    } else {
+        None
+    };
+    let mut state = state0.clone();
+    state.tp = 1;
+    state.zero = None;
+    write_dir(out, &named, optim.as_deref(), tok, state.clone())?;
+    state.has_optimizer = with_optimizer;
+    Ok((n, state))
 }
 
 /// Splits a whole-model checkpoint `dir` into `n` tensor-parallel parts
@@ -349,7 +614,132 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
             // the slicing the model's constructor applies to its master weights
             named.push((name.clone(), table[name].part(r, n).take(t).contiguous()));
         }
-        write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, state.clone(), false)?;
+        let mut part = state.clone();
+        part.tp = n;
+        part.zero = None;
+        write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, part)?;
     }
     Ok(())
+}
+
+/// The tensors of a safetensors file from its header alone: (name, dtype,
+/// shape, bytes), sorted by name.
+fn safetensors_header(path: &Path) -> Result<Vec<(String, String, Vec<u64>, u64)>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::invalid(path, format!("not a safetensors file (no header: {e})")))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().at(path)?.len();
+    if n > size.saturating_sub(8) || n > 100 << 20 {
+        return Err(Error::invalid(path, format!("not a safetensors file (header of {n} bytes in a file of {size})")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).at(path)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::invalid(path, format!("safetensors header: {e}")))?;
+    let mut out = Vec::new();
+    for (name, t) in v.as_object().into_iter().flatten().filter(|(k, _)| *k != "__metadata__") {
+        let dtype = t["dtype"].as_str().unwrap_or("?").to_string();
+        let shape: Vec<u64> = t["shape"].as_array().into_iter().flatten().filter_map(|d| d.as_u64()).collect();
+        let off: Vec<u64> = t["data_offsets"].as_array().into_iter().flatten().filter_map(|d| d.as_u64()).collect();
+        let bytes = if off.len() == 2 { off[1].saturating_sub(off[0]) } else { 0 };
+        out.push((name.clone(), dtype, shape, bytes));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What a checkpoint holds, for `glm-worker checkpoint inspect`: its
+/// layout, iteration, every file with its size and checksum verdict, every
+/// tensor with dtype and shape (`tensors`), and whether it is complete
+/// (every part and every file present and intact). Returns the report's
+/// lines and the completeness verdict.
+pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
+    let dir = resolve(path)?;
+    let dirs = part_dirs(&dir)?;
+    let mut lines = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut first: Option<State> = None;
+    for (r, d) in dirs.iter().enumerate() {
+        let sp = d.join("state.json");
+        let state: State = crate::error::read_json(&sp, "corrupt checkpoint state")?;
+        if r == 0 {
+            let z = state.zero.as_ref();
+            lines.push(format!("checkpoint {}", dir.display()));
+            lines.push(format!(
+                "  iteration {} (optimizer step {}, {} skipped), {} tokens of training seen at {} samples",
+                state.iteration,
+                state.optimizer_step,
+                state.skipped_steps,
+                state.consumed_samples * state.args.get("seq_length").and_then(|v| v.as_u64()).unwrap_or(0),
+                state.consumed_samples
+            ));
+            lines.push(format!(
+                "  layout: tensor-parallel {} × data-parallel {}, ZeRO stage {}{}, precision {} (weights stored in fp32)",
+                state.tp.max(dirs.len()),
+                state.dp,
+                z.map_or(0, |z| z.stage),
+                z.map_or(String::new(), |z| format!(" ({} shards of {} elements, units of {})", z.shards.dp, z.shards.shard_len(), z.shards.unit)),
+                state.precision.name()
+            ));
+            let m = &state.model;
+            lines.push(format!(
+                "  model: {} layers, hidden {}, {} heads, ffn {}, vocab {}; optimizer state: {}",
+                m.num_layers,
+                m.hidden_size,
+                m.num_attention_heads,
+                m.intermediate_size,
+                m.vocab_size,
+                if state.has_optimizer { "saved" } else { "not saved" }
+            ));
+            if state.tp > dirs.len() {
+                problems.push(format!("{} of {} tensor-parallel parts present", dirs.len(), state.tp));
+            }
+            first = Some(state.clone());
+        } else if first.as_ref().is_some_and(|f| f.iteration != state.iteration || f.model != state.model) {
+            problems.push(format!("{}: another iteration or model than part 0", sp.display()));
+        }
+        if dirs.len() > 1 || r > 0 {
+            lines.push(format!("  part {}", d.file_name().unwrap_or_default().to_string_lossy()));
+        }
+        let mut listed: Vec<&String> = state.files.keys().collect();
+        listed.sort();
+        for name in listed {
+            let p = d.join(name);
+            let (size, verdict) = match std::fs::metadata(&p) {
+                Err(_) => (0, "MISSING".to_string()),
+                Ok(meta) => match sha256_file(&p) {
+                    Ok(h) if &h == &state.files[name] => (meta.len(), format!("sha256 {} ok", &h[..16])),
+                    Ok(h) => (meta.len(), format!("sha256 {} MISMATCH (truncated or modified)", &h[..16])),
+                    Err(e) => (meta.len(), format!("unreadable: {e}")),
+                },
+            };
+            if !verdict.ends_with("ok") {
+                problems.push(format!("{}: {verdict}", p.display()));
+            }
+            let head = if name.ends_with(".safetensors") && verdict.ends_with("ok") { safetensors_header(&p).ok() } else { None };
+            let count = head.as_ref().map_or(String::new(), |h| format!(", {} tensors", h.len()));
+            let shard = state.zero.as_ref().and_then(|z| z.files.iter().find(|f| &f.file == name));
+            let ranges = shard.map_or(String::new(), |f| {
+                let shown: Vec<String> = f.pieces.iter().take(4).map(|p| format!("[{}, {})", p.flat, p.flat + p.len)).collect();
+                format!(", flat ranges {}{}", shown.join(" "), if f.pieces.len() > 4 { format!(" … ({} runs)", f.pieces.len()) } else { String::new() })
+            });
+            lines.push(format!("    {name:<38} {:>12} bytes{count}{ranges}  {verdict}", size));
+            if let (true, Some(h)) = (tensors, head) {
+                for (t, dtype, shape, bytes) in h {
+                    lines.push(format!("      {t:<60} {dtype:<5} {shape:?} {bytes} bytes"));
+                }
+            }
+        }
+        if let Some(z) = &state.zero {
+            for f in &z.files {
+                if !state.files.contains_key(&f.file) {
+                    problems.push(format!("{}: shard of data-parallel rank {} not listed with a checksum", d.join(&f.file).display(), f.dp_rank));
+                }
+            }
+        }
+    }
+    let complete = problems.is_empty();
+    lines.push(if complete { "  complete: yes (every part and file present, every checksum verified)".to_string() } else { format!("  complete: NO — {}", problems.join("; ")) });
+    Ok((lines, complete))
 }

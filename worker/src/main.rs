@@ -137,13 +137,24 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum CheckpointCmd {
-    /// <checkpoint>/mp_rank_XX/ -> one whole-model checkpoint (weights only)
+    /// Any layout (tensor-parallel parts, ZeRO shards) -> one whole-model checkpoint
     Merge {
-        /// Checkpoint directory holding mp_rank_XX/ parts, or a save dir (its latest)
+        /// Checkpoint directory, or a save dir (its latest)
         #[arg(long)]
         load: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Also merge the optimizer state (AdamW moments by parameter name)
+        #[arg(long)]
+        with_optimizer: bool,
+    },
+    /// Print what a checkpoint holds: layout, iteration, files, tensors, checksums, completeness
+    Inspect {
+        /// Checkpoint directory, or a save dir (its latest)
+        dir: PathBuf,
+        /// Also list every tensor (name, dtype, shape, bytes)
+        #[arg(long)]
+        tensors: bool,
     },
     /// One whole-model checkpoint -> <out>/mp_rank_XX/ parts for --tp ranks (weights only)
     Split {
@@ -269,10 +280,25 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Generate(a)) => generate(a),
         Some(Cmd::BenchStep(a)) => bench_step(a),
-        Some(Cmd::Checkpoint(CheckpointCmd::Merge { load, out })) => (|| {
+        Some(Cmd::Checkpoint(CheckpointCmd::Merge { load, out, with_optimizer })) => (|| {
             let dir = glm_worker::checkpoint::resolve(&load)?;
-            let n = glm_worker::checkpoint::merge(&dir, &out)?;
-            println!("checkpoint: merged {n} tensor-parallel parts of {} into {}", dir.display(), out.display());
+            let (n, state) = glm_worker::checkpoint::merge(&dir, &out, with_optimizer)?;
+            let zero = state.dp.max(1);
+            println!(
+                "checkpoint: merged {} (iteration {}, {n} tensor-parallel part(s), data-parallel {zero}) into {}: fp32 weights{}",
+                dir.display(),
+                state.iteration,
+                out.display(),
+                if with_optimizer { " and the whole optimizer state" } else { " only" }
+            );
+            Ok(())
+        })(),
+        Some(Cmd::Checkpoint(CheckpointCmd::Inspect { dir, tensors })) => (|| {
+            let (lines, complete) = glm_worker::checkpoint::inspect(&dir, tensors)?;
+            for l in lines {
+                println!("{l}");
+            }
+            anyhow::ensure!(complete, "{}: the checkpoint is incomplete or damaged (see above)", dir.display());
             Ok(())
         })(),
         Some(Cmd::Checkpoint(CheckpointCmd::Split { load, tp, out })) => (|| {
@@ -480,7 +506,6 @@ fn device(choice: &str) -> Result<tch::Device> {
 /// never join it); under mpirun that aborts the whole job, as it should.
 fn train(t: TrainArgs) -> Result<ExitCode> {
     let code = train_run(t)?;
-    glm_worker::parallel::mappings::unregister_all();
     glm_worker::comm::mpi::finalize();
     Ok(code)
 }
@@ -537,11 +562,11 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     }
     let local_rank = glm_worker::comm::mpi::local_rank(&world);
     let device = rank_device(&t.device, local_rank)?;
-    if dims.tp > 1 {
+    {
         let a = &cfg.args.args;
         dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
     }
-    let par = build_groups(&world, dims, device)?;
+    let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
     if dims.world > 1 {
         let backend = if device.is_cuda() { "NCCL for CUDA tensors, MPI for host values" } else { "MPI" };
         println!("parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports", dims.world, dims.tp, dims.dp);
@@ -574,22 +599,6 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
         }
     }
-}
-
-/// The data-parallel group (the ranks with this rank's tensor-parallel
-/// index), the tensor-parallel group (consecutive ranks, registered for the
-/// autograd regions) and the world. On CUDA each also gets an NCCL
-/// communicator: the world's is bootstrapped over MPI, the groups' are split
-/// from it. Collective: every rank calls it with the same layout.
-fn build_groups(world: &glm_worker::comm::mpi::MpiComm, dims: glm_worker::parallel::dims::ParallelDims, device: tch::Device) -> Result<glm_worker::parallel::Parallel> {
-    use glm_worker::comm::{Communicator, GroupComm};
-    if dims.world == 1 {
-        return Ok(glm_worker::parallel::Parallel::single());
-    }
-    let world_group = GroupComm::world(world, device)?;
-    let dp = if dims.dp > 1 { Some(Box::new(world_group.split(dims.tp_rank(), dims.dp_rank())?) as Box<dyn Communicator>) } else { None };
-    let tp = if dims.tp > 1 { Some(glm_worker::parallel::mappings::register(Box::new(world_group.split(dims.dp_rank(), dims.tp_rank())?))) } else { None };
-    Ok(glm_worker::parallel::Parallel { dims, dp, world: Some(Box::new(world_group)), tp })
 }
 
 /// Sends this process's stdout to /dev/null (non-zero ranks).
@@ -626,7 +635,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn bench_step(a: BenchArgs) -> Result<()> {
     use glm_worker::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
     use glm_worker::optim::adamw::AdamWConfig;
-    use glm_worker::optim::optimizer::{Optimizer, Precision};
+    use glm_worker::optim::optimizer::{OptimConfig, Optimizer, Precision};
     use glm_worker::parallel::Parallel;
     use tch::Tensor;
     tch::set_num_threads(a.threads);
@@ -657,7 +666,7 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     let mut model = Glm::build(cfg.clone(), &mo)?;
     let par = Parallel::single();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 };
-    let mut opt = Optimizer::new(&model.params, precision, adam, 1.0, None, 0)?;
+    let mut opt = Optimizer::new(&mut model.params, &OptimConfig::new(precision, adam, 1.0), &par)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
     let mut rng = glm_worker::rng::Rng::new(7);
@@ -686,7 +695,7 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     for i in 0..a.warmup + a.iters {
         let t0 = std::time::Instant::now();
         // the step reads its loss back (a device sync), so the time is the step's
-        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, bucket: i64::MAX, lr: 1e-3 };
+        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, lr: 1e-3 };
         let out = glm_worker::train::step::train_step(&mut model, &mut opt, &par, plan, &mut |_| Ok(shallow(&batch)))?;
         if i >= a.warmup && out.stats.skipped {
             skipped += 1;
@@ -751,12 +760,13 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
     }
     // the regions run over a second communicator split from the first, as
     // training's tensor-parallel group is (ncclCommSplit on CUDA)
-    let sub = comm.split(0, rank)?;
+    let sub = comm.split(0, rank, "tp")?;
     say(&format!("tensor-parallel regions over a group split from it{}", if sub.nccl.is_some() { " (ncclCommSplit)" } else { "" }));
-    let g = glm_worker::parallel::mappings::register(Box::new(sub));
-    for line in check::regions(g, device)? {
+    let g = glm_worker::parallel::mappings::Group::new(std::sync::Arc::new(sub));
+    for line in check::regions(&g, device)? {
         say(&line);
     }
+    drop(g);
     let factor = if p > 1 { check::bus_factor(p) } else { 1.0 };
     for &m in mib {
         let sec = check::time_all_reduce(&comm, device, m, iters)?;
@@ -776,7 +786,6 @@ fn comm_check(choice: &str, mib: &[usize], iters: usize) -> Result<()> {
             Ok(()) => anyhow::bail!("comm-check: broadcast from root {} of {p} ranks succeeded", p + 3),
         }
     }
-    glm_worker::parallel::mappings::unregister_all();
     drop(comm);
     say("all checks passed");
     Ok(())

@@ -3,7 +3,9 @@
 //! the `#[ignore]`d child under mpirun) and on a group of one.
 
 use glm_worker::parallel::layers::{column_parallel_linear, row_parallel_linear, vocab_parallel_cross_entropy, vocab_parallel_embedding};
-use glm_worker::parallel::mappings::{register, unregister_all, Group};
+use std::sync::Arc;
+
+use glm_worker::parallel::mappings::Group;
 use tch::{Kind, Tensor};
 
 mod common;
@@ -24,7 +26,7 @@ fn close(a: &Tensor, b: &Tensor, what: &str) {
 }
 
 /// Every layer on group `g` (rank r of p) against the serial computation.
-fn check_layers(g: Group) {
+fn check_layers(g: &Group) {
     let (r, p) = (g.rank as i64, g.size as i64);
     // column-parallel linear: out 6 split by rows, gathered output
     let (x, w, b, ry) = (master(&[3, 4], 1), master(&[6, 4], 2), master(&[6], 3), master(&[3, 6], 4));
@@ -78,35 +80,11 @@ fn check_layers(g: Group) {
     close(&lp.grad(), &ls.grad().narrow(1, r * v, v), "cross entropy logits grad");
 }
 
-/// A group of one: every layer is the serial layer.
-struct Alone;
-impl glm_worker::comm::Communicator for Alone {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn size(&self) -> usize {
-        1
-    }
-    fn all_reduce(&self, _: &mut Tensor, _: glm_worker::comm::ReduceOp) -> glm_worker::Result<()> {
-        Ok(())
-    }
-    fn broadcast(&self, _: &mut Tensor, _: usize) -> glm_worker::Result<()> {
-        Ok(())
-    }
-    fn all_gather(&self, t: &Tensor) -> glm_worker::Result<Tensor> {
-        Ok(t.shallow_clone())
-    }
-    fn reduce_scatter(&self, t: &Tensor) -> glm_worker::Result<Tensor> {
-        Ok(t.shallow_clone())
-    }
-    fn barrier(&self) -> glm_worker::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn layers_on_a_group_of_one_are_the_serial_layers() {
-    check_layers(register(Box::new(Alone)));
+    // a group of one: every layer is the serial layer
+    let one = glm_worker::comm::local::LocalComm::group(1, "tp").remove(0);
+    check_layers(&Group::new(Arc::new(one)));
 }
 
 #[test]
@@ -119,7 +97,6 @@ fn layers_on_two_mpi_ranks_match_the_serial_layers() {
 fn child_two_ranks() {
     let world = glm_worker::comm::mpi::world().unwrap();
     assert_eq!(glm_worker::comm::Communicator::size(&world), 2);
-    check_layers(register(Box::new(world)));
-    unregister_all();
+    check_layers(&Group::new(Arc::new(world)));
     glm_worker::comm::mpi::finalize();
 }

@@ -3,7 +3,9 @@
 //! under mpirun and checks that every rank passed.
 
 use glm_worker::comm::Communicator;
-use glm_worker::parallel::mappings::{copy_to, gather_from, reduce_from, register, scatter_to, unregister_all};
+use std::sync::Arc;
+
+use glm_worker::parallel::mappings::{copy_to, gather_from, reduce_from, scatter_to, Group};
 use tch::{Kind, Tensor};
 
 mod common;
@@ -23,37 +25,37 @@ fn child_two_ranks() {
     let world = glm_worker::comm::mpi::world().unwrap();
     let r = world.rank() as f64;
     assert_eq!(world.size(), 2);
-    let g = register(Box::new(world));
+    let g = Group::new(Arc::new(world));
 
     // copy_to: identity; gradients summed over ranks (1 + 2)
     let x = full(r + 1.0, &[2, 4]).set_requires_grad(true);
-    let y = copy_to(&x, g).unwrap();
+    let y = copy_to(&x, &g).unwrap();
     assert!(y.equal(&x));
     (&y * (r + 1.0)).sum(Kind::Float).backward();
     assert!(x.grad().equal(&full(3.0, &[2, 4])), "copy_to grad {:?}", x.grad());
 
     // reduce_from: values summed over ranks; gradient passes through
     let x = full(r + 1.0, &[2, 4]).set_requires_grad(true);
-    let y = reduce_from(&x, g).unwrap();
+    let y = reduce_from(&x, &g).unwrap();
     assert!(y.equal(&full(3.0, &[2, 4])));
     (&y * (r + 1.0)).sum(Kind::Float).backward();
     assert!(x.grad().equal(&full(r + 1.0, &[2, 4])));
 
     // scatter_to: own half of the last dimension; gradients gathered
     let x = Tensor::arange(8, (Kind::Float, tch::Device::Cpu)).view([2, 4]).set_requires_grad(true);
-    let y = scatter_to(&x, g).unwrap();
+    let y = scatter_to(&x, &g).unwrap();
     assert!(y.equal(&x.narrow(1, 2 * r as i64, 2)));
     (&y * (r + 1.0)).sum(Kind::Float).backward();
     assert!(x.grad().equal(&Tensor::cat(&[full(1.0, &[2, 2]), full(2.0, &[2, 2])], 1)));
 
     // gather_from: halves gathered in rank order; gradient keeps own half
     let x = full(r + 1.0, &[2, 2]).set_requires_grad(true);
-    let y = gather_from(&x, g).unwrap();
+    let y = gather_from(&x, &g).unwrap();
     assert!(y.equal(&Tensor::cat(&[full(1.0, &[2, 2]), full(2.0, &[2, 2])], 1)));
     let w = Tensor::arange(8, (Kind::Float, tch::Device::Cpu)).view([2, 4]);
     (&y * &w).sum(Kind::Float).backward();
     assert!(x.grad().equal(&w.narrow(1, 2 * r as i64, 2)));
 
-    unregister_all();
+    drop(g);
     glm_worker::comm::mpi::finalize();
 }

@@ -65,7 +65,7 @@ pub fn collectives(comm: &dyn Communicator, device: Device) -> Result<Vec<String
 /// The tensor-parallel autograd regions (copy/reduce/scatter/gather, forward
 /// and backward) over group `g`, on tensors of `device`. Backward runs on
 /// libtorch's autograd thread for the device, as in training.
-pub fn regions(g: Group, device: Device) -> Result<Vec<String>> {
+pub fn regions(g: &Group, device: Device) -> Result<Vec<String>> {
     let (r, p) = (g.rank as f64, g.size as f64);
     let pi = g.size as i64;
     let opts = (Kind::Float, device);
@@ -155,11 +155,20 @@ mod tests {
         fn broadcast(&self, _t: &mut Tensor, _root: usize) -> Result<()> {
             Ok(())
         }
-        fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-            Ok(if self.broken { t.zeros_like() } else { t.copy() })
+        fn name(&self) -> &str {
+            "alone"
         }
-        fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
-            Ok(t.copy())
+        fn all_gather_into(&self, t: &Tensor, out: &mut Tensor) -> Result<()> {
+            if self.broken {
+                let _ = out.zero_();
+            } else {
+                out.copy_(&t.view_as(out));
+            }
+            Ok(())
+        }
+        fn reduce_scatter_into(&self, t: &Tensor, out: &mut Tensor) -> Result<()> {
+            out.copy_(&t.view_as(out));
+            Ok(())
         }
         fn barrier(&self) -> Result<()> {
             Ok(())

@@ -7,7 +7,7 @@
 //! (`MPI_IN_PLACE`, through the small C shim in `csrc/mpi_shim.c`, since
 //! rsmpi does not expose it): no receive buffer, no copy back.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use mpi::collective::SystemOperation;
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
@@ -21,10 +21,20 @@ use std::os::raw::c_int;
 extern "C" {
     /// csrc/mpi_shim.c
     fn glm_allreduce_inplace(buf: *mut std::ffi::c_void, count: c_int, kind: c_int, op: c_int, comm: mpi::ffi::MPI_Comm) -> c_int;
+    fn glm_allgather_inplace(buf: *mut std::ffi::c_void, bytes: c_int, comm: mpi::ffi::MPI_Comm) -> c_int;
+    fn glm_reduce_scatter_block(send: *const std::ffi::c_void, recv: *mut std::ffi::c_void, count: c_int, kind: c_int, comm: mpi::ffi::MPI_Comm) -> c_int;
 }
 use crate::error::{Error, Result};
 
 static UNIVERSE: OnceLock<std::sync::Mutex<Option<mpi::environment::Universe>>> = OnceLock::new();
+
+/// Every MPI call of the process holds this lock: MPI_THREAD_SERIALIZED
+/// allows calls from any thread, one at a time.
+static MPI_LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    MPI_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn err(what: &str, msg: impl std::fmt::Display) -> Error {
     Error::Config(format!("MPI {what}: {msg}"))
@@ -38,7 +48,8 @@ pub fn world() -> Result<MpiComm> {
     });
     let guard = cell.lock().expect("MPI universe lock");
     let u = guard.as_ref().ok_or_else(|| err("init", "MPI was already initialised elsewhere, or failed to start; HINT: start under mpirun/srun, or alone"))?;
-    Ok(MpiComm { comm: u.world().duplicate() })
+    let _s = serial();
+    Ok(MpiComm { comm: std::mem::ManuallyDrop::new(u.world().duplicate()), name: "world".into() })
 }
 
 /// Finalises MPI (drops the universe) if it was initialised; call once, at
@@ -52,49 +63,63 @@ pub fn finalize() {
 }
 
 pub struct MpiComm {
-    comm: SimpleCommunicator,
+    /// Freed in `drop` unless MPI is already finalised (a communicator kept
+    /// alive by a late autograd node must not abort the process).
+    comm: std::mem::ManuallyDrop<SimpleCommunicator>,
+    name: String,
 }
 
+impl Drop for MpiComm {
+    fn drop(&mut self) {
+        let _s = serial();
+        if !mpi::environment::is_finalized() {
+            // SAFETY: dropped exactly once, here.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.comm) };
+        }
+    }
+}
+
+// SAFETY: an MPI communicator handle may be used from any thread under
+// MPI_THREAD_SERIALIZED; every call below holds MPI_LOCK.
+unsafe impl Send for MpiComm {}
+unsafe impl Sync for MpiComm {}
+
 impl MpiComm {
-    /// Splits this communicator: ranks passing the same `color` form one
-    /// sub-communicator, ordered by `key`. Collective: every rank calls it.
-    pub fn split(&self, color: usize, key: usize) -> Result<MpiComm> {
+    /// Splits this communicator into groups called `name`: ranks passing
+    /// the same `color` form one sub-communicator, ordered by `key`.
+    /// Collective: every rank calls it.
+    pub fn split(&self, color: usize, key: usize, name: &str) -> Result<MpiComm> {
+        let _s = serial();
         let c = self
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .ok_or_else(|| err("split", "empty group"))?;
-        Ok(MpiComm { comm: c })
+        Ok(MpiComm { comm: std::mem::ManuallyDrop::new(c), name: name.into() })
     }
 
     /// Ranks sharing this node (the local rank of a process).
     pub fn local(&self) -> MpiComm {
-        MpiComm { comm: self.comm.split_shared(self.comm.rank()) }
+        let _s = serial();
+        MpiComm { comm: std::mem::ManuallyDrop::new(self.comm.split_shared(self.comm.rank())), name: "node".into() }
+    }
+
+    fn check_rc(&self, op: &str, call: &str, rc: c_int) -> Result<()> {
+        if rc != 0 {
+            return Err(super::fail(op, self, format!("{call} returned error code {rc}")));
+        }
+        Ok(())
     }
 }
 
-fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
+fn check_cpu(c: &MpiComm, t: &Tensor, what: &str) -> Result<()> {
     if t.device() != tch::Device::Cpu {
-        return Err(err(what, format!("tensor on {:?}: the MPI back end takes CPU tensors (CUDA tensors go through NCCL)", t.device())));
+        return Err(super::fail(what, c, format!("tensor on {:?}: the MPI back end takes CPU tensors (CUDA tensors go through NCCL)", t.device())));
     }
     Ok(())
 }
 
-/// Runs `f` on the tensor's contents as a slice of `T` (contiguous CPU).
-fn with_slice<T, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R {
-    let numel = t.numel();
-    // SAFETY: callers pass contiguous CPU tensors of element type T; the
-    // slice does not outlive the borrow of `t`.
-    let s = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, numel) };
-    f(s)
-}
-
-fn with_slice_mut<T, R>(t: &mut Tensor, f: impl FnOnce(&mut [T]) -> R) -> R {
-    let numel = t.numel();
-    // SAFETY: as above; `t` is borrowed mutably for the slice's life.
-    let s = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, numel) };
-    f(s)
-}
-
+/// MPI counts are C ints: collectives move at most this many elements per call.
+const CHUNK: usize = 1 << 30;
 
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
@@ -105,8 +130,12 @@ impl Communicator for MpiComm {
         self.comm.size() as usize
     }
 
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        check_cpu(t, "all_reduce")?;
+        check_cpu(self, t, "all_reduce")?;
         if self.size() == 1 {
             return Ok(());
         }
@@ -115,7 +144,7 @@ impl Communicator for MpiComm {
             Kind::Float | Kind::BFloat16 | Kind::Half => 0,
             Kind::Double => 1,
             Kind::Int64 => 2,
-            k => return Err(err("all_reduce", format!("unsupported element type {k:?}"))),
+            k => return Err(super::fail("all_reduce", self, format!("unsupported element type {k:?}"))),
         };
         // reduce in place when t is a contiguous fp32/f64/i64 tensor, else in a fp32/contiguous copy
         let direct = t.is_contiguous() && matches!(kind, Kind::Float | Kind::Double | Kind::Int64);
@@ -126,15 +155,13 @@ impl Communicator for MpiComm {
             ReduceOp::Sum => 0,
             ReduceOp::Max => 1,
         };
-        const CHUNK: usize = 1 << 30; // MPI counts are C ints
         let mut off = 0;
         while off < n {
             let len = CHUNK.min(n - off);
+            let _s = serial();
             // SAFETY: a contiguous CPU buffer of n elements of the coded type.
             let rc = unsafe { glm_allreduce_inplace(base.add(off * elt).cast(), len as c_int, code, opc, self.comm.as_raw()) };
-            if rc != 0 {
-                return Err(err("all_reduce", format!("MPI_Allreduce returned error code {rc}")));
-            }
+            self.check_rc("all_reduce", "MPI_Allreduce", rc)?;
             off += len;
         }
         if !direct {
@@ -144,55 +171,81 @@ impl Communicator for MpiComm {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        check_cpu(t, "broadcast")?;
+        check_cpu(self, t, "broadcast")?;
+        if root >= self.size() {
+            return Err(super::fail("broadcast", self, format!("root {root} outside the group")));
+        }
         if self.size() == 1 {
             return Ok(());
         }
         let work = t.contiguous();
         let bytes = work.numel() * work.kind().elt_size_in_bytes();
-        let root = self.comm.process_at_rank(root as i32);
         // SAFETY: a byte view of a contiguous CPU tensor.
         let buf = unsafe { std::slice::from_raw_parts_mut(work.data_ptr() as *mut u8, bytes) };
-        root.broadcast_into(buf);
+        {
+            let _s = serial();
+            self.comm.process_at_rank(root as i32).broadcast_into(buf);
+        }
         tch::no_grad(|| t.copy_(&work));
         Ok(())
     }
 
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        check_cpu(t, "all_gather")?;
-        let work = t.contiguous();
-        let n = self.size();
-        let out = Tensor::empty(super::gathered_shape(&work, n).as_slice(), (work.kind(), work.device()));
-        let bytes = work.numel() * work.kind().elt_size_in_bytes();
-        // SAFETY: byte views of contiguous CPU tensors; out holds n × bytes.
-        let send = unsafe { std::slice::from_raw_parts(work.data_ptr() as *const u8, bytes) };
-        let recv = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, bytes * n) };
-        self.comm.all_gather_into(send, recv);
-        Ok(out)
+    fn all_gather_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_cpu(self, out, "all_gather_into")?;
+        super::check_gather(self, input, out)?;
+        let elt = out.kind().elt_size_in_bytes();
+        let bytes = input.numel() * elt;
+        if !super::is_own_slot(input, out, self.rank()) {
+            // put this rank's block in its slot, then gather in place
+            tch::no_grad(|| out.view([self.size() as i64, -1]).get(self.rank() as i64).copy_(&input.reshape([-1])));
+        }
+        if self.size() == 1 {
+            return Ok(());
+        }
+        if bytes > i32::MAX as usize {
+            return Err(super::fail("all_gather_into", self, format!("{bytes} bytes per rank: more than one MPI call moves; gather in smaller buckets")));
+        }
+        let _s = serial();
+        // SAFETY: `out` is a contiguous CPU buffer of size × bytes bytes.
+        let rc = unsafe { glm_allgather_inplace(out.data_ptr(), bytes as c_int, self.comm.as_raw()) };
+        self.check_rc("all_gather_into", "MPI_Allgather", rc)
     }
 
-    fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
-        check_cpu(t, "reduce_scatter")?;
-        let part_shape = super::scattered_shape(t, self.size(), "MPI")?;
-        let kind = t.kind();
-        // f64 natively, fp32/bf16/fp16 through fp32 (as all_reduce)
-        let wide = match kind {
-            Kind::Double => Kind::Double,
-            Kind::Float | Kind::BFloat16 | Kind::Half => Kind::Float,
-            k => return Err(err("reduce_scatter", format!("unsupported element type {k:?}"))),
-        };
-        let work = t.to_kind(wide).contiguous();
-        let mut out = Tensor::empty(part_shape.as_slice(), (wide, t.device()));
-        let sum = SystemOperation::sum();
-        if wide == Kind::Double {
-            with_slice::<f64, _>(&work, |s| with_slice_mut::<f64, _>(&mut out, |r| self.comm.reduce_scatter_block_into(s, r, sum)));
-        } else {
-            with_slice::<f32, _>(&work, |s| with_slice_mut::<f32, _>(&mut out, |r| self.comm.reduce_scatter_block_into(s, r, sum)));
+    fn reduce_scatter_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_cpu(self, input, "reduce_scatter_into")?;
+        super::check_scatter(self, input, out)?;
+        let kind = input.kind();
+        if self.size() == 1 {
+            tch::no_grad(|| out.copy_(&input.view_as(out)));
+            return Ok(());
         }
-        Ok(out.to_kind(kind))
+        // f64 natively, fp32/bf16/fp16 through fp32 (as all_reduce)
+        let (wide, code) = match kind {
+            Kind::Double => (Kind::Double, 1),
+            Kind::Float | Kind::BFloat16 | Kind::Half => (Kind::Float, 0),
+            k => return Err(super::fail("reduce_scatter_into", self, format!("unsupported element type {k:?}"))),
+        };
+        let send = if kind == wide { input.shallow_clone() } else { input.to_kind(wide) };
+        let direct = kind == wide && out.is_contiguous();
+        let recv = if direct { out.shallow_clone() } else { Tensor::empty([out.numel() as i64], (wide, tch::Device::Cpu)) };
+        let count = recv.numel();
+        if count > CHUNK {
+            return Err(super::fail("reduce_scatter_into", self, format!("{count} elements per rank: more than one MPI call moves; reduce in smaller buckets")));
+        }
+        {
+            let _s = serial();
+            // SAFETY: contiguous CPU buffers of size × count and count elements of the coded type.
+            let rc = unsafe { glm_reduce_scatter_block(send.data_ptr(), recv.data_ptr(), count as c_int, code, self.comm.as_raw()) };
+            self.check_rc("reduce_scatter_into", "MPI_Reduce_scatter_block", rc)?;
+        }
+        if !direct {
+            tch::no_grad(|| out.copy_(&recv.view_as(out).to_kind(kind)));
+        }
+        Ok(())
     }
 
     fn barrier(&self) -> Result<()> {
+        let _s = serial();
         self.comm.barrier();
         Ok(())
     }
@@ -202,6 +255,7 @@ impl MpiComm {
     /// A plain `MPI_Allreduce` (sum) of f32 buffers, bypassing the tensor
     /// layer: the baseline the benchmark compares `all_reduce` against.
     pub fn raw_all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
+        let _s = serial();
         self.comm.all_reduce_into(send, recv, SystemOperation::sum());
     }
 }

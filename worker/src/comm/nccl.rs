@@ -18,9 +18,9 @@
 //! Every NCCL error becomes an `Error` carrying NCCL's own message (its error
 //! string, plus `ncclGetLastError`'s detail where the library has it).
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 
@@ -191,13 +191,16 @@ pub struct NcclComm {
     device: usize,
     /// Set after an NCCL error: the communicator is aborted, not destroyed,
     /// when dropped (destroying may wait for peers that will never come).
-    failed: Cell<bool>,
+    failed: AtomicBool,
+    /// Calls on this communicator are serialised.
+    lock: Mutex<()>,
+    name: String,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls
-// are not concurrent; callers serialise them (the tensor-parallel registry's
-// mutex, the trainer's single thread).
+// are not concurrent; every call holds `lock`.
 unsafe impl Send for NcclComm {}
+unsafe impl Sync for NcclComm {}
 
 impl NcclComm {
     /// Creates the communicator of a group whose members are the ranks of
@@ -218,7 +221,7 @@ impl NcclComm {
         let mut comm: CommPtr = std::ptr::null_mut();
         // SAFETY: out-pointer and a by-value id, as declared in nccl.h.
         check(api, unsafe { (api.comm_init_rank)(&mut comm, mpi.size() as c_int, id, mpi.rank() as c_int) }, "ncclCommInitRank", std::ptr::null_mut())?;
-        Ok(NcclComm { comm, rank: mpi.rank(), size: mpi.size(), device, failed: Cell::new(false) })
+        Ok(NcclComm { comm, rank: mpi.rank(), size: mpi.size(), device, failed: AtomicBool::new(false), lock: Mutex::new(()), name: mpi.name().to_string() })
     }
 
     /// Splits this communicator (collective over it): ranks passing the same
@@ -234,7 +237,7 @@ impl NcclComm {
                 // SAFETY: as declared in nccl.h; a null config inherits the parent's.
                 let rc = unsafe { split(self.comm, color as c_int, key as c_int, &mut comm, std::ptr::null_mut()) };
                 self.track(check(api, rc, "ncclCommSplit", self.comm))?;
-                Ok(NcclComm { comm, rank: mpi_sub.rank(), size: mpi_sub.size(), device: self.device, failed: Cell::new(false) })
+                Ok(NcclComm { comm, rank: mpi_sub.rank(), size: mpi_sub.size(), device: self.device, failed: AtomicBool::new(false), lock: Mutex::new(()), name: mpi_sub.name().to_string() })
             }
             None => NcclComm::init(mpi_sub, self.device),
         }
@@ -242,7 +245,7 @@ impl NcclComm {
 
     fn track(&self, r: Result<()>) -> Result<()> {
         if r.is_err() {
-            self.failed.set(true);
+            self.failed.store(true, Ordering::SeqCst);
         }
         r
     }
@@ -250,7 +253,7 @@ impl NcclComm {
     fn check_tensor(&self, t: &Tensor, what: &str) -> Result<()> {
         match t.device() {
             Device::Cuda(d) if d == self.device => Ok(()),
-            other => Err(Error::Config(format!("NCCL {what}: tensor on {other:?}, but this communicator is on cuda:{}", self.device))),
+            other => Err(super::fail(what, self, format!("tensor on {other:?}, but this NCCL communicator is on cuda:{}", self.device))),
         }
     }
 
@@ -259,7 +262,7 @@ impl NcclComm {
     /// written back.
     fn in_place(&self, t: &mut Tensor, what: &str, f: impl FnOnce(&Api, *mut c_void, usize, c_int, Stream) -> Res) -> Result<()> {
         self.check_tensor(t, what)?;
-        let dt = dtype_of(t, what)?;
+        let dt = dtype_of(self, t, what)?;
         let work = if t.is_contiguous() { t.shallow_clone() } else { t.contiguous() };
         let (n, p) = (work.numel(), work.data_ptr());
         // f's SAFETY: a contiguous buffer of n elements of type dt on this communicator's device.
@@ -273,9 +276,13 @@ impl NcclComm {
     /// Runs one collective on the default stream of this communicator's device.
     fn call(&self, what: &str, f: impl FnOnce(&Api, Stream) -> Res) -> Result<()> {
         let api = api()?;
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         crate::runtime::cuda_set_device(self.device)?;
         let rc = f(api, std::ptr::null_mut());
-        self.track(check(api, rc, what, self.comm))
+        self.track(check(api, rc, what, self.comm).map_err(|e| match e {
+            Error::Config(m) => super::fail(what, self, m),
+            e => e,
+        }))
     }
 }
 
@@ -294,8 +301,8 @@ fn data_type(k: Kind) -> Option<c_int> {
     })
 }
 
-fn dtype_of(t: &Tensor, what: &str) -> Result<c_int> {
-    data_type(t.kind()).ok_or_else(|| Error::Config(format!("NCCL {what}: unsupported element type {:?}", t.kind())))
+fn dtype_of(c: &NcclComm, t: &Tensor, what: &str) -> Result<c_int> {
+    data_type(t.kind()).ok_or_else(|| super::fail(what, c, format!("unsupported element type {:?}", t.kind())))
 }
 
 impl Communicator for NcclComm {
@@ -305,6 +312,10 @@ impl Communicator for NcclComm {
 
     fn size(&self) -> usize {
         self.size
+    }
+
+    fn name(&self) -> &str {
+        &self.name
     }
 
     fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
@@ -320,30 +331,34 @@ impl Communicator for NcclComm {
         self.in_place(t, "ncclBroadcast", |api, p, n, dt, s| unsafe { (api.broadcast)(p, p, n, dt, root as c_int, self.comm, s) })
     }
 
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        self.check_tensor(t, "ncclAllGather")?;
-        let dt = dtype_of(t, "ncclAllGather")?;
-        let work = t.contiguous();
-        let out = Tensor::empty(super::gathered_shape(&work, self.size).as_slice(), (work.kind(), work.device()));
+    fn all_gather_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.check_tensor(out, "ncclAllGather")?;
+        super::check_gather(self, input, out)?;
+        let dt = dtype_of(self, out, "ncclAllGather")?;
+        // in place when `input` is this rank's slot of `out` (NCCL allows it)
+        let work = if super::is_own_slot(input, out, self.rank) { input.shallow_clone() } else { input.contiguous() };
         let (n, src, dst) = (work.numel(), work.data_ptr(), out.data_ptr());
         // SAFETY: out holds size × n elements; both on this comm's device.
         self.call("ncclAllGather", |api, s| unsafe { (api.all_gather)(src, dst, n, dt, self.comm, s) })?;
         // `work` may be a temporary: the caching allocator reuses its memory
         // only for later work on the same stream, after the gather.
         drop(work);
-        Ok(out)
+        Ok(())
     }
 
-    fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
-        self.check_tensor(t, "ncclReduceScatter")?;
-        let dt = dtype_of(t, "ncclReduceScatter")?;
-        let part_shape = super::scattered_shape(t, self.size, "NCCL")?;
-        let work = t.contiguous();
-        let out = Tensor::empty(part_shape.as_slice(), (work.kind(), work.device()));
-        let (count, src, dst) = (out.numel(), work.data_ptr(), out.data_ptr());
-        // SAFETY: work holds size × count elements, out count; same device.
+    fn reduce_scatter_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.check_tensor(input, "ncclReduceScatter")?;
+        super::check_scatter(self, input, out)?;
+        let dt = dtype_of(self, input, "ncclReduceScatter")?;
+        let direct = out.is_contiguous();
+        let recv = if direct { out.shallow_clone() } else { Tensor::empty([out.numel() as i64], (out.kind(), out.device())) };
+        let (count, src, dst) = (recv.numel(), input.data_ptr(), recv.data_ptr());
+        // SAFETY: input holds size × count elements, recv count; same device.
         self.call("ncclReduceScatter", |api, s| unsafe { (api.reduce_scatter)(src, dst, count, dt, 0, self.comm, s) })?;
-        Ok(out)
+        if !direct {
+            tch::no_grad(|| out.copy_(&recv.view_as(out)));
+        }
+        Ok(())
     }
 
     /// An all-reduce of one element, then a wait for the device: when it
@@ -361,7 +376,7 @@ impl Drop for NcclComm {
         let Ok(api) = api() else { return };
         // SAFETY: the communicator was created by NCCL and is released once.
         unsafe {
-            if self.failed.get() || std::thread::panicking() {
+            if self.failed.load(Ordering::SeqCst) || std::thread::panicking() {
                 (api.comm_abort)(self.comm);
             } else {
                 (api.comm_destroy)(self.comm);

@@ -62,9 +62,20 @@ pub struct DsConfig {
     pub zero_stage: u32,
     /// `zero_optimization.reduce_bucket_size` (elements per gradient reduction).
     pub reduce_bucket_size: Option<u64>,
+    /// `zero_optimization.allgather_bucket_size` (elements per parameter all-gather).
+    pub allgather_bucket_size: Option<u64>,
+    /// `zero_optimization.overlap_comm`.
+    pub overlap_comm: Option<bool>,
+    /// `zero_optimization` keys DeepSpeed has that change nothing here
+    /// (`contiguous_gradients`, `reduce_scatter`, ...), or that ask for what
+    /// this program does not do (offloading).
+    pub zero_unused: Vec<String>,
     /// Top-level keys DeepSpeed has that this program does not read.
     pub unused: Vec<String>,
 }
+
+/// The `zero_optimization` keys this program acts on.
+const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm"];
 
 /// Batch sizes after DeepSpeed's derivation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,19 +307,25 @@ impl DsConfig {
         if bf16 == Some(true) && fp16.as_ref().is_some_and(|f| f.enabled == Some(true)) {
             return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
         }
-        let (zero_stage, reduce_bucket_size) = match top.get("zero_optimization") {
-            None | Some(Value::Null) => (0, None),
+        let (zero_stage, reduce_bucket_size, allgather_bucket_size, overlap_comm, zero_unused) = match top.get("zero_optimization") {
+            None | Some(Value::Null) => (0, None, None, None, Vec::new()),
             Some(z) => {
                 let z = c.obj(z, "zero_optimization")?;
                 let stage = c.uint(z, "stage", "zero_optimization.stage")?.unwrap_or(0);
                 if stage > 3 {
                     return Err(c.err("zero_optimization.stage", format!("{stage}: expected 0, 1, 2 or 3")));
                 }
-                let bucket = c.uint(z, "reduce_bucket_size", "zero_optimization.reduce_bucket_size")?;
-                if bucket == Some(0) {
-                    return Err(c.err("zero_optimization.reduce_bucket_size", "must be positive"));
+                let mut buckets = [None, None];
+                for (slot, key) in buckets.iter_mut().zip(["reduce_bucket_size", "allgather_bucket_size"]) {
+                    let full = format!("zero_optimization.{key}");
+                    *slot = c.uint(z, key, &full)?;
+                    if *slot == Some(0) {
+                        return Err(c.err(&full, "must be positive"));
+                    }
                 }
-                (stage as u32, bucket)
+                let overlap = c.boolean(z, "overlap_comm", "zero_optimization.overlap_comm")?;
+                let unused = z.keys().filter(|k| !ZERO_READ.contains(&k.as_str())).map(|k| format!("zero_optimization.{k}")).collect();
+                (stage as u32, buckets[0], buckets[1], overlap, unused)
             }
         };
         let unused = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
@@ -327,6 +344,9 @@ impl DsConfig {
             set_keys: Vec::new(),
             zero_stage,
             reduce_bucket_size,
+            allgather_bucket_size,
+            overlap_comm,
+            zero_unused,
             unused,
         })
     }

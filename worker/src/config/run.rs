@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::optimizer::Precision;
 use crate::optim::scaler::ScalerConfig;
+use crate::optim::zero::ZeroConfig;
 use crate::optim::schedule::{Decay, Schedule};
 
 /// One line of the effective-configuration report.
@@ -34,8 +35,8 @@ pub struct RunConfig {
     /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
     pub train_data: Vec<PathBuf>,
     pub eval_batch: usize,
-    /// Elements per data-parallel gradient reduction (DeepSpeed's reduce_bucket_size).
-    pub reduce_bucket_size: i64,
+    /// ZeRO stage and bucket sizes (DeepSpeed's zero_optimization).
+    pub zero: ZeroConfig,
     /// Compute dtype, and the fp16 loss scaler's settings.
     pub precision: Precision,
     pub scaler: Option<ScalerConfig>,
@@ -113,8 +114,34 @@ impl RunConfig {
         };
 
         let mut warnings = Vec::new();
-        if ds.zero_stage > 0 {
-            warnings.push(format!("{dsname}: zero_optimization.stage {} is not implemented yet: this run keeps full optimizer state (stage 0)", ds.zero_stage));
+        let dz = ZeroConfig::default();
+        let zero = ZeroConfig {
+            stage: ds.zero_stage as u8,
+            reduce_bucket_size: ds.reduce_bucket_size.map_or(dz.reduce_bucket_size, |b| b as i64),
+            allgather_bucket_size: ds.allgather_bucket_size.map_or(dz.allgather_bucket_size, |b| b as i64),
+            overlap_comm: ds.overlap_comm.unwrap_or(dz.overlap_comm),
+        };
+        zero.validate().map_err(|e| Error::invalid(&ds.path, e.to_string().trim_start_matches("config: ")))?;
+        let zsrc = if ds.zero_stage > 0 || ds.reduce_bucket_size.is_some() { dsname.clone() } else { "default".into() };
+        put(
+            "zero_optimization",
+            format!(
+                "stage {} ({}), reduce_bucket_size {}, allgather_bucket_size {}",
+                zero.stage,
+                ["full optimizer state on every data-parallel rank", "optimizer state partitioned", "optimizer state and gradients partitioned"][zero.stage as usize],
+                zero.reduce_bucket_size,
+                zero.allgather_bucket_size
+            ),
+            zsrc,
+        );
+        if zero.stage > 0 && dp == 1 {
+            warnings.push(format!("{dsname}: zero_optimization.stage {} with one data-parallel rank partitions nothing (start more ranks to shard optimizer state)", zero.stage));
+        }
+        for k in &ds.zero_unused {
+            let offload = k.contains("offload");
+            if offload {
+                warnings.push(format!("{dsname}: {k} is not supported (no CPU/NVMe offloading); the optimizer state stays on the training device"));
+            }
         }
         let (precision, scaler, ds_decides) = Self::precision(&ds, &args)?;
         if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
@@ -208,9 +235,8 @@ impl RunConfig {
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
-        let reduce_bucket_size = ds.reduce_bucket_size.unwrap_or(500_000_000) as i64;
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
-        Ok(RunConfig { ds, precision, scaler, fp32_layernorm, fp32_embedding, attention_scale, checkpoint_num_layers, args, batch, lr, reduce_bucket_size, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+        Ok(RunConfig { ds, precision, scaler, fp32_layernorm, fp32_embedding, attention_scale, checkpoint_num_layers, args, batch, lr, zero, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
     }
 
     /// The compute dtype and fp16 loss-scaler settings: the DeepSpeed file's
@@ -287,6 +313,10 @@ impl RunConfig {
         let mut out: Vec<String> = self.report.iter().map(|e| format!("  {:<w$} = {}  ({})", e.key, e.value, e.source)).collect();
         if !self.args.ignored.is_empty() {
             out.push(format!("  no effect here (configs.json): {}", self.args.ignored.join(", ")));
+        }
+        let zero_noop: Vec<&String> = self.ds.zero_unused.iter().filter(|k| !k.contains("offload")).collect();
+        if !zero_noop.is_empty() {
+            out.push(format!("  no effect here ({}): {}", self.ds.path.display(), zero_noop.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
         }
         if !self.ds.unused.is_empty() {
             out.push(format!("  no effect here ({}): {}", self.ds.path.display(), self.ds.unused.join(", ")));

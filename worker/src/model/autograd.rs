@@ -17,6 +17,58 @@ extern "C" {
     fn glm_ext_last_error() -> *const c_char;
     fn glm_set_grad(param: *mut C_tensor, grad: *mut C_tensor) -> i32;
     fn glm_recompute(x: *mut C_tensor, ctx: *mut c_void, call: CallFn, drop: DropFn) -> *mut C_tensor;
+    fn glm_set_grad_hook(param: *mut C_tensor, ctx: *mut c_void, call: HookFn, drop: DropFn) -> i32;
+    fn glm_clear_grad(param: *mut C_tensor);
+}
+
+type HookFn = extern "C" fn(*mut c_void, *mut C_tensor, *mut i32);
+
+/// What a gradient hook runs (from an autograd thread on CUDA, hence `Send`).
+pub type GradHook = Box<dyn FnMut(&Tensor) -> Result<()> + Send>;
+
+extern "C" fn call_hook(ctx: *mut c_void, g: *mut C_tensor, err: *mut i32) {
+    // SAFETY: `ctx` is the `Box<GradHook>` leaked by `set_grad_hook`, alive
+    // until `drop_hook`; autograd runs one hook of a parameter at a time.
+    let f = unsafe { &mut *(ctx as *mut GradHook) };
+    let g = unsafe { Tensor::from_ptr(g) };
+    let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&g))) {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            log::error!("gradient hook: {e}");
+            false
+        }
+        Err(_) => {
+            log::error!("gradient hook panicked");
+            false
+        }
+    };
+    if !ok {
+        // SAFETY: err points to the caller's int.
+        unsafe { *err = 1 };
+    }
+}
+
+extern "C" fn drop_hook(ctx: *mut c_void) {
+    // SAFETY: the pointer `set_grad_hook` leaked; the shim calls this once.
+    drop(unsafe { Box::from_raw(ctx as *mut GradHook) });
+}
+
+/// After autograd accumulates `param`'s gradient, `f` takes it, and the
+/// parameter's `.grad` is released (ZeRO stage 2). Replaces an earlier hook.
+pub fn set_grad_hook(param: &Tensor, f: GradHook) -> Result<()> {
+    let ctx = Box::into_raw(Box::new(f)) as *mut c_void;
+    // SAFETY: a live tensor borrowed for the call; the shim takes `ctx`.
+    let rc = unsafe { glm_set_grad_hook(param.as_ptr() as *mut C_tensor, ctx, call_hook, drop_hook) };
+    if rc != 0 {
+        return Err(Error::Config(format!("installing a gradient hook: {}", last_error())));
+    }
+    Ok(())
+}
+
+/// Releases `param`'s `.grad`.
+pub fn clear_grad(param: &Tensor) {
+    // SAFETY: a live tensor borrowed for the call.
+    unsafe { glm_clear_grad(param.as_ptr() as *mut C_tensor) }
 }
 
 /// The shim's last error message (this thread).

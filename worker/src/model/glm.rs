@@ -141,7 +141,7 @@ struct LinearDecl {
 }
 
 impl LinearDecl {
-    fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, split: Split, tp: Option<Group>) -> Self {
+    fn new(pb: &mut ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, split: Split, tp: Option<(usize, usize)>) -> Self {
         let (w, b) = match split {
             Split::Column => (Partition::Rows, Partition::Rows),
             Split::Qkv => (Partition::QkvRows, Partition::QkvRows),
@@ -157,8 +157,8 @@ impl LinearDecl {
 }
 
 /// This rank's part under `tp` (whole without tensor parallelism).
-fn part_under(tp: Option<Group>, p: Partition) -> Part {
-    tp.map_or(Part::Whole, |g| p.part(g.rank, g.size))
+fn part_under(tp: Option<(usize, usize)>, p: Partition) -> Part {
+    tp.map_or(Part::Whole, |(rank, size)| p.part(rank, size))
 }
 
 struct Linear {
@@ -173,7 +173,7 @@ impl Linear {
     }
 
     /// `x Wᵀ + b`: whole, or split as it was built under tensor parallelism.
-    fn forward(&self, x: &Tensor, tp: Option<Group>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, tp: Option<&Group>) -> Result<Tensor> {
         match (tp, self.split) {
             (None, _) => Ok(x.linear(&self.weight, Some(&self.bias))),
             (Some(g), Split::Column | Split::Qkv) => column_parallel_linear(x, &self.weight, Some(&self.bias), g, false),
@@ -258,7 +258,7 @@ struct LayerCtx {
 
 impl LayerCtx {
     fn shallow(&self) -> Self {
-        LayerCtx { mask: self.mask.shallow_clone(), ..*self }
+        LayerCtx { mask: self.mask.shallow_clone(), tp: self.tp.clone(), ..*self }
     }
 
     /// Megatron's RNG tracker: dropout inside a parallel region (attention
@@ -287,9 +287,9 @@ impl Block {
         let (b, s) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (c.heads, c.head_dim);
         let attn_p = if c.train { c.attention_dropout } else { 0.0 };
-        let tracked = c.tp.filter(|_| attn_p > 0.0);
+        let tracked = c.tp.as_ref().filter(|_| attn_p > 0.0);
         let y = self.input_layernorm.forward(x);
-        let qkv = self.query_key_value.forward(&y, c.tp)?; // (b, s, 3h/tp)
+        let qkv = self.query_key_value.forward(&y, c.tp.as_ref())?; // (b, s, 3h/tp)
         let parts = qkv.split(nh * hd, -1);
         let heads = |t: &Tensor| t.view([b, s, nh, hd]).transpose(1, 2); // (b, nh/tp, s, hd)
         let (mut q, mut k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
@@ -307,10 +307,10 @@ impl Block {
             c.reseed(index, None);
         }
         let a = a.transpose(1, 2).contiguous().view([b, s, nh * hd]);
-        let x = x + self.dense.forward(&a, c.tp)?.dropout(c.output_dropout, c.train);
+        let x = x + self.dense.forward(&a, c.tp.as_ref())?.dropout(c.output_dropout, c.train);
         let y = self.post_attention_layernorm.forward(&x);
-        let y = self.dense_h_to_4h.forward(&y, c.tp)?.gelu("tanh"); // (b, s, ffn/tp)
-        Ok(x + self.dense_4h_to_h.forward(&y, c.tp)?.dropout(c.output_dropout, c.train))
+        let y = self.dense_h_to_4h.forward(&y, c.tp.as_ref())?.gelu("tanh"); // (b, s, ffn/tp)
+        Ok(x + self.dense_4h_to_h.forward(&y, c.tp.as_ref())?.dropout(c.output_dropout, c.train))
     }
 }
 
@@ -354,7 +354,7 @@ struct Decls {
 /// Declares every parameter of `cfg` (this rank's parts under `tp`):
 /// embeddings, then each layer, then the final LayerNorm, each its own
 /// layout group.
-fn declare(cfg: &GlmConfig, tp: Option<Group>) -> (ParamBuilder, Decls) {
+fn declare(cfg: &GlmConfig, tp: Option<(usize, usize)>) -> (ParamBuilder, Decls) {
     let std = 0.02;
     let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
     let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
@@ -390,6 +390,14 @@ pub fn partitions(cfg: &GlmConfig) -> BTreeMap<String, Partition> {
     pb.layout(1).0.into_iter().map(|i| (i.name, i.partition)).collect()
 }
 
+/// The parameters of tensor-parallel rank `rank` of `size` (whole model
+/// without) as the model lays them out, without allocating them: the
+/// offsets checkpoint shards and merges map flat ranges by. Padding only
+/// ever follows the parameters, so the offsets hold for any padding.
+pub fn param_layout(cfg: &GlmConfig, tp: Option<(usize, usize)>) -> Vec<crate::model::params::ParamInfo> {
+    declare(cfg, tp).0.layout(1).0
+}
+
 impl Glm {
     /// The whole model in fp32 on `device`.
     pub fn new(cfg: GlmConfig, device: tch::Device, seed: i64) -> Result<Self> {
@@ -412,7 +420,7 @@ impl Glm {
         if o.attention_scale < 1.0 {
             return Err(Error::Config(format!("attention_scale {}: must be >= 1", o.attention_scale)));
         }
-        let (pb, d) = declare(&cfg, o.tp);
+        let (pb, d) = declare(&cfg, o.tp.as_ref().map(|g| (g.rank, g.size)));
         let params = pb.build(o.device, o.kind, o.seed, o.pad_multiple)?;
         let (eps, ln32) = (cfg.layernorm_epsilon, o.fp32_layernorm);
         let layers = d
@@ -435,7 +443,7 @@ impl Glm {
             layers,
             params,
             cfg,
-            tp: o.tp,
+            tp: o.tp.clone(),
             rng_base: 0.into(),
             fp32_embedding: o.fp32_embedding,
             attention_scale: o.attention_scale,
@@ -461,10 +469,10 @@ impl Glm {
     /// Final hidden states `(b, s, h)`.
     pub fn hidden(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         let s = batch.tokens.size()[1];
-        let tp_size = self.tp.map_or(1, |g| g.size as i64);
+        let tp_size = self.tp.as_ref().map_or(1, |g| g.size as i64);
         let h = self.cfg.hidden_size as i64;
         let kind = self.params.kind();
-        let words = match self.tp {
+        let words = match &self.tp {
             None => Tensor::embedding(&self.word_embeddings, &batch.tokens, -1, false, false),
             Some(g) => vocab_parallel_embedding(&batch.tokens, &self.word_embeddings, g)?,
         };
@@ -482,7 +490,7 @@ impl Glm {
             output_dropout: self.cfg.output_dropout,
             attention_scale: self.attention_scale,
             train,
-            tp: self.tp,
+            tp: self.tp.clone(),
             rng_base: self.rng_base.get(),
         };
         let n = self.checkpoint_num_layers;
@@ -522,7 +530,7 @@ impl Glm {
     /// during backward, one chunk's worth.
     pub fn activation_bytes(&self, b: usize, s: usize) -> (f64, f64) {
         let (h, a, l) = (self.cfg.hidden_size as f64, self.cfg.num_attention_heads as f64, self.cfg.num_layers as f64);
-        let tp = self.tp.map_or(1.0, |g| g.size as f64);
+        let tp = self.tp.as_ref().map_or(1.0, |g| g.size as f64);
         let (b, s) = (b as f64, s as f64);
         let width = self.params.kind().elt_size_in_bytes() as f64 / 2.0;
         // 16-bit: 10 sbh replicated + 24 sbh split, masks of 1 byte (5as² split as 2 + 2 + 1)
@@ -560,7 +568,7 @@ impl Glm {
         }
         let sel = hidden.view([-1, h]).index_select(0, &idx); // (n, h)
         let targets = batch.targets.view([-1]).index_select(0, &idx);
-        let (loss, logits) = match self.tp {
+        let (loss, logits) = match &self.tp {
             None => {
                 let logits = to_fp32(self.logits(&sel)); // (n, vocab), fp32 at least
                 (logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0), logits)
@@ -575,7 +583,7 @@ impl Glm {
         let correct = if train {
             0
         } else {
-            let full = match self.tp {
+            let full = match &self.tp {
                 None => logits,
                 Some(g) => tch::no_grad(|| gather_from(&logits, g))?,
             };
@@ -721,7 +729,7 @@ mod tests {
     #[test]
     fn partition_table_matches_the_parallel_model() {
         let _rng = crate::torch_rng_lock();
-        let g = Group { id: -1, rank: 1, size: 2 }; // construction runs no collective
+        let g = Group::new(std::sync::Arc::new(crate::comm::local::LocalComm::group(2, "tp").remove(1))); // construction runs no collective
         let whole = Glm::new(tiny(0.0), Device::Cpu, 1).unwrap();
         let part = Glm::build(tiny(0.0), &ModelOptions { tp: Some(g), ..ModelOptions::new(Device::Cpu, 1) }).unwrap();
         let table = partitions(&tiny(0.0));

@@ -12,7 +12,8 @@
 //! in reverse declaration order — the order in which backward finishes their
 //! gradients, so a bucket of the flat gradient is complete early — and
 //! inside a group weight-decayed parameters first, then within each of the
-//! two, tensor-parallel slices first. Decay and split elements are then one
+//! two, tensor-parallel slices first, each run in reverse declaration order
+//! too. Decay and split elements are then one
 //! or two ranges per group. The buffer is padded to a multiple of
 //! `pad_multiple`, so a data-parallel (ZeRO) partition is one `narrow`.
 //!
@@ -176,10 +177,11 @@ impl ParamBuilder {
     pub fn layout(&self, pad_multiple: i64) -> (Vec<ParamInfo>, i64) {
         let last = self.decls.iter().map(|d| d.group).max().unwrap_or(0);
         let mut order: Vec<usize> = (0..self.decls.len()).collect();
-        // groups last-declared first; decayed first, then split first; stable otherwise
+        // groups last-declared first; decayed first, then split first; then
+        // last-declared first (the order backward finishes them)
         order.sort_by_key(|&i| {
             let d = &self.decls[i];
-            (last - d.group, !d.decay, !d.part.is_split())
+            (last - d.group, !d.decay, !d.part.is_split(), std::cmp::Reverse(i))
         });
         let mut infos: Vec<Option<ParamInfo>> = vec![None; self.decls.len()];
         let mut offset = 0;
@@ -334,6 +336,21 @@ impl Params {
         &mut self.grad
     }
 
+    /// Drops the flat gradient buffer and every parameter's `.grad` (ZeRO
+    /// stage 2: gradients go straight from autograd to their reduction
+    /// bucket). `grad()` is then empty.
+    pub fn release_grad_buffer(&mut self) {
+        for v in &self.views {
+            super::autograd::clear_grad(v);
+        }
+        self.grad = Tensor::zeros([0], (self.flat.kind(), self.flat.device()));
+    }
+
+    /// The parameters, in declaration order (what a gradient hook is set on).
+    pub fn views(&self) -> &[Tensor] {
+        &self.views
+    }
+
     pub fn zero_grad(&mut self) {
         tch::no_grad(|| {
             let _ = self.grad.zero_();
@@ -385,7 +402,7 @@ mod tests {
             v.sort_by_key(|i| i.offset);
             v.iter().map(|i| i.name.clone()).collect::<Vec<_>>()
         };
-        assert_eq!(names_by_offset, ["l1.w", "l1.ln", "l1.b", "l0.w", "l0.ln", "l0.b", "emb"]);
+        assert_eq!(names_by_offset, ["l1.w", "l1.b", "l1.ln", "l0.w", "l0.b", "l0.ln", "emb"]);
         let total: i64 = infos.iter().map(|i| i.numel).sum();
         assert_eq!(total, 8 + 2 * (2 + 4 + 2));
         assert_eq!(padded, 32);

@@ -12,7 +12,7 @@ use crate::error::Result;
 /// `y = x Wᵀ + b` with W split by output rows: `weight` `[out/p, in]`,
 /// `bias` `[out/p]`. The input is replicated; the output stays split along
 /// its last dimension unless `gather_output`.
-pub fn column_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: Group, gather_output: bool) -> Result<Tensor> {
+pub fn column_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &Group, gather_output: bool) -> Result<Tensor> {
     let y = copy_to(x, g)?.linear(weight, bias);
     if gather_output {
         gather_from(&y, g)
@@ -24,7 +24,7 @@ pub fn column_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
 /// `y = x Wᵀ + b` with W split by input columns: `weight` `[out, in/p]`,
 /// `bias` `[out]` (replicated, added once after the sum). The input is
 /// already split along its last dimension when `input_is_parallel`.
-pub fn row_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: Group, input_is_parallel: bool) -> Result<Tensor> {
+pub fn row_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &Group, input_is_parallel: bool) -> Result<Tensor> {
     let x = if input_is_parallel { x.shallow_clone() } else { scatter_to(x, g)? };
     let y = reduce_from(&x.linear::<Tensor>(weight, None), g)?;
     Ok(match bias {
@@ -36,7 +36,7 @@ pub fn row_parallel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g
 /// Embedding lookup with the vocabulary split by rows: `weight` `[V/p, h]`
 /// holds ids `[r·V/p, (r+1)·V/p)`; other ranks' ids contribute zeros and the
 /// rows are summed over the group.
-pub fn vocab_parallel_embedding(ids: &Tensor, weight: &Tensor, g: Group) -> Result<Tensor> {
+pub fn vocab_parallel_embedding(ids: &Tensor, weight: &Tensor, g: &Group) -> Result<Tensor> {
     let vp = weight.size()[0];
     let start = g.rank as i64 * vp;
     let mine = ids.ge(start).logical_and(&ids.lt(start + vp));
@@ -50,7 +50,7 @@ pub fn vocab_parallel_embedding(ids: &Tensor, weight: &Tensor, g: Group) -> Resu
 /// is max-reduced, the target logit and the sum of exponentials are
 /// sum-reduced through `reduce_from`, whose identity backward gives each rank
 /// exactly its part of softmax − one-hot.
-pub fn vocab_parallel_cross_entropy(logits: &Tensor, targets: &Tensor, g: Group) -> Result<Tensor> {
+pub fn vocab_parallel_cross_entropy(logits: &Tensor, targets: &Tensor, g: &Group) -> Result<Tensor> {
     let vp = logits.size()[1];
     let start = g.rank as i64 * vp;
     let mut max = logits.detach().amax([-1i64].as_slice(), true); // (n, 1)

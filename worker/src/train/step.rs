@@ -24,8 +24,6 @@ pub struct StepPlan {
     pub it_seed: i64,
     /// Micro-batches per step (gradient accumulation).
     pub accum: usize,
-    /// Elements per data-parallel gradient reduction.
-    pub bucket: i64,
     pub lr: f64,
 }
 
@@ -39,7 +37,7 @@ pub struct StepPlan {
 /// (all data-parallel ranks), so summing gradients over the data-parallel
 /// group gives exactly the gradient of one process holding the whole batch.
 pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
-    let StepPlan { it_seed, accum, bucket, lr } = plan;
+    let StepPlan { it_seed, accum, lr } = plan;
     tch::manual_seed(it_seed);
     let scale = opt.loss_scale();
     let mut loss_sum = 0.0;
@@ -56,8 +54,8 @@ pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: St
         // a failure inside backward (a collective of a tensor-parallel region,
         // a recomputed chunk) is an error here, not a panic
         loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {e}")))?;
-        opt.accumulate(&mut model.params);
+        opt.accumulate(&mut model.params)?;
     }
-    let stats = opt.step(&mut model.params, par, bucket, lr)?;
+    let stats = opt.step(&mut model.params, lr)?;
     Ok(StepOutput { loss: loss_sum / accum as f64, stats })
 }

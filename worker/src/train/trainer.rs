@@ -23,7 +23,7 @@ use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
-use crate::optim::optimizer::Optimizer;
+use crate::optim::optimizer::{MemoryBytes, OptimConfig, Optimizer};
 use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
 use super::step::{train_step, StepOutput, StepPlan};
@@ -172,7 +172,7 @@ impl Trainer {
             device: opts.device,
             kind: cfg.precision.kind(),
             seed: a.seed as i64,
-            tp: par.tp,
+            tp: par.tp.clone(),
             pad_multiple: 64 * par.dims.dp as i64,
             fp32_layernorm: cfg.fp32_layernorm,
             fp32_embedding: cfg.fp32_embedding,
@@ -180,15 +180,17 @@ impl Trainer {
             checkpoint_num_layers: cfg.checkpoint_num_layers,
         };
         let mut model = Glm::build(mcfg, &mo)?;
-        let mut opt = Optimizer::new(&model.params, cfg.precision, cfg.adam, cfg.clip, cfg.scaler.clone(), par.dims.rank)?;
+        let ocfg = OptimConfig { precision: cfg.precision, adam: cfg.adam, clip: cfg.clip, scaler: cfg.scaler.clone(), zero: cfg.zero };
+        let mut opt = Optimizer::new(&mut model.params, &ocfg, &par)?;
         let (n, pos) = model.cfg.num_params();
         println!(
             "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), {}, on {:?}",
             model.cfg.num_layers, model.cfg.hidden_size, model.cfg.num_attention_heads, model.cfg.intermediate_size, model.cfg.vocab_size,
             n as f64 / 1e6, pos as f64 / 1e6, cfg.precision.name(), opts.device
         );
-        let (pb, gb, ob) = opt.memory_bytes(&model.params);
-        println!("memory: this rank holds parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB", pb as f64 / 1e6, gb as f64 / 1e6, ob as f64 / 1e6);
+        for line in memory_report(&model, &opt, &par) {
+            println!("{line}");
+        }
         if model.checkpoint_num_layers() > 0 {
             let (full, kept) = model.activation_bytes(cfg.batch.micro, a.seq_length);
             println!(
@@ -199,7 +201,7 @@ impl Trainer {
         let mut iteration = 0;
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
-            if let Some(g) = par.tp {
+            if let Some(g) = &par.tp {
                 dir = dir.join(checkpoint::mp_rank_dir(g.rank));
             }
             let state = checkpoint::read_state(&dir)?;
@@ -211,10 +213,17 @@ impl Trainer {
             }
             checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
-            println!("checkpoint: resumed from {} (iteration {iteration})", dir.display());
+            let z = |stage: u8, dp: usize| format!("data-parallel {dp}, ZeRO stage {stage}");
+            let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero.stage, par.dims.dp));
+            let reshard = if saved != now && state.has_optimizer && !a.no_load_optim { format!("; optimizer state re-partitioned from {saved} to {now}") } else { String::new() };
+            println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
+        } else {
+            // identical weights on every data-parallel rank, whatever
+            // happened at initialisation: rank 0's, in fp32
+            let mut w = tch::no_grad(|| model.params.flat().to_kind(tch::Kind::Float));
+            par.dp_broadcast(&mut w)?;
+            opt.set_weights(&mut model.params, &w);
         }
-        // identical weights everywhere, whatever happened at initialisation
-        opt.broadcast_weights(&mut model.params, &par)?;
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
         Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par })
     }
@@ -226,7 +235,7 @@ impl Trainer {
         let a = &self.cfg.args.args;
         let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
         let lr = self.cfg.schedule.lr(it - self.opt.skipped_steps);
-        let (b, bucket, device, d, train) = (self.cfg.batch, self.cfg.reduce_bucket_size, self.device, self.par.dims, &self.train);
+        let (b, device, d, train) = (self.cfg.batch, self.device, self.par.dims, &self.train);
         // this rank's share of micro-batch m: the global micro-batch is
         // micro × dp consecutive sample indices, of which data-parallel rank
         // r reads the r-th run of micro
@@ -236,7 +245,7 @@ impl Trainer {
             Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
         let accum = b.accum;
-        let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, bucket, lr }, &mut next)?;
+        let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr }, &mut next)?;
         Ok((out, lr))
     }
 
@@ -311,10 +320,9 @@ impl Trainer {
         Some(nll / n.max(1) as f64)
     }
 
-    /// Writes a checkpoint: rank 0 alone without tensor parallelism; with it,
-    /// data-parallel rank 0 of every tensor-parallel rank writes its
-    /// `mp_rank_XX` part, and rank 0 moves `latest` once all parts exist.
-    /// Every rank must call it. Returns the directory written on this rank.
+    /// Writes a checkpoint (`checkpoint::save`: one part per tensor-parallel
+    /// rank, optimizer shards from every data-parallel rank under ZeRO).
+    /// Every rank must call it. Returns the part this rank reports.
     fn save(&self) -> Result<Option<PathBuf>> {
         let a = &self.cfg.args.args;
         let dir = self.cfg.save_dir().expect("save configured");
@@ -327,34 +335,18 @@ impl Trainer {
             precision: self.opt.precision,
             loss_scaler: self.opt.scaler.as_ref().map(|s| s.state.clone()),
             model: self.model.cfg.clone(),
+            tp: self.par.dims.tp,
+            dp: self.par.dims.dp,
+            zero: None,
             has_optimizer: false,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
             deepspeed_config: self.cfg.ds.raw.clone(),
             args: serde_json::to_value(a).expect("args serialise"),
             files: Default::default(),
         };
-        let (opt, with_state) = (&self.opt, !a.no_save_optim);
-        match self.par.tp {
-            None => {
-                if !self.par.is_main() {
-                    return Ok(None);
-                }
-                checkpoint::save(dir, &self.model, opt, with_state, &self.tokenizer.to_json()?, state).map(Some)
-            }
-            Some(g) => {
-                let written = if self.par.dims.dp_rank() == 0 {
-                    let part = checkpoint::mp_rank_dir(g.rank);
-                    Some(checkpoint::save_part(dir, Some(&part), &self.model, opt, with_state, &self.tokenizer.to_json()?, state)?)
-                } else {
-                    None
-                };
-                self.par.barrier()?;
-                if self.par.is_main() {
-                    checkpoint::write_latest(dir, self.iteration)?;
-                }
-                Ok(written)
-            }
-        }
+        let written = checkpoint::save(dir, &self.model, &self.opt, &self.par, !a.no_save_optim, &self.tokenizer.to_json()?, state)?;
+        // one line per part: data-parallel rank 0 of each tensor-parallel rank reports
+        Ok((self.par.dims.dp_rank() == 0).then_some(written))
     }
 
     /// Runs iterations up to `train_iters`.
@@ -471,3 +463,41 @@ impl Trainer {
     }
 }
 
+
+/// The start-of-run memory report: the model-state bytes this rank holds
+/// (measured from the buffers), next to the ZeRO paper's figures for
+/// stages 0, 1 and 2 at this model and layout, so a user sees what
+/// sharding saves before a long run.
+pub fn memory_report(model: &Glm, opt: &Optimizer, par: &Parallel) -> Vec<String> {
+    let mb = |b: u64| b as f64 / 1e6;
+    let m = opt.memory(&model.params);
+    let numel = model.params.numel();
+    let dp = par.dims.dp;
+    let theory: Vec<String> = (0..3u8)
+        .map(|s| {
+            let t = MemoryBytes::theory(numel, opt.precision, dp, s);
+            format!("stage {s} {:.1} MB", mb(t.total()))
+        })
+        .collect();
+    let mut out = vec![
+        format!(
+            "memory: this rank (ZeRO stage {}, data-parallel {dp}) holds parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB = {:.1} MB",
+            opt.zero.stage,
+            mb(m.params),
+            mb(m.grads),
+            mb(m.optimizer),
+            mb(m.total())
+        ),
+        format!(
+            "memory: theory per rank for these {:.2} M parameters of this rank ({}, ZeRO paper: params + grads + {} B/param optimizer state): {}",
+            numel as f64 / 1e6,
+            opt.precision.name(),
+            if opt.precision == crate::optim::optimizer::Precision::Fp32 { 8 } else { 12 },
+            theory.join(", ")
+        ),
+    ];
+    if opt.zero.stage == 2 {
+        out.push(format!("memory: stage 2 reduces gradients in buckets of {} elements during backward (a bucket is freed once reduced)", opt.shards().0.unit));
+    }
+    out
+}
