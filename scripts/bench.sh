@@ -12,7 +12,10 @@
 #     autocast at a smaller shape;
 #   - the MPI back end: all-reduce bus bandwidth of the tensor collective
 #     against a plain MPI_Allreduce of the same bytes (2 ranks);
-#   - training tokens/s of the default model on (TP, DP) = (1, 1), (1, 2), (2, 1).
+#   - training tokens/s of the default model on (TP, DP) = (1, 1), (1, 2), (2, 1);
+#   - ZeRO stages 0/1/2 at DP=2 (2 MPI ranks): tokens/s, peak resident memory
+#     of the larger rank, model-state bytes per rank (measured from the
+#     buffers) and bytes each rank sends per step, against the theory.
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,3 +94,14 @@ tps() { grep -E " iteration +(20|30)/" | sed 's/.*| \([0-9]*\) tokens\/s.*/\1/' 
 echo "  (TP, DP) = (1, 1), 1 process x 2 threads: $(OMP_NUM_THREADS=2 "$BIN" "${TRAIN[@]}" | tps)"
 echo "  (TP, DP) = (1, 2), 2 processes x 1 thread: $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${TRAIN[@]}" | tr '\r' '\n' | tps)"
 echo "  (TP, DP) = (2, 1), 2 processes x 1 thread: $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${TRAIN[@]}" --set model_parallel_size=2 | tr '\r' '\n' | tps)"
+echo "== ZeRO at DP=2 (2 ranks x 1 thread), GLM 4x256, micro-batch 4 x seq 128 per rank in fp32, 2 x 32 in bf16 (emulated on this CPU); buckets of 2e6 elements"
+echo "   theory: every stage sends 2(p-1)/p x the gradient bytes per step (stage 1/2: reduce-scatter + all-gather = one all-reduce);"
+echo "   model states per rank, fp32 (4+4+8 B/param at stage 0): stage 1 keeps 8/p B/param of moments, stage 2 also 4/p of gradients"
+ZB=(bench-step --layers 4 --hidden 256 --reduce-bucket-size 2000000 --allgather-bucket-size 2000000)
+for prec in fp32 bf16; do
+  shape=(--iters 6 --warmup 2 --seq 128 --batch 4)
+  [ "$prec" = bf16 ] && shape=(--iters 3 --warmup 1 --seq 32 --batch 2)
+  for z in 0 1 2; do
+    echo "  $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${ZB[@]}" "${shape[@]}" --precision "$prec" --zero-stage "$z" | tail -n 1)"
+  done
+done

@@ -17,7 +17,12 @@
 #   6. a bf16 training run (50 iterations) of configs/config_block_large.json
 #      with configs/configs.json, its fp16 section switched off by --set;
 #      checks that the run reports precision = bf16;
-#   7. generation on CUDA from the checkpoint.
+#   7. generation on CUDA from the checkpoint;
+#   8. ZeRO on CUDA in a world of one (NCCL group of one: the stage 1 and 2
+#      code paths, hooks, reduce-scatter and all-gather through NCCL): the
+#      bench step at stages 0/1/2 in bf16 (model-state bytes and tokens/s),
+#      and a stage-2 bf16 training run with a checkpoint, a resume from it
+#      and `checkpoint inspect`.
 # Every step runs even if an earlier one failed; the summary lists each
 # step's result and the exit status is non-zero if any failed.
 #
@@ -162,6 +167,31 @@ generate_step() {
   "$BIN" generate --load "$WORK/ckpt" --text "天下[MASK]，莫柔弱于水。" --max-tokens 16
 }
 
+zero_step() {
+  local shape=(--iters 10 --warmup 3 --layers 12 --hidden 768 --heads 12 --seq 512 --batch 16 --vocab 30592)
+  [ -n "$QUICK" ] && shape=(--iters 2 --warmup 1)
+  [ "$DEV" = cpu ] && shape=(--iters 2 --warmup 1 --layers 2 --hidden 64 --heads 2 --seq 64 --batch 2 --vocab 500)
+  local fail=0 z
+  for z in 0 1 2; do
+    echo "-- bench-step bf16, ZeRO stage $z, reduce/allgather buckets of 5e7 elements"
+    "$BIN" bench-step --device "$DEV" --precision bf16 --zero-stage "$z" --reduce-bucket-size 50000000 --allgather-bucket-size 50000000 "${shape[@]}" | sed 's/^/  /' || fail=1
+  done
+  echo "-- stage-2 bf16 training run, checkpoint, resume, inspect"
+  local n=20 tiny=()
+  [ -n "$QUICK" ] && n=4
+  # on the CPU (16-bit matmuls emulated): the tiny model at seq 64
+  [ "$DEV" = cpu ] && tiny=(--set num_layers=2 --set hidden_size=64 --set num_attention_heads=2 --set seq_length=64)
+  local common=(--config configs/config_block_tiny.json --args configs/configs_tiny.json --device "$DEV" ${tiny[@]+"${tiny[@]}"}
+    --set bf16.enabled=true --set zero_optimization.stage=2 --set zero_optimization.reduce_bucket_size=200000
+    --set save="$WORK/zero" --set save_interval=$((n / 2)) --set eval_interval=0 --set log_interval=$((n / 2))
+    --store "$WORK/store" --tokenizer-cache "$WORK/model")
+  "$BIN" "${common[@]}" --set train_iters=$n | tee "$WORK/zero.log" || fail=1
+  grep -q "memory: this rank (ZeRO stage 2" "$WORK/zero.log" || { echo "gpu_check: no ZeRO memory report"; fail=1; }
+  "$BIN" "${common[@]}" --set train_iters=$((n + n / 2)) --set load="$WORK/zero/$((n / 2))" | grep -E "resumed|iteration +$((n + n / 2))/" || fail=1
+  "$BIN" checkpoint inspect "$WORK/zero" || fail=1
+  return "$fail"
+}
+
 step "environment" env_step
 step "NCCL world of one on $DEV (comm-check)" "$BIN" comm-check --device "$DEV" --mib 1,64,512 --iters 20
 step "training on $DEV ($ITERS iterations, checkpoint, resume)" train_step
@@ -170,6 +200,7 @@ SHAPE="GLM-Large shape"; [ -n "$QUICK" ] && SHAPE="default shape (quick)"; [ "$D
 step "mixed precision at $SHAPE vs eager PyTorch autocast on $DEV" mixed_step
 step "bf16 training run of configs/config_block_large.json on $DEV$([ "$DEV" = cpu ] && echo ", tiny model")" train_bf16_step
 step "generation from the checkpoint (device auto)" generate_step
+step "ZeRO stages 0/1/2 on $DEV (world of one: NCCL group of one)" zero_step
 
 echo; echo "=== summary"
 printf '%s\n' "${RESULTS[@]}"

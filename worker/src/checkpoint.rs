@@ -679,7 +679,7 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
                 state.tp.max(dirs.len()),
                 state.dp,
                 z.map_or(0, |z| z.stage),
-                z.map_or(String::new(), |z| format!(" ({} shards of {} elements, units of {})", z.shards.dp, z.shards.shard_len(), z.shards.unit)),
+                z.map_or(String::new(), |z| format!(" ({} shard(s) of {} elements, units of {})", z.shards.dp, z.shards.shard_len(), z.shards.unit)),
                 state.precision.name()
             ));
             let m = &state.model;

@@ -133,6 +133,15 @@ struct BenchArgs {
     /// Recompute every layer in backward (activation checkpointing)
     #[arg(long)]
     checkpoint_activations: bool,
+    /// ZeRO stage (0, 1, 2) over the data-parallel ranks (run under mpirun: one batch per rank)
+    #[arg(long, default_value_t = 0)]
+    zero_stage: u8,
+    /// ZeRO's reduce_bucket_size (elements)
+    #[arg(long, default_value_t = 500_000_000)]
+    reduce_bucket_size: i64,
+    /// ZeRO's allgather_bucket_size (elements)
+    #[arg(long, default_value_t = 500_000_000)]
+    allgather_bucket_size: i64,
 }
 
 #[derive(Subcommand)]
@@ -636,10 +645,15 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     use glm_worker::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
     use glm_worker::optim::adamw::AdamWConfig;
     use glm_worker::optim::optimizer::{OptimConfig, Optimizer, Precision};
+    use glm_worker::comm::Communicator;
+    use glm_worker::optim::zero::ZeroConfig;
     use glm_worker::parallel::Parallel;
     use tch::Tensor;
     tch::set_num_threads(a.threads);
-    let device = device(&a.device)?;
+    // under mpirun: data parallelism over every rank, one batch per rank
+    let world = glm_worker::comm::mpi::world()?;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
+    let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
         vocab_size: a.vocab,
@@ -662,14 +676,20 @@ fn bench_step(a: BenchArgs) -> Result<()> {
         }
         _ => None,
     };
-    let mo = ModelOptions { kind: precision.kind(), checkpoint_num_layers: usize::from(a.checkpoint_activations), pad_multiple: 64, ..ModelOptions::new(device, 1234) };
+    let mo = ModelOptions {
+        kind: precision.kind(),
+        checkpoint_num_layers: usize::from(a.checkpoint_activations),
+        pad_multiple: 64 * dims.dp as i64,
+        ..ModelOptions::new(device, 1234)
+    };
     let mut model = Glm::build(cfg.clone(), &mo)?;
-    let par = Parallel::single();
+    let par = Parallel::build(&world, dims, device)?;
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 };
-    let mut opt = Optimizer::new(&mut model.params, &OptimConfig::new(precision, adam, 1.0), &par)?;
+    let zero = ZeroConfig { stage: a.zero_stage, reduce_bucket_size: a.reduce_bucket_size, allgather_bucket_size: a.allgather_bucket_size, overlap_comm: true };
+    let mut opt = Optimizer::new(&mut model.params, &OptimConfig { zero, ..OptimConfig::new(precision, adam, 1.0) }, &par)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
-    let mut rng = glm_worker::rng::Rng::new(7);
+    let mut rng = glm_worker::rng::Rng::new(7 + dims.rank as u64);
     let mut rand = |n: i64| -> Tensor {
         let v: Vec<i64> = (0..n).map(|_| 10 + rng.below(a.vocab as u64 - 10) as i64).collect();
         Tensor::from_slice(&v).view([b, s]).to(device)
@@ -691,8 +711,11 @@ fn bench_step(a: BenchArgs) -> Result<()> {
         block_position_ids: b.block_position_ids.shallow_clone(),
         sep: b.sep.shallow_clone(),
     };
-    let (mut times, mut skipped) = (Vec::new(), 0);
+    let (mut times, mut skipped, mut sent0) = (Vec::new(), 0, 0);
     for i in 0..a.warmup + a.iters {
+        if i == a.warmup {
+            sent0 = par.bytes_sent();
+        }
         let t0 = std::time::Instant::now();
         // the step reads its loss back (a device sync), so the time is the step's
         let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, lr: 1e-3 };
@@ -707,8 +730,9 @@ fn bench_step(a: BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    let sent_per_step = (par.bytes_sent() - sent0) as f64 / a.iters.max(1) as f64;
     let sec = times.iter().sum::<f64>() / times.len() as f64;
-    let tps = (a.batch * a.seq) as f64 / sec;
+    let tps = (a.batch * a.seq * dims.dp) as f64 / sec;
     // CUDA: device memory the run added (the caching allocator's high-water
     // mark); CPU: the process's peak resident memory
     let peak = if device.is_cuda() {
@@ -717,19 +741,36 @@ fn bench_step(a: BenchArgs) -> Result<()> {
             _ => "?".into(), // cudaMemGetInfo not found
         }
     } else {
-        format!("{:.0}", glm_worker::runtime::peak_rss_bytes() as f64 / 1e6)
+        // the largest over the ranks
+        format!("{:.0}", par.world_max(glm_worker::runtime::peak_rss_bytes() as i64)? as f64 / 1e6)
     };
-    println!(
-        "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{}",
-        device,
-        a.threads,
-        precision.name(),
-        u8::from(a.checkpoint_activations),
-        tps * cfg.flops_per_token(a.seq) / 1e12,
-        sec * 1000.0,
-        // fp16 steps skipped for overflow inside the timed window (no optimizer update)
-        if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
-    );
+    let states = opt.memory(&model.params);
+    let zero = if dims.world > 1 || a.zero_stage > 0 {
+        format!(
+            " ranks={} zero={} model_states_mb={:.1} sent_mb_per_step={:.2}",
+            dims.world,
+            a.zero_stage,
+            states.total() as f64 / 1e6,
+            sent_per_step / 1e6
+        )
+    } else {
+        String::new()
+    };
+    if dims.rank == 0 {
+        println!(
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{}",
+            device,
+            a.threads,
+            precision.name(),
+            u8::from(a.checkpoint_activations),
+            tps * cfg.flops_per_token(a.seq) / 1e12,
+            sec * 1000.0,
+            // fp16 steps skipped for overflow inside the timed window (no optimizer update)
+            if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
+        );
+    }
+    drop((opt, model, par, world));
+    glm_worker::comm::mpi::finalize();
     Ok(())
 }
 

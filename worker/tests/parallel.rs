@@ -250,3 +250,66 @@ fn a_signal_to_one_tensor_parallel_rank_stops_every_rank_after_the_same_iteratio
         assert!(save.join(&it).join(r).join("model.safetensors").is_file(), "{r} of iteration {it}");
     }
 }
+
+/// ZeRO through the real path: glm-worker on two MPI ranks at stage 2
+/// trains like stage 0, reports what each rank holds, writes one optimizer
+/// shard per rank, resumes bitwise, and re-partitions its optimizer state
+/// for one process (directly, and through `checkpoint merge`).
+#[test]
+fn zero_stage_two_under_mpirun_matches_stage_zero_and_reshards_on_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let (s0, s2, same, one, merged_run) = (d.path().join("s0"), d.path().join("s2"), d.path().join("same"), d.path().join("one"), d.path().join("merged_run"));
+    let cfg = ds(d.path(), "ds.json", 2, 4);
+    let zero2 = ["zero_optimization.stage=2".to_string(), "zero_optimization.reduce_bucket_size=20000".into(), "zero_optimization.allgather_bucket_size=5000".into()];
+    let sets = |extra: Vec<String>| -> Vec<String> { ["train_iters=4".to_string(), "eval_interval=0".into()].into_iter().chain(extra).collect() };
+    ok(&run(d.path(), 2, &cfg, &sets(vec![format!("save={}", s0.display())])));
+    let out = ok(&run(d.path(), 2, &cfg, &sets([zero2.to_vec(), vec!["save_interval=2".into(), format!("save={}", s2.display())]].concat())));
+    assert!(out.contains("zero_optimization") && out.contains("stage 2 (optimizer state and gradients partitioned)"), "{out}");
+    assert!(out.contains("memory: this rank (ZeRO stage 2, data-parallel 2)") && out.contains("memory: theory per rank"), "{out}");
+    assert_close(&losses(&s0, "train"), &losses(&s2, "train"), 1e-6);
+    let it2 = s2.join("2");
+    for f in ["model.safetensors", "zero_dp_rank_00_optim.safetensors", "zero_dp_rank_01_optim.safetensors"] {
+        assert!(it2.join(f).is_file(), "{f}");
+    }
+    assert!(!it2.join("optim.safetensors").exists());
+
+    // same layout: bitwise
+    ok(&run(d.path(), 2, &cfg, &sets([zero2.to_vec(), vec![format!("load={}", it2.display()), format!("save={}", same.display())]].concat())));
+    let tail: Vec<_> = losses(&s2, "train").into_iter().filter(|(i, _)| *i > 2).collect();
+    assert_eq!(tail, losses(&same, "train"), "stage 2 resumed with the same layout");
+    assert!(std::fs::read(s2.join("4/model.safetensors")).unwrap() == std::fs::read(same.join("4/model.safetensors")).unwrap());
+
+    // one process, stage 0: the shards are re-partitioned
+    let ds1 = one_process_ds(d.path());
+    let out = ok(&run(d.path(), 0, &ds1, &sets(vec![format!("load={}", it2.display()), format!("save={}", one.display())])));
+    assert!(out.contains("optimizer state re-partitioned from data-parallel 2, ZeRO stage 2 to data-parallel 1, ZeRO stage 0"), "{out}");
+    assert_close(&tail, &losses(&one, "train"), 1e-6);
+
+    // inspect, then merge with the optimizer state and resume from that
+    let worker = env!("CARGO_BIN_EXE_glm-worker");
+    let cmd = |args: &[&str]| Command::new(worker).current_dir(repo()).args(args).output().unwrap();
+    let report = ok(&cmd(&["checkpoint", "inspect", &it2.display().to_string()]));
+    for want in ["iteration 2", "tensor-parallel 1 × data-parallel 2, ZeRO stage 2", "zero_dp_rank_01_optim.safetensors", "flat ranges", "complete: yes"] {
+        assert!(report.contains(want), "{want}: {report}");
+    }
+    let merged = d.path().join("merged");
+    let out = ok(&cmd(&["checkpoint", "merge", "--load", &it2.display().to_string(), "--out", &merged.display().to_string(), "--with-optimizer"]));
+    assert!(out.contains("and the whole optimizer state"), "{out}");
+    ok(&run(d.path(), 0, &ds1, &sets(vec![format!("load={}", merged.display()), format!("save={}", merged_run.display())])));
+    assert_close(&tail, &losses(&merged_run, "train"), 1e-6);
+
+    // a damaged shard: inspect says so and fails, and resuming refuses it
+    let shard = it2.join("zero_dp_rank_01_optim.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 7]).unwrap();
+    let o = cmd(&["checkpoint", "inspect", &it2.display().to_string()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stdout).contains("complete: NO"), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = run(d.path(), 0, &ds1, &sets(vec![format!("load={}", it2.display())]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("zero_dp_rank_01_optim.safetensors") && err.contains("checksum mismatch"), "{err}");
+}
+
+/// The DeepSpeed config of one process with the global batch of `ds(…, 2, 4)` on two.
+fn one_process_ds(dir: &Path) -> PathBuf {
+    ds(dir, "ds_one.json", 4, 4)
+}

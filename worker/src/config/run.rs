@@ -122,7 +122,7 @@ impl RunConfig {
             overlap_comm: ds.overlap_comm.unwrap_or(dz.overlap_comm),
         };
         zero.validate().map_err(|e| Error::invalid(&ds.path, e.to_string().trim_start_matches("config: ")))?;
-        let zsrc = if ds.zero_stage > 0 || ds.reduce_bucket_size.is_some() { dsname.clone() } else { "default".into() };
+        let zsrc = if ds.raw.get("zero_optimization").is_some() || ds.set_keys.iter().any(|k| k.starts_with("zero_optimization")) { ds.source("zero_optimization") } else { "default".into() };
         put(
             "zero_optimization",
             format!(

@@ -293,10 +293,10 @@ pub struct Optimizer {
     split_ranges: Vec<(i64, i64)>,
     replicated_ranges: Vec<(i64, i64)>,
     /// Test hook (`GLM_INJECT_INF_GRAD=<world rank or *>:<step>[:split]`):
-    /// the rank (every rank with `*`) writes an inf into its reduced
-    /// gradient at that step (counted from 1 in this process), at flat
-    /// element 0, or with `split` at the first element of a tensor-parallel
-    /// slice, when it owns that element.
+    /// the rank (every rank with `*`) writes an inf into the reduced
+    /// gradient it holds (its shard when partitioned) at that step (counted
+    /// from 1 in this process), at its first element, or with `split` at
+    /// the first element of a tensor-parallel slice it holds.
     inject_inf: Option<(u64, i64)>,
     /// AdamW through libtorch's fused kernel (on CUDA; CPU keeps the plain
     /// arithmetic of the golden losses).
@@ -350,8 +350,8 @@ impl Optimizer {
             let mut f = v.split(':').map(str::trim);
             let (rank, step, at) = (f.next()?, f.next()?.parse::<u64>().ok()?, f.next());
             let mine = rank == "*" || rank.parse::<usize>().ok()? == world_rank;
-            let flat_at = if at == Some("split") { split_flat.first()?.0 } else { 0 };
-            let at = map(&[(flat_at, 1)]).first()?.0;
+            // the first element of the gradient it holds (of a split range with `split`)
+            let at = if at == Some("split") { map(&split_flat).first()?.0 } else { 0 };
             mine.then_some((step, at))
         });
         let reducer = if zero.stage == 2 {
