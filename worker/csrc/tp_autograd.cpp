@@ -23,6 +23,7 @@
 #include <torch/torch.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -38,7 +39,7 @@ typedef torch::Tensor* (*glm_collective_fn)(int32_t op, void* group, torch::Tens
 typedef void (*glm_group_drop_fn)(void* group);
 }
 
-static glm_collective_fn g_collective = nullptr;
+static std::atomic<glm_collective_fn> g_collective{nullptr};
 static thread_local std::string g_last_error;
 
 // A Rust group handle, released when the last holder (an autograd node, or
@@ -56,16 +57,18 @@ static GroupPtr saved_group(AutogradContext* ctx) {
 }
 
 static void all_reduce(const torch::Tensor& t, const GroupPtr& group) {
-    if (!g_collective) throw std::runtime_error("tensor-parallel collective callback not registered");
+    glm_collective_fn f = g_collective.load();
+    if (!f) throw std::runtime_error("tensor-parallel collective callback not registered");
     int32_t err = 0;
-    g_collective(0, group->ctx, new torch::Tensor(t), &err);
+    f(0, group->ctx, new torch::Tensor(t), &err);
     if (err) throw std::runtime_error("tensor-parallel all-reduce failed (see the log for the communicator's error)");
 }
 
 static torch::Tensor all_gather_last(const torch::Tensor& t, const GroupPtr& group) {
-    if (!g_collective) throw std::runtime_error("tensor-parallel collective callback not registered");
+    glm_collective_fn f = g_collective.load();
+    if (!f) throw std::runtime_error("tensor-parallel collective callback not registered");
     int32_t err = 0;
-    torch::Tensor* out = g_collective(1, group->ctx, new torch::Tensor(t.contiguous()), &err);
+    torch::Tensor* out = f(1, group->ctx, new torch::Tensor(t.contiguous()), &err);
     if (err || !out) throw std::runtime_error("tensor-parallel all-gather failed (see the log for the communicator's error)");
     torch::Tensor r = *out;
     delete out;
@@ -133,25 +136,36 @@ static torch::Tensor* guarded(F f) {
     }
 }
 
+// `guarded` for the entries that take a group handle: the handle is owned
+// (and released) even when allocating its holder fails.
+template <typename F>
+static torch::Tensor* guarded_with(void* g, glm_group_drop_fn drop, F f) {
+    GroupPtr group;
+    try {
+        group = c10::make_intrusive<RustGroup>(g, drop);
+    } catch (const std::exception& e) {
+        drop(g);
+        g_last_error = e.what();
+        return nullptr;
+    }
+    return guarded([&] { return f(group); });
+}
+
 extern "C" {
-void glm_tp_set_collective(glm_collective_fn f) { g_collective = f; }
+void glm_tp_set_collective(glm_collective_fn f) { g_collective.store(f); }
 const char* glm_tp_last_error() { return g_last_error.c_str(); }
 // Each entry takes ownership of the group handle `g` (released through
 // `drop` when no autograd node needs it any more, also on failure).
 torch::Tensor* glm_tp_copy_to(torch::Tensor* x, void* g, glm_group_drop_fn drop) {
-    auto group = c10::make_intrusive<RustGroup>(g, drop);
-    return guarded([&] { return CopyTo::apply(*x, group); });
+    return guarded_with(g, drop, [&](const GroupPtr& group) { return CopyTo::apply(*x, group); });
 }
 torch::Tensor* glm_tp_reduce_from(torch::Tensor* x, void* g, glm_group_drop_fn drop) {
-    auto group = c10::make_intrusive<RustGroup>(g, drop);
-    return guarded([&] { return ReduceFrom::apply(*x, group); });
+    return guarded_with(g, drop, [&](const GroupPtr& group) { return ReduceFrom::apply(*x, group); });
 }
 torch::Tensor* glm_tp_scatter_to(torch::Tensor* x, void* g, glm_group_drop_fn drop, int64_t rank, int64_t size) {
-    auto group = c10::make_intrusive<RustGroup>(g, drop);
-    return guarded([&] { return ScatterTo::apply(*x, group, rank, size); });
+    return guarded_with(g, drop, [&](const GroupPtr& group) { return ScatterTo::apply(*x, group, rank, size); });
 }
 torch::Tensor* glm_tp_gather_from(torch::Tensor* x, void* g, glm_group_drop_fn drop, int64_t rank, int64_t size) {
-    auto group = c10::make_intrusive<RustGroup>(g, drop);
-    return guarded([&] { return GatherFrom::apply(*x, group, rank, size); });
+    return guarded_with(g, drop, [&](const GroupPtr& group) { return GatherFrom::apply(*x, group, rank, size); });
 }
 }

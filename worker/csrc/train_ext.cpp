@@ -151,7 +151,14 @@ const char* glm_ext_last_error() { return g_ext_error.c_str(); }
 // Installs the gradient hook of `param` (replacing any), taking ownership of
 // `ctx` (freed through `drop`, also on failure). Returns 0, or -1.
 int32_t glm_set_grad_hook(torch::Tensor* param, void* ctx, glm_grad_hook_fn call, glm_closure_drop_fn drop) {
-    std::unique_ptr<torch::autograd::PostAccumulateGradHook> hook(new RustGradHook(ctx, call, drop));
+    std::unique_ptr<torch::autograd::PostAccumulateGradHook> hook;
+    try {
+        hook.reset(new RustGradHook(ctx, call, drop));
+    } catch (const std::exception& e) {
+        drop(ctx);
+        g_ext_error = e.what();
+        return -1;
+    }
     try {
         torch::autograd::impl::set_post_acc_grad_hooks(*param, std::move(hook));
         return 0;

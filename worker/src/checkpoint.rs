@@ -63,10 +63,11 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<ScalerState>,
     pub model: GlmConfig,
-    /// Tensor- and data-parallel sizes of the run that saved it.
-    #[serde(default = "one")]
+    /// Tensor- and data-parallel sizes of the run that saved it (0: not
+    /// recorded, a checkpoint from before they were).
+    #[serde(default)]
     pub tp: usize,
-    #[serde(default = "one")]
+    #[serde(default)]
     pub dp: usize,
     /// ZeRO's partition of the optimizer state (stages 1 and 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,10 +82,6 @@ pub struct State {
     pub files: BTreeMap<String, String>,
 }
 
-fn one() -> usize {
-    1
-}
-
 /// Where every data-parallel rank's shard of the optimizer state lives.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ZeroManifest {
@@ -93,6 +90,9 @@ pub struct ZeroManifest {
     pub shards: Shards,
     /// Parameter elements (the flat buffers hold them first, then padding).
     pub numel: i64,
+    /// `layout_fingerprint` of the part's parameters: the flat ranges refer
+    /// to this layout.
+    pub layout: String,
     pub files: Vec<ShardFile>,
 }
 
@@ -142,8 +142,12 @@ fn agree(c: Option<&crate::comm::Comm>, ok: bool) -> Result<bool> {
 /// (`<it>/`, or `<it>/mp_rank_XX/` with tensor parallelism): the fp32
 /// weights, the tokenizer, `state.json`, and at ZeRO stage 0 the
 /// moments; at stages 1 and 2 every data-parallel rank writes its shard of
-/// the moments into the part. Collective over the world; returns the part
-/// this rank wrote or contributed to.
+/// the moments into the part (the part's directory must be on a filesystem
+/// all its data-parallel ranks share). Every phase ends with an agreement
+/// over the whole world, so a failure on any rank (a full disk) stops every
+/// rank's save with an error, parts are renamed into place only once every
+/// part is complete, and `latest` moves last. Collective over the world;
+/// returns the part this rank wrote or contributed to.
 pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_state: bool, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
     let it = state.iteration;
     let it_dir = save.join(it.to_string());
@@ -153,46 +157,44 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     };
     let (shards, dp_rank) = opt.shards();
     let partitioned = opt.partitioned() && with_state;
-    // collectives first (every data-parallel rank takes part): the fp32
-    // weights and, at stage 0, nothing else to gather
+    // the one collective of the data (every data-parallel rank takes part):
+    // the fp32 weights onto data-parallel rank 0
     let weights = opt.full_weights(&model.params)?;
     let main = par.dims.dp_rank() == 0;
+    let world = par.world.as_ref();
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
-    // one temporary directory for the part, shared by its data-parallel ranks
+    // one temporary directory per part, shared by its data-parallel ranks
     let tmp = parent.join(format!(".tmp-{name}"));
-    let prepared = if main {
-        (|| -> Result<()> {
+    let cleanup = || {
+        if main {
             let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).at(&tmp)
-        })()
-    } else {
-        Ok(())
+        }
     };
-    let dp = par.dp.as_ref();
-    if !agree(dp, prepared.is_ok())? {
-        return Err(prepared.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint {}: data-parallel rank 0 could not create the part's directory", dir.display()))));
-    }
-    let shard_name = shard_file(dp_rank);
+    // each phase: this rank's work, then every rank learns whether all succeeded
+    let phase = |r: Result<()>, what: &str| -> Result<()> {
+        if agree(world, r.is_ok())? {
+            return Ok(());
+        }
+        cleanup();
+        Err(r.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to {what} (see its error); nothing was installed"))))
+    };
+    phase(if main { std::fs::remove_dir_all(&tmp).or(Ok(())).and_then(|_| std::fs::create_dir_all(&tmp)).at(&tmp) } else { Ok(()) }, "create its part's directory")?;
     let wrote_shard = if partitioned {
-        let path = tmp.join(&shard_name);
+        let path = tmp.join(shard_file(dp_rank));
         let named = [("exp_avg".to_string(), opt.adam.exp_avg.shallow_clone()), ("exp_avg_sq".to_string(), opt.adam.exp_avg_sq.shallow_clone())];
         Tensor::write_safetensors(&named, &path).map_err(|e| tch_err(&path, e))
     } else {
         Ok(())
     };
-    if !agree(dp, wrote_shard.is_ok())? {
-        if main {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        return Err(wrote_shard.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint {}: another data-parallel rank could not write its optimizer shard", dir.display()))));
-    }
+    phase(wrote_shard, "write its optimizer shard")?;
     let written = if main {
         state.optimizer_step = opt.adam.step;
         state.zero = partitioned.then(|| ZeroManifest {
             stage: opt.zero.stage,
             shards,
             numel: model.params.numel(),
+            layout: layout_fingerprint(&model.params.infos),
             files: (0..shards.dp).map(|r| ShardFile { file: shard_file(r), dp_rank: r, pieces: shards.pieces(r) }).collect(),
         });
         let weights = weights.expect("data-parallel rank 0 holds the weights");
@@ -206,28 +208,37 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
             named
         });
         let shard_files: Vec<String> = state.zero.iter().flat_map(|z| z.files.iter().map(|f| f.file.clone())).collect();
-        let r = finish_dir(&tmp, &dir, &named, optim.as_deref(), &shard_files, tokenizer_json, state, with_state);
-        if r.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        r
+        fill_dir(&tmp, &named, optim.as_deref(), &shard_files, tokenizer_json, state, with_state)
     } else {
         Ok(())
     };
-    if !agree(par.world.as_ref(), written.is_ok())? {
-        return Err(written.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to write its part (see its error)"))));
-    }
-    if par.is_main() {
-        write_latest(save, it)?;
+    phase(written, "write its part")?;
+    // every part is complete: install them, then point `latest` at them
+    phase(if main { install(&tmp, &dir) } else { Ok(()) }, "install its part")?;
+    let latest = if par.is_main() { write_latest(save, it) } else { Ok(()) };
+    if !agree(world, latest.is_ok())? {
+        return Err(latest.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", save.join("latest").display()))));
     }
     Ok(dir)
 }
 
-/// Completes a part in `tmp` (the shard files already there): weights,
-/// optimizer state, tokenizer, `state.json` with every file's sha256; then
-/// renames it to `dir` (replacing an older one).
+/// A fingerprint of a part's parameter layout (names, offsets, sizes): the
+/// flat ranges of ZeRO shards mean something only for this layout.
+pub fn layout_fingerprint(infos: &[ParamInfo]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut by_offset: Vec<&ParamInfo> = infos.iter().collect();
+    by_offset.sort_by_key(|i| i.offset);
+    let mut h = Sha256::new();
+    for i in by_offset {
+        h.update(format!("{} {} {}\n", i.name, i.offset, i.numel));
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// Writes a part's files into `tmp` (the shard files already there):
+/// weights, optimizer state, tokenizer, `state.json` with every file's sha256.
 #[allow(clippy::too_many_arguments)]
-fn finish_dir(tmp: &Path, dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, shard_files: &[String], tokenizer_json: &str, mut state: State, with_state: bool) -> Result<()> {
+fn fill_dir(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, shard_files: &[String], tokenizer_json: &str, mut state: State, with_state: bool) -> Result<()> {
     state.files = BTreeMap::new();
     let mp = tmp.join("model.safetensors");
     Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
@@ -245,11 +256,24 @@ fn finish_dir(tmp: &Path, dir: &Path, model: &[(String, Tensor)], optim: Option<
     std::fs::write(&tp, tokenizer_json).at(&tp)?;
     state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
     let sp = tmp.join("state.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).at(dir)?;
+    std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)
+}
+
+/// Renames the complete part `tmp` to `dir`. An older `dir` (the same
+/// iteration saved again) is moved aside first and deleted only after the
+/// new one is in place, so a crash in between leaves one of them intact.
+fn install(tmp: &Path, dir: &Path) -> Result<()> {
+    let old = dir.with_file_name(format!(".old-{}", dir.file_name().unwrap_or_default().to_string_lossy()));
+    let had_old = dir.exists();
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).at(dir)?;
     }
-    std::fs::rename(tmp, dir).at(dir)
+    std::fs::rename(tmp, dir).at(dir)?;
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
 }
 
 /// Writes one checkpoint directory — weights, optimizer state when given,
@@ -266,7 +290,7 @@ fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Te
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
-    let result = finish_dir(&tmp, dir, model, optim, &[], tokenizer_json, state, optim.is_some());
+    let result = fill_dir(&tmp, model, optim, &[], tokenizer_json, state, optim.is_some()).and_then(|_| install(&tmp, dir));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -291,21 +315,50 @@ pub fn resolve(load: &Path) -> Result<PathBuf> {
     Ok(load.join(it))
 }
 
-/// Reads and verifies `state.json` and every file's checksum.
-pub fn read_state(dir: &Path) -> Result<State> {
+/// Reads `state.json` of a checkpoint part (format version checked, files
+/// not yet verified: `load` verifies those it reads).
+pub fn open_state(dir: &Path) -> Result<State> {
     let sp = dir.join("state.json");
     let state: State = crate::error::read_json(&sp, "corrupt checkpoint state")?;
     if state.format_version != FORMAT_VERSION {
         return Err(Error::invalid(&sp, format!("checkpoint format {} (this build reads {FORMAT_VERSION})", state.format_version)));
     }
-    for (name, want) in &state.files {
+    if let Some(z) = &state.zero {
+        z.shards.validate().map_err(|e| Error::invalid(&sp, format!("zero manifest: {e}")))?;
+    }
+    Ok(state)
+}
+
+/// Checks the files `names` of a part against their recorded sha256.
+fn verify(dir: &Path, state: &State, names: &[&str]) -> Result<()> {
+    for name in names {
         let p = dir.join(name);
-        let got = sha256_file(&p)?;
-        if &got != want {
+        let want = state.files.get(*name).ok_or_else(|| Error::invalid(dir.join("state.json"), format!("{name} is not listed with a checksum")))?;
+        if &sha256_file(&p)? != want {
             return Err(Error::invalid(&p, "checksum mismatch: the file is truncated or was modified after saving; refusing to load it"));
         }
     }
+    Ok(())
+}
+
+/// Reads `state.json` and verifies every file's checksum.
+pub fn read_state(dir: &Path) -> Result<State> {
+    let state = open_state(dir)?;
+    let names: Vec<&str> = state.files.keys().map(String::as_str).collect();
+    verify(dir, &state, &names)?;
     Ok(state)
+}
+
+/// The manifest's shards must describe this part's parameter layout.
+fn check_manifest(dir: &Path, z: &ZeroManifest, infos: &[ParamInfo]) -> Result<()> {
+    let want = layout_fingerprint(infos);
+    if z.layout != want {
+        return Err(Error::invalid(
+            dir.join("state.json"),
+            format!("the optimizer shards were saved for parameter layout {} but this model's is {want} (another model, tensor-parallel rank or build)", z.layout),
+        ));
+    }
+    Ok(())
 }
 
 /// Copies the tensors `<prefix><name>` of `file` into views of `flat` laid
@@ -358,6 +411,7 @@ fn read_weights(dir: &Path, model: &Glm) -> Result<Tensor> {
 /// the same layout each rank reads only its own shard.
 pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<()> {
     check_model(dir, state, model)?;
+    verify(dir, state, &["model.safetensors"])?;
     let weights = read_weights(dir, model)?;
     opt.set_weights(&mut model.params, &weights);
     drop(weights);
@@ -369,6 +423,7 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
     match &state.zero {
         None => {
             // stage 0: whole moments by parameter name
+            verify(dir, state, &["optim.safetensors"])?;
             let op = dir.join("optim.safetensors");
             let infos = model.params.infos.clone();
             let mut m = tch::Tensor::zeros([model.params.padded_numel()], (tch::Kind::Float, model.params.device()));
@@ -379,7 +434,9 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
         }
         Some(z) if opt.partitioned() && z.shards == shards && z.numel == model.params.numel() => {
             // the same partition: this rank's shard, as saved
+            check_manifest(dir, z, &model.params.infos)?;
             let f = z.files.iter().find(|f| f.dp_rank == dp_rank).ok_or_else(|| Error::invalid(dir.join("state.json"), format!("the manifest lists no shard of data-parallel rank {dp_rank}")))?;
+            verify(dir, state, &[f.file.as_str()])?;
             let (m, v) = read_shard(dir, f)?;
             tch::no_grad(|| {
                 opt.adam.exp_avg.copy_(&m);
@@ -388,6 +445,9 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
         }
         Some(z) => {
             // another partition: the whole moments from every shard, then this rank's
+            check_manifest(dir, z, &model.params.infos)?;
+            let files: Vec<&str> = z.files.iter().map(|f| f.file.as_str()).collect();
+            verify(dir, state, &files)?;
             let (m, v) = read_sharded_moments(dir, z, model.params.numel())?;
             let pad = |t: Tensor| Tensor::cat(&[t.to_device(model.params.device()), Tensor::zeros([model.params.padded_numel() - z.numel], (tch::Kind::Float, model.params.device()))], 0);
             opt.set_full_moments(&pad(m), &pad(v));
@@ -454,6 +514,7 @@ fn read_named_moments(dir: &Path, state: &State, infos: &[ParamInfo]) -> Result<
             Ok(Tensor::read_safetensors(&op).map_err(|e| tch_err(&op, e))?.into_iter().collect())
         }
         Some(z) => {
+            check_manifest(dir, z, infos)?;
             let numel: i64 = infos.iter().map(|i| i.numel).sum();
             let (m, v) = read_sharded_moments(dir, z, numel)?;
             let mut out = BTreeMap::new();
@@ -538,8 +599,11 @@ pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, Sta
     let parts: Vec<(State, BTreeMap<String, Tensor>, String)> = dirs.iter().map(|d| read_model(d)).collect::<Result<_>>()?;
     let n = parts.len();
     let (state0, first, tok) = &parts[0];
-    if parts.iter().any(|(s, _, _)| s.iteration != state0.iteration || s.model != state0.model) {
-        return Err(Error::invalid(dir, "parts disagree on iteration or model configuration"));
+    if parts.iter().any(|(s, _, _)| s.iteration != state0.iteration || s.model != state0.model || s.tp != state0.tp) {
+        return Err(Error::invalid(dir, "parts disagree on iteration, model configuration or tensor-parallel size"));
+    }
+    if state0.tp != 0 && state0.tp != n {
+        return Err(Error::invalid(dir, format!("{n} of {} tensor-parallel parts present (mp_rank_00 ..): the checkpoint is incomplete", state0.tp)));
     }
     let table = partitions(&state0.model);
     let mut named = Vec::new();
@@ -622,9 +686,11 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The tensors of a safetensors file from its header alone: (name, dtype,
-/// shape, bytes), sorted by name.
-fn safetensors_header(path: &Path) -> Result<Vec<(String, String, Vec<u64>, u64)>> {
+/// One tensor of a safetensors header: name, dtype, shape, bytes.
+type HeaderEntry = (String, String, Vec<u64>, u64);
+
+/// The tensors of a safetensors file from its header alone, sorted by name.
+fn safetensors_header(path: &Path) -> Result<Vec<HeaderEntry>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).at(path)?;
     let mut len = [0u8; 8];
@@ -677,7 +743,7 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
             lines.push(format!(
                 "  layout: tensor-parallel {} × data-parallel {}, ZeRO stage {}{}, precision {} (weights stored in fp32)",
                 state.tp.max(dirs.len()),
-                state.dp,
+                if state.dp == 0 { "?".to_string() } else { state.dp.to_string() },
                 z.map_or(0, |z| z.stage),
                 z.map_or(String::new(), |z| format!(" ({} shard(s) of {} elements, units of {})", z.shards.dp, z.shards.shard_len(), z.shards.unit)),
                 state.precision.name()
@@ -692,6 +758,9 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
                 m.vocab_size,
                 if state.has_optimizer { "saved" } else { "not saved" }
             ));
+            if state.zero.is_some() && state.dp != state.zero.as_ref().map_or(0, |z| z.shards.dp) {
+                problems.push(format!("state.json says data-parallel {} but the manifest has {} shards", state.dp, state.zero.as_ref().map_or(0, |z| z.shards.dp)));
+            }
             if state.tp > dirs.len() {
                 problems.push(format!("{} of {} tensor-parallel parts present", dirs.len(), state.tp));
             }
@@ -709,7 +778,7 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
             let (size, verdict) = match std::fs::metadata(&p) {
                 Err(_) => (0, "MISSING".to_string()),
                 Ok(meta) => match sha256_file(&p) {
-                    Ok(h) if &h == &state.files[name] => (meta.len(), format!("sha256 {} ok", &h[..16])),
+                    Ok(h) if h == state.files[name] => (meta.len(), format!("sha256 {} ok", &h[..16])),
                     Ok(h) => (meta.len(), format!("sha256 {} MISMATCH (truncated or modified)", &h[..16])),
                     Err(e) => (meta.len(), format!("unreadable: {e}")),
                 },

@@ -365,12 +365,45 @@ fn merging_tensor_parallel_zero_shards_resumes_in_one_process() {
     let whole = run_from(s, None, 0, 4, None);
     run_from(s, None, 0, 2, Some(&saved));
     assert!(saved.join("2/mp_rank_01").join(checkpoint::shard_file(1)).is_file());
+    // an incomplete set of parts is refused
+    let partial = d.path().join("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::rename(saved.join("2/mp_rank_01"), partial.join("mp_rank_01")).unwrap();
+    let e = checkpoint::merge(&saved.join("2"), &d.path().join("m0"), true).unwrap_err().to_string();
+    assert!(e.contains("1 of 2 tensor-parallel parts present"), "{e}");
+    std::fs::rename(partial.join("mp_rank_01"), saved.join("2/mp_rank_01")).unwrap();
     let (parts, st) = checkpoint::merge(&saved.join("2"), &merged, true).unwrap();
     assert_eq!((parts, st.tp, st.has_optimizer), (2, 1, true));
     let one = run_from(Setup::new(1, 1, 0), Some(&merged), 2, 2, None);
     for (a, b) in whole[0].losses[2..].iter().zip(&one[0].losses) {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "merged TP=2 × DP=2 stage 2 resumed in one process: loss {b} vs uninterrupted {a}");
     }
+}
+
+/// A save that fails on one rank (here: tensor-parallel rank 1 cannot
+/// create its part's directory) fails on every rank, installs no part and
+/// leaves `latest` alone, instead of leaving the other ranks waiting.
+#[test]
+fn a_save_failing_on_one_rank_fails_everywhere_and_installs_nothing() {
+    let _lock = glm_worker_test_lock();
+    let d = tempfile::tempdir().unwrap();
+    let saved = d.path().join("ck");
+    std::fs::create_dir_all(saved.join("1")).unwrap();
+    std::fs::write(saved.join("1/.tmp-mp_rank_01"), "in the way").unwrap();
+    let s = Setup::new(4, 2, 2);
+    let jobs = ranks(&s);
+    let errors = run_ranks(s.world, |r| {
+        let (par, mut model) = jobs[r].lock().unwrap().take().unwrap();
+        let mut opt = Optimizer::new(&mut model.params, &optim_cfg(&s), &par).unwrap();
+        steps(&s, &par, &mut model, &mut opt, 1, 2);
+        let st = State { tp: 2, ..state(1, 2) };
+        checkpoint::save(&saved, &model, &opt, &par, true, "{}", st).err().map(|e| e.to_string())
+    });
+    assert!(errors.iter().all(Option::is_some), "every rank reports the failure: {errors:?}");
+    // the rank that failed names the path; the others say another rank failed
+    assert!(errors[1].as_ref().unwrap().contains(".tmp-mp_rank_01"), "{errors:?}");
+    assert!(errors[0].as_ref().unwrap().contains("another rank failed to create its part's directory"), "{errors:?}");
+    assert!(!saved.join("latest").exists() && !saved.join("1/mp_rank_00").exists() && !saved.join("1/.tmp-mp_rank_00").exists());
 }
 
 #[test]

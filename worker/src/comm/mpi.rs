@@ -49,7 +49,7 @@ pub fn world() -> Result<MpiComm> {
     let guard = cell.lock().expect("MPI universe lock");
     let u = guard.as_ref().ok_or_else(|| err("init", "MPI was already initialised elsewhere, or failed to start; HINT: start under mpirun/srun, or alone"))?;
     let _s = serial();
-    Ok(MpiComm { comm: std::mem::ManuallyDrop::new(u.world().duplicate()), name: "world".into() })
+    Ok(MpiComm::new(u.world().duplicate(), "world"))
 }
 
 /// Finalises MPI (drops the universe) if it was initialised; call once, at
@@ -67,6 +67,9 @@ pub struct MpiComm {
     /// alive by a late autograd node must not abort the process).
     comm: std::mem::ManuallyDrop<SimpleCommunicator>,
     name: String,
+    /// Asked once, at construction (under the lock).
+    rank: usize,
+    size: usize,
 }
 
 impl Drop for MpiComm {
@@ -85,6 +88,11 @@ unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
 impl MpiComm {
+    fn new(comm: SimpleCommunicator, name: &str) -> Self {
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        MpiComm { comm: std::mem::ManuallyDrop::new(comm), name: name.into(), rank, size }
+    }
+
     /// Splits this communicator into groups called `name`: ranks passing
     /// the same `color` form one sub-communicator, ordered by `key`.
     /// Collective: every rank calls it.
@@ -94,13 +102,13 @@ impl MpiComm {
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .ok_or_else(|| err("split", "empty group"))?;
-        Ok(MpiComm { comm: std::mem::ManuallyDrop::new(c), name: name.into() })
+        Ok(MpiComm::new(c, name))
     }
 
     /// Ranks sharing this node (the local rank of a process).
     pub fn local(&self) -> MpiComm {
         let _s = serial();
-        MpiComm { comm: std::mem::ManuallyDrop::new(self.comm.split_shared(self.comm.rank())), name: "node".into() }
+        MpiComm::new(self.comm.split_shared(self.comm.rank()), "node")
     }
 
     fn check_rc(&self, op: &str, call: &str, rc: c_int) -> Result<()> {
@@ -123,11 +131,11 @@ const CHUNK: usize = 1 << 30;
 
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
-        self.comm.rank() as usize
+        self.rank
     }
 
     fn size(&self) -> usize {
-        self.comm.size() as usize
+        self.size
     }
 
     fn name(&self) -> &str {

@@ -333,6 +333,7 @@ impl Communicator for NcclComm {
 
     fn all_gather_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
         self.check_tensor(out, "ncclAllGather")?;
+        self.check_tensor(input, "ncclAllGather")?;
         super::check_gather(self, input, out)?;
         let dt = dtype_of(self, out, "ncclAllGather")?;
         // in place when `input` is this rank's slot of `out` (NCCL allows it)
@@ -348,6 +349,7 @@ impl Communicator for NcclComm {
 
     fn reduce_scatter_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
         self.check_tensor(input, "ncclReduceScatter")?;
+        self.check_tensor(out, "ncclReduceScatter")?;
         super::check_scatter(self, input, out)?;
         let dt = dtype_of(self, input, "ncclReduceScatter")?;
         let direct = out.is_contiguous();

@@ -420,6 +420,12 @@ impl Glm {
         if o.attention_scale < 1.0 {
             return Err(Error::Config(format!("attention_scale {}: must be >= 1", o.attention_scale)));
         }
+        if let Some(g) = &o.tp {
+            crate::parallel::dims::check_split(g.size, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size).map_err(Error::Config)?;
+            if cfg.vocab_size % g.size != 0 {
+                return Err(Error::Config(format!("vocab_size {} is not divisible by model_parallel_size {} (pad it: make_vocab_size_divisible_by)", cfg.vocab_size, g.size)));
+            }
+        }
         let (pb, d) = declare(&cfg, o.tp.as_ref().map(|g| (g.rank, g.size)));
         let params = pb.build(o.device, o.kind, o.seed, o.pad_multiple)?;
         let (eps, ln32) = (cfg.layernorm_epsilon, o.fp32_layernorm);

@@ -115,7 +115,8 @@ pub struct MemoryBytes {
     pub grads: u64,
     pub optimizer: u64,
     /// Stage 2: the largest total of gradient buckets held at once during
-    /// backward (transient; not in `grads`).
+    /// backward (`grads` counts the buckets held when it is measured: none
+    /// between steps).
     pub bucket_peak: u64,
 }
 
@@ -182,6 +183,8 @@ struct Reducer {
     expected: Vec<i64>,
     /// Elements still to come in this micro-batch, per unit.
     pending: Vec<i64>,
+    /// Which parameters' gradients arrived in this micro-batch.
+    delivered: Vec<bool>,
     buckets: BTreeMap<usize, Tensor>,
     next: usize,
     kind: Kind,
@@ -196,6 +199,16 @@ struct Reducer {
 
 impl Reducer {
     fn on_grad(&mut self, index: usize, g: &Tensor) -> Result<()> {
+        // after a failure this rank issues no more collectives: `finish`
+        // reports it (the peers stop at their next collective)
+        if self.error.is_some() {
+            return Err(Error::Runtime("an earlier gradient reduction of this micro-batch failed".into()));
+        }
+        if std::mem::replace(&mut self.delivered[index], true) {
+            return Err(Error::Runtime(format!(
+                "parameter {index} received its gradient twice in one micro-batch (ZeRO stage 2 reduces each gradient once, as autograd finishes it)"
+            )));
+        }
         let (off, n) = self.params[index];
         let flat = g.reshape([-1]);
         let first = self.units.partition_point(|&(s, l)| s + l <= off);
@@ -252,16 +265,20 @@ impl Reducer {
     /// Ends a micro-batch: reduces the units still open (parameters that
     /// received no gradient count as zeros), in order, and rearms.
     fn finish(&mut self) -> Result<()> {
-        if let Some(e) = self.error.take() {
-            return Err(Error::Runtime(e));
-        }
-        while self.next < self.units.len() {
-            self.reduce(self.next)?;
+        let mut result = match self.error.take() {
+            Some(e) => Err(Error::Runtime(e)),
+            None => Ok(()),
+        };
+        while result.is_ok() && self.next < self.units.len() {
+            result = self.reduce(self.next);
             self.next += 1;
         }
         self.next = 0;
         self.pending.clone_from(&self.expected);
-        Ok(())
+        self.delivered.iter_mut().for_each(|d| *d = false);
+        self.buckets.clear();
+        self.held = 0;
+        result
     }
 }
 
@@ -365,6 +382,7 @@ impl Optimizer {
                 params: infos,
                 pending: expected.clone(),
                 expected,
+                delivered: vec![false; params.infos.len()],
                 buckets: BTreeMap::new(),
                 next: 0,
                 kind: precision.kind(),
@@ -450,7 +468,7 @@ impl Optimizer {
     /// the parameters in fp32 training, else the masters, gathered from
     /// their shards. Collective over the data-parallel group.
     pub fn full_weights(&self, params: &Params) -> Result<Option<Tensor>> {
-        let main = self.dp.as_ref().map_or(true, |c| c.rank() == 0);
+        let main = self.dp.as_ref().is_none_or(|c| c.rank() == 0);
         let Some(m) = &self.master else {
             return Ok(main.then(|| params.flat().shallow_clone()));
         };
@@ -470,23 +488,23 @@ impl Optimizer {
         };
         let main = c.rank() == 0;
         let full = main.then(|| Tensor::zeros([self.shards.padded], (Kind::Float, t.device())));
+        let d = self.shards.dp as i64;
+        // scratch of at most allgather_bucket_size elements at a time
+        let chunk = (self.zero.allgather_bucket_size / d).max(1);
         for (u, &(start, len)) in self.shards.units().iter().enumerate() {
             let p = self.pieces[u];
-            let mut scratch = Tensor::empty([len], (Kind::Float, t.device()));
-            c.all_gather_into(&t.narrow(0, p.shard, p.len), &mut scratch)?;
-            if let Some(f) = &full {
-                tch::no_grad(|| f.narrow(0, start, len).copy_(&scratch));
+            let mut col = 0;
+            while col < p.len {
+                let n = chunk.min(p.len - col);
+                let mut scratch = Tensor::empty([d * n], (Kind::Float, t.device()));
+                c.all_gather_into(&t.narrow(0, p.shard + col, n), &mut scratch)?;
+                if let Some(f) = &full {
+                    tch::no_grad(|| f.narrow(0, start, len).view([d, p.len]).narrow(1, col, n).copy_(&scratch.view([d, n])));
+                }
+                col += n;
             }
         }
         Ok(full)
-    }
-
-    /// AdamW's moments laid out like the whole flat buffer, on
-    /// data-parallel rank 0 (`None` elsewhere). Collective.
-    pub fn full_moments(&self) -> Result<Option<(Tensor, Tensor)>> {
-        let m = self.gather_shards(&self.adam.exp_avg)?;
-        let v = self.gather_shards(&self.adam.exp_avg_sq)?;
-        Ok(m.zip(v))
     }
 
     /// Sets AdamW's moments from whole-buffer tensors (every rank passes

@@ -83,6 +83,15 @@ impl Shards {
         Ok(Shards { padded, unit, dp })
     }
 
+    /// Checks a partition read from a file (a checkpoint manifest).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let d = self.dp as i64;
+        if self.dp == 0 || self.unit <= 0 || self.padded < 0 || self.padded % d != 0 || self.unit % d != 0 {
+            return Err(format!("invalid partition {self:?}: units and the buffer must be positive multiples of the data-parallel size"));
+        }
+        Ok(())
+    }
+
     /// `(start, len)` of every unit, in order.
     pub fn units(&self) -> Vec<(i64, i64)> {
         let mut out = Vec::new();

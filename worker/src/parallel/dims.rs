@@ -28,15 +28,7 @@ impl ParallelDims {
 
     /// Checks that the model splits evenly over the tensor-parallel ranks.
     pub fn check_model(&self, hidden: usize, heads: usize, ffn: usize) -> Result<()> {
-        for (what, n) in [("num_attention_heads", heads), ("hidden_size", hidden), ("intermediate_size", ffn)] {
-            if n % self.tp != 0 {
-                return Err(Error::Config(format!(
-                    "{what} {n} is not divisible by model_parallel_size {} (world {} = tp {} × dp {})",
-                    self.tp, self.world, self.tp, self.dp
-                )));
-            }
-        }
-        Ok(())
+        check_split(self.tp, hidden, heads, ffn).map_err(|e| Error::Config(format!("{e} (world {} = tp {} × dp {})", self.world, self.tp, self.dp)))
     }
 
     pub fn tp_rank(&self) -> usize {
@@ -57,6 +49,17 @@ impl ParallelDims {
     pub fn dp_group(&self) -> Vec<usize> {
         (0..self.dp).map(|j| self.tp_rank() + j * self.tp).collect()
     }
+}
+
+/// Whether a model of these sizes splits evenly over `tp` ranks; the
+/// message names the first size that does not.
+pub fn check_split(tp: usize, hidden: usize, heads: usize, ffn: usize) -> std::result::Result<(), String> {
+    for (what, n) in [("num_attention_heads", heads), ("hidden_size", hidden), ("intermediate_size", ffn)] {
+        if n % tp != 0 {
+            return Err(format!("{what} {n} is not divisible by model_parallel_size {tp}"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

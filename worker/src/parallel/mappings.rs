@@ -94,9 +94,9 @@ extern "C" fn collective(op: i32, g: *mut c_void, t: *mut C_tensor, err: *mut i3
             0 => comm.all_reduce(&mut t, ReduceOp::Sum).map(|_| None),
             1 => {
                 // gather along the last dimension = gather along dim 0 of the moved tensor
-                let moved = t.movedim(&[-1], &[0]).contiguous();
+                let moved = t.movedim([-1], [0]).contiguous();
                 let g = comm.all_gather(&moved)?;
-                Ok(Some(g.movedim(&[0], &[-1]).contiguous()))
+                Ok(Some(g.movedim([0], [-1]).contiguous()))
             }
             other => Err(Error::Config(format!("unknown collective {other}"))),
         }

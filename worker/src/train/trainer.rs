@@ -204,7 +204,7 @@ impl Trainer {
             if let Some(g) = &par.tp {
                 dir = dir.join(checkpoint::mp_rank_dir(g.rank));
             }
-            let state = checkpoint::read_state(&dir)?;
+            let state = checkpoint::open_state(&dir)?;
             if state.tokenizer_sha256 != tok.sha256 {
                 return Err(Error::invalid(
                     dir.join("state.json"),
@@ -213,7 +213,7 @@ impl Trainer {
             }
             checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
-            let z = |stage: u8, dp: usize| format!("data-parallel {dp}, ZeRO stage {stage}");
+            let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
             let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero.stage, par.dims.dp));
             let reshard = if saved != now && state.has_optimizer && !a.no_load_optim { format!("; optimizer state re-partitioned from {saved} to {now}") } else { String::new() };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
