@@ -9,7 +9,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;
-pub mod error;
+pub use glm_common::error;
 pub mod generate;
 pub mod model;
 pub mod optim;

@@ -545,7 +545,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     // The MPI world: under mpirun/srun the launched ranks, alone a world of one.
     let world = glm_worker::comm::mpi::world()?;
     let dims = ParallelDims::new(world.size(), world.rank(), args.args.model_parallel_size)?;
-    if dims.rank != 0 {
+    if dims.rank != 0 && std::env::var_os(glm_common::launch::ALL_RANKS_OUTPUT).is_none() {
         quiet_stdout(); // rank 0 reports; every rank's errors still reach stderr
     }
     let cfg = RunConfig::build(ds, args, dims.dp)?;

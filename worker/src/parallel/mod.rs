@@ -1,6 +1,6 @@
 //! Parallel layout: the rank grid and the communicators a rank trains with.
 
-pub mod dims;
+pub use glm_common::dims;
 pub mod layers;
 pub mod mappings;
 
