@@ -1,0 +1,141 @@
+//! Launch back ends: each turns a placement and a worker command into the
+//! command that starts the whole world. Pure functions of their inputs,
+//! unit-tested; `main.rs` runs what they build.
+//!
+//! - `mpirun` (OpenMPI): one app context per host (`-H host:k -np k`), each
+//!   with its own `CUDA_VISIBLE_DEVICES` (the host's selected slots, so
+//!   local rank i uses slot i), the forwarded environment exported with
+//!   `-x`, output tagged per rank (`--tag-output`) for the supervisor.
+//! - `mpiexec` (MPICH / Hydra): the same as `-hosts`/`-n` app contexts with
+//!   `-env`.
+//! - `local`: OpenMPI's mpirun restricted to this machine (no remote start).
+
+use glm_common::hostfile::Placement;
+
+/// Which MPI launcher a command line is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    OpenMpi,
+    Mpich,
+}
+
+impl Flavor {
+    /// Recognises the implementation from `<launcher> --version` output.
+    pub fn detect(version_output: &str) -> Option<Flavor> {
+        if version_output.contains("Open MPI") || version_output.contains("OpenRTE") {
+            Some(Flavor::OpenMpi)
+        } else if version_output.contains("HYDRA") || version_output.contains("MPICH") || version_output.contains("Intel(R) MPI") {
+            Some(Flavor::Mpich)
+        } else {
+            None
+        }
+    }
+}
+
+/// What to start.
+pub struct Job<'a> {
+    pub placement: &'a Placement,
+    /// The worker program and its arguments.
+    pub worker: &'a [String],
+    /// Variables exported to every worker (name, value); values are not
+    /// printed by `display`.
+    pub env: &'a [(String, String)],
+    /// Running as root (OpenMPI refuses without `--allow-run-as-root`).
+    pub as_root: bool,
+    /// More workers than this machine has cores (CPU workers on one host).
+    pub oversubscribe: bool,
+}
+
+/// The launcher command: program, arguments.
+pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
+    let mut argv = vec![launcher.to_string()];
+    let s = |v: &str| v.to_string();
+    match flavor {
+        Flavor::OpenMpi => {
+            if job.as_root {
+                argv.push(s("--allow-run-as-root"));
+            }
+            argv.extend([s("--tag-output"), s("--bind-to"), s("none")]);
+            if job.oversubscribe {
+                argv.push(s("--oversubscribe"));
+            }
+            for (k, _) in job.env {
+                argv.extend([s("-x"), k.clone()]);
+            }
+            for (i, (host, slots)) in job.placement.hosts.iter().enumerate() {
+                if i > 0 {
+                    argv.push(s(":"));
+                }
+                argv.extend([s("-H"), format!("{host}:{}", slots.len()), s("-np"), slots.len().to_string()]);
+                argv.extend([s("-x"), format!("CUDA_VISIBLE_DEVICES={}", join(slots))]);
+                argv.extend(job.worker.iter().cloned());
+            }
+        }
+        Flavor::Mpich => {
+            argv.push(s("-prepend-rank"));
+            for (k, _) in job.env {
+                argv.extend([s("-genvlist"), k.clone()]);
+            }
+            for (i, (host, slots)) in job.placement.hosts.iter().enumerate() {
+                if i > 0 {
+                    argv.push(s(":"));
+                }
+                argv.extend([s("-hosts"), host.clone(), s("-n"), slots.len().to_string()]);
+                argv.extend([s("-env"), s("CUDA_VISIBLE_DEVICES"), join(slots)]);
+                argv.extend(job.worker.iter().cloned());
+            }
+        }
+    }
+    argv
+}
+
+fn join(slots: &[usize]) -> String {
+    slots.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// A command line for people: words with spaces or quotes are quoted.
+pub fn display(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\`;&|<>()*?".contains(c)) { format!("'{}'", a.replace('\'', "'\\''")) } else { a.clone() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement() -> Placement {
+        Placement { hosts: vec![("w0".into(), vec![0, 1]), ("w1".into(), vec![1, 3])] }
+    }
+
+    #[test]
+    fn openmpi_one_context_per_host_with_its_devices() {
+        let p = placement();
+        let worker = vec!["/opt/glm/glm-worker".to_string(), "--config".into(), "a b.json".into()];
+        let env = vec![("NCCL_DEBUG".to_string(), "INFO".to_string())];
+        let job = Job { placement: &p, worker: &worker, env: &env, as_root: true, oversubscribe: false };
+        let argv = command(Flavor::OpenMpi, "mpirun", &job);
+        assert_eq!(
+            display(&argv),
+            "mpirun --allow-run-as-root --tag-output --bind-to none -x NCCL_DEBUG \
+             -H w0:2 -np 2 -x CUDA_VISIBLE_DEVICES=0,1 /opt/glm/glm-worker --config 'a b.json' : \
+             -H w1:2 -np 2 -x CUDA_VISIBLE_DEVICES=1,3 /opt/glm/glm-worker --config 'a b.json'"
+        );
+        assert!(!display(&argv).contains("INFO"), "values are exported, not printed");
+    }
+
+    #[test]
+    fn mpich_contexts_and_detection() {
+        let p = placement();
+        let worker = vec!["glm-worker".to_string()];
+        let job = Job { placement: &p, worker: &worker, env: &[], as_root: false, oversubscribe: true };
+        assert_eq!(
+            display(&command(Flavor::Mpich, "mpiexec", &job)),
+            "mpiexec -prepend-rank -hosts w0 -n 2 -env CUDA_VISIBLE_DEVICES 0,1 glm-worker : -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker"
+        );
+        assert_eq!(Flavor::detect("mpirun (Open MPI) 4.1.4\n"), Some(Flavor::OpenMpi));
+        assert_eq!(Flavor::detect("HYDRA build details:\n    Version: 4.0"), Some(Flavor::Mpich));
+        assert_eq!(Flavor::detect("something else"), None);
+    }
+}

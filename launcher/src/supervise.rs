@@ -1,0 +1,224 @@
+//! Runs the launch command and watches it: every worker's output line is
+//! shown as `[host:rank] line` (rank 0's output and every rank's errors by
+//! default; everything with `--all-ranks-output`) and written to the rank's
+//! log file under the run directory; SIGINT/SIGTERM are forwarded to the
+//! MPI launcher (a second one kills it); when the job fails, the report
+//! names the rank, its host and the cause.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+static SIGNALS: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// One line of the MPI launcher's output, attributed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The rank that wrote it; `None` for the MPI launcher's own messages.
+    pub rank: Option<usize>,
+    pub stderr: bool,
+    pub text: String,
+}
+
+/// Parses OpenMPI's `--tag-output` (`[job,rank]<stdout>:text`) and MPICH's
+/// `-prepend-rank` (`[rank] text`) prefixes.
+pub fn parse_line(raw: &str, from_stderr: bool) -> Line {
+    if let Some(rest) = raw.strip_prefix('[') {
+        if let Some((tag, after)) = rest.split_once(']') {
+            // OpenMPI: "1,3" then "<stdout>:" or "<stderr>:"
+            if let Some((_, r)) = tag.split_once(',') {
+                if let Ok(rank) = r.parse::<usize>() {
+                    for (stream, is_err) in [("<stdout>:", false), ("<stderr>:", true)] {
+                        if let Some(text) = after.strip_prefix(stream) {
+                            return Line { rank: Some(rank), stderr: is_err, text: text.to_string() };
+                        }
+                    }
+                }
+            } else if let Ok(rank) = tag.parse::<usize>() {
+                return Line { rank: Some(rank), stderr: from_stderr, text: after.strip_prefix(' ').unwrap_or(after).to_string() };
+            }
+        }
+    }
+    Line { rank: None, stderr: from_stderr, text: raw.to_string() }
+}
+
+/// The failed rank and its exit code from OpenMPI's abort message
+/// (`Process name: [[7493,1],1]` / `Exit code: 3`) or its signal message
+/// (`process rank 1 with PID 42 on node h exited on signal 9`).
+pub fn failed_rank(messages: &[String]) -> Option<(usize, String)> {
+    let mut rank = None;
+    for m in messages {
+        let t = m.trim();
+        if let Some(rest) = t.strip_prefix("Process name:") {
+            rank = rest.trim().trim_start_matches('[').split(']').next().and_then(|s| s.split(',').nth(1)).and_then(|r| r.trim().parse::<usize>().ok());
+        } else if let (Some(r), Some(code)) = (rank, t.strip_prefix("Exit code:")) {
+            return Some((r, format!("exit code {}", code.trim())));
+        } else if let Some(i) = t.find("process rank ") {
+            let words: Vec<&str> = t[i + "process rank ".len()..].split_whitespace().collect();
+            if let Some(r) = words.first().and_then(|w| w.parse::<usize>().ok()) {
+                let sig = t.split("exited on signal ").nth(1).map(|s| format!("killed by signal {}", s.trim_end_matches('.')));
+                return Some((r, sig.unwrap_or_else(|| "failed".into())));
+            }
+        }
+    }
+    rank.map(|r| (r, "failed".into()))
+}
+
+/// How the job ended.
+pub struct Outcome {
+    /// The exit code glm-launch returns.
+    pub code: i32,
+    /// What went wrong (none on success).
+    pub report: Option<String>,
+}
+
+/// Runs `argv` (with `env` added to its environment), attributing output
+/// to `hosts[rank]`, logging under `run_dir/logs`.
+pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool) -> Result<Outcome> {
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create the run's log directory", logs.display()))?;
+    // SAFETY: the handler only stores to atomics.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {} (is it installed and on PATH?)", argv[0]))?;
+    struct Shared {
+        files: BTreeMap<Option<usize>, std::fs::File>,
+        /// The MPI launcher's own messages.
+        messages: Vec<String>,
+        /// The last error-looking line of each rank.
+        last_error: BTreeMap<usize, String>,
+    }
+    let shared = Arc::new(Mutex::new(Shared { files: BTreeMap::new(), messages: Vec::new(), last_error: BTreeMap::new() }));
+    let hosts: Arc<Vec<String>> = Arc::new(hosts.to_vec());
+    let pump = |stream: Box<dyn std::io::Read + Send>, from_stderr: bool| {
+        let (shared, hosts, logs) = (shared.clone(), hosts.clone(), logs.clone());
+        std::thread::spawn(move || {
+            for raw in BufReader::new(stream).lines() {
+                let Ok(raw) = raw else { break };
+                let line = parse_line(&raw, from_stderr);
+                let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let name = match line.rank {
+                    Some(r) => format!("rank_{r:04}.log"),
+                    None => "launcher.log".to_string(),
+                };
+                if let std::collections::btree_map::Entry::Vacant(e) = s.files.entry(line.rank) {
+                    if let Ok(f) = std::fs::File::create(logs.join(&name)) {
+                        e.insert(f);
+                    }
+                }
+                if let Some(f) = s.files.get_mut(&line.rank) {
+                    let _ = writeln!(f, "{}", line.text);
+                }
+                match line.rank {
+                    None => {
+                        s.messages.push(line.text.clone());
+                        eprintln!("[mpirun] {}", line.text);
+                    }
+                    Some(r) => {
+                        let host = hosts.get(r).map_or("?", |h| h.as_str());
+                        if line.stderr && (line.text.contains("error") || line.text.contains("panicked")) {
+                            s.last_error.insert(r, line.text.clone());
+                        }
+                        if all_ranks || r == 0 || line.stderr {
+                            if line.stderr {
+                                eprintln!("[{host}:{r}] {}", line.text);
+                            } else {
+                                println!("[{host}:{r}] {}", line.text);
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let t_out = pump(Box::new(child.stdout.take().expect("piped")), false);
+    let t_err = pump(Box::new(child.stderr.take().expect("piped")), true);
+    let (mut forwarded, mut killed) = (0, false);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        let n = SIGNALS.load(Ordering::SeqCst);
+        if n > forwarded {
+            forwarded = n;
+            let sig = if n >= 2 && !killed {
+                killed = true;
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            };
+            eprintln!("glm-launch: {} received: {} the workers", if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" }, if sig == libc::SIGKILL { "killing" } else { "stopping (a second signal kills)" });
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = (t_out.join(), t_err.join());
+    let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+    if status.success() {
+        return Ok(Outcome { code: 0, report: None });
+    }
+    let code = status.code().unwrap_or(1).max(1);
+    let sig = SIGNAL.load(Ordering::SeqCst);
+    let report = match failed_rank(&s.messages) {
+        Some((r, cause)) => {
+            let host = hosts.get(r).map_or("?", |h| h.as_str());
+            let detail = s.last_error.get(&r).map(|e| format!(": {e}")).unwrap_or_default();
+            format!("rank {r} on {host} {cause}{detail}; every other worker was stopped")
+        }
+        None if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
+        None => {
+            let ranks: Vec<String> = s.last_error.iter().map(|(r, e)| format!("rank {r} on {}: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
+            if ranks.is_empty() {
+                format!("the job failed ({} exited with {code}); see {}", argv[0], logs.display())
+            } else {
+                format!("the job failed: {}", ranks.join("; "))
+            }
+        }
+    };
+    Ok(Outcome { code: if sig != 0 && code == 1 { 128 + sig } else { code }, report: Some(report) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_of_openmpi_and_mpich() {
+        assert_eq!(parse_line("[1,3]<stderr>:glm-worker: error: x", false), Line { rank: Some(3), stderr: true, text: "glm-worker: error: x".into() });
+        assert_eq!(parse_line("[1,0]<stdout>: iteration 1", true), Line { rank: Some(0), stderr: false, text: " iteration 1".into() });
+        assert_eq!(parse_line("[2] hello", false), Line { rank: Some(2), stderr: false, text: "hello".into() });
+        assert_eq!(parse_line("[vm:1234] MCA warning", true).rank, None);
+        assert_eq!(parse_line("plain", true), Line { rank: None, stderr: true, text: "plain".into() });
+    }
+
+    #[test]
+    fn the_failed_rank_from_openmpis_messages() {
+        let abort: Vec<String> = "mpirun detected that one or more processes exited with non-zero status\n  Process name: [[7493,1],1]\n  Exit code:    3\n".lines().map(String::from).collect();
+        assert_eq!(failed_rank(&abort), Some((1, "exit code 3".into())));
+        let killed = vec!["mpirun noticed that process rank 2 with PID 4242 on node vm exited on signal 9 (Killed).".to_string()];
+        assert_eq!(failed_rank(&killed), Some((2, "killed by signal 9 (Killed)".into())));
+        assert_eq!(failed_rank(&["nothing".to_string()]), None);
+    }
+}

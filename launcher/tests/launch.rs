@@ -1,0 +1,111 @@
+//! glm-launch end to end on this machine: what a dry run prints, clear
+//! errors for bad input, a failing worker stopping the job with its rank
+//! named, and a real 2-rank training run of glm-worker through mpirun.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn launch() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glm-launch"));
+    c.current_dir(repo()).env("OMP_NUM_THREADS", "1");
+    c
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn hostfile(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("hosts");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn dry_run_prints_the_command_per_host() {
+    let d = tempfile::tempdir().unwrap();
+    let h = hostfile(d.path(), "# two hosts\nnode-a slots=4\nnode-b slots=2 max_slots=4\n");
+    let w = std::fs::canonicalize(d.path()).unwrap().join("w");
+    std::fs::write(&w, "").unwrap();
+    let o = launch()
+        .args(["--hostfile", &h.display().to_string(), "--include", "node-a:1,3@node-b", "--dry-run", "--worker", &w.display().to_string(), "--config", "ds.json", "--set", "train_iters=5"])
+        .env("NCCL_DEBUG", "WARN")
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("4 worker(s) on 2 host(s): node-a slots 1,3; node-b slots 0,1"), "{out}");
+    let w = w.display();
+    assert!(out.contains(&format!("-H node-a:2 -np 2 -x CUDA_VISIBLE_DEVICES=1,3 {w} --config ds.json --set train_iters=5 : -H node-b:2 -np 2 -x CUDA_VISIBLE_DEVICES=0,1 {w}")), "{out}");
+    assert!(out.contains("-x NCCL_DEBUG") && !out.contains("WARN"), "exported by name, value not shown: {out}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let h = hostfile(d.path(), "node-a slots=2\nnode-a slots=2\n");
+    let o = launch().args(["--hostfile", &h.display().to_string(), "--dry-run"]).output().unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains(&format!("{}:2:1: host node-a is listed twice (first on line 1)", h.display())), "{err}");
+    let h = hostfile(d.path(), "node-a slots=2\n");
+    let o = launch().args(["--hostfile", &h.display().to_string(), "--launcher", "local", "--dry-run"]).output().unwrap();
+    assert!(text(&o).1.contains("--launcher local runs on this machine only, but the selection includes host node-a"), "{}", text(&o).1);
+    let o = launch().args(["--hostfile", &d.path().join("missing").display().to_string()]).output().unwrap();
+    assert!(!o.status.success() && text(&o).1.contains("missing"), "{}", text(&o).1);
+    let o = launch().args(["--exclude", "localhost", "--dry-run"]).output().unwrap();
+    assert!(text(&o).1.contains("leaves no slots"), "{}", text(&o).1);
+}
+
+#[test]
+fn a_failing_worker_stops_the_job_and_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().join("worker.sh");
+    std::fs::write(&w, "#!/bin/sh\nif [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then echo 'glm-worker: error: boom' >&2; exit 3; fi\nsleep 60\n").unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let t0 = std::time::Instant::now();
+    let o = launch()
+        .args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(t0.elapsed().as_secs() < 40, "the other worker was stopped, not waited for");
+    assert_eq!(o.status.code(), Some(3), "{out}{err}");
+    assert!(err.contains("[localhost:1] glm-worker: error: boom"), "{err}");
+    assert!(err.contains("glm-launch: rank 1 on localhost exit code 3: glm-worker: error: boom"), "{err}");
+    assert_eq!(std::fs::read_to_string(d.path().join("run/logs/rank_0001.log")).unwrap().trim(), "glm-worker: error: boom");
+}
+
+#[test]
+fn two_workers_train_through_glm_launch() {
+    let worker = repo().join("target/release/glm-worker");
+    assert!(worker.is_file(), "{}: build the workspace first (scripts/test.sh does)", worker.display());
+    let corpus = repo().join("glm_pretrain/data/data.json");
+    assert!(corpus.is_file(), "{}: scripts/setup.sh builds it", corpus.display());
+    let d = tempfile::tempdir().unwrap();
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&corpus).unwrap()).unwrap();
+    let small = d.path().join("corpus.json");
+    std::fs::write(&small, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
+    let ds = d.path().join("ds.json");
+    std::fs::write(&ds, r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000}}"#).unwrap();
+    let h = hostfile(d.path(), "localhost slots=2\n");
+    let save = d.path().join("save");
+    let mut args: Vec<String> = vec!["--hostfile".into(), h.display().to_string(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+    args.extend(["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from));
+    args.extend(["--store".to_string(), d.path().join("store").display().to_string(), "--tokenizer-cache".into(), d.path().join("model").display().to_string()]);
+    for s in ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "train_iters=3", "log_interval=1", "eval_interval=0"] {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    args.extend(["--set".to_string(), format!("train_data={}", small.display()), "--set".into(), format!("save={}", save.display())]);
+    let o = launch().args(&args).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("[localhost:0] parallel: world 2 = tensor-parallel 1 × data-parallel 2"), "{out}");
+    assert!(out.contains("glm-launch: every worker finished"), "{out}");
+    assert!(save.join("3/zero_dp_rank_01_optim.safetensors").is_file());
+    assert!(d.path().join("run/logs/rank_0000.log").is_file());
+}
