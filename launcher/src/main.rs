@@ -11,6 +11,7 @@
 //! GPU: it builds and runs on a login node.
 
 mod backend;
+mod preflight;
 mod supervise;
 
 use std::path::{Path, PathBuf};
@@ -62,11 +63,14 @@ struct Cli {
     /// Print what would run, and nothing else
     #[arg(long)]
     dry_run: bool,
+    /// Skip the preflight (glm-worker env on every host before the launch)
+    #[arg(long)]
+    no_preflight: bool,
 }
 
 /// Launcher options that take a value, and flags (dash or underscore spelling).
 const VALUED: &[&str] = &["hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir"];
-const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "help", "version"];
+const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "no_preflight", "help", "version"];
 
 /// Splits argv into the launcher's options (normalised to `--name`) and the
 /// worker's arguments (everything else, in order). `--` ends the launcher's.
@@ -224,6 +228,17 @@ fn run(args: &[String]) -> Result<i32> {
     println!("glm-launch: {}", backend::display(&argv));
     if cli.dry_run {
         return Ok(0);
+    }
+    if !cli.no_preflight {
+        let pre = preflight::command(flavor, &program, &place, &worker[0], job.as_root);
+        let (rows, ok) = preflight::run(&pre, &env, &place, env!("CARGO_PKG_VERSION"));
+        println!("glm-launch: preflight ({}):", backend::display(&pre));
+        for r in &rows {
+            println!("{r}");
+        }
+        if !ok {
+            bail!("preflight failed (see the table above); nothing was started");
+        }
     }
     let run_dir = cli.run_dir.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -189,11 +189,11 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
         }
         None if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
         None => {
-            let ranks: Vec<String> = s.last_error.iter().map(|(r, e)| format!("rank {r} on {}: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
+            let ranks: Vec<String> = s.last_error.iter().map(|(r, e)| format!("rank {r} on {} failed: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
             if ranks.is_empty() {
                 format!("the job failed ({} exited with {code}); see {}", argv[0], logs.display())
             } else {
-                format!("the job failed: {}", ranks.join("; "))
+                format!("{} ({} exited with {code}); every other worker was stopped", ranks.join("; "), argv[0])
             }
         }
     };
