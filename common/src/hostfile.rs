@@ -144,7 +144,7 @@ pub fn select(hosts: &[(String, usize)], sel: &Selection) -> Result<Placement> {
             Error::Config(format!("{what}: unknown host {name} (the hosts are {})", known.join(", ")))
         })?;
         if let Some(bad) = slots.iter().flatten().find(|&&s| s >= *n) {
-            return Err(Error::Config(format!("{what}: host {name} has slots 0..{}, not slot {bad}", n - 1)));
+            return Err(Error::Config(format!("{what}: host {name} has {n} slot(s) (0..{}), not slot {bad}", n.saturating_sub(1))));
         }
         Ok(())
     };
@@ -265,7 +265,7 @@ mod tests {
         for (sel, want) in [
             (Selection { include: s("w0"), exclude: s("w1"), ..Default::default() }, "mutually exclusive"),
             (Selection { include: s("w9"), ..Default::default() }, "--include: unknown host w9 (the hosts are w0, w1, w2)"),
-            (Selection { exclude: s("w2:2"), ..Default::default() }, "--exclude: host w2 has slots 0..1, not slot 2"),
+            (Selection { exclude: s("w2:2"), ..Default::default() }, "--exclude: host w2 has 2 slot(s) (0..1), not slot 2"),
             (Selection { include: s("w0:x"), ..Default::default() }, "slot \"x\" of host w0 is not a number"),
             (Selection { include: s("w0@@w1"), ..Default::default() }, "empty host entry"),
             (Selection { include: s("w0@w0:1"), ..Default::default() }, "host w0 is named twice"),

@@ -46,6 +46,14 @@ pub struct Job<'a> {
     pub oversubscribe: bool,
 }
 
+/// Whether `flavor` can start this placement.
+pub fn supported(flavor: Flavor, placement: &Placement) -> Result<(), String> {
+    if flavor == Flavor::Mpich && placement.hosts.len() > 1 {
+        return Err(format!("MPICH's mpiexec is supported on one host for now ({} selected); use OpenMPI's mpirun for several", placement.hosts.len()));
+    }
+    Ok(())
+}
+
 /// The launcher command: program, arguments.
 pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
     let mut argv = vec![launcher.to_string()];
@@ -59,27 +67,28 @@ pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
             if job.oversubscribe {
                 argv.push(s("--oversubscribe"));
             }
-            for (k, _) in job.env {
-                argv.extend([s("-x"), k.clone()]);
-            }
             for (i, (host, slots)) in job.placement.hosts.iter().enumerate() {
                 if i > 0 {
                     argv.push(s(":"));
                 }
                 argv.extend([s("-H"), format!("{host}:{}", slots.len()), s("-np"), slots.len().to_string()]);
+                // the exports in every context (options are per context)
+                for (k, _) in job.env {
+                    argv.extend([s("-x"), k.clone()]);
+                }
                 argv.extend([s("-x"), format!("CUDA_VISIBLE_DEVICES={}", join(slots))]);
                 argv.extend(job.worker.iter().cloned());
             }
         }
         Flavor::Mpich => {
+            // Hydra takes one host list and one -genvlist (global options);
+            // per-host device lists need app contexts, so one host only
+            // (`supported` refuses more)
             argv.push(s("-prepend-rank"));
-            for (k, _) in job.env {
-                argv.extend([s("-genvlist"), k.clone()]);
+            if !job.env.is_empty() {
+                argv.extend([s("-genvlist"), job.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",")]);
             }
-            for (i, (host, slots)) in job.placement.hosts.iter().enumerate() {
-                if i > 0 {
-                    argv.push(s(":"));
-                }
+            if let Some((host, slots)) = job.placement.hosts.first() {
                 argv.extend([s("-hosts"), host.clone(), s("-n"), slots.len().to_string()]);
                 argv.extend([s("-env"), s("CUDA_VISIBLE_DEVICES"), join(slots)]);
                 argv.extend(job.worker.iter().cloned());
@@ -118,22 +127,22 @@ mod tests {
         let argv = command(Flavor::OpenMpi, "mpirun", &job);
         assert_eq!(
             display(&argv),
-            "mpirun --allow-run-as-root --tag-output --bind-to none -x NCCL_DEBUG \
-             -H w0:2 -np 2 -x CUDA_VISIBLE_DEVICES=0,1 /opt/glm/glm-worker --config 'a b.json' : \
-             -H w1:2 -np 2 -x CUDA_VISIBLE_DEVICES=1,3 /opt/glm/glm-worker --config 'a b.json'"
+            "mpirun --allow-run-as-root --tag-output --bind-to none \
+             -H w0:2 -np 2 -x NCCL_DEBUG -x CUDA_VISIBLE_DEVICES=0,1 /opt/glm/glm-worker --config 'a b.json' : \
+             -H w1:2 -np 2 -x NCCL_DEBUG -x CUDA_VISIBLE_DEVICES=1,3 /opt/glm/glm-worker --config 'a b.json'"
         );
         assert!(!display(&argv).contains("INFO"), "values are exported, not printed");
     }
 
     #[test]
     fn mpich_contexts_and_detection() {
-        let p = placement();
+        let p = Placement { hosts: vec![("w1".into(), vec![1, 3])] };
         let worker = vec!["glm-worker".to_string()];
-        let job = Job { placement: &p, worker: &worker, env: &[], as_root: false, oversubscribe: true };
-        assert_eq!(
-            display(&command(Flavor::Mpich, "mpiexec", &job)),
-            "mpiexec -prepend-rank -hosts w0 -n 2 -env CUDA_VISIBLE_DEVICES 0,1 glm-worker : -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker"
-        );
+        let env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())];
+        let job = Job { placement: &p, worker: &worker, env: &env, as_root: false, oversubscribe: true };
+        assert_eq!(display(&command(Flavor::Mpich, "mpiexec", &job)), "mpiexec -prepend-rank -genvlist A,B -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker");
+        assert!(supported(Flavor::Mpich, &placement()).unwrap_err().contains("one host for now"));
+        assert!(supported(Flavor::OpenMpi, &placement()).is_ok());
         assert_eq!(Flavor::detect("mpirun (Open MPI) 4.1.4\n"), Some(Flavor::OpenMpi));
         assert_eq!(Flavor::detect("HYDRA build details:\n    Version: 4.0"), Some(Flavor::Mpich));
         assert_eq!(Flavor::detect("something else"), None);

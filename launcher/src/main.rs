@@ -23,7 +23,12 @@ use glm_common::hostfile::{select, Hostfile, Placement, Selection};
 use glm_common::launch;
 
 #[derive(Parser, Debug)]
-#[command(name = "glm-launch", version, about = "Start glm-worker on every slot of a hostfile as one MPI world, and supervise it")]
+#[command(
+    name = "glm-launch",
+    version,
+    about = "Start glm-worker on every slot of a hostfile as one MPI world, and supervise it",
+    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config ds.json --args configs.json --set train_iters=100); after `--`, everything does."
+)]
 struct Cli {
     /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
     #[arg(long)]
@@ -54,7 +59,7 @@ struct Cli {
     /// The worker program (default: glm-worker beside glm-launch, else on PATH)
     #[arg(long)]
     worker: Option<PathBuf>,
-    /// Where per-rank logs go (default: glm_runs/<date-time>)
+    /// Where per-rank logs go (default: glm_runs/run-<unix time>-<pid>)
     #[arg(long)]
     run_dir: Option<PathBuf>,
     /// Show every rank's output (default: rank 0's, and every rank's errors)
@@ -82,6 +87,11 @@ fn split_args(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
         if a == "--" {
             theirs.extend(args[i + 1..].iter().cloned());
             break;
+        }
+        if a == "-h" || a == "-V" {
+            mine.push(a.clone());
+            i += 1;
+            continue;
         }
         let name = a.strip_prefix("--").map(|n| n.split('=').next().unwrap_or(n).replace('-', "_"));
         match name.as_deref() {
@@ -133,46 +143,62 @@ fn worker_program(cli: &Cli) -> Result<String> {
 /// process, then `.glm_env` from the home and working directories (later
 /// wins), MASTER_ADDR/PORT when given, and the output contract.
 fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| launch::forwarded(k) && k != "CUDA_VISIBLE_DEVICES").collect();
+    // later sources override earlier ones
+    let mut env: std::collections::BTreeMap<String, String> = std::env::vars().filter(|(k, _)| launch::forwarded(k) && k != "CUDA_VISIBLE_DEVICES").collect();
     let mut files = Vec::new();
     if let Some(home) = std::env::var_os("HOME") {
         files.push(Path::new(&home).join(launch::ENV_FILE));
     }
     files.push(PathBuf::from(launch::ENV_FILE));
     for f in files.iter().filter(|f| f.is_file()) {
-        for (k, v) in launch::read_env_file(f)? {
-            env.retain(|(e, _)| e != &k);
-            env.push((k, v));
-        }
+        env.extend(launch::read_env_file(f)?);
     }
     if let Some(a) = &cli.master_addr {
-        env.push(("MASTER_ADDR".into(), a.clone()));
+        env.insert("MASTER_ADDR".into(), a.clone());
     }
     if let Some(p) = cli.master_port {
-        env.push(("MASTER_PORT".into(), p.to_string()));
+        env.insert("MASTER_PORT".into(), p.to_string());
     }
     if cli.all_ranks_output {
-        env.push((launch::ALL_RANKS_OUTPUT.into(), "1".into()));
+        env.insert(launch::ALL_RANKS_OUTPUT.into(), "1".into());
     }
-    env.sort();
-    env.dedup_by(|a, b| a.0 == b.0);
-    Ok(env)
+    Ok(env.into_iter().collect())
 }
 
 fn placement(cli: &Cli) -> Result<Placement> {
-    let sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
+    if (cli.num_nodes.is_some() || cli.num_gpus.is_some()) && (cli.include.is_some() || cli.exclude.is_some()) && cli.hostfile.is_some() {
+        bail!("--num_nodes/--num_gpus cannot be combined with --include/--exclude (as in DeepSpeed): name the slots in --include instead");
+    }
+    let mut sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
     let pool: Vec<(String, usize)> = match &cli.hostfile {
         Some(f) => Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect(),
         None => {
-            // this machine: its GPUs, or --num_gpus CPU workers (1 by default)
-            let n = match (local_gpus(), cli.num_gpus) {
+            // this machine: its GPUs — those CUDA_VISIBLE_DEVICES names, as
+            // DeepSpeed does — or --num_gpus CPU workers (1 by default)
+            let visible: Option<Vec<usize>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|v| v.split(',').map(|d| d.trim().parse().ok()).collect());
+            let gpus = local_gpus();
+            if let (Some(v), true, None, None) = (&visible, gpus > 0, &sel.include, &sel.exclude) {
+                sel.include = Some(format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")));
+            }
+            let n = match (gpus, cli.num_gpus) {
                 (0, n) => n.unwrap_or(1),
                 (g, _) => g,
             };
+            if n == 0 {
+                bail!("--num_gpus 0: nothing to run");
+            }
             vec![("localhost".to_string(), n)]
         }
     };
     Ok(select(&pool, &sel)?)
+}
+
+/// `program` if it is a path to a file, else its place on PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).is_file().then(|| PathBuf::from(program));
+    }
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
 }
 
 /// The MPI implementation behind `program` (`--version`), else `default`.
@@ -208,6 +234,7 @@ fn run(args: &[String]) -> Result<i32> {
             bail!("--launcher local runs on this machine only, but the selection includes host {h} (use --launcher mpirun, or --include localhost)");
         }
     }
+    backend::supported(flavor, &place).map_err(anyhow::Error::msg)?;
     let mut worker = vec![worker_program(&cli)?];
     worker.extend(worker_args.iter().cloned());
     let env = worker_env(&cli)?;
@@ -229,10 +256,18 @@ fn run(args: &[String]) -> Result<i32> {
     if cli.dry_run {
         return Ok(0);
     }
+    if which(&program).is_none() {
+        bail!("{program}: not found (install OpenMPI's mpirun or MPICH's mpiexec on this machine, or name it with --mpi)");
+    }
     if !cli.no_preflight {
-        let pre = preflight::command(flavor, &program, &place, &worker[0], job.as_root);
-        let (rows, ok) = preflight::run(&pre, &env, &place, env!("CARGO_PKG_VERSION"));
-        println!("glm-launch: preflight ({}):", backend::display(&pre));
+        // one process per host (app contexts: rank i is host i), with the
+        // job's environment, every GPU visible
+        let one = Placement { hosts: place.hosts.iter().map(|(h, _)| (h.clone(), vec![0])).collect() };
+        let probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from);
+        let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false });
+        let wants_cuda = worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
+        let (rows, ok) = preflight::run(&pre, &env, &place, env!("CARGO_PKG_VERSION"), wants_cuda);
+        println!("glm-launch: preflight: glm-worker env on every host");
         for r in &rows {
             println!("{r}");
         }
@@ -242,7 +277,7 @@ fn run(args: &[String]) -> Result<i32> {
     }
     let run_dir = cli.run_dir.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        PathBuf::from("glm_runs").join(format!("run-{secs}"))
+        PathBuf::from("glm_runs").join(format!("run-{secs}-{}", std::process::id()))
     });
     println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());
     let out = supervise::run(&argv, &env, &ranks, &run_dir, cli.all_ranks_output)?;

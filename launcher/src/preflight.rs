@@ -1,5 +1,6 @@
 //! The preflight: before anything trains, one short job through the same
-//! MPI launcher runs `glm-worker env` once on every host and the answers
+//! MPI launcher (one app context per host, the job's environment, every GPU
+//! visible) runs `glm-worker env` once on every host and the answers
 //! make one table — reachable, the worker's version (the launcher's own),
 //! libtorch found, GPUs against the selected slots. A failing row stops the
 //! launch with the table shown, before any worker starts (DeepSpeed
@@ -10,7 +11,6 @@ use std::process::Command;
 
 use glm_common::hostfile::Placement;
 
-use crate::backend::Flavor;
 use crate::supervise::parse_line;
 
 /// What one host reported.
@@ -19,26 +19,8 @@ pub struct Report {
     pub version: Option<String>,
     pub libtorch: Option<String>,
     pub gpus: Option<usize>,
-}
-
-/// The preflight command: one process per host running `<worker> env`.
-pub fn command(flavor: Flavor, launcher: &str, placement: &Placement, worker: &str, as_root: bool) -> Vec<String> {
-    let hosts: Vec<&str> = placement.hosts.iter().map(|(h, _)| h.as_str()).collect();
-    let n = hosts.len().to_string();
-    let s = |v: &str| v.to_string();
-    let mut argv = vec![s(launcher)];
-    match flavor {
-        Flavor::OpenMpi => {
-            if as_root {
-                argv.push(s("--allow-run-as-root"));
-            }
-            let h: Vec<String> = hosts.iter().map(|h| format!("{h}:1")).collect();
-            argv.extend([s("--tag-output"), s("--bind-to"), s("none"), s("--map-by"), s("node"), s("-H"), h.join(","), s("-np"), n]);
-        }
-        Flavor::Mpich => argv.extend([s("-prepend-rank"), s("-hosts"), hosts.join(","), s("-n"), n, s("-ppn"), s("1")]),
-    }
-    argv.extend([s(worker), s("env")]);
-    argv
+    /// The first line the host wrote to stderr (why it failed, usually).
+    pub error: Option<String>,
 }
 
 /// Per-rank (= per-host) answers from the preflight's output.
@@ -47,6 +29,13 @@ pub fn parse(output: &str) -> BTreeMap<usize, Report> {
     for raw in output.lines() {
         let line = parse_line(raw, false);
         let Some(r) = line.rank else { continue };
+        if line.stderr {
+            let rep = out.entry(r).or_default();
+            if rep.error.is_none() && !line.text.trim().is_empty() {
+                rep.error = Some(line.text.trim().to_string());
+            }
+            continue;
+        }
         let Some((k, v)) = line.text.split_once(':') else { continue };
         let (k, v) = (k.trim(), v.trim().to_string());
         let rep = out.entry(r).or_default();
@@ -61,28 +50,34 @@ pub fn parse(output: &str) -> BTreeMap<usize, Report> {
 }
 
 /// The table's rows (host, verdict per column) and whether all passed.
-pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str) -> (Vec<String>, bool) {
+pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str, wants_cuda: bool) -> (Vec<String>, bool) {
     let mut ok = true;
     let mut rows = vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
-        let rep = reports.get(&i);
+        let rep = reports.get(&i).filter(|r| r.version.is_some() || r.libtorch.is_some() || r.gpus.is_some());
         let mut why = Vec::new();
         let reach = if rep.is_some() { "yes" } else { "NO" };
         if rep.is_none() {
-            why.push("no answer (unreachable, or glm-worker missing/failing there)".to_string());
+            let said = reports.get(&i).and_then(|r| r.error.clone()).map(|e| format!(": {e}")).unwrap_or_default();
+            why.push(format!("no answer (unreachable, or glm-worker missing/failing there){said}"));
         }
         let ver = rep.and_then(|r| r.version.clone()).unwrap_or_else(|| "?".into());
         if rep.is_some() && ver != version {
             why.push(format!("glm-worker {ver}, the launcher is {version}"));
         }
-        let torch = if rep.and_then(|r| r.libtorch.as_ref()).is_some() { "found" } else { "?" };
+        let torch = if rep.and_then(|r| r.libtorch.as_ref()).is_some_and(|d| d != "?" && !d.is_empty()) { "found" } else { "?" };
         if rep.is_some() && torch == "?" {
             why.push("libtorch not found".into());
         }
         let gpus = rep.and_then(|r| r.gpus);
         let top = slots.iter().max().copied().unwrap_or(0);
         let g = match gpus {
-            Some(0) => format!("none (CPU) / {}", slots.len()),
+            Some(0) => {
+                if wants_cuda {
+                    why.push("--device cuda, but the host reports no GPU".into());
+                }
+                format!("none (CPU) / {}", slots.len())
+            }
             Some(n) => {
                 if top >= n {
                     why.push(format!("slot {top} selected but the host has {n} GPU(s)"));
@@ -100,7 +95,7 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
 
 /// Runs the preflight; returns the table and whether every host passed
 /// (with the launcher's own messages when the preflight job failed).
-pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, version: &str) -> (Vec<String>, bool) {
+pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool) -> (Vec<String>, bool) {
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
     let (text, messages, success) = match out {
         Ok(o) => {
@@ -110,7 +105,7 @@ pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, ver
         }
         Err(e) => (String::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
     };
-    let (mut rows, ok) = table(placement, &parse(&text), version);
+    let (mut rows, ok) = table(placement, &parse(&text), version, wants_cuda);
     if !success {
         rows.push(format!("  the preflight job failed; {}'s messages:", argv[0]));
         rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
@@ -127,19 +122,20 @@ mod tests {
     }
 
     #[test]
-    fn one_process_per_host_and_a_table_of_answers() {
-        assert_eq!(
-            command(Flavor::OpenMpi, "mpirun", &placement(), "glm-worker", false).join(" "),
-            "mpirun --tag-output --bind-to none --map-by node -H a:1,b:1,c:1 -np 3 glm-worker env"
-        );
+    fn a_table_of_answers() {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
-                   [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n";
-        let (rows, ok) = table(&placement(), &parse(out), "0.1.0");
+                   [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
+                   [1,2]<stderr>:glm-worker: error: libtorch not found\n";
+        let (rows, ok) = table(&placement(), &parse(out), "0.1.0", false);
         assert!(!ok);
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
-        assert!(rows[3].contains("NO") && rows[3].contains("no answer"), "{rows:?}");
-        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n"), "0.1.0");
+        assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
+        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n"), "0.1.0", false);
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
+        let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
+        let one = Placement { hosts: vec![("a".into(), vec![0])] };
+        assert!(table(&one, &parse(cpu), "0.1.0", false).1);
+        assert!(table(&one, &parse(cpu), "0.1.0", true).0[1].contains("--device cuda, but the host reports no GPU"));
     }
 }

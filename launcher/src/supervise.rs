@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -100,6 +101,9 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // its own process group: a terminal's Ctrl-C reaches glm-launch
+        // alone, which forwards one signal (mpirun treats a second as "kill now")
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {} (is it installed and on PATH?)", argv[0]))?;
     struct Shared {
@@ -114,9 +118,19 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
     let pump = |stream: Box<dyn std::io::Read + Send>, from_stderr: bool| {
         let (shared, hosts, logs) = (shared.clone(), hosts.clone(), logs.clone());
         std::thread::spawn(move || {
-            for raw in BufReader::new(stream).lines() {
-                let Ok(raw) = raw else { break };
-                let line = parse_line(&raw, from_stderr);
+            // bytes, not UTF-8 lines: one bad byte from a rank must not stop
+            // the reading (a closed pipe would kill the job)
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let raw = String::from_utf8_lossy(&buf);
+                let raw = raw.trim_end_matches(['\n', '\r']);
+                let line = parse_line(raw, from_stderr);
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
                 let name = match line.rank {
                     Some(r) => format!("rank_{r:04}.log"),
@@ -130,21 +144,23 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 if let Some(f) = s.files.get_mut(&line.rank) {
                     let _ = writeln!(f, "{}", line.text);
                 }
+                // printing may fail (a closed terminal, `| head`): keep reading
                 match line.rank {
                     None => {
                         s.messages.push(line.text.clone());
-                        eprintln!("[mpirun] {}", line.text);
+                        let _ = writeln!(std::io::stderr(), "[mpirun] {}", line.text);
                     }
                     Some(r) => {
                         let host = hosts.get(r).map_or("?", |h| h.as_str());
-                        if line.stderr && (line.text.contains("error") || line.text.contains("panicked")) {
+                        let lower = line.text.to_lowercase();
+                        if line.stderr && (lower.contains("error") || lower.contains("panicked")) {
                             s.last_error.insert(r, line.text.clone());
                         }
                         if all_ranks || r == 0 || line.stderr {
                             if line.stderr {
-                                eprintln!("[{host}:{r}] {}", line.text);
+                                let _ = writeln!(std::io::stderr(), "[{host}:{r}] {}", line.text);
                             } else {
-                                println!("[{host}:{r}] {}", line.text);
+                                let _ = writeln!(std::io::stdout(), "[{host}:{r}] {}", line.text);
                             }
                         }
                     }
@@ -169,8 +185,15 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 libc::SIGTERM
             };
             eprintln!("glm-launch: {} received: {} the workers", if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" }, if sig == libc::SIGKILL { "killing" } else { "stopping (a second signal kills)" });
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, sig) };
+            // SAFETY: signalling our own child (SIGTERM: mpirun forwards it
+            // to every rank) or, to kill, its whole process group.
+            unsafe {
+                if sig == libc::SIGKILL {
+                    libc::killpg(child.id() as i32, sig);
+                } else {
+                    libc::kill(child.id() as i32, sig);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -182,12 +205,12 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
     let code = status.code().unwrap_or(1).max(1);
     let sig = SIGNAL.load(Ordering::SeqCst);
     let report = match failed_rank(&s.messages) {
+        _ if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
         Some((r, cause)) => {
             let host = hosts.get(r).map_or("?", |h| h.as_str());
             let detail = s.last_error.get(&r).map(|e| format!(": {e}")).unwrap_or_default();
             format!("rank {r} on {host} {cause}{detail}; every other worker was stopped")
         }
-        None if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
         None => {
             let ranks: Vec<String> = s.last_error.iter().map(|(r, e)| format!("rank {r} on {} failed: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
             if ranks.is_empty() {

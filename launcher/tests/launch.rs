@@ -40,7 +40,9 @@ fn dry_run_prints_the_command_per_host() {
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("4 worker(s) on 2 host(s): node-a slots 1,3; node-b slots 0,1"), "{out}");
     let w = w.display();
-    assert!(out.contains(&format!("-H node-a:2 -np 2 -x CUDA_VISIBLE_DEVICES=1,3 {w} --config ds.json --set train_iters=5 : -H node-b:2 -np 2 -x CUDA_VISIBLE_DEVICES=0,1 {w}")), "{out}");
+    assert!(out.contains(" -x CUDA_VISIBLE_DEVICES=1,3 ") && out.contains(" -x CUDA_VISIBLE_DEVICES=0,1 "), "{out}");
+    assert!(out.contains(&format!("CUDA_VISIBLE_DEVICES=1,3 {w} --config ds.json --set train_iters=5 : -H node-b:2 -np 2 ")), "{out}");
+    assert!(out.contains("-H node-a:2 -np 2 -x ") && out.matches("-x NCCL_DEBUG").count() == 2, "exports in every app context: {out}");
     assert!(out.contains("-x NCCL_DEBUG") && !out.contains("WARN"), "exported by name, value not shown: {out}");
 }
 
@@ -87,6 +89,20 @@ fn a_failing_worker_stops_the_job_and_is_named() {
     assert_eq!(std::fs::read_to_string(d.path().join("run/logs/rank_0001.log")).unwrap().trim(), "glm-worker: error: boom");
 }
 
+/// A worker writing bytes that are not UTF-8 must not break the reading of
+/// its output (that once killed the job through a closed pipe).
+#[test]
+fn output_that_is_not_utf8_is_passed_on() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().join("worker.sh");
+    std::fs::write(&w, format!("#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\nprintf 'caf\\377 au lait\\n'; echo done\n", env!("CARGO_PKG_VERSION"))).unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = launch().args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("[localhost:0] caf\u{fffd} au lait") && out.contains("[localhost:0] done") && out.contains("every worker finished"), "{out}");
+}
+
 #[test]
 fn a_failing_preflight_starts_nothing() {
     let d = tempfile::tempdir().unwrap();
@@ -129,6 +145,7 @@ fn two_workers_train_through_glm_launch() {
     assert!(out.contains("[localhost:0] parallel: world 2 = tensor-parallel 1 × data-parallel 2"), "{out}");
     assert!(out.contains("glm-launch: every worker finished"), "{out}");
     assert!(out.contains("glm-launch: preflight") && out.contains("none (CPU) / 2") && out.contains(" ok"), "{out}");
+    assert!(!out.contains("stopped by signal"), "{out}");
     assert!(save.join("3/zero_dp_rank_01_optim.safetensors").is_file());
     assert!(d.path().join("run/logs/rank_0000.log").is_file());
 }
