@@ -1,9 +1,10 @@
 //! Runs the launch command and watches it: every worker's output line is
 //! shown as `[host:rank] line` (rank 0's output and every rank's errors by
 //! default; everything with `--all-ranks-output`) and written to the rank's
-//! log file under the run directory; SIGINT/SIGTERM are forwarded to the
-//! MPI launcher (a second one kills it); when the job fails, the report
-//! names the rank, its host and the cause.
+//! log file under the run directory; SIGINT/SIGTERM become a SIGTERM to the
+//! local workers, which stop every rank after the same iteration with a
+//! checkpoint (a second signal kills the MPI launcher's process group);
+//! when the job fails, the report names the rank, its host and the cause.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -22,6 +23,33 @@ static SIGNALS: AtomicI32 = AtomicI32::new(0);
 extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
     SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The processes below `root` (by /proc) whose command name starts with
+/// `name` (glm-worker's entry point execs `glm-worker-core`, whose name the
+/// kernel cuts to 15 characters).
+pub fn descendants(root: u32, name: &str) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32, String)> = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split at the last ')'
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let comm = head.split_once('(').map_or("", |(_, c)| c).to_string();
+        let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()) else { continue };
+        parent_of.push((pid, ppid, comm));
+    }
+    let mut below = vec![root as i32];
+    let mut i = 0;
+    while i < below.len() {
+        let p = below[i];
+        below.extend(parent_of.iter().filter(|(_, pp, _)| *pp == p).map(|(c, _, _)| *c));
+        i += 1;
+    }
+    let mut out: Vec<i32> = below[1..].iter().copied().filter(|c| parent_of.iter().any(|(p, _, comm)| p == c && comm.starts_with(name))).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// One line of the MPI launcher's output, attributed.
@@ -102,7 +130,7 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // its own process group: a terminal's Ctrl-C reaches glm-launch
-        // alone, which forwards one signal (mpirun treats a second as "kill now")
+        // alone, which decides what the workers get
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {} (is it installed and on PATH?)", argv[0]))?;
@@ -184,14 +212,31 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
             } else {
                 libc::SIGTERM
             };
-            eprintln!("glm-launch: {} received: {} the workers", if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" }, if sig == libc::SIGKILL { "killing" } else { "stopping (a second signal kills)" });
-            // SAFETY: signalling our own child (SIGTERM: mpirun forwards it
-            // to every rank) or, to kill, its whole process group.
-            unsafe {
-                if sig == libc::SIGKILL {
-                    libc::killpg(child.id() as i32, sig);
+            let what = if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" };
+            if sig == libc::SIGKILL {
+                eprintln!("glm-launch: {what} again: killing the workers");
+                // SAFETY: signalling our own child's process group.
+                unsafe { libc::killpg(child.id() as i32, sig) };
+            } else {
+                // The workers agree on a stop over the whole world (any rank's
+                // signal stops every rank after the same iteration, with a
+                // checkpoint when saving is configured): SIGTERM to the local
+                // ones is enough. mpirun itself would SIGKILL the ranks 1 s
+                // after forwarding a SIGTERM, before they can save.
+                let local = descendants(child.id(), "glm-worker");
+                if local.is_empty() {
+                    eprintln!("glm-launch: {what} received: no worker on this machine; stopping mpirun (a second signal kills)");
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 } else {
-                    libc::kill(child.id() as i32, sig);
+                    eprintln!(
+                        "glm-launch: {what} received: SIGTERM to {} local worker(s); every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills",
+                        local.len()
+                    );
+                    for pid in local {
+                        // SAFETY: a process we started (a descendant of our child).
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
                 }
             }
         }

@@ -149,3 +149,63 @@ fn two_workers_train_through_glm_launch() {
     assert!(save.join("3/zero_dp_rank_01_optim.safetensors").is_file());
     assert!(d.path().join("run/logs/rank_0000.log").is_file());
 }
+
+/// SIGTERM to glm-launch (a SLURM preemption, Ctrl-C) stops every worker
+/// after the same iteration with a complete checkpoint, which resumes.
+#[test]
+fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
+    let worker = repo().join("target/release/glm-worker");
+    assert!(worker.is_file(), "{}: build the workspace first (scripts/test.sh does)", worker.display());
+    let d = tempfile::tempdir().unwrap();
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).unwrap()).unwrap();
+    let small = d.path().join("corpus.json");
+    std::fs::write(&small, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
+    let ds = d.path().join("ds.json");
+    std::fs::write(&ds, r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#).unwrap();
+    let save = d.path().join("save");
+    let args = |iters: &str, load: bool| -> Vec<String> {
+        let mut a: Vec<String> = vec!["--num_gpus".into(), "2".into(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+        a.extend(["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from));
+        a.extend(["--store".to_string(), d.path().join("store").display().to_string(), "--tokenizer-cache".into(), d.path().join("model").display().to_string()]);
+        for s in ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_interval=0", "save_interval=0"] {
+            a.extend(["--set".to_string(), s.to_string()]);
+        }
+        a.extend(["--set".to_string(), format!("train_iters={iters}"), "--set".into(), format!("train_data={}", small.display()), "--set".into(), format!("save={}", save.display())]);
+        if load {
+            a.extend(["--set".to_string(), format!("load={}", save.display())]);
+        }
+        a
+    };
+    let mut child = launch().args(args("100000", false)).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !save.join("metrics.jsonl").is_file() {
+        assert!(t0.elapsed().as_secs() < 240, "no training progress");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: signalling the child we started
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 300 {
+            let _ = child.kill();
+            panic!("the job did not stop");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("SIGTERM to 2 local worker(s)"), "{err}");
+    assert!(out.contains(&format!("train: stopped by signal {} after iteration", libc::SIGTERM)), "{out}\n{err}");
+    assert_ne!(status.code(), Some(0), "a stopped run is not a success");
+    let it: u64 = std::fs::read_to_string(save.join("latest")).unwrap().trim().parse().unwrap();
+    let inspect = Command::new(&worker).args(["checkpoint", "inspect", &save.display().to_string()]).output().unwrap();
+    assert!(inspect.status.success() && text(&inspect).0.contains("complete: yes"), "{}", text(&inspect).0);
+    // and it resumes
+    let o = launch().args(args(&(it + 1).to_string(), true)).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains(&format!("(iteration {it})")), "{out}\n{err}");
+}
