@@ -118,27 +118,40 @@ fn a_failing_preflight_starts_nothing() {
     assert!(!marker.exists(), "no worker started");
 }
 
-#[test]
-fn two_workers_train_through_glm_launch() {
+
+/// The tiny 2-rank training job both real-worker tests launch: glm-worker
+/// (built by the workspace), the first 300 records of the default corpus,
+/// DeepSpeed config `ds_json` (micro-batch 2 × 2 ranks), every file under
+/// `dir`. Returns the worker's path and the worker arguments before the
+/// run-specific `--set`s.
+fn tiny_job(dir: &Path, ds_json: &str) -> (PathBuf, Vec<String>) {
     let worker = repo().join("target/release/glm-worker");
     assert!(worker.is_file(), "{}: build the workspace first (scripts/test.sh does)", worker.display());
     let corpus = repo().join("glm_pretrain/data/data.json");
     assert!(corpus.is_file(), "{}: scripts/setup.sh builds it", corpus.display());
-    let d = tempfile::tempdir().unwrap();
     let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&corpus).unwrap()).unwrap();
-    let small = d.path().join("corpus.json");
+    let small = dir.join("corpus.json");
     std::fs::write(&small, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
-    let ds = d.path().join("ds.json");
-    std::fs::write(&ds, r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000}}"#).unwrap();
+    let ds = dir.join("ds.json");
+    std::fs::write(&ds, ds_json).unwrap();
+    let mut a: Vec<String> = ["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from).to_vec();
+    a.extend(["--store".to_string(), dir.join("store").display().to_string(), "--tokenizer-cache".into(), dir.join("model").display().to_string()]);
+    for s in ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_interval=0"] {
+        a.extend(["--set".to_string(), s.to_string()]);
+    }
+    a.extend(["--set".to_string(), format!("train_data={}", small.display())]);
+    (worker, a)
+}
+
+#[test]
+fn two_workers_train_through_glm_launch() {
+    let d = tempfile::tempdir().unwrap();
+    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000}}"#);
     let h = hostfile(d.path(), "localhost slots=2\n");
     let save = d.path().join("save");
     let mut args: Vec<String> = vec!["--hostfile".into(), h.display().to_string(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
-    args.extend(["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from));
-    args.extend(["--store".to_string(), d.path().join("store").display().to_string(), "--tokenizer-cache".into(), d.path().join("model").display().to_string()]);
-    for s in ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "train_iters=3", "log_interval=1", "eval_interval=0"] {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    args.extend(["--set".to_string(), format!("train_data={}", small.display()), "--set".into(), format!("save={}", save.display())]);
+    args.extend(job);
+    args.extend(["--set".to_string(), "train_iters=3".into(), "--set".into(), format!("save={}", save.display())]);
     let o = launch().args(&args).output().unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
@@ -154,23 +167,13 @@ fn two_workers_train_through_glm_launch() {
 /// after the same iteration with a complete checkpoint, which resumes.
 #[test]
 fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
-    let worker = repo().join("target/release/glm-worker");
-    assert!(worker.is_file(), "{}: build the workspace first (scripts/test.sh does)", worker.display());
     let d = tempfile::tempdir().unwrap();
-    let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).unwrap()).unwrap();
-    let small = d.path().join("corpus.json");
-    std::fs::write(&small, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
-    let ds = d.path().join("ds.json");
-    std::fs::write(&ds, r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#).unwrap();
+    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#);
     let save = d.path().join("save");
     let args = |iters: &str, load: bool| -> Vec<String> {
         let mut a: Vec<String> = vec!["--num_gpus".into(), "2".into(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
-        a.extend(["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from));
-        a.extend(["--store".to_string(), d.path().join("store").display().to_string(), "--tokenizer-cache".into(), d.path().join("model").display().to_string()]);
-        for s in ["num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_interval=0", "save_interval=0"] {
-            a.extend(["--set".to_string(), s.to_string()]);
-        }
-        a.extend(["--set".to_string(), format!("train_iters={iters}"), "--set".into(), format!("train_data={}", small.display()), "--set".into(), format!("save={}", save.display())]);
+        a.extend(job.iter().cloned());
+        a.extend(["--set".to_string(), "save_interval=0".into(), "--set".into(), format!("train_iters={iters}"), "--set".into(), format!("save={}", save.display())]);
         if load {
             a.extend(["--set".to_string(), format!("load={}", save.display())]);
         }

@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::comm::ReduceOp;
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::{Glm, GlmConfig};
@@ -126,17 +125,6 @@ pub fn write_latest(save: &Path, it: u64) -> Result<()> {
     std::fs::rename(&latest_tmp, save.join("latest")).at(save)
 }
 
-/// Whether every rank of `c` succeeded (`ok`), agreed by all: a failure on
-/// one rank (a full disk) stops every rank's save instead of leaving the
-/// others waiting.
-fn agree(c: Option<&crate::comm::Comm>, ok: bool) -> Result<bool> {
-    let mut t = tch::Tensor::from_slice(&[i64::from(!ok)]);
-    if let Some(c) = c {
-        c.all_reduce(&mut t, ReduceOp::Max)?;
-    }
-    Ok(t.int64_value(&[0]) == 0)
-}
-
 /// Writes checkpoint `state.iteration` under `save` and points `latest` at
 /// it. Data-parallel rank 0 of every tensor-parallel rank writes its part
 /// (`<it>/`, or `<it>/mp_rank_XX/` with tensor parallelism): the fp32
@@ -161,7 +149,10 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     // the fp32 weights onto data-parallel rank 0
     let weights = opt.full_weights(&model.params)?;
     let main = par.dims.dp_rank() == 0;
-    let world = par.world.as_ref();
+    // whether every rank of the world succeeded, agreed by all: a failure on
+    // one rank (a full disk) stops every rank's save instead of leaving the
+    // others waiting
+    let all_ok = |ok: bool| -> Result<bool> { Ok(par.world_max(i64::from(!ok))? == 0) };
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
     // one temporary directory per part, shared by its data-parallel ranks
@@ -173,7 +164,7 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     };
     // each phase: this rank's work, then every rank learns whether all succeeded
     let phase = |r: Result<()>, what: &str| -> Result<()> {
-        if agree(world, r.is_ok())? {
+        if all_ok(r.is_ok())? {
             return Ok(());
         }
         cleanup();
@@ -216,7 +207,7 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     // every part is complete: install them, then point `latest` at them
     phase(if main { install(&tmp, &dir) } else { Ok(()) }, "install its part")?;
     let latest = if par.is_main() { write_latest(save, it) } else { Ok(()) };
-    if !agree(world, latest.is_ok())? {
+    if !all_ok(latest.is_ok())? {
         return Err(latest.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", save.join("latest").display()))));
     }
     Ok(dir)

@@ -153,17 +153,7 @@ fn steps(s: &Setup, par: &Parallel, model: &mut Glm, opt: &mut Optimizer, from: 
 }
 
 fn train(s: Setup, n: u64) -> Vec<RankOut> {
-    let jobs = ranks(&s);
-    run_ranks(s.world, |r| {
-        let (par, mut model) = jobs[r].lock().unwrap().take().unwrap();
-        let mut opt = Optimizer::new(&mut model.params, &optim_cfg(&s), &par).unwrap();
-        let before = par.bytes_sent();
-        let (losses, norms) = steps(&s, &par, &mut model, &mut opt, 1, n + 1);
-        let sent = par.bytes_sent() - before;
-        let mem = opt.memory(&model.params);
-        let weights = opt.full_weights(&model.params).unwrap().map(|w| w.narrow(0, 0, model.params.numel()).copy());
-        RankOut { losses, norms, skipped: opt.skipped_steps, weights, mem, sent, tp_rank: par.dims.tp_rank() }
-    })
+    run_from(s, None, 0, n, None)
 }
 
 /// max |a - b| / max |a|.
@@ -305,7 +295,8 @@ fn state(iteration: u64, dp: usize) -> State {
 }
 
 /// Trains `n` steps with `s` from scratch, or from the checkpoint `load`
-/// at iteration `from`; saves the end under `save` when given.
+/// at iteration `from`; saves the end under `save` when given. The bytes
+/// sent and held are those of the steps.
 fn run_from(s: Setup, load: Option<&Path>, from: u64, n: u64, save: Option<&Path>) -> Vec<RankOut> {
     let jobs = ranks(&s);
     run_ranks(s.world, |r| {
@@ -319,13 +310,17 @@ fn run_from(s: Setup, load: Option<&Path>, from: u64, n: u64, save: Option<&Path
             let st = checkpoint::read_state(&dir).unwrap();
             checkpoint::load(&dir, &st, &mut model, &mut opt, true).unwrap();
         }
+        let before = par.bytes_sent();
         let (losses, norms) = steps(&s, &par, &mut model, &mut opt, from + 1, from + n + 1);
+        let sent = par.bytes_sent() - before;
+        // measured after the steps, before a save's transient buffers
+        let mem = opt.memory(&model.params);
         if let Some(dir) = save {
             let st = State { tp: par.dims.tp, ..state(from + n, par.dims.dp) };
             checkpoint::save(dir, &model, &opt, &par, true, "{}", st).unwrap();
         }
         let weights = opt.full_weights(&model.params).unwrap().map(|w| w.narrow(0, 0, model.params.numel()).copy());
-        RankOut { losses, norms, skipped: opt.skipped_steps, weights, mem: opt.memory(&model.params), sent: 0, tp_rank: par.dims.tp_rank() }
+        RankOut { losses, norms, skipped: opt.skipped_steps, weights, mem, sent, tp_rank: par.dims.tp_rank() }
     })
 }
 

@@ -489,22 +489,16 @@ impl Optimizer {
         let main = c.rank() == 0;
         let full = main.then(|| Tensor::zeros([self.shards.padded], (Kind::Float, t.device())));
         let d = self.shards.dp as i64;
-        // scratch of at most allgather_bucket_size elements at a time
-        let chunk = (self.zero.allgather_bucket_size / d).max(1);
         for (u, &(start, len)) in self.shards.units().iter().enumerate() {
             let p = self.pieces[u];
-            let mut col = 0;
-            while col < p.len {
-                let n = chunk.min(p.len - col);
-                let mut scratch = Tensor::empty([d * n], (Kind::Float, t.device()));
-                c.all_gather_into(&t.narrow(0, p.shard + col, n), &mut scratch)?;
-                if let Some(f) = &full {
-                    tch::no_grad(|| f.narrow(0, start, len).view([d, p.len]).narrow(1, col, n).copy_(&scratch.view([d, n])));
-                }
-                col += n;
-            }
+            gather_unit(c.as_ref(), &t.narrow(0, p.shard, p.len), full.as_ref().map(|f| f.narrow(0, start, len)).as_ref(), d, self.gather_chunk())?;
         }
         Ok(full)
+    }
+
+    /// Elements per rank in one all-gather call (`allgather_bucket_size` over dp).
+    fn gather_chunk(&self) -> i64 {
+        (self.zero.allgather_bucket_size / self.shards.dp as i64).max(1)
     }
 
     /// Sets AdamW's moments from whole-buffer tensors (every rank passes
@@ -713,21 +707,8 @@ impl Optimizer {
         let d = self.shards.dp as i64;
         for (u, &(start, len)) in self.shards.units().iter().enumerate() {
             let p = self.pieces[u];
-            let mut unit = params.flat().narrow(0, start, len);
-            let chunk = (self.zero.allgather_bucket_size / d).max(1);
-            if chunk >= p.len {
-                c.all_gather_into(&params.flat().narrow(0, p.flat, p.len), &mut unit)?;
-                continue;
-            }
-            let grid = unit.view([d, p.len]);
-            let mut col = 0;
-            while col < p.len {
-                let n = chunk.min(p.len - col);
-                let mut scratch = Tensor::empty([d * n], (unit.kind(), unit.device()));
-                c.all_gather_into(&params.flat().narrow(0, p.flat + col, n), &mut scratch)?;
-                tch::no_grad(|| grid.narrow(1, col, n).copy_(&scratch.view([d, n])));
-                col += n;
-            }
+            let unit = params.flat().narrow(0, start, len);
+            gather_unit(c.as_ref(), &params.flat().narrow(0, p.flat, p.len), Some(&unit), d, self.gather_chunk())?;
         }
         Ok(())
     }
@@ -759,6 +740,29 @@ impl Optimizer {
         let optimizer = bytes(&self.adam.exp_avg) + bytes(&self.adam.exp_avg_sq) + self.master.as_ref().map_or(0, bytes);
         MemoryBytes { params: bytes(params.flat()), grads, optimizer, bucket_peak }
     }
+}
+
+/// All-gathers one unit: every rank's run `own` into `unit` (dp runs, rank
+/// by rank), `chunk` elements per rank per call — in one call straight into
+/// `unit` when it fits (in place when `own` is `unit`'s slot), else through
+/// a scratch buffer of `dp × chunk` elements. `unit` is `None` on ranks
+/// that only take part.
+fn gather_unit(c: &dyn crate::comm::Communicator, own: &Tensor, unit: Option<&Tensor>, d: i64, chunk: i64) -> Result<()> {
+    let len = own.size()[0];
+    if let (Some(u), true) = (unit, chunk >= len) {
+        return c.all_gather_into(own, &mut u.shallow_clone());
+    }
+    let mut col = 0;
+    while col < len {
+        let n = chunk.min(len - col);
+        let mut scratch = Tensor::empty([d * n], (own.kind(), own.device()));
+        c.all_gather_into(&own.narrow(0, col, n), &mut scratch)?;
+        if let Some(u) = unit {
+            tch::no_grad(|| u.view([d, len]).narrow(1, col, n).copy_(&scratch.view([d, n])));
+        }
+        col += n;
+    }
+    Ok(())
 }
 
 /// This rank's runs of a whole-buffer tensor, end to end (a view when it

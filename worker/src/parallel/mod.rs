@@ -110,22 +110,6 @@ impl Parallel {
         }
     }
 
-    /// Sums the flat gradient over the data-parallel group in buckets of
-    /// `bucket` elements (DeepSpeed's `reduce_bucket_size`), bounding the
-    /// scratch memory a reduction needs.
-    pub fn dp_sum_buckets(&self, flat: &mut Tensor, bucket: i64) -> Result<()> {
-        let Some(c) = &self.dp else { return Ok(()) };
-        let n = flat.size()[0];
-        let mut off = 0;
-        while off < n {
-            let len = bucket.min(n - off);
-            let mut part = flat.narrow(0, off, len);
-            c.all_reduce(&mut part, ReduceOp::Sum)?;
-            off += len;
-        }
-        Ok(())
-    }
-
     /// The largest of every world rank's `v` (e.g. the number of a stop
     /// signal that reached one rank: all must stop after the same iteration,
     /// tensor-parallel peers included, and report the same signal).
