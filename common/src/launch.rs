@@ -10,6 +10,10 @@ use crate::error::{Error, IoContext, Result};
 /// prints (by default only rank 0 does; every rank's errors always show).
 pub const ALL_RANKS_OUTPUT: &str = "GLM_ALL_RANKS_OUTPUT";
 
+/// Set by `glm-launch` for every worker of one job, to a value unique to
+/// the job: a stop signal finds the job's workers on a host by it.
+pub const LAUNCH_ID: &str = "GLM_LAUNCH_ID";
+
 /// Environment variables forwarded from the launcher to every worker: these
 /// prefixes, and the exact names below.
 pub const FORWARDED_PREFIXES: &[&str] = &["NCCL_", "CUDA_", "OMP_", "GLM_", "UCX_", "RUST_", "TORCH_"];

@@ -8,6 +8,9 @@
 //!   `-x`, output tagged per rank (`--tag-output`) for the supervisor.
 //! - `mpiexec` (MPICH / Hydra): the same as `-hosts`/`-n` app contexts with
 //!   `-env`.
+//! - `ssh`: OpenMPI's mpirun as above, starting its daemon on every host
+//!   through `glm-launch --ssh-exec` (its `plm_rsh_agent`, glm-launch's own
+//!   SSH client), all from the launcher (no tree spawn).
 //! - `local`: OpenMPI's mpirun restricted to this machine (no remote start).
 
 use glm_common::hostfile::Placement;
@@ -44,6 +47,12 @@ pub struct Job<'a> {
     pub as_root: bool,
     /// More workers than this machine has cores (CPU workers on one host).
     pub oversubscribe: bool,
+    /// OpenMPI's remote-start agent (the ssh back end), instead of its ssh.
+    pub agent: Option<&'a str>,
+    /// Marks every worker of this job (`GLM_LAUNCH_ID`, exported with its
+    /// value: the MPI launcher's own environment does not carry it, so a
+    /// search for the mark finds workers only).
+    pub launch_id: Option<&'a str>,
 }
 
 /// Whether `flavor` can start this placement.
@@ -64,6 +73,9 @@ pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
                 argv.push(s("--allow-run-as-root"));
             }
             argv.extend([s("--tag-output"), s("--bind-to"), s("none")]);
+            if let Some(agent) = job.agent {
+                argv.extend([s("--mca"), s("plm_rsh_agent"), s(agent), s("--mca"), s("plm_rsh_no_tree_spawn"), s("1")]);
+            }
             if job.oversubscribe {
                 argv.push(s("--oversubscribe"));
             }
@@ -75,6 +87,9 @@ pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
                 // the exports in every context (options are per context)
                 for (k, _) in job.env {
                     argv.extend([s("-x"), k.clone()]);
+                }
+                if let Some(id) = job.launch_id {
+                    argv.extend([s("-x"), format!("{}={id}", glm_common::launch::LAUNCH_ID)]);
                 }
                 argv.extend([s("-x"), format!("CUDA_VISIBLE_DEVICES={}", join(slots))]);
                 argv.extend(job.worker.iter().cloned());
@@ -90,6 +105,9 @@ pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
             }
             if let Some((host, slots)) = job.placement.hosts.first() {
                 argv.extend([s("-hosts"), host.clone(), s("-n"), slots.len().to_string()]);
+                if let Some(id) = job.launch_id {
+                    argv.extend([s("-env"), s(glm_common::launch::LAUNCH_ID), s(id)]);
+                }
                 argv.extend([s("-env"), s("CUDA_VISIBLE_DEVICES"), join(slots)]);
                 argv.extend(job.worker.iter().cloned());
             }
@@ -123,7 +141,7 @@ mod tests {
         let p = placement();
         let worker = vec!["/opt/glm/glm-worker".to_string(), "--config".into(), "a b.json".into()];
         let env = vec![("NCCL_DEBUG".to_string(), "INFO".to_string())];
-        let job = Job { placement: &p, worker: &worker, env: &env, as_root: true, oversubscribe: false };
+        let job = Job { placement: &p, worker: &worker, env: &env, as_root: true, oversubscribe: false, agent: None, launch_id: None };
         let argv = command(Flavor::OpenMpi, "mpirun", &job);
         assert_eq!(
             display(&argv),
@@ -132,6 +150,8 @@ mod tests {
              -H w1:2 -np 2 -x NCCL_DEBUG -x CUDA_VISIBLE_DEVICES=1,3 /opt/glm/glm-worker --config 'a b.json'"
         );
         assert!(!display(&argv).contains("INFO"), "values are exported, not printed");
+        let ssh = command(Flavor::OpenMpi, "mpirun", &Job { agent: Some("/bin/glm-launch --ssh-exec"), ..job });
+        assert!(display(&ssh).starts_with("mpirun --allow-run-as-root --tag-output --bind-to none --mca plm_rsh_agent '/bin/glm-launch --ssh-exec' --mca plm_rsh_no_tree_spawn 1 -H w0:2"), "{}", display(&ssh));
     }
 
     #[test]
@@ -139,7 +159,7 @@ mod tests {
         let p = Placement { hosts: vec![("w1".into(), vec![1, 3])] };
         let worker = vec!["glm-worker".to_string()];
         let env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())];
-        let job = Job { placement: &p, worker: &worker, env: &env, as_root: false, oversubscribe: true };
+        let job = Job { placement: &p, worker: &worker, env: &env, as_root: false, oversubscribe: true, agent: None, launch_id: None };
         assert_eq!(display(&command(Flavor::Mpich, "mpiexec", &job)), "mpiexec -prepend-rank -genvlist A,B -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker");
         assert!(supported(Flavor::Mpich, &placement()).unwrap_err().contains("one host for now"));
         assert!(supported(Flavor::OpenMpi, &placement()).is_ok());

@@ -2,7 +2,9 @@
 //! of them form one MPI world, and supervises them.
 //!
 //! glm-launch [--hostfile FILE] [--include H[:S,..][@H..] | --exclude ..]
-//!            [--num_nodes N] [--num_gpus N] [--launcher mpirun|mpiexec|local]
+//!            [--num_nodes N] [--num_gpus N] [--launcher mpirun|mpiexec|ssh|local]
+//!            [--ssh_config F] [--ssh_user U] [--ssh_port P] [--ssh_identity KEY]
+//!            [--ssh_accept_new_host_keys]
 //!            [--worker PATH] [--run_dir DIR] [--all_ranks_output] [--dry_run]
 //!            <worker arguments: --config ds.json --args configs.json --set k=v ...>
 //!
@@ -12,6 +14,7 @@
 
 mod backend;
 mod preflight;
+mod ssh;
 mod supervise;
 
 use std::path::{Path, PathBuf};
@@ -45,9 +48,24 @@ struct Cli {
     /// Use slots 0..N of each host (without a hostfile: N workers on this machine)
     #[arg(long)]
     num_gpus: Option<usize>,
-    /// mpirun (OpenMPI), mpiexec (MPICH/Hydra), or local (this machine only)
+    /// mpirun (OpenMPI), mpiexec (MPICH/Hydra), ssh (OpenMPI's mpirun starting its daemons through glm-launch's own SSH connections), or local (this machine only)
     #[arg(long, default_value = "mpirun")]
     launcher: String,
+    /// ssh back end: the OpenSSH client config to read (default ~/.ssh/config)
+    #[arg(long)]
+    ssh_config: Option<PathBuf>,
+    /// ssh back end: log in as this user on every host (over the config's User)
+    #[arg(long)]
+    ssh_user: Option<String>,
+    /// ssh back end: connect to this port on every host (over the config's Port)
+    #[arg(long)]
+    ssh_port: Option<u16>,
+    /// ssh back end: private key to try first (after ssh-agent's keys)
+    #[arg(long)]
+    ssh_identity: Option<PathBuf>,
+    /// ssh back end: accept and record the key of a host not in known_hosts (a changed key is always refused)
+    #[arg(long)]
+    ssh_accept_new_host_keys: bool,
     /// The MPI launcher program (default: mpirun, or mpiexec for --launcher mpiexec)
     #[arg(long)]
     mpi: Option<String>,
@@ -74,8 +92,10 @@ struct Cli {
 }
 
 /// Launcher options that take a value, and flags (dash or underscore spelling).
-const VALUED: &[&str] = &["hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir"];
-const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "no_preflight", "help", "version"];
+const VALUED: &[&str] = &[
+    "hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir", "ssh_config", "ssh_user", "ssh_port", "ssh_identity",
+];
+const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "no_preflight", "ssh_accept_new_host_keys", "help", "version"];
 
 /// Splits argv into the launcher's options (normalised to `--name`) and the
 /// worker's arguments (everything else, in order). `--` ends the launcher's.
@@ -208,8 +228,79 @@ fn detect(program: String, default: backend::Flavor) -> (backend::Flavor, String
     (backend::Flavor::detect(&text).unwrap_or(default), program)
 }
 
+/// The save directory the worker arguments configure, and the free space a
+/// checkpoint needs there: fp32 weights and two Adam moments (12 bytes a
+/// parameter, with some room) twice over, since the previous checkpoint
+/// stays until the new one is installed. `None` without saving, or for a
+/// worker subcommand.
+fn disk_plan(worker_args: &[String]) -> Result<Option<preflight::Disk>> {
+    if worker_args.first().is_some_and(|a| !a.starts_with('-')) {
+        return Ok(None);
+    }
+    let (mut file, mut named, mut sets) = (PathBuf::from("configs/configs.json"), false, Vec::new());
+    let mut it = worker_args.iter();
+    while let Some(a) = it.next() {
+        let value = |flag: &str, it: &mut std::slice::Iter<String>| match a.strip_prefix(&format!("{flag}=")) {
+            Some(v) => Some(v.to_string()),
+            None => (a == flag).then(|| it.next().cloned()).flatten(),
+        };
+        if let Some(v) = value("--args", &mut it) {
+            (file, named) = (PathBuf::from(v), true);
+        } else if let Some(v) = value("--set", &mut it) {
+            if !v.split_once('=').is_some_and(|(k, _)| k.contains('.')) {
+                sets.push(v);
+            }
+        }
+    }
+    let path = file.is_file().then_some(file.as_path());
+    if path.is_none() && named {
+        bail!("{}: no such file (--args)", file.display());
+    }
+    let a = glm_common::args::LoadedArgs::load(path, &sets)?.args;
+    let Some(dir) = a.save else { return Ok(None) };
+    let (h, l) = (a.hidden_size as u64, a.num_layers as u64);
+    let params = 12 * l * h * h + (16_000 + 2 * a.max_position_embeddings as u64) * h;
+    Ok(Some(preflight::Disk { dir, need: 2 * 16 * params }))
+}
+
+/// What to do on the first Ctrl-C/SIGTERM when no worker runs on this
+/// machine: SIGTERM every worker of this job (marked by its GLM_LAUNCH_ID)
+/// on every host, over the ssh back end's connections; returns on how many
+/// hosts a worker was found.
+fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Send + Sync {
+    move || {
+        let script = format!(
+            "n=0; for d in /proc/[0-9]*; do if tr '\\0' '\\n' < $d/environ 2>/dev/null | grep -qx '{key}={id}'; then kill -TERM ${{d#/proc/}} 2>/dev/null && n=$((n+1)); fi; done; echo $n\n",
+            key = launch::LAUNCH_ID
+        );
+        std::thread::scope(|s| {
+            let asks: Vec<_> = targets
+                .iter()
+                .map(|t| {
+                    let script = &script;
+                    s.spawn(move || {
+                        let r = ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| ssh::output(&sess, "sh -s", script.as_bytes()));
+                        match r {
+                            Ok((_, out, _)) => usize::from(out.trim().parse::<usize>().unwrap_or(0) > 0),
+                            Err(e) => {
+                                eprintln!("glm-launch: cannot signal the workers on {}: {e:#}", t.describe());
+                                0
+                            }
+                        }
+                    })
+                })
+                .collect();
+            asks.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--ssh-exec") {
+        // OpenMPI's remote-start agent (plm_rsh_agent) for the ssh back end
+        return ExitCode::from(ssh::agent_main(&args[1..]).clamp(0, 255) as u8);
+    }
     match run(&args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
@@ -224,10 +315,35 @@ fn run(args: &[String]) -> Result<i32> {
     let cli = Cli::parse_from(&mine);
     let place = placement(&cli)?;
     let (flavor, program) = match cli.launcher.as_str() {
-        "mpirun" | "local" => detect(cli.mpi.clone().unwrap_or_else(|| "mpirun".into()), backend::Flavor::OpenMpi),
+        "mpirun" | "local" | "ssh" => detect(cli.mpi.clone().unwrap_or_else(|| "mpirun".into()), backend::Flavor::OpenMpi),
         "mpiexec" => detect(cli.mpi.clone().unwrap_or_else(|| "mpiexec".into()), backend::Flavor::Mpich),
-        "ssh" | "slurm" => bail!("--launcher {}: not implemented yet (use mpirun, mpiexec or local)", cli.launcher),
-        other => bail!("--launcher {other}: expected mpirun, mpiexec or local"),
+        "slurm" => bail!("--launcher slurm: not implemented yet (use mpirun, mpiexec, ssh or local)"),
+        other => bail!("--launcher {other}: expected mpirun, mpiexec, ssh or local"),
+    };
+    let use_ssh = cli.launcher == "ssh";
+    if use_ssh && flavor != backend::Flavor::OpenMpi {
+        bail!("--launcher ssh starts OpenMPI's daemons through glm-launch's own SSH connections, but {program} is not OpenMPI's mpirun (name it with --mpi)");
+    }
+    let ssh_opts = ssh::Options { config: cli.ssh_config.clone(), user: cli.ssh_user.clone(), port: cli.ssh_port, identity: cli.ssh_identity.clone(), accept_new: cli.ssh_accept_new_host_keys };
+    if !use_ssh && ssh_opts != ssh::Options::default() {
+        bail!("--ssh_* options are for --launcher ssh (with --launcher {}, mpirun's own ssh and ~/.ssh/config decide)", cli.launcher);
+    }
+    if let Some(f) = &ssh_opts.config {
+        if !f.is_file() {
+            bail!("--ssh_config {}: no such file", f.display());
+        }
+    }
+    // every host's address, user, port and keys, before anything runs
+    let targets: Vec<ssh::Target> = if use_ssh { place.hosts.iter().map(|(h, _)| ssh::resolve(h, &ssh_opts)).collect::<Result<_>>()? } else { Vec::new() };
+    let agent = if use_ssh {
+        let me = std::env::current_exe().context("cannot find glm-launch's own path (the ssh back end's remote-start agent)")?;
+        let me = me.display().to_string();
+        if me.contains([' ', ':', '\'', '"']) {
+            bail!("glm-launch's path {me} holds a space, quote or ':', which OpenMPI's plm_rsh_agent cannot carry; install it elsewhere");
+        }
+        Some(format!("{me} --ssh-exec"))
+    } else {
+        None
     };
     if cli.launcher == "local" {
         if let Some((h, _)) = place.hosts.iter().find(|(h, _)| !is_local(h)) {
@@ -238,6 +354,9 @@ fn run(args: &[String]) -> Result<i32> {
     let mut worker = vec![worker_program(&cli)?];
     worker.extend(worker_args.iter().cloned());
     let env = worker_env(&cli)?;
+    // marks this job's workers (a stop signal finds them by it on every host)
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let launch_id = format!("{secs}-{}-{}", std::process::id(), this_host());
     let all_local = place.hosts.iter().all(|(h, _)| is_local(h));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let job = backend::Job {
@@ -247,6 +366,8 @@ fn run(args: &[String]) -> Result<i32> {
         // SAFETY: geteuid has no preconditions.
         as_root: unsafe { libc::geteuid() } == 0,
         oversubscribe: all_local && place.world_size() > cores,
+        agent: agent.as_deref(),
+        launch_id: Some(&launch_id),
     };
     let argv = backend::command(flavor, &program, &job);
     let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
@@ -263,11 +384,20 @@ fn run(args: &[String]) -> Result<i32> {
         // one process per host (app contexts: rank i is host i), with the
         // job's environment, every GPU visible
         let one = Placement { hosts: place.hosts.iter().map(|(h, _)| (h.clone(), vec![0])).collect() };
-        let probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from);
-        let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false });
+        let disk = disk_plan(&worker_args)?;
+        let mut probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from).to_vec();
+        if let Some(d) = &disk {
+            probe.extend(["--disk".to_string(), d.dir.display().to_string()]);
+        }
         let wants_cuda = worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-        let (rows, ok) = preflight::run(&pre, &env, &place, env!("CARGO_PKG_VERSION"), wants_cuda);
-        println!("glm-launch: preflight: glm-worker env on every host");
+        let version = env!("CARGO_PKG_VERSION");
+        let (rows, ok) = if use_ssh {
+            preflight::run_ssh(&targets, &probe, &env, &place, version, wants_cuda, disk.as_ref())
+        } else {
+            let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None });
+            preflight::run(&pre, &env, &place, version, wants_cuda, disk.as_ref())
+        };
+        println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
         for r in &rows {
             println!("{r}");
         }
@@ -276,11 +406,15 @@ fn run(args: &[String]) -> Result<i32> {
         }
     }
     let run_dir = cli.run_dir.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         PathBuf::from("glm_runs").join(format!("run-{secs}-{}", std::process::id()))
     });
     println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());
-    let out = supervise::run(&argv, &env, &ranks, &run_dir, cli.all_ranks_output)?;
+    // mpirun's own environment: the workers' and, for the ssh back end, the
+    // agent's settings (not exported to the workers)
+    let mut launcher_env = env.clone();
+    launcher_env.extend(ssh_opts.to_env());
+    let stop: Option<Box<dyn Fn() -> usize + Send + Sync>> = if use_ssh { Some(Box::new(ssh_stopper(targets.clone(), launch_id.clone()))) } else { None };
+    let out = supervise::run(&argv, &launcher_env, &ranks, &run_dir, cli.all_ranks_output, stop.as_deref())?;
     match &out.report {
         None => println!("glm-launch: every worker finished"),
         Some(r) => eprintln!("glm-launch: {r}"),

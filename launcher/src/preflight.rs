@@ -1,10 +1,11 @@
-//! The preflight: before anything trains, one short job through the same
-//! MPI launcher (one app context per host, the job's environment, every GPU
-//! visible) runs `glm-worker env` once on every host and the answers
-//! make one table — reachable, the worker's version (the launcher's own),
-//! libtorch found, GPUs against the selected slots. A failing row stops the
-//! launch with the table shown, before any worker starts (DeepSpeed
-//! discovers a bad host only after the others have started).
+//! The preflight: before anything trains, `glm-worker env` runs once on
+//! every host with the job's environment and every GPU visible — through
+//! the same MPI launcher (one app context per host), or over the `ssh`
+//! back end's own connections — and the answers make one table: reachable,
+//! the worker's version (the launcher's own), libtorch found, GPUs against
+//! the selected slots, free disk under the save directory. A failing row
+//! stops the launch with the table shown, before any worker starts
+//! (DeepSpeed discovers a bad host only after the others have started).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -19,8 +20,44 @@ pub struct Report {
     pub version: Option<String>,
     pub libtorch: Option<String>,
     pub gpus: Option<usize>,
+    /// Free bytes under the save directory (when one is configured).
+    pub free_disk: Option<u64>,
     /// The first line the host wrote to stderr (why it failed, usually).
     pub error: Option<String>,
+}
+
+impl Report {
+    /// Takes in one line of `glm-worker env`'s answer.
+    fn take(&mut self, line: &str) {
+        let Some((k, v)) = line.split_once(':') else { return };
+        let (k, v) = (k.trim(), v.trim().to_string());
+        match k {
+            "glm-worker" => self.version = Some(v),
+            "libtorch dir" => self.libtorch = Some(v),
+            "cuda devices" => self.gpus = v.parse().ok(),
+            "free disk" => self.free_disk = v.split_whitespace().next().and_then(|b| b.parse().ok()),
+            _ => {}
+        }
+    }
+
+    /// One host's answer (stdout, stderr), as the ssh back end collects it.
+    pub fn from_answer(stdout: &str, stderr: &str) -> Report {
+        let mut rep = Report::default();
+        stdout.lines().for_each(|l| rep.take(l));
+        rep.error = stderr.lines().map(str::trim).find(|l| !l.is_empty()).map(String::from);
+        rep
+    }
+}
+
+/// The save directory and how many bytes it needs free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub dir: std::path::PathBuf,
+    pub need: u64,
+}
+
+fn gb(b: u64) -> String {
+    format!("{:.1} GB", b as f64 / 1e9)
 }
 
 /// Per-rank (= per-host) answers from the preflight's output.
@@ -36,23 +73,15 @@ pub fn parse(output: &str) -> BTreeMap<usize, Report> {
             }
             continue;
         }
-        let Some((k, v)) = line.text.split_once(':') else { continue };
-        let (k, v) = (k.trim(), v.trim().to_string());
-        let rep = out.entry(r).or_default();
-        match k {
-            "glm-worker" => rep.version = Some(v),
-            "libtorch dir" => rep.libtorch = Some(v),
-            "cuda devices" => rep.gpus = v.parse().ok(),
-            _ => {}
-        }
+        out.entry(r).or_default().take(&line.text);
     }
     out
 }
 
 /// The table's rows (host, verdict per column) and whether all passed.
-pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str, wants_cuda: bool) -> (Vec<String>, bool) {
+pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
     let mut ok = true;
-    let mut rows = vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots")];
+    let mut rows = vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
         let rep = reports.get(&i).filter(|r| r.version.is_some() || r.libtorch.is_some() || r.gpus.is_some());
         let mut why = Vec::new();
@@ -86,16 +115,26 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
             }
             None => format!("? / {}", slots.len()),
         };
+        let free = match (disk, rep.and_then(|r| r.free_disk)) {
+            (None, _) => "-".to_string(),
+            (Some(_), None) => "?".to_string(),
+            (Some(d), Some(f)) => {
+                if f < d.need {
+                    why.push(format!("{} free under {}, a checkpoint needs about {}", gb(f), d.dir.display(), gb(d.need)));
+                }
+                gb(f)
+            }
+        };
         let verdict = if why.is_empty() { "ok".to_string() } else { format!("FAIL: {}", why.join("; ")) };
         ok &= why.is_empty();
-        rows.push(format!("  {host:<24} {reach:<10} {ver:<16} {torch:<10} {g:<22} {verdict}"));
+        rows.push(format!("  {host:<24} {reach:<10} {ver:<16} {torch:<10} {g:<22} {free:<12} {verdict}"));
     }
     (rows, ok)
 }
 
 /// Runs the preflight; returns the table and whether every host passed
 /// (with the launcher's own messages when the preflight job failed).
-pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool) -> (Vec<String>, bool) {
+pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
     let (text, messages, success) = match out {
         Ok(o) => {
@@ -105,12 +144,38 @@ pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, ver
         }
         Err(e) => (String::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
     };
-    let (mut rows, ok) = table(placement, &parse(&text), version, wants_cuda);
+    let (mut rows, ok) = table(placement, &parse(&text), version, wants_cuda, disk);
     if !success {
         rows.push(format!("  the preflight job failed; {}'s messages:", argv[0]));
         rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
     }
     (rows, ok && success)
+}
+
+/// The `ssh` back end's preflight: every host at once, each over its own
+/// connection (host key checked, logged in), `glm-worker env` fed as a
+/// script with the job's environment, from the launcher's directory.
+pub fn run_ssh(targets: &[crate::ssh::Target], probe: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let script = crate::ssh::script(env, &cwd, probe);
+    let ask = |t: &crate::ssh::Target| -> Report {
+        let answer = crate::ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| crate::ssh::output(&sess, "sh -s", script.as_bytes()));
+        match answer {
+            Ok((code, out, err)) => {
+                let mut rep = Report::from_answer(&out, &err);
+                if code != 0 && rep.error.is_none() {
+                    rep.error = Some(format!("exit status {code}"));
+                }
+                rep
+            }
+            Err(e) => Report { error: Some(format!("{e:#}")), ..Default::default() },
+        }
+    };
+    let reports: BTreeMap<usize, Report> = std::thread::scope(|s| {
+        let asks: Vec<_> = targets.iter().enumerate().map(|(i, t)| (i, s.spawn(move || ask(t)))).collect();
+        asks.into_iter().map(|(i, h)| (i, h.join().unwrap_or_default())).collect()
+    });
+    table(placement, &reports, version, wants_cuda, disk)
 }
 
 #[cfg(test)]
@@ -126,16 +191,22 @@ mod tests {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
                    [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
                    [1,2]<stderr>:glm-worker: error: libtorch not found\n";
-        let (rows, ok) = table(&placement(), &parse(out), "0.1.0", false);
+        let (rows, ok) = table(&placement(), &parse(out), "0.1.0", false, None);
         assert!(!ok);
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
-        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n"), "0.1.0", false);
+        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n"), "0.1.0", false, None);
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
         let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
         let one = Placement { hosts: vec![("a".into(), vec![0])] };
-        assert!(table(&one, &parse(cpu), "0.1.0", false).1);
-        assert!(table(&one, &parse(cpu), "0.1.0", true).0[1].contains("--device cuda, but the host reports no GPU"));
+        assert!(table(&one, &parse(cpu), "0.1.0", false, None).1);
+        assert!(table(&one, &parse(cpu), "0.1.0", true, None).0[1].contains("--device cuda, but the host reports no GPU"));
+        let disk = Disk { dir: "/ckpt".into(), need: 5_000_000_000 };
+        let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 2000000000 /ckpt\n", "");
+        let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), "0.1.0", false, Some(&disk));
+        assert!(!ok && rows[1].contains("2.0 GB") && rows[1].contains("FAIL: 2.0 GB free under /ckpt, a checkpoint needs about 5.0 GB"), "{rows:?}");
+        let rep = Report::from_answer("", "\nglm-launch: node9:22: cannot connect: Connection refused\n");
+        assert_eq!(rep.error.as_deref(), Some("glm-launch: node9:22: cannot connect: Connection refused"));
     }
 }

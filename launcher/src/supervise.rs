@@ -115,7 +115,9 @@ pub struct Outcome {
 
 /// Runs `argv` (with `env` added to its environment), attributing output
 /// to `hosts[rank]`, logging under `run_dir/logs`.
-pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool) -> Result<Outcome> {
+/// `stop_remote`, when given, reaches workers on other machines at the first
+/// signal when none runs on this one (the ssh back end's connections).
+pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool, stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>) -> Result<Outcome> {
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create the run's log directory", logs.display()))?;
     // SAFETY: the handler only stores to atomics.
@@ -224,7 +226,10 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 // ones is enough. mpirun itself would SIGKILL the ranks 1 s
                 // after forwarding a SIGTERM, before they can save.
                 let local = descendants(child.id(), "glm-worker");
-                if local.is_empty() {
+                let remote = if local.is_empty() { stop_remote.map_or(0, |f| f()) } else { 0 };
+                if remote > 0 {
+                    eprintln!("glm-launch: {what} received: SIGTERM to the workers on {remote} host(s) over SSH; every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills");
+                } else if local.is_empty() {
                     eprintln!("glm-launch: {what} received: no worker on this machine; stopping mpirun (a second signal kills)");
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -73,7 +73,11 @@ enum Cmd {
     /// Print blank-infilling samples built from a token store, decoded
     Samples(SamplesArgs),
     /// Print libtorch and device facts
-    Env,
+    Env {
+        /// Also print the free disk space under this directory (its nearest existing ancestor)
+        #[arg(long, value_name = "DIR")]
+        disk: Option<PathBuf>,
+    },
     /// Fill the blanks ([MASK], [sMASK], [gMASK]) of a text with a trained model
     Generate(GenerateArgs),
     /// Merge tensor-parallel checkpoint parts into one, or split one into parts
@@ -280,10 +284,16 @@ fn main() -> ExitCode {
         Some(Cmd::Prepare(a)) => prepare(a),
         Some(Cmd::MakeCorpus { src, out }) => make_corpus(&src, &out),
         Some(Cmd::Samples(a)) => samples(a),
-        Some(Cmd::Env) => {
+        Some(Cmd::Env { disk }) => {
             glm_worker::runtime::load_cuda();
             for (k, v) in glm_worker::runtime::describe() {
                 println!("{k:>18}: {v}");
+            }
+            if let Some(dir) = disk {
+                match glm_worker::runtime::free_disk(&dir) {
+                    Some((bytes, at)) => println!("{:>18}: {bytes} {}", "free disk", at.display()),
+                    None => println!("{:>18}: ? {}", "free disk", dir.display()),
+                }
             }
             Ok(())
         }

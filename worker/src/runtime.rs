@@ -21,6 +21,17 @@ pub fn describe() -> Vec<(String, String)> {
     out
 }
 
+/// Free bytes (for an unprivileged user) on the file system that holds
+/// `dir`, or would hold it: its nearest existing ancestor is asked.
+pub fn free_disk(dir: &std::path::Path) -> Option<(u64, std::path::PathBuf)> {
+    let abs = std::path::absolute(dir).ok()?;
+    let at = abs.ancestors().find(|a| a.exists())?.to_path_buf();
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs the call fills.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| (st.f_bavail as u64 * st.f_frsize as u64, at))
+}
+
 /// The libtorch directory in use: the one the `glm-worker` entry point found
 /// (`GLM_LIBTORCH_LIB`), else the one this binary was built against.
 pub fn libtorch_dir() -> Option<String> {

@@ -1,0 +1,204 @@
+//! `glm-launch --launcher ssh` against real test hosts: two network
+//! namespaces on a bridge, each with its own hostname and a real OpenSSH
+//! server (`tests/fixtures/netns_hosts.sh`); glm-launch reaches them with
+//! its own SSH client and is OpenMPI's remote-start agent. Needs root,
+//! iproute2, openssh-server and OpenMPI (`scripts/setup.sh` installs them).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{repo, text, tiny_job};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netns_hosts.sh")
+}
+
+/// The test hosts; taken down (servers, namespaces, links) when dropped.
+struct Hosts {
+    dir: PathBuf,
+}
+
+impl Hosts {
+    fn up(dir: &Path, n: usize) -> Hosts {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the ssh back-end test builds network namespaces: run it as root (CI does)");
+        assert!(Path::new("/usr/sbin/sshd").is_file(), "/usr/sbin/sshd missing: scripts/setup.sh installs openssh-server");
+        let o = Command::new(fixture()).args(["up", &dir.display().to_string(), &n.to_string()]).output().unwrap();
+        let hosts = Hosts { dir: dir.to_path_buf() };
+        assert!(o.status.success(), "test hosts: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        hosts
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new(fixture()).args(["down", &self.dir.display().to_string()]).output();
+    }
+}
+
+
+/// glm-launch over ssh with this test's hosts, config and network.
+fn launch(h: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glm-launch"));
+    c.current_dir(repo())
+        .env("OMP_NUM_THREADS", "1")
+        // OpenMPI's traffic stays on the test bridge
+        .env("OMPI_MCA_btl_tcp_if_include", "10.213.77.0/24")
+        .env("OMPI_MCA_oob_tcp_if_include", "10.213.77.0/24")
+        .env_remove("SSH_AUTH_SOCK")
+        .args(["--launcher", "ssh", "--hostfile", &h.join("hosts").display().to_string(), "--ssh_config", &h.join("ssh_config").display().to_string()])
+        .args(extra);
+    c
+}
+
+/// A stand-in worker: answers the preflight like glm-worker, then reports
+/// where each rank runs, records its pid, and sleeps when asked to.
+fn fake_worker(dir: &Path) -> PathBuf {
+    let w = dir.join("worker.sh");
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\n\
+             echo \"rank $OMPI_COMM_WORLD_RANK on $(uname -n)\"\necho $$ > {}/pid.$OMPI_COMM_WORLD_RANK\n[ \"$1\" = sleep ] && exec sleep 60\nexit 0\n",
+            env!("CARGO_PKG_VERSION"),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    w
+}
+
+fn set_known_hosts(h: &Path, file: &Path) {
+    let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
+    let cfg: String = cfg.lines().map(|l| if l.trim_start().starts_with("UserKnownHostsFile") { format!("  UserKnownHostsFile {}\n", file.display()) } else { format!("{l}\n") }).collect();
+    std::fs::write(h.join("ssh_config"), cfg).unwrap();
+}
+
+#[test]
+fn ssh_back_end_on_two_test_hosts() {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path().join("hosts.d");
+    let _hosts = Hosts::up(&h, 2);
+    std::fs::write(h.join("hosts"), "node1 slots=2\nnode2 slots=2\n").unwrap();
+    let w = fake_worker(d.path());
+    let ws = w.display().to_string();
+
+    // 1. an unknown host key is refused before anything starts
+    let empty = d.path().join("known_hosts.empty");
+    std::fs::write(&empty, "").unwrap();
+    let good = h.join("known_hosts");
+    set_known_hosts(&h, &empty);
+    let o = launch(&h, &["--worker", &ws]).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(out.contains("node1 (10.213.77.11:2222): unknown host key (ssh-ed25519 SHA256:") && out.contains("pass --ssh_accept_new_host_keys"), "{out}");
+    assert!(err.contains("preflight failed") && !d.path().join("pid.0").exists(), "{err}");
+
+    // 2. ... unless the user opts in: the keys are recorded, and every rank
+    // runs on its host
+    let o = launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys", "--all-ranks-output", "--run_dir", &d.path().join("run1").display().to_string()]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    for (r, host) in [(0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")] {
+        assert!(out.contains(&format!("[{host}:{r}] rank {r} on {host}")), "{out}");
+    }
+    assert!(err.contains("added its ssh-ed25519 key"), "{err}");
+    assert_eq!(std::fs::read_to_string(&empty).unwrap().lines().count(), 2, "both keys recorded");
+
+    // 3. a changed host key is refused, even with the opt-in
+    let other = d.path().join("other_key");
+    assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", &other.display().to_string()]).status().unwrap().success());
+    let pubkey = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let changed = d.path().join("known_hosts.changed");
+    let node2 = std::fs::read_to_string(&good).unwrap().lines().nth(1).unwrap().to_string();
+    std::fs::write(&changed, format!("[10.213.77.11]:2222 {}\n{node2}\n", pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" "))).unwrap();
+    set_known_hosts(&h, &changed);
+    let o = launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(out.contains("node1 (10.213.77.11:2222): HOST KEY CHANGED") && out.contains("ssh-keygen -R '[10.213.77.11]:2222'"), "{out}");
+    let node2_row = out.lines().find(|l| l.trim_start().starts_with("node2")).unwrap();
+    assert!(node2_row.ends_with("ok"), "only the changed host fails: {out}");
+    set_known_hosts(&h, &good);
+
+    // 4. a wrong port: a clear preflight row, nothing started
+    let _ = std::fs::remove_file(d.path().join("pid.0"));
+    let o = launch(&h, &["--worker", &ws, "--ssh_port", "2299"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(out.contains("node1 (10.213.77.11:2299): cannot connect: Connection refused"), "{out}");
+    assert!(!d.path().join("pid.0").exists(), "nothing started");
+
+    // 5. a worker killed on one host stops every other one, named
+    for r in 0..4 {
+        let _ = std::fs::remove_file(d.path().join(format!("pid.{r}")));
+    }
+    let t0 = Instant::now();
+    let child = launch(&h, &["--worker", &ws, "--run_dir", &d.path().join("run2").display().to_string(), "sleep"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid3 = d.path().join("pid.3");
+    while !pid3.exists() || std::fs::read_to_string(&pid3).unwrap().trim().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "rank 3 never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid: i32 = std::fs::read_to_string(&pid3).unwrap().trim().parse().unwrap();
+    let killed = Instant::now();
+    // SAFETY: the test's own worker process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(killed.elapsed() < Duration::from_secs(20), "the others were stopped, not waited for ({:?})", killed.elapsed());
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(err.contains("glm-launch: rank 3 on node2 killed by signal 9"), "{err}");
+
+    // 6. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
+    // SIGTERM to glm-launch (no worker on this machine) reaches the workers
+    // over SSH, which save a checkpoint that resumes
+    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#);
+    let save = d.path().join("save");
+    let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run3").display().to_string()];
+    args.extend(job.iter().cloned());
+    args.extend(["--set".to_string(), "train_iters=3".into(), "--set".into(), format!("save={}", save.display())]);
+    let o = launch(&h, &[]).args(&args).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("parallel: world 4 = tensor-parallel 1 × data-parallel 4") && out.contains("[node1:0]  iteration       3/3"), "{out}");
+    assert!(out.contains("free disk") && out.lines().filter(|l| l.contains(" ok")).count() >= 2, "{out}");
+    assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "3");
+
+    let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run4").display().to_string()];
+    args.extend(job.iter().cloned());
+    args.extend(["--set", "train_iters=100000", "--set"].map(String::from));
+    args.push(format!("save={}", save.display()));
+    args.extend(["--set".to_string(), format!("load={}", save.display())]);
+    let child = launch(&h, &[]).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // wait for training to pass iteration 3 (the run log of rank 0)
+    let log = d.path().join("run4/logs/rank_0000.log");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("iteration       6/") {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training never reached iteration 6");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(143), "{out}\n{err}");
+    assert!(err.contains("SIGTERM to the workers on 2 host(s) over SSH"), "{err}");
+    let it: u64 = std::fs::read_to_string(save.join("latest")).unwrap().trim().parse().unwrap();
+    assert!(it >= 6, "a checkpoint of the stopped run ({it})");
+    let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run5").display().to_string()];
+    args.extend(job);
+    args.extend(["--set".to_string(), format!("train_iters={}", it + 1), "--set".into(), format!("load={}", save.display())]);
+    let o = launch(&h, &[]).args(&args).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains(&format!("iteration {:>7}/{}", it + 1, it + 1)), "resumed at {it}: {out}");
+}
