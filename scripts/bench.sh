@@ -6,7 +6,7 @@
 #   - blank-infilling sample construction rate for the three modes;
 #   - the training step (forward, backward, clipping, AdamW) of the default
 #     model shape (GLM 4 layers, hidden 256, 4 heads, seq 256, micro-batch 8,
-#     vocab 16000) against the same model in eager PyTorch from .venv
+#     vocab 16000) against the same model in eager PyTorch (the torch setup.sh chose)
 #     (bench/glm_torch.py), on 1 and on 2 threads, in the same run; then with
 #     activation checkpointing (tokens/s and peak memory), and in bf16 against
 #     autocast at a smaller shape;
@@ -21,12 +21,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup.sh
+source target/torch.env
+PY="${TORCH_PYTHON:-}"
+[ -n "$PY" ] || { echo "bench: the torch in use (LIBTORCH=$LIBTORCH) has no python to run eager PyTorch beside it; point LIBTORCH at a python torch package or unset it" >&2; exit 1; }
 BIN="$ROOT/target/release/glm-worker"
 VOCAB="$ROOT/../shared/seed/vocab.txt"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-"$ROOT/.venv/bin/python" - "$ROOT/glm_pretrain/data/data.json" "$WORK/big.json" <<'PY'
+"$PY" - "$ROOT/glm_pretrain/data/data.json" "$WORK/big.json" <<'PY'
 import json, sys
 docs = json.load(open(sys.argv[1], encoding="utf-8"))
 with open(sys.argv[2], "w", encoding="utf-8") as f:
@@ -49,7 +52,7 @@ done
 echo "== training step, GLM 4x256, seq 256, micro-batch 8, vocab 16000, CPU (model TFLOP/s: 6·N + 12·L·h·s per token)"
 for t in 1 2; do
   r=$("$BIN" bench-step --threads "$t" --iters 20)
-  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" --threads "$t" --iters 20)
+  p=$("$PY" "$ROOT/bench/glm_torch.py" --threads "$t" --iters 20)
   echo "  $r"
   echo "  $p"
   rt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r"); pt=$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")
@@ -62,7 +65,7 @@ pair() { # pair <label> <rust args> -- <torch args>: both lines, the tokens/s ra
   targs=("$@")
   local r p
   r=$("$BIN" bench-step "${rargs[@]}")
-  p=$("$ROOT/.venv/bin/python" "$ROOT/bench/glm_torch.py" "${targs[@]}" 2>"$WORK/torch.err") || { echo "  eager PyTorch failed:"; tail -5 "$WORK/torch.err"; return 1; }
+  p=$("$PY" "$ROOT/bench/glm_torch.py" "${targs[@]}" 2>"$WORK/torch.err") || { echo "  eager PyTorch failed:"; tail -5 "$WORK/torch.err"; return 1; }
   echo "  $r"
   echo "  $p"
   awk -v r="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$r")" -v p="$(sed 's/.*tokens\/s=\([0-9]*\).*/\1/' <<<"$p")" -v l="$label" \
@@ -74,7 +77,7 @@ echo "== bf16 vs eager PyTorch autocast bf16, GLM 4x256, seq 128, micro-batch 4,
 SMALL=(--threads 2 --iters 3 --warmup 1 --seq 128 --batch 4)
 pair "bf16" "${SMALL[@]}" --precision bf16 -- "${SMALL[@]}" --dtype bf16
 echo "== practical peak: fp32 2048x2048 matmul (torch, 2 threads)"
-"$ROOT/.venv/bin/python" - 2>/dev/null <<'PY'
+"$PY" - 2>/dev/null <<'PY'
 import time, torch
 torch.set_num_threads(2)
 a = torch.randn(2048, 2048)

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine, then builds it.
 # Idempotent and quiet when nothing is missing:
-#   1. Debian packages: C/C++ toolchain, libclang (bindgen), OpenMPI, fortunes-zh
-#   2. .venv with torch==2.11.0 from the package index (the libtorch tch 0.24 binds)
-#   3. LIBTORCH_USE_PYTORCH=1 cargo build --release
+#   1. Debian packages: C/C++ toolchain, libclang (bindgen), OpenSSL headers
+#      (glm-launch's SSH client), OpenMPI, fortunes-zh; with --test also what
+#      the tests run for real: OpenSSH server, iproute2, Slurm and munge
+#   2. a torch 2.11.0 (the libtorch tch 0.24 binds), the first found of:
+#      LIBTORCH (a libtorch or torch package directory, as torch-sys reads it),
+#      the project's .venv, python3's own torch; else torch==2.11.0 from the
+#      package index into .venv. It says which, and writes the choice to
+#      target/torch.env, which the other scripts source.
+#   3. LIBTORCH=<that directory> cargo build --release
 #   4. the default corpus glm_pretrain/data/data.json (from fortunes-zh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,10 +17,12 @@ cd "$ROOT"
 say() { echo "setup: $*" >&2; }
 TORCH_VERSION=2.11.0
 VENV="$ROOT/.venv"
+TEST_PACKAGES=()
+[ "${1:-}" = --test ] && TEST_PACKAGES=(openssh-server openssh-client iproute2 slurm-wlm munge)
 
 # 1. Debian packages (only those missing)
 missing=()
-for pkg in pkg-config libclang-dev openmpi-bin libopenmpi-dev fortunes-zh; do
+for pkg in pkg-config libclang-dev libssl-dev openmpi-bin libopenmpi-dev fortunes-zh "${TEST_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 command -v c++ >/dev/null && command -v make >/dev/null || missing+=(build-essential)
@@ -27,23 +35,29 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { say "error: cargo not found; install a Rust toolchain (rustup) first"; exit 1; }
 
-# 2. torch==2.11.0 in the project's venv
-torch_ok() {
-  local f
-  for f in "$VENV"/lib/python3*/site-packages/torch/version.py; do
-    [ -f "$f" ] && grep -q "^__version__ = '$TORCH_VERSION" "$f" && return 0
-  done
-  return 1
-}
-if ! torch_ok; then
-  say "installing torch==$TORCH_VERSION into .venv (provides libtorch; a large download)"
+# 2. a torch 2.11.0 (scripts/find_torch.sh)
+source "$ROOT/scripts/find_torch.sh"
+if find_torch; then :
+elif [ $? = 2 ]; then exit 1
+else
+  say "no torch $TORCH_VERSION found (LIBTORCH, .venv, python3): installing torch==$TORCH_VERSION into .venv (provides libtorch; a large download)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
-  torch_ok || { say "error: torch $TORCH_VERSION did not install into $VENV"; exit 1; }
+  d="$(venv_torch)"
+  [ -n "$d" ] && usable "$d" || { say "error: torch $TORCH_VERSION did not install into $VENV"; exit 1; }
+  TORCH_DIR="$d" TORCH_PYTHON="$VENV/bin/python" TORCH_FROM="the project's .venv ($d, just installed)"
 fi
+mkdir -p target
+env_file="target/torch.env"
+new_env="# written by scripts/setup.sh: the torch $TORCH_VERSION this build uses ($TORCH_FROM)
+export LIBTORCH='$TORCH_DIR'
+export TORCH_PYTHON='$TORCH_PYTHON'"
+say "torch $TORCH_VERSION from $TORCH_FROM"
+[ -f "$env_file" ] && [ "$(cat "$env_file")" = "$new_env" ] || printf '%s\n' "$new_env" > "$env_file"
 
-# 3. build (torch-sys asks the venv's python where libtorch is)
-export LIBTORCH_USE_PYTORCH=1 PATH="$VENV/bin:$PATH"
+# 3. build against it (torch-sys reads LIBTORCH)
+unset LIBTORCH_USE_PYTORCH
+export LIBTORCH="$TORCH_DIR"
 cargo build --release --workspace --quiet
 
 # 4. default corpus

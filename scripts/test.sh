@@ -4,8 +4,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/setup.sh
-export LIBTORCH_USE_PYTORCH=1 PATH="$ROOT/.venv/bin:$PATH"
+scripts/setup.sh --test
+# the torch setup.sh chose (LIBTORCH for torch-sys)
+source target/torch.env
+unset LIBTORCH_USE_PYTORCH
 # Several test processes share 2 cores: one intra-op thread each.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cargo test --release --workspace "$@"
