@@ -6,8 +6,10 @@ use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
 
-/// Set for every worker by `glm-launch --all-ranks-output`: every rank
-/// prints (by default only rank 0 does; every rank's errors always show).
+/// Set for every worker by `glm-launch` (which writes each rank's output to
+/// its log and shows rank 0's on the console unless `--all-ranks-output`):
+/// every rank prints. Without it (plain mpirun/srun) only rank 0 prints its
+/// progress; every rank's errors always show.
 pub const ALL_RANKS_OUTPUT: &str = "GLM_ALL_RANKS_OUTPUT";
 
 /// Set by `glm-launch` for every worker of one job, to a value unique to

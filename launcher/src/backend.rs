@@ -12,6 +12,10 @@
 //!   through `glm-launch --ssh-exec` (its `plm_rsh_agent`, glm-launch's own
 //!   SSH client), all from the launcher (no tree spawn).
 //! - `local`: OpenMPI's mpirun restricted to this machine (no remote start).
+//! - `slurm`: one `srun --mpi=pmix` step inside the allocation, the same
+//!   number of workers on every node, output labelled per task; the
+//!   environment reaches the tasks through srun's own `--export=ALL`, and
+//!   Slurm binds the GPUs it allocated.
 
 use glm_common::hostfile::Placement;
 
@@ -116,6 +120,28 @@ pub fn command(flavor: Flavor, launcher: &str, job: &Job) -> Vec<String> {
     argv
 }
 
+/// The slurm back end's step: every selected node, `slots.len()` workers
+/// each (the same on every node), ranks in node order (block).
+pub fn srun(program: &str, job: &Job) -> Result<Vec<String>, String> {
+    let hosts = &job.placement.hosts;
+    let per_node = hosts.first().map_or(0, |(_, s)| s.len());
+    if let Some((h, s)) = hosts.iter().find(|(_, s)| s.len() != per_node) {
+        return Err(format!("--launcher slurm starts the same number of workers on every node ({per_node} on {}, {} on {h})", hosts[0].0, s.len()));
+    }
+    let mut argv = vec![program.to_string(), "--mpi=pmix".into(), "--kill-on-bad-exit=1".into(), "--label".into()];
+    argv.push(format!("--nodes={}", hosts.len()));
+    argv.push(format!("--nodelist={}", hosts.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>().join(",")));
+    argv.push(format!("--ntasks={}", hosts.len() * per_node));
+    argv.push(format!("--ntasks-per-node={per_node}"));
+    argv.push("--distribution=block".into());
+    argv.push(match job.launch_id {
+        Some(id) => format!("--export=ALL,{}={id}", glm_common::launch::LAUNCH_ID),
+        None => "--export=ALL".into(),
+    });
+    argv.extend(job.worker.iter().cloned());
+    Ok(argv)
+}
+
 fn join(slots: &[usize]) -> String {
     slots.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
 }
@@ -152,6 +178,19 @@ mod tests {
         assert!(!display(&argv).contains("INFO"), "values are exported, not printed");
         let ssh = command(Flavor::OpenMpi, "mpirun", &Job { agent: Some("/bin/glm-launch --ssh-exec"), ..job });
         assert!(display(&ssh).starts_with("mpirun --allow-run-as-root --tag-output --bind-to none --mca plm_rsh_agent '/bin/glm-launch --ssh-exec' --mca plm_rsh_no_tree_spawn 1 -H w0:2"), "{}", display(&ssh));
+    }
+
+    #[test]
+    fn one_srun_step_for_the_allocation() {
+        let p = placement();
+        let worker = vec!["glm-worker".to_string(), "--config".into(), "ds.json".into()];
+        let job = Job { placement: &p, worker: &worker, env: &[], as_root: true, oversubscribe: false, agent: None, launch_id: Some("42") };
+        assert_eq!(
+            display(&srun("srun", &job).unwrap()),
+            "srun --mpi=pmix --kill-on-bad-exit=1 --label --nodes=2 --nodelist=w0,w1 --ntasks=4 --ntasks-per-node=2 --distribution=block --export=ALL,GLM_LAUNCH_ID=42 glm-worker --config ds.json"
+        );
+        let uneven = Placement { hosts: vec![("w0".into(), vec![0, 1]), ("w1".into(), vec![0])] };
+        assert!(srun("srun", &Job { placement: &uneven, ..job }).unwrap_err().contains("the same number of workers on every node (2 on w0, 1 on w1)"));
     }
 
     #[test]

@@ -161,7 +161,8 @@ fn worker_program(cli: &Cli) -> Result<String> {
 
 /// The environment every worker gets: the forwarded variables of this
 /// process, then `.glm_env` from the home and working directories (later
-/// wins), MASTER_ADDR/PORT when given, and the output contract.
+/// wins), MASTER_ADDR/PORT when given, and the output contract (every rank
+/// prints; the launcher filters the console).
 fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
     // later sources override earlier ones
     let mut env: std::collections::BTreeMap<String, String> = std::env::vars().filter(|(k, _)| launch::forwarded(k) && k != "CUDA_VISIBLE_DEVICES").collect();
@@ -179,9 +180,9 @@ fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
     if let Some(p) = cli.master_port {
         env.insert("MASTER_PORT".into(), p.to_string());
     }
-    if cli.all_ranks_output {
-        env.insert(launch::ALL_RANKS_OUTPUT.into(), "1".into());
-    }
+    // every rank prints, so every rank's log file is whole; glm-launch
+    // decides what reaches the console (--all_ranks_output)
+    env.insert(launch::ALL_RANKS_OUTPUT.into(), "1".into());
     Ok(env.into_iter().collect())
 }
 
@@ -295,6 +296,43 @@ fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Se
     }
 }
 
+/// The slurm back end's placement: the allocation's nodes (the first
+/// `--num_nodes`), `--num_gpus` workers on each, else the allocation's tasks
+/// per node.
+fn slurm_placement(cli: &Cli) -> Result<Placement> {
+    let Some(job) = std::env::var("SLURM_JOB_ID").ok().filter(|j| !j.is_empty()) else {
+        bail!("--launcher slurm runs inside a Slurm allocation, and there is none here (SLURM_JOB_ID unset): submit scripts/pretrain.sbatch with sbatch, or run glm-launch --launcher slurm inside salloc");
+    };
+    if cli.hostfile.is_some() || cli.include.is_some() || cli.exclude.is_some() {
+        bail!("--launcher slurm: allocation {job} decides the hosts; --hostfile/--include/--exclude do not apply (use --num_nodes / --num_gpus, or ask sbatch/salloc for other nodes)");
+    }
+    let list = std::env::var("SLURM_JOB_NODELIST").or_else(|_| std::env::var("SLURM_NODELIST")).context("SLURM_JOB_NODELIST is unset inside the allocation")?;
+    let out = std::process::Command::new("scontrol").args(["show", "hostnames", &list]).output().context("scontrol (to expand SLURM_JOB_NODELIST)")?;
+    anyhow::ensure!(out.status.success(), "scontrol show hostnames {list}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let mut nodes: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    anyhow::ensure!(!nodes.is_empty(), "allocation {job} lists no node ({list})");
+    if let Some(n) = cli.num_nodes {
+        anyhow::ensure!(n >= 1 && n <= nodes.len(), "--num_nodes {n}: allocation {job} has {} node(s)", nodes.len());
+        nodes.truncate(n);
+    }
+    // "2(x3),1" -> [2, 2, 2, 1]
+    let per_node_env: Vec<usize> = std::env::var("SLURM_TASKS_PER_NODE")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .flat_map(|p| match p.split_once("(x") {
+            Some((k, r)) => vec![k.parse().unwrap_or(0); r.trim_end_matches(')').parse().unwrap_or(0)],
+            None => vec![p.parse().unwrap_or(0)],
+        })
+        .collect();
+    let per_node = match cli.num_gpus {
+        Some(0) => bail!("--num_gpus 0: nothing to run"),
+        Some(g) => g,
+        None => per_node_env.iter().take(nodes.len()).copied().min().filter(|&k| k > 0).unwrap_or(1),
+    };
+    Ok(Placement { hosts: nodes.into_iter().map(|h| (h, (0..per_node).collect())).collect() })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().is_some_and(|a| a == "--ssh-exec") {
@@ -313,12 +351,14 @@ fn main() -> ExitCode {
 fn run(args: &[String]) -> Result<i32> {
     let (mine, worker_args) = split_args(args)?;
     let cli = Cli::parse_from(&mine);
-    let place = placement(&cli)?;
+    let use_slurm = cli.launcher == "slurm";
+    let place = if use_slurm { slurm_placement(&cli)? } else { placement(&cli)? };
     let (flavor, program) = match cli.launcher.as_str() {
         "mpirun" | "local" | "ssh" => detect(cli.mpi.clone().unwrap_or_else(|| "mpirun".into()), backend::Flavor::OpenMpi),
         "mpiexec" => detect(cli.mpi.clone().unwrap_or_else(|| "mpiexec".into()), backend::Flavor::Mpich),
-        "slurm" => bail!("--launcher slurm: not implemented yet (use mpirun, mpiexec, ssh or local)"),
-        other => bail!("--launcher {other}: expected mpirun, mpiexec, ssh or local"),
+        // srun is Slurm's, whatever MPI the workers link (PMIx wires them up)
+        "slurm" => (backend::Flavor::OpenMpi, cli.mpi.clone().unwrap_or_else(|| "srun".into())),
+        other => bail!("--launcher {other}: expected mpirun, mpiexec, ssh, slurm or local"),
     };
     let use_ssh = cli.launcher == "ssh";
     if use_ssh && flavor != backend::Flavor::OpenMpi {
@@ -350,7 +390,9 @@ fn run(args: &[String]) -> Result<i32> {
             bail!("--launcher local runs on this machine only, but the selection includes host {h} (use --launcher mpirun, or --include localhost)");
         }
     }
-    backend::supported(flavor, &place).map_err(anyhow::Error::msg)?;
+    if !use_slurm {
+        backend::supported(flavor, &place).map_err(anyhow::Error::msg)?;
+    }
     let mut worker = vec![worker_program(&cli)?];
     worker.extend(worker_args.iter().cloned());
     let env = worker_env(&cli)?;
@@ -369,7 +411,7 @@ fn run(args: &[String]) -> Result<i32> {
         agent: agent.as_deref(),
         launch_id: Some(&launch_id),
     };
-    let argv = backend::command(flavor, &program, &job);
+    let argv = if use_slurm { backend::srun(&program, &job).map_err(anyhow::Error::msg)? } else { backend::command(flavor, &program, &job) };
     let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
     println!("glm-launch: {} worker(s) on {} host(s): {}", place.world_size(), place.hosts.len(), place.hosts.iter().map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("; "));
     println!("glm-launch: environment for every worker: {}", env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" "));
@@ -378,6 +420,9 @@ fn run(args: &[String]) -> Result<i32> {
         return Ok(0);
     }
     if which(&program).is_none() {
+        if use_slurm {
+            bail!("{program}: not found (Slurm's srun; name it with --mpi)");
+        }
         bail!("{program}: not found (install OpenMPI's mpirun or MPICH's mpiexec on this machine, or name it with --mpi)");
     }
     if !cli.no_preflight {
@@ -393,6 +438,11 @@ fn run(args: &[String]) -> Result<i32> {
         let version = env!("CARGO_PKG_VERSION");
         let (rows, ok) = if use_ssh {
             preflight::run_ssh(&targets, &probe, &env, &place, version, wants_cuda, disk.as_ref())
+        } else if use_slurm {
+            // one task per node, plain (no MPI), labelled by node
+            let mut pre = backend::srun(&program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None }).map_err(anyhow::Error::msg)?;
+            pre[1] = "--mpi=none".into();
+            preflight::run(&pre, &env, &place, version, wants_cuda, disk.as_ref())
         } else {
             let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None });
             preflight::run(&pre, &env, &place, version, wants_cuda, disk.as_ref())

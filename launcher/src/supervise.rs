@@ -80,16 +80,41 @@ pub fn parse_line(raw: &str, from_stderr: bool) -> Line {
             }
         }
     }
+    // srun --label: "<task>: text" (the task number right-aligned)
+    let t = raw.trim_start();
+    if let Some((num, text)) = t.split_once(": ") {
+        if !num.is_empty() && num.len() <= 7 && num.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(rank) = num.parse::<usize>() {
+                return Line { rank: Some(rank), stderr: from_stderr, text: text.to_string() };
+            }
+        }
+    }
     Line { rank: None, stderr: from_stderr, text: raw.to_string() }
 }
 
 /// The failed rank and its exit code from OpenMPI's abort message
 /// (`Process name: [[7493,1],1]` / `Exit code: 3`) or its signal message
-/// (`process rank 1 with PID 42 on node h exited on signal 9`).
+/// (`process rank 1 with PID 42 on node h exited on signal 9`), or srun's
+/// (`srun: error: h: task 1: Exited with exit code 3`, `... task 1: Killed`).
 pub fn failed_rank(messages: &[String]) -> Option<(usize, String)> {
     let mut rank = None;
     for m in messages {
         let t = m.trim();
+        if let (true, Some(i)) = (t.starts_with("srun: error:"), t.find(": task ")) {
+            let rest = &t[i + ": task ".len()..];
+            if let Some((r, what)) = rest.split_once(": ") {
+                // "task 1" or "tasks 1-3"
+                if let Ok(r) = r.parse::<usize>() {
+                    let what = what.trim();
+                    let cause = match what.strip_prefix("Exited with exit code ") {
+                        Some(c) => format!("exit code {c}"),
+                        None => format!("{} ({what})", "killed"),
+                    };
+                    return Some((r, cause));
+                }
+            }
+            continue;
+        }
         if let Some(rest) = t.strip_prefix("Process name:") {
             rank = rest.trim().trim_start_matches('[').split(']').next().and_then(|s| s.split(',').nth(1)).and_then(|r| r.trim().parse::<usize>().ok());
         } else if let (Some(r), Some(code)) = (rank, t.strip_prefix("Exit code:")) {
@@ -145,8 +170,9 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
     }
     let shared = Arc::new(Mutex::new(Shared { files: BTreeMap::new(), messages: Vec::new(), last_error: BTreeMap::new() }));
     let hosts: Arc<Vec<String>> = Arc::new(hosts.to_vec());
+    let tag = Path::new(&argv[0]).file_name().map_or_else(|| argv[0].clone(), |n| n.to_string_lossy().into_owned());
     let pump = |stream: Box<dyn std::io::Read + Send>, from_stderr: bool| {
-        let (shared, hosts, logs) = (shared.clone(), hosts.clone(), logs.clone());
+        let (shared, hosts, logs, tag) = (shared.clone(), hosts.clone(), logs.clone(), tag.clone());
         std::thread::spawn(move || {
             // bytes, not UTF-8 lines: one bad byte from a rank must not stop
             // the reading (a closed pipe would kill the job)
@@ -178,7 +204,7 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 match line.rank {
                     None => {
                         s.messages.push(line.text.clone());
-                        let _ = writeln!(std::io::stderr(), "[mpirun] {}", line.text);
+                        let _ = writeln!(std::io::stderr(), "[{tag}] {}", line.text);
                     }
                     Some(r) => {
                         let host = hosts.get(r).map_or("?", |h| h.as_str());
@@ -230,7 +256,7 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 if remote > 0 {
                     eprintln!("glm-launch: {what} received: SIGTERM to the workers on {remote} host(s) over SSH; every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills");
                 } else if local.is_empty() {
-                    eprintln!("glm-launch: {what} received: no worker on this machine; stopping mpirun (a second signal kills)");
+                    eprintln!("glm-launch: {what} received: no worker on this machine; SIGTERM to {tag}, which passes it to every worker (a second signal kills)");
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 } else {
@@ -284,6 +310,8 @@ mod tests {
         assert_eq!(parse_line("[2] hello", false), Line { rank: Some(2), stderr: false, text: "hello".into() });
         assert_eq!(parse_line("[vm:1234] MCA warning", true).rank, None);
         assert_eq!(parse_line("plain", true), Line { rank: None, stderr: true, text: "plain".into() });
+        assert_eq!(parse_line(" 3: iteration 5", false), Line { rank: Some(3), stderr: false, text: "iteration 5".into() });
+        assert_eq!(parse_line("srun: error: x", true).rank, None);
     }
 
     #[test]
@@ -293,5 +321,8 @@ mod tests {
         let killed = vec!["mpirun noticed that process rank 2 with PID 4242 on node vm exited on signal 9 (Killed).".to_string()];
         assert_eq!(failed_rank(&killed), Some((2, "killed by signal 9 (Killed)".into())));
         assert_eq!(failed_rank(&["nothing".to_string()]), None);
+        let srun = vec!["srun: error: vm: task 1: Exited with exit code 3".to_string()];
+        assert_eq!(failed_rank(&srun), Some((1, "exit code 3".into())));
+        assert_eq!(failed_rank(&["srun: error: node7: task 12: Killed".to_string()]), Some((12, "killed (Killed)".into())));
     }
 }
