@@ -3,7 +3,7 @@
 //! named, and a real 2-rank training run of glm-worker through mpirun.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
 use common::{repo, text, tiny_job};
@@ -137,6 +137,29 @@ fn two_workers_train_through_glm_launch() {
 
 /// SIGTERM to glm-launch (a SLURM preemption, Ctrl-C) stops every worker
 /// after the same iteration with a complete checkpoint, which resumes.
+/// `--launcher local`, four workers on this machine as tensor-parallel 2 ×
+/// data-parallel 2 (oversubscribing its cores).
+#[test]
+fn four_workers_train_through_the_local_back_end() {
+    let d = tempfile::tempdir().unwrap();
+    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2}}"#);
+    let save = d.path().join("save");
+    let mut args: Vec<String> = vec!["--launcher".into(), "local".into(), "--num_gpus".into(), "4".into(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+    args.extend(job);
+    args.extend(["--set", "model_parallel_size=2", "--set", "train_iters=3", "--set"].map(String::from));
+    args.push(format!("save={}", save.display()));
+    let o = launch().args(&args).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("4 worker(s) on 1 host(s)") && out.contains("parallel: world 4 = tensor-parallel 2 × data-parallel 2"), "{out}");
+    assert!(out.contains("[localhost:0]  iteration       3/3") && out.contains("every worker finished"), "{out}");
+    for r in 0..4 {
+        let log = std::fs::read_to_string(d.path().join(format!("run/logs/rank_{r:04}.log"))).unwrap();
+        assert!(log.contains("iteration       3/3"), "every rank's log is whole (rank {r}): {log}");
+    }
+    assert!(save.join("3/mp_rank_01/model.safetensors").is_file(), "a tensor-parallel checkpoint");
+}
+
 #[test]
 fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
     let d = tempfile::tempdir().unwrap();

@@ -48,8 +48,13 @@ fn launch(h: &Path, extra: &[&str]) -> Command {
         .env("OMPI_MCA_btl_tcp_if_include", "10.213.77.0/24")
         .env("OMPI_MCA_oob_tcp_if_include", "10.213.77.0/24")
         .env_remove("SSH_AUTH_SOCK")
-        .args(["--launcher", "ssh", "--hostfile", &h.join("hosts").display().to_string(), "--ssh_config", &h.join("ssh_config").display().to_string()])
+        // no ~/.ssh of the machine's user takes part
+        .env("HOME", h.join("home"))
+        .args(["--launcher", "ssh", "--hostfile", &h.join("hosts").display().to_string()])
         .args(extra);
+    if !extra.contains(&"--ssh_config") {
+        c.args(["--ssh_config", &h.join("ssh_config").display().to_string()]);
+    }
     c
 }
 
@@ -132,7 +137,24 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(out.contains("node1 (10.213.77.11:2299): cannot connect: Connection refused"), "{out}");
     assert!(!d.path().join("pid.0").exists(), "nothing started");
 
-    // 5. a worker killed on one host stops every other one, named
+    // 5. keys from ssh-agent, with no identity file anywhere
+    let no_key = h.join("ssh_config.agent");
+    let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
+    std::fs::write(&no_key, cfg.lines().filter(|l| !l.contains("IdentityFile")).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let o = launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "no key, no login: {:?}", text(&o));
+    assert!(text(&o).0.contains("login as root refused: no key found"), "{}", text(&o).0);
+    let sock = h.join("agent.sock");
+    let agent = Command::new("ssh-agent").args(["-a", &sock.display().to_string()]).output().unwrap();
+    let agent_pid: i32 = String::from_utf8_lossy(&agent.stdout).split("SSH_AGENT_PID=").nth(1).and_then(|r| r.split(';').next()).and_then(|p| p.parse().ok()).expect("ssh-agent started");
+    let added = Command::new("ssh-add").arg(h.join("id_ed25519")).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    let o = launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string(), "--run_dir", &d.path().join("run.agent").display().to_string()]).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    // SAFETY: the agent this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGTERM) };
+    assert!(added.status.success(), "ssh-add: {}", String::from_utf8_lossy(&added.stderr));
+    assert!(o.status.success(), "login with the agent's key: {:?}", text(&o));
+
+    // 6. a worker killed on one host stops every other one, named
     for r in 0..4 {
         let _ = std::fs::remove_file(d.path().join(format!("pid.{r}")));
     }
@@ -158,7 +180,7 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(!o.status.success(), "{out}{err}");
     assert!(err.contains("glm-launch: rank 3 on node2 killed by signal 9"), "{err}");
 
-    // 6. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
+    // 7. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
     // SIGTERM to glm-launch (no worker on this machine) reaches the workers
     // over SSH, which save a checkpoint that resumes
     let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#);
