@@ -2,7 +2,7 @@
 //! of them form one MPI world, and supervises them.
 //!
 //! glm-launch [--hostfile FILE] [--include H[:S,..][@H..] | --exclude ..]
-//!            [--num_nodes N] [--num_gpus N] [--launcher mpirun|mpiexec|ssh|local]
+//!            [--num_nodes N] [--num_gpus N] [--launcher mpirun|mpiexec|ssh|slurm|local]
 //!            [--ssh_config F] [--ssh_user U] [--ssh_port P] [--ssh_identity KEY]
 //!            [--ssh_accept_new_host_keys]
 //!            [--worker PATH] [--run_dir DIR] [--all_ranks_output] [--dry_run]
@@ -271,8 +271,8 @@ fn disk_plan(worker_args: &[String]) -> Result<Option<preflight::Disk>> {
 fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Send + Sync {
     move || {
         let script = format!(
-            "n=0; for d in /proc/[0-9]*; do if tr '\\0' '\\n' < $d/environ 2>/dev/null | grep -qx '{key}={id}'; then kill -TERM ${{d#/proc/}} 2>/dev/null && n=$((n+1)); fi; done; echo $n\n",
-            key = launch::LAUNCH_ID
+            "n=0; for d in /proc/[0-9]*; do if tr '\\0' '\\n' < $d/environ 2>/dev/null | grep -qxF {pattern}; then kill -TERM ${{d#/proc/}} 2>/dev/null && n=$((n+1)); fi; done; echo $n\n",
+            pattern = ssh::quote(&format!("{}={id}", launch::LAUNCH_ID))
         );
         std::thread::scope(|s| {
             let asks: Vec<_> = targets
@@ -280,7 +280,7 @@ fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Se
                 .map(|t| {
                     let script = &script;
                     s.spawn(move || {
-                        let r = ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| ssh::output(&sess, "sh -s", script.as_bytes()));
+                        let r = ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| ssh::output(&sess, "sh -s", script.as_bytes(), std::time::Duration::from_secs(15)));
                         match r {
                             Ok((_, out, _)) => usize::from(out.trim().parse::<usize>().unwrap_or(0) > 0),
                             Err(e) => {
@@ -411,6 +411,11 @@ fn run(args: &[String]) -> Result<i32> {
         agent: agent.as_deref(),
         launch_id: Some(&launch_id),
     };
+    let tags = match (use_slurm, flavor) {
+        (true, _) => supervise::Tags::Srun,
+        (false, backend::Flavor::OpenMpi) => supervise::Tags::OpenMpi,
+        (false, backend::Flavor::Mpich) => supervise::Tags::Mpich,
+    };
     let argv = if use_slurm { backend::srun(&program, &job).map_err(anyhow::Error::msg)? } else { backend::command(flavor, &program, &job) };
     let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
     println!("glm-launch: {} worker(s) on {} host(s): {}", place.world_size(), place.hosts.len(), place.hosts.iter().map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("; "));
@@ -437,15 +442,16 @@ fn run(args: &[String]) -> Result<i32> {
         let wants_cuda = worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
         let version = env!("CARGO_PKG_VERSION");
         let (rows, ok) = if use_ssh {
-            preflight::run_ssh(&targets, &probe, &env, &place, version, wants_cuda, disk.as_ref())
+            let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
+            preflight::run_ssh(&targets, &local, &probe, &env, &place, version, wants_cuda, disk.as_ref())
         } else if use_slurm {
             // one task per node, plain (no MPI), labelled by node
             let mut pre = backend::srun(&program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None }).map_err(anyhow::Error::msg)?;
             pre[1] = "--mpi=none".into();
-            preflight::run(&pre, &env, &place, version, wants_cuda, disk.as_ref())
+            preflight::run(&pre, supervise::Tags::Srun, &env, &place, version, wants_cuda, disk.as_ref())
         } else {
             let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None });
-            preflight::run(&pre, &env, &place, version, wants_cuda, disk.as_ref())
+            preflight::run(&pre, tags, &env, &place, version, wants_cuda, disk.as_ref())
         };
         println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
         for r in &rows {
@@ -463,8 +469,12 @@ fn run(args: &[String]) -> Result<i32> {
     // agent's settings (not exported to the workers)
     let mut launcher_env = env.clone();
     launcher_env.extend(ssh_opts.to_env());
+    // srun (Slurm 22.05+) does not inherit the allocation's --cpus-per-task
+    if let (true, Ok(c), Err(_)) = (use_slurm, std::env::var("SLURM_CPUS_PER_TASK"), std::env::var("SRUN_CPUS_PER_TASK")) {
+        launcher_env.push(("SRUN_CPUS_PER_TASK".into(), c));
+    }
     let stop: Option<Box<dyn Fn() -> usize + Send + Sync>> = if use_ssh { Some(Box::new(ssh_stopper(targets.clone(), launch_id.clone()))) } else { None };
-    let out = supervise::run(&argv, &launcher_env, &ranks, &run_dir, cli.all_ranks_output, stop.as_deref())?;
+    let out = supervise::run(&argv, tags, &launcher_env, &ranks, &run_dir, cli.all_ranks_output, stop.as_deref())?;
     match &out.report {
         None => println!("glm-launch: every worker finished"),
         Some(r) => eprintln!("glm-launch: {r}"),

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use glm_common::hostfile::Placement;
 
-use crate::supervise::parse_line;
+use crate::supervise::{parse_line, Tags};
 
 /// What one host reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,10 +61,10 @@ fn gb(b: u64) -> String {
 }
 
 /// Per-rank (= per-host) answers from the preflight's output.
-pub fn parse(output: &str) -> BTreeMap<usize, Report> {
+pub fn parse(stdout: &str, stderr: &str, tags: Tags) -> BTreeMap<usize, Report> {
     let mut out: BTreeMap<usize, Report> = BTreeMap::new();
-    for raw in output.lines() {
-        let line = parse_line(raw, false);
+    for (raw, from_stderr) in stdout.lines().map(|l| (l, false)).chain(stderr.lines().map(|l| (l, true))) {
+        let line = parse_line(raw, from_stderr, tags);
         let Some(r) = line.rank else { continue };
         if line.stderr {
             let rep = out.entry(r).or_default();
@@ -134,17 +134,17 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
 
 /// Runs the preflight; returns the table and whether every host passed
 /// (with the launcher's own messages when the preflight job failed).
-pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
-    let (text, messages, success) = match out {
+    let (reports, messages, success) = match out {
         Ok(o) => {
-            let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-            let msgs: Vec<String> = all.lines().filter(|l| parse_line(l, true).rank.is_none() && !l.trim().is_empty()).map(String::from).collect();
-            (all, msgs, o.status.success())
+            let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let msgs: Vec<String> = stdout.lines().chain(stderr.lines()).filter(|l| parse_line(l, true, tags).rank.is_none() && !l.trim().is_empty()).map(String::from).collect();
+            (parse(&stdout, &stderr, tags), msgs, o.status.success())
         }
-        Err(e) => (String::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
+        Err(e) => (BTreeMap::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
     };
-    let (mut rows, ok) = table(placement, &parse(&text), version, wants_cuda, disk);
+    let (mut rows, ok) = table(placement, &reports, version, wants_cuda, disk);
     if !success {
         rows.push(format!("  the preflight job failed; {}'s messages:", argv[0]));
         rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
@@ -154,12 +154,21 @@ pub fn run(argv: &[String], env: &[(String, String)], placement: &Placement, ver
 
 /// The `ssh` back end's preflight: every host at once, each over its own
 /// connection (host key checked, logged in), `glm-worker env` fed as a
-/// script with the job's environment, from the launcher's directory.
-pub fn run_ssh(targets: &[crate::ssh::Target], probe: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+/// script with the job's environment, from the launcher's directory. This
+/// machine (`local[i]`: mpirun starts its workers without SSH) is asked
+/// directly.
+pub fn run_ssh(targets: &[crate::ssh::Target], local: &[bool], probe: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let script = crate::ssh::script(env, &cwd, probe);
-    let ask = |t: &crate::ssh::Target| -> Report {
-        let answer = crate::ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| crate::ssh::output(&sess, "sh -s", script.as_bytes()));
+    let here = || -> anyhow::Result<(i32, String, String)> {
+        use std::io::Write;
+        let mut c = Command::new("sh").arg("-s").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+        c.stdin.take().expect("piped").write_all(script.as_bytes())?;
+        let o = c.wait_with_output()?;
+        Ok((o.status.code().unwrap_or(255), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
+    };
+    let ask = |(t, local): (&crate::ssh::Target, bool)| -> Report {
+        let answer = if local { here() } else { crate::ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| crate::ssh::output(&sess, "sh -s", script.as_bytes(), std::time::Duration::from_secs(120))) };
         match answer {
             Ok((code, out, err)) => {
                 let mut rep = Report::from_answer(&out, &err);
@@ -172,7 +181,7 @@ pub fn run_ssh(targets: &[crate::ssh::Target], probe: &[String], env: &[(String,
         }
     };
     let reports: BTreeMap<usize, Report> = std::thread::scope(|s| {
-        let asks: Vec<_> = targets.iter().enumerate().map(|(i, t)| (i, s.spawn(move || ask(t)))).collect();
+        let asks: Vec<_> = targets.iter().enumerate().map(|(i, t)| (i, s.spawn(move || ask((t, local.get(i).copied().unwrap_or(false)))))).collect();
         asks.into_iter().map(|(i, h)| (i, h.join().unwrap_or_default())).collect()
     });
     table(placement, &reports, version, wants_cuda, disk)
@@ -191,21 +200,25 @@ mod tests {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
                    [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
                    [1,2]<stderr>:glm-worker: error: libtorch not found\n";
-        let (rows, ok) = table(&placement(), &parse(out), "0.1.0", false, None);
+        let (rows, ok) = table(&placement(), &parse(out, "", Tags::OpenMpi), "0.1.0", false, None);
         assert!(!ok);
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
-        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n"), "0.1.0", false, None);
+        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), "0.1.0", false, None);
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
         let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
         let one = Placement { hosts: vec![("a".into(), vec![0])] };
-        assert!(table(&one, &parse(cpu), "0.1.0", false, None).1);
-        assert!(table(&one, &parse(cpu), "0.1.0", true, None).0[1].contains("--device cuda, but the host reports no GPU"));
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), "0.1.0", false, None).1);
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), "0.1.0", true, None).0[1].contains("--device cuda, but the host reports no GPU"));
         let disk = Disk { dir: "/ckpt".into(), need: 5_000_000_000 };
         let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 2000000000 /ckpt\n", "");
         let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), "0.1.0", false, Some(&disk));
         assert!(!ok && rows[1].contains("2.0 GB") && rows[1].contains("FAIL: 2.0 GB free under /ckpt, a checkpoint needs about 5.0 GB"), "{rows:?}");
+        // srun: stderr is its own stream, so an error is not taken for an answer
+        let srun = parse("0: glm-worker: 0.1.0\n", "1: glm-worker: error: libtorch not found\n", Tags::Srun);
+        assert_eq!(srun[&0].version.as_deref(), Some("0.1.0"));
+        assert_eq!((srun[&1].version.as_deref(), srun[&1].error.as_deref()), (None, Some("glm-worker: error: libtorch not found")));
         let rep = Report::from_answer("", "\nglm-launch: node9:22: cannot connect: Connection refused\n");
         assert_eq!(rep.error.as_deref(), Some("glm-launch: node9:22: cannot connect: Connection refused"));
     }

@@ -73,6 +73,8 @@ pub struct Target {
     /// known_hosts files read (the first also receives accepted new keys).
     pub known_hosts: Vec<PathBuf>,
     pub accept_new: bool,
+    /// `HostKeyAlias`: the name known_hosts lists this host's key under.
+    pub host_key_alias: Option<String>,
 }
 
 impl Target {
@@ -87,6 +89,9 @@ impl Target {
 
     /// The name known_hosts uses for this address and port.
     fn known_name(&self) -> String {
+        if let Some(a) = &self.host_key_alias {
+            return a.clone();
+        }
         if self.port == 22 {
             self.addr.clone()
         } else {
@@ -99,40 +104,131 @@ fn home() -> PathBuf {
     std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
 }
 
-fn expand(p: &str, alias: &str, user: &str) -> PathBuf {
-    let p = p.replace("%h", alias).replace("%r", user).replace("%%", "%");
+fn tilde(p: &str) -> PathBuf {
     match p.strip_prefix("~/") {
         Some(rest) => home().join(rest),
         None => PathBuf::from(p),
     }
 }
 
-fn login_name() -> String {
-    if let Some(u) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
-        return u;
+/// OpenSSH's tokens in a path: %h the host name (after HostName), %n the
+/// name as given, %r the remote user, %p the port, %u the local user, %d
+/// the local home, %% a percent sign; then a leading `~/`.
+fn expand(p: &str, t: &Target) -> PathBuf {
+    let mut out = String::new();
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(&t.addr),
+            Some('n') => out.push_str(&t.alias),
+            Some('r') => out.push_str(&t.user),
+            Some('p') => out.push_str(&t.port.to_string()),
+            Some('u') => out.push_str(&login_name()),
+            Some('d') => out.push_str(&home().display().to_string()),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
     }
+    tilde(&out)
+}
+
+/// The local user, as OpenSSH takes it (the password database first).
+fn login_name() -> String {
     // SAFETY: getpwuid returns a pointer to static storage or null; read at once.
     unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
+        let pw = libc::getpwuid(libc::getuid());
         if !pw.is_null() {
             return std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned();
         }
     }
-    "root".into()
+    std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into())
 }
 
-/// Resolves `alias` as OpenSSH would: command line, then the config file's
-/// first matching values, then defaults.
+fn unsupported(alias: &str, what: &str, how: &str) -> anyhow::Error {
+    anyhow!("{alias}: the ssh config sets {what}, which glm-launch's SSH client does not support ({how})")
+}
+
+/// Resolves `alias` as OpenSSH does: the command line, then the config
+/// file's first values, then the defaults. With OpenSSH's client installed
+/// that is `ssh -G` itself (every `Host`/`Match`/`Include` rule and token
+/// exactly as ssh would); without it, a parser of the common keywords.
 pub fn resolve(alias: &str, opts: &Options) -> Result<Target> {
+    let ssh = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("ssh")).find(|p| p.is_file()));
+    match ssh {
+        Some(ssh) => resolve_with_ssh(&ssh, alias, opts),
+        None => resolve_with_parser(alias, opts),
+    }
+}
+
+fn resolve_with_ssh(ssh: &Path, alias: &str, opts: &Options) -> Result<Target> {
+    let mut c = std::process::Command::new(ssh);
+    c.arg("-G");
+    if let Some(f) = &opts.config {
+        c.arg("-F").arg(f);
+    }
+    if let Some(u) = &opts.user {
+        c.args(["-l", u]);
+    }
+    if let Some(p) = opts.port {
+        c.args(["-p", &p.to_string()]);
+    }
+    if let Some(i) = &opts.identity {
+        c.arg("-i").arg(i);
+    }
+    let out = c.arg("--").arg(alias).stdin(std::process::Stdio::null()).output().with_context(|| format!("{}: cannot run `ssh -G` to read the ssh config", ssh.display()))?;
+    if !out.status.success() {
+        bail!("{alias}: ssh -G (the ssh config): {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let values = |key: &str| -> Vec<String> { text.lines().filter_map(|l| l.split_once(' ')).filter(|(k, _)| *k == key).map(|(_, v)| v.trim().to_string()).collect() };
+    let one = |key: &str| values(key).into_iter().next();
+    if let Some(j) = one("proxyjump").filter(|v| v != "none") {
+        return Err(unsupported(alias, &format!("ProxyJump {j}"), "reach the hosts directly, or use --launcher mpirun with OpenSSH"));
+    }
+    if let Some(c) = one("proxycommand").filter(|v| v != "none") {
+        return Err(unsupported(alias, &format!("ProxyCommand {c}"), "reach the hosts directly, or use --launcher mpirun with OpenSSH"));
+    }
+    let strict = one("stricthostkeychecking").unwrap_or_default();
+    let mut t = Target {
+        alias: alias.to_string(),
+        addr: one("hostname").unwrap_or_else(|| alias.to_string()),
+        port: one("port").and_then(|p| p.parse().ok()).unwrap_or(22),
+        user: one("user").unwrap_or_else(login_name),
+        identities: Vec::new(),
+        known_hosts: Vec::new(),
+        accept_new: opts.accept_new || matches!(strict.as_str(), "accept-new" | "false" | "no" | "off"),
+        host_key_alias: one("hostkeyalias").filter(|a| a != "none"),
+    };
+    // ssh -G prints these paths with their tokens (ssh expands them on use)
+    t.identities = values("identityfile").iter().map(|f| expand(f, &t)).collect();
+    t.known_hosts = values("userknownhostsfile").iter().flat_map(|v| v.split_whitespace().map(|f| expand(f, &t)).collect::<Vec<_>>()).collect();
+    Ok(t)
+}
+
+/// Without OpenSSH's client: the config's `Host` blocks (first value wins),
+/// refusing `Match` and `Include`, which this parser does not follow.
+fn resolve_with_parser(alias: &str, opts: &Options) -> Result<Target> {
     let default_config = home().join(".ssh/config");
     let config_path = opts.config.clone().or_else(|| default_config.is_file().then_some(default_config));
     let params = match &config_path {
         Some(p) => {
-            let f = std::fs::File::open(p).with_context(|| format!("{}: cannot read the ssh config", p.display()))?;
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read the ssh config", p.display()))?;
+            for (i, line) in text.lines().enumerate() {
+                let word = line.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+                if word == "match" || word == "include" {
+                    bail!("{}:{}: `{}` needs OpenSSH's own reading of the config: install openssh-client (glm-launch then asks `ssh -G`)", p.display(), i + 1, line.trim());
+                }
+            }
             let rules = ssh2_config::ParseRule::ALLOW_UNKNOWN_FIELDS | ssh2_config::ParseRule::ALLOW_UNSUPPORTED_FIELDS;
-            let cfg = ssh2_config::SshConfig::default()
-                .parse(&mut std::io::BufReader::new(f), rules)
-                .map_err(|e| anyhow!("{}: {e}", p.display()))?;
+            let cfg = ssh2_config::SshConfig::default().parse(&mut std::io::BufReader::new(text.as_bytes()), rules).map_err(|e| anyhow!("{}: {e}", p.display()))?;
             Some(cfg.query(alias))
         }
         None => None,
@@ -141,21 +237,35 @@ pub fn resolve(alias: &str, opts: &Options) -> Result<Target> {
         let p = params.as_ref()?;
         p.unsupported_fields.iter().chain(p.ignored_fields.iter()).find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
     };
-    let user = opts.user.clone().or_else(|| params.as_ref().and_then(|p| p.user.clone())).unwrap_or_else(login_name);
-    let addr = params.as_ref().and_then(|p| p.host_name.clone()).map_or_else(|| alias.to_string(), |h| h.replace("%h", alias));
-    let port = opts.port.or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22);
-    let mut identities: Vec<PathBuf> = opts.identity.iter().cloned().collect();
-    match params.as_ref().and_then(|p| p.identity_file.clone()) {
-        Some(files) => identities.extend(files.iter().map(|f| expand(&f.to_string_lossy(), alias, &user))),
-        None => identities.extend(["id_ed25519", "id_ecdsa", "id_rsa"].iter().map(|n| home().join(".ssh").join(n)).filter(|p| p.is_file())),
+    if let Some(j) = params.as_ref().and_then(|p| p.proxy_jump.clone()) {
+        return Err(unsupported(alias, &format!("ProxyJump {}", j.join(",")), "reach the hosts directly, or use --launcher mpirun with OpenSSH"));
     }
-    let known_hosts = match field("userknownhostsfile") {
-        Some(files) => files.iter().map(|f| expand(f, alias, &user)).collect(),
+    if let Some(c) = field("proxycommand") {
+        return Err(unsupported(alias, &format!("ProxyCommand {}", c.join(" ")), "reach the hosts directly, or use --launcher mpirun with OpenSSH"));
+    }
+    let user = opts.user.clone().or_else(|| params.as_ref().and_then(|p| p.user.clone())).unwrap_or_else(login_name);
+    let port = opts.port.or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22);
+    let mut t = Target { alias: alias.to_string(), addr: alias.to_string(), port, user, identities: Vec::new(), known_hosts: Vec::new(), accept_new: opts.accept_new, host_key_alias: None };
+    // HostName's tokens name the host as given; the others see the result
+    if let Some(h) = params.as_ref().and_then(|p| p.host_name.clone()) {
+        t.addr = expand(&h, &t).display().to_string();
+    }
+    t.identities = opts.identity.iter().cloned().collect();
+    match params.as_ref().and_then(|p| p.identity_file.clone()) {
+        Some(files) => {
+            let more: Vec<PathBuf> = files.iter().map(|f| expand(&f.to_string_lossy(), &t)).collect();
+            t.identities.extend(more);
+        }
+        None => t.identities.extend(["id_rsa", "id_ecdsa", "id_ed25519"].iter().map(|n| home().join(".ssh").join(n))),
+    }
+    t.known_hosts = match field("userknownhostsfile") {
+        Some(files) => files.iter().map(|f| expand(f, &t)).collect(),
         None => vec![home().join(".ssh/known_hosts"), home().join(".ssh/known_hosts2")],
     };
     let strict = field("stricthostkeychecking").and_then(|v| v.first().cloned()).unwrap_or_default().to_lowercase();
-    let accept_new = opts.accept_new || strict == "accept-new" || strict == "no" || strict == "off";
-    Ok(Target { alias: alias.to_string(), addr, port, user, identities, known_hosts, accept_new })
+    t.accept_new |= matches!(strict.as_str(), "accept-new" | "no" | "off");
+    t.host_key_alias = field("hostkeyalias").and_then(|v| v.first().cloned());
+    Ok(t)
 }
 
 fn key_name(t: HostKeyType) -> &'static str {
@@ -170,47 +280,87 @@ fn key_name(t: HostKeyType) -> &'static str {
     }
 }
 
+/// What the known_hosts files say of a server key.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyVerdict {
+    Match,
+    /// The host has a key of this type on file, and it differs.
+    Changed,
+    Unknown,
+    /// An `@revoked` line lists this very key.
+    Revoked,
+}
+
+/// Checks `key` (of `key_type`, base64 `key_b64`) for host `name` (`addr`
+/// or `[addr]:port`, exactly as OpenSSH writes it) against known_hosts
+/// lines: only entries of the server's key type count (a host known by an
+/// ed25519 key that now offers rsa is unknown, not changed); hashed names
+/// are matched by libssh2; `@revoked` keys are refused; `@cert-authority`
+/// lines are not used (host certificates are not supported).
+fn key_verdict(sess: &Session, text: &str, name: &str, key: &[u8], key_type: &str, key_b64: &str) -> Result<KeyVerdict> {
+    let mut kh = sess.known_hosts()?;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[0] {
+            "@revoked" if fields.get(3) == Some(&key_b64) => return Ok(KeyVerdict::Revoked),
+            m if m.starts_with('@') => continue,
+            _ if fields.get(1) == Some(&key_type) => {
+                // a line libssh2 cannot read (another format) is skipped, as OpenSSH does
+                let _ = kh.read_str(line, KnownHostFileKind::OpenSSH);
+            }
+            _ => {}
+        }
+    }
+    Ok(match kh.check(name, key) {
+        CheckResult::Match => KeyVerdict::Match,
+        CheckResult::Mismatch => KeyVerdict::Changed,
+        CheckResult::NotFound | CheckResult::Failure => KeyVerdict::Unknown,
+    })
+}
+
 /// Checks the server's host key against the target's known_hosts files;
 /// an unknown key is added to the first one when the user opted in.
 fn verify_host_key(sess: &Session, t: &Target) -> Result<()> {
     let (key, kind) = sess.host_key().ok_or_else(|| anyhow!("{}: the server sent no host key", t.describe()))?;
     let fingerprint = sess.host_key_hash(HashType::Sha256).map(|h| format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(h))).unwrap_or_default();
-    let mut kh = sess.known_hosts()?;
+    let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    let mut text = String::new();
     let mut read = Vec::new();
     for f in t.known_hosts.iter().map(PathBuf::as_path).chain([Path::new("/etc/ssh/ssh_known_hosts")]) {
         if f.is_file() {
-            kh.read_file(f, KnownHostFileKind::OpenSSH).map_err(|e| anyhow!("{}: cannot read known hosts: {e}", f.display()))?;
+            text.push_str(&std::fs::read_to_string(f).with_context(|| format!("{}: cannot read known hosts", f.display()))?);
+            text.push('\n');
             read.push(f.display().to_string());
         }
     }
     let files = if read.is_empty() { "no known_hosts file".to_string() } else { read.join(", ") };
-    match kh.check_port(&t.addr, t.port, key) {
-        CheckResult::Match => Ok(()),
-        CheckResult::Mismatch => bail!(
-            "{}: HOST KEY CHANGED: the server's {} key {fingerprint} differs from the one in {files}; refusing to connect (someone may be intercepting the connection; if the host was reinstalled, remove the old key with `ssh-keygen -R '{}'`)",
+    let name = t.known_name();
+    match key_verdict(sess, &text, &name, key, key_name(kind), &key_b64)? {
+        KeyVerdict::Match => Ok(()),
+        KeyVerdict::Revoked => bail!("{}: the server's {} key {fingerprint} is marked @revoked in {files}; refusing to connect", t.describe(), key_name(kind)),
+        KeyVerdict::Changed => bail!(
+            "{}: HOST KEY CHANGED: the server's {} key {fingerprint} differs from the one in {files}; refusing to connect (someone may be intercepting the connection; if the host was reinstalled, remove the old key with `ssh-keygen -R '{name}'`)",
             t.describe(),
-            key_name(kind),
-            t.known_name()
+            key_name(kind)
         ),
-        CheckResult::NotFound if t.accept_new => {
+        KeyVerdict::Unknown if t.accept_new => {
             let file = t.known_hosts.first().ok_or_else(|| anyhow!("{}: no known_hosts file to add the new key to", t.describe()))?;
             if let Some(dir) = file.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
             }
-            let line = format!("{} {} {}\n", t.known_name(), key_name(kind), base64::engine::general_purpose::STANDARD.encode(key));
+            let line = format!("{name} {} {key_b64}\n", key_name(kind));
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file).with_context(|| format!("{}: cannot add the host key", file.display()))?;
             f.write_all(line.as_bytes()).with_context(|| format!("{}: cannot add the host key", file.display()))?;
             eprintln!("glm-launch: {}: added its {} key {fingerprint} to {} (--ssh_accept_new_host_keys)", t.describe(), key_name(kind), file.display());
             Ok(())
         }
-        CheckResult::NotFound => bail!(
+        KeyVerdict::Unknown => bail!(
             "{}: unknown host key ({} {fingerprint}), not in {files}; refusing to connect: check the fingerprint and add it (`ssh-keyscan -p {} {} >> ~/.ssh/known_hosts`), or pass --ssh_accept_new_host_keys",
             t.describe(),
             key_name(kind),
             t.port,
             t.addr
         ),
-        CheckResult::Failure => bail!("{}: the host key could not be checked against {files}", t.describe()),
     }
 }
 
@@ -269,8 +419,9 @@ pub fn connect(t: &Target, timeout: Duration) -> Result<Session> {
 }
 
 /// Runs `command` on the host (with `stdin` fed to it), passing its output
-/// on as it arrives; returns its exit status.
-pub fn exec(sess: &Session, command: &str, stdin: &[u8], out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+/// on as it arrives; returns its exit status (an error after `limit`).
+pub fn exec(sess: &Session, command: &str, stdin: &[u8], out: &mut dyn Write, err: &mut dyn Write, limit: Option<Duration>) -> Result<i32> {
+    let start = std::time::Instant::now();
     let mut ch = sess.channel_session()?;
     ch.exec(command)?;
     ch.write_all(stdin)?;
@@ -298,6 +449,9 @@ pub fn exec(sess: &Session, command: &str, stdin: &[u8], out: &mut dyn Write, er
                 if ch.eof() {
                     return Ok(());
                 }
+                if let Some(l) = limit.filter(|l| start.elapsed() > *l) {
+                    bail!("`{}` gave no end within {} s", command, l.as_secs());
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -305,13 +459,17 @@ pub fn exec(sess: &Session, command: &str, stdin: &[u8], out: &mut dyn Write, er
     sess.set_blocking(true);
     result?;
     ch.wait_close()?;
+    // killed by a signal: no exit status (libssh2 says 0); 255 as ssh does
+    if ch.exit_signal().ok().and_then(|s| s.exit_signal).is_some() {
+        return Ok(255);
+    }
     Ok(ch.exit_status()?)
 }
 
 /// Runs `command` and collects its output: (status, stdout, stderr).
-pub fn output(sess: &Session, command: &str, stdin: &[u8]) -> Result<(i32, String, String)> {
+pub fn output(sess: &Session, command: &str, stdin: &[u8], limit: Duration) -> Result<(i32, String, String)> {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = exec(sess, command, stdin, &mut out, &mut err)?;
+    let code = exec(sess, command, stdin, &mut out, &mut err, Some(limit))?;
     Ok((code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
 }
 
@@ -348,7 +506,7 @@ pub fn agent_main(args: &[String]) -> i32 {
     let run = || -> Result<i32> {
         let t = resolve(host, &Options::from_env()?)?;
         let sess = connect(&t, Duration::from_secs(30))?;
-        exec(&sess, &command, b"", &mut std::io::stdout(), &mut std::io::stderr())
+        exec(&sess, &command, b"", &mut std::io::stdout(), &mut std::io::stderr(), None)
     };
     match run() {
         Ok(code) => code,
@@ -363,28 +521,77 @@ pub fn agent_main(args: &[String]) -> i32 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn config_then_defaults_with_the_command_line_first() {
+    const CONFIG: &str = "Host node*\n  HostName 10.0.0.%h\n  Port 2200\n  User alice\n  IdentityFile ~/keys/%h-%n\n  UserKnownHostsFile /k/hosts\n  StrictHostKeyChecking accept-new\nHost *\n  Port 22\n  User bob\n";
+
+    /// The same answers from OpenSSH's own reading (`ssh -G`) and from the
+    /// parser used without it.
+    fn check_resolution(resolve: fn(&str, &Options) -> Result<Target>) {
         let d = tempfile::tempdir().unwrap();
         let cfg = d.path().join("config");
-        std::fs::write(
-            &cfg,
-            "Host node*\n  HostName 10.0.0.%h\n  Port 2200\n  User alice\n  IdentityFile ~/keys/%h\n  UserKnownHostsFile /k/hosts\n  StrictHostKeyChecking accept-new\nHost *\n  Port 22\n  User bob\n",
-        )
-        .unwrap();
+        std::fs::write(&cfg, CONFIG).unwrap();
         let opts = Options { config: Some(cfg.clone()), ..Default::default() };
         let t = resolve("node1", &opts).unwrap();
         assert_eq!((t.addr.as_str(), t.port, t.user.as_str()), ("10.0.0.node1", 2200, "alice"));
-        assert_eq!(t.identities, vec![home().join("keys/node1")]);
+        // %h is the host after HostName, %n the name given
+        assert_eq!(t.identities[0], home().join("keys/10.0.0.node1-node1"));
         assert_eq!(t.known_hosts, vec![PathBuf::from("/k/hosts")]);
         assert!(t.accept_new);
         assert_eq!(t.known_name(), "[10.0.0.node1]:2200");
         let t = resolve("other", &Options { config: Some(cfg.clone()), user: Some("carol".into()), port: Some(2022), ..Default::default() }).unwrap();
         assert_eq!((t.addr.as_str(), t.port, t.user.as_str(), t.accept_new), ("other", 2022, "carol", false));
         assert_eq!(t.known_hosts[0], home().join(".ssh/known_hosts"));
+        let jump = d.path().join("jump");
+        std::fs::write(&jump, "Host far\n  ProxyJump gate\n").unwrap();
+        assert!(resolve("far", &Options { config: Some(jump), ..Default::default() }).unwrap_err().to_string().contains("ProxyJump gate, which glm-launch's SSH client does not support"));
+    }
+
+    #[test]
+    fn ssh_config_through_openssh() {
+        let ssh = Path::new("/usr/bin/ssh");
+        assert!(ssh.is_file(), "openssh-client (scripts/setup.sh --test installs it)");
+        check_resolution(|a, o| resolve_with_ssh(Path::new("/usr/bin/ssh"), a, o));
+    }
+
+    #[test]
+    fn ssh_config_without_openssh() {
+        check_resolution(resolve_with_parser);
+        let d = tempfile::tempdir().unwrap();
+        let cfg = d.path().join("config");
+        std::fs::write(&cfg, "Host a\n  User x\nMatch host b\n  User y\n").unwrap();
+        let e = resolve_with_parser("a", &Options { config: Some(cfg.clone()), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}:3: `Match host b` needs OpenSSH's own reading", cfg.display())), "{e}");
+        assert!(resolve_with_parser("x", &Options { config: Some(d.path().join("missing")), ..Default::default() }).unwrap_err().to_string().contains("cannot read the ssh config"));
         let env = Options { config: Some(cfg), user: Some("u".into()), port: Some(7), identity: None, accept_new: true }.to_env();
         assert_eq!(env.len(), 4);
-        assert!(resolve("x", &Options { config: Some(d.path().join("missing")), ..Default::default() }).unwrap_err().to_string().contains("cannot read the ssh config"));
+    }
+
+    /// An SSH wire-format public key blob of `kind` with `fill` as its key.
+    fn blob(kind: &str, fill: u8) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend((kind.len() as u32).to_be_bytes());
+        b.extend(kind.as_bytes());
+        b.extend(32u32.to_be_bytes());
+        b.extend([fill; 32]);
+        b
+    }
+
+    #[test]
+    fn host_keys_by_exact_name_and_key_type() {
+        let sess = Session::new().unwrap();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let (a, b) = (blob("ssh-ed25519", 1), blob("ssh-ed25519", 2));
+        let ecdsa = blob("ecdsa-sha2-nistp256", 3);
+        let name = "[10.1.2.3]:2222";
+        let v = |text: &str, key: &[u8], kind: &str| key_verdict(&sess, text, name, key, kind, &b64(key)).unwrap();
+        let file = format!("# comment\n{name} ssh-ed25519 {}\n", b64(&a));
+        assert_eq!(v(&file, &a, "ssh-ed25519"), KeyVerdict::Match);
+        assert_eq!(v(&file, &b, "ssh-ed25519"), KeyVerdict::Changed);
+        // the port-22 entry of the same address says nothing of port 2222
+        assert_eq!(v(&format!("10.1.2.3 ssh-ed25519 {}\n", b64(&a)), &b, "ssh-ed25519"), KeyVerdict::Unknown);
+        // known by another key type: unknown, not changed
+        assert_eq!(v(&format!("{name} ecdsa-sha2-nistp256 {}\n", b64(&ecdsa)), &a, "ssh-ed25519"), KeyVerdict::Unknown);
+        assert_eq!(v(&format!("{file}@revoked * ssh-ed25519 {}\n", b64(&a)), &a, "ssh-ed25519"), KeyVerdict::Revoked);
+        assert_eq!(v(&format!("@cert-authority * ssh-ed25519 {}\n", b64(&a)), &a, "ssh-ed25519"), KeyVerdict::Unknown);
     }
 
     #[test]

@@ -61,31 +61,51 @@ pub struct Line {
     pub text: String,
 }
 
-/// Parses OpenMPI's `--tag-output` (`[job,rank]<stdout>:text`) and MPICH's
-/// `-prepend-rank` (`[rank] text`) prefixes.
-pub fn parse_line(raw: &str, from_stderr: bool) -> Line {
-    if let Some(rest) = raw.strip_prefix('[') {
-        if let Some((tag, after)) = rest.split_once(']') {
-            // OpenMPI: "1,3" then "<stdout>:" or "<stderr>:"
-            if let Some((_, r)) = tag.split_once(',') {
-                if let Ok(rank) = r.parse::<usize>() {
-                    for (stream, is_err) in [("<stdout>:", false), ("<stderr>:", true)] {
-                        if let Some(text) = after.strip_prefix(stream) {
-                            return Line { rank: Some(rank), stderr: is_err, text: text.to_string() };
+/// How the MPI launcher tags each line with its rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tags {
+    /// OpenMPI's `--tag-output`: `[job,rank]<stdout>:text`.
+    OpenMpi,
+    /// MPICH's `-prepend-rank`: `[rank] text`.
+    Mpich,
+    /// srun's `--label`: `rank: text`, the number right-aligned (stdout and
+    /// stderr keep their own streams).
+    Srun,
+}
+
+/// Parses one line of the launcher's output; lines without its tag are the
+/// launcher's own.
+pub fn parse_line(raw: &str, from_stderr: bool, tags: Tags) -> Line {
+    match tags {
+        Tags::OpenMpi | Tags::Mpich => {
+            if let Some((tag, after)) = raw.strip_prefix('[').and_then(|r| r.split_once(']')) {
+                match (tags, tag.split_once(',')) {
+                    // OpenMPI: "1,3" then "<stdout>:" or "<stderr>:"
+                    (Tags::OpenMpi, Some((_, r))) => {
+                        if let Ok(rank) = r.parse::<usize>() {
+                            for (stream, is_err) in [("<stdout>:", false), ("<stderr>:", true)] {
+                                if let Some(text) = after.strip_prefix(stream) {
+                                    return Line { rank: Some(rank), stderr: is_err, text: text.to_string() };
+                                }
+                            }
                         }
                     }
+                    (Tags::Mpich, None) => {
+                        if let Ok(rank) = tag.parse::<usize>() {
+                            return Line { rank: Some(rank), stderr: from_stderr, text: after.strip_prefix(' ').unwrap_or(after).to_string() };
+                        }
+                    }
+                    _ => {}
                 }
-            } else if let Ok(rank) = tag.parse::<usize>() {
-                return Line { rank: Some(rank), stderr: from_stderr, text: after.strip_prefix(' ').unwrap_or(after).to_string() };
             }
         }
-    }
-    // srun --label: "<task>: text" (the task number right-aligned)
-    let t = raw.trim_start();
-    if let Some((num, text)) = t.split_once(": ") {
-        if !num.is_empty() && num.len() <= 7 && num.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(rank) = num.parse::<usize>() {
-                return Line { rank: Some(rank), stderr: from_stderr, text: text.to_string() };
+        Tags::Srun => {
+            if let Some((num, text)) = raw.trim_start().split_once(": ") {
+                if !num.is_empty() && num.len() <= 7 && num.bytes().all(|b| b.is_ascii_digit()) {
+                    if let Ok(rank) = num.parse::<usize>() {
+                        return Line { rank: Some(rank), stderr: from_stderr, text: text.to_string() };
+                    }
+                }
             }
         }
     }
@@ -97,24 +117,15 @@ pub fn parse_line(raw: &str, from_stderr: bool) -> Line {
 /// (`process rank 1 with PID 42 on node h exited on signal 9`), or srun's
 /// (`srun: error: h: task 1: Exited with exit code 3`, `... task 1: Killed`).
 pub fn failed_rank(messages: &[String]) -> Option<(usize, String)> {
+    // srun: a task that exited with a code is the cause; tasks killed by
+    // --kill-on-bad-exit are collateral, named only when nothing else is
+    let srun: Vec<(usize, String)> = messages.iter().filter_map(|m| srun_task(m.trim())).collect();
+    if let Some(f) = srun.iter().find(|(_, c)| c.starts_with("exit code")).or_else(|| srun.first()) {
+        return Some(f.clone());
+    }
     let mut rank = None;
     for m in messages {
         let t = m.trim();
-        if let (true, Some(i)) = (t.starts_with("srun: error:"), t.find(": task ")) {
-            let rest = &t[i + ": task ".len()..];
-            if let Some((r, what)) = rest.split_once(": ") {
-                // "task 1" or "tasks 1-3"
-                if let Ok(r) = r.parse::<usize>() {
-                    let what = what.trim();
-                    let cause = match what.strip_prefix("Exited with exit code ") {
-                        Some(c) => format!("exit code {c}"),
-                        None => format!("{} ({what})", "killed"),
-                    };
-                    return Some((r, cause));
-                }
-            }
-            continue;
-        }
         if let Some(rest) = t.strip_prefix("Process name:") {
             rank = rest.trim().trim_start_matches('[').split(']').next().and_then(|s| s.split(',').nth(1)).and_then(|r| r.trim().parse::<usize>().ok());
         } else if let (Some(r), Some(code)) = (rank, t.strip_prefix("Exit code:")) {
@@ -130,6 +141,16 @@ pub fn failed_rank(messages: &[String]) -> Option<(usize, String)> {
     rank.map(|r| (r, "failed".into()))
 }
 
+/// `srun: error: h: task 1: Exited with exit code 3` -> (1, "exit code 3").
+fn srun_task(t: &str) -> Option<(usize, String)> {
+    let rest = t.strip_prefix("srun: error:")?;
+    let rest = &rest[rest.find(": task ")? + ": task ".len()..];
+    let (r, what) = rest.split_once(": ")?;
+    let r = r.parse::<usize>().ok()?;
+    let what = what.trim();
+    Some((r, what.strip_prefix("Exited with exit code ").map_or_else(|| format!("killed ({what})"), |c| format!("exit code {c}"))))
+}
+
 /// How the job ended.
 pub struct Outcome {
     /// The exit code glm-launch returns.
@@ -142,7 +163,7 @@ pub struct Outcome {
 /// to `hosts[rank]`, logging under `run_dir/logs`.
 /// `stop_remote`, when given, reaches workers on other machines at the first
 /// signal when none runs on this one (the ssh back end's connections).
-pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool, stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>) -> Result<Outcome> {
+pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool, stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>) -> Result<Outcome> {
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create the run's log directory", logs.display()))?;
     // SAFETY: the handler only stores to atomics.
@@ -186,7 +207,7 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
                 }
                 let raw = String::from_utf8_lossy(&buf);
                 let raw = raw.trim_end_matches(['\n', '\r']);
-                let line = parse_line(raw, from_stderr);
+                let line = parse_line(raw, from_stderr, tags);
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
                 let name = match line.rank {
                     Some(r) => format!("rank_{r:04}.log"),
@@ -227,52 +248,66 @@ pub fn run(argv: &[String], env: &[(String, String)], hosts: &[String], run_dir:
     let t_out = pump(Box::new(child.stdout.take().expect("piped")), false);
     let t_err = pump(Box::new(child.stderr.take().expect("piped")), true);
     let (mut forwarded, mut killed) = (0, false);
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        let n = SIGNALS.load(Ordering::SeqCst);
-        if n > forwarded {
-            forwarded = n;
-            let sig = if n >= 2 && !killed {
-                killed = true;
-                libc::SIGKILL
-            } else {
-                libc::SIGTERM
-            };
-            let what = if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" };
-            if sig == libc::SIGKILL {
-                eprintln!("glm-launch: {what} again: killing the workers");
-                // SAFETY: signalling our own child's process group.
-                unsafe { libc::killpg(child.id() as i32, sig) };
-            } else {
-                // The workers agree on a stop over the whole world (any rank's
-                // signal stops every rank after the same iteration, with a
-                // checkpoint when saving is configured): SIGTERM to the local
-                // ones is enough. mpirun itself would SIGKILL the ranks 1 s
-                // after forwarding a SIGTERM, before they can save.
-                let local = descendants(child.id(), "glm-worker");
-                let remote = if local.is_empty() { stop_remote.map_or(0, |f| f()) } else { 0 };
-                if remote > 0 {
-                    eprintln!("glm-launch: {what} received: SIGTERM to the workers on {remote} host(s) over SSH; every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills");
-                } else if local.is_empty() {
-                    eprintln!("glm-launch: {what} received: no worker on this machine; SIGTERM to {tag}, which passes it to every worker (a second signal kills)");
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                } else {
-                    eprintln!(
-                        "glm-launch: {what} received: SIGTERM to {} local worker(s); every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills",
-                        local.len()
-                    );
-                    for pid in local {
-                        // SAFETY: a process we started (a descendant of our child).
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
+    let pid = child.id() as i32;
+    let status = std::thread::scope(|sc| -> Result<std::process::ExitStatus> {
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            let n = SIGNALS.load(Ordering::SeqCst);
+            if n > forwarded {
+                forwarded = n;
+                let what = if SIGNAL.load(Ordering::SeqCst) == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" };
+                if n >= 2 && !killed {
+                    killed = true;
+                    eprintln!("glm-launch: {what} again: killing the workers");
+                    if tag == "srun" {
+                        // srun's own termination: two SIGINTs within a second
+                        // kill the step's tasks on every node (SIGKILL to
+                        // srun would leave them running)
+                        // SAFETY: signalling our own child.
+                        unsafe { libc::kill(pid, libc::SIGINT) };
+                        std::thread::sleep(Duration::from_millis(100));
+                        unsafe { libc::kill(pid, libc::SIGINT) };
+                    } else {
+                        // SAFETY: signalling our own child's process group.
+                        unsafe { libc::killpg(pid, libc::SIGKILL) };
+                    }
+                } else if n == 1 {
+                    // The workers agree on a stop over the whole world (any
+                    // rank's signal stops every rank after the same iteration,
+                    // with a checkpoint when saving is configured): SIGTERM to
+                    // the local ones is enough. mpirun itself would SIGKILL the
+                    // ranks 1 s after forwarding a SIGTERM, before they can save.
+                    let local = descendants(pid as u32, "glm-worker");
+                    if !local.is_empty() {
+                        eprintln!(
+                            "glm-launch: {what} received: SIGTERM to {} local worker(s); every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills",
+                            local.len()
+                        );
+                        for w in local {
+                            // SAFETY: a process we started (a descendant of our child).
+                            unsafe { libc::kill(w, libc::SIGTERM) };
+                        }
+                    } else {
+                        let tag = tag.clone();
+                        // on its own thread: the remote search must not hold up a second signal
+                        sc.spawn(move || {
+                            let remote = stop_remote.map_or(0, |f| f());
+                            if remote > 0 {
+                                eprintln!("glm-launch: {what} received: SIGTERM to the workers on {remote} host(s) over SSH; every rank stops after the current iteration (saving a checkpoint when configured); a second signal kills");
+                            } else {
+                                eprintln!("glm-launch: {what} received: no worker on this machine; SIGTERM to {tag}, which passes it to every worker (a second signal kills)");
+                                // SAFETY: signalling our own child.
+                                unsafe { libc::kill(pid, libc::SIGTERM) };
+                            }
+                        });
                     }
                 }
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    })?;
     let _ = (t_out.join(), t_err.join());
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
     if status.success() {
@@ -305,13 +340,16 @@ mod tests {
 
     #[test]
     fn tags_of_openmpi_and_mpich() {
-        assert_eq!(parse_line("[1,3]<stderr>:glm-worker: error: x", false), Line { rank: Some(3), stderr: true, text: "glm-worker: error: x".into() });
-        assert_eq!(parse_line("[1,0]<stdout>: iteration 1", true), Line { rank: Some(0), stderr: false, text: " iteration 1".into() });
-        assert_eq!(parse_line("[2] hello", false), Line { rank: Some(2), stderr: false, text: "hello".into() });
-        assert_eq!(parse_line("[vm:1234] MCA warning", true).rank, None);
-        assert_eq!(parse_line("plain", true), Line { rank: None, stderr: true, text: "plain".into() });
-        assert_eq!(parse_line(" 3: iteration 5", false), Line { rank: Some(3), stderr: false, text: "iteration 5".into() });
-        assert_eq!(parse_line("srun: error: x", true).rank, None);
+        let o = Tags::OpenMpi;
+        assert_eq!(parse_line("[1,3]<stderr>:glm-worker: error: x", false, o), Line { rank: Some(3), stderr: true, text: "glm-worker: error: x".into() });
+        assert_eq!(parse_line("[1,0]<stdout>: iteration 1", true, o), Line { rank: Some(0), stderr: false, text: " iteration 1".into() });
+        assert_eq!(parse_line("[2] hello", false, Tags::Mpich), Line { rank: Some(2), stderr: false, text: "hello".into() });
+        assert_eq!(parse_line("[2] hello", false, o).rank, None, "MPICH's tag is not OpenMPI's");
+        assert_eq!(parse_line("[vm:1234] MCA warning", true, o).rank, None);
+        assert_eq!(parse_line("plain", true, o), Line { rank: None, stderr: true, text: "plain".into() });
+        assert_eq!(parse_line(" 3: iteration 5", false, Tags::Srun), Line { rank: Some(3), stderr: false, text: "iteration 5".into() });
+        assert_eq!(parse_line("   3: at src/main.rs:12", true, o).rank, None, "a number-colon line is srun's tag only under srun");
+        assert_eq!(parse_line("srun: error: x", true, Tags::Srun).rank, None);
     }
 
     #[test]
@@ -324,5 +362,7 @@ mod tests {
         let srun = vec!["srun: error: vm: task 1: Exited with exit code 3".to_string()];
         assert_eq!(failed_rank(&srun), Some((1, "exit code 3".into())));
         assert_eq!(failed_rank(&["srun: error: node7: task 12: Killed".to_string()]), Some((12, "killed (Killed)".into())));
+        let collateral = vec!["srun: error: a: task 0: Killed".to_string(), "srun: error: b: task 5: Exited with exit code 2".to_string()];
+        assert_eq!(failed_rank(&collateral), Some((5, "exit code 2".into())));
     }
 }

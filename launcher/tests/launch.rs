@@ -135,8 +135,7 @@ fn two_workers_train_through_glm_launch() {
     assert!(d.path().join("run/logs/rank_0000.log").is_file());
 }
 
-/// SIGTERM to glm-launch (a SLURM preemption, Ctrl-C) stops every worker
-/// after the same iteration with a complete checkpoint, which resumes.
+
 /// `--launcher local`, four workers on this machine as tensor-parallel 2 ×
 /// data-parallel 2 (oversubscribing its cores).
 #[test]
@@ -160,6 +159,8 @@ fn four_workers_train_through_the_local_back_end() {
     assert!(save.join("3/mp_rank_01/model.safetensors").is_file(), "a tensor-parallel checkpoint");
 }
 
+/// SIGTERM to glm-launch (a SLURM preemption, Ctrl-C) stops every worker
+/// after the same iteration with a complete checkpoint, which resumes.
 #[test]
 fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
     let d = tempfile::tempdir().unwrap();

@@ -19,6 +19,7 @@ fn fixture() -> PathBuf {
 /// The cluster; stopped when dropped.
 struct Cluster {
     dir: PathBuf,
+    _lock: std::fs::File,
 }
 
 impl Cluster {
@@ -26,7 +27,7 @@ impl Cluster {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the Slurm test starts slurmctld/slurmd: run it as root (CI does)");
         assert!(Path::new("/usr/sbin/slurmctld").is_file(), "slurmctld missing: scripts/setup.sh --test installs slurm-wlm and munge");
-        let c = Cluster { dir: dir.to_path_buf() };
+        let c = Cluster { dir: dir.to_path_buf(), _lock: common::exclusive("glm-launch-slurm-test") };
         let o = Command::new(fixture()).args(["up", &dir.display().to_string()]).output().unwrap();
         assert!(o.status.success(), "slurm: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         c
@@ -40,6 +41,20 @@ impl Cluster {
             c.env_remove(k);
         }
         c
+    }
+}
+
+impl Cluster {
+    /// Runs a Slurm command (sbatch --wait, salloc) to its end within
+    /// `secs`; else fails with the queue's state.
+    fn run(&self, cmd: &mut Command, secs: u64) -> Output {
+        match common::output_within(cmd, secs) {
+            Some(o) => o,
+            None => {
+                let q = self.cmd("squeue").args(["-o", "%i %j %T %r"]).output().map(|o| text(&o).0).unwrap_or_default();
+                panic!("{cmd:?} did not end within {secs} s; the queue:\n{q}");
+            }
+        }
     }
 }
 
@@ -71,7 +86,7 @@ fn slurm_batch_scripts_salloc_and_preemption() {
 
     // 1. sbatch scripts/pretrain.sbatch: srun --mpi=pmix, 2 tasks, one world
     let out1 = d.path().join("batch1.out");
-    let o = cluster.cmd("sbatch").args(["--wait", "-o", &out1.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args(["--set", "train_iters=3", "--set", &format!("save={}", save.display())]).output().unwrap();
+    let o = cluster.run(cluster.cmd("sbatch").args(["--wait", "--time=10", "-o", &out1.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args(["--set", "train_iters=3", "--set", &format!("save={}", save.display())]), 180);
     let log = std::fs::read_to_string(&out1).unwrap_or_default();
     assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
     assert!(log.contains("2 task(s)") && log.contains("parallel: world 2 = tensor-parallel 1 × data-parallel 2") && log.contains("iteration       3/3"), "{log}");
@@ -91,15 +106,16 @@ fn slurm_batch_scripts_salloc_and_preemption() {
             rest_args.push(w.clone());
         }
     }
-    let o = cluster
+    let o = cluster.run(
+        cluster
         .cmd("sbatch")
         .env("GLM_CONFIG", &config)
         .env("GLM_ARGS", &args_file)
-        .args(["--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "-o", &out2.display().to_string(), "scripts/pretrain_multinode.sbatch"])
+        .args(["--wait", "--time=10", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "-o", &out2.display().to_string(), "scripts/pretrain_multinode.sbatch"])
         .args(&rest_args)
-        .args(["--run_dir", &d.path().join("run2").display().to_string(), "--set", "train_iters=5", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())])
-        .output()
-        .unwrap();
+        .args(["--run_dir", &d.path().join("run2").display().to_string(), "--set", "train_iters=5", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())]),
+        180,
+    );
     let log = std::fs::read_to_string(&out2).unwrap_or_default();
     assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
@@ -107,13 +123,14 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     assert!(log.contains("glm-launch: every worker finished") && d.path().join("run2/logs/rank_0001.log").is_file(), "{log}");
 
     // 3. glm-launch --launcher slurm inside salloc
-    let o = cluster
+    let o = cluster.run(
+        cluster
         .cmd("salloc")
-        .args(["-n", "2", launch, "--launcher", "slurm", "--run_dir", &d.path().join("run3").display().to_string()])
+        .args(["-n", "2", "--time=10", launch, "--launcher", "slurm", "--run_dir", &d.path().join("run3").display().to_string()])
         .args(&job)
-        .args(["--set", "train_iters=6", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())])
-        .output()
-        .unwrap();
+        .args(["--set", "train_iters=6", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())]),
+        180,
+    );
     let all = ok(&o, "salloc glm-launch");
     assert!(all.contains(&format!("[{host}:0]  iteration       6/6")) && all.contains("every worker finished"), "{all}");
 
@@ -122,7 +139,7 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     let out4 = d.path().join("batch4.out");
     let o = cluster
         .cmd("sbatch")
-        .args(["--parsable", "-o", &out4.display().to_string(), "scripts/pretrain.sbatch"])
+        .args(["--parsable", "--time=10", "-o", &out4.display().to_string(), "scripts/pretrain.sbatch"])
         .args(&job)
         .args(["--set", "train_iters=100000", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())])
         .output()
@@ -130,7 +147,10 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     let id = ok(&o, "sbatch").trim().split(';').next().unwrap().to_string();
     let t0 = Instant::now();
     while !std::fs::read_to_string(&out4).unwrap_or_default().contains("iteration      10/") {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the job never reached iteration 10: {}", std::fs::read_to_string(&out4).unwrap_or_default());
+        if t0.elapsed() > Duration::from_secs(120) {
+            let q = cluster.cmd("squeue").args(["-o", "%i %j %T %r"]).output().map(|o| text(&o).0).unwrap_or_default();
+            panic!("the job never reached iteration 10: {}\nqueue:\n{q}", std::fs::read_to_string(&out4).unwrap_or_default());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     ok(&cluster.cmd("scancel").arg(&id).output().unwrap(), "scancel");
@@ -145,13 +165,14 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     assert!(it >= 10, "{it}");
     // ... and it resumes
     let out5 = d.path().join("batch5.out");
-    let o = cluster
+    let o = cluster.run(
+        cluster
         .cmd("sbatch")
-        .args(["--wait", "-o", &out5.display().to_string(), "scripts/pretrain.sbatch"])
+        .args(["--wait", "--time=10", "-o", &out5.display().to_string(), "scripts/pretrain.sbatch"])
         .args(&job)
-        .args(["--set", &format!("train_iters={}", it + 1), "--set", &format!("load={}", save.display())])
-        .output()
-        .unwrap();
+        .args(["--set", &format!("train_iters={}", it + 1), "--set", &format!("load={}", save.display())]),
+        180,
+    );
     let log = std::fs::read_to_string(&out5).unwrap_or_default();
     assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
     assert!(log.contains(&format!("iteration {:>7}/{}", it + 1, it + 1)), "resumed at {it}: {log}");

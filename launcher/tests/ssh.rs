@@ -18,6 +18,7 @@ fn fixture() -> PathBuf {
 /// The test hosts; taken down (servers, namespaces, links) when dropped.
 struct Hosts {
     dir: PathBuf,
+    _lock: std::fs::File,
 }
 
 impl Hosts {
@@ -25,8 +26,9 @@ impl Hosts {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the ssh back-end test builds network namespaces: run it as root (CI does)");
         assert!(Path::new("/usr/sbin/sshd").is_file(), "/usr/sbin/sshd missing: scripts/setup.sh installs openssh-server");
+        let _lock = common::exclusive("glm-launch-netns-test");
         let o = Command::new(fixture()).args(["up", &dir.display().to_string(), &n.to_string()]).output().unwrap();
-        let hosts = Hosts { dir: dir.to_path_buf() };
+        let hosts = Hosts { dir: dir.to_path_buf(), _lock };
         assert!(o.status.success(), "test hosts: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         hosts
     }
@@ -76,6 +78,11 @@ fn fake_worker(dir: &Path) -> PathBuf {
     w
 }
 
+/// glm-launch to its end (a hang fails the test).
+fn done(c: &mut Command) -> std::process::Output {
+    common::output_within(c, 300).expect("glm-launch did not end within 300 s")
+}
+
 fn set_known_hosts(h: &Path, file: &Path) {
     let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
     let cfg: String = cfg.lines().map(|l| if l.trim_start().starts_with("UserKnownHostsFile") { format!("  UserKnownHostsFile {}\n", file.display()) } else { format!("{l}\n") }).collect();
@@ -96,7 +103,7 @@ fn ssh_back_end_on_two_test_hosts() {
     std::fs::write(&empty, "").unwrap();
     let good = h.join("known_hosts");
     set_known_hosts(&h, &empty);
-    let o = launch(&h, &["--worker", &ws]).output().unwrap();
+    let o = done(&mut launch(&h, &["--worker", &ws]));
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     assert!(out.contains("node1 (10.213.77.11:2222): unknown host key (ssh-ed25519 SHA256:") && out.contains("pass --ssh_accept_new_host_keys"), "{out}");
@@ -104,7 +111,7 @@ fn ssh_back_end_on_two_test_hosts() {
 
     // 2. ... unless the user opts in: the keys are recorded, and every rank
     // runs on its host
-    let o = launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys", "--all-ranks-output", "--run_dir", &d.path().join("run1").display().to_string()]).output().unwrap();
+    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys", "--all-ranks-output", "--run_dir", &d.path().join("run1").display().to_string()]));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     for (r, host) in [(0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")] {
@@ -121,7 +128,7 @@ fn ssh_back_end_on_two_test_hosts() {
     let node2 = std::fs::read_to_string(&good).unwrap().lines().nth(1).unwrap().to_string();
     std::fs::write(&changed, format!("[10.213.77.11]:2222 {}\n{node2}\n", pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" "))).unwrap();
     set_known_hosts(&h, &changed);
-    let o = launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys"]).output().unwrap();
+    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys"]));
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     assert!(out.contains("node1 (10.213.77.11:2222): HOST KEY CHANGED") && out.contains("ssh-keygen -R '[10.213.77.11]:2222'"), "{out}");
@@ -131,7 +138,7 @@ fn ssh_back_end_on_two_test_hosts() {
 
     // 4. a wrong port: a clear preflight row, nothing started
     let _ = std::fs::remove_file(d.path().join("pid.0"));
-    let o = launch(&h, &["--worker", &ws, "--ssh_port", "2299"]).output().unwrap();
+    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_port", "2299"]));
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     assert!(out.contains("node1 (10.213.77.11:2299): cannot connect: Connection refused"), "{out}");
@@ -141,14 +148,14 @@ fn ssh_back_end_on_two_test_hosts() {
     let no_key = h.join("ssh_config.agent");
     let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
     std::fs::write(&no_key, cfg.lines().filter(|l| !l.contains("IdentityFile")).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    let o = launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string()]).output().unwrap();
+    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string()]));
     assert_eq!(o.status.code(), Some(2), "no key, no login: {:?}", text(&o));
     assert!(text(&o).0.contains("login as root refused: no key found"), "{}", text(&o).0);
     let sock = h.join("agent.sock");
     let agent = Command::new("ssh-agent").args(["-a", &sock.display().to_string()]).output().unwrap();
     let agent_pid: i32 = String::from_utf8_lossy(&agent.stdout).split("SSH_AGENT_PID=").nth(1).and_then(|r| r.split(';').next()).and_then(|p| p.parse().ok()).expect("ssh-agent started");
     let added = Command::new("ssh-add").arg(h.join("id_ed25519")).env("SSH_AUTH_SOCK", &sock).output().unwrap();
-    let o = launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string(), "--run_dir", &d.path().join("run.agent").display().to_string()]).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    let o = done(launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string(), "--run_dir", &d.path().join("run.agent").display().to_string()]).env("SSH_AUTH_SOCK", &sock));
     // SAFETY: the agent this test started.
     unsafe { libc::kill(agent_pid, libc::SIGTERM) };
     assert!(added.status.success(), "ssh-add: {}", String::from_utf8_lossy(&added.stderr));
@@ -188,7 +195,7 @@ fn ssh_back_end_on_two_test_hosts() {
     let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run3").display().to_string()];
     args.extend(job.iter().cloned());
     args.extend(["--set".to_string(), "train_iters=3".into(), "--set".into(), format!("save={}", save.display())]);
-    let o = launch(&h, &[]).args(&args).output().unwrap();
+    let o = done(launch(&h, &[]).args(&args));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("parallel: world 4 = tensor-parallel 1 × data-parallel 4") && out.contains("[node1:0]  iteration       3/3"), "{out}");
@@ -219,7 +226,7 @@ fn ssh_back_end_on_two_test_hosts() {
     let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run5").display().to_string()];
     args.extend(job);
     args.extend(["--set".to_string(), format!("train_iters={}", it + 1), "--set".into(), format!("load={}", save.display())]);
-    let o = launch(&h, &[]).args(&args).output().unwrap();
+    let o = done(launch(&h, &[]).args(&args));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains(&format!("iteration {:>7}/{}", it + 1, it + 1)), "resumed at {it}: {out}");

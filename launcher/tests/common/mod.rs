@@ -8,6 +8,47 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Holds an exclusive lock named `name` while the returned file lives: the
+/// tests that build machine-wide fixtures (network namespaces, a Slurm
+/// cluster with fixed ports) never overlap, even across test runs.
+pub fn exclusive(name: &str) -> std::fs::File {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join(format!("{name}.lock"))).unwrap();
+    // SAFETY: a valid descriptor of an open file.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0, "lock {name}");
+    f
+}
+
+/// Runs `cmd` to its end, or kills it after `secs` and returns `None` (a
+/// hung launcher must fail the test, not hang it).
+pub fn output_within(cmd: &mut std::process::Command, secs: u64) -> Option<Output> {
+    use std::io::Read;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut pipes = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = pipes.0.read_to_end(&mut b);
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = pipes.1.read_to_end(&mut b);
+        b
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Some(Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() })
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
