@@ -71,6 +71,9 @@ pub struct Args {
     pub eval_batch_size: Option<usize>,
     pub experiment_name: String,
     pub save: Option<PathBuf>,
+    /// A fresh run (no `load`) may replace the run already saved in `save`
+    /// (its checkpoints, metrics and curve); without it that is refused.
+    pub overwrite: bool,
     pub save_interval: u64,
     pub no_save_optim: bool,
     pub no_save_rng: bool,
@@ -148,6 +151,7 @@ impl Default for Args {
             eval_batch_size: None,
             experiment_name: "gpt-345M".into(),
             save: None,
+            overwrite: false,
             save_interval: 5000,
             no_save_optim: false,
             no_save_rng: false,
@@ -230,7 +234,7 @@ const IRRELEVANT: &[&str] = &[
     "tokenizer_model_type", "fix_command_token", "no_pre_tokenize", "cache_dir", "use_tfrecords",
     "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length",
     "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue",
-    "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "overwrite",
+    "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative",
     "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed",
     "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
     "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose",
@@ -373,6 +377,12 @@ impl LoadedArgs {
                 None => format!("arguments: {e}"),
             })
         })?;
+        // an empty path would mean the working directory: only null disables
+        for (k, p) in [("save", &args.save), ("load", &args.load)] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(Error::Config(format!("{k} = \"\" ({}): an empty path; name a directory, or null for {}", sources.get(k).map(ToString::to_string).unwrap_or_default(), if k == "save" { "no checkpoints" } else { "a fresh run" })));
+            }
+        }
         Ok(LoadedArgs { args, sources, ignored })
     }
 

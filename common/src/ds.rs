@@ -208,6 +208,9 @@ impl DsConfig {
                     return Err(c.err("optimizer.params.lr", "must be positive"));
                 }
                 let eps = c.num(p, "eps", "optimizer.params.eps")?;
+                if eps.is_some_and(|e| e <= 0.0) {
+                    return Err(c.err("optimizer.params.eps", "must be positive"));
+                }
                 let weight_decay = c.num(p, "weight_decay", "optimizer.params.weight_decay")?;
                 if weight_decay.is_some_and(|w| w < 0.0) {
                     return Err(c.err("optimizer.params.weight_decay", "must be >= 0"));
@@ -236,6 +239,21 @@ impl DsConfig {
                     c.uint(p, "total_num_steps", "scheduler.params.total_num_steps")?
                         .ok_or_else(|| c.err("scheduler.params.total_num_steps", format!("required by {kind}")))
                 };
+                // learning rates >= 0 (the peak > 0 and not below the floor), ratios in [0, 1]
+                let lr_min = c.num(p, "warmup_min_lr", "scheduler.params.warmup_min_lr")?;
+                if lr_min.is_some_and(|l| l < 0.0) {
+                    return Err(c.err("scheduler.params.warmup_min_lr", "must be >= 0"));
+                }
+                if let Some(m) = c.num(p, "warmup_max_lr", "scheduler.params.warmup_max_lr")? {
+                    if m <= 0.0 || m < lr_min.unwrap_or(0.0) {
+                        return Err(c.err("scheduler.params.warmup_max_lr", "must be positive and >= warmup_min_lr"));
+                    }
+                }
+                for key in ["warmup_min_ratio", "cos_min_ratio"] {
+                    if c.num(p, key, &format!("scheduler.params.{key}"))?.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                        return Err(c.err(&format!("scheduler.params.{key}"), "must be in [0, 1]"));
+                    }
+                }
                 match kind {
                     "WarmupLR" => Some(SchedulerCfg::WarmupLr {
                         min_lr: c.num(p, "warmup_min_lr", "scheduler.params.warmup_min_lr")?.unwrap_or(0.0),

@@ -88,7 +88,7 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     let out1 = d.path().join("batch1.out");
     let o = cluster.run(cluster.cmd("sbatch").args(["--wait", "--time=10", "-o", &out1.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args(["--set", "train_iters=3", "--set", &format!("save={}", save.display())]), 180);
     let log = std::fs::read_to_string(&out1).unwrap_or_default();
-    assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
+    assert!(o.status.success(), "sbatch: {:?}\n{log}", text(&o));
     assert!(log.contains("2 task(s)") && log.contains("parallel: world 2 = tensor-parallel 1 × data-parallel 2") && log.contains("iteration       3/3"), "{log}");
     assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "3");
 
@@ -117,7 +117,7 @@ fn slurm_batch_scripts_salloc_and_preemption() {
         180,
     );
     let log = std::fs::read_to_string(&out2).unwrap_or_default();
-    assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
+    assert!(o.status.success(), "sbatch: {:?}\n{log}", text(&o));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
     assert!(log.contains("glm-launch: srun --mpi=pmix") && log.contains("preflight") && log.contains(&format!("[{host}:0]  iteration       5/5")), "{log}");
     assert!(log.contains("glm-launch: every worker finished") && d.path().join("run2/logs/rank_0001.log").is_file(), "{log}");
@@ -174,6 +174,6 @@ fn slurm_batch_scripts_salloc_and_preemption() {
         180,
     );
     let log = std::fs::read_to_string(&out5).unwrap_or_default();
-    assert!(o.status.success(), "{}\n{log}", ok(&o, "sbatch"));
+    assert!(o.status.success(), "sbatch: {:?}\n{log}", text(&o));
     assert!(log.contains(&format!("iteration {:>7}/{}", it + 1, it + 1)), "resumed at {it}: {log}");
 }

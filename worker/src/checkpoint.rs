@@ -555,12 +555,32 @@ pub fn part_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.join("state.json").is_file() {
         return Ok(vec![dir.to_path_buf()]);
     }
-    let mut parts = Vec::new();
-    while dir.join(mp_rank_dir(parts.len())).join("state.json").is_file() {
-        parts.push(dir.join(mp_rank_dir(parts.len())));
+    // every mp_rank_NN entry, judged against the layout the parts recorded
+    let mut found: BTreeMap<usize, PathBuf> = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(r) = name.strip_prefix("mp_rank_").filter(|r| r.len() >= 2 && r.bytes().all(|b| b.is_ascii_digit())).and_then(|r| r.parse::<usize>().ok()) {
+                found.insert(r, e.path());
+            }
+        }
     }
-    if parts.is_empty() {
-        return Err(Error::invalid(dir, "not a checkpoint: no state.json and no tensor-parallel parts (mp_rank_00/state.json)"));
+    let Some(recorded) = found.values().find_map(|p| open_state(p).ok()) else {
+        return Err(Error::invalid(dir, "not a checkpoint: no state.json and no tensor-parallel part with a readable state.json (mp_rank_00/state.json)"));
+    };
+    let tp = if recorded.tp > 0 { recorded.tp } else { found.keys().max().map_or(1, |m| m + 1) };
+    let layout = format!("saved with tensor-parallel {tp}: {} .. {}", mp_rank_dir(0), mp_rank_dir(tp - 1));
+    if let Some(extra) = found.keys().find(|&&r| r >= tp) {
+        return Err(Error::invalid(dir.join(mp_rank_dir(*extra)), format!("not a part of this checkpoint ({layout}); move it away or merge the checkpoint it belongs to")));
+    }
+    let mut parts = Vec::new();
+    for r in 0..tp {
+        let p = dir.join(mp_rank_dir(r));
+        if !p.join("state.json").is_file() {
+            let what = if p.exists() { "has no state.json" } else { "is missing" };
+            return Err(Error::invalid(&p, format!("tensor-parallel part {r} {what} ({layout}): the checkpoint is incomplete")));
+        }
+        parts.push(p);
     }
     Ok(parts)
 }

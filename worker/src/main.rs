@@ -573,6 +573,13 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     for w in &cfg.warnings {
         println!("warning: {w}");
     }
+    // everything a training start checks, before "configuration is valid"
+    let local_rank = glm_worker::comm::mpi::local_rank(&world);
+    let device = rank_device(&t.device, local_rank)?;
+    {
+        let a = &cfg.args.args;
+        dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
+    }
     let a = &cfg.args.args;
     if a.train_iters == 0 {
         for d in &cfg.train_data {
@@ -585,12 +592,6 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         }
         println!("train_iters = 0: configuration is valid; nothing to train");
         return Ok(ExitCode::SUCCESS);
-    }
-    let local_rank = glm_worker::comm::mpi::local_rank(&world);
-    let device = rank_device(&t.device, local_rank)?;
-    {
-        let a = &cfg.args.args;
-        dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
     }
     let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
     if dims.world > 1 {

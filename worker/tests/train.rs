@@ -102,6 +102,55 @@ fn resumed_run_equals_the_uninterrupted_one() {
     assert!(wa == wb, "final weights differ");
 }
 
+/// A finished run in a save directory is never replaced by accident: a
+/// fresh run into it is refused (nothing touched) until `overwrite=true`;
+/// two runs never write one directory at once; an empty `save` is an error.
+#[test]
+fn a_used_save_directory_is_never_replaced_by_accident() {
+    let r = Run::new();
+    let save = r.p("run");
+    let base = ["train_iters=4".to_string(), "eval_interval=0".into(), "save_interval=2".into(), format!("save={}", save.display())];
+    ok(&r.train(&base));
+    let metrics = std::fs::read_to_string(save.join("metrics.jsonl")).unwrap();
+    let o = r.train(&base);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a fresh run into a used save directory");
+    assert!(err.contains(&format!("{}: already holds the checkpoints of a run (latest: iteration 4)", save.display())) && err.contains("--set overwrite=true"), "{err}");
+    assert_eq!(std::fs::read_to_string(save.join("metrics.jsonl")).unwrap(), metrics, "metrics untouched");
+    assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "4");
+    // resuming it is fine
+    let mut more = base.to_vec();
+    more[0] = "train_iters=6".into();
+    more.push(format!("load={}", save.display()));
+    ok(&r.train(&more));
+    assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "6");
+    // overwrite=true starts over
+    let mut over = base.to_vec();
+    over.push("overwrite=true".into());
+    let out = ok(&r.train(&over));
+    assert!(out.contains("overwrite: removing the earlier run in"), "{out}");
+    assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "4");
+    assert!(!save.join("6").exists(), "the earlier run's checkpoints are gone");
+
+    // one run at a time: a second run into the directory of a running one is refused, naming it
+    let long = ["train_iters=100000".to_string(), "eval_interval=0".into(), "save_interval=0".into(), format!("save={}", r.p("busy").display())];
+    let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("corpus.json"), 1500, &long);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(r.p("busy/.lock")).unwrap_or_default().contains("pid ") {
+        assert!(t0.elapsed().as_secs() < 120, "the first run never took its save directory");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = r.train(&long);
+    let _ = first.kill();
+    let _ = first.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("in use by another run (pid ") && err.contains(&format!("pid {} on", first.id())), "{err}");
+
+    let o = r.train(&["train_iters=1".into(), "save=".into()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("save = \"\" (--set): an empty path; name a directory, or null for no checkpoints"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn corrupt_checkpoints_are_refused() {
     let r = Run::new();
@@ -151,6 +200,37 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         assert_eq!(o.status.code(), Some(1), "{want}: {err}");
         assert!(err.lines().count() == 1 && err.contains(want), "want {want:?}: {err}");
     }
+    // every source of a learning rate, and the optimizer's other numbers, have ranges
+    let plain = r.p("plain.json");
+    std::fs::write(&plain, r#"{"train_micro_batch_size_per_gpu": 2}"#).unwrap();
+    let sched = r.p("sched.json");
+    std::fs::write(&sched, r#"{"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.001}}}"#).unwrap();
+    let (plain, sched) = (plain.display().to_string(), sched.display().to_string());
+    let cases: Vec<(&str, &str, &str)> = vec![
+        (&plain, "lr=-0.1", "lr = -0.1 (--set): must be positive"),
+        ("configs/config_block_tiny.json", "optimizer.params.lr=-0.1", "optimizer.params.lr: must be positive"),
+        (&sched, "scheduler.params.warmup_max_lr=-1", "scheduler.params.warmup_max_lr: must be positive and >= warmup_min_lr"),
+        (&sched, "scheduler.params.warmup_min_lr=-1", "scheduler.params.warmup_min_lr: must be >= 0"),
+        (&plain, "lr_decay_ratio=-0.5", "lr_decay_ratio = -0.5 (--set): must be in [0, 1]"),
+        (&plain, "warmup=-0.1", "warmup = -0.1 (--set): a fraction in [0, 1]"),
+        (&plain, "adam_eps=0", "adam_eps = 0 (--set): must be positive"),
+        ("configs/config_block_tiny.json", "optimizer.params.eps=0", "optimizer.params.eps: must be positive"),
+        (&plain, "adam_beta2=1.5", "adam_beta2 = 1.5 (--set): must be in [0, 1)"),
+        (&plain, "eval_batch_size=0", "eval_batch_size = 0 (--set): must be positive"),
+        (&plain, "eval_iters=0", "eval_iters = 0 (--set): must be positive when eval_interval"),
+        // train_iters=0 ("configuration is valid") checks what a training start would
+        (&plain, "num_attention_heads=3", "hidden_size 256 is not divisible by num_attention_heads 3"),
+        (&plain, "num_layers=0", "hidden_size, num_layers and num_attention_heads must be positive"),
+        (&plain, "model_parallel_size=2", "world size 1 is not a multiple of model_parallel_size 2"),
+    ];
+    for (ds, set, want) in cases {
+        let o = r.worker(&["--config", ds, "--args", "configs/configs_tiny.json", "--set", set, "--set", "train_iters=0"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{set}: {err}");
+        assert!(err.contains(want), "{set}: want {want:?}: {err}");
+    }
+    let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--device", "cuda", "--set", "train_iters=0"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).to_lowercase().contains("cuda"), "--device cuda without a GPU: {}", String::from_utf8_lossy(&o.stderr));
     let bad = r.p("bad.json");
     std::fs::write(&bad, r#"{"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#).unwrap();
     let o = r.worker(&["--config", &bad.display().to_string(), "--args", "configs/configs_tiny.json", "--set", "train_iters=0"]);

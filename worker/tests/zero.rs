@@ -365,8 +365,14 @@ fn merging_tensor_parallel_zero_shards_resumes_in_one_process() {
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::rename(saved.join("2/mp_rank_01"), partial.join("mp_rank_01")).unwrap();
     let e = checkpoint::merge(&saved.join("2"), &d.path().join("m0"), true).unwrap_err().to_string();
-    assert!(e.contains("1 of 2 tensor-parallel parts present"), "{e}");
+    assert!(e.contains("mp_rank_01: tensor-parallel part 1 is missing (saved with tensor-parallel 2: mp_rank_00 .. mp_rank_01)"), "{e}");
     std::fs::rename(partial.join("mp_rank_01"), saved.join("2/mp_rank_01")).unwrap();
+    // ... and so is a part that is not the checkpoint's (judged by the layout it recorded)
+    copy_dir(&saved.join("2/mp_rank_01"), &saved.join("2/mp_rank_02"));
+    let e = checkpoint::merge(&saved.join("2"), &d.path().join("m1"), true).unwrap_err().to_string();
+    assert!(e.contains("mp_rank_02: not a part of this checkpoint (saved with tensor-parallel 2"), "{e}");
+    std::fs::remove_dir_all(saved.join("2/mp_rank_02")).unwrap();
+    assert!(!d.path().join("m0").exists() && !d.path().join("m1").exists(), "nothing written");
     let (parts, st) = checkpoint::merge(&saved.join("2"), &merged, true).unwrap();
     assert_eq!((parts, st.tp, st.has_optimizer), (2, 1, true));
     let one = run_from(Setup::new(1, 1, 0), Some(&merged), 2, 2, None);
@@ -429,4 +435,11 @@ fn a_truncated_or_mismatched_shard_is_refused_by_name() {
 fn glm_worker_test_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }

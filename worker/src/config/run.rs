@@ -56,6 +56,8 @@ pub const DEFAULT_CORPUS: &str = "glm_pretrain/data/data.json";
 impl RunConfig {
     pub fn build(ds: DsConfig, args: LoadedArgs, dp: usize) -> Result<Self> {
         let a = &args.args;
+        // the model's shape, before anything is built (vocabulary aside)
+        model_of(a, 1).validate()?;
         let dsname = ds.path.file_name().unwrap_or_default().to_string_lossy().to_string();
         let src = |key: &str| args.source(key).to_string();
         let mut report = Vec::new();
@@ -80,6 +82,27 @@ impl RunConfig {
         let (eps, eps_src) = pick(o.as_ref().and_then(|o| o.eps), "adam_eps", a.adam_eps);
         let (wd, wd_src) = pick(o.as_ref().and_then(|o| o.weight_decay), "weight_decay", a.weight_decay);
         let (clip, clip_src) = pick(ds.gradient_clipping, "clip_grad", a.clip_grad);
+        // ranges, named by the key and the file that gave the value (the
+        // DeepSpeed file checks its own keys as it is read)
+        for (key, v, from, ok, what) in [
+            ("lr", lr, &lr_src, lr > 0.0, "must be positive"),
+            ("adam_beta1", b1, &b1_src, (0.0..1.0).contains(&b1), "must be in [0, 1)"),
+            ("adam_beta2", b2, &src("adam_beta2"), (0.0..1.0).contains(&b2), "must be in [0, 1)"),
+            ("adam_eps", eps, &eps_src, eps > 0.0, "must be positive"),
+            ("weight_decay", wd, &wd_src, wd >= 0.0, "must be >= 0"),
+            ("clip_grad", clip, &clip_src, clip >= 0.0, "must be >= 0 (0 = no clipping)"),
+            ("lr_decay_ratio", a.lr_decay_ratio, &src("lr_decay_ratio"), (0.0..=1.0).contains(&a.lr_decay_ratio), "must be in [0, 1] (the floor as a fraction of lr)"),
+        ] {
+            if !ok && *from != dsname {
+                return Err(Error::Config(format!("{key} = {v} ({from}): {what}")));
+            }
+        }
+        if a.eval_batch_size == Some(0) {
+            return Err(Error::Config(format!("eval_batch_size = 0 ({}): must be positive (or null: the micro-batch)", src("eval_batch_size"))));
+        }
+        if a.eval_interval > 0 && a.eval_iters == 0 {
+            return Err(Error::Config(format!("eval_iters = 0 ({}): must be positive when eval_interval ({}) is", src("eval_iters"), a.eval_interval)));
+        }
         if a.optimizer.to_ascii_lowercase() != "adam" && o.is_none() {
             return Err(Error::Config(format!("optimizer = \"{}\" ({}): only adam (AdamW) is supported", a.optimizer, src("optimizer"))));
         }
@@ -228,7 +251,7 @@ impl RunConfig {
             ("task_mask", a.task_mask.to_string()),
             ("log_interval", a.log_interval.to_string()),
             ("eval_interval / eval_iters", format!("{} / {}", a.eval_interval, a.eval_iters)),
-            ("save / save_interval", format!("{} / {}", a.save.as_ref().map_or("(none)".into(), |p| p.display().to_string()), a.save_interval)),
+            ("save / save_interval", format!("{} / {}{}", a.save.as_ref().map_or("(none)".into(), |p| p.display().to_string()), a.save_interval, if a.overwrite { " (overwrite: an earlier run there is removed)" } else { "" })),
             ("load", a.load.as_ref().map_or("(none)".into(), |p| p.display().to_string())),
         ] {
             let key = k.split(' ').next().unwrap();
@@ -324,7 +347,30 @@ impl RunConfig {
         out
     }
 
+    /// The model these arguments describe, with `vocab_size` embedding rows.
+    pub fn model_config(&self, vocab_size: usize) -> crate::model::glm::GlmConfig {
+        model_of(&self.args.args, vocab_size)
+    }
+
     pub fn save_dir(&self) -> Option<&Path> {
         self.args.args.save.as_deref()
     }
 }
+
+/// The model `a` describes, with `vocab_size` embedding rows.
+fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmConfig {
+    crate::model::glm::GlmConfig {
+        vocab_size,
+        hidden_size: a.hidden_size,
+        num_layers: a.num_layers,
+        num_attention_heads: a.num_attention_heads,
+        intermediate_size: a.intermediate_size.unwrap_or(4 * a.hidden_size),
+        max_position_embeddings: a.max_position_embeddings,
+        layernorm_epsilon: a.layernorm_epsilon,
+        hidden_dropout: a.hidden_dropout,
+        attention_dropout: a.attention_dropout,
+        output_dropout: a.output_dropout,
+        block_position_encoding: !a.no_block_position,
+    }
+}
+

@@ -2,5 +2,6 @@
 //! loop, evaluation, metrics.
 
 pub mod metrics;
+pub mod save_dir;
 pub mod step;
 pub mod trainer;

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use super::metrics::{rss_mb, EvalEvent, Metrics, TrainEvent};
+use super::save_dir::SaveDirLock;
 use crate::checkpoint::{self, State};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
@@ -22,7 +23,7 @@ use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareO
 use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
-use crate::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
+use crate::model::glm::{Batch, Glm, ModelOptions};
 use crate::optim::optimizer::{MemoryBytes, OptimConfig, Optimizer};
 use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
@@ -89,6 +90,8 @@ pub struct Trainer {
     device: Device,
     metrics: Metrics,
     par: Parallel,
+    /// This run's hold on its save directory (see `train::save_dir`).
+    _save_dir: Option<SaveDirLock>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -103,6 +106,11 @@ impl Trainer {
     /// `load` when configured.
     pub fn new(cfg: RunConfig, opts: TrainOptions, par: Parallel) -> Result<Self> {
         let a = cfg.args.args.clone();
+        // before anything is prepared or written: the save directory is this run's
+        let save_dir = match &a.save {
+            Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
+            None => None,
+        };
         let weights = parse_split(&a.split)?;
         let mut files = Vec::new();
         for d in &cfg.train_data {
@@ -142,6 +150,14 @@ impl Trainer {
             ),
         }
         let store = Arc::new(TokenStore::open(&opts.store)?);
+        // the store opened is the one this run's tokenizer built (another
+        // process may have rebuilt it since it was checked)
+        if store.meta.tokenizer_sha256 != tok.sha256 {
+            return Err(Error::invalid(
+                opts.store.join("meta.json"),
+                "the token store was built with another tokenizer than this run's (its token ids would not match); rebuild it (`glm-worker prepare --force`) or give this run its own --store",
+            ));
+        }
         let splits = split_documents(store.num_docs(), &weights, a.seed);
         let sentence_end = tok.sentence_end_table().to_vec();
         let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
@@ -155,19 +171,7 @@ impl Trainer {
         };
         println!("data: split {}: {}", a.split, splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", "));
 
-        let mcfg = GlmConfig {
-            vocab_size: padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, a.model_parallel_size),
-            hidden_size: a.hidden_size,
-            num_layers: a.num_layers,
-            num_attention_heads: a.num_attention_heads,
-            intermediate_size: a.intermediate_size.unwrap_or(4 * a.hidden_size),
-            max_position_embeddings: a.max_position_embeddings,
-            layernorm_epsilon: a.layernorm_epsilon,
-            hidden_dropout: a.hidden_dropout,
-            attention_dropout: a.attention_dropout,
-            output_dropout: a.output_dropout,
-            block_position_encoding: !a.no_block_position,
-        };
+        let mcfg = cfg.model_config(padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, a.model_parallel_size));
         let mo = ModelOptions {
             device: opts.device,
             kind: cfg.precision.kind(),
@@ -225,7 +229,7 @@ impl Trainer {
             opt.set_weights(&mut model.params, &w);
         }
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, _save_dir: save_dir })
     }
 
     /// One optimizer step of iteration `it` (see `train::step`). The
