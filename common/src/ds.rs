@@ -77,6 +77,45 @@ pub struct DsConfig {
 /// The `zero_optimization` keys this program acts on.
 const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm"];
 
+/// Keys DeepSpeed accepts that change nothing here (monitoring, offload and
+/// stage-3 tuning, other engines): listed as "no effect here", never an error.
+/// Any other key is an error with the nearest known one suggested.
+const ACCEPTED: &[&str] = &[
+    "wall_clock_breakdown", "activation_checkpointing", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "communication_data_type", "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler",
+    "dump_state", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "elasticity", "autotuning", "data_efficiency",
+    "curriculum_learning", "checkpoint", "data_types", "compression_training", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training", "pipeline",
+    "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting",
+    "use_data_before_expert_parallelism", "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage",
+    "fp16_auto_cast", "steps_per_print",
+];
+const ZERO_ACCEPTED: &[&str] = &[
+    "contiguous_gradients", "reduce_scatter", "allgather_partitions", "load_from_fp32_weights", "elastic_checkpoint",
+    "offload_param", "offload_optimizer", "sub_group_size", "cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory",
+    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    "stage3_model_persistence_threshold", "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "ignore_unused_parameters", "legacy_stage1", "round_robin_gradients", "zero_hpz_partition_size", "zero_quantized_weights",
+    "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
+    "pipeline_loading_checkpoint", "override_module_apply", "use_all_reduce_for_fetch_params", "log_trace_cache_warnings",
+];
+const FP16_KEYS: &[&str] = &["enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis", "min_loss_scale", "auto_cast", "fp16_master_weights_and_grads"];
+const BF16_KEYS: &[&str] = &["enabled", "immediate_grad_update", "check_grad_overflow"];
+const ADAM_KEYS: &[&str] = &["lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam", "fused", "foreach", "capturable"];
+
+/// Refuses a key of `obj` (at `prefix`) that is in none of `known`, with
+/// the nearest known key suggested.
+fn check_keys(c: &Ctx, obj: &Map<String, Value>, prefix: &str, known: &[&[&str]]) -> Result<()> {
+    for k in obj.keys() {
+        if known.iter().any(|l| l.contains(&k.as_str())) {
+            continue;
+        }
+        let hint = crate::args::closest(k, known.iter().flat_map(|l| l.iter().copied())).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+        return Err(c.err(&format!("{prefix}{k}"), format!("unknown key{hint}")));
+    }
+    Ok(())
+}
+
 /// Batch sizes after DeepSpeed's derivation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batch {
@@ -174,6 +213,7 @@ impl DsConfig {
         let train_batch_size = positive("train_batch_size")?;
         let micro_batch = positive("train_micro_batch_size_per_gpu")?;
         let grad_accum = positive("gradient_accumulation_steps")?;
+        check_keys(&c, top, "", &[READ, ACCEPTED])?;
         let gradient_clipping = c.num(top, "gradient_clipping", "gradient_clipping")?;
         if gradient_clipping.is_some_and(|g| g < 0.0) {
             return Err(c.err("gradient_clipping", "must be >= 0 (0 disables clipping)"));
@@ -196,6 +236,10 @@ impl DsConfig {
                     None => &empty,
                     Some(p) => c.obj(p, "optimizer.params")?,
                 };
+                check_keys(&c, p, "optimizer.params.", &[ADAM_KEYS, &["amsgrad"]])?;
+                if p.get("amsgrad").is_some_and(|v| v != &Value::Bool(false)) {
+                    return Err(c.err("optimizer.params.amsgrad", "not supported (AdamW without amsgrad)"));
+                }
                 let betas = match p.get("betas") {
                     None | Some(Value::Null) => None,
                     Some(Value::Array(a)) if a.len() == 2 && a.iter().all(|x| x.as_f64().is_some_and(|b| (0.0..1.0).contains(&b))) => {
@@ -284,6 +328,7 @@ impl DsConfig {
             None | Some(Value::Null) => None,
             Some(f) => {
                 let f = c.obj(f, "fp16")?;
+                check_keys(&c, f, "fp16.", &[FP16_KEYS])?;
                 let loss_scale = c.num(f, "loss_scale", "fp16.loss_scale")?;
                 if loss_scale.is_some_and(|l| !(l >= 0.0 && l.is_finite())) {
                     return Err(c.err("fp16.loss_scale", "must be >= 0 and finite (0 = dynamic)"));
@@ -320,7 +365,11 @@ impl DsConfig {
         };
         let bf16 = match top.get("bf16").or_else(|| top.get("bfloat16")) {
             None | Some(Value::Null) => None,
-            Some(b) => c.boolean(c.obj(b, "bf16")?, "enabled", "bf16.enabled")?,
+            Some(b) => {
+                let b = c.obj(b, "bf16")?;
+                check_keys(&c, b, "bf16.", &[BF16_KEYS])?;
+                c.boolean(b, "enabled", "bf16.enabled")?
+            }
         };
         if bf16 == Some(true) && fp16.as_ref().is_some_and(|f| f.enabled == Some(true)) {
             return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
@@ -329,6 +378,7 @@ impl DsConfig {
             None | Some(Value::Null) => (0, None, None, None, Vec::new()),
             Some(z) => {
                 let z = c.obj(z, "zero_optimization")?;
+                check_keys(&c, z, "zero_optimization.", &[ZERO_READ, ZERO_ACCEPTED])?;
                 let stage = c.uint(z, "stage", "zero_optimization.stage")?.unwrap_or(0);
                 if stage > 3 {
                     return Err(c.err("zero_optimization.stage", format!("{stage}: expected 0, 1, 2 or 3")));
@@ -467,6 +517,15 @@ mod tests {
             (json!({"fp16": {"hysteresis": 0}}), "fp16.hysteresis: must be positive"),
             (json!({"fp16": {"min_loss_scale": 0}}), "fp16.min_loss_scale"),
             (json!({"fp16": {"initial_scale_power": 99}}), "fp16.initial_scale_power: 99 is too large"),
+            // unknown keys, with the nearest known one; DeepSpeed's other keys are fine
+            (json!({"train_micro_batch_size_per_gpus": 2}), "train_micro_batch_size_per_gpus: unknown key (did you mean \"train_micro_batch_size_per_gpu\"?)"),
+            (json!({"zero_optimization": {"stage": 1, "reduce_bucket_sise": 5}}), "zero_optimization.reduce_bucket_sise: unknown key (did you mean \"reduce_bucket_size\"?)"),
+            (json!({"fp16": {"loss_scale_windows": 5}}), "fp16.loss_scale_windows: unknown key (did you mean \"loss_scale_window\"?)"),
+            (json!({"optimizer": {"type": "Adam", "params": {"weight_decays": 0.1}}}), "optimizer.params.weight_decays: unknown key (did you mean \"weight_decay\"?)"),
+            (json!({"optimizer": {"type": "Adam", "params": {"amsgrad": true}}}), "optimizer.params.amsgrad: not supported"),
+            (json!({"bf16": {"enable": true}}), "bf16.enable: unknown key (did you mean \"enabled\"?)"),
+            (json!({"optimizer": {"type": "Adam", "params": {"eps": 0}}}), "optimizer.params.eps: must be positive"),
+            (json!({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1}}}), "scheduler.params.warmup_max_lr: must be positive"),
         ] {
             let e = cfg(v).unwrap_err().to_string();
             assert!(e.starts_with("ds.json: ") && e.contains(want), "want {want:?}: {e}");

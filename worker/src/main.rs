@@ -55,6 +55,9 @@ struct TrainArgs {
     /// cpu, cuda, or auto (cuda when available)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// List every configuration key that has no effect here (by default: their count)
+    #[arg(long)]
+    show_ignored: bool,
 }
 
 #[derive(Subcommand)]
@@ -567,7 +570,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     }
     let cfg = RunConfig::build(ds, args, dims.dp)?;
     println!("effective configuration (value  (source)):");
-    for line in cfg.describe() {
+    for line in cfg.describe(t.show_ignored) {
         println!("{line}");
     }
     for w in &cfg.warnings {

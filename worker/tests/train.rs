@@ -229,6 +229,15 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         assert_eq!(o.status.code(), Some(1), "{set}: {err}");
         assert!(err.contains(want), "{set}: want {want:?}: {err}");
     }
+    // an explicit --set of a key the DeepSpeed file also sets wins, and says so
+    let out = ok(&r.worker(&["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "lr=0.01", "--set", "batch_size=3", "--set", "train_iters=0"]));
+    assert!(out.contains("= 0.01  (--set, over config_block_tiny.json)"), "{out}");
+    assert!(out.contains("warning: --set batch_size has no effect: config_block_tiny.json sets train_micro_batch_size_per_gpu"), "{out}");
+    // the keys without effect: one line with their count, listed on request
+    let line = out.lines().find(|l| l.contains("no effect here")).unwrap_or_default();
+    assert!(line.contains("keys (") && line.contains("in configs_tiny.json") && line.contains("1 in config_block_tiny.json") && line.contains("--show-ignored"), "{line}");
+    let out = ok(&r.worker(&["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--show-ignored", "--set", "train_iters=0"]));
+    assert!(out.contains("no effect here (config_block_tiny.json): wall_clock_breakdown") && out.contains("no effect here (configs_tiny.json): DDP_impl"), "{out}");
     let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--device", "cuda", "--set", "train_iters=0"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).to_lowercase().contains("cuda"), "--device cuda without a GPU: {}", String::from_utf8_lossy(&o.stderr));
     let bad = r.p("bad.json");

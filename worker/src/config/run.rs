@@ -70,10 +70,13 @@ impl RunConfig {
         put("gradient_accumulation_steps", batch.accum.to_string(), if ds.grad_accum.is_some() { dsname.clone() } else { src("gradient_accumulation_steps") });
 
         let o = ds.optimizer.clone();
+        // the DeepSpeed file decides where it speaks, except over an explicit
+        // --set of the configs.json key (said in the source column)
         let pick = |ds_v: Option<f64>, key: &str, arg: f64| -> (f64, String) {
-            match ds_v {
-                Some(v) => (v, dsname.clone()),
-                None => (arg, args.source(key).to_string()),
+            match (ds_v, args.source(key)) {
+                (Some(_), super::args::Source::Set) => (arg, format!("--set, over {dsname}")),
+                (Some(v), _) => (v, dsname.clone()),
+                (None, s) => (arg, s.to_string()),
             }
         };
         let (lr, lr_src) = pick(o.as_ref().and_then(|o| o.lr), "lr", a.lr);
@@ -93,7 +96,7 @@ impl RunConfig {
             ("clip_grad", clip, &clip_src, clip >= 0.0, "must be >= 0 (0 = no clipping)"),
             ("lr_decay_ratio", a.lr_decay_ratio, &src("lr_decay_ratio"), (0.0..=1.0).contains(&a.lr_decay_ratio), "must be in [0, 1] (the floor as a fraction of lr)"),
         ] {
-            if !ok && *from != dsname {
+            if !ok && !from.starts_with(dsname.as_str()) {
                 return Err(Error::Config(format!("{key} = {v} ({from}): {what}")));
             }
         }
@@ -164,6 +167,20 @@ impl RunConfig {
             let offload = k.contains("offload");
             if offload {
                 warnings.push(format!("{dsname}: {k} is not supported (no CPU/NVMe offloading); the optimizer state stays on the training device"));
+            }
+        }
+        // a --set of a configs.json key that the DeepSpeed file decides is not dropped silently
+        let f16 = ds.fp16.clone().unwrap_or_default();
+        for (key, ds_key, decides) in [
+            ("batch_size", "train_micro_batch_size_per_gpu", ds.micro_batch.is_some() || ds.train_batch_size.is_some()),
+            ("gradient_accumulation_steps", "gradient_accumulation_steps", ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some())),
+            ("loss_scale", "fp16.loss_scale", f16.loss_scale.is_some()),
+            ("loss_scale_window", "fp16.loss_scale_window", f16.loss_scale_window.is_some()),
+            ("hysteresis", "fp16.hysteresis", f16.hysteresis.is_some()),
+            ("min_scale", "fp16.min_loss_scale", f16.min_loss_scale.is_some()),
+        ] {
+            if decides && args.source(key) == super::args::Source::Set {
+                warnings.push(format!("--set {key} has no effect: {dsname} sets {ds_key}, which decides it (change that with --set {ds_key}=...)"));
             }
         }
         let (precision, scaler, ds_decides) = Self::precision(&ds, &args)?;
@@ -330,19 +347,35 @@ impl RunConfig {
         Ok((Precision::Fp16, Some(cfg), f.enabled.is_some()))
     }
 
-    /// Lines of the "effective configuration" block printed at start.
-    pub fn describe(&self) -> Vec<String> {
+    /// Lines of the "effective configuration" block printed at start. The
+    /// keys that change nothing here are one line with their count, listed
+    /// in full with `show_ignored`.
+    pub fn describe(&self, show_ignored: bool) -> Vec<String> {
         let w = self.report.iter().map(|e| e.key.len()).max().unwrap_or(0);
         let mut out: Vec<String> = self.report.iter().map(|e| format!("  {:<w$} = {}  ({})", e.key, e.value, e.source)).collect();
-        if !self.args.ignored.is_empty() {
-            out.push(format!("  no effect here (configs.json): {}", self.args.ignored.join(", ")));
-        }
-        let zero_noop: Vec<&String> = self.ds.zero_unused.iter().filter(|k| !k.contains("offload")).collect();
-        if !zero_noop.is_empty() {
-            out.push(format!("  no effect here ({}): {}", self.ds.path.display(), zero_noop.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
-        }
-        if !self.ds.unused.is_empty() {
-            out.push(format!("  no effect here ({}): {}", self.ds.path.display(), self.ds.unused.join(", ")));
+        let ds_name = self.ds.path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let zero_noop: Vec<String> = self.ds.zero_unused.iter().filter(|k| !k.contains("offload")).cloned().collect();
+        let ds_keys: Vec<String> = self.ds.unused.iter().cloned().chain(zero_noop).collect();
+        let args_name = self
+            .args
+            .sources
+            .values()
+            .find_map(|s| match s {
+                super::args::Source::File(p) => Some(p.file_name().unwrap_or_default().to_string_lossy().to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "configs.json".into());
+        let groups = [(args_name.as_str(), &self.args.ignored), (ds_name.as_str(), &ds_keys)];
+        let total: usize = groups.iter().map(|(_, k)| k.len()).sum();
+        if total > 0 {
+            if show_ignored {
+                for (from, keys) in groups.iter().filter(|(_, k)| !k.is_empty()) {
+                    out.push(format!("  no effect here ({from}): {}", keys.join(", ")));
+                }
+            } else {
+                let counts: Vec<String> = groups.iter().filter(|(_, k)| !k.is_empty()).map(|(f, k)| format!("{} in {f}", k.len())).collect();
+                out.push(format!("  no effect here: {total} keys ({}); --show-ignored lists them", counts.join(", ")));
+            }
         }
         out
     }
