@@ -151,6 +151,24 @@ fn a_used_save_directory_is_never_replaced_by_accident() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("save = \"\" (--set): an empty path; name a directory, or null for no checkpoints"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// As in GLM's pretraining, the residual dropouts use hidden_dropout:
+/// output_dropout (classification heads only) changes nothing, and says so.
+#[test]
+fn residual_dropout_is_hidden_dropout_as_in_glm() {
+    let r = Run::new();
+    let losses = |name: &str, extra: &str| {
+        let save = r.p(name);
+        let out = ok(&r.train(&["train_iters=3".into(), "eval_interval=0".into(), extra.into(), format!("save={}", save.display())]));
+        (events(&save, "train").iter().map(|e| e["loss"].to_string()).collect::<Vec<_>>(), out)
+    };
+    let (a, _) = losses("a", "output_dropout=0.1");
+    let (b, out) = losses("b", "output_dropout=0.5");
+    assert_eq!(a, b, "output_dropout must not change pretraining");
+    assert!(out.contains("warning: output_dropout = 0.5 (--set) has no effect in pretraining"), "{out}");
+    let (c, _) = losses("c", "hidden_dropout=0.5");
+    assert_ne!(a, c, "hidden_dropout drives the residual dropouts");
+}
+
 #[test]
 fn corrupt_checkpoints_are_refused() {
     let r = Run::new();

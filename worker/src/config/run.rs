@@ -183,6 +183,14 @@ impl RunConfig {
                 warnings.push(format!("--set {key} has no effect: {dsname} sets {ds_key}, which decides it (change that with --set {ds_key}=...)"));
             }
         }
+        if args.source("output_dropout") != super::args::Source::Default && a.output_dropout != a.hidden_dropout {
+            warnings.push(format!(
+                "output_dropout = {} ({}) has no effect in pretraining: as in GLM, the residual dropouts use hidden_dropout ({}); output_dropout feeds only classification heads",
+                a.output_dropout,
+                src("output_dropout"),
+                a.hidden_dropout
+            ));
+        }
         let (precision, scaler, ds_decides) = Self::precision(&ds, &args)?;
         if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
             warnings.push(format!("fp16 = {} ({}) has no effect: {} decides the precision ({})", a.fp16, src("fp16"), dsname, precision.name()));
@@ -402,7 +410,10 @@ fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmC
         layernorm_epsilon: a.layernorm_epsilon,
         hidden_dropout: a.hidden_dropout,
         attention_dropout: a.attention_dropout,
-        output_dropout: a.output_dropout,
+        // GLM's pretraining builds its model with output_dropout_prob =
+        // hidden_dropout: the residual dropouts use hidden_dropout, and the
+        // original's output_dropout only feeds classification heads
+        output_dropout: a.hidden_dropout,
         block_position_encoding: !a.no_block_position,
     }
 }
