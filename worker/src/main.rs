@@ -405,13 +405,14 @@ fn prepare(a: PrepareArgs) -> Result<()> {
                 println!("prepare: rebuilt {}: {why}", a.out.display());
             }
             println!(
-                "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document)",
+                "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document{})",
                 meta.documents,
                 report.stats.empty,
                 report.stats.skipped,
                 report.documents_without_tokens,
                 meta.tokens,
-                meta.tokens as f64 / meta.documents as f64
+                meta.tokens as f64 / meta.documents as f64,
+                meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default()
             );
             println!(
                 "prepare: tokenized {:.2} MB of text in {:.2} s = {:.2} MB/s, {:.0} tokens/s",
@@ -421,6 +422,9 @@ fn prepare(a: PrepareArgs) -> Result<()> {
                 meta.tokens as f64 / report.seconds
             );
         }
+    }
+    if let Some(w) = meta.unknown_warning() {
+        println!("warning: {w}");
     }
     let splits = split_documents(meta.documents as usize, &weights, a.seed);
     let names = ["train", "valid", "test"];

@@ -144,6 +144,15 @@ fn seed_vocab_builds_a_store_and_samples_decode() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     assert!(s.contains("21133 ids, padded to 21248"), "{s}");
+    // the share of [UNK] is reported; Chinese text is covered by this vocabulary
+    assert!(s.contains("% [UNK])") && !s.contains("warning:"), "{s}");
+    // a corpus in a script the vocabulary lacks is reported as such
+    let ethiopic = d.path().join("ethiopic.json");
+    std::fs::write(&ethiopic, r#"[{"content": "ሰላም ዓለም። ይህ ጽሑፍ በግዕዝ ፊደል ነው። ሰላም ዓለም።"}, {"content": "床前明月光"}]"#).unwrap();
+    let o = prepare(&ethiopic, &d.path().join("store2"), d.path(), &["--tokenizer", &vocab]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("of the corpus's tokens are [UNK]: the tokenizer does not cover this text"), "{s}");
     let o = run(&["samples", "--store", &out.display().to_string(), "--count", "2", "--seq-length", "48"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);

@@ -149,7 +149,30 @@ pub struct StoreMeta {
     pub text_bytes: u64,
     pub empty_documents: u64,
     pub skipped_records: u64,
+    /// Tokens that are the tokenizer's `[UNK]` (stores built before this
+    /// was counted: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_tokens: Option<u64>,
     pub corpus: CorpusFingerprint,
+}
+
+/// Above this share of `[UNK]` tokens the tokenizer hardly covers the corpus.
+pub const UNKNOWN_WARN_SHARE: f64 = 0.01;
+
+impl StoreMeta {
+    /// "0.3% [UNK]" when counted.
+    pub fn unknown_share(&self) -> Option<f64> {
+        self.unknown_tokens.map(|u| u as f64 / self.tokens.max(1) as f64)
+    }
+
+    /// A warning when the share of `[UNK]` tokens is above `UNKNOWN_WARN_SHARE`.
+    pub fn unknown_warning(&self) -> Option<String> {
+        let share = self.unknown_share().filter(|s| *s > UNKNOWN_WARN_SHARE)?;
+        Some(format!(
+            "{:.1}% of the corpus's tokens are [UNK]: the tokenizer does not cover this text (another language or script? with a vocab.txt, check tokenizer_path; or let a tokenizer be trained on the corpus: tokenizer_path=null)",
+            share * 100.0
+        ))
+    }
 }
 
 /// Where a build spent its time, for reports and benchmarks.
@@ -268,6 +291,8 @@ fn write_store(
 ) -> Result<(StoreMeta, BuildReport)> {
     let mut w = StoreWriter::create(dir, tok.vocab_size())?;
     let mut no_tokens: u64 = 0;
+    let mut unknown: u64 = 0;
+    let unk = tok.special.unk;
     let mut done_before: u64 = 0; // bytes of finished files
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
@@ -276,6 +301,7 @@ fn write_store(
             if ids.is_empty() {
                 no_tokens += 1;
             } else {
+                unknown += ids.iter().filter(|&&i| i == unk).count() as u64;
                 w.push(&ids)?;
             }
         }
@@ -320,6 +346,7 @@ fn write_store(
         text_bytes: stats.text_bytes,
         empty_documents: stats.empty,
         skipped_records: stats.skipped,
+        unknown_tokens: Some(unknown),
         corpus,
     };
     let tj = dir.join("tokenizer.json");
@@ -349,6 +376,7 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         text_bytes: 0,
         empty_documents: 0,
         skipped_records: 0,
+        unknown_tokens: None,
         corpus: CorpusFingerprint::from_files(Vec::new()),
     };
     write_meta(dir, &meta)?;

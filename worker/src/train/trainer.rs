@@ -137,10 +137,11 @@ impl Trainer {
         if par.is_main() {
             par.barrier()?;
         }
+        let unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
         match outcome {
-            StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens)", opts.store.display(), meta.documents, meta.tokens),
+            StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens{unk})", opts.store.display(), meta.documents, meta.tokens),
             StoreOutcome::Built { report, reason } => println!(
-                "data: built store {} from {}{} ({} documents, {} tokens, {:.1} s)",
+                "data: built store {} from {}{} ({} documents, {} tokens{unk}, {:.1} s)",
                 opts.store.display(),
                 corpus_name(&files).display(),
                 reason.map(|r| format!(" ({r})")).unwrap_or_default(),
@@ -148,6 +149,9 @@ impl Trainer {
                 meta.tokens,
                 report.seconds
             ),
+        }
+        if let Some(w) = meta.unknown_warning() {
+            println!("warning: {w}");
         }
         let store = Arc::new(TokenStore::open(&opts.store)?);
         // the store opened is the one this run's tokenizer built (another
