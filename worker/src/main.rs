@@ -83,6 +83,8 @@ enum Cmd {
     },
     /// Fill the blanks ([MASK], [sMASK], [gMASK]) of a text with a trained model
     Generate(GenerateArgs),
+    /// Loss, perplexity and masked-token accuracy of a checkpoint on held-out data, per mode (alone or under mpirun)
+    Eval(EvalArgs),
     /// Merge tensor-parallel checkpoint parts into one, or split one into parts
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
@@ -107,6 +109,31 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A whole-model checkpoint: <save> (its latest) or <save>/<iteration> (tensor-parallel parts: merge them first)
+    #[arg(long)]
+    load: PathBuf,
+    /// Evaluate this corpus (file or folder) instead of the run's train_data, split the same way
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// valid or test: which held-out documents of the run's `split`
+    #[arg(long, default_value = "valid")]
+    split: String,
+    /// Batches per mode (default: the run's eval_iters)
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Samples per batch (default: the run's eval_batch_size, else its micro-batch)
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Token store (default: the training store for the run's corpus, glm_pretrain/data/eval_store for --data)
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// cpu, cuda, or auto
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -301,6 +328,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some(Cmd::Generate(a)) => generate(a),
+        Some(Cmd::Eval(a)) => eval(a).map(|_| glm_worker::comm::mpi::finalize()),
         Some(Cmd::BenchStep(a)) => bench_step(a),
         Some(Cmd::Checkpoint(CheckpointCmd::Merge { load, out, with_optimizer })) => (|| {
             let dir = glm_worker::checkpoint::resolve(&load)?;
@@ -548,6 +576,8 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     use glm_worker::comm::Communicator;
     use glm_worker::parallel::dims::ParallelDims;
     use glm_worker::train::trainer::{install_signal_handlers, Outcome, TrainOptions, Trainer};
+    // a signal before the training loop stops at once, during it after an iteration
+    install_signal_handlers();
     let Some(ds_path) = &t.config else {
         anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
     };
@@ -615,7 +645,6 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         },
         device,
     };
-    install_signal_handlers();
     let mut trainer = Trainer::new(cfg, opts, par)?;
     let t0 = std::time::Instant::now();
     let outcome = trainer.run()?;
@@ -644,6 +673,41 @@ fn quiet_stdout() {
             libc::dup2(null.as_raw_fd(), 1);
         }
     }
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use glm_worker::comm::Communicator;
+    use glm_worker::eval::{default_store, evaluate, EvalOptions, Split};
+    glm_worker::train::trainer::install_signal_handlers();
+    let split = Split::parse(&a.split).ok_or_else(|| anyhow::anyhow!("--split {}: expected valid or test", a.split))?;
+    anyhow::ensure!(a.iters != Some(0), "--iters 0: must be positive");
+    anyhow::ensure!(a.batch_size != Some(0), "--batch-size 0: must be positive");
+    let world = glm_worker::comm::mpi::world()?;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
+    if dims.rank != 0 && std::env::var_os(glm_common::launch::ALL_RANKS_OUTPUT).is_none() {
+        quiet_stdout();
+    }
+    let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
+    let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
+    let store = a.store.clone().unwrap_or_else(|| default_store(a.data.as_deref()));
+    let opts = EvalOptions { load: a.load.clone(), data: a.data.clone(), split, iters: a.iters, batch: a.batch_size, store, device };
+    let e = evaluate(&opts, &par)?;
+    println!(
+        "eval: {} (iteration {}), {} split: {} documents, {} batch(es) of {} per mode{}",
+        e.checkpoint.display(),
+        e.iteration,
+        a.split,
+        e.documents,
+        e.batches,
+        e.batch,
+        if dims.world > 1 { format!(", shared over {} ranks", dims.world) } else { String::new() }
+    );
+    println!("{:<12} {:>10} {:>12} {:>10} {:>10}", "mode", "loss", "perplexity", "accuracy", "tokens");
+    for r in &e.results {
+        println!("{:<12} {:>10.4} {:>12.2} {:>10.4} {:>10}", r.mode, r.loss, r.ppl, r.accuracy, r.tokens);
+    }
+    println!("(token-weighted averages over the masked tokens; \"mixed\" draws the modes as training does)");
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -151,6 +151,92 @@ fn a_used_save_directory_is_never_replaced_by_accident() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("save = \"\" (--set): an empty path; name a directory, or null for no checkpoints"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// `glm-worker eval` of a run's checkpoint: its "mixed" line is the run's
+/// own validation at that iteration; per-mode lines; the test split; the
+/// same numbers on two MPI ranks; clear errors for bad arguments.
+#[test]
+fn eval_reproduces_the_runs_validation_per_mode() {
+    let r = Run::new();
+    let save = r.p("run");
+    ok(&r.train(&["train_iters=20".into(), "eval_interval=20".into(), "save_interval=20".into(), format!("save={}", save.display())]));
+    let logged = events(&save, "eval").last().unwrap()["loss"].as_f64().unwrap();
+    let store = r.dir.path().join("store").display().to_string();
+    let loads = save.display().to_string();
+    let eval = |extra: &[&str]| {
+        let mut a = vec!["eval", "--load", &loads, "--store", &store, "--device", "cpu"];
+        a.extend_from_slice(extra);
+        ok(&r.worker(&a))
+    };
+    let line = |out: &str, mode: &str| -> Vec<f64> {
+        out.lines().find(|l| l.split_whitespace().next() == Some(mode)).unwrap_or_else(|| panic!("no {mode} line: {out}")).split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect()
+    };
+    let out = eval(&[]);
+    assert!(out.contains("(iteration 20), valid split"), "{out}");
+    let mixed = line(&out, "mixed");
+    assert!((mixed[0] - logged).abs() < 1e-4, "eval's mixed loss {} is the run's validation loss {logged}", mixed[0]);
+    for mode in ["span", "sentence", "generation"] {
+        let v = line(&out, mode);
+        assert!(v[0] > 0.0 && (v[1] - v[0].exp()).abs() / v[1] < 1e-3 && (0.0..=1.0).contains(&v[2]) && v[3] > 0.0, "{mode}: {v:?}");
+    }
+    let test = eval(&["--split", "test", "--iters", "2"]);
+    assert!(test.contains("test split: 1 documents, 2 batch(es)"), "{test}");
+    // two ranks share the batches out and report the same numbers
+    let o = common::mpirun(2).current_dir(repo()).arg(env!("CARGO_BIN_EXE_glm-worker")).args(["eval", "--load", &loads, "--store", &store, "--device", "cpu"]).output().unwrap();
+    let two = ok(&o);
+    assert!(two.contains("shared over 2 ranks"), "{two}");
+    for mode in ["mixed", "span", "sentence", "generation"] {
+        let (a, b) = (line(&out, mode), line(&two, mode));
+        assert!((a[0] - b[0]).abs() < 1e-4 && a[3] == b[3], "{mode}: one rank {a:?}, two ranks {b:?}");
+    }
+    for (args, want) in [
+        (vec!["--split", "train"], "--split train: expected valid or test"),
+        (vec!["--iters", "0"], "--iters 0: must be positive"),
+    ] {
+        let mut a = vec!["eval", "--load", &loads, "--store", &store];
+        a.extend(args);
+        let o = r.worker(&a);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(want), "{want}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// Ctrl-C while the data is prepared (tokenizer training, store building)
+/// stops the run within a second or two, with a message and no checkpoint.
+#[test]
+fn a_signal_during_preparation_stops_at_once() {
+    let r = Run::new();
+    // a corpus large enough that preparing it takes several seconds
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).unwrap()).unwrap();
+    let big: Vec<&serde_json::Value> = docs.iter().cycle().take(docs.len() * 8).collect();
+    std::fs::write(r.p("big.json"), serde_json::to_string(&big).unwrap()).unwrap();
+    let save = r.p("run");
+    let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("big.json"), 16000, &["train_iters=5".into(), format!("save={}", save.display())]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+        .current_dir(repo())
+        .env("OMP_NUM_THREADS", "1")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // once the configuration is out, preparation is under way
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains("effective configuration") {
+        line.clear();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
+    assert!(err.contains("interrupted (SIGINT) before training: stopped; nothing was trained or saved"), "{err}");
+    assert!(!save.join("latest").exists(), "no checkpoint of an iteration that never trained");
+}
+
 /// As in GLM's pretraining, the residual dropouts use hidden_dropout:
 /// output_dropout (classification heads only) changes nothing, and says so.
 #[test]

@@ -234,28 +234,10 @@ impl RunConfig {
         if a.train_iters > 0 && a.log_interval == 0 {
             return Err(Error::Config(format!("log_interval ({}): must be positive", src("log_interval"))));
         }
-        let block = BlockConfig {
-            seq_length: a.seq_length,
-            bert_prob: a.bert_prob,
-            gap_sentence_prob: a.gap_sentence_prob,
-            gpt_infill_prob: a.gpt_infill_prob,
-            gpt_min_ratio: a.gpt_min_ratio,
-            gap_sentence_ratio: a.gap_sentence_ratio,
-            avg_block_length: a.avg_block_length,
-            shuffle_blocks: !a.no_shuffle_block,
-            block_position_encoding: !a.no_block_position,
-            task_mask: a.task_mask,
-            sample_across_doc: !a.sample_one_document,
-            seed: a.seed,
-            ..BlockConfig::default()
-        };
+        let block = block_config(a);
         block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
 
-        let train_data: Vec<PathBuf> = if a.train_data.is_empty() {
-            vec![PathBuf::from(DEFAULT_CORPUS)]
-        } else {
-            a.train_data.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
-        };
+        let train_data = train_data_paths(a);
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 
         for (k, v) in [
@@ -395,6 +377,34 @@ impl RunConfig {
 
     pub fn save_dir(&self) -> Option<&Path> {
         self.args.args.save.as_deref()
+    }
+}
+
+/// The blank-infilling settings of `a` (validated by the caller).
+pub fn block_config(a: &super::args::Args) -> BlockConfig {
+    BlockConfig {
+        seq_length: a.seq_length,
+        bert_prob: a.bert_prob,
+        gap_sentence_prob: a.gap_sentence_prob,
+        gpt_infill_prob: a.gpt_infill_prob,
+        gpt_min_ratio: a.gpt_min_ratio,
+        gap_sentence_ratio: a.gap_sentence_ratio,
+        avg_block_length: a.avg_block_length,
+        shuffle_blocks: !a.no_shuffle_block,
+        block_position_encoding: !a.no_block_position,
+        task_mask: a.task_mask,
+        sample_across_doc: !a.sample_one_document,
+        seed: a.seed,
+        ..BlockConfig::default()
+    }
+}
+
+/// `train_data` as paths (`"wudao"` and none: the default corpus).
+pub fn train_data_paths(a: &super::args::Args) -> Vec<PathBuf> {
+    if a.train_data.is_empty() {
+        vec![PathBuf::from(DEFAULT_CORPUS)]
+    } else {
+        a.train_data.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
     }
 }
 

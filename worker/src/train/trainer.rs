@@ -7,7 +7,7 @@
 //! iteration k continues exactly as the uninterrupted run (bit-for-bit on CPU).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,13 +32,37 @@ use super::step::{train_step, StepOutput, StepPlan};
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
 /// checkpoint, exit.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Whether the training loop runs. Before it (tokenizer training, store
+/// building, model construction, evaluation tools) a signal ends the
+/// process at once: nothing has trained, so there is nothing to save, and
+/// the data preparation writes into temporary directories renamed only
+/// when complete.
+static TRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The seed offset of the validation split's sample stream.
+pub const VALID_SEED: u64 = 0x00E7_A100;
 
 extern "C" fn on_signal(sig: libc::c_int) {
+    if !TRAINING.load(Ordering::SeqCst) {
+        let msg: &[u8] = if sig == libc::SIGINT {
+            b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n"
+        } else {
+            b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n"
+        };
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+            libc::_exit(128 + sig);
+        }
+    }
     SIGNAL.store(sig, Ordering::SeqCst);
 }
 
+/// SIGINT/SIGTERM: before the training loop they stop the process at once
+/// (with a message); during it, every rank stops after the current
+/// iteration with a checkpoint.
 pub fn install_signal_handlers() {
-    // SAFETY: the handler only stores to an atomic.
+    // SAFETY: the handler only stores to atomics, or writes and exits.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -168,7 +192,7 @@ impl Trainer {
         let valid = match splits.get(1).filter(|v| !v.is_empty()) {
             Some(v) => {
                 let mut vb = cfg.block.clone();
-                vb.seed ^= 0x00E7_A100;
+                vb.seed ^= VALID_SEED;
                 Some(BlockSampler::new(store.clone(), v.clone(), vb, sentence_end)?)
             }
             None => None,
@@ -365,6 +389,8 @@ impl Trainer {
             println!("train: nothing to do (checkpoint iteration {} >= train_iters {total})", self.iteration);
             return Ok(Outcome::Finished { iteration: self.iteration });
         }
+        // from here a signal stops every rank after an iteration, with a checkpoint
+        TRAINING.store(true, Ordering::SeqCst);
         let seq = a.seq_length;
         let tokens_per_iter = (self.cfg.batch.global * seq) as f64;
         let flops_per_token = self.model.cfg.flops_per_token(seq);

@@ -1,0 +1,170 @@
+//! `glm-worker eval`: a checkpoint's loss, perplexity and masked-token
+//! accuracy on held-out data, without training — per blank-infilling mode
+//! (span, sentence, generation) and mixed as training mixes them.
+//!
+//! Everything the run decided comes from the checkpoint (`state.json`: its
+//! configs.json, DeepSpeed config and model; `tokenizer.json`): the split of
+//! the corpus (`split`, `seed`), the sample construction, the evaluation
+//! batch (`eval_batch_size`, else the micro-batch) and `eval_iters`. So the
+//! mixed line on the `valid` split reproduces the validation loss the run
+//! logged at that iteration. `--data` evaluates another corpus with the same
+//! settings. Under mpirun the batches are shared out over the ranks, as in
+//! training.
+//!
+//! Averages are token-weighted: the summed cross entropy of every masked
+//! token over their count (the original GLM averages per-batch means, which
+//! weighs tokens of small batches more).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tch::{Device, Tensor};
+
+use crate::checkpoint;
+use crate::config::args::Args;
+use crate::config::ds::DsConfig;
+use crate::config::run::{block_config, train_data_paths};
+use crate::data::blocklm::{BlockSampler, Mode};
+use crate::data::corpus::corpus_files;
+use crate::data::prepare::{ensure_store, PrepareOptions};
+use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::tokenizer::GlmTokenizer;
+use crate::error::{Error, Result};
+use crate::parallel::Parallel;
+use crate::train::trainer::{collate, VALID_SEED};
+
+/// Which held-out documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Valid,
+    Test,
+}
+
+impl Split {
+    pub fn parse(s: &str) -> Option<Split> {
+        match s {
+            "valid" | "validation" => Some(Split::Valid),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+pub struct EvalOptions {
+    pub load: PathBuf,
+    /// Another corpus than the run's `train_data`.
+    pub data: Option<PathBuf>,
+    pub split: Split,
+    pub iters: Option<u64>,
+    pub batch: Option<usize>,
+    /// The token store (built or reused as training does).
+    pub store: PathBuf,
+    pub device: Device,
+}
+
+/// One line of the result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeResult {
+    pub mode: &'static str,
+    pub loss: f64,
+    pub ppl: f64,
+    pub accuracy: f64,
+    pub tokens: u64,
+}
+
+/// What was evaluated, for the report.
+pub struct Evaluated {
+    pub checkpoint: PathBuf,
+    pub iteration: u64,
+    pub documents: usize,
+    pub batches: u64,
+    pub batch: usize,
+    pub results: Vec<ModeResult>,
+}
+
+/// Evaluates `opts.load` (a whole-model checkpoint) over the world `par`.
+pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
+    let (model, state, dir) = checkpoint::load_for_inference(&opts.load, opts.device)?;
+    let args: Args = serde_json::from_value(state.args.clone()).map_err(|e| Error::invalid(dir.join("state.json"), format!("args: {e}")))?;
+    let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+    if tok.sha256 != state.tokenizer_sha256 {
+        return Err(Error::invalid(dir.join("tokenizer.json"), "is not the tokenizer the checkpoint was trained with (its hash differs from state.json's)"));
+    }
+    let roots = match &opts.data {
+        Some(d) => vec![d.clone()],
+        None => train_data_paths(&args),
+    };
+    let mut files = Vec::new();
+    for r in &roots {
+        files.extend(corpus_files(r)?);
+    }
+    // rank 0 builds or refreshes the store; the others wait and find it ready
+    if !par.is_main() {
+        par.barrier()?;
+    }
+    let built = ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {});
+    if par.is_main() {
+        par.barrier()?;
+    }
+    let (meta, _) = built?;
+    let store = Arc::new(TokenStore::open(&opts.store)?);
+    if store.meta.tokenizer_sha256 != tok.sha256 {
+        return Err(Error::invalid(opts.store.join("meta.json"), "the token store was built with another tokenizer than the checkpoint's; give eval its own --store"));
+    }
+    let splits = split_documents(store.num_docs(), &parse_split(&args.split)?, args.seed);
+    let (index, name) = match opts.split {
+        Split::Valid => (1, "valid"),
+        Split::Test => (2, "test"),
+    };
+    let docs = splits.get(index).cloned().unwrap_or_default();
+    if docs.is_empty() {
+        return Err(Error::Config(format!("the {name} split of {} is empty (split \"{}\" of {} documents)", roots[0].display(), args.split, meta.documents)));
+    }
+    let mut block = block_config(&args);
+    block.seed ^= match opts.split {
+        Split::Valid => VALID_SEED,
+        Split::Test => VALID_SEED.rotate_left(17),
+    };
+    let sampler = BlockSampler::new(store.clone(), docs.clone(), block, tok.sentence_end_table().to_vec())?;
+    let ds = DsConfig::from_value(&dir.join("state.json"), &state.deepspeed_config)?;
+    let batch = opts.batch.or(args.eval_batch_size).or(ds.micro_batch).unwrap_or(args.batch_size);
+    let iters = opts.iters.unwrap_or(args.eval_iters).max(1);
+    if batch == 0 {
+        return Err(Error::Config("--batch-size 0: must be positive".into()));
+    }
+    let d = par.dims;
+    let mut results = Vec::new();
+    for (label, mode) in [("mixed", None), ("span", Some(Mode::Span)), ("sentence", Some(Mode::Sentence)), ("generation", Some(Mode::Generation))] {
+        let mut acc = [0.0f64; 3];
+        tch::no_grad(|| -> Result<()> {
+            for i in (0..iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
+                let range = i * batch as u64..(i + 1) * batch as u64;
+                let samples = match mode {
+                    None => sampler.batch(i, range),
+                    Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
+                };
+                let (sum, c, n) = model.loss_terms(&collate(&samples, opts.device), false)?;
+                acc[0] += sum.double_value(&[]);
+                acc[1] += c as f64;
+                acc[2] += n as f64;
+            }
+            Ok(())
+        })?;
+        let mut t = Tensor::from_slice(&acc);
+        par.dp_sum(&mut t)?;
+        let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
+        let loss = nll / count;
+        results.push(ModeResult { mode: label, loss, ppl: loss.exp(), accuracy: correct / count, tokens: count as u64 });
+    }
+    Ok(Evaluated { checkpoint: dir, iteration: state.iteration, documents: docs.len(), batches: iters, batch, results })
+}
+
+/// The default store: the training store for the run's own corpus, a
+/// separate one for another corpus (so evaluating it never rebuilds the
+/// training store).
+pub fn default_store(data: Option<&Path>) -> PathBuf {
+    match data {
+        None => PathBuf::from("glm_pretrain/data/store"),
+        Some(_) => PathBuf::from("glm_pretrain/data/eval_store"),
+    }
+}
