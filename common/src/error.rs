@@ -8,9 +8,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operating-system error while touching `path`.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// An operating-system error while touching `path`. (Not a `source`:
+    /// the message is part of this one, and a chain would print it twice.)
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// Malformed input at a known place. `line`/`col` are 1-based; 0 means unknown.
     #[error("{}", fmt_at(path, *line, *col, msg))]
@@ -43,7 +44,7 @@ fn fmt_at(path: &Path, line: usize, col: usize, msg: &str) -> String {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), error: source }
     }
     pub fn parse(path: impl Into<PathBuf>, line: usize, col: usize, msg: impl Into<String>) -> Self {
         Error::Parse { path: path.into(), line, col, msg: msg.into() }

@@ -56,10 +56,27 @@ fn pick(logits: &Tensor, s: &Sampling) -> i64 {
 pub fn fill(model: &Glm, tok: &GlmTokenizer, text: &str, gen_mask: u32, s: &Sampling) -> Result<Filled> {
     let sp = tok.special;
     let is_mask = |t: u32| t == sp.mask || t == sp.smask || t == sp.gmask;
+    if !(s.temperature > 0.0 && s.temperature.is_finite()) {
+        return Err(Error::Config(format!("--temperature {}: must be positive and finite", s.temperature)));
+    }
+    if !(0.0..=1.0).contains(&s.top_p) {
+        return Err(Error::Config(format!("--top-p {}: must be in [0, 1] (0: off)", s.top_p)));
+    }
+    if s.max_tokens == 0 {
+        return Err(Error::Config("--max-tokens 0: must be positive".into()));
+    }
+    // the prompt as training saw its text (the original's punctuation
+    // standardisation: curly quotes would otherwise be [UNK])
+    let text = crate::data::corpus::standardize_punctuation(text);
     let mut part_a: Vec<u32> = vec![sp.cls];
-    part_a.extend(tok.encode(text)?);
+    part_a.extend(tok.encode(&text)?);
     if !part_a.iter().any(|&t| is_mask(t)) {
         part_a.push(gen_mask);
+    }
+    // as the original's generation builds its context: a text that does not
+    // end in a blank ends with the end-of-text token
+    if !is_mask(*part_a.last().expect("[CLS] at least")) {
+        part_a.push(sp.eod);
     }
     let max_pos = model.cfg.max_position_embeddings;
     if part_a.len() >= max_pos {

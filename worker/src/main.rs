@@ -299,6 +299,17 @@ struct SamplesArgs {
     /// Print statistics (masked fraction, span lengths, build rate) instead of samples
     #[arg(long)]
     summary: bool,
+    /// Print each sample as one JSON line: token ids, targets, loss mask, positions
+    #[arg(long)]
+    json: bool,
+    /// Build samples with a run's masking settings: its configs.json (seq_length, seed,
+    /// bert_prob/gap_sentence_prob and ratios, avg_block_length, task_mask, ...), over
+    /// --seq-length/--seed/--task-mask
+    #[arg(long = "args")]
+    args_file: Option<PathBuf>,
+    /// With --args: override a key of it (as in training)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -470,7 +481,18 @@ fn samples(a: SamplesArgs) -> Result<()> {
         "{}: tokenizer.json does not match meta.json (rebuild the store)",
         a.store.display()
     );
-    let cfg = BlockConfig { seq_length: a.seq_length, seed: a.seed, task_mask: a.task_mask, ..BlockConfig::default() };
+    let cfg = match &a.args_file {
+        Some(p) => {
+            let loaded = glm_worker::config::args::LoadedArgs::load(Some(p), &a.sets)?;
+            let c = glm_worker::config::run::block_config(&loaded.args);
+            c.validate().map_err(|e| anyhow::anyhow!("{}: {e} (blank-infilling settings)", p.display()))?;
+            c
+        }
+        None => {
+            anyhow::ensure!(a.sets.is_empty(), "--set needs --args (the configs.json it overrides)");
+            BlockConfig { seq_length: a.seq_length, seed: a.seed, task_mask: a.task_mask, ..BlockConfig::default() }
+        }
+    };
     let docs = (0..st.num_docs() as u32).collect();
     let sm = BlockSampler::new(st, docs, cfg, tok.sentence_end_table().to_vec())?;
     let mode = match a.mode {
@@ -483,6 +505,16 @@ fn samples(a: SamplesArgs) -> Result<()> {
     }
     for i in 0..a.count {
         let s = sm.sample(i, mode);
+        if a.json {
+            let n = s.len;
+            let v = serde_json::json!({
+                "index": i, "mode": format!("{mode:?}").to_lowercase(), "suffix": s.suffix, "sep": s.sep, "len": n,
+                "tokens": &s.tokens[..n], "targets": &s.targets[..n], "loss_mask": &s.loss_mask[..n],
+                "position_ids": &s.position_ids[..n], "block_position_ids": &s.block_position_ids[..n],
+            });
+            println!("{v}");
+            continue;
+        }
         println!("sample {i} ({mode:?}{}): {} tokens, sep {}", if s.suffix { ", suffix" } else { "" }, s.len, s.sep);
         println!("  Part A: {}", tok.decode(&s.tokens[..s.sep], false));
         let mut j = s.sep;

@@ -22,6 +22,10 @@ fn stderr(o: &Output) -> String {
 }
 
 /// The seed files the project was started from (`../shared/seed` beside the checkout).
+fn repo_file(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel).display().to_string()
+}
+
 fn seed(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seed").join(name);
     assert!(p.is_file(), "{} missing: tests need the shared seed folder beside the checkout", p.display());
@@ -157,6 +161,21 @@ fn seed_vocab_builds_a_store_and_samples_decode() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     assert!(s.contains("[MASK]") && s.contains("<|endofpiece|>"), "{s}");
+    // token ids as JSON lines, with a run's own masking settings
+    let o = run(&["samples", "--store", &out.display().to_string(), "--count", "2", "--json", "--args", &repo_file("configs/configs_tiny.json"), "--set", "seq_length=40", "--mode", "sentence"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for v in &lines {
+        let n = v["len"].as_u64().unwrap() as usize;
+        assert!(n <= 40 && v["tokens"].as_array().unwrap().len() == n && v["loss_mask"].as_array().unwrap().len() == n && v["mode"] == "sentence", "{v}");
+    }
+    let o = run(&["samples", "--store", &out.display().to_string(), "--set", "seq_length=40"]);
+    assert!(!o.status.success() && stderr(&o).contains("--set needs --args"), "{}", stderr(&o));
+    // an OS error is said once, without Rust's debug form
+    let o = run(&["samples", "--store", &out.display().to_string(), "--args", "/nonexistent/configs.json"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.matches("No such file or directory").count() == 1 && !e.contains("Os {"), "{e}");
 }
 
 #[test]

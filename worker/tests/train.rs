@@ -76,6 +76,10 @@ fn short_run_learns_and_writes_its_outputs() {
     assert!(g.contains("checkpoint:") && g.contains("blank 0:"), "{g}");
     let g = ok(&r.worker(&["generate", "--load", &save.join("30").display().to_string(), "--text", "举头望明月", "--top-k", "5", "--max-tokens", "4"]));
     assert!(g.contains("(iteration 30)"), "{g}");
+    for (flag, value, want) in [("--temperature", "0", "--temperature 0: must be positive and finite"), ("--top-p", "1.5", "--top-p 1.5: must be in [0, 1]"), ("--max-tokens", "0", "--max-tokens 0")] {
+        let o = r.worker(&["generate", "--load", &save.display().to_string(), "--text", "举头望明月", flag, value]);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(want), "{flag}: {}", String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 #[test]

@@ -139,7 +139,7 @@ impl Trainer {
         let mut files = Vec::new();
         for d in &cfg.train_data {
             files.extend(corpus_files(d).map_err(|e| match e {
-                Error::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => Error::invalid(
+                Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => Error::invalid(
                     path,
                     "train_data: no such file or folder; hint: scripts/setup.sh builds the default corpus, or --set train_data=<path>",
                 ),
