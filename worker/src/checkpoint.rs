@@ -376,12 +376,23 @@ fn load_into(file: &Path, infos: &[ParamInfo], flat: &mut Tensor, prefix: &str) 
     Ok(())
 }
 
+/// The checkpoint's model must have this run's shape; the fields that only
+/// train (dropouts) may change. A difference names the field.
 fn check_model(dir: &Path, state: &State, model: &Glm) -> Result<()> {
-    if state.model != model.cfg {
-        return Err(Error::invalid(
-            dir.join("state.json"),
-            format!("checkpoint model {:?} differs from the configured model {:?}", state.model, model.cfg),
-        ));
+    let (a, b) = (&state.model, &model.cfg);
+    let shape: [(&str, String, String); 8] = [
+        ("vocabulary (padded)", a.vocab_size.to_string(), b.vocab_size.to_string()),
+        ("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string()),
+        ("num_layers", a.num_layers.to_string(), b.num_layers.to_string()),
+        ("num_attention_heads", a.num_attention_heads.to_string(), b.num_attention_heads.to_string()),
+        ("intermediate_size", a.intermediate_size.to_string(), b.intermediate_size.to_string()),
+        ("max_position_embeddings", a.max_position_embeddings.to_string(), b.max_position_embeddings.to_string()),
+        ("layernorm_epsilon", a.layernorm_epsilon.to_string(), b.layernorm_epsilon.to_string()),
+        ("no_block_position", (!a.block_position_encoding).to_string(), (!b.block_position_encoding).to_string()),
+    ];
+    let differ: Vec<String> = shape.iter().filter(|(_, x, y)| x != y).map(|(k, x, y)| format!("{k} {x} in the checkpoint, {y} in this run")).collect();
+    if !differ.is_empty() {
+        return Err(Error::invalid(dir.join("state.json"), format!("the checkpoint's model differs from this run's: {}", differ.join("; "))));
     }
     Ok(())
 }

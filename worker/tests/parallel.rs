@@ -120,6 +120,10 @@ fn tensor_parallel_equals_one_process() {
         assert!(tp2dp2.join("6").join(r).join("model.safetensors").is_file(), "{r}");
     }
     assert_eq!(std::fs::read_to_string(tp2dp2.join("latest")).unwrap().trim(), "6");
+    // resuming it in one process points at merge; a changed dropout is fine, a changed shape is named
+    let o = run(d.path(), 0, &ds(d.path(), "ds_one.json", 4, 4), &["train_iters=8".into(), format!("load={}", tp2.display())]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("saved with tensor-parallel 2, and this run has tensor-parallel 1: merge it first (glm-worker checkpoint merge"), "{e}");
 
     // merged TP=2 weights after 6 updates equal the one-process weights
     let merged = d.path().join("merged");

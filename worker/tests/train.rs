@@ -97,6 +97,16 @@ fn resumed_run_equals_the_uninterrupted_one() {
     sb.push(format!("load={}", a.join("4").display()));
     let out = ok(&r.train(&sb));
     assert!(out.contains("resumed from") && out.contains("(iteration 4)"), "{out}");
+    // a resume may change what only trains (dropout), not the model's shape, which is named
+    let c = r.p("c");
+    let mut sc = common.to_vec();
+    sc.extend([format!("save={}", c.display()), format!("load={}", a.join("4").display()), "hidden_dropout=0.2".into(), "train_iters=5".into()]);
+    ok(&r.train(&sc));
+    let mut sd = common.to_vec();
+    sd.extend([format!("load={}", a.join("4").display()), "intermediate_size=128".into()]);
+    let o = r.train(&sd);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("the checkpoint's model differs from this run's: intermediate_size 256 in the checkpoint, 128 in this run"), "{e}");
     let la: Vec<String> = events(&a, "train").iter().filter(|e| e["iteration"].as_u64().unwrap() > 4).map(|e| e["loss"].to_string()).collect();
     let lb: Vec<String> = events(&b, "train").iter().map(|e| e["loss"].to_string()).collect();
     assert_eq!(la.len(), 6);

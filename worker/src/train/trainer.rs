@@ -233,6 +233,19 @@ impl Trainer {
         let mut iteration = 0;
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
+            // the checkpoint's tensor-parallel layout must be this run's
+            let parts = if dir.join("state.json").is_file() { 1 } else { checkpoint::part_dirs(&dir)?.len() };
+            let tp = par.tp.as_ref().map_or(1, |g| g.size);
+            if parts != tp {
+                let fix = if parts == 1 {
+                    format!("split it first (glm-worker checkpoint split --load {} --tp {tp} --out <dir>), or train with model_parallel_size=1", dir.display())
+                } else if tp == 1 {
+                    format!("merge it first (glm-worker checkpoint merge --load {} --out <dir>), or train with model_parallel_size={parts}", dir.display())
+                } else {
+                    format!("merge it (glm-worker checkpoint merge) and split the result (checkpoint split --tp {tp}), or train with model_parallel_size={parts}")
+                };
+                return Err(Error::invalid(&dir, format!("saved with tensor-parallel {parts}, and this run has tensor-parallel {tp}: {fix}")));
+            }
             if let Some(g) = &par.tp {
                 dir = dir.join(checkpoint::mp_rank_dir(g.rank));
             }
