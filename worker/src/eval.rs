@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tch::{Device, Tensor};
+use tch::Device;
 
 use crate::checkpoint;
 use crate::config::args::Args;
@@ -31,7 +31,7 @@ use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::GlmTokenizer;
 use crate::error::{Error, Result};
 use crate::parallel::Parallel;
-use crate::train::trainer::{collate, VALID_SEED};
+use crate::train::trainer::{held_out, VALID_SEED};
 
 /// Which held-out documents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,29 +132,10 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     if batch == 0 {
         return Err(Error::Config("--batch-size 0: must be positive".into()));
     }
-    let d = par.dims;
     let mut results = Vec::new();
     for (label, mode) in [("mixed", None), ("span", Some(Mode::Span)), ("sentence", Some(Mode::Sentence)), ("generation", Some(Mode::Generation))] {
-        let mut acc = [0.0f64; 3];
-        tch::no_grad(|| -> Result<()> {
-            for i in (0..iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
-                let range = i * batch as u64..(i + 1) * batch as u64;
-                let samples = match mode {
-                    None => sampler.batch(i, range),
-                    Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
-                };
-                let (sum, c, n) = model.loss_terms(&collate(&samples, opts.device), false)?;
-                acc[0] += sum.double_value(&[]);
-                acc[1] += c as f64;
-                acc[2] += n as f64;
-            }
-            Ok(())
-        })?;
-        let mut t = Tensor::from_slice(&acc);
-        par.dp_sum(&mut t)?;
-        let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
-        let loss = nll / count;
-        results.push(ModeResult { mode: label, loss, ppl: loss.exp(), accuracy: correct / count, tokens: count as u64 });
+        let h = held_out(&model, &sampler, mode, iters, batch, opts.device, par)?;
+        results.push(ModeResult { mode: label, loss: h.loss, ppl: h.loss.exp(), accuracy: h.accuracy, tokens: h.tokens });
     }
     Ok(Evaluated { checkpoint: dir, iteration: state.iteration, documents: docs.len(), batches: iters, batch, results })
 }

@@ -69,6 +69,43 @@ pub fn install_signal_handlers() {
     }
 }
 
+/// Loss and masked-token accuracy over held-out samples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeldOut {
+    /// Token-weighted mean cross entropy.
+    pub loss: f64,
+    pub accuracy: f64,
+    pub tokens: u64,
+}
+
+/// `model` on batches 0..`iters` of `sampler` (`batch` samples each; in
+/// `mode`, else the modes drawn as training draws them), the batches shared
+/// out over the data-parallel ranks and the sums combined: the summed cross
+/// entropy of every masked token over their count.
+pub fn held_out(model: &Glm, sampler: &BlockSampler, mode: Option<crate::data::blocklm::Mode>, iters: u64, batch: usize, device: Device, par: &Parallel) -> Result<HeldOut> {
+    let d = par.dims;
+    // [nll, correct, count]
+    let mut acc = [0.0f64; 3];
+    tch::no_grad(|| -> Result<()> {
+        for i in (0..iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
+            let range = i * batch as u64..(i + 1) * batch as u64;
+            let samples = match mode {
+                None => sampler.batch(i, range),
+                Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
+            };
+            let (sum, c, n) = model.loss_terms(&collate(&samples, device), false)?;
+            acc[0] += sum.double_value(&[]);
+            acc[1] += c as f64;
+            acc[2] += n as f64;
+        }
+        Ok(())
+    })?;
+    let mut t = Tensor::from_slice(&acc);
+    par.dp_sum(&mut t)?;
+    let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
+    Ok(HeldOut { loss: nll / count, accuracy: correct / count, tokens: count as u64 })
+}
+
 /// Options that are not part of the two config files.
 pub struct TrainOptions {
     pub store: PathBuf,
@@ -298,26 +335,8 @@ impl Trainer {
     /// `eval_iters` fixed batches of the valid split.
     pub fn evaluate(&self) -> Result<Option<EvalEvent>> {
         let Some(valid) = self.valid.as_ref() else { return Ok(None) };
-        let a = &self.cfg.args.args;
-        let d = &self.par.dims;
-        // [nll, correct, count], batches shared out over the data-parallel ranks
-        let mut acc = [0.0f64; 3];
-        tch::no_grad(|| -> Result<()> {
-            for i in (0..a.eval_iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
-                let eb = self.cfg.eval_batch as u64;
-                let samples = valid.batch(i, i * eb..(i + 1) * eb);
-                let (sum, c, n) = self.model.loss_terms(&collate(&samples, self.device), false)?;
-                acc[0] += sum.double_value(&[]);
-                acc[1] += c as f64;
-                acc[2] += n as f64;
-            }
-            Ok(())
-        })?;
-        let mut t = Tensor::from_slice(&acc);
-        self.par.dp_sum(&mut t)?;
-        let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
-        let loss = nll / count;
-        Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy: correct / count, tokens: count as i64 }))
+        let h = held_out(&self.model, valid, None, self.cfg.args.args.eval_iters, self.cfg.eval_batch, self.device, &self.par)?;
+        Ok(Some(EvalEvent { iteration: self.iteration, loss: h.loss, ppl: h.loss.exp(), accuracy: h.accuracy, tokens: h.tokens as i64 }))
     }
 
     /// Evaluates (when there is a valid split), prints the result and
