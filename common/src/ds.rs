@@ -88,7 +88,7 @@ const ACCEPTED: &[&str] = &[
     "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training", "pipeline",
     "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting",
     "use_data_before_expert_parallelism", "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage",
-    "fp16_auto_cast", "steps_per_print",
+    "fp16_auto_cast",
 ];
 const ZERO_ACCEPTED: &[&str] = &[
     "contiguous_gradients", "reduce_scatter", "allgather_partitions", "load_from_fp32_weights", "elastic_checkpoint",

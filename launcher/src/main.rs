@@ -215,7 +215,7 @@ fn placement(cli: &Cli) -> Result<Placement> {
 }
 
 /// `program` if it is a path to a file, else its place on PATH.
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Path::new(program).is_file().then(|| PathBuf::from(program));
     }
@@ -280,7 +280,7 @@ fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Se
                 .map(|t| {
                     let script = &script;
                     s.spawn(move || {
-                        let r = ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| ssh::output(&sess, "sh -s", script.as_bytes(), std::time::Duration::from_secs(15)));
+                        let r = ssh::run_script(t, script, std::time::Duration::from_secs(15));
                         match r {
                             Ok((_, out, _)) => usize::from(out.trim().parse::<usize>().unwrap_or(0) > 0),
                             Err(e) => {

@@ -168,7 +168,7 @@ pub fn run_ssh(targets: &[crate::ssh::Target], local: &[bool], probe: &[String],
         Ok((o.status.code().unwrap_or(255), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
     };
     let ask = |(t, local): (&crate::ssh::Target, bool)| -> Report {
-        let answer = if local { here() } else { crate::ssh::connect(t, std::time::Duration::from_secs(10)).and_then(|sess| crate::ssh::output(&sess, "sh -s", script.as_bytes(), std::time::Duration::from_secs(120))) };
+        let answer = if local { here() } else { crate::ssh::run_script(t, &script, std::time::Duration::from_secs(120)) };
         match answer {
             Ok((code, out, err)) => {
                 let mut rep = Report::from_answer(&out, &err);

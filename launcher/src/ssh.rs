@@ -161,8 +161,7 @@ fn unsupported(alias: &str, what: &str, how: &str) -> anyhow::Error {
 /// that is `ssh -G` itself (every `Host`/`Match`/`Include` rule and token
 /// exactly as ssh would); without it, a parser of the common keywords.
 pub fn resolve(alias: &str, opts: &Options) -> Result<Target> {
-    let ssh = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("ssh")).find(|p| p.is_file()));
-    match ssh {
+    match crate::which("ssh") {
         Some(ssh) => resolve_with_ssh(&ssh, alias, opts),
         None => resolve_with_parser(alias, opts),
     }
@@ -471,6 +470,13 @@ pub fn output(sess: &Session, command: &str, stdin: &[u8], limit: Duration) -> R
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = exec(sess, command, stdin, &mut out, &mut err, Some(limit))?;
     Ok((code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+}
+
+/// Connects to `t` and runs `script` with `sh -s` (fed on stdin), within
+/// `limit`: (status, stdout, stderr).
+pub fn run_script(t: &Target, script: &str, limit: Duration) -> Result<(i32, String, String)> {
+    let sess = connect(t, Duration::from_secs(10))?;
+    output(&sess, "sh -s", script.as_bytes(), limit)
 }
 
 /// A word for a POSIX shell command line.

@@ -98,19 +98,9 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     for r in &roots {
         files.extend(corpus_files(r)?);
     }
-    // rank 0 builds or refreshes the store; the others wait and find it ready
-    if !par.is_main() {
-        par.barrier()?;
-    }
-    let built = ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {});
-    if par.is_main() {
-        par.barrier()?;
-    }
-    let (meta, _) = built?;
-    let store = Arc::new(TokenStore::open(&opts.store)?);
-    if store.meta.tokenizer_sha256 != tok.sha256 {
-        return Err(Error::invalid(opts.store.join("meta.json"), "the token store was built with another tokenizer than the checkpoint's; give eval its own --store"));
-    }
+    // rank 0 builds or refreshes the store; the others find it ready
+    let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {}))?;
+    let store = Arc::new(TokenStore::open_for(&opts.store, &tok.sha256, "the checkpoint's")?);
     let splits = split_documents(store.num_docs(), &parse_split(&args.split)?, args.seed);
     let (index, name) = match opts.split {
         Split::Valid => (1, "valid"),

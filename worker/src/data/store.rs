@@ -475,6 +475,19 @@ fn map(path: &Path) -> Result<memmap2::Mmap> {
 impl TokenStore {
     /// Opens and validates a store (headers, sizes, index monotonic and
     /// consistent with the token count and meta.json).
+    /// Opens the store at `dir` and checks that `tokenizer_sha256` (the
+    /// tokenizer of `whose`: "this run's", "the checkpoint's") built it.
+    pub fn open_for(dir: &Path, tokenizer_sha256: &str, whose: &str) -> Result<Self> {
+        let st = Self::open(dir)?;
+        if st.meta.tokenizer_sha256 != tokenizer_sha256 {
+            return Err(Error::invalid(
+                dir.join("meta.json"),
+                format!("the token store was built with another tokenizer than {whose} (its token ids would not match); rebuild it (`glm-worker prepare --force`) or use another --store"),
+            ));
+        }
+        Ok(st)
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
         let meta = read_meta(dir)?;
         let tp = dir.join("tokens.bin");

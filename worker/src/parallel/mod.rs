@@ -11,7 +11,7 @@ use tch::Tensor;
 use crate::comm::local::LocalComm;
 use crate::comm::mpi::MpiComm;
 use crate::comm::{Comm, GroupComm, Metered, ReduceOp};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use dims::ParallelDims;
 
 /// What a rank needs to know and use about the others: the rank grid and
@@ -107,6 +107,23 @@ impl Parallel {
         match &self.dp {
             Some(c) => c.all_reduce(t, ReduceOp::Sum),
             None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on world rank 0 first and then, once it succeeded, on the
+    /// others: rank 0 prepares what they then find ready (tokenizer, token
+    /// store) or decides alone (the save directory). A failure on rank 0 is
+    /// agreed over the world, so every rank stops (with rank 0's reason on
+    /// rank 0) instead of waiting for it.
+    pub fn main_first<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.is_main() {
+            let r = f();
+            self.world_max(i64::from(r.is_err()))?;
+            r
+        } else if self.world_max(0)? != 0 {
+            Err(Error::Runtime(format!("rank 0 failed {what} (see its error)")))
+        } else {
+            f()
         }
     }
 

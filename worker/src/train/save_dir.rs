@@ -129,14 +129,13 @@ fn claim_here(save: &Path, load: Option<&Path>, overwrite: bool) -> Result<SaveD
 /// Claims `save` for this run: rank 0 locks and checks it, and every rank
 /// returns rank 0's verdict (an error on rank 0 is an error everywhere).
 pub fn claim(save: &Path, load: Option<&Path>, overwrite: bool, par: &Parallel) -> Result<SaveDirLock> {
-    let mine = if par.is_main() { Some(claim_here(save, load, overwrite)) } else { None };
-    let failed = i64::from(matches!(mine, Some(Err(_))));
-    let any = par.world_max(failed)?;
-    match mine {
-        Some(r) => r,
-        None if any != 0 => Err(Error::Runtime(format!("rank 0 refused the save directory {} (see its error)", save.display()))),
-        None => Ok(SaveDirLock { _file: None }),
-    }
+    par.main_first(&format!("claiming the save directory {}", save.display()), || {
+        if par.is_main() {
+            claim_here(save, load, overwrite)
+        } else {
+            Ok(SaveDirLock { _file: None })
+        }
+    })
 }
 
 #[cfg(test)]

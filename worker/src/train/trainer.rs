@@ -189,15 +189,12 @@ impl Trainer {
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
         // Several nodes need the store on a shared filesystem.
-        if !par.is_main() {
-            par.barrier()?;
-        }
-        let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
-        println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
-        let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
-        if par.is_main() {
-            par.barrier()?;
-        }
+        let (tok, meta, outcome) = par.main_first("preparing the data", || {
+            let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
+            println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
+            let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
+            Ok((tok, meta, outcome))
+        })?;
         let unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
         match outcome {
             StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens{unk})", opts.store.display(), meta.documents, meta.tokens),
@@ -214,15 +211,9 @@ impl Trainer {
         if let Some(w) = meta.unknown_warning() {
             println!("warning: {w}");
         }
-        let store = Arc::new(TokenStore::open(&opts.store)?);
         // the store opened is the one this run's tokenizer built (another
         // process may have rebuilt it since it was checked)
-        if store.meta.tokenizer_sha256 != tok.sha256 {
-            return Err(Error::invalid(
-                opts.store.join("meta.json"),
-                "the token store was built with another tokenizer than this run's (its token ids would not match); rebuild it (`glm-worker prepare --force`) or give this run its own --store",
-            ));
-        }
+        let store = Arc::new(TokenStore::open_for(&opts.store, &tok.sha256, "this run's")?);
         let splits = split_documents(store.num_docs(), &weights, a.seed);
         let sentence_end = tok.sentence_end_table().to_vec();
         let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
