@@ -109,7 +109,7 @@ pub fn shard_file(r: usize) -> String {
 }
 
 fn tch_err(p: &Path, e: tch::TchError) -> Error {
-    Error::invalid(p, e.to_string())
+    Error::invalid(p, crate::runtime::torch_message(&e.to_string()))
 }
 
 /// The sub-directory of tensor-parallel rank `tp_rank` in a checkpoint.

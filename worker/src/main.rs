@@ -93,9 +93,9 @@ enum Cmd {
     /// All-reduce bus bandwidth through the tensor collectives vs plain MPI_Allreduce (run under mpirun)
     BenchComm {
         /// Message sizes in MiB
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = at_least(1))]
         mib: Vec<usize>,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = at_least(1))]
         iters: usize,
     },
     /// Check every collective (values, element types, autograd regions) on CPU (MPI) or CUDA (NCCL) tensors, then time all-reduce; alone or under mpirun
@@ -104,9 +104,9 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         device: String,
         /// All-reduce sizes to time, in MiB
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = at_least(1))]
         mib: Vec<usize>,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = at_least(1))]
         iters: usize,
     },
 }
@@ -138,23 +138,27 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    #[arg(long, default_value_t = 1)]
+    /// Intra-op threads
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     threads: i32,
-    #[arg(long, default_value_t = 20)]
+    /// Timed steps
+    #[arg(long, default_value_t = 20, value_parser = at_least(1))]
     iters: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     layers: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least(1))]
     hidden: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     heads: usize,
-    #[arg(long, default_value_t = 256)]
+    /// Sequence length (Part A is its first half, Part B its second)
+    #[arg(long, default_value_t = 256, value_parser = at_least(2))]
     seq: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least(1))]
     batch: usize,
-    #[arg(long, default_value_t = 16000)]
+    /// Vocabulary size (token ids are drawn from 10 up)
+    #[arg(long, default_value_t = 16000, value_parser = at_least(16))]
     vocab: usize,
     #[arg(long, default_value_t = 0.1)]
     dropout: f64,
@@ -171,10 +175,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     zero_stage: u8,
     /// ZeRO's reduce_bucket_size (elements)
-    #[arg(long, default_value_t = 500_000_000)]
+    #[arg(long, default_value_t = 500_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     reduce_bucket_size: i64,
     /// ZeRO's allgather_bucket_size (elements)
-    #[arg(long, default_value_t = 500_000_000)]
+    #[arg(long, default_value_t = 500_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     allgather_bucket_size: i64,
 }
 
@@ -320,8 +324,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    glm_worker::runtime::install_panic_hook();
     let cli = Cli::parse();
-    let result = match cli.cmd {
+    // a libtorch error anywhere (tch panics on them) ends as one line
+    let result = glm_worker::runtime::catch(|| match cli.cmd {
         Some(Cmd::Prepare(a)) => prepare(a),
         Some(Cmd::MakeCorpus { src, out }) => make_corpus(&src, &out),
         Some(Cmd::Samples(a)) => samples(a),
@@ -370,18 +376,21 @@ fn main() -> ExitCode {
         })(),
         Some(Cmd::BenchComm { mib, iters }) => bench_comm(&mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
         Some(Cmd::CommCheck { device, mib, iters }) => comm_check(&device, &mib, iters).map(|_| glm_worker::comm::mpi::finalize()),
-        None => match train(cli.train) {
-            Ok(code) => return code,
-            Err(e) => Err(e),
-        },
-    };
+        None => return train(cli.train),
+    }
+    .map(|()| ExitCode::SUCCESS));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("glm-worker: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A clap parser of counts of at least `min`.
+fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..)
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -649,6 +658,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         let a = &cfg.args.args;
         dims.check_model(a.hidden_size, a.num_attention_heads, a.intermediate_size.unwrap_or(4 * a.hidden_size))?;
     }
+    glm_worker::train::trainer::check_memory(&cfg, dims, device, world.local().size(), t.vocab_size)?;
     let a = &cfg.args.args;
     if a.train_iters == 0 {
         for d in &cfg.train_data {

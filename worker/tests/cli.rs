@@ -231,3 +231,26 @@ fn seed_vocab_round_trips_chinese() {
     }
     assert_eq!(tok.encode("中国").unwrap(), vec![704, 1744]);
 }
+
+#[test]
+fn an_oversized_model_and_bad_benchmark_arguments_are_one_line_errors() {
+    // 51 T parameters: more than any address space holds, so the allocation
+    // fails at once whatever the kernel's overcommit policy
+    let o = worker().env_remove("RUST_BACKTRACE").args(["bench-step", "--hidden", "65536", "--layers", "1000", "--iters", "1", "--warmup", "0"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("glm-worker: error: building the model (hidden_size 65536, num_layers 1000, vocab_size 16000: 51.5 T parameters, 206 TB as fp32 on cpu")
+            && first.ends_with("libtorch: out of CPU memory: asked for 206 TB (Cannot allocate memory)"),
+        "{err}"
+    );
+    assert!(err.lines().count() == 2 && err.lines().nth(1).unwrap().starts_with("HINT: "), "one error line and a hint: {err}");
+    assert!(!err.contains("panicked") && !err.contains("frame #"), "{err}");
+    for (arg, value, want) in [("--threads", "0", "0 is not in 1.."), ("--seq", "1", "1 is not in 2.."), ("--vocab", "5", "5 is not in 16.."), ("--iters", "0", "0 is not in 1..")] {
+        let o = run(&["bench-step", arg, value]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{arg} {value}: {err}");
+        assert!(err.contains(&format!("invalid value '{value}' for '{arg}")) && err.contains(want), "{err}");
+    }
+}

@@ -347,6 +347,12 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         assert_eq!(o.status.code(), Some(1), "{set}: {err}");
         assert!(err.contains(want), "{set}: want {want:?}: {err}");
     }
+    // a model whose parameters, gradients and optimizer state alone exceed
+    // this machine's memory is refused before anything is allocated
+    let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--set", "hidden_size=8192", "--set", "num_attention_heads=64", "--set", "num_layers=4000", "--set", "train_iters=0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the model does not fit: its parameters, gradients and optimizer state need about") && err.contains("HINT: a smaller model"), "{err}");
     // an explicit --set of a key the DeepSpeed file also sets wins, and says so
     let out = ok(&r.worker(&["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "lr=0.01", "--set", "batch_size=3", "--set", "train_iters=0"]));
     assert!(out.contains("= 0.01  (--set, over config_block_tiny.json)"), "{out}");

@@ -37,8 +37,8 @@ extern "C" fn call_hook(ctx: *mut c_void, g: *mut C_tensor, err: *mut i32) {
             log::error!("gradient hook: {e}");
             false
         }
-        Err(_) => {
-            log::error!("gradient hook panicked");
+        Err(p) => {
+            log::error!("gradient hook: {}", crate::runtime::panic_summary(&*p));
             false
         }
     };
@@ -111,8 +111,8 @@ extern "C" fn call_chunk(ctx: *mut c_void, x: *mut C_tensor, err: *mut i32) -> *
             unsafe { *err = 1 };
             std::ptr::null_mut()
         }
-        Err(_) => {
-            log::error!("activation recompute: the layer chunk panicked");
+        Err(p) => {
+            log::error!("activation recompute: {}", crate::runtime::panic_summary(&*p));
             unsafe { *err = 1 };
             std::ptr::null_mut()
         }

@@ -346,6 +346,15 @@ impl Optimizer {
         let shards = Shards::new(padded, bucket, dp).map_err(|e| Error::Config(format!("{e} (the model pads its flat buffers to a multiple of 64 × data-parallel size)")))?;
         let pieces = shards.pieces(dp_rank);
         let device = params.device();
+        let owned: i64 = pieces.iter().map(|p| p.len).sum();
+        let per = if precision != Precision::Fp32 { 12 } else { 8 };
+        let _doing = crate::runtime::doing(format!(
+            "allocating the optimizer state ({} on {}: Adam moments{} for {} parameters)",
+            crate::runtime::human_bytes(owned as u64 * per),
+            crate::runtime::device_name(device),
+            if per == 12 { " and fp32 master weights" } else { "" },
+            crate::runtime::human_count(owned as u64)
+        ));
         let fp32 = |n: i64| Tensor::zeros([n], (Kind::Float, device));
         let mixed = precision != Precision::Fp32;
         let staged = zero.stage > 0;

@@ -115,7 +115,7 @@ extern "C" fn collective(op: i32, g: *mut c_void, t: *mut C_tensor, err: *mut i3
             p
         }
         Ok(Err(e)) => fail(e.to_string()),
-        Err(_) => fail("panicked".into()),
+        Err(p) => fail(crate::runtime::panic_summary(&*p)),
     }
 }
 

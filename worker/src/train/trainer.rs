@@ -84,6 +84,8 @@ pub struct HeldOut {
 /// entropy of every masked token over their count.
 pub fn held_out(model: &Glm, sampler: &BlockSampler, mode: Option<crate::data::blocklm::Mode>, iters: u64, batch: usize, device: Device, par: &Parallel) -> Result<HeldOut> {
     let d = par.dims;
+    let what = mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "mixed".into());
+    let _doing = crate::runtime::doing(format!("evaluating held-out data ({what} samples, batch {batch})"));
     // [nll, correct, count]
     let mut acc = [0.0f64; 3];
     tch::no_grad(|| -> Result<()> {
@@ -318,6 +320,7 @@ impl Trainer {
             Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
         let accum = b.accum;
+        let _doing = crate::runtime::doing(format!("training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})", b.micro, a.seq_length));
         let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr }, &mut next)?;
         Ok((out, lr))
     }
@@ -520,6 +523,43 @@ impl Trainer {
     }
 }
 
+
+/// Refuses, before anything is allocated, a run whose parameters, gradients
+/// and optimizer state alone (the ZeRO paper's model states, estimated for
+/// a vocabulary of `vocab` ids) exceed what a CPU rank can ever have: this
+/// machine's RAM and swap, shared by its `local_ranks` ranks. Activations come
+/// on top, so this never refuses a run that could fit; past it the kernel
+/// would kill the run midway. CUDA runs are not estimated here: their
+/// allocator fails cleanly, with the size asked for.
+pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, device: Device, local_ranks: usize, vocab: usize) -> Result<()> {
+    if device != Device::Cpu {
+        return Ok(());
+    }
+    let Some(machine) = crate::runtime::host_memory_bytes() else { return Ok(()) };
+    let a = &cfg.args.args;
+    let (n, pos) = cfg.model_config(padded_vocab_size(vocab, a.make_vocab_size_divisible_by, dims.tp)).num_params();
+    let per_rank = ((n + pos) / dims.tp) as i64;
+    let states = MemoryBytes::theory(per_rank, cfg.precision, dims.dp, cfg.zero.stage).total();
+    let share = machine / local_ranks.max(1) as u64;
+    if states > share {
+        use crate::runtime::{human_bytes, human_count};
+        return Err(Error::Config(format!(
+            "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}), \
+             and this machine has {} of RAM and swap for {} rank(s): {} each\n\
+             HINT: a smaller model (hidden_size, num_layers), more tensor-parallel ranks (model_parallel_size), \
+             ZeRO stage 1 or 2 over more data-parallel ranks, or more machines",
+            human_bytes(states),
+            human_count(per_rank as u64),
+            cfg.precision.name(),
+            cfg.zero.stage,
+            dims.dp,
+            human_bytes(machine),
+            local_ranks,
+            human_bytes(share)
+        )));
+    }
+    Ok(())
+}
 
 /// The start-of-run memory report: the model-state bytes this rank holds
 /// (measured from the buffers), next to the ZeRO paper's figures for
