@@ -57,7 +57,7 @@ impl Error {
 /// Reads the JSON file `path` into `T`. A syntax or shape error names the
 /// file, line and column, after `what` (e.g. "malformed JSON").
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = crate::text::read(path)?;
     serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("{what}: {e}")))
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// Set for every worker by `glm-launch` (which writes each rank's output to
 /// its log and shows rank 0's on the console unless `--all-ranks-output`):
@@ -34,7 +34,7 @@ pub fn forwarded(key: &str) -> bool {
 /// skipped; a line without `=` or with a malformed key is an error naming
 /// the file and line).
 pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = crate::text::read(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();

@@ -7,7 +7,8 @@
 //! - `args`: the original's `configs.json`, key classes and `--set`;
 //! - `dims`: the Megatron rank grid and its validation;
 //! - `hostfile`: DeepSpeed/OpenMPI hostfiles and DeepSpeed's slot selection;
-//! - `launch`: the environment contract between `glm-launch` and the workers.
+//! - `launch`: the environment contract between `glm-launch` and the workers;
+//! - `text`: reading UTF-8 text files (a byte-order mark dropped, binary input named).
 
 pub mod args;
 pub mod dims;
@@ -15,5 +16,6 @@ pub mod ds;
 pub mod error;
 pub mod hostfile;
 pub mod launch;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -191,7 +191,13 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
         (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()], "nope.txt: tokenizer file"),
         (d.path().join("bad.jsonl"), vec![], "bad.jsonl:2:10: malformed JSON"),
         (d.path().join("ok.json"), vec!["--split".into(), "1,x".into()], "split \"1,x\""),
+        (d.path().join("data.json.gz"), vec![], "data.json.gz: a gzip-compressed file: decompress it first (gunzip); expected UTF-8 text"),
+        (d.path().join("utf16.txt"), vec![], "utf16.txt: UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"),
+        (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("vocab.bin").display().to_string()], "vocab.bin: a binary file (a NUL byte at offset 4)"),
     ];
+    std::fs::write(d.path().join("data.json.gz"), b"\x1F\x8B\x08\x00\x00\x00\x00\x00").unwrap();
+    std::fs::write(d.path().join("utf16.txt"), b"\xFF\xFEa\x00b\x00").unwrap();
+    std::fs::write(d.path().join("vocab.bin"), b"[PAD\x00\x01\x02").unwrap();
     std::fs::write(d.path().join("bad.json"), "[\n{\"content\": \"a\"},\n").unwrap();
     std::fs::write(d.path().join("empty.json"), "[]").unwrap();
     std::fs::write(d.path().join("ok.json"), CORPUS).unwrap();
@@ -207,7 +213,19 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
         assert!(!out.exists(), "no store after a failure");
         assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().count() == 0, "no tokenizer after a failure");
     }
-    assert_only(d.path(), &["bad.json", "empty.json", "ok.json", "bad.jsonl"]);
+    assert_only(d.path(), &["bad.json", "empty.json", "ok.json", "bad.jsonl", "data.json.gz", "utf16.txt", "vocab.bin"]);
+    // a UTF-8 byte-order mark (Windows editors write one) is no error: not in
+    // a corpus, not in a configuration file
+    let bom = |body: &str| [b"\xEF\xBB\xBF".as_slice(), body.as_bytes()].concat();
+    std::fs::write(d.path().join("bom.json"), bom(CORPUS)).unwrap();
+    let o = prepare(&d.path().join("bom.json"), &out, &cache, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ds = d.path().join("ds.json");
+    std::fs::write(&ds, bom(r#"{"train_micro_batch_size_per_gpu": 2}"#)).unwrap();
+    let args = d.path().join("configs.json");
+    std::fs::write(&args, bom(&std::fs::read_to_string(repo_file("configs/configs_tiny.json")).unwrap())).unwrap();
+    let o = worker().current_dir(repo_file("")).args(["--config", &ds.display().to_string(), "--args", &args.display().to_string(), "--set", "train_iters=0"]).output().unwrap();
+    assert!(o.status.success() && stdout(&o).contains("configuration is valid"), "{}", stderr(&o));
 }
 
 #[test]

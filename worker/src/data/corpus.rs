@@ -178,13 +178,22 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// 1-based (line, column in characters) of byte `offset` in `buf`.
-fn line_col(buf: &[u8], offset: usize) -> (usize, usize) {
-    let before = &buf[..offset.min(buf.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let start = before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    let col = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
-    (line, col)
+use glm_common::text::line_col;
+
+/// `path` opened for reading lines, past a UTF-8 byte-order mark; a file
+/// that is not UTF-8 text (binary, compressed, UTF-16) is refused by name.
+fn open_text(path: &Path) -> Result<BufReader<File>> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
+    let head = reader.fill_buf().at(path)?;
+    let skip = glm_common::text::sniff(path, &head[..head.len().min(glm_common::text::SNIFF_BYTES)])?;
+    reader.consume(skip);
+    Ok(reader)
+}
+
+/// The error for a line that is not UTF-8: where, and which byte.
+fn not_utf8(path: &Path, lineno: usize, line: &[u8], e: std::str::Utf8Error) -> Error {
+    let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
+    Error::parse(path, lineno, col, format!("not UTF-8 (byte 0x{:02X}); corpora must be UTF-8 text", line[e.valid_up_to()]))
 }
 
 fn read_json_array(
@@ -200,7 +209,8 @@ fn read_json_array(
     // SAFETY: the map is read-only and dropped before returning; a corpus
     // file truncated underneath us is a user error we cannot guard against.
     let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    let buf: &[u8] = &map;
+    let skip = glm_common::text::sniff(path, &map[..map.len().min(glm_common::text::SNIFF_BYTES)])?;
+    let buf: &[u8] = &map[skip..];
     let first = buf.iter().position(|b| !b.is_ascii_whitespace());
     let first = match first {
         None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects")),
@@ -257,7 +267,7 @@ fn read_json_lines(
     opts: &CorpusOptions,
     emit: &mut dyn FnMut(String, u64) -> Result<()>,
 ) -> Result<u64> {
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
+    let mut reader = open_text(path)?;
     let mut line = Vec::new();
     let (mut lineno, mut pos, mut skipped) = (0usize, 0u64, 0u64);
     loop {
@@ -270,14 +280,11 @@ fn read_json_lines(
         pos += n as u64;
         let text = match std::str::from_utf8(&line) {
             Ok(t) => t,
-            Err(e) => {
-                let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
-                if opts.skip_malformed {
-                    skipped += 1;
-                    continue;
-                }
-                return Err(Error::parse(path, lineno, col, "invalid UTF-8"));
+            Err(_) if opts.skip_malformed => {
+                skipped += 1;
+                continue;
             }
+            Err(e) => return Err(not_utf8(path, lineno, &line, e)),
         };
         if text.trim().is_empty() {
             continue;
@@ -295,8 +302,7 @@ fn read_json_lines(
 }
 
 fn read_text(path: &Path, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
-    let file = File::open(path).at(path)?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut reader = open_text(path)?;
     let mut line = Vec::new();
     let mut doc = String::new();
     let (mut lineno, mut pos) = (0usize, 0u64);
@@ -308,10 +314,7 @@ fn read_text(path: &Path, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Re
         }
         lineno += 1;
         pos += n as u64;
-        let text = std::str::from_utf8(&line).map_err(|e| {
-            let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
-            Error::parse(path, lineno, col, "invalid UTF-8 (text corpora must be UTF-8)")
-        })?;
+        let text = std::str::from_utf8(&line).map_err(|e| not_utf8(path, lineno, &line, e))?;
         if text.trim().is_empty() {
             if !doc.is_empty() {
                 emit(std::mem::take(&mut doc), pos)?;
@@ -397,7 +400,29 @@ mod tests {
         assert_eq!(ok, vec!["first line\nsecond", "next doc"]);
         let p = write(d.path(), "b.txt", b"ok\nab\xffc\n");
         let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("b.txt:2:3: invalid UTF-8"), "{e}");
+        assert!(e.contains("b.txt:2:3: not UTF-8 (byte 0xFF)"), "{e}");
+    }
+
+    #[test]
+    fn a_bom_is_skipped_and_binary_input_named_in_every_format() {
+        let d = tempfile::tempdir().unwrap();
+        let bom = |body: &str| [b"\xEF\xBB\xBF".as_slice(), body.as_bytes()].concat();
+        for (name, body) in [("a.json", "[{\"content\": \"你好\"}]"), ("a.jsonl", "{\"text\": \"你好\"}\n"), ("a.txt", "你好\n")] {
+            let p = write(d.path(), name, &bom(body));
+            let (ok, _) = docs(&[p], &CorpusOptions::default()).unwrap();
+            assert_eq!(ok, vec!["你好"], "{name}");
+        }
+        for name in ["b.json", "b.jsonl", "b.txt"] {
+            let p = write(d.path(), name, b"\x1F\x8B\x08\x00\x00\x00");
+            let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+            assert!(e.ends_with(&format!("{name}: a gzip-compressed file: decompress it first (gunzip); expected UTF-8 text")), "{e}");
+            let p = write(d.path(), name, b"\x7FELF\x02\x01\x01\x00");
+            let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+            assert!(e.contains("an executable (ELF), not text"), "{e}");
+            let p = write(d.path(), name, b"[{\"te\x00\x00");
+            let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+            assert!(e.contains("a binary file (a NUL byte at offset 5)"), "{e}");
+        }
     }
 
     #[test]

@@ -110,10 +110,10 @@ impl GlmTokenizer {
             return Err(Error::invalid(path, "tokenizer file is empty"));
         }
         let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let text = glm_common::text::read(path)?;
         let inner = if is_json {
-            Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?
+            text.parse::<Tokenizer>().map_err(|e| tok_err(path, e))?
         } else {
-            let text = std::fs::read_to_string(path).map_err(|e| tok_err(path, e))?;
             let vocab = read_vocab_txt(path, &text)?;
             let wp = WordPiece::builder()
                 .vocab(vocab.into_iter().collect::<ahash::AHashMap<String, u32>>())
