@@ -423,7 +423,6 @@ fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
 fn prepare(a: PrepareArgs) -> Result<()> {
     // Check every argument before doing work, so a typo costs nothing.
     let weights = store::parse_split(&a.split)?;
-    anyhow::ensure!(a.vocab_size >= 64, "--vocab-size {}: must be at least 64", a.vocab_size);
     let files = corpus_files(&a.data)?;
     let opts = PrepareOptions {
         corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
@@ -432,6 +431,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
         force: a.force,
         show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
+        ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));

@@ -188,7 +188,7 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
         (seed("sample.json"), vec![], "sample.json:1:1: expected `[`"),
         (d.path().join("bad.json"), vec![], "bad.json:3: malformed JSON"),
         (d.path().join("empty.json"), vec![], "empty.json: the corpus holds no documents with text"),
-        (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()], "nope.txt: tokenizer file"),
+        (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()], "nope.txt: tokenizer: no such file; hint: pass a BERT vocab.txt or a tokenizer.json with --tokenizer"),
         (d.path().join("bad.jsonl"), vec![], "bad.jsonl:2:10: malformed JSON"),
         (d.path().join("ok.json"), vec!["--split".into(), "1,x".into()], "split \"1,x\""),
         (d.path().join("data.json.gz"), vec![], "data.json.gz: a gzip-compressed file: decompress it first (gunzip); expected UTF-8 text"),

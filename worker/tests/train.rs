@@ -308,6 +308,11 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         (vec!["--set", "num_attention_heads=3"], "hidden_size 256 is not divisible by num_attention_heads 3"),
         (vec!["--set", "lr_decay_style=exponential"], "lr_decay_style"),
         (vec!["--set", "model_parallel_size=2"], "world size 1 is not a multiple of model_parallel_size 2"),
+        // a training-time hint names training's option, not prepare's --tokenizer
+        (
+            vec!["--set", "tokenizer_path=/nonexistent/vocab.txt", "--set", "save=null"],
+            "/nonexistent/vocab.txt: tokenizer: no such file; hint: point tokenizer_path at a BERT vocab.txt or a tokenizer.json (--set tokenizer_path=<file>), or --set tokenizer_path=null",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json"];

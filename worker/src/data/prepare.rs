@@ -19,6 +19,30 @@ pub struct PrepareOptions {
     pub tokenizer_train_bytes: usize,
     pub force: bool,
     pub show_progress: bool,
+    /// How the caller's user names the tokenizer option, for hints:
+    /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
+    pub tokenizer_option: TokenizerOption,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum TokenizerOption {
+    /// `glm-worker prepare --tokenizer`
+    #[default]
+    Flag,
+    /// configs.json's `tokenizer_path` (training)
+    ConfigKey,
+}
+
+impl TokenizerOption {
+    fn hint(self) -> &'static str {
+        match self {
+            TokenizerOption::Flag => "pass a BERT vocab.txt or a tokenizer.json with --tokenizer, or omit --tokenizer to train one on the corpus",
+            TokenizerOption::ConfigKey => {
+                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json (--set tokenizer_path=<file>), \
+                 or --set tokenizer_path=null to train one on the corpus"
+            }
+        }
+    }
 }
 
 impl Default for PrepareOptions {
@@ -30,6 +54,7 @@ impl Default for PrepareOptions {
             tokenizer_train_bytes: 512 << 20,
             force: false,
             show_progress: false,
+            tokenizer_option: TokenizerOption::Flag,
         }
     }
 }
@@ -59,7 +84,15 @@ impl std::fmt::Display for TokenizerOrigin {
 /// read again to compute it.
 pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
     if let Some(p) = given {
+        if !p.is_file() {
+            let what = if p.exists() { "not a file" } else { "no such file" };
+            return Err(Error::invalid(p, format!("tokenizer: {what}; hint: {}", opts.tokenizer_option.hint())));
+        }
         return Ok((GlmTokenizer::load(p)?, TokenizerOrigin::Given(p.to_path_buf())));
+    }
+    if opts.vocab_size < 64 {
+        // the same flag in `prepare` and in training
+        return Err(Error::Config(format!("--vocab-size {}: must be at least 64 to train a tokenizer", opts.vocab_size)));
     }
     let known = store::read_meta(store).ok().map(|m| m.corpus);
     let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;

@@ -482,7 +482,7 @@ impl TokenStore {
         if st.meta.tokenizer_sha256 != tokenizer_sha256 {
             return Err(Error::invalid(
                 dir.join("meta.json"),
-                format!("the token store was built with another tokenizer than {whose} (its token ids would not match); rebuild it (`glm-worker prepare --force`) or use another --store"),
+                format!("the token store was built with another tokenizer than {whose} (its token ids would not match); remove it (training and eval rebuild it from the corpus) or use another --store"),
             ));
         }
         Ok(st)

@@ -104,7 +104,7 @@ impl GlmTokenizer {
     /// Loads `vocab.txt` (any name not ending in `.json`) or `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| {
-            Error::invalid(path, format!("tokenizer file: {e}; hint: pass a BERT vocab.txt or a tokenizer.json, or omit --tokenizer to train one"))
+            Error::invalid(path, format!("tokenizer file: {e} (expected a BERT vocab.txt or a tokenizer.json)"))
         })?;
         if meta.len() == 0 {
             return Err(Error::invalid(path, "tokenizer file is empty"));
