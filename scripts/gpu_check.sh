@@ -87,7 +87,9 @@ train_step() {
   "$BIN" "${common[@]}" --set train_iters=$ITERS || return 1
   echo "--- resume from the checkpoint of iteration $ITERS, to $((ITERS + 40))"
   "$BIN" "${common[@]}" --set train_iters=$((ITERS + 40)) --set load="$WORK/ckpt" | tee "$WORK/resume.log" || return 1
-  grep -q "resumed from" "$WORK/resume.log"
+  grep -q "resumed from" "$WORK/resume.log" || return 1
+  # the curve is drawn with the font compiled in (the GPU machine has no system fonts)
+  [ -s "$WORK/ckpt/loss.png" ] || { echo "loss.png missing"; return 1; }
 }
 
 field() { # field <key> <bench line>: the value of " key=value", "?" if absent

@@ -48,21 +48,15 @@ pub struct Metrics {
     baseline: Option<f64>,
 }
 
-const FONT_PATHS: &[&str] = &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"];
-
-fn register_font() -> bool {
-    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ONCE.get_or_init(|| {
-        for p in FONT_PATHS {
-            if let Ok(bytes) = std::fs::read(p) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        false
+/// Registers the font the plot's text is drawn with: one compiled into the
+/// binary (Ubuntu, from `epaint_default_fonts`), so `loss.png` looks the same
+/// everywhere and is drawn on machines without system fonts.
+fn register_font() -> std::result::Result<(), String> {
+    static ONCE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).map_err(|_| "the built-in font did not load".to_string())
     })
+    .clone()
 }
 
 impl Metrics {
@@ -125,16 +119,11 @@ impl Metrics {
         self.plot()
     }
 
-    /// Rewrites `loss.png` (atomically). Without a usable font the picture
-    /// is skipped with a warning (once per process).
+    /// Rewrites `loss.png` (atomically).
     pub fn plot(&self) -> Result<()> {
         let Some(d) = &self.dir else { return Ok(()) };
-        if !register_font() {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| log::warn!("no TrueType font found ({}); loss.png not drawn (install fonts-dejavu-core)", FONT_PATHS.join(", ")));
-            return Ok(());
-        }
         let out = d.join("loss.png");
+        register_font().map_err(|e| Error::invalid(&out, format!("cannot draw: {e}")))?;
         let tmp = d.join(".loss.png.tmp.png");
         draw(&tmp, &self.train, &self.valid, self.baseline).map_err(|e| Error::invalid(&out, format!("cannot draw: {e}")))?;
         std::fs::rename(&tmp, &out).at(&out)
@@ -188,4 +177,28 @@ pub fn rss_mb() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
         .map_or(0.0, |pages| pages * 4096.0 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_curve_is_drawn_with_the_built_in_font() {
+        // no system font is read: this draws the same on a bare machine
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Metrics::new(Some(d.path()), 0).unwrap();
+        m.baseline(9.0).unwrap();
+        for (it, loss) in [(5, 9.5), (10, 8.8), (15, 8.1)] {
+            m.train.push((it, loss));
+        }
+        m.eval(&EvalEvent { iteration: 10, loss: 9.1, ppl: 9.1f64.exp(), accuracy: 0.1, tokens: 100 }).unwrap();
+        let png = std::fs::read(d.path().join("loss.png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // width and height from the IHDR chunk
+        let dim = |o: usize| u32::from_be_bytes(png[o..o + 4].try_into().unwrap());
+        assert_eq!((dim(16), dim(20)), (900, 560));
+        let names: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.contains(".tmp")), "no temporary left: {names:?}");
+    }
 }
