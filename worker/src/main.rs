@@ -421,6 +421,7 @@ fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
+    glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
     // Check every argument before doing work, so a typo costs nothing.
     let weights = store::parse_split(&a.split)?;
     let files = corpus_files(&a.data)?;
@@ -616,9 +617,9 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
     use glm_worker::comm::Communicator;
     use glm_worker::parallel::dims::ParallelDims;
-    use glm_worker::train::trainer::{install_signal_handlers, Outcome, TrainOptions, Trainer};
+    use glm_worker::train::trainer::{install_signal_handlers, Outcome, Phase, TrainOptions, Trainer};
     // a signal before the training loop stops at once, during it after an iteration
-    install_signal_handlers();
+    install_signal_handlers(Phase::BeforeTraining);
     let Some(ds_path) = &t.config else {
         anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
     };
@@ -720,7 +721,7 @@ fn quiet_stdout() {
 fn eval(a: EvalArgs) -> Result<()> {
     use glm_worker::comm::Communicator;
     use glm_worker::eval::{default_store, evaluate, EvalOptions, Split};
-    glm_worker::train::trainer::install_signal_handlers();
+    glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Evaluation);
     let split = Split::parse(&a.split).ok_or_else(|| anyhow::anyhow!("--split {}: expected valid or test", a.split))?;
     anyhow::ensure!(a.iters != Some(0), "--iters 0: must be positive");
     anyhow::ensure!(a.batch_size != Some(0), "--batch-size 0: must be positive");

@@ -115,6 +115,27 @@ pub fn cuda_memory_in_use() -> Option<u64> {
     (rc == 0).then(|| (total - free) as u64)
 }
 
+/// Removes what interrupted runs left in `dir`: entries named `<prefix><pid>`
+/// (the temporaries of a store build, a tokenizer cache write, ...) whose
+/// process no longer runs on this machine. A run stopped by a signal exits
+/// without cleaning up, and a store's temporary can hold gigabytes.
+pub fn remove_stale_temps(dir: &std::path::Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone = pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let p = e.path();
+            let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            if removed.is_ok() {
+                log::info!("removed {}, left by an interrupted run (pid {pid})", p.display());
+            }
+        }
+    }
+}
+
 /// This machine's RAM plus swap (bytes), from `/proc/meminfo`.
 pub fn host_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -381,6 +402,25 @@ mod tests {
         assert_eq!(human_bytes(123_456_789), "123 MB");
         assert_eq!(human_count(10_309_174_300_000), "10.3 T");
         assert_eq!(human_count(42), "42");
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        for name in [format!(".store.tmp-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{dead}")] {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+        }
+        std::fs::write(d.path().join(format!(".store.tmp-{dead}x")), "not a pid").unwrap();
+        remove_stale_temps(d.path(), ".store.tmp-");
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut want = vec![format!(".other.tmp-{dead}"), format!(".store.tmp-{dead}x"), format!(".store.tmp-{mine}")];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

@@ -249,6 +249,27 @@ fn a_signal_during_preparation_stops_at_once() {
     assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
     assert!(err.contains("interrupted (SIGINT) before training: stopped; nothing was trained or saved"), "{err}");
     assert!(!save.join("latest").exists(), "no checkpoint of an iteration that never trained");
+
+    // `prepare` too: a message, exit 130, and no store
+    let out = r.p("store-by-prepare");
+    let child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+        .args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()])
+        .args(["--tokenizer-cache", &r.p("cache").display().to_string(), "--vocab-size", "16000"])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let t0 = std::time::Instant::now();
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(t0.elapsed().as_secs_f64() < 2.0, "stopped after {:?}", t0.elapsed());
+    assert!(err.contains("interrupted (SIGINT): prepare stopped; no token store was written"), "{err}");
+    assert!(!out.exists(), "no store");
 }
 
 /// As in GLM's pretraining, the residual dropouts use hidden_dropout:

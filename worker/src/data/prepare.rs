@@ -115,6 +115,8 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     let t0 = std::time::Instant::now();
     let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress)?;
     std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
+    let cache_name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    crate::runtime::remove_stale_temps(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));
     let tmp = cache.with_extension(format!("json.tmp-{}", std::process::id()));
     std::fs::write(&tmp, tok.to_json()?).at(&tmp)?;
     std::fs::rename(&tmp, &cache).at(&cache)?;

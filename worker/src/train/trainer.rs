@@ -42,14 +42,34 @@ static TRAINING: AtomicBool = AtomicBool::new(false);
 /// The seed offset of the validation split's sample stream.
 pub const VALID_SEED: u64 = 0x00E7_A100;
 
+/// What a signal outside the training loop stops, for its message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(u8)]
+pub enum Phase {
+    /// A training run before its loop: preparing data, building the model.
+    BeforeTraining = 0,
+    /// `glm-worker eval`.
+    Evaluation = 1,
+    /// `glm-worker prepare`.
+    Preparation = 2,
+}
+
+static PHASE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 extern "C" fn on_signal(sig: libc::c_int) {
     if !TRAINING.load(Ordering::SeqCst) {
-        let msg: &[u8] = if sig == libc::SIGINT {
-            b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n"
-        } else {
-            b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n"
+        let int = sig == libc::SIGINT;
+        let msg: &[u8] = match (PHASE.load(Ordering::SeqCst), int) {
+            (1, true) => b"glm-worker: interrupted (SIGINT): evaluation stopped\n",
+            (1, false) => b"glm-worker: terminated (SIGTERM): evaluation stopped\n",
+            (2, true) => b"glm-worker: interrupted (SIGINT): prepare stopped; no token store was written\n",
+            (2, false) => b"glm-worker: terminated (SIGTERM): prepare stopped; no token store was written\n",
+            (_, true) => b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n",
+            (_, false) => b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n",
         };
-        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        // SAFETY: write(2) and _exit(2) are async-signal-safe. (The
+        // temporaries of an unfinished store or tokenizer are removed by the
+        // next run: runtime::remove_stale_temps.)
         unsafe {
             libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
             libc::_exit(128 + sig);
@@ -58,10 +78,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
 }
 
-/// SIGINT/SIGTERM: before the training loop they stop the process at once
-/// (with a message); during it, every rank stops after the current
+/// SIGINT/SIGTERM: outside the training loop (`phase`) they stop the process
+/// at once with a message; in it, every rank stops after the current
 /// iteration with a checkpoint.
-pub fn install_signal_handlers() {
+pub fn install_signal_handlers(phase: Phase) {
+    PHASE.store(phase as u8, Ordering::SeqCst);
     // SAFETY: the handler only stores to atomics, or writes and exits.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
