@@ -115,15 +115,29 @@ pub fn cuda_memory_in_use() -> Option<u64> {
     (rc == 0).then(|| (total - free) as u64)
 }
 
-/// Removes what interrupted runs left in `dir`: entries named `<prefix><pid>`
-/// (the temporaries of a store build, a tokenizer cache write, ...) whose
-/// process no longer runs on this machine. A run stopped by a signal exits
-/// without cleaning up, and a store's temporary can hold gigabytes.
+/// The suffix that names this process's temporaries: `<host>-<pid>`, so a
+/// directory shared by several machines tells whose a temporary is.
+pub fn temp_suffix() -> String {
+    format!("{}-{}", this_host(), std::process::id())
+}
+
+fn this_host() -> String {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let h = h.trim();
+    if h.is_empty() { "localhost".into() } else { h.replace(['/', '-'], "_") }
+}
+
+/// Removes what interrupted runs of this machine left in `dir`: entries
+/// named `<prefix><host>-<pid>` (see `temp_suffix`: the temporaries of a
+/// store build, a tokenizer cache write) whose process no longer runs. A run
+/// stopped by a signal exits without cleaning up, and a store's temporary can
+/// hold gigabytes. Other machines' temporaries are left alone.
 pub fn remove_stale_temps(dir: &std::path::Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mine = format!("{prefix}{}-", this_host());
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
+        let Some(pid) = name.strip_prefix(&mine).and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
         // SAFETY: kill with signal 0 only checks that the process exists.
         let gone = pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {
@@ -162,22 +176,31 @@ pub fn peak_rss_bytes() -> u64 {
 
 thread_local! {
     static DOING: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// How many `catch` calls this thread is inside: only there is a
+    /// libtorch panic reported by `catch` instead of the default hook.
+    static CATCH_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Names, while alive, what this thread is doing: errors libtorch raises
-/// meanwhile say it (the innermost guard wins).
-pub struct Doing(());
+/// meanwhile say it (the innermost guard wins). Not `Send`: it belongs to the
+/// thread whose stack it pushed.
+pub struct Doing(std::marker::PhantomData<*const ()>);
 
 /// Starts naming `what` ("building the model (...)") for libtorch errors.
 pub fn doing(what: impl Into<String>) -> Doing {
     DOING.with(|d| d.borrow_mut().push(what.into()));
-    Doing(())
+    Doing(std::marker::PhantomData)
 }
 
 impl Drop for Doing {
     fn drop(&mut self) {
-        DOING.with(|d| d.borrow_mut().pop());
+        let _ = DOING.try_with(|d| d.borrow_mut().pop());
     }
+}
+
+/// What this thread is doing now (the innermost `doing`).
+fn doing_now() -> Option<String> {
+    DOING.try_with(|d| d.borrow().last().cloned()).ok().flatten()
 }
 
 /// A panic as the hook saw it, before unwinding dropped the `Doing` guards.
@@ -193,9 +216,9 @@ thread_local! {
 }
 
 /// Wraps the panic hook (once per process): every panic is recorded, with
-/// what the thread was doing, for `catch` to report. A libtorch error prints
-/// nothing more unless `RUST_BACKTRACE` is set (not `0`); any other panic is
-/// a bug and also gets the default report, with its location.
+/// what the thread was doing, for `catch` to report. A libtorch error inside
+/// `catch` prints nothing more unless `RUST_BACKTRACE` is set (not `0`); any
+/// other panic, and any panic outside `catch`, also gets the default report.
 pub fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -204,10 +227,10 @@ pub fn install_panic_hook() {
         std::panic::set_hook(Box::new(move |info| {
             let message = panic_text(info.payload());
             let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
-            let doing = DOING.with(|d| d.borrow().last().cloned());
-            let torch = torch_payload(&message).is_some();
-            LAST_PANIC.with(|p| *p.borrow_mut() = Some(Caught { message, location, doing }));
-            if verbose || !torch {
+            let doing = doing_now();
+            let quiet = torch_payload(&message).is_some() && CATCH_DEPTH.try_with(|c| c.get() > 0).unwrap_or(false);
+            let _ = LAST_PANIC.try_with(|p| *p.borrow_mut() = Some(Caught { message, location, doing }));
+            if verbose || !quiet {
                 default(info);
             }
         }));
@@ -238,7 +261,10 @@ pub fn panic_summary(payload: &(dyn std::any::Any + Send)) -> String {
 /// says how much memory was asked for); for anything else, an internal error
 /// with its source location.
 pub fn catch<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    CATCH_DEPTH.with(|c| c.set(c.get() + 1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCH_DEPTH.with(|c| c.set(c.get() - 1));
+    match result {
         Ok(r) => r,
         Err(payload) => {
             let caught = LAST_PANIC.with(|p| p.borrow_mut().take());
@@ -250,36 +276,57 @@ pub fn catch<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
 
 fn report(c: &Caught) -> String {
     match torch_payload(&c.message) {
-        Some(raw) => {
-            let msg = torch_message(&raw);
-            let hint = if msg.starts_with("out of ") { oom_hint(c.doing.as_deref()) } else { "" };
-            match &c.doing {
-                Some(d) => format!("{d}: libtorch: {msg}{hint}"),
-                None => format!("libtorch: {msg}{hint}"),
-            }
-        }
+        Some(raw) => in_context(c.doing.as_deref(), &raw),
         None => {
             let doing = c.doing.as_ref().map(|d| format!(" while {d}")).unwrap_or_default();
-            format!("internal error{doing}: {} ({}; a bug: please report it, with the output of RUST_BACKTRACE=1)", one_line(&c.message), c.location)
+            let at = if c.location.is_empty() { String::new() } else { format!("{}; ", c.location) };
+            format!("internal error{doing}: {} ({at}a bug: please report it, with the output of RUST_BACKTRACE=1)", one_line(&c.message))
         }
     }
 }
 
-fn oom_hint(doing: Option<&str>) -> &'static str {
+/// libtorch's error `raw` as one line after what this thread is doing, with
+/// a hint when it ran out of memory (for errors libtorch returns rather than
+/// panics on, e.g. from `backward`).
+pub fn torch_error(raw: &str) -> String {
+    in_context(doing_now().as_deref(), raw)
+}
+
+fn in_context(doing: Option<&str>, raw: &str) -> String {
+    let msg = torch_message(raw);
+    let hint = if msg.starts_with("out of ") { oom_hint(doing) } else { "" };
     match doing {
-        Some(d) if d.starts_with("building the model") || d.starts_with("allocating the optimizer") => {
-            "\nHINT: a smaller model (hidden_size, num_layers), more tensor-parallel ranks (model_parallel_size), \
-             or ZeRO (zero_optimization.stage 1 or 2) to shard the optimizer state over data-parallel ranks"
-        }
-        _ => "\nHINT: a smaller train_micro_batch_size_per_gpu (keep the global batch with gradient_accumulation_steps), \
-              checkpoint_activations=true, or a shorter seq_length",
+        Some(d) => format!("{d}: libtorch: {msg}{hint}"),
+        None => format!("libtorch: {msg}{hint}"),
+    }
+}
+
+fn oom_hint(doing: Option<&str>) -> &'static str {
+    let d = doing.unwrap_or_default();
+    if d.starts_with("building the model") || d.starts_with("allocating the optimizer") {
+        // on one machine, more ranks share the same memory: only a smaller
+        // model or more machines help
+        "\nHINT: a smaller model (hidden_size, num_layers), or the model split over ranks on more machines or GPUs \
+         (model_parallel_size; ZeRO stage 1 or 2 shards the optimizer state over data-parallel ranks)"
+    } else if d.starts_with("training") {
+        "\nHINT: a smaller train_micro_batch_size_per_gpu (keep the global batch with gradient_accumulation_steps), \
+         checkpoint_activations=true, or a shorter seq_length"
+    } else if d.starts_with("evaluating") {
+        "\nHINT: a smaller evaluation batch (eval_batch_size, or eval's --batch-size)"
+    } else if d.starts_with("generating") {
+        "\nHINT: a shorter text or fewer --max-tokens"
+    } else {
+        ""
     }
 }
 
 /// The string inside `Torch("...")` of an unwrapped `TchError`'s `Debug`
 /// form, unescaped; `None` when the panic is not a libtorch error.
 fn torch_payload(message: &str) -> Option<String> {
-    let start = message.find("Torch(\"")? + "Torch(\"".len();
+    let Some(start) = message.find("Torch(\"").map(|i| i + "Torch(\"".len()) else {
+        // a `TchError` formatted with Display
+        return message.find("Internal torch error: ").map(|i| message[i..].to_string());
+    };
     let mut out = String::new();
     let mut chars = message[start..].chars();
     while let Some(c) = chars.next() {
@@ -410,15 +457,18 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
-        let mine = std::process::id();
-        for name in [format!(".store.tmp-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{dead}")] {
+        let host = this_host();
+        let mine = temp_suffix();
+        for name in [format!(".store.tmp-{host}-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-elsewhere-{dead}")] {
             std::fs::create_dir(d.path().join(name)).unwrap();
         }
-        std::fs::write(d.path().join(format!(".store.tmp-{dead}x")), "not a pid").unwrap();
+        std::fs::write(d.path().join(format!(".store.tmp-{host}-{dead}x")), "not a pid").unwrap();
         remove_stale_temps(d.path(), ".store.tmp-");
         let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        let mut want = vec![format!(".other.tmp-{dead}"), format!(".store.tmp-{dead}x"), format!(".store.tmp-{mine}")];
+        // this machine's dead process's temporary goes; a live one's, another
+        // machine's and a malformed name stay
+        let mut want = vec![format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-{host}-{dead}x"), format!(".store.tmp-{mine}"), format!(".store.tmp-elsewhere-{dead}")];
         want.sort();
         assert_eq!(left, want);
     }
@@ -437,6 +487,12 @@ mod tests {
         let first = e.lines().next().unwrap();
         assert_eq!(first, "building the model (test): libtorch: out of CPU memory: asked for 41.2 TB (Cannot allocate memory)");
         assert!(e.lines().nth(1).unwrap().starts_with("HINT: a smaller model"), "{e}");
+        assert_eq!(torch_error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB of which 1 GiB is free."), "libtorch: out of CUDA memory: asked for 2.00 GiB; GPU 0 has a total capacity of 8 GiB of which 1 GiB is free");
+        {
+            let _d = doing("evaluating held-out data (test)");
+            let e = torch_error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB of which 1 GiB is free.");
+            assert!(e.starts_with("evaluating held-out data (test): libtorch: out of CUDA memory") && e.contains("\nHINT: a smaller evaluation batch"), "{e}");
+        }
         DOING.with(|d| assert!(d.borrow().is_empty(), "the guard is gone after unwinding"));
         let e = catch(|| -> anyhow::Result<()> { panic!("index out of range") }).unwrap_err().to_string();
         assert!(e.starts_with("internal error: index out of range (worker/src/runtime.rs:") && !e.contains('\n'), "{e}");

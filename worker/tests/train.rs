@@ -252,7 +252,7 @@ fn a_signal_during_preparation_stops_at_once() {
 
     // `prepare` too: a message, exit 130, and no store
     let out = r.p("store-by-prepare");
-    let child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
         .args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()])
         .args(["--tokenizer-cache", &r.p("cache").display().to_string(), "--vocab-size", "16000"])
         .env("OMP_NUM_THREADS", "1")
@@ -260,7 +260,13 @@ fn a_signal_during_preparation_stops_at_once() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // once it reports the corpus, the handler is in place and preparation under way
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains("prepare: corpus") {
+        line.clear();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let t0 = std::time::Instant::now();
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -268,7 +274,7 @@ fn a_signal_during_preparation_stops_at_once() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(t0.elapsed().as_secs_f64() < 2.0, "stopped after {:?}", t0.elapsed());
-    assert!(err.contains("interrupted (SIGINT): prepare stopped; no token store was written"), "{err}");
+    assert!(err.contains("interrupted (SIGINT): prepare stopped; a store it had not finished was not installed"), "{err}");
     assert!(!out.exists(), "no store");
 }
 
@@ -375,7 +381,7 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
     }
     // a model whose parameters, gradients and optimizer state alone exceed
     // this machine's memory is refused before anything is allocated
-    let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--set", "hidden_size=8192", "--set", "num_attention_heads=64", "--set", "num_layers=4000", "--set", "train_iters=0"]);
+    let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--set", "hidden_size=8192", "--set", "num_attention_heads=64", "--set", "num_layers=4000", "--set", "train_iters=0", "--device", "cpu"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("the model does not fit: its parameters, gradients and optimizer state need about") && err.contains("HINT: a smaller model"), "{err}");

@@ -62,8 +62,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
         let msg: &[u8] = match (PHASE.load(Ordering::SeqCst), int) {
             (1, true) => b"glm-worker: interrupted (SIGINT): evaluation stopped\n",
             (1, false) => b"glm-worker: terminated (SIGTERM): evaluation stopped\n",
-            (2, true) => b"glm-worker: interrupted (SIGINT): prepare stopped; no token store was written\n",
-            (2, false) => b"glm-worker: terminated (SIGTERM): prepare stopped; no token store was written\n",
+            (2, true) => b"glm-worker: interrupted (SIGINT): prepare stopped; a store it had not finished was not installed\n",
+            (2, false) => b"glm-worker: terminated (SIGTERM): prepare stopped; a store it had not finished was not installed\n",
             (_, true) => b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n",
             (_, false) => b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n",
         };
@@ -548,7 +548,7 @@ impl Trainer {
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
 /// and optimizer state alone (the ZeRO paper's model states, estimated for
-/// a vocabulary of `vocab` ids) exceed what a CPU rank can ever have: this
+/// a vocabulary of `vocab` ids: 0 leaves the embedding out) exceed what a CPU rank can ever have: this
 /// machine's RAM and swap, shared by its `local_ranks` ranks. Activations come
 /// on top, so this never refuses a run that could fit; past it the kernel
 /// would kill the run midway. CUDA runs are not estimated here: their
@@ -568,8 +568,8 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
         return Err(Error::Config(format!(
             "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}), \
              and this machine has {} of RAM and swap for {} rank(s): {} each\n\
-             HINT: a smaller model (hidden_size, num_layers), more tensor-parallel ranks (model_parallel_size), \
-             ZeRO stage 1 or 2 over more data-parallel ranks, or more machines",
+             HINT: a smaller model (hidden_size, num_layers), or the model split over ranks on more machines \
+             (model_parallel_size; ZeRO stage 1 or 2 shards the optimizer state over data-parallel ranks)",
             human_bytes(states),
             human_count(per_rank as u64),
             cfg.precision.name(),
