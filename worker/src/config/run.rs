@@ -72,34 +72,37 @@ impl RunConfig {
         let o = ds.optimizer.clone();
         // the DeepSpeed file decides where it speaks, except over an explicit
         // --set of the configs.json key (said in the source column)
-        let pick = |ds_v: Option<f64>, key: &str, arg: f64| -> (f64, String) {
+        // (value, where it came from, whether the DeepSpeed file gave it)
+        let pick = |ds_v: Option<f64>, key: &str, arg: f64| -> (f64, String, bool) {
             match (ds_v, args.source(key)) {
-                (Some(_), super::args::Source::Set) => (arg, format!("--set, over {dsname}")),
-                (Some(v), _) => (v, dsname.clone()),
-                (None, s) => (arg, s.to_string()),
+                (Some(_), super::args::Source::Set) => (arg, format!("--set, over {dsname}"), false),
+                (Some(v), _) => (v, dsname.clone(), true),
+                (None, s) => (arg, s.to_string(), false),
             }
         };
-        let (lr, lr_src) = pick(o.as_ref().and_then(|o| o.lr), "lr", a.lr);
-        let (b1, b1_src) = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "adam_beta1", a.adam_beta1);
-        let (b2, _) = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "adam_beta2", a.adam_beta2);
-        let (eps, eps_src) = pick(o.as_ref().and_then(|o| o.eps), "adam_eps", a.adam_eps);
-        let (wd, wd_src) = pick(o.as_ref().and_then(|o| o.weight_decay), "weight_decay", a.weight_decay);
-        let (clip, clip_src) = pick(ds.gradient_clipping, "clip_grad", a.clip_grad);
+        let lr = pick(o.as_ref().and_then(|o| o.lr), "lr", a.lr);
+        let b1 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "adam_beta1", a.adam_beta1);
+        let b2 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "adam_beta2", a.adam_beta2);
+        let eps = pick(o.as_ref().and_then(|o| o.eps), "adam_eps", a.adam_eps);
+        let wd = pick(o.as_ref().and_then(|o| o.weight_decay), "weight_decay", a.weight_decay);
+        let clip = pick(ds.gradient_clipping, "clip_grad", a.clip_grad);
+        let decay = (a.lr_decay_ratio, src("lr_decay_ratio"), false);
         // ranges, named by the key and the file that gave the value (the
         // DeepSpeed file checks its own keys as it is read)
-        for (key, v, from, ok, what) in [
-            ("lr", lr, &lr_src, lr > 0.0, "must be positive"),
-            ("adam_beta1", b1, &b1_src, (0.0..1.0).contains(&b1), "must be in [0, 1)"),
-            ("adam_beta2", b2, &src("adam_beta2"), (0.0..1.0).contains(&b2), "must be in [0, 1)"),
-            ("adam_eps", eps, &eps_src, eps > 0.0, "must be positive"),
-            ("weight_decay", wd, &wd_src, wd >= 0.0, "must be >= 0"),
-            ("clip_grad", clip, &clip_src, clip >= 0.0, "must be >= 0 (0 = no clipping)"),
-            ("lr_decay_ratio", a.lr_decay_ratio, &src("lr_decay_ratio"), (0.0..=1.0).contains(&a.lr_decay_ratio), "must be in [0, 1] (the floor as a fraction of lr)"),
+        for (key, (v, from, from_ds), ok, what) in [
+            ("lr", &lr, lr.0 > 0.0, "must be positive"),
+            ("adam_beta1", &b1, (0.0..1.0).contains(&b1.0), "must be in [0, 1)"),
+            ("adam_beta2", &b2, (0.0..1.0).contains(&b2.0), "must be in [0, 1)"),
+            ("adam_eps", &eps, eps.0 > 0.0, "must be positive"),
+            ("weight_decay", &wd, wd.0 >= 0.0, "must be >= 0"),
+            ("clip_grad", &clip, clip.0 >= 0.0, "must be >= 0 (0 = no clipping)"),
+            ("lr_decay_ratio", &decay, (0.0..=1.0).contains(&decay.0), "must be in [0, 1] (the floor as a fraction of lr)"),
         ] {
-            if !ok && !from.starts_with(dsname.as_str()) {
+            if !ok && !from_ds {
                 return Err(Error::Config(format!("{key} = {v} ({from}): {what}")));
             }
         }
+        let ((lr, lr_src, _), (b1, b1_src, _), (b2, _, _), (eps, eps_src, _), (wd, wd_src, _), (clip, clip_src, _)) = (lr, b1, b2, eps, wd, clip);
         if a.eval_batch_size == Some(0) {
             return Err(Error::Config(format!("eval_batch_size = 0 ({}): must be positive (or null: the micro-batch)", src("eval_batch_size"))));
         }
@@ -428,3 +431,22 @@ fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmC
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{args::LoadedArgs, ds::DsConfig};
+
+    #[test]
+    fn a_configs_json_value_is_range_checked_whatever_the_deepspeed_file_is_called() {
+        // a DeepSpeed file named like the start of configs.json's name used to
+        // pass configs.json's values unchecked (the source was told by prefix)
+        let d = tempfile::tempdir().unwrap();
+        let ds = d.path().join("configs");
+        std::fs::write(&ds, r#"{"train_micro_batch_size_per_gpu": 2}"#).unwrap();
+        let args = d.path().join("configs_run.json");
+        std::fs::write(&args, r#"{"lr": -0.5}"#).unwrap();
+        let e = RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &[]).unwrap(), 1).err().expect("a negative lr is refused");
+        assert_eq!(e.to_string(), "config: lr = -0.5 (configs_run.json): must be positive");
+    }
+}
