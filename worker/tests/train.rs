@@ -224,58 +224,51 @@ fn a_signal_during_preparation_stops_at_once() {
     std::fs::write(r.p("big.json"), serde_json::to_string(&big).unwrap()).unwrap();
     let save = r.p("run");
     let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("big.json"), 16000, &["train_iters=5".into(), format!("save={}", save.display())]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
-        .current_dir(repo())
-        .env("OMP_NUM_THREADS", "1")
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // once the configuration is out, preparation is under way
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains("effective configuration") {
-        line.clear();
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let t0 = std::time::Instant::now();
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let o = child.wait_with_output().unwrap();
-    let took = t0.elapsed();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm-worker"));
+    cmd.current_dir(repo()).args(&args);
+    let (o, took) = interrupt_after(cmd, "effective configuration", 500);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
     assert!(err.contains("interrupted (SIGINT) before training: stopped; nothing was trained or saved"), "{err}");
     assert!(!save.join("latest").exists(), "no checkpoint of an iteration that never trained");
 
-    // `prepare` too: a message, exit 130, and no store
+    // `prepare` too: a message, exit 130, and no store; once it reports the
+    // corpus, its handler is in place and preparation under way
     let out = r.p("store-by-prepare");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
-        .args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()])
-        .args(["--tokenizer-cache", &r.p("cache").display().to_string(), "--vocab-size", "16000"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm-worker"));
+    cmd.args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()])
+        .args(["--tokenizer-cache", &r.p("cache").display().to_string(), "--vocab-size", "16000"]);
+    let (o, took) = interrupt_after(cmd, "prepare: corpus", 300);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
+    assert!(err.contains("interrupted (SIGINT): prepare stopped; a store it had not finished was not installed"), "{err}");
+    assert!(!out.exists(), "no store");
+}
+
+/// Starts `cmd` (one intra-op thread), waits for a stdout line containing
+/// `marker` and then `ms` more, sends SIGINT; its output and how long it took
+/// to stop after the signal.
+fn interrupt_after(mut cmd: Command, marker: &str, ms: u64) -> (std::process::Output, std::time::Duration) {
+    let mut child = cmd
         .env("OMP_NUM_THREADS", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // once it reports the corpus, the handler is in place and preparation under way
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains("prepare: corpus") {
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains(marker) {
         line.clear();
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(ms));
     let t0 = std::time::Instant::now();
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(t0.elapsed().as_secs_f64() < 2.0, "stopped after {:?}", t0.elapsed());
-    assert!(err.contains("interrupted (SIGINT): prepare stopped; a store it had not finished was not installed"), "{err}");
-    assert!(!out.exists(), "no store");
+    (o, t0.elapsed())
 }
 
 /// As in GLM's pretraining, the residual dropouts use hidden_dropout:
