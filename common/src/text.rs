@@ -12,11 +12,12 @@ use crate::error::{Error, IoContext, Result};
 pub const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// How many leading bytes of a file to look at for binary content.
-pub const SNIFF_BYTES: usize = 8192;
+const SNIFF_BYTES: usize = 8192;
 
-/// Judges the start of `path` (`head`, at most its first `SNIFF_BYTES`):
-/// the number of bytes to skip (a UTF-8 byte-order mark), or an error naming
-/// what the file is when it is not UTF-8 text.
+/// Judges the start of `path` (`head`: any prefix of it; only the first
+/// `SNIFF_BYTES` are looked at): the number of bytes to skip (a UTF-8
+/// byte-order mark), or an error naming what the file is when it is not
+/// UTF-8 text.
 pub fn sniff(path: &Path, head: &[u8]) -> Result<usize> {
     let not_text = |what: &str| Error::invalid(path, format!("{what}; expected UTF-8 text"));
     // longest marks first: the UTF-32 LE mark begins with the UTF-16 LE one
@@ -54,7 +55,7 @@ pub fn sniff(path: &Path, head: &[u8]) -> Result<usize> {
 /// else is an error (see `sniff`), the first invalid byte located by line
 /// and column.
 pub fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
-    let skip = sniff(path, &bytes[..bytes.len().min(SNIFF_BYTES)])?;
+    let skip = sniff(path, bytes)?;
     let body = &bytes[skip..];
     std::str::from_utf8(body).map_err(|e| {
         let (line, col) = line_col(body, e.valid_up_to());

@@ -662,7 +662,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     if device == tch::Device::Cpu {
         // a given tokenizer's size is not known yet: its embedding is left out (the check errs towards running)
         let vocab = if cfg.args.args.tokenizer_path.is_some() { 0 } else { t.vocab_size };
-        glm_worker::train::trainer::check_memory(&cfg, dims, device, world.local().size(), vocab)?;
+        glm_worker::train::trainer::check_memory(&cfg, dims, world.local().size(), vocab)?;
     }
     let a = &cfg.args.args;
     if a.train_iters == 0 {

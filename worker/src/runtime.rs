@@ -115,24 +115,32 @@ pub fn cuda_memory_in_use() -> Option<u64> {
     (rc == 0).then(|| (total - free) as u64)
 }
 
-/// The suffix that names this process's temporaries: `<host>-<pid>`, so a
-/// directory shared by several machines tells whose a temporary is.
-pub fn temp_suffix() -> String {
-    format!("{}-{}", this_host(), std::process::id())
+/// This machine's host name (empty when unknown).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
+/// The host name as it appears in temporaries' names (no `/` or `-`).
 fn this_host() -> String {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let h = h.trim();
+    let h = hostname();
     if h.is_empty() { "localhost".into() } else { h.replace(['/', '-'], "_") }
 }
 
+/// A path in `dir` for this process's temporary: `<prefix><host>-<pid>`, so
+/// a directory shared by several machines tells whose a temporary is. The
+/// temporaries with the same prefix that this machine's interrupted runs
+/// left are removed first (`remove_stale_temps`).
+pub fn temp_path(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
+    remove_stale_temps(dir, prefix);
+    dir.join(format!("{prefix}{}-{}", this_host(), std::process::id()))
+}
+
 /// Removes what interrupted runs of this machine left in `dir`: entries
-/// named `<prefix><host>-<pid>` (see `temp_suffix`: the temporaries of a
+/// named `<prefix><host>-<pid>` (see `temp_path`: the temporaries of a
 /// store build, a tokenizer cache write) whose process no longer runs. A run
 /// stopped by a signal exits without cleaning up, and a store's temporary can
 /// hold gigabytes. Other machines' temporaries are left alone.
-pub fn remove_stale_temps(dir: &std::path::Path, prefix: &str) {
+fn remove_stale_temps(dir: &std::path::Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let mine = format!("{prefix}{}-", this_host());
     for e in entries.flatten() {
@@ -301,13 +309,16 @@ fn in_context(doing: Option<&str>, raw: &str) -> String {
     }
 }
 
+/// The hint for a model too large for the memory it was given. On one
+/// machine, more ranks share the same memory: only a smaller model or more
+/// machines help.
+pub const MODEL_TOO_LARGE_HINT: &str = "\nHINT: a smaller model (hidden_size, num_layers), or the model split over ranks on more machines or GPUs \
+     (model_parallel_size; ZeRO stage 1 or 2 shards the optimizer state over data-parallel ranks)";
+
 fn oom_hint(doing: Option<&str>) -> &'static str {
     let d = doing.unwrap_or_default();
     if d.starts_with("building the model") || d.starts_with("allocating the optimizer") {
-        // on one machine, more ranks share the same memory: only a smaller
-        // model or more machines help
-        "\nHINT: a smaller model (hidden_size, num_layers), or the model split over ranks on more machines or GPUs \
-         (model_parallel_size; ZeRO stage 1 or 2 shards the optimizer state over data-parallel ranks)"
+        MODEL_TOO_LARGE_HINT
     } else if d.starts_with("training") {
         "\nHINT: a smaller train_micro_batch_size_per_gpu (keep the global batch with gradient_accumulation_steps), \
          checkpoint_activations=true, or a shorter seq_length"
@@ -458,12 +469,13 @@ mod tests {
         let dead = child.id();
         child.wait().unwrap();
         let host = this_host();
-        let mine = temp_suffix();
+        let mine = format!("{host}-{}", std::process::id());
         for name in [format!(".store.tmp-{host}-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-elsewhere-{dead}")] {
             std::fs::create_dir(d.path().join(name)).unwrap();
         }
         std::fs::write(d.path().join(format!(".store.tmp-{host}-{dead}x")), "not a pid").unwrap();
-        remove_stale_temps(d.path(), ".store.tmp-");
+        let tmp = temp_path(d.path(), ".store.tmp-");
+        assert_eq!(tmp, d.path().join(format!(".store.tmp-{mine}")));
         let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         // this machine's dead process's temporary goes; a live one's, another

@@ -185,7 +185,7 @@ use glm_common::text::line_col;
 fn open_text(path: &Path) -> Result<BufReader<File>> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
     let head = reader.fill_buf().at(path)?;
-    let skip = glm_common::text::sniff(path, &head[..head.len().min(glm_common::text::SNIFF_BYTES)])?;
+    let skip = glm_common::text::sniff(path, head)?;
     reader.consume(skip);
     Ok(reader)
 }
@@ -209,7 +209,7 @@ fn read_json_array(
     // SAFETY: the map is read-only and dropped before returning; a corpus
     // file truncated underneath us is a user error we cannot guard against.
     let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    let skip = glm_common::text::sniff(path, &map[..map.len().min(glm_common::text::SNIFF_BYTES)])?;
+    let skip = glm_common::text::sniff(path, &map)?;
     let buf: &[u8] = &map[skip..];
     let first = buf.iter().position(|b| !b.is_ascii_whitespace());
     let first = match first {

@@ -205,8 +205,7 @@ pub fn build_store(
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).at(parent)?;
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "store".into());
-    crate::runtime::remove_stale_temps(parent, &format!(".{name}.tmp-"));
-    let tmp = parent.join(format!(".{name}.tmp-{}", crate::runtime::temp_suffix()));
+    let tmp = crate::runtime::temp_path(parent, &format!(".{name}.tmp-"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
     let result = (|| {

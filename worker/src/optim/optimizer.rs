@@ -59,6 +59,12 @@ impl Precision {
         }
     }
 
+    /// Optimizer-state bytes per parameter (the ZeRO paper's K): the Adam
+    /// moments in fp32, plus fp32 master weights in mixed precision.
+    pub fn optimizer_bytes_per_param(self) -> u64 {
+        if self == Precision::Fp32 { 8 } else { 12 }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
@@ -133,7 +139,7 @@ impl MemoryBytes {
         let n = numel as f64;
         let d = dp as f64;
         let cb = precision.kind().elt_size_in_bytes() as f64;
-        let k = if precision == Precision::Fp32 { 8.0 } else { 12.0 };
+        let k = precision.optimizer_bytes_per_param() as f64;
         let (g, o) = match stage {
             0 => (cb * n, k * n),
             1 => (cb * n, k * n / d),
@@ -347,12 +353,11 @@ impl Optimizer {
         let pieces = shards.pieces(dp_rank);
         let device = params.device();
         let owned: i64 = pieces.iter().map(|p| p.len).sum();
-        let per = if precision != Precision::Fp32 { 12 } else { 8 };
         let _doing = crate::runtime::doing(format!(
             "allocating the optimizer state ({} on {}: Adam moments{} for {} parameters)",
-            crate::runtime::human_bytes(owned as u64 * per),
+            crate::runtime::human_bytes(owned as u64 * precision.optimizer_bytes_per_param()),
             crate::runtime::device_name(device),
-            if per == 12 { " and fp32 master weights" } else { "" },
+            if precision != Precision::Fp32 { " and fp32 master weights" } else { "" },
             crate::runtime::human_count(owned as u64)
         ));
         let fp32 = |n: i64| Tensor::zeros([n], (Kind::Float, device));

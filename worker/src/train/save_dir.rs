@@ -118,11 +118,11 @@ fn claim_here(save: &Path, load: Option<&Path>, overwrite: bool) -> Result<SaveD
             r.at(e)?;
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = crate::runtime::hostname();
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let cmd: Vec<String> = std::env::args().collect();
     f.set_len(0).at(&path)?;
-    writeln!(f, "pid {} on {} since unix time {secs}: {}", std::process::id(), host.trim(), cmd.join(" ")).at(&path)?;
+    writeln!(f, "pid {} on {} since unix time {secs}: {}", std::process::id(), host, cmd.join(" ")).at(&path)?;
     Ok(SaveDirLock { _file: Some(f) })
 }
 

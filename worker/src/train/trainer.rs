@@ -59,17 +59,18 @@ static PHASE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 extern "C" fn on_signal(sig: libc::c_int) {
     if !TRAINING.load(Ordering::SeqCst) {
         let int = sig == libc::SIGINT;
+        let (eval, prepare) = (Phase::Evaluation as u8, Phase::Preparation as u8);
         let msg: &[u8] = match (PHASE.load(Ordering::SeqCst), int) {
-            (1, true) => b"glm-worker: interrupted (SIGINT): evaluation stopped\n",
-            (1, false) => b"glm-worker: terminated (SIGTERM): evaluation stopped\n",
-            (2, true) => b"glm-worker: interrupted (SIGINT): prepare stopped; a store it had not finished was not installed\n",
-            (2, false) => b"glm-worker: terminated (SIGTERM): prepare stopped; a store it had not finished was not installed\n",
+            (p, true) if p == eval => b"glm-worker: interrupted (SIGINT): evaluation stopped\n",
+            (p, false) if p == eval => b"glm-worker: terminated (SIGTERM): evaluation stopped\n",
+            (p, true) if p == prepare => b"glm-worker: interrupted (SIGINT): prepare stopped; a store it had not finished was not installed\n",
+            (p, false) if p == prepare => b"glm-worker: terminated (SIGTERM): prepare stopped; a store it had not finished was not installed\n",
             (_, true) => b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n",
             (_, false) => b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n",
         };
         // SAFETY: write(2) and _exit(2) are async-signal-safe. (The
         // temporaries of an unfinished store or tokenizer are removed by the
-        // next run: runtime::remove_stale_temps.)
+        // next run: runtime::temp_path.)
         unsafe {
             libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
             libc::_exit(128 + sig);
@@ -548,15 +549,12 @@ impl Trainer {
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
 /// and optimizer state alone (the ZeRO paper's model states, estimated for
-/// a vocabulary of `vocab` ids: 0 leaves the embedding out) exceed what a CPU rank can ever have: this
-/// machine's RAM and swap, shared by its `local_ranks` ranks. Activations come
-/// on top, so this never refuses a run that could fit; past it the kernel
-/// would kill the run midway. CUDA runs are not estimated here: their
-/// allocator fails cleanly, with the size asked for.
-pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, device: Device, local_ranks: usize, vocab: usize) -> Result<()> {
-    if device != Device::Cpu {
-        return Ok(());
-    }
+/// a vocabulary of `vocab` ids: 0 leaves the embedding out) exceed what a
+/// CPU rank can ever have: this machine's RAM and swap, shared by its
+/// `local_ranks` ranks. Activations come on top, so this never refuses a run
+/// that could fit; past it the kernel would kill the run midway. For CPU runs
+/// only: the CUDA allocator fails cleanly, with the size asked for.
+pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, local_ranks: usize, vocab: usize) -> Result<()> {
     let Some(machine) = crate::runtime::host_memory_bytes() else { return Ok(()) };
     let a = &cfg.args.args;
     let (n, pos) = cfg.model_config(padded_vocab_size(vocab, a.make_vocab_size_divisible_by, dims.tp)).num_params();
@@ -567,9 +565,7 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
         use crate::runtime::{human_bytes, human_count};
         return Err(Error::Config(format!(
             "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}), \
-             and this machine has {} of RAM and swap for {} rank(s): {} each\n\
-             HINT: a smaller model (hidden_size, num_layers), or the model split over ranks on more machines \
-             (model_parallel_size; ZeRO stage 1 or 2 shards the optimizer state over data-parallel ranks)",
+             and this machine has {} of RAM and swap for {} rank(s): {} each{}",
             human_bytes(states),
             human_count(per_rank as u64),
             cfg.precision.name(),
@@ -577,7 +573,8 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
             dims.dp,
             human_bytes(machine),
             local_ranks,
-            human_bytes(share)
+            human_bytes(share),
+            crate::runtime::MODEL_TOO_LARGE_HINT
         )));
     }
     Ok(())
@@ -611,7 +608,7 @@ pub fn memory_report(model: &Glm, opt: &Optimizer, par: &Parallel) -> Vec<String
             "memory: theory per rank for these {:.2} M parameters of this rank ({}, ZeRO paper: params + grads + {} B/param optimizer state): {}",
             numel as f64 / 1e6,
             opt.precision.name(),
-            if opt.precision == crate::optim::optimizer::Precision::Fp32 { 8 } else { 12 },
+            opt.precision.optimizer_bytes_per_param(),
             theory.join(", ")
         ),
     ];
