@@ -17,16 +17,24 @@
 // - glm_fused_adamw: libtorch's multi-tensor AdamW kernel (`_fused_adamw_`,
 //   what torch.optim.AdamW(fused=True) runs) over lists of flat ranges.
 //
+// - glm_torch_version / glm_cpu_capability: the libtorch version and the CPU
+//   kernel family ATen dispatches to (DEFAULT, AVX2, AVX512, ...: what
+//   torch.backends.cpu.get_cpu_capability() says), which decide the exact
+//   floating-point results on the CPU.
+//
 // Ownership across the boundary as in tp_autograd.cpp: every `torch::Tensor*`
 // handed to Rust is owned by Rust afterwards, every one returned from Rust is
 // owned (and freed) here; C++ exceptions never cross into Rust.
 #include <ATen/Context.h>
+#include <ATen/Version.h>
+#include <torch/version.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 #include <stdexcept>
@@ -147,6 +155,23 @@ struct RustGradHook : torch::autograd::PostAccumulateGradHook {
 
 extern "C" {
 const char* glm_ext_last_error() { return g_ext_error.c_str(); }
+
+// The libtorch version this shim was compiled against ("2.11.0").
+const char* glm_torch_version() { return TORCH_VERSION; }
+
+// ATen's CPU capability, copied into `buf` (NUL-terminated, cut to `len`).
+void glm_cpu_capability(char* buf, int32_t len) {
+    if (len <= 0) return;
+    std::string s;
+    try {
+        s = at::get_cpu_capability();
+    } catch (const std::exception& e) {
+        s = "?";
+    }
+    size_t n = std::min(s.size(), static_cast<size_t>(len - 1));
+    s.copy(buf, n);
+    buf[n] = 0;
+}
 
 // Installs the gradient hook of `param` (replacing any), taking ownership of
 // `ctx` (freed through `drop`, also on failure). Returns 0, or -1.

@@ -5,7 +5,10 @@ pub fn describe() -> Vec<(String, String)> {
     let mut out = vec![
         ("glm-worker".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ("libtorch dir".into(), libtorch_dir().unwrap_or_else(|| "?".into())),
+        ("libtorch".into(), torch_version()),
         ("intra-op threads".into(), tch::get_num_threads().to_string()),
+        ("cpu".into(), cpu_identity()),
+        ("cpu kernels".into(), cpu_kernels()),
         ("cuda available".into(), tch::Cuda::is_available().to_string()),
         ("cuda devices".into(), tch::Cuda::device_count().to_string()),
     ];
@@ -19,6 +22,62 @@ pub fn describe() -> Vec<(String, String)> {
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
     out.push(("cpu tensor check".into(), format!("sum(1,2,3) = {}", t.sum(tch::Kind::Float).double_value(&[]))));
     out
+}
+
+extern "C" {
+    /// csrc/train_ext.cpp
+    fn glm_torch_version() -> *const std::ffi::c_char;
+    fn glm_cpu_capability(buf: *mut std::ffi::c_char, len: i32);
+}
+
+/// The libtorch version this build runs on ("2.11.0").
+pub fn torch_version() -> String {
+    // SAFETY: a static C string.
+    unsafe { std::ffi::CStr::from_ptr(glm_torch_version()) }.to_string_lossy().into_owned()
+}
+
+/// The CPU kernel family ATen dispatches to: "DEFAULT", "AVX2", "AVX512",
+/// ... (the processor's best, or what `ATEN_CPU_CAPABILITY` limits it to).
+pub fn cpu_capability() -> String {
+    let mut buf = [0 as std::ffi::c_char; 64];
+    // SAFETY: the shim writes at most 64 bytes, NUL-terminated.
+    unsafe { glm_cpu_capability(buf.as_mut_ptr(), buf.len() as i32) };
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// The instruction-set extensions that libtorch's CPU kernels (ATen, MKL,
+/// oneDNN) choose between, as /proc/cpuinfo names them.
+const KERNEL_ISA: &[&str] = &[
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma", "avx512vbmi",
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
+];
+
+/// `key: value` of the first processor in /proc/cpuinfo.
+fn cpuinfo(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = text.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+/// The processor: vendor, family, model and stepping (x86), or implementer
+/// and part (Arm), then its marketing name. Processors with the same name
+/// can differ in micro-architecture, hence the numbers.
+pub fn cpu_identity() -> String {
+    let get = |k: &str| cpuinfo(k).unwrap_or_else(|| "?".into());
+    let name = cpuinfo("model name").unwrap_or_default();
+    if cpuinfo("vendor_id").is_some() {
+        format!("{} family {} model {} stepping {}: {name}", get("vendor_id"), get("cpu family"), get("model"), get("stepping"))
+    } else {
+        format!("implementer {} part {} variant {}: {name}", get("CPU implementer"), get("CPU part"), get("CPU variant"))
+    }
+}
+
+/// What decides the CPU's floating-point kernels: ATen's capability, then
+/// the instruction-set extensions the kernel libraries choose by.
+pub fn cpu_kernels() -> String {
+    let flags = cpuinfo("flags").or_else(|| cpuinfo("Features")).unwrap_or_default();
+    let have: Vec<&str> = KERNEL_ISA.iter().copied().filter(|f| flags.split_whitespace().any(|g| g == *f)).collect();
+    format!("ATen {}; {}", cpu_capability(), if have.is_empty() { "no vector extensions".to_string() } else { have.join(" ") })
 }
 
 /// Free bytes (for an unprivileged user) on the file system that holds
