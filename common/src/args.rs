@@ -312,7 +312,7 @@ impl LoadedArgs {
         let mut map = Map::new();
         let mut sources = BTreeMap::new();
         if let Some(p) = path {
-            let v: Value = crate::error::read_json(p, "malformed JSON")?;
+            let v: Value = crate::text::read_json(p, "malformed JSON")?;
             let Value::Object(m) = v else {
                 return Err(Error::parse(p, 1, 1, "expected a JSON object of arguments"));
             };

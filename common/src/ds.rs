@@ -171,7 +171,7 @@ impl DsConfig {
     /// Reads `path`, then applies `overrides` (`("fp16.enabled", false)`:
     /// dotted key paths; objects on the way are created) before validating.
     pub fn load_with(path: &Path, overrides: &[(String, Value)]) -> Result<Self> {
-        let mut v: Value = crate::error::read_json(path, "malformed JSON")?;
+        let mut v: Value = crate::text::read_json(path, "malformed JSON")?;
         for (key, value) in overrides {
             let mut at = &mut v;
             let parts: Vec<&str> = key.split('.').collect();

@@ -32,6 +32,37 @@ pub enum Error {
     /// A failure while training (a libtorch kernel, backward, diverging values).
     #[error("{0}")]
     Runtime(String),
+
+    /// A collective or a communicator failed (MPI, NCCL): the operation
+    /// (`MPI_Allreduce`, `ncclCommInitRank`, ...) and, where known, the group
+    /// and this rank's place in it.
+    #[error("{}", fmt_comm(op, at.as_ref(), msg))]
+    Comm { op: String, at: Option<CommAt>, msg: String },
+
+    /// A call into the device runtime failed (CUDA: `cudaSetDevice`, ...).
+    #[error("{op}: {msg}")]
+    Device { op: String, msg: String },
+
+    /// A call into the C++ extension failed (libtorch autograd functions,
+    /// gradient views and hooks, activation recomputation).
+    #[error("{op}: {msg}")]
+    Extension { op: String, msg: String },
+}
+
+/// Where a collective ran: the group's name ("world", "dp", "tp") and this
+/// rank's index in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommAt {
+    pub group: String,
+    pub rank: usize,
+    pub size: usize,
+}
+
+fn fmt_comm(op: &str, at: Option<&CommAt>, msg: &str) -> String {
+    match at {
+        Some(a) => format!("{op} on the {} group (rank {} of {}): {msg}", a.group, a.rank, a.size),
+        None => format!("{op}: {msg}"),
+    }
 }
 
 fn fmt_at(path: &Path, line: usize, col: usize, msg: &str) -> String {
@@ -52,13 +83,11 @@ impl Error {
     pub fn invalid(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Invalid { path: path.into(), msg: msg.into() }
     }
-}
-
-/// Reads the JSON file `path` into `T`. A syntax or shape error names the
-/// file, line and column, after `what` (e.g. "malformed JSON").
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = crate::text::read(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("{what}: {e}")))
+    /// A communication failure of `op` outside any group (loading a library,
+    /// initialising MPI).
+    pub fn comm(op: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Comm { op: op.into(), at: None, msg: msg.into() }
+    }
 }
 
 /// `map_err` helper: attach a path to an `io::Error`.

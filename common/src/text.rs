@@ -79,6 +79,13 @@ pub fn line_col(buf: &[u8], offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// Reads the JSON file `path` into `T`. A syntax or shape error names the
+/// file, line and column, after `what` (e.g. "malformed JSON").
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = read(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("{what}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

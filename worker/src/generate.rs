@@ -68,7 +68,7 @@ pub fn fill(model: &Glm, tok: &GlmTokenizer, text: &str, gen_mask: u32, s: &Samp
     // the prompt as training saw its text (the original's punctuation
     // standardisation: curly quotes would otherwise be [UNK])
     let text = crate::data::corpus::standardize_punctuation(text);
-    let _doing = crate::runtime::doing("generating");
+    let _doing = crate::runtime::report::doing("generating");
     let mut part_a: Vec<u32> = vec![sp.cls];
     part_a.extend(tok.encode(&text)?);
     if !part_a.iter().any(|&t| is_mask(t)) {

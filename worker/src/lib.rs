@@ -1,14 +1,19 @@
-//! glm_worker: the library behind `glm-worker`.
+//! glm_worker: the library behind `glm-worker` (its command line is in
+//! `src/cli/`).
 //!
 //! Data flows one way: text -> token store -> blank-infilling samples ->
 //! batches -> model -> loss -> gradients -> optimizer -> checkpoint.
-//! This crate currently holds the data half (`data`), the reproducible RNG
-//! every random decision draws from (`rng`) and libtorch start-up (`runtime`).
+//! Modules from the bottom up: `runtime` (this machine, libtorch, CUDA,
+//! one-line errors) and `rng`; `comm` (collectives); `parallel` (the rank
+//! grid, tensor-parallel regions and layers); `data`; `model`; `optim`;
+//! `checkpoint`; `train`, `eval` and `generate`. `test_hooks` holds the
+//! fault-injection switches of the integration tests.
 
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub use glm_common::error;
 pub mod generate;
 pub mod model;
@@ -16,6 +21,7 @@ pub mod optim;
 pub mod parallel;
 pub mod rng;
 pub mod runtime;
+pub mod test_hooks;
 pub mod train;
 
 pub use error::{Error, Result};
@@ -29,4 +35,4 @@ pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub mod eval;
+

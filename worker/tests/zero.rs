@@ -13,11 +13,12 @@ use std::sync::Mutex;
 
 use glm_worker::checkpoint::{self, State};
 use glm_worker::comm::local::run_ranks;
-use glm_worker::model::glm::{Batch, Glm, GlmConfig, ModelOptions};
+use glm_worker::model::glm::{Batch, Glm, GlmConfig};
 use glm_worker::optim::adamw::AdamWConfig;
 use glm_worker::optim::optimizer::{MemoryBytes, OptimConfig, Optimizer, Precision};
 use glm_worker::optim::zero::ZeroConfig;
 use glm_worker::parallel::Parallel;
+use glm_worker::train::build::{build, Recipe};
 use glm_worker::train::step::{train_step, StepPlan};
 use tch::{Device, Tensor};
 
@@ -108,28 +109,26 @@ fn batch(indices: std::ops::Range<u64>) -> Batch {
 }
 
 fn optim_cfg(s: &Setup) -> OptimConfig {
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 };
     OptimConfig {
         zero: ZeroConfig { stage: s.stage, reduce_bucket_size: s.bucket, allgather_bucket_size: s.allgather, overlap_comm: true },
-        ..OptimConfig::new(s.precision, adam, CLIP)
+        ..OptimConfig::new(s.precision, AdamWConfig::GLM, CLIP)
     }
 }
 
-/// The models of every rank, built one after another (initialisation
-/// draws from libtorch's global generator), each with its optimizer.
-fn ranks(s: &Setup) -> Vec<Mutex<Option<(Parallel, Glm)>>> {
+/// What every rank trains with `s`.
+fn recipe(s: &Setup) -> Recipe {
+    Recipe { checkpoint_num_layers: s.ckpt, ..Recipe::new(model_cfg(), optim_cfg(s), 7) }
+}
+
+/// Every rank's layout, model and optimizer, built one after another as
+/// training builds them (initialisation draws from libtorch's global
+/// generator).
+fn ranks(s: &Setup) -> Vec<Mutex<Option<(Parallel, Glm, Optimizer)>>> {
     let pars = Parallel::local(s.world, s.tp).unwrap();
     pars.into_iter()
         .map(|p| {
-            let o = ModelOptions {
-                kind: s.precision.kind(),
-                tp: p.tp.clone(),
-                pad_multiple: 64 * p.dims.dp as i64,
-                checkpoint_num_layers: s.ckpt,
-                ..ModelOptions::new(Device::Cpu, 7)
-            };
-            let model = Glm::build(model_cfg(), &o).unwrap();
-            Mutex::new(Some((p, model)))
+            let (model, opt) = build(&recipe(s), &p, Device::Cpu).unwrap();
+            Mutex::new(Some((p, model, opt)))
         })
         .collect()
 }
@@ -300,8 +299,7 @@ fn state(iteration: u64, dp: usize) -> State {
 fn run_from(s: Setup, load: Option<&Path>, from: u64, n: u64, save: Option<&Path>) -> Vec<RankOut> {
     let jobs = ranks(&s);
     run_ranks(s.world, |r| {
-        let (par, mut model) = jobs[r].lock().unwrap().take().unwrap();
-        let mut opt = Optimizer::new(&mut model.params, &optim_cfg(&s), &par).unwrap();
+        let (par, mut model, mut opt) = jobs[r].lock().unwrap().take().unwrap();
         if let Some(dir) = load {
             let mut dir = checkpoint::resolve(dir).unwrap();
             if let Some(g) = &par.tp {
@@ -320,7 +318,7 @@ fn run_from(s: Setup, load: Option<&Path>, from: u64, n: u64, save: Option<&Path
             checkpoint::save(dir, &model, &opt, &par, true, "{}", st).unwrap();
         }
         let weights = opt.full_weights(&model.params).unwrap().map(|w| w.narrow(0, 0, model.params.numel()).copy());
-        RankOut { losses, norms, skipped: opt.skipped_steps, weights, mem, sent, tp_rank: par.dims.tp_rank() }
+        RankOut { losses, norms, skipped: opt.skipped_steps(), weights, mem, sent, tp_rank: par.dims.tp_rank() }
     })
 }
 
@@ -394,8 +392,7 @@ fn a_save_failing_on_one_rank_fails_everywhere_and_installs_nothing() {
     let s = Setup::new(4, 2, 2);
     let jobs = ranks(&s);
     let errors = run_ranks(s.world, |r| {
-        let (par, mut model) = jobs[r].lock().unwrap().take().unwrap();
-        let mut opt = Optimizer::new(&mut model.params, &optim_cfg(&s), &par).unwrap();
+        let (par, mut model, mut opt) = jobs[r].lock().unwrap().take().unwrap();
         steps(&s, &par, &mut model, &mut opt, 1, 2);
         let st = State { tp: 2, ..state(1, 2) };
         checkpoint::save(&saved, &model, &opt, &par, true, "{}", st).err().map(|e| e.to_string())
@@ -424,8 +421,7 @@ fn a_truncated_or_mismatched_shard_is_refused_by_name() {
     let mut st = checkpoint::read_state(&dir).unwrap();
     let z = st.zero.as_mut().unwrap();
     z.files[1].pieces[0].len += 64;
-    let mut model = Glm::new(model_cfg(), Device::Cpu, 1).unwrap();
-    let mut opt = Optimizer::new(&mut model.params, &optim_cfg(&Setup::new(1, 1, 0)), &Parallel::single()).unwrap();
+    let (mut model, mut opt) = build(&recipe(&Setup::new(1, 1, 0)), &Parallel::single(), Device::Cpu).unwrap();
     let e = checkpoint::load(&dir, &st, &mut model, &mut opt, true).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains(&checkpoint::shard_file(1)) && e.contains("do not match the partition"), "{e}");
 }

@@ -1,19 +1,22 @@
 //! `glm-worker comm-check`: every collective of a communicator checked
 //! against values each rank can compute alone, on CPU (MPI) or CUDA (NCCL)
 //! tensors, then all-reduce bus bandwidth. Works in a world of one (the GPU
-//! check runs it so) and under mpirun.
+//! check runs it so) and under mpirun. (The tensor-parallel regions built on
+//! these collectives are checked by `parallel::check`.)
 
 use tch::{Device, Kind, Tensor};
 
 use super::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
-use crate::parallel::mappings::{self, Group};
 
-fn expect(what: &str, got: &Tensor, want: &Tensor) -> Result<String> {
+/// `got` must equal `want` exactly; the line "`what`: ok", or an error
+/// showing both.
+pub fn expect(what: &str, got: &Tensor, want: &Tensor) -> Result<String> {
     let got_cpu = got.to_device(Device::Cpu).to_kind(Kind::Double);
     let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
     if got_cpu.size() != want.size() || !got_cpu.allclose(&want, 0.0, 0.0, false) {
-        return Err(Error::Config(format!("comm-check {what}: got {got_cpu:?} {:?}, want {:?}", Vec::<f64>::try_from(got_cpu.flatten(0, -1)).unwrap_or_default(), Vec::<f64>::try_from(want.flatten(0, -1)).unwrap_or_default())));
+        let values = |t: &Tensor| Vec::<f64>::try_from(t.flatten(0, -1)).unwrap_or_default();
+        return Err(Error::comm(format!("comm-check {what}"), format!("got {got_cpu:?} {:?}, want {:?}", values(&got_cpu), values(&want))));
     }
     Ok(format!("{what}: ok"))
 }
@@ -62,45 +65,6 @@ pub fn collectives(comm: &dyn Communicator, device: Device) -> Result<Vec<String
     Ok(out)
 }
 
-/// The tensor-parallel autograd regions (copy/reduce/scatter/gather, forward
-/// and backward) over group `g`, on tensors of `device`. Backward runs on
-/// libtorch's autograd thread for the device, as in training.
-pub fn regions(g: &Group, device: Device) -> Result<Vec<String>> {
-    let (r, p) = (g.rank as f64, g.size as f64);
-    let pi = g.size as i64;
-    let opts = (Kind::Float, device);
-    let full = |v: f64, shape: &[i64]| Tensor::full(shape, v, opts);
-    let mut out = Vec::new();
-
-    let x = full(r + 1.0, &[2, 4]).set_requires_grad(true);
-    let y = mappings::copy_to(&x, g)?;
-    (&y * (r + 1.0)).sum(Kind::Float).backward();
-    out.push(expect("copy_to forward", &y, &full(r + 1.0, &[2, 4]))?);
-    out.push(expect("copy_to backward (sum of grads)", &x.grad(), &full(p * (p + 1.0) / 2.0, &[2, 4]))?);
-
-    let x = full(r + 1.0, &[2, 4]).set_requires_grad(true);
-    let y = mappings::reduce_from(&x, g)?;
-    (&y * (r + 1.0)).sum(Kind::Float).backward();
-    out.push(expect("reduce_from forward (sum)", &y, &full(p * (p + 1.0) / 2.0, &[2, 4]))?);
-    out.push(expect("reduce_from backward (identity)", &x.grad(), &full(r + 1.0, &[2, 4]))?);
-
-    let x = Tensor::arange(2 * 2 * pi, opts).view([2, 2 * pi]).set_requires_grad(true);
-    let y = mappings::scatter_to(&x, g)?;
-    (&y * (r + 1.0)).sum(Kind::Float).backward();
-    out.push(expect("scatter_to forward (own slice)", &y, &x.narrow(1, 2 * r as i64, 2))?);
-    let want = Tensor::cat(&(0..pi).map(|q| full(q as f64 + 1.0, &[2, 2])).collect::<Vec<_>>(), 1);
-    out.push(expect("scatter_to backward (gathered grads)", &x.grad(), &want)?);
-
-    let x = full(r + 1.0, &[2, 2]).set_requires_grad(true);
-    let y = mappings::gather_from(&x, g)?;
-    let w = Tensor::arange(2 * 2 * pi, opts).view([2, 2 * pi]);
-    (&y * &w).sum(Kind::Float).backward();
-    let want = Tensor::cat(&(0..pi).map(|q| full(q as f64 + 1.0, &[2, 2])).collect::<Vec<_>>(), 1);
-    out.push(expect("gather_from forward", &y, &want)?);
-    out.push(expect("gather_from backward (own slice)", &x.grad(), &w.narrow(1, 2 * r as i64, 2))?);
-    Ok(out)
-}
-
 /// The factor from algorithm bandwidth to bus bandwidth of an all-reduce
 /// over `p` ranks, 2(p-1)/p (NCCL's convention).
 pub fn bus_factor(p: usize) -> f64 {
@@ -121,7 +85,7 @@ pub fn time_all_reduce(comm: &dyn Communicator, device: Device, mib: usize, iter
     comm.all_reduce(&mut t, ReduceOp::Sum)?;
     let got = t.double_value(&[0]);
     if got != comm.size() as f64 {
-        return Err(Error::Config(format!("comm-check: all_reduce of ones over {} rank(s) gave {got}", comm.size())));
+        return Err(super::fail("comm-check all_reduce", comm, format!("a sum of ones gave {got}")));
     }
     sync();
     comm.barrier()?;

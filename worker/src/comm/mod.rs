@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::{CommAt, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -71,10 +71,15 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// Where `c` is: its group's name and this rank's place in it.
+pub fn at(c: &(impl Communicator + ?Sized)) -> CommAt {
+    CommAt { group: c.name().to_string(), rank: c.rank(), size: c.size() }
+}
+
 /// The error of collective `op` on group `c`: names the operation, the
 /// group and the rank, then what went wrong.
 pub fn fail(op: &str, c: &(impl Communicator + ?Sized), msg: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("{op} on the {} group (rank {} of {}): {msg}", c.name(), c.rank(), c.size()))
+    Error::Comm { op: op.to_string(), at: Some(at(c)), msg: msg.to_string() }
 }
 
 /// The shape of an all-gather of `t` over `n` ranks: dimension 0 (a

@@ -37,7 +37,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn err(what: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Config(format!("MPI {what}: {msg}"))
+    Error::comm(format!("MPI {what}"), msg.to_string())
 }
 
 /// The world communicator (initialising MPI on first use).

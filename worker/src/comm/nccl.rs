@@ -68,7 +68,7 @@ fn candidates() -> Vec<String> {
         c.push(p);
     }
     c.push("libnccl.so.2".into());
-    if let Some(dir) = crate::runtime::libtorch_dir() {
+    if let Some(dir) = crate::runtime::torch::libtorch_dir() {
         // the torch wheel's layout: site-packages/torch/lib -> site-packages/nvidia/nccl/lib
         c.push(format!("{dir}/../../nvidia/nccl/lib/libnccl.so.2"));
     }
@@ -76,7 +76,7 @@ fn candidates() -> Vec<String> {
 }
 
 fn load() -> std::result::Result<Api, String> {
-    crate::runtime::load_cuda();
+    crate::runtime::torch::load_cuda();
     let mut tried = Vec::new();
     for path in candidates() {
         // SAFETY: loading NCCL runs its (benign) initialisers only.
@@ -121,7 +121,7 @@ fn resolve(lib: libloading::Library, path: String) -> std::result::Result<Api, S
 }
 
 fn api() -> Result<&'static Api> {
-    API.get_or_init(load).as_ref().map_err(|e| Error::Config(format!("NCCL: {e}")))
+    API.get_or_init(load).as_ref().map_err(|e| Error::comm("loading NCCL", e.clone()))
 }
 
 /// Where NCCL was loaded from and its version ("2.28.9"), or why it could not be.
@@ -168,10 +168,13 @@ fn check(api: &Api, code: Res, what: &str, comm: CommPtr) -> Result<()> {
         .filter(|p| !p.is_null())
         .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty());
-    Err(Error::Config(match detail {
-        Some(d) => format!("NCCL {what}: {msg} (code {code}): {d}"),
-        None => format!("NCCL {what}: {msg} (code {code})"),
-    }))
+    Err(Error::comm(
+        what,
+        match detail {
+            Some(d) => format!("{msg} (NCCL code {code}): {d}"),
+            None => format!("{msg} (NCCL code {code})"),
+        },
+    ))
 }
 
 /// A fresh `ncclUniqueId` (rank 0 of a group makes it, the others receive it).
@@ -208,7 +211,7 @@ impl NcclComm {
     /// unique id, MPI broadcasts it, every rank joins.
     pub fn init(mpi: &dyn Communicator, device: usize) -> Result<NcclComm> {
         let api = api()?;
-        crate::runtime::cuda_set_device(device)?;
+        crate::runtime::cuda::set_device(device)?;
         let mut id = if mpi.rank() == 0 { unique_id()? } else { UniqueId { internal: [0; 128] } };
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
         let mut t = Tensor::from_slice(&bytes);
@@ -230,7 +233,7 @@ impl NcclComm {
     /// `ncclCommSplit`.
     pub fn split(&self, color: usize, key: usize, mpi_sub: &dyn Communicator) -> Result<NcclComm> {
         let api = api()?;
-        crate::runtime::cuda_set_device(self.device)?;
+        crate::runtime::cuda::set_device(self.device)?;
         match api.comm_split {
             Some(split) => {
                 let mut comm: CommPtr = std::ptr::null_mut();
@@ -277,10 +280,11 @@ impl NcclComm {
     fn call(&self, what: &str, f: impl FnOnce(&Api, Stream) -> Res) -> Result<()> {
         let api = api()?;
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        crate::runtime::cuda_set_device(self.device)?;
+        crate::runtime::cuda::set_device(self.device)?;
         let rc = f(api, std::ptr::null_mut());
+        // the failure of a call on this communicator names its group and rank
         self.track(check(api, rc, what, self.comm).map_err(|e| match e {
-            Error::Config(m) => super::fail(what, self, m),
+            Error::Comm { op, at: None, msg } => Error::Comm { op, at: Some(super::at(self)), msg },
             e => e,
         }))
     }

@@ -116,7 +116,7 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress)?;
     std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
     let cache_name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let tmp = crate::runtime::temp_path(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));
+    let tmp = crate::runtime::host::temp_path(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));
     std::fs::write(&tmp, tok.to_json()?).at(&tmp)?;
     std::fs::rename(&tmp, &cache).at(&cache)?;
     Ok((tok, TokenizerOrigin::Trained { path: cache, text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))

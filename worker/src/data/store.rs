@@ -205,7 +205,7 @@ pub fn build_store(
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).at(parent)?;
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "store".into());
-    let tmp = crate::runtime::temp_path(parent, &format!(".{name}.tmp-"));
+    let tmp = crate::runtime::host::temp_path(parent, &format!(".{name}.tmp-"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
     let result = (|| {
@@ -406,7 +406,7 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
 /// Reads `meta.json` of a store, if there is one.
 pub fn read_meta(dir: &Path) -> Result<StoreMeta> {
     let p = dir.join("meta.json");
-    let meta: StoreMeta = crate::error::read_json(&p, "not a token store's meta.json")?;
+    let meta: StoreMeta = glm_common::text::read_json(&p, "not a token store's meta.json")?;
     if meta.format_version != FORMAT_VERSION {
         return Err(Error::invalid(
             &p,

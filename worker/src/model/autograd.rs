@@ -38,7 +38,7 @@ extern "C" fn call_hook(ctx: *mut c_void, g: *mut C_tensor, err: *mut i32) {
             false
         }
         Err(p) => {
-            log::error!("gradient hook: {}", crate::runtime::panic_summary(&*p));
+            log::error!("gradient hook: {}", crate::runtime::report::panic_summary(&*p));
             false
         }
     };
@@ -60,7 +60,7 @@ pub fn set_grad_hook(param: &Tensor, f: GradHook) -> Result<()> {
     // SAFETY: a live tensor borrowed for the call; the shim takes `ctx`.
     let rc = unsafe { glm_set_grad_hook(param.as_ptr() as *mut C_tensor, ctx, call_hook, drop_hook) };
     if rc != 0 {
-        return Err(Error::Config(format!("installing a gradient hook: {}", last_error())));
+        return Err(Error::Extension { op: "installing a gradient hook".into(), msg: last_error() });
     }
     Ok(())
 }
@@ -84,7 +84,7 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     // copies the handle (a reference count), it does not take them.
     let rc = unsafe { glm_set_grad(param.as_ptr() as *mut C_tensor, grad.as_ptr() as *mut C_tensor) };
     if rc != 0 {
-        return Err(Error::Config(format!("setting a parameter's gradient view: {}", last_error())));
+        return Err(Error::Extension { op: "setting a parameter's gradient view".into(), msg: last_error() });
     }
     Ok(())
 }
@@ -112,7 +112,7 @@ extern "C" fn call_chunk(ctx: *mut c_void, x: *mut C_tensor, err: *mut i32) -> *
             std::ptr::null_mut()
         }
         Err(p) => {
-            log::error!("activation recompute: {}", crate::runtime::panic_summary(&*p));
+            log::error!("activation recompute: {}", crate::runtime::report::panic_summary(&*p));
             unsafe { *err = 1 };
             std::ptr::null_mut()
         }
@@ -133,7 +133,7 @@ pub fn recompute(x: &Tensor, f: Chunk) -> Result<Tensor> {
     // also on failure) and returns a new heap tensor or null.
     let y = unsafe { glm_recompute(x.as_ptr() as *mut C_tensor, ctx, call_chunk, drop_chunk) };
     if y.is_null() {
-        return Err(Error::Config(format!("activation checkpointing: {}", last_error())));
+        return Err(Error::Extension { op: "activation checkpointing".into(), msg: last_error() });
     }
     // SAFETY: a fresh heap tensor owned by us from now on.
     Ok(unsafe { Tensor::from_ptr(y) })

@@ -429,15 +429,15 @@ impl Glm {
         let (pb, d) = declare(&cfg, o.tp.as_ref().map(|g| (g.rank, g.size)));
         let numel = pb.layout(o.pad_multiple).1;
         let part = o.tp.as_ref().map(|g| format!(", tensor-parallel part {} of {}", g.rank, g.size)).unwrap_or_default();
-        let _doing = crate::runtime::doing(format!(
+        let _doing = crate::runtime::report::doing(format!(
             "building the model (hidden_size {}, num_layers {}, vocab_size {}{part}: {} parameters, {} as {} on {}, as much again for gradients)",
             cfg.hidden_size,
             cfg.num_layers,
             cfg.vocab_size,
-            crate::runtime::human_count(numel as u64),
-            crate::runtime::human_bytes(numel as u64 * o.kind.elt_size_in_bytes() as u64),
-            crate::runtime::kind_name(o.kind),
-            crate::runtime::device_name(o.device)
+            crate::runtime::units::human_count(numel as u64),
+            crate::runtime::units::human_bytes(numel as u64 * o.kind.elt_size_in_bytes() as u64),
+            crate::runtime::units::kind_name(o.kind),
+            crate::runtime::units::device_name(o.device)
         ));
         let params = pb.build(o.device, o.kind, o.seed, o.pad_multiple)?;
         let (eps, ln32) = (cfg.layernorm_epsilon, o.fp32_layernorm);

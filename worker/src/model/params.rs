@@ -287,7 +287,10 @@ impl Params {
         for info in &infos {
             let v = flat.narrow(0, info.offset, info.numel).view(info.shape.as_slice()).set_requires_grad(true);
             let g = grad.narrow(0, info.offset, info.numel).view(info.shape.as_slice());
-            super::autograd::set_grad(&v, &g).map_err(|e| Error::Config(format!("{}: {e}", info.name)))?;
+            super::autograd::set_grad(&v, &g).map_err(|e| match e {
+                Error::Extension { op, msg } => Error::Extension { op: format!("{op} ({})", info.name), msg },
+                e => e,
+            })?;
             views.push(v);
         }
         Ok(Params { infos, views, flat, grad })

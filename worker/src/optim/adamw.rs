@@ -12,6 +12,13 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The AdamW of the seed's DeepSpeed configs (config_block_*.json):
+    /// betas (0.9, 0.98), eps 1e-6, weight decay 0.01. `bench-step` and
+    /// bench/glm_torch.py train with it.
+    pub const GLM: AdamWConfig = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.01 };
+}
+
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub exp_avg: Tensor,

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::scaler::{LossScaler, ScaleEvent, ScalerConfig};
+use super::scaler::{LossScaler, ScaleEvent, ScalerConfig, ScalerState};
 use super::zero::{Piece, Shards, ZeroConfig};
 use crate::comm::{Comm, ReduceOp};
 use crate::error::{Error, Result};
@@ -288,13 +288,41 @@ impl Reducer {
     }
 }
 
-pub struct Optimizer {
-    pub precision: Precision,
-    pub zero: ZeroConfig,
-    pub adam: AdamW,
-    pub scaler: Option<LossScaler>,
-    /// Updates skipped for overflow (the schedule's step lags the iteration by this).
+/// How a state's moments are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moments {
+    /// This rank's shard, as the optimizer's partition says
+    /// (`Optimizer::shards`; at ZeRO stage 0 the whole padded buffer).
+    Shard,
+    /// The whole padded buffer, the same on every data-parallel rank (a
+    /// checkpoint of another layout, re-partitioned): each rank keeps its
+    /// shard.
+    Whole,
+}
+
+/// What a checkpoint stores of the optimizer besides the weights:
+/// `Optimizer::state` hands it out, `Optimizer::load_state` takes it back.
+pub struct OptimizerState {
+    /// AdamW's first and second moments, laid out as `moments` says.
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub moments: Moments,
+    /// AdamW's step count (bias correction).
+    pub step: u64,
+    /// Updates skipped for fp16 overflow (the learning-rate schedule lags
+    /// the iteration by this).
     pub skipped_steps: u64,
+    /// The fp16 loss scaler's state (fp16 runs).
+    pub loss_scaler: Option<ScalerState>,
+}
+
+pub struct Optimizer {
+    precision: Precision,
+    zero: ZeroConfig,
+    adam: AdamW,
+    scaler: Option<LossScaler>,
+    /// Updates skipped for overflow (the schedule's step lags the iteration by this).
+    skipped_steps: u64,
     clip: f64,
     /// The partition of the flat buffers (stage 0: over one rank).
     shards: Shards,
@@ -315,11 +343,9 @@ pub struct Optimizer {
     decay_ranges: Vec<(i64, i64)>,
     split_ranges: Vec<(i64, i64)>,
     replicated_ranges: Vec<(i64, i64)>,
-    /// Test hook (`GLM_INJECT_INF_GRAD=<world rank or *>:<step>[:split]`):
-    /// the rank (every rank with `*`) writes an inf into the reduced
-    /// gradient it holds (its shard when partitioned) at that step (counted
-    /// from 1 in this process), at its first element, or with `split` at
-    /// the first element of a tensor-parallel slice it holds.
+    /// Test hook (`test_hooks::inf_gradient`): at this step (counted from 1
+    /// in this process) an inf is written into this element of the reduced
+    /// gradient this rank holds.
     inject_inf: Option<(u64, i64)>,
     /// AdamW through libtorch's fused kernel (on CUDA; CPU keeps the plain
     /// arithmetic of the golden losses).
@@ -353,12 +379,12 @@ impl Optimizer {
         let pieces = shards.pieces(dp_rank);
         let device = params.device();
         let owned: i64 = pieces.iter().map(|p| p.len).sum();
-        let _doing = crate::runtime::doing(format!(
+        let _doing = crate::runtime::report::doing(format!(
             "allocating the optimizer state ({} on {}: Adam moments{} for {} parameters)",
-            crate::runtime::human_bytes(owned as u64 * precision.optimizer_bytes_per_param()),
-            crate::runtime::device_name(device),
+            crate::runtime::units::human_bytes(owned as u64 * precision.optimizer_bytes_per_param()),
+            crate::runtime::units::device_name(device),
             if precision != Precision::Fp32 { " and fp32 master weights" } else { "" },
-            crate::runtime::human_count(owned as u64)
+            crate::runtime::units::human_count(owned as u64)
         ));
         let fp32 = |n: i64| Tensor::zeros([n], (Kind::Float, device));
         let mixed = precision != Precision::Fp32;
@@ -377,13 +403,10 @@ impl Optimizer {
         let replicated_flat = crate::model::params::complement(&split_flat, n);
         let map = |r: &[(i64, i64)]| if staged { shards.to_shard(dp_rank, r) } else { r.to_vec() };
         let world_rank = par.dims.rank;
-        let inject_inf = std::env::var("GLM_INJECT_INF_GRAD").ok().and_then(|v| {
-            let mut f = v.split(':').map(str::trim);
-            let (rank, step, at) = (f.next()?, f.next()?.parse::<u64>().ok()?, f.next());
-            let mine = rank == "*" || rank.parse::<usize>().ok()? == world_rank;
-            // the first element of the gradient it holds (of a split range with `split`)
-            let at = if at == Some("split") { map(&split_flat).first()?.0 } else { 0 };
-            mine.then_some((step, at))
+        // the first element of the gradient it holds (of a split range when asked)
+        let inject_inf = crate::test_hooks::inf_gradient(world_rank).and_then(|h| {
+            let at = if h.in_split_range { map(&split_flat).first()?.0 } else { 0 };
+            Some((h.step, at))
         });
         let reducer = if zero.stage == 2 {
             let units = shards.units();
@@ -456,6 +479,74 @@ impl Optimizer {
         self.scaler.as_ref().map_or(1.0, LossScaler::scale)
     }
 
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The ZeRO settings (stage, buckets) this optimizer runs with.
+    pub fn zero_config(&self) -> ZeroConfig {
+        self.zero
+    }
+
+    /// The fp16 loss scaler (fp16 runs).
+    pub fn scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// Updates skipped for overflow so far: the learning-rate schedule
+    /// stands at the iteration minus these.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    /// Sets where the learning-rate schedule stands (a resume that does not
+    /// load the optimizer state still continues the schedule).
+    pub fn set_skipped_steps(&mut self, n: u64) {
+        self.skipped_steps = n;
+    }
+
+    /// This rank's optimizer state, for a checkpoint (the moments are
+    /// shallow: they alias the optimizer's own buffers).
+    pub fn state(&self) -> OptimizerState {
+        OptimizerState {
+            exp_avg: self.adam.exp_avg.shallow_clone(),
+            exp_avg_sq: self.adam.exp_avg_sq.shallow_clone(),
+            moments: Moments::Shard,
+            step: self.adam.step,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.as_ref().map(|s| s.state.clone()),
+        }
+    }
+
+    /// Takes back a checkpoint's optimizer state: the moments (this rank's
+    /// shard of whole ones, or the shard as saved), AdamW's step, the
+    /// skipped steps and, when one was saved, the loss scaler's state.
+    pub fn load_state(&mut self, s: OptimizerState) -> Result<()> {
+        let (want, what) = match s.moments {
+            Moments::Whole => (self.shards.padded, "whole moments"),
+            Moments::Shard => (self.adam.exp_avg.size()[0], "a shard of the moments"),
+        };
+        if s.exp_avg.size() != [want] || s.exp_avg_sq.size() != [want] {
+            return Err(Error::Runtime(format!("optimizer state: {what} of {:?} and {:?} elements where this rank takes {want}", s.exp_avg.size(), s.exp_avg_sq.size())));
+        }
+        tch::no_grad(|| match s.moments {
+            Moments::Whole => {
+                self.adam.exp_avg.copy_(&own(&s.exp_avg, &self.pieces));
+                self.adam.exp_avg_sq.copy_(&own(&s.exp_avg_sq, &self.pieces));
+            }
+            Moments::Shard => {
+                self.adam.exp_avg.copy_(&s.exp_avg);
+                self.adam.exp_avg_sq.copy_(&s.exp_avg_sq);
+            }
+        });
+        self.adam.step = s.step;
+        self.skipped_steps = s.skipped_steps;
+        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), s.loss_scaler) {
+            scaler.state = saved;
+        }
+        Ok(())
+    }
+
     /// The partition of the flat buffers and this rank's index in it.
     pub fn shards(&self) -> (Shards, usize) {
         (self.shards, self.dp_rank)
@@ -513,15 +604,6 @@ impl Optimizer {
     /// Elements per rank in one all-gather call (`allgather_bucket_size` over dp).
     fn gather_chunk(&self) -> i64 {
         (self.zero.allgather_bucket_size / self.shards.dp as i64).max(1)
-    }
-
-    /// Sets AdamW's moments from whole-buffer tensors (every rank passes
-    /// the same): this rank keeps its shard.
-    pub fn set_full_moments(&mut self, m: &Tensor, v: &Tensor) {
-        tch::no_grad(|| {
-            self.adam.exp_avg.copy_(&own(m, &self.pieces));
-            self.adam.exp_avg_sq.copy_(&own(v, &self.pieces));
-        });
     }
 
     /// Folds what backward produced for one micro-batch into the step's

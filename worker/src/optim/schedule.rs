@@ -2,7 +2,7 @@
 //! WarmupLR / WarmupDecayLR / WarmupCosineLR (which take precedence when the
 //! DeepSpeed config has a `scheduler` block).
 
-use crate::config::ds::SchedulerCfg;
+use glm_common::ds::SchedulerCfg;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {

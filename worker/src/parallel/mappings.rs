@@ -98,7 +98,7 @@ extern "C" fn collective(op: i32, g: *mut c_void, t: *mut C_tensor, err: *mut i3
                 let g = comm.all_gather(&moved)?;
                 Ok(Some(g.movedim([0], [-1]).contiguous()))
             }
-            other => Err(Error::Config(format!("unknown collective {other}"))),
+            other => Err(Error::Extension { op: "tensor-parallel region".into(), msg: format!("unknown collective {other}") }),
         }
     }));
     let fail = |msg: String| {
@@ -115,7 +115,7 @@ extern "C" fn collective(op: i32, g: *mut c_void, t: *mut C_tensor, err: *mut i3
             p
         }
         Ok(Err(e)) => fail(e.to_string()),
-        Err(p) => fail(crate::runtime::panic_summary(&*p)),
+        Err(p) => fail(crate::runtime::report::panic_summary(&*p)),
     }
 }
 
@@ -123,7 +123,7 @@ fn wrap(p: *mut C_tensor, what: &str) -> Result<Tensor> {
     if p.is_null() {
         // SAFETY: a NUL-terminated thread-local string of the shim.
         let msg = unsafe { CStr::from_ptr(glm_tp_last_error()) }.to_string_lossy().into_owned();
-        return Err(Error::Runtime(format!("{what}: {msg}")));
+        return Err(Error::Extension { op: what.to_string(), msg });
     }
     // SAFETY: a fresh heap tensor returned by the shim, now ours.
     Ok(unsafe { Tensor::from_ptr(p) })
@@ -184,7 +184,7 @@ mod tests {
         }
         fn all_reduce(&self, t: &mut Tensor, _op: ReduceOp) -> Result<()> {
             if self.fail {
-                return Err(Error::Config("the network is down".into()));
+                return Err(crate::comm::fail("all_reduce", self, "the network is down"));
             }
             tch::no_grad(|| {
                 let _ = t.g_mul_scalar_(1.0 + self.peer);

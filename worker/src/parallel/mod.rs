@@ -1,6 +1,7 @@
 //! Parallel layout: the rank grid and the communicators a rank trains with.
 
 pub use glm_common::dims;
+pub mod check;
 pub mod layers;
 pub mod mappings;
 

@@ -1,6 +1,7 @@
 //! Training: the step (shared by the trainer and `bench-step`), the step
 //! loop, evaluation, metrics.
 
+pub mod build;
 pub mod metrics;
 pub mod save_dir;
 pub mod step;

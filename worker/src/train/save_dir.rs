@@ -118,7 +118,7 @@ fn claim_here(save: &Path, load: Option<&Path>, overwrite: bool) -> Result<SaveD
             r.at(e)?;
         }
     }
-    let host = crate::runtime::hostname();
+    let host = crate::runtime::host::hostname();
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let cmd: Vec<String> = std::env::args().collect();
     f.set_len(0).at(&path)?;

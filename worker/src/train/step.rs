@@ -53,7 +53,7 @@ pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: St
         let loss = if scale != 1.0 { loss * scale } else { loss };
         // a failure inside backward (a collective of a tensor-parallel region,
         // a recomputed chunk) is an error here, not a panic
-        loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {}", crate::runtime::torch_error(&e.to_string()))))?;
+        loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {}", crate::runtime::report::torch_error(&e.to_string()))))?;
         opt.accumulate(&mut model.params)?;
     }
     let stats = opt.step(&mut model.params, lr)?;

@@ -23,10 +23,11 @@ use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareO
 use crate::data::store::{parse_split, split_documents, TokenStore};
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
-use crate::model::glm::{Batch, Glm, ModelOptions};
-use crate::optim::optimizer::{MemoryBytes, OptimConfig, Optimizer};
+use crate::model::glm::{Batch, Glm};
+use crate::optim::optimizer::{MemoryBytes, Optimizer};
 use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
+use super::build::{build, Recipe};
 use super::step::{train_step, StepOutput, StepPlan};
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
@@ -70,7 +71,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
         };
         // SAFETY: write(2) and _exit(2) are async-signal-safe. (The
         // temporaries of an unfinished store or tokenizer are removed by the
-        // next run: runtime::temp_path.)
+        // next run: runtime::host::temp_path.)
         unsafe {
             libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
             libc::_exit(128 + sig);
@@ -107,7 +108,7 @@ pub struct HeldOut {
 pub fn held_out(model: &Glm, sampler: &BlockSampler, mode: Option<crate::data::blocklm::Mode>, iters: u64, batch: usize, device: Device, par: &Parallel) -> Result<HeldOut> {
     let d = par.dims;
     let what = mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "mixed".into());
-    let _doing = crate::runtime::doing(format!("evaluating held-out data ({what} samples, batch {batch})"));
+    let _doing = crate::runtime::report::doing(format!("evaluating held-out data ({what} samples, batch {batch})"));
     // [nll, correct, count]
     let mut acc = [0.0f64; 3];
     tch::no_grad(|| -> Result<()> {
@@ -252,21 +253,7 @@ impl Trainer {
         };
         println!("data: split {}: {}", a.split, splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", "));
 
-        let mcfg = cfg.model_config(padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, a.model_parallel_size));
-        let mo = ModelOptions {
-            device: opts.device,
-            kind: cfg.precision.kind(),
-            seed: a.seed as i64,
-            tp: par.tp.clone(),
-            pad_multiple: 64 * par.dims.dp as i64,
-            fp32_layernorm: cfg.fp32_layernorm,
-            fp32_embedding: cfg.fp32_embedding,
-            attention_scale: cfg.attention_scale,
-            checkpoint_num_layers: cfg.checkpoint_num_layers,
-        };
-        let mut model = Glm::build(mcfg, &mo)?;
-        let ocfg = OptimConfig { precision: cfg.precision, adam: cfg.adam, clip: cfg.clip, scaler: cfg.scaler.clone(), zero: cfg.zero };
-        let mut opt = Optimizer::new(&mut model.params, &ocfg, &par)?;
+        let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
         let (n, pos) = model.cfg.num_params();
         println!(
             "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), {}, on {:?}",
@@ -312,7 +299,7 @@ impl Trainer {
             checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
             let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
-            let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero.stage, par.dims.dp));
+            let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero_config().stage, par.dims.dp));
             let reshard = if saved != now && state.has_optimizer && !a.no_load_optim { format!("; optimizer state re-partitioned from {saved} to {now}") } else { String::new() };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
         } else {
@@ -332,7 +319,7 @@ impl Trainer {
     pub fn step(&mut self, it: u64) -> Result<(StepOutput, f64)> {
         let a = &self.cfg.args.args;
         let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
-        let lr = self.cfg.schedule.lr(it - self.opt.skipped_steps);
+        let lr = self.cfg.schedule.lr(it - self.opt.skipped_steps());
         let (b, device, d, train) = (self.cfg.batch, self.device, self.par.dims, &self.train);
         // this rank's share of micro-batch m: the global micro-batch is
         // micro × dp consecutive sample indices, of which data-parallel rank
@@ -343,7 +330,7 @@ impl Trainer {
             Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
         let accum = b.accum;
-        let _doing = crate::runtime::doing(format!("training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})", b.micro, a.seq_length));
+        let _doing = crate::runtime::report::doing(format!("training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})", b.micro, a.seq_length));
         let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr }, &mut next)?;
         Ok((out, lr))
     }
@@ -411,10 +398,12 @@ impl Trainer {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
             consumed_samples: self.iteration * self.cfg.batch.global as u64,
-            optimizer_step: self.opt.adam.step,
-            skipped_steps: self.opt.skipped_steps,
-            precision: self.opt.precision,
-            loss_scaler: self.opt.scaler.as_ref().map(|s| s.state.clone()),
+            // the optimizer's part (step, skipped steps, precision, loss
+            // scaler, ZeRO manifest) is filled in by checkpoint::save
+            optimizer_step: 0,
+            skipped_steps: 0,
+            precision: Default::default(),
+            loss_scaler: None,
             model: self.model.cfg.clone(),
             tp: self.par.dims.tp,
             dp: self.par.dims.dp,
@@ -480,7 +469,7 @@ impl Trainer {
                     &pb,
                     &format!("iteration {it}: gradient overflow (inf/NaN) on some rank; step skipped (learning-rate schedule held), loss scale {from} -> {to} (hysteresis left {hysteresis_left})"),
                 ),
-                Some(ScaleEvent::Clean { grown: Some((from, to)) }) => say(&pb, &format!("iteration {it}: no overflow for {} steps; loss scale {from} -> {to}", self.opt.scaler.as_ref().map_or(0, |s| s.cfg.loss_scale_window))),
+                Some(ScaleEvent::Clean { grown: Some((from, to)) }) => say(&pb, &format!("iteration {it}: no overflow for {} steps; loss scale {from} -> {to}", self.opt.scaler().map_or(0, |s| s.cfg.loss_scale_window))),
                 _ => {}
             }
             if let Some(pb) = &pb {
@@ -500,7 +489,7 @@ impl Trainer {
                     tokens_per_s: tps,
                     tflops: tps * flops_per_token / 1e12,
                     mem_mb: rss_mb(),
-                    loss_scale: self.opt.scaler.as_ref().map(|_| out.stats.loss_scale),
+                    loss_scale: self.opt.scaler().map(|_| out.stats.loss_scale),
                     skipped,
                 };
                 let scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
@@ -555,14 +544,14 @@ impl Trainer {
 /// that could fit; past it the kernel would kill the run midway. For CPU runs
 /// only: the CUDA allocator fails cleanly, with the size asked for.
 pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, local_ranks: usize, vocab: usize) -> Result<()> {
-    let Some(machine) = crate::runtime::host_memory_bytes() else { return Ok(()) };
+    let Some(machine) = crate::runtime::host::host_memory_bytes() else { return Ok(()) };
     let a = &cfg.args.args;
     let (n, pos) = cfg.model_config(padded_vocab_size(vocab, a.make_vocab_size_divisible_by, dims.tp)).num_params();
     let per_rank = ((n + pos) / dims.tp) as i64;
     let states = MemoryBytes::theory(per_rank, cfg.precision, dims.dp, cfg.zero.stage).total();
     let share = machine / local_ranks.max(1) as u64;
     if states > share {
-        use crate::runtime::{human_bytes, human_count};
+        use crate::runtime::units::{human_bytes, human_count};
         return Err(Error::Config(format!(
             "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}), \
              and this machine has {} of RAM and swap for {} rank(s): {} each{}",
@@ -574,7 +563,7 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
             human_bytes(machine),
             local_ranks,
             human_bytes(share),
-            crate::runtime::MODEL_TOO_LARGE_HINT
+            crate::runtime::report::MODEL_TOO_LARGE_HINT
         )));
     }
     Ok(())
@@ -591,14 +580,14 @@ pub fn memory_report(model: &Glm, opt: &Optimizer, par: &Parallel) -> Vec<String
     let dp = par.dims.dp;
     let theory: Vec<String> = (0..3u8)
         .map(|s| {
-            let t = MemoryBytes::theory(numel, opt.precision, dp, s);
+            let t = MemoryBytes::theory(numel, opt.precision(), dp, s);
             format!("stage {s} {:.1} MB", mb(t.total()))
         })
         .collect();
     let mut out = vec![
         format!(
             "memory: this rank (ZeRO stage {}, data-parallel {dp}) holds parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB = {:.1} MB",
-            opt.zero.stage,
+            opt.zero_config().stage,
             mb(m.params),
             mb(m.grads),
             mb(m.optimizer),
@@ -607,12 +596,12 @@ pub fn memory_report(model: &Glm, opt: &Optimizer, par: &Parallel) -> Vec<String
         format!(
             "memory: theory per rank for these {:.2} M parameters of this rank ({}, ZeRO paper: params + grads + {} B/param optimizer state): {}",
             numel as f64 / 1e6,
-            opt.precision.name(),
-            opt.precision.optimizer_bytes_per_param(),
+            opt.precision().name(),
+            opt.precision().optimizer_bytes_per_param(),
             theory.join(", ")
         ),
     ];
-    if opt.zero.stage == 2 {
+    if opt.zero_config().stage == 2 {
         out.push(format!("memory: stage 2 reduces gradients in buckets of {} elements during backward (a bucket is freed once reduced)", opt.shards().0.unit));
     }
     out

@@ -1,0 +1,186 @@
+//! `bench-step`: the training step on a synthetic batch, timed (the
+//! benchmark of scripts/bench.sh and scripts/gpu_check.sh).
+
+use anyhow::Result;
+use tch::Tensor;
+
+use glm_worker::comm::Communicator;
+use glm_worker::model::glm::{Batch, GlmConfig};
+use glm_worker::optim::adamw::AdamWConfig;
+use glm_worker::optim::optimizer::{OptimConfig, Precision};
+use glm_worker::optim::zero::ZeroConfig;
+use glm_worker::parallel::Parallel;
+use glm_worker::train::build::{build, Recipe};
+
+use crate::at_least;
+use crate::rank::{device, rank_device};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Intra-op threads
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    threads: i32,
+    /// Timed steps
+    #[arg(long, default_value_t = 20, value_parser = at_least(1))]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
+    layers: usize,
+    #[arg(long, default_value_t = 256, value_parser = at_least(1))]
+    hidden: usize,
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
+    heads: usize,
+    /// Sequence length (Part A is its first half, Part B its second)
+    #[arg(long, default_value_t = 256, value_parser = at_least(2))]
+    seq: usize,
+    #[arg(long, default_value_t = 8, value_parser = at_least(1))]
+    batch: usize,
+    /// Vocabulary size (token ids are drawn from 10 up)
+    #[arg(long, default_value_t = 16000, value_parser = at_least(16))]
+    vocab: usize,
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// cpu, cuda, or auto
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32, bf16 or fp16 (fp16: dynamic loss scaling)
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Recompute every layer in backward (activation checkpointing)
+    #[arg(long)]
+    checkpoint_activations: bool,
+    /// ZeRO stage (0, 1, 2) over the data-parallel ranks (run under mpirun: one batch per rank)
+    #[arg(long, default_value_t = 0)]
+    zero_stage: u8,
+    /// ZeRO's reduce_bucket_size (elements)
+    #[arg(long, default_value_t = 500_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    reduce_bucket_size: i64,
+    /// ZeRO's allgather_bucket_size (elements)
+    #[arg(long, default_value_t = 500_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    allgather_bucket_size: i64,
+}
+
+/// One training step per iteration on a fixed synthetic batch (Part A = first
+/// half, Part B = second half in the loss), as bench/glm_torch.py does,
+/// through the trainer's own step (`train::step::train_step`).
+pub fn bench_step(a: BenchArgs) -> Result<()> {
+    tch::set_num_threads(a.threads);
+    // under mpirun: data parallelism over every rank, one batch per rank
+    let world = glm_worker::comm::mpi::world()?;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
+    let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
+    let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
+    let cfg = GlmConfig {
+        vocab_size: a.vocab,
+        hidden_size: a.hidden,
+        num_layers: a.layers,
+        num_attention_heads: a.heads,
+        intermediate_size: 4 * a.hidden,
+        max_position_embeddings: a.seq,
+        layernorm_epsilon: 1e-5,
+        hidden_dropout: a.dropout,
+        attention_dropout: a.dropout,
+        output_dropout: a.dropout,
+        block_position_encoding: true,
+    };
+    // device memory before the model: the baseline of the peak reported
+    let baseline = match device {
+        tch::Device::Cuda(_) => {
+            let _ = Tensor::zeros([1], (tch::Kind::Float, device));
+            glm_worker::runtime::cuda::memory_in_use()
+        }
+        _ => None,
+    };
+    let par = Parallel::build(&world, dims, device)?;
+    // the seed configs' AdamW (as bench/glm_torch.py), clipping at 1
+    let zero = ZeroConfig { stage: a.zero_stage, reduce_bucket_size: a.reduce_bucket_size, allgather_bucket_size: a.allgather_bucket_size, overlap_comm: true };
+    let recipe = Recipe { checkpoint_num_layers: usize::from(a.checkpoint_activations), ..Recipe::new(cfg.clone(), OptimConfig { zero, ..OptimConfig::new(precision, AdamWConfig::GLM, 1.0) }, 1234) };
+    let (mut model, mut opt) = build(&recipe, &par, device)?;
+    let (b, s) = (a.batch as i64, a.seq as i64);
+    let half = s / 2;
+    let mut rng = glm_worker::rng::Rng::new(7 + dims.rank as u64);
+    let mut rand = |n: i64| -> Tensor {
+        let v: Vec<i64> = (0..n).map(|_| 10 + rng.below(a.vocab as u64 - 10) as i64).collect();
+        Tensor::from_slice(&v).view([b, s]).to(device)
+    };
+    let row = |f: &dyn Fn(i64) -> i64| Tensor::from_slice(&(0..s).map(f).collect::<Vec<_>>()).unsqueeze(0).repeat([b, 1]).to(device);
+    let batch = Batch {
+        tokens: rand(b * s),
+        targets: rand(b * s),
+        position_ids: row(&|i| i.min(half - 1)),
+        block_position_ids: row(&|i| if i < half { 0 } else { i - half + 1 }),
+        loss_mask: row(&|i| i64::from(i >= half)),
+        sep: Tensor::from_slice(&vec![half; a.batch]).to(device),
+    };
+    let shallow = |b: &Batch| Batch {
+        tokens: b.tokens.shallow_clone(),
+        targets: b.targets.shallow_clone(),
+        loss_mask: b.loss_mask.shallow_clone(),
+        position_ids: b.position_ids.shallow_clone(),
+        block_position_ids: b.block_position_ids.shallow_clone(),
+        sep: b.sep.shallow_clone(),
+    };
+    let (mut times, mut skipped, mut sent0) = (Vec::new(), 0, 0);
+    for i in 0..a.warmup + a.iters {
+        if i == a.warmup {
+            sent0 = par.bytes_sent();
+        }
+        let t0 = std::time::Instant::now();
+        // the step reads its loss back (a device sync), so the time is the step's
+        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, lr: 1e-3 };
+        let out = glm_worker::train::step::train_step(&mut model, &mut opt, &par, plan, &mut |_| Ok(shallow(&batch)))?;
+        if i >= a.warmup && out.stats.skipped {
+            skipped += 1;
+        }
+        if let tch::Device::Cuda(d) = device {
+            tch::Cuda::synchronize(d as i64);
+        }
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let sent_per_step = (par.bytes_sent() - sent0) as f64 / a.iters.max(1) as f64;
+    let sec = times.iter().sum::<f64>() / times.len() as f64;
+    let tps = (a.batch * a.seq * dims.dp) as f64 / sec;
+    // CUDA: device memory the run added (the caching allocator's high-water
+    // mark); CPU: the process's peak resident memory
+    let peak = if device.is_cuda() {
+        match (baseline, glm_worker::runtime::cuda::memory_in_use()) {
+            (Some(b0), Some(b1)) => format!("{:.0}", b1.saturating_sub(b0) as f64 / 1e6),
+            _ => "?".into(), // cudaMemGetInfo not found
+        }
+    } else {
+        // the largest over the ranks
+        format!("{:.0}", par.world_max(glm_worker::runtime::host::peak_rss_bytes() as i64)? as f64 / 1e6)
+    };
+    let states = opt.memory(&model.params);
+    let zero = if dims.world > 1 || a.zero_stage > 0 {
+        format!(
+            " ranks={} zero={} model_states_mb={:.1} sent_mb_per_step={:.2}",
+            dims.world,
+            a.zero_stage,
+            states.total() as f64 / 1e6,
+            sent_per_step / 1e6
+        )
+    } else {
+        String::new()
+    };
+    if dims.rank == 0 {
+        println!(
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{}",
+            device,
+            a.threads,
+            precision.name(),
+            u8::from(a.checkpoint_activations),
+            tps * cfg.flops_per_token(a.seq) / 1e12,
+            sec * 1000.0,
+            // fp16 steps skipped for overflow inside the timed window (no optimizer update)
+            if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
+        );
+    }
+    drop((opt, model, par, world));
+    glm_worker::comm::mpi::finalize();
+    Ok(())
+}
+

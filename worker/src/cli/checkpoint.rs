@@ -1,0 +1,70 @@
+//! `checkpoint merge | split | inspect`: one checkpoint layout into another,
+//! and what a checkpoint holds.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum CheckpointCmd {
+    /// Any layout (tensor-parallel parts, ZeRO shards) -> one whole-model checkpoint
+    Merge {
+        /// Checkpoint directory, or a save dir (its latest)
+        #[arg(long)]
+        load: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also merge the optimizer state (AdamW moments by parameter name)
+        #[arg(long)]
+        with_optimizer: bool,
+    },
+    /// Print what a checkpoint holds: layout, iteration, files, tensors, checksums, completeness
+    Inspect {
+        /// Checkpoint directory, or a save dir (its latest)
+        dir: PathBuf,
+        /// Also list every tensor (name, dtype, shape, bytes)
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// One whole-model checkpoint -> <out>/mp_rank_XX/ parts for --tp ranks (weights only)
+    Split {
+        #[arg(long)]
+        load: PathBuf,
+        #[arg(long)]
+        tp: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+
+pub fn run(cmd: CheckpointCmd) -> Result<()> {
+    match cmd {
+        CheckpointCmd::Merge { load, out, with_optimizer } => {
+            let dir = glm_worker::checkpoint::resolve(&load)?;
+            let (n, state) = glm_worker::checkpoint::merge(&dir, &out, with_optimizer)?;
+            let zero = state.dp.max(1);
+            println!(
+                "checkpoint: merged {} (iteration {}, {n} tensor-parallel part(s), data-parallel {zero}) into {}: fp32 weights{}",
+                dir.display(),
+                state.iteration,
+                out.display(),
+                if with_optimizer { " and the whole optimizer state" } else { " only" }
+            );
+        }
+        CheckpointCmd::Inspect { dir, tensors } => {
+            let (lines, complete) = glm_worker::checkpoint::inspect(&dir, tensors)?;
+            for l in lines {
+                println!("{l}");
+            }
+            anyhow::ensure!(complete, "{}: the checkpoint is incomplete or damaged (see above)", dir.display());
+        }
+        CheckpointCmd::Split { load, tp, out } => {
+            let dir = glm_worker::checkpoint::resolve(&load)?;
+            glm_worker::checkpoint::split(&dir, tp, &out)?;
+            println!("checkpoint: split {} into {tp} tensor-parallel parts under {}", dir.display(), out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The data commands: `prepare` (a corpus into a token store),
+//! `make-corpus` (the default corpus from fortunes-zh) and `samples`
+//! (blank-infilling samples from a store, decoded or as JSON).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::ValueEnum;
+
+use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
+use glm_worker::data::corpus::{corpus_files, CorpusOptions};
+use glm_worker::data::fortunes;
+use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
+use glm_worker::data::store::{self, split_documents, TokenStore};
+use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer};
+
+use crate::output::{mb, progress_bar};
+
+#[derive(clap::Args)]
+pub struct MakeCorpusArgs {
+    /// Folder holding the fortune files chinese, tang300 and song100
+    #[arg(long, default_value = fortunes::DEFAULT_SOURCE_DIR)]
+    src: PathBuf,
+    /// Output JSON file
+    #[arg(long, default_value = "glm_pretrain/data/data.json")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// Corpus file or folder (.json array, .jsonl, or text)
+    #[arg(long)]
+    data: PathBuf,
+    /// BERT vocab.txt or tokenizer.json; omitted: train a WordPiece tokenizer on the corpus
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Output directory of the token store
+    #[arg(long)]
+    out: PathBuf,
+    /// Key of the text in JSON Lines records
+    #[arg(long, default_value = "text")]
+    text_key: String,
+    /// Count and skip malformed records instead of stopping at the first
+    #[arg(long)]
+    skip_malformed: bool,
+    /// Vocabulary size when training a tokenizer
+    #[arg(long, default_value_t = 16000)]
+    vocab_size: usize,
+    /// Where trained tokenizers are cached
+    #[arg(long, default_value = "glm_pretrain/model")]
+    tokenizer_cache: PathBuf,
+    /// At most this many MB of text are used to train a tokenizer
+    #[arg(long, default_value_t = 512)]
+    tokenizer_train_mb: usize,
+    /// Rebuild the store even when it is up to date
+    #[arg(long)]
+    force: bool,
+    /// Train/valid/test weights to report the split with (as in configs.json)
+    #[arg(long, default_value = "949,50,1")]
+    split: String,
+    /// Seed of the split shuffle
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// make_vocab_size_divisible_by, to report the model's padded vocabulary
+    #[arg(long, default_value_t = 128)]
+    make_vocab_size_divisible_by: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Span,
+    Sentence,
+    Generation,
+}
+
+#[derive(clap::Args)]
+pub struct SamplesArgs {
+    /// Token store directory (from `prepare`)
+    #[arg(long)]
+    store: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    count: u64,
+    #[arg(long, default_value_t = 128)]
+    seq_length: usize,
+    #[arg(long, value_enum, default_value = "span")]
+    mode: ModeArg,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Use [sMASK]/[gMASK] for sentence/generation blanks
+    #[arg(long)]
+    task_mask: bool,
+    /// Print statistics (masked fraction, span lengths, build rate) instead of samples
+    #[arg(long)]
+    summary: bool,
+    /// Print each sample as one JSON line: token ids, targets, loss mask, positions
+    #[arg(long)]
+    json: bool,
+    /// Build samples with a run's masking settings: its configs.json (seq_length, seed,
+    /// bert_prob/gap_sentence_prob and ratios, avg_block_length, task_mask, ...), over
+    /// --seq-length/--seed/--task-mask
+    #[arg(long = "args")]
+    args_file: Option<PathBuf>,
+    /// With --args: override a key of it (as in training)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+pub fn make_corpus(a: MakeCorpusArgs) -> Result<()> {
+    let (src, out) = (&a.src, &a.out);
+    let counts = fortunes::build_corpus(src, out)?;
+    let total: usize = counts.iter().map(|(_, n)| n).sum();
+    let detail: Vec<String> = counts.iter().map(|(f, n)| format!("{f} {n}")).collect();
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    println!("make-corpus: {} records ({}) -> {} ({:.2} MB)", total, detail.join(", "), out.display(), mb(size));
+    Ok(())
+}
+
+pub fn prepare(a: PrepareArgs) -> Result<()> {
+    glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
+    // Check every argument before doing work, so a typo costs nothing.
+    let weights = store::parse_split(&a.split)?;
+    let files = corpus_files(&a.data)?;
+    let opts = PrepareOptions {
+        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
+        vocab_size: a.vocab_size,
+        tokenizer_cache: a.tokenizer_cache.clone(),
+        tokenizer_train_bytes: a.tokenizer_train_mb << 20,
+        force: a.force,
+        show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
+        ..PrepareOptions::default()
+    };
+    let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
+    let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &a.out, &opts)?;
+    println!(
+        "prepare: tokenizer {origin}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
+        tok.vocab_size(),
+        padded_vocab_size(tok.vocab_size(), a.make_vocab_size_divisible_by, 1),
+        a.make_vocab_size_divisible_by,
+        &tok.sha256[..16]
+    );
+    let pb = progress_bar(total_bytes, "tokenizing");
+    let (meta, outcome) = ensure_store(&files, &tok, &a.out, &opts, &|done| pb.set_position(done))?;
+    pb.finish_and_clear();
+    match outcome {
+        StoreOutcome::Reused => println!("prepare: store {} is up to date (same corpus and tokenizer); reusing it", a.out.display()),
+        StoreOutcome::Built { report, reason } => {
+            if let Some(why) = reason {
+                println!("prepare: rebuilt {}: {why}", a.out.display());
+            }
+            println!(
+                "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document{})",
+                meta.documents,
+                report.stats.empty,
+                report.stats.skipped,
+                report.documents_without_tokens,
+                meta.tokens,
+                meta.tokens as f64 / meta.documents as f64,
+                meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default()
+            );
+            println!(
+                "prepare: tokenized {:.2} MB of text in {:.2} s = {:.2} MB/s, {:.0} tokens/s",
+                mb(meta.text_bytes),
+                report.seconds,
+                mb(meta.text_bytes) / report.seconds,
+                meta.tokens as f64 / report.seconds
+            );
+        }
+    }
+    if let Some(w) = meta.unknown_warning() {
+        println!("warning: {w}");
+    }
+    let splits = split_documents(meta.documents as usize, &weights, a.seed);
+    let names = ["train", "valid", "test"];
+    let parts: Vec<String> = splits.iter().zip(names).map(|(s, n)| format!("{n} {}", s.len())).collect();
+    println!("prepare: split {} (seed {}): {} documents", a.split, a.seed, parts.join(", "));
+    println!("prepare: store {} ({} ids of {} bytes, {} documents)", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
+    Ok(())
+}
+
+pub fn samples(a: SamplesArgs) -> Result<()> {
+    let st = Arc::new(TokenStore::open(&a.store)?);
+    let tok = GlmTokenizer::load(&a.store.join("tokenizer.json"))?;
+    anyhow::ensure!(
+        tok.sha256 == st.meta.tokenizer_sha256,
+        "{}: tokenizer.json does not match meta.json (rebuild the store)",
+        a.store.display()
+    );
+    let cfg = match &a.args_file {
+        Some(p) => {
+            let loaded = glm_worker::config::args::LoadedArgs::load(Some(p), &a.sets)?;
+            let c = glm_worker::config::run::block_config(&loaded.args);
+            c.validate().map_err(|e| anyhow::anyhow!("{}: {e} (blank-infilling settings)", p.display()))?;
+            c
+        }
+        None => {
+            anyhow::ensure!(a.sets.is_empty(), "--set needs --args (the configs.json it overrides)");
+            BlockConfig { seq_length: a.seq_length, seed: a.seed, task_mask: a.task_mask, ..BlockConfig::default() }
+        }
+    };
+    let docs = (0..st.num_docs() as u32).collect();
+    let sm = BlockSampler::new(st, docs, cfg, tok.sentence_end_table().to_vec())?;
+    let mode = match a.mode {
+        ModeArg::Span => Mode::Span,
+        ModeArg::Sentence => Mode::Sentence,
+        ModeArg::Generation => Mode::Generation,
+    };
+    if a.summary {
+        return summarize(&sm, mode, a.count, &tok);
+    }
+    for i in 0..a.count {
+        let s = sm.sample(i, mode);
+        if a.json {
+            let n = s.len;
+            let v = serde_json::json!({
+                "index": i, "mode": format!("{mode:?}").to_lowercase(), "suffix": s.suffix, "sep": s.sep, "len": n,
+                "tokens": &s.tokens[..n], "targets": &s.targets[..n], "loss_mask": &s.loss_mask[..n],
+                "position_ids": &s.position_ids[..n], "block_position_ids": &s.block_position_ids[..n],
+            });
+            println!("{v}");
+            continue;
+        }
+        println!("sample {i} ({mode:?}{}): {} tokens, sep {}", if s.suffix { ", suffix" } else { "" }, s.len, s.sep);
+        println!("  Part A: {}", tok.decode(&s.tokens[..s.sep], false));
+        let mut j = s.sep;
+        while j < s.len {
+            let start = j;
+            j += 1;
+            while j < s.len && s.tokens[j] != tok.special.sop {
+                j += 1;
+            }
+            println!("  Part B @{}: {}", s.position_ids[start], tok.decode(&s.targets[start..j], false));
+        }
+    }
+    Ok(())
+}
+
+/// Builds `count` samples and reports what a user checks a masking setup by.
+fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let (mut used, mut loss, mut blocks, mut suffix) = (0usize, 0usize, 0usize, 0usize);
+    for i in 0..count {
+        let s = sm.sample(i, mode);
+        used += s.len;
+        loss += s.loss_mask.iter().map(|&m| m as usize).sum::<usize>();
+        blocks += s.tokens[s.sep..s.len].iter().filter(|&&t| t == tok.special.sop).count();
+        suffix += usize::from(s.suffix);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let seq = sm.config().seq_length;
+    let n = count.max(1) as f64;
+    println!("samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {:.0} samples/s ({:.2} M tokens/s)", n / secs, n * seq as f64 / secs / 1e6);
+    println!("samples: {:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample", 100.0 * used as f64 / (n * seq as f64), blocks as f64 / n, loss as f64 / n);
+    if mode == Mode::Span && blocks > 0 {
+        // a span of k tokens gives k + 1 loss tokens (the span and <|endofpiece|>)
+        let masked = loss - blocks;
+        println!(
+            "samples: mean span length {:.2} (distribution mean {:.2}), {:.1}% of Part A+B tokens masked",
+            masked as f64 / blocks as f64,
+            sm.config().mean_span_length(),
+            100.0 * masked as f64 / (used - 2 * blocks) as f64
+        );
+    }
+    if mode == Mode::Generation {
+        println!("samples: {:.1}% prefix/suffix form, the rest one blank in the middle", 100.0 * suffix as f64 / n);
+    }
+    Ok(())
+}

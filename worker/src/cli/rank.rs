@@ -1,0 +1,35 @@
+//! The device a rank computes on.
+
+use anyhow::Result;
+
+/// The device of a rank with this local rank: `cuda:<local rank>` on CUDA.
+pub fn rank_device(choice: &str, local_rank: usize) -> Result<tch::Device> {
+    match device(choice)? {
+        tch::Device::Cuda(_) => {
+            let n = tch::Cuda::device_count() as usize;
+            // Slurm binding one GPU to each task (--gpus-per-task,
+            // --gpu-bind) leaves it exactly one device, whatever its local rank
+            let one = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| !v.is_empty() && !v.contains(','));
+            let slurm_gpus = std::env::var_os("SLURM_STEP_GPUS").is_some() || std::env::var_os("SLURM_JOB_GPUS").is_some();
+            if n == 1 && one && slurm_gpus {
+                return Ok(tch::Device::Cuda(0));
+            }
+            anyhow::ensure!(local_rank < n, "local rank {local_rank} needs cuda:{local_rank}, but this node shows {n} CUDA device(s); start at most {n} ranks per node (CUDA_VISIBLE_DEVICES)");
+            Ok(tch::Device::Cuda(local_rank))
+        }
+        d => Ok(d),
+    }
+}
+
+pub fn device(choice: &str) -> Result<tch::Device> {
+    glm_worker::runtime::torch::load_cuda();
+    match choice {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: CUDA is not available (no GPU, driver, or libtorch_cuda)");
+            Ok(tch::Device::Cuda(0))
+        }
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
+    }
+}
