@@ -22,12 +22,20 @@
 #      code paths, hooks, reduce-scatter and all-gather through NCCL): the
 #      bench step at stages 0/1/2 in bf16 (model-state bytes and tokens/s),
 #      and a stage-2 bf16 training run with a checkpoint, a resume from it
-#      and `checkpoint inspect`.
+#      and `checkpoint inspect`;
+#   9. two ranks on one GPU (mpirun -np 2, GLM_COMM_BACKEND=host-staged:
+#      every collective through host memory over MPI, since NCCL refuses two
+#      ranks on one device): TP=2, and DP=2 with ZeRO stage 2, in bf16, each
+#      against one bf16 rank, per-iteration losses within 1e-3 relative (the
+#      CPU parity tests' tolerance). This runs the multi-rank CUDA training
+#      path (TP regions, ZeRO reduce-scatter/all-gather of CUDA buffers, the
+#      agreement on overflow and norms) on one GPU, all but NCCL itself.
 # Every step runs even if an earlier one failed; the summary lists each
 # step's result and the exit status is non-zero if any failed.
 #
 # Binaries: GLM_BIN_DIR, else <bundle>/bin (scripts/gpu_bundle.sh makes a
-# bundle: binaries, OpenMPI runtime, default corpus), else target/release.
+# bundle: binaries, OpenMPI runtime and mpirun, default corpus), else
+# target/release.
 # Usage: scripts/gpu_check.sh [bundle-dir] [log-file]
 # GLM_CHECK_DEVICE=cpu GLM_CHECK_QUICK=1 runs the same steps on the CPU, in
 # seconds, to test this script itself where there is no GPU (steps 5 and 6
@@ -47,11 +55,17 @@ BIN="$BIN_DIR/glm-worker"
 
 # OpenMPI: the bundle's when there is a bundle (the build's own; a singleton
 # world with no daemon: a world of one needs no mpirun), else the system's.
+MPIRUN=mpirun
 if [ -d "$BUNDLE/mpi/lib" ] && [ -z "${GLM_SYSTEM_MPI:-}" ]; then
   export LD_LIBRARY_PATH="$BUNDLE/mpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export OMPI_MCA_mca_base_component_path="$BUNDLE/mpi/lib/openmpi3"
   export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_pmix=isolated
   export OMPI_MCA_mca_base_component_show_load_errors=0
+  # mpirun (step 9) finds its help texts, PMIx's plugins and Debian's MCA
+  # settings in the bundle; OPAL_PREFIX relocates the installation
+  export OPAL_PREFIX="$BUNDLE/mpi" PMIX_MCA_mca_base_component_path="$BUNDLE/mpi/lib/pmix"
+  [ -f "$BUNDLE/mpi/etc/openmpi-mca-params.conf" ] && export OMPI_MCA_mca_base_param_files="$BUNDLE/mpi/etc/openmpi-mca-params.conf"
+  [ -x "$BUNDLE/mpi/bin/mpirun" ] && MPIRUN="$BUNDLE/mpi/bin/mpirun"
   echo "gpu_check: OpenMPI from the bundle ($BUNDLE/mpi)"
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -194,6 +208,50 @@ zero_step() {
   return "$fail"
 }
 
+staged_step() { # two ranks on one device, collectives staged through host memory, vs one rank
+  local n=6 shape=()
+  [ -n "$QUICK" ] && n=4
+  [ "$DEV" = cpu ] && shape=(--set num_layers=2 --set hidden_size=64 --set num_attention_heads=2 --set seq_length=64)
+  local adam='"optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}}'
+  printf '{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0, %s, "bf16": {"enabled": true}}\n' "$adam" >"$WORK/staged_one.json"
+  printf '{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, %s, "bf16": {"enabled": true},
+    "zero_optimization": {"stage": 2, "reduce_bucket_size": 200000, "allgather_bucket_size": 200000}}\n' "$adam" >"$WORK/staged_dp2.json"
+  local common=(--args configs/configs_tiny.json --device "$DEV" ${shape[@]+"${shape[@]}"} --store "$WORK/store" --tokenizer-cache "$WORK/model"
+    --set train_iters=$n --set log_interval=1 --set eval_interval=0 --set save_interval=0
+    --set hidden_dropout=0 --set attention_dropout=0 --set output_dropout=0)
+  # one rank pads the vocabulary to 256, the embedding TP=2 gets from 128 x 2
+  "$BIN" --config "$WORK/staged_one.json" "${common[@]}" --set make_vocab_size_divisible_by=256 --set save="$WORK/staged_one" \
+    >"$WORK/staged_one.log" 2>&1 || { tail -n 20 "$WORK/staged_one.log"; return 1; }
+  # mpirun's PMIx server must not be the singleton's "isolated" one
+  local mpi=(env -u OMPI_MCA_pmix -u OMPI_MCA_ess_singleton_isolated "$MPIRUN" -np 2 --oversubscribe --bind-to none -x GLM_COMM_BACKEND=host-staged)
+  echo "-- TP=2 on one device"
+  GLM_COMM_BACKEND=host-staged "${mpi[@]}" "$BIN" --config "$WORK/staged_one.json" "${common[@]}" --set model_parallel_size=2 \
+    --set save="$WORK/staged_tp2" >"$WORK/staged_tp2.log" 2>&1 || { tail -n 20 "$WORK/staged_tp2.log"; return 1; }
+  echo "-- DP=2 with ZeRO stage 2 on one device"
+  GLM_COMM_BACKEND=host-staged "${mpi[@]}" "$BIN" --config "$WORK/staged_dp2.json" "${common[@]}" --set make_vocab_size_divisible_by=256 \
+    --set save="$WORK/staged_dp2" >"$WORK/staged_dp2.log" 2>&1 || { tail -n 20 "$WORK/staged_dp2.log"; return 1; }
+  grep -h "^parallel:" "$WORK/staged_tp2.log" "$WORK/staged_dp2.log"
+  grep -q "host memory over MPI" "$WORK/staged_dp2.log" || { echo "gpu_check: the DP=2 run does not report staged collectives"; return 1; }
+  grep -q "memory: this rank (ZeRO stage 2" "$WORK/staged_dp2.log" || { echo "gpu_check: the DP=2 run did not run ZeRO stage 2"; return 1; }
+  "$PY" - "$WORK" <<'PYEOF'
+import json, sys
+work = sys.argv[1]
+def losses(name):
+    with open(f"{work}/{name}/metrics.jsonl") as f:
+        return [e["loss"] for e in map(json.loads, f) if e.get("type") == "train"]
+one = losses("staged_one")
+ok = bool(one)
+for name in ("staged_tp2", "staged_dp2"):
+    other = losses(name)
+    worst = max((abs(a - b) / a for a, b in zip(one, other)), default=float("inf"))
+    good = len(other) == len(one) and worst <= 1e-3
+    ok &= good
+    print(f"  {name[7:].upper()} vs one rank over {len(one)} iterations: largest relative loss difference {worst:.2e} (tolerance 1e-3): {'ok' if good else 'FAIL'}")
+print("  losses, one rank:", " ".join(f"{x:.5f}" for x in one))
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
 step "environment" env_step
 step "NCCL world of one on $DEV (comm-check)" "$BIN" comm-check --device "$DEV" --mib 1,64,512 --iters 20
 step "training on $DEV ($ITERS iterations, checkpoint, resume)" train_step
@@ -203,6 +261,7 @@ step "mixed precision at $SHAPE vs eager PyTorch autocast on $DEV" mixed_step
 step "bf16 training run of configs/config_block_large.json on $DEV$([ "$DEV" = cpu ] && echo ", tiny model")" train_bf16_step
 step "generation from the checkpoint (device auto)" generate_step
 step "ZeRO stages 0/1/2 on $DEV (world of one: NCCL group of one)" zero_step
+step "two ranks on one $DEV, collectives staged through host memory: TP=2, DP=2 ZeRO-2, bf16 vs one rank" staged_step
 
 echo; echo "=== summary"
 printf '%s\n' "${RESULTS[@]}"

@@ -185,6 +185,21 @@ fn comm_check_passes_on_three_ranks() {
     assert!(out.contains("GB/s bus") && out.contains("all checks passed"), "{out}");
 }
 
+/// The same checks with every collective staged through host copies
+/// (`GLM_COMM_BACKEND=host-staged`); a misspelt back end is refused by name.
+#[test]
+fn comm_check_passes_staged_through_host_memory() {
+    let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let o = common::mpirun(2).env("GLM_COMM_BACKEND", "host-staged").arg(env!("CARGO_BIN_EXE_glm-worker")).args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "2"]).output().unwrap();
+    let out = ok(&o);
+    assert!(out.contains("2 rank(s), Cpu tensors through host memory over MPI"), "{out}");
+    assert_eq!(out.matches(": ok").count(), 17, "{out}");
+    assert!(out.contains("all checks passed"), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_glm-worker")).env("GLM_COMM_BACKEND", "host_staged").args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("GLM_COMM_BACKEND=host_staged: expected native") && err.contains("host-staged"), "{err}");
+}
+
 #[test]
 fn comm_check_on_cuda_runs_nccl_or_says_why_not() {
     let o = Command::new(env!("CARGO_BIN_EXE_glm-worker")).args(["comm-check", "--device", "cuda", "--mib", "1", "--iters", "2"]).output().unwrap();

@@ -106,6 +106,42 @@ fn bf16_tensor_and_data_parallel_match_one_bf16_process() {
     }
 }
 
+/// The host-staged back end (`GLM_COMM_BACKEND=host-staged`: every
+/// collective through a host copy over MPI, what lets two ranks share one
+/// GPU) trains TP=2 and DP=2 with ZeRO stage 2 in bf16 like one bf16 process
+/// (the tolerance above) and, on CPU, where the staging copies are exact,
+/// bit for bit like the same layouts over MPI directly.
+#[test]
+fn host_staged_collectives_train_like_mpi_and_one_process() {
+    let d = tempfile::tempdir().unwrap();
+    let base = ["train_iters=4".to_string(), "hidden_dropout=0".into(), "attention_dropout=0".into(), "output_dropout=0".into(), "eval_interval=0".into()];
+    let with = |extra: &[String], save: &Path| -> Vec<String> { base.iter().cloned().chain(extra.iter().cloned()).chain([format!("save={}", save.display())]).collect() };
+    let staged = [("GLM_COMM_BACKEND", "host-staged")];
+    let zero2 = format!(r#"{BF16}, "zero_optimization": {{"stage": 2, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000}}"#);
+    let (dp_cfg, tp_cfg) = (ds(d.path(), "dp2.json", 2, 4, &zero2), ds(d.path(), "tp2.json", 4, 4, BF16));
+    let vocab256 = ["make_vocab_size_divisible_by=256".to_string()];
+    let tp2 = ["model_parallel_size=2".to_string()];
+    let runs = [("dp2-staged", &dp_cfg, &vocab256, &staged[..]), ("dp2-mpi", &dp_cfg, &vocab256, &[]), ("tp2-staged", &tp_cfg, &tp2, &staged[..]), ("tp2-mpi", &tp_cfg, &tp2, &[])];
+    let mut losses = std::collections::BTreeMap::new();
+    for (name, cfg, extra, env) in runs {
+        let save = d.path().join(name);
+        let out = ok(&run_env(d.path(), 2, cfg, &with(extra, &save), env));
+        assert_eq!(out.contains("host memory over MPI"), !env.is_empty(), "{name} reports its back end: {out}");
+        losses.insert(name, train_losses(&save));
+    }
+    let one = d.path().join("one");
+    ok(&run(d.path(), 0, &ds(d.path(), "one.json", 4, 4, BF16), &with(&vocab256, &one)));
+    let l1 = train_losses(&one);
+    assert_eq!(l1.len(), 4);
+    assert_eq!(losses["dp2-staged"], losses["dp2-mpi"], "DP=2 ZeRO-2: staged through host copies vs MPI directly");
+    assert_eq!(losses["tp2-staged"], losses["tp2-mpi"], "TP=2: staged through host copies vs MPI directly");
+    for name in ["dp2-staged", "tp2-staged"] {
+        for (i, (a, b)) in l1.iter().zip(&losses[name]).enumerate() {
+            assert!((a - b).abs() <= 1e-3 * a, "iteration {}: one bf16 process {a}, {name} {b}", i + 1);
+        }
+    }
+}
+
 /// Resuming at iteration 4 gives the uninterrupted run's losses and final
 /// weights bit for bit; fp16 starts at a huge loss scale, so steps are
 /// skipped and the scaler's state (and the held schedule) must resume too.

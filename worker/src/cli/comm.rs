@@ -30,9 +30,11 @@ pub struct BenchCommArgs {
 
 /// `glm-worker comm-check`: the world's collectives (and the tensor-parallel
 /// autograd regions over the world) checked on `device`, then all-reduce
-/// bus bandwidth. On CUDA the world is an NCCL communicator, even of one.
+/// bus bandwidth. On CUDA the world is an NCCL communicator, even of one
+/// (or, with `GLM_COMM_BACKEND=host-staged`, MPI through host copies).
 pub fn comm_check(a: CommCheckArgs) -> Result<()> {
     let (choice, mib, iters) = (a.device.as_str(), &a.mib[..], a.iters);
+    use glm_worker::comm::staged::Backend;
     use glm_worker::comm::{check, Communicator, GroupComm};
     let world = glm_worker::comm::mpi::world()?;
     let device = rank_device(choice, glm_worker::comm::mpi::local_rank(&world))?;
@@ -42,13 +44,11 @@ pub fn comm_check(a: CommCheckArgs) -> Result<()> {
             println!("comm-check: {line}");
         }
     };
-    let comm = GroupComm::world(&world, device)?;
-    let backend = match &comm.nccl {
-        Some(_) => {
-            let v = glm_worker::comm::nccl::version()?;
-            format!("NCCL {v}")
-        }
-        None => "MPI".into(),
+    let comm = GroupComm::world(&world, device, Backend::from_env()?)?;
+    let backend = match (&comm.nccl, comm.backend()) {
+        (_, Backend::HostStaged) => "host memory over MPI (GLM_COMM_BACKEND=host-staged)".to_string(),
+        (Some(_), _) => format!("NCCL {}", glm_worker::comm::nccl::version()?),
+        (None, _) => "MPI".into(),
     };
     say(&format!("{p} rank(s), {device:?} tensors through {backend}"));
     for line in check::collectives(&comm, device)? {

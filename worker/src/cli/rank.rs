@@ -1,8 +1,11 @@
 //! The device a rank computes on.
 
 use anyhow::Result;
+use glm_worker::comm::staged::{Backend, BACKEND_VAR};
 
 /// The device of a rank with this local rank: `cuda:<local rank>` on CUDA.
+/// With collectives staged through the host (`GLM_COMM_BACKEND=host-staged`)
+/// ranks may share devices: local rank r takes `cuda:<r mod devices>`.
 pub fn rank_device(choice: &str, local_rank: usize) -> Result<tch::Device> {
     match device(choice)? {
         tch::Device::Cuda(_) => {
@@ -14,13 +17,21 @@ pub fn rank_device(choice: &str, local_rank: usize) -> Result<tch::Device> {
             if n == 1 && one && slurm_gpus {
                 return Ok(tch::Device::Cuda(0));
             }
-            anyhow::ensure!(local_rank < n, "local rank {local_rank} needs cuda:{local_rank}, but this node shows {n} CUDA device(s); start at most {n} ranks per node (CUDA_VISIBLE_DEVICES)");
+            if local_rank >= n && n > 0 && Backend::from_env()? == Backend::HostStaged {
+                return Ok(tch::Device::Cuda(local_rank % n));
+            }
+            anyhow::ensure!(
+                local_rank < n,
+                "local rank {local_rank} needs cuda:{local_rank}, but this node shows {n} CUDA device(s); start at most {n} ranks per node (CUDA_VISIBLE_DEVICES), \
+                 or, to check multi-rank CUDA paths on fewer GPUs, share them with {BACKEND_VAR}=host-staged (NCCL refuses two ranks on one device)"
+            );
             Ok(tch::Device::Cuda(local_rank))
         }
         d => Ok(d),
     }
 }
 
+/// The device `choice` (cpu, cuda, auto) names for a process alone.
 pub fn device(choice: &str) -> Result<tch::Device> {
     glm_worker::runtime::torch::load_cuda();
     match choice {

@@ -114,7 +114,12 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     }
     let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
     if dims.world > 1 {
-        let backend = if device.is_cuda() { "NCCL for CUDA tensors, MPI for host values" } else { "MPI" };
+        use glm_worker::comm::staged::Backend;
+        let backend = match (Backend::from_env()?, device.is_cuda()) {
+            (Backend::HostStaged, _) => "every collective through host memory over MPI: GLM_COMM_BACKEND=host-staged",
+            (Backend::Native, true) => "NCCL for CUDA tensors, MPI for host values",
+            (Backend::Native, false) => "MPI",
+        };
         println!("parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports", dims.world, dims.tp, dims.dp);
     }
     let opts = TrainOptions {

@@ -1,8 +1,10 @@
 //! Collectives on tensors behind one trait, with three back ends: `mpi.rs`
 //! for CPU tensors, `nccl.rs` for CUDA tensors (`GroupComm` holds both for a
 //! group and picks by the tensor's device), and `local.rs`, ranks that are
-//! threads of one process (the fast parity tests). Every MPI and NCCL call
-//! is made here and nowhere else.
+//! threads of one process (the fast parity tests). `staged.rs` runs any
+//! tensor's collectives through a host copy over MPI instead, when
+//! `GLM_COMM_BACKEND=host-staged` asks (several ranks on one GPU). Every MPI
+//! and NCCL call is made here and nowhere else.
 //!
 //! A communicator is a value: the parallel state holds one per group
 //! (`Arc<dyn Communicator>`), the tensor-parallel autograd regions and the
@@ -13,6 +15,7 @@ pub mod check;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod staged;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -195,22 +198,26 @@ impl<C: Communicator> Communicator for Metered<C> {
 
 /// One group's communicators: CPU tensors go through MPI, CUDA tensors
 /// through NCCL (when the group has an NCCL communicator, i.e. training on
-/// CUDA). Small host-side values (loss sums, flags) stay on MPI.
+/// CUDA). Small host-side values (loss sums, flags) stay on MPI. With the
+/// host-staged back end there is no NCCL communicator, and every tensor's
+/// collectives go through a host copy over MPI.
 pub struct GroupComm {
     pub mpi: mpi::MpiComm,
     pub nccl: Option<nccl::NcclComm>,
+    backend: staged::Backend,
 }
 
 impl GroupComm {
     /// All ranks of `world`; on CUDA device `device` also an NCCL
-    /// communicator, bootstrapped over MPI. Collective over `world`.
-    pub fn world(world: &mpi::MpiComm, device: tch::Device) -> Result<Self> {
+    /// communicator, bootstrapped over MPI, unless `backend` stages
+    /// collectives through the host. Collective over `world`.
+    pub fn world(world: &mpi::MpiComm, device: tch::Device, backend: staged::Backend) -> Result<Self> {
         let mpi = world.split(0, world.rank(), "world")?;
-        let nccl = match device {
-            tch::Device::Cuda(d) => Some(nccl::NcclComm::init(&mpi, d)?),
+        let nccl = match (device, backend) {
+            (tch::Device::Cuda(d), staged::Backend::Native) => Some(nccl::NcclComm::init(&mpi, d)?),
             _ => None,
         };
-        Ok(GroupComm { mpi, nccl })
+        Ok(GroupComm { mpi, nccl, backend })
     }
 
     /// The sub-group `name` of the ranks passing the same `color`, ordered
@@ -221,13 +228,20 @@ impl GroupComm {
             Some(n) => Some(n.split(color, key, &mpi)?),
             None => None,
         };
-        Ok(GroupComm { mpi, nccl })
+        Ok(GroupComm { mpi, nccl, backend: self.backend })
     }
 
-    fn pick(&self, t: &Tensor) -> &dyn Communicator {
-        match (&self.nccl, t.device()) {
-            (Some(n), tch::Device::Cuda(_)) => n,
-            _ => &self.mpi,
+    /// The back end this group's collectives go through.
+    pub fn backend(&self) -> staged::Backend {
+        self.backend
+    }
+
+    /// Runs `f` with the communicator that takes tensors on `device`.
+    fn route<R>(&self, device: tch::Device, f: impl FnOnce(&dyn Communicator) -> R) -> R {
+        match (&self.nccl, device, self.backend) {
+            (_, _, staged::Backend::HostStaged) => f(&staged::HostStaged::over(&self.mpi)),
+            (Some(n), tch::Device::Cuda(_), _) => f(n),
+            _ => f(&self.mpi),
         }
     }
 }
@@ -243,16 +257,16 @@ impl Communicator for GroupComm {
         self.mpi.name()
     }
     fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.pick(t).all_reduce(t, op)
+        self.route(t.device(), |c| c.all_reduce(t, op))
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        self.pick(t).broadcast(t, root)
+        self.route(t.device(), |c| c.broadcast(t, root))
     }
     fn all_gather_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.pick(out).all_gather_into(input, out)
+        self.route(out.device(), |c| c.all_gather_into(input, out))
     }
     fn reduce_scatter_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
-        self.pick(input).reduce_scatter_into(input, out)
+        self.route(input.device(), |c| c.reduce_scatter_into(input, out))
     }
     /// A host-side barrier (MPI): every rank has arrived.
     fn barrier(&self) -> Result<()> {

@@ -38,13 +38,14 @@ impl Parallel {
     /// ranks with this rank's tensor-parallel index), the tensor-parallel
     /// group (consecutive ranks) and the world. On CUDA each also gets an
     /// NCCL communicator: the world's is bootstrapped over MPI, the groups'
-    /// are split from it. Every group counts the bytes it sends
-    /// ([`Metered`]). Collective: every rank calls it with the same layout.
+    /// are split from it (unless `GLM_COMM_BACKEND=host-staged` stages every
+    /// collective through host memory over MPI: `comm::staged`). Every
+    /// group counts the bytes it sends ([`Metered`]). Collective: every rank calls it with the same layout.
     pub fn build(world: &MpiComm, dims: ParallelDims, device: tch::Device) -> Result<Self> {
         if dims.world == 1 {
             return Ok(Parallel::single());
         }
-        let world_group = GroupComm::world(world, device)?;
+        let world_group = GroupComm::world(world, device, crate::comm::staged::Backend::from_env()?)?;
         let dp = world_group.split(dims.tp_rank(), dims.dp_rank(), "dp")?;
         let tp = world_group.split(dims.dp_rank(), dims.tp_rank(), "tp")?;
         let metered = |c: GroupComm| Arc::new(Metered::new(c)) as Comm;
