@@ -27,9 +27,8 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .warnings(false)
         .compile("glm_tp_autograd");
-    let mpi = build_probe_mpi::probe().unwrap_or_else(|e| {
-        panic!("MPI not found ({e:?}); install OpenMPI (openmpi-bin libopenmpi-dev) — scripts/setup.sh does")
-    });
+    let mpi =
+        build_probe_mpi::probe().unwrap_or_else(|e| panic!("MPI not found ({e:?}); install OpenMPI (openmpi-bin libopenmpi-dev) — scripts/setup.sh does"));
     let mut cc = cc::Build::new();
     cc.file("csrc/mpi_shim.c").warnings(true);
     for p in &mpi.include_paths {

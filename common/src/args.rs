@@ -225,20 +225,15 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Keys of the original that do not matter to this program.
 const IRRELEVANT: &[&str] = &[
-    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory", "save_epoch",
-    "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm",
-    "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq", "overlapping_eval", "length_penalty",
-    "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle", "valid_data",
-    "test_data", "data_dir", "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader",
-    "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers",
-    "tokenizer_model_type", "fix_command_token", "no_pre_tokenize", "cache_dir", "use_tfrecords",
-    "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length",
-    "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue",
-    "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative",
-    "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed",
-    "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
-    "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose",
-    "data_set_type", "samples_per_shard",
+    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory",
+    "save_epoch", "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length",
+    "eval_max_preds_per_seq", "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle",
+    "valid_data", "test_data", "data_dir", "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter",
+    "loose_json", "presplit_sentences", "num_workers", "tokenizer_model_type", "fix_command_token", "no_pre_tokenize", "cache_dir", "use_tfrecords",
+    "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token",
+    "adapet", "pattern_id", "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation",
+    "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank",
+    "world_size", "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];
 
 /// Where a value came from.
@@ -381,7 +376,11 @@ impl LoadedArgs {
         // an empty path would mean the working directory: only null disables
         for (k, p) in [("save", &args.save), ("load", &args.load)] {
             if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-                return Err(Error::Config(format!("{k} = \"\" ({}): an empty path; name a directory, or null for {}", sources.get(k).map(ToString::to_string).unwrap_or_default(), if k == "save" { "no checkpoints" } else { "a fresh run" })));
+                return Err(Error::Config(format!(
+                    "{k} = \"\" ({}): an empty path; name a directory, or null for {}",
+                    sources.get(k).map(ToString::to_string).unwrap_or_default(),
+                    if k == "save" { "no checkpoints" } else { "a fresh run" }
+                )));
             }
         }
         Ok(LoadedArgs { args, sources, ignored })

@@ -16,9 +16,7 @@ pub struct ParallelDims {
 impl ParallelDims {
     pub fn new(world: usize, rank: usize, tp: usize) -> Result<Self> {
         if tp == 0 || world == 0 || world % tp != 0 {
-            return Err(Error::Config(format!(
-                "world size {world} is not a multiple of model_parallel_size {tp} (world = tensor-parallel × data-parallel)"
-            )));
+            return Err(Error::Config(format!("world size {world} is not a multiple of model_parallel_size {tp} (world = tensor-parallel × data-parallel)")));
         }
         if rank >= world {
             return Err(Error::Config(format!("rank {rank} outside a world of {world}")));

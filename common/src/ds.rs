@@ -81,25 +81,50 @@ const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_si
 /// stage-3 tuning, other engines): listed as "no effect here", never an error.
 /// Any other key is an error with the nearest known one suggested.
 const ACCEPTED: &[&str] = &[
-    "wall_clock_breakdown", "activation_checkpointing", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
-    "communication_data_type", "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler",
-    "dump_state", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "elasticity", "autotuning", "data_efficiency",
-    "curriculum_learning", "checkpoint", "data_types", "compression_training", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training", "pipeline",
-    "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting",
-    "use_data_before_expert_parallelism", "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage",
-    "fp16_auto_cast",
+    "wall_clock_breakdown", "activation_checkpointing", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
+    "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler", "dump_state", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "checkpoint", "data_types", "compression_training",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "pipeline", "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting", "use_data_before_expert_parallelism",
+    "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage", "fp16_auto_cast",
 ];
 const ZERO_ACCEPTED: &[&str] = &[
-    "contiguous_gradients", "reduce_scatter", "allgather_partitions", "load_from_fp32_weights", "elastic_checkpoint",
-    "offload_param", "offload_optimizer", "sub_group_size", "cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory",
-    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-    "stage3_model_persistence_threshold", "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
-    "ignore_unused_parameters", "legacy_stage1", "round_robin_gradients", "zero_hpz_partition_size", "zero_quantized_weights",
-    "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
-    "pipeline_loading_checkpoint", "override_module_apply", "use_all_reduce_for_fetch_params", "log_trace_cache_warnings",
+    "contiguous_gradients",
+    "reduce_scatter",
+    "allgather_partitions",
+    "load_from_fp32_weights",
+    "elastic_checkpoint",
+    "offload_param",
+    "offload_optimizer",
+    "sub_group_size",
+    "cpu_offload",
+    "cpu_offload_params",
+    "cpu_offload_use_pin_memory",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_model_persistence_threshold",
+    "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save",
+    "ignore_unused_parameters",
+    "legacy_stage1",
+    "round_robin_gradients",
+    "zero_hpz_partition_size",
+    "zero_quantized_weights",
+    "zero_quantized_gradients",
+    "mics_shard_size",
+    "mics_hierarchical_params_gather",
+    "memory_efficient_linear",
+    "pipeline_loading_checkpoint",
+    "override_module_apply",
+    "use_all_reduce_for_fetch_params",
+    "log_trace_cache_warnings",
 ];
-const FP16_KEYS: &[&str] = &["enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis", "min_loss_scale", "auto_cast", "fp16_master_weights_and_grads"];
+const FP16_KEYS: &[&str] = &[
+    "enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis", "min_loss_scale", "auto_cast",
+    "fp16_master_weights_and_grads",
+];
 const BF16_KEYS: &[&str] = &["enabled", "immediate_grad_update", "check_grad_overflow"];
 const ADAM_KEYS: &[&str] = &["lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam", "fused", "foreach", "capturable"];
 
@@ -125,8 +150,8 @@ pub struct Batch {
 }
 
 const READ: &[&str] = &[
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "steps_per_print", "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "zero_optimization",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "steps_per_print", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "zero_optimization",
 ];
 
 struct Ctx<'a> {
@@ -469,11 +494,7 @@ mod tests {
 
     #[test]
     fn seed_configs_load() {
-        for (name, micro, lr) in [
-            ("config_block_base.json", 32, 4e-4),
-            ("config_block_large.json", 16, 2e-4),
-            ("config_block_large_chinese.json", 32, 4e-4),
-        ] {
+        for (name, micro, lr) in [("config_block_base.json", 32, 4e-4), ("config_block_large.json", 16, 2e-4), ("config_block_large_chinese.json", 32, 4e-4)] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
             let c = DsConfig::load(&p).unwrap();
             assert_eq!(c.micro_batch, Some(micro));
@@ -519,9 +540,15 @@ mod tests {
             (json!({"fp16": {"initial_scale_power": 99}}), "fp16.initial_scale_power: 99 is too large"),
             // unknown keys, with the nearest known one; DeepSpeed's other keys are fine
             (json!({"train_micro_batch_size_per_gpus": 2}), "train_micro_batch_size_per_gpus: unknown key (did you mean \"train_micro_batch_size_per_gpu\"?)"),
-            (json!({"zero_optimization": {"stage": 1, "reduce_bucket_sise": 5}}), "zero_optimization.reduce_bucket_sise: unknown key (did you mean \"reduce_bucket_size\"?)"),
+            (
+                json!({"zero_optimization": {"stage": 1, "reduce_bucket_sise": 5}}),
+                "zero_optimization.reduce_bucket_sise: unknown key (did you mean \"reduce_bucket_size\"?)",
+            ),
             (json!({"fp16": {"loss_scale_windows": 5}}), "fp16.loss_scale_windows: unknown key (did you mean \"loss_scale_window\"?)"),
-            (json!({"optimizer": {"type": "Adam", "params": {"weight_decays": 0.1}}}), "optimizer.params.weight_decays: unknown key (did you mean \"weight_decay\"?)"),
+            (
+                json!({"optimizer": {"type": "Adam", "params": {"weight_decays": 0.1}}}),
+                "optimizer.params.weight_decays: unknown key (did you mean \"weight_decay\"?)",
+            ),
             (json!({"optimizer": {"type": "Adam", "params": {"amsgrad": true}}}), "optimizer.params.amsgrad: not supported"),
             (json!({"bf16": {"enable": true}}), "bf16.enable: unknown key (did you mean \"enabled\"?)"),
             (json!({"optimizer": {"type": "Adam", "params": {"eps": 0}}}), "optimizer.params.eps: must be positive"),

@@ -50,7 +50,8 @@ impl Hostfile {
             let err = |msg: String| Error::parse(path, line, col, msg);
             let (mut slots, mut max_slots) = (None, None);
             for w in words {
-                let (key, value) = w.split_once('=').ok_or_else(|| err(format!("`{w}`: expected slots=<n> (and optionally max_slots=<m>) after the host name")))?;
+                let (key, value) =
+                    w.split_once('=').ok_or_else(|| err(format!("`{w}`: expected slots=<n> (and optionally max_slots=<m>) after the host name")))?;
                 let n: usize = value.parse().map_err(|_| err(format!("`{w}`: {key} must be a whole number")))?;
                 match key {
                     "slots" if slots.is_none() => slots = Some(n),
@@ -255,7 +256,10 @@ mod tests {
         assert_eq!(pick(Selection { exclude: s("w1@w0:0"), ..Default::default() }).unwrap(), vec![("w0".into(), vec![1, 2, 3]), ("w2".into(), vec![0, 1])]);
         // excluding every slot of a host drops the host
         assert_eq!(pick(Selection { exclude: s("w2:0,1"), ..Default::default() }).unwrap().len(), 2);
-        assert_eq!(pick(Selection { num_nodes: Some(2), num_gpus: Some(2), ..Default::default() }).unwrap(), vec![("w0".into(), vec![0, 1]), ("w1".into(), vec![0, 1])]);
+        assert_eq!(
+            pick(Selection { num_nodes: Some(2), num_gpus: Some(2), ..Default::default() }).unwrap(),
+            vec![("w0".into(), vec![0, 1]), ("w1".into(), vec![0, 1])]
+        );
         let p = select(&pool(), &Selection { include: s("w1:2,3@w2"), ..Default::default() }).unwrap();
         assert_eq!(p.ranks(), vec![("w1", 0, 2), ("w1", 1, 3), ("w2", 0, 0), ("w2", 1, 1)]);
     }

@@ -68,6 +68,12 @@ mod tests {
         assert!(read_env_file(&p).unwrap_err().to_string().contains(".glm_env:2:1: expected KEY=VALUE"));
         std::fs::write(&p, "1A=2\n").unwrap();
         assert!(read_env_file(&p).unwrap_err().to_string().contains("`1A` is not a variable name"));
-        assert!(forwarded("NCCL_DEBUG") && forwarded("OMP_NUM_THREADS") && forwarded("LD_LIBRARY_PATH") && !forwarded("HOME") && !forwarded("AWS_SECRET_ACCESS_KEY"));
+        assert!(
+            forwarded("NCCL_DEBUG")
+                && forwarded("OMP_NUM_THREADS")
+                && forwarded("LD_LIBRARY_PATH")
+                && !forwarded("HOME")
+                && !forwarded("AWS_SECRET_ACCESS_KEY")
+        );
     }
 }

@@ -104,7 +104,10 @@ mod tests {
         assert!(err(b"\xFF\xFE\x00\x00{\x00\x00\x00").starts_with("f.json: UTF-32 text"));
         assert_eq!(err(b"\x1F\x8B\x08\x00rest"), "f.json: a gzip-compressed file: decompress it first (gunzip); expected UTF-8 text");
         assert_eq!(err(b"{\"a\":\x00\x01}"), "f.json: a binary file (a NUL byte at offset 5); expected UTF-8 text");
-        assert_eq!(err("第一行\n第二\u{7FF}行".as_bytes().iter().copied().chain([0xC3, 0x28]).collect::<Vec<u8>>().as_slice()), "f.json:2:5: not UTF-8 (byte 0xC3); the file must be UTF-8 text");
+        assert_eq!(
+            err("第一行\n第二\u{7FF}行".as_bytes().iter().copied().chain([0xC3, 0x28]).collect::<Vec<u8>>().as_slice()),
+            "f.json:2:5: not UTF-8 (byte 0xC3); the file must be UTF-8 text"
+        );
         // text that happens to start with "BZh" is text; a bzip2 header is not
         assert_eq!(utf8(p, b"BZh is a word").unwrap(), "BZh is a word");
         assert!(err(b"BZh91AY&SY\x01\x02").contains("a bzip2-compressed file"));

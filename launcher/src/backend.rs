@@ -149,7 +149,13 @@ fn join(slots: &[usize]) -> String {
 /// A command line for people: words with spaces or quotes are quoted.
 pub fn display(argv: &[String]) -> String {
     argv.iter()
-        .map(|a| if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\`;&|<>()*?".contains(c)) { format!("'{}'", a.replace('\'', "'\\''")) } else { a.clone() })
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\`;&|<>()*?".contains(c)) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -177,7 +183,13 @@ mod tests {
         );
         assert!(!display(&argv).contains("INFO"), "values are exported, not printed");
         let ssh = command(Flavor::OpenMpi, "mpirun", &Job { agent: Some("/bin/glm-launch --ssh-exec"), ..job });
-        assert!(display(&ssh).starts_with("mpirun --allow-run-as-root --tag-output --bind-to none --mca plm_rsh_agent '/bin/glm-launch --ssh-exec' --mca plm_rsh_no_tree_spawn 1 -H w0:2"), "{}", display(&ssh));
+        assert!(
+            display(&ssh).starts_with(
+                "mpirun --allow-run-as-root --tag-output --bind-to none --mca plm_rsh_agent '/bin/glm-launch --ssh-exec' --mca plm_rsh_no_tree_spawn 1 -H w0:2"
+            ),
+            "{}",
+            display(&ssh)
+        );
     }
 
     #[test]
@@ -199,7 +211,10 @@ mod tests {
         let worker = vec!["glm-worker".to_string()];
         let env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())];
         let job = Job { placement: &p, worker: &worker, env: &env, as_root: false, oversubscribe: true, agent: None, launch_id: None };
-        assert_eq!(display(&command(Flavor::Mpich, "mpiexec", &job)), "mpiexec -prepend-rank -genvlist A,B -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker");
+        assert_eq!(
+            display(&command(Flavor::Mpich, "mpiexec", &job)),
+            "mpiexec -prepend-rank -genvlist A,B -hosts w1 -n 2 -env CUDA_VISIBLE_DEVICES 1,3 glm-worker"
+        );
         assert!(supported(Flavor::Mpich, &placement()).unwrap_err().contains("one host for now"));
         assert!(supported(Flavor::OpenMpi, &placement()).is_ok());
         assert_eq!(Flavor::detect("mpirun (Open MPI) 4.1.4\n"), Some(Flavor::OpenMpi));

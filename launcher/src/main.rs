@@ -93,7 +93,8 @@ struct Cli {
 
 /// Launcher options that take a value, and flags (dash or underscore spelling).
 const VALUED: &[&str] = &[
-    "hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir", "ssh_config", "ssh_user", "ssh_port", "ssh_identity",
+    "hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir", "ssh_config", "ssh_user",
+    "ssh_port", "ssh_identity",
 ];
 const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "no_preflight", "ssh_accept_new_host_keys", "help", "version"];
 
@@ -364,7 +365,13 @@ fn run(args: &[String]) -> Result<i32> {
     if use_ssh && flavor != backend::Flavor::OpenMpi {
         bail!("--launcher ssh starts OpenMPI's daemons through glm-launch's own SSH connections, but {program} is not OpenMPI's mpirun (name it with --mpi)");
     }
-    let ssh_opts = ssh::Options { config: cli.ssh_config.clone(), user: cli.ssh_user.clone(), port: cli.ssh_port, identity: cli.ssh_identity.clone(), accept_new: cli.ssh_accept_new_host_keys };
+    let ssh_opts = ssh::Options {
+        config: cli.ssh_config.clone(),
+        user: cli.ssh_user.clone(),
+        port: cli.ssh_port,
+        identity: cli.ssh_identity.clone(),
+        accept_new: cli.ssh_accept_new_host_keys,
+    };
     if !use_ssh && ssh_opts != ssh::Options::default() {
         bail!("--ssh_* options are for --launcher ssh (with --launcher {}, mpirun's own ssh and ~/.ssh/config decide)", cli.launcher);
     }
@@ -418,7 +425,12 @@ fn run(args: &[String]) -> Result<i32> {
     };
     let argv = if use_slurm { backend::srun(&program, &job).map_err(anyhow::Error::msg)? } else { backend::command(flavor, &program, &job) };
     let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
-    println!("glm-launch: {} worker(s) on {} host(s): {}", place.world_size(), place.hosts.len(), place.hosts.iter().map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("; "));
+    println!(
+        "glm-launch: {} worker(s) on {} host(s): {}",
+        place.world_size(),
+        place.hosts.len(),
+        place.hosts.iter().map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("; ")
+    );
     println!("glm-launch: environment for every worker: {}", env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" "));
     println!("glm-launch: {}", backend::display(&argv));
     if cli.dry_run {
@@ -439,18 +451,27 @@ fn run(args: &[String]) -> Result<i32> {
         if let Some(d) = &disk {
             probe.extend(["--disk".to_string(), d.dir.display().to_string()]);
         }
-        let wants_cuda = worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
+        let wants_cuda =
+            worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
         let version = env!("CARGO_PKG_VERSION");
         let (rows, ok) = if use_ssh {
             let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
             preflight::run_ssh(&targets, &local, &probe, &env, &place, version, wants_cuda, disk.as_ref())
         } else if use_slurm {
             // one task per node, plain (no MPI), labelled by node
-            let mut pre = backend::srun(&program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None }).map_err(anyhow::Error::msg)?;
+            let mut pre = backend::srun(
+                &program,
+                &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
+            )
+            .map_err(anyhow::Error::msg)?;
             pre[1] = "--mpi=none".into();
             preflight::run(&pre, supervise::Tags::Srun, &env, &place, version, wants_cuda, disk.as_ref())
         } else {
-            let pre = backend::command(flavor, &program, &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None });
+            let pre = backend::command(
+                flavor,
+                &program,
+                &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
+            );
             preflight::run(&pre, tags, &env, &place, version, wants_cuda, disk.as_ref())
         };
         println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
@@ -461,9 +482,7 @@ fn run(args: &[String]) -> Result<i32> {
             bail!("preflight failed (see the table above); nothing was started");
         }
     }
-    let run_dir = cli.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("glm_runs").join(format!("run-{secs}-{}", std::process::id()))
-    });
+    let run_dir = cli.run_dir.clone().unwrap_or_else(|| PathBuf::from("glm_runs").join(format!("run-{secs}-{}", std::process::id())));
     println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());
     // mpirun's own environment: the workers' and, for the ssh back end, the
     // agent's settings (not exported to the workers)

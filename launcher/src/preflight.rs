@@ -81,7 +81,8 @@ pub fn parse(stdout: &str, stderr: &str, tags: Tags) -> BTreeMap<usize, Report> 
 /// The table's rows (host, verdict per column) and whether all passed.
 pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
     let mut ok = true;
-    let mut rows = vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
+    let mut rows =
+        vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
         let rep = reports.get(&i).filter(|r| r.version.is_some() || r.libtorch.is_some() || r.gpus.is_some());
         let mut why = Vec::new();
@@ -134,12 +135,21 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
 
 /// Runs the preflight; returns the table and whether every host passed
 /// (with the launcher's own messages when the preflight job failed).
-pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+pub fn run(
+    argv: &[String],
+    tags: Tags,
+    env: &[(String, String)],
+    placement: &Placement,
+    version: &str,
+    wants_cuda: bool,
+    disk: Option<&Disk>,
+) -> (Vec<String>, bool) {
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
     let (reports, messages, success) = match out {
         Ok(o) => {
             let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-            let msgs: Vec<String> = stdout.lines().chain(stderr.lines()).filter(|l| parse_line(l, true, tags).rank.is_none() && !l.trim().is_empty()).map(String::from).collect();
+            let msgs: Vec<String> =
+                stdout.lines().chain(stderr.lines()).filter(|l| parse_line(l, true, tags).rank.is_none() && !l.trim().is_empty()).map(String::from).collect();
             (parse(&stdout, &stderr, tags), msgs, o.status.success())
         }
         Err(e) => (BTreeMap::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
@@ -157,12 +167,26 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], placement: &Pl
 /// script with the job's environment, from the launcher's directory. This
 /// machine (`local[i]`: mpirun starts its workers without SSH) is asked
 /// directly.
-pub fn run_ssh(targets: &[crate::ssh::Target], local: &[bool], probe: &[String], env: &[(String, String)], placement: &Placement, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+pub fn run_ssh(
+    targets: &[crate::ssh::Target],
+    local: &[bool],
+    probe: &[String],
+    env: &[(String, String)],
+    placement: &Placement,
+    version: &str,
+    wants_cuda: bool,
+    disk: Option<&Disk>,
+) -> (Vec<String>, bool) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let script = crate::ssh::script(env, &cwd, probe);
     let here = || -> anyhow::Result<(i32, String, String)> {
         use std::io::Write;
-        let mut c = Command::new("sh").arg("-s").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+        let mut c = Command::new("sh")
+            .arg("-s")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
         c.stdin.take().expect("piped").write_all(script.as_bytes())?;
         let o = c.wait_with_output()?;
         Ok((o.status.code().unwrap_or(255), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
@@ -205,7 +229,8 @@ mod tests {
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
-        let (rows, _) = table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), "0.1.0", false, None);
+        let (rows, _) =
+            table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), "0.1.0", false, None);
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
         let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
         let one = Placement { hosts: vec![("a".into(), vec![0])] };

@@ -182,12 +182,18 @@ fn resolve_with_ssh(ssh: &Path, alias: &str, opts: &Options) -> Result<Target> {
     if let Some(i) = &opts.identity {
         c.arg("-i").arg(i);
     }
-    let out = c.arg("--").arg(alias).stdin(std::process::Stdio::null()).output().with_context(|| format!("{}: cannot run `ssh -G` to read the ssh config", ssh.display()))?;
+    let out = c
+        .arg("--")
+        .arg(alias)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("{}: cannot run `ssh -G` to read the ssh config", ssh.display()))?;
     if !out.status.success() {
         bail!("{alias}: ssh -G (the ssh config): {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let values = |key: &str| -> Vec<String> { text.lines().filter_map(|l| l.split_once(' ')).filter(|(k, _)| *k == key).map(|(_, v)| v.trim().to_string()).collect() };
+    let values =
+        |key: &str| -> Vec<String> { text.lines().filter_map(|l| l.split_once(' ')).filter(|(k, _)| *k == key).map(|(_, v)| v.trim().to_string()).collect() };
     let one = |key: &str| values(key).into_iter().next();
     if let Some(j) = one("proxyjump").filter(|v| v != "none") {
         return Err(unsupported(alias, &format!("ProxyJump {j}"), "reach the hosts directly, or use --launcher mpirun with OpenSSH"));
@@ -223,11 +229,17 @@ fn resolve_with_parser(alias: &str, opts: &Options) -> Result<Target> {
             for (i, line) in text.lines().enumerate() {
                 let word = line.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
                 if word == "match" || word == "include" {
-                    bail!("{}:{}: `{}` needs OpenSSH's own reading of the config: install openssh-client (glm-launch then asks `ssh -G`)", p.display(), i + 1, line.trim());
+                    bail!(
+                        "{}:{}: `{}` needs OpenSSH's own reading of the config: install openssh-client (glm-launch then asks `ssh -G`)",
+                        p.display(),
+                        i + 1,
+                        line.trim()
+                    );
                 }
             }
             let rules = ssh2_config::ParseRule::ALLOW_UNKNOWN_FIELDS | ssh2_config::ParseRule::ALLOW_UNSUPPORTED_FIELDS;
-            let cfg = ssh2_config::SshConfig::default().parse(&mut std::io::BufReader::new(text.as_bytes()), rules).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+            let cfg =
+                ssh2_config::SshConfig::default().parse(&mut std::io::BufReader::new(text.as_bytes()), rules).map_err(|e| anyhow!("{}: {e}", p.display()))?;
             Some(cfg.query(alias))
         }
         None => None,
@@ -244,7 +256,16 @@ fn resolve_with_parser(alias: &str, opts: &Options) -> Result<Target> {
     }
     let user = opts.user.clone().or_else(|| params.as_ref().and_then(|p| p.user.clone())).unwrap_or_else(login_name);
     let port = opts.port.or_else(|| params.as_ref().and_then(|p| p.port)).unwrap_or(22);
-    let mut t = Target { alias: alias.to_string(), addr: alias.to_string(), port, user, identities: Vec::new(), known_hosts: Vec::new(), accept_new: opts.accept_new, host_key_alias: None };
+    let mut t = Target {
+        alias: alias.to_string(),
+        addr: alias.to_string(),
+        port,
+        user,
+        identities: Vec::new(),
+        known_hosts: Vec::new(),
+        accept_new: opts.accept_new,
+        host_key_alias: None,
+    };
     // HostName's tokens name the host as given; the others see the result
     if let Some(h) = params.as_ref().and_then(|p| p.host_name.clone()) {
         t.addr = expand(&h, &t).display().to_string();
@@ -321,7 +342,8 @@ fn key_verdict(sess: &Session, text: &str, name: &str, key: &[u8], key_type: &st
 /// an unknown key is added to the first one when the user opted in.
 fn verify_host_key(sess: &Session, t: &Target) -> Result<()> {
     let (key, kind) = sess.host_key().ok_or_else(|| anyhow!("{}: the server sent no host key", t.describe()))?;
-    let fingerprint = sess.host_key_hash(HashType::Sha256).map(|h| format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(h))).unwrap_or_default();
+    let fingerprint =
+        sess.host_key_hash(HashType::Sha256).map(|h| format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(h))).unwrap_or_default();
     let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
     let mut text = String::new();
     let mut read = Vec::new();
@@ -410,7 +432,11 @@ pub fn connect(t: &Target, timeout: Duration) -> Result<Session> {
         }
     }
     if !sess.authenticated() {
-        let tried = if tried.is_empty() { "no key found (ssh-agent, --ssh_identity, IdentityFile, ~/.ssh/id_*)".to_string() } else { format!("tried {}", tried.join(", ")) };
+        let tried = if tried.is_empty() {
+            "no key found (ssh-agent, --ssh_identity, IdentityFile, ~/.ssh/id_*)".to_string()
+        } else {
+            format!("tried {}", tried.join(", "))
+        };
         bail!("{}: login as {} refused: {tried}", t.describe(), t.user);
     }
     sess.set_timeout(0);
@@ -548,7 +574,10 @@ mod tests {
         assert_eq!(t.known_hosts[0], home().join(".ssh/known_hosts"));
         let jump = d.path().join("jump");
         std::fs::write(&jump, "Host far\n  ProxyJump gate\n").unwrap();
-        assert!(resolve("far", &Options { config: Some(jump), ..Default::default() }).unwrap_err().to_string().contains("ProxyJump gate, which glm-launch's SSH client does not support"));
+        assert!(resolve("far", &Options { config: Some(jump), ..Default::default() })
+            .unwrap_err()
+            .to_string()
+            .contains("ProxyJump gate, which glm-launch's SSH client does not support"));
     }
 
     #[test]
@@ -566,7 +595,10 @@ mod tests {
         std::fs::write(&cfg, "Host a\n  User x\nMatch host b\n  User y\n").unwrap();
         let e = resolve_with_parser("a", &Options { config: Some(cfg.clone()), ..Default::default() }).unwrap_err().to_string();
         assert!(e.contains(&format!("{}:3: `Match host b` needs OpenSSH's own reading", cfg.display())), "{e}");
-        assert!(resolve_with_parser("x", &Options { config: Some(d.path().join("missing")), ..Default::default() }).unwrap_err().to_string().contains("cannot read the ssh config"));
+        assert!(resolve_with_parser("x", &Options { config: Some(d.path().join("missing")), ..Default::default() })
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read the ssh config"));
         let env = Options { config: Some(cfg), user: Some("u".into()), port: Some(7), identity: None, accept_new: true }.to_env();
         assert_eq!(env.len(), 4);
     }

@@ -163,7 +163,15 @@ pub struct Outcome {
 /// to `hosts[rank]`, logging under `run_dir/logs`.
 /// `stop_remote`, when given, reaches workers on other machines at the first
 /// signal when none runs on this one (the ssh back end's connections).
-pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[String], run_dir: &Path, all_ranks: bool, stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>) -> Result<Outcome> {
+pub fn run(
+    argv: &[String],
+    tags: Tags,
+    env: &[(String, String)],
+    hosts: &[String],
+    run_dir: &Path,
+    all_ranks: bool,
+    stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>,
+) -> Result<Outcome> {
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create the run's log directory", logs.display()))?;
     // SAFETY: the handler only stores to atomics.
@@ -323,7 +331,8 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
             format!("rank {r} on {host} {cause}{detail}; every other worker was stopped")
         }
         None => {
-            let ranks: Vec<String> = s.last_error.iter().map(|(r, e)| format!("rank {r} on {} failed: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
+            let ranks: Vec<String> =
+                s.last_error.iter().map(|(r, e)| format!("rank {r} on {} failed: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
             if ranks.is_empty() {
                 format!("the job failed ({} exited with {code}); see {}", argv[0], logs.display())
             } else {
@@ -354,7 +363,10 @@ mod tests {
 
     #[test]
     fn the_failed_rank_from_openmpis_messages() {
-        let abort: Vec<String> = "mpirun detected that one or more processes exited with non-zero status\n  Process name: [[7493,1],1]\n  Exit code:    3\n".lines().map(String::from).collect();
+        let abort: Vec<String> = "mpirun detected that one or more processes exited with non-zero status\n  Process name: [[7493,1],1]\n  Exit code:    3\n"
+            .lines()
+            .map(String::from)
+            .collect();
         assert_eq!(failed_rank(&abort), Some((1, "exit code 3".into())));
         let killed = vec!["mpirun noticed that process rank 2 with PID 4242 on node vm exited on signal 9 (Killed).".to_string()];
         assert_eq!(failed_rank(&killed), Some((2, "killed by signal 9 (Killed)".into())));

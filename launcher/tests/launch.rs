@@ -14,7 +14,6 @@ fn launch() -> Command {
     c
 }
 
-
 fn hostfile(dir: &Path, body: &str) -> PathBuf {
     let p = dir.join("hosts");
     std::fs::write(&p, body).unwrap();
@@ -28,7 +27,19 @@ fn dry_run_prints_the_command_per_host() {
     let w = std::fs::canonicalize(d.path()).unwrap().join("w");
     std::fs::write(&w, "").unwrap();
     let o = launch()
-        .args(["--hostfile", &h.display().to_string(), "--include", "node-a:1,3@node-b", "--dry-run", "--worker", &w.display().to_string(), "--config", "ds.json", "--set", "train_iters=5"])
+        .args([
+            "--hostfile",
+            &h.display().to_string(),
+            "--include",
+            "node-a:1,3@node-b",
+            "--dry-run",
+            "--worker",
+            &w.display().to_string(),
+            "--config",
+            "ds.json",
+            "--set",
+            "train_iters=5",
+        ])
         .env("NCCL_DEBUG", "WARN")
         .output()
         .unwrap();
@@ -71,17 +82,18 @@ fn a_failing_worker_stops_the_job_and_is_named() {
     .unwrap();
     std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let t0 = std::time::Instant::now();
-    let o = launch()
-        .args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()])
-        .output()
-        .unwrap();
+    let o =
+        launch().args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()]).output().unwrap();
     let (out, err) = text(&o);
     assert!(t0.elapsed().as_secs() < 40, "the other worker was stopped, not waited for");
     assert_eq!(o.status.code(), Some(3), "{out}{err}");
     assert!(err.contains("[localhost:1] glm-worker: error: boom"), "{err}");
     // mpirun names the failed process in most runs ("exit code 3"); when it
     // does not, the rank's own error line names it
-    assert!(err.contains("glm-launch: rank 1 on localhost") && err.contains("glm-worker: error: boom") && err.contains("every other worker was stopped"), "{err}");
+    assert!(
+        err.contains("glm-launch: rank 1 on localhost") && err.contains("glm-worker: error: boom") && err.contains("every other worker was stopped"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(d.path().join("run/logs/rank_0001.log")).unwrap().trim(), "glm-worker: error: boom");
 }
 
@@ -93,7 +105,8 @@ fn output_that_is_not_utf8_is_passed_on() {
     let w = d.path().join("worker.sh");
     std::fs::write(&w, format!("#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\nprintf 'caf\\377 au lait\\n'; echo done\n", env!("CARGO_PKG_VERSION"))).unwrap();
     std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let o = launch().args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()]).output().unwrap();
+    let o =
+        launch().args(["--num_gpus", "2", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()]).output().unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("[localhost:0] caf\u{fffd} au lait") && out.contains("[localhost:0] done") && out.contains("every worker finished"), "{out}");
@@ -104,7 +117,14 @@ fn a_failing_preflight_starts_nothing() {
     let d = tempfile::tempdir().unwrap();
     let w = d.path().join("old-worker.sh");
     let marker = d.path().join("started");
-    std::fs::write(&w, format!("#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: 0.0.1'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\ntouch {}\n", marker.display())).unwrap();
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: 0.0.1'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\ntouch {}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let o = launch().args(["--num_gpus", "2", "--worker", &w.display().to_string()]).output().unwrap();
     let (out, err) = text(&o);
@@ -114,14 +134,23 @@ fn a_failing_preflight_starts_nothing() {
     assert!(!marker.exists(), "no worker started");
 }
 
-
 #[test]
 fn two_workers_train_through_glm_launch() {
     let d = tempfile::tempdir().unwrap();
-    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000}}"#);
+    let (worker, job) = tiny_job(
+        d.path(),
+        r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000}}"#,
+    );
     let h = hostfile(d.path(), "localhost slots=2\n");
     let save = d.path().join("save");
-    let mut args: Vec<String> = vec!["--hostfile".into(), h.display().to_string(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+    let mut args: Vec<String> = vec![
+        "--hostfile".into(),
+        h.display().to_string(),
+        "--worker".into(),
+        worker.display().to_string(),
+        "--run_dir".into(),
+        d.path().join("run").display().to_string(),
+    ];
     args.extend(job);
     args.extend(["--set".to_string(), "train_iters=3".into(), "--set".into(), format!("save={}", save.display())]);
     let o = launch().args(&args).output().unwrap();
@@ -135,15 +164,26 @@ fn two_workers_train_through_glm_launch() {
     assert!(d.path().join("run/logs/rank_0000.log").is_file());
 }
 
-
 /// `--launcher local`, four workers on this machine as tensor-parallel 2 ×
 /// data-parallel 2 (oversubscribing its cores).
 #[test]
 fn four_workers_train_through_the_local_back_end() {
     let d = tempfile::tempdir().unwrap();
-    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2}}"#);
+    let (worker, job) = tiny_job(
+        d.path(),
+        r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2}}"#,
+    );
     let save = d.path().join("save");
-    let mut args: Vec<String> = vec!["--launcher".into(), "local".into(), "--num_gpus".into(), "4".into(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+    let mut args: Vec<String> = vec![
+        "--launcher".into(),
+        "local".into(),
+        "--num_gpus".into(),
+        "4".into(),
+        "--worker".into(),
+        worker.display().to_string(),
+        "--run_dir".into(),
+        d.path().join("run").display().to_string(),
+    ];
     args.extend(job);
     args.extend(["--set", "model_parallel_size=2", "--set", "train_iters=3", "--set"].map(String::from));
     args.push(format!("save={}", save.display()));
@@ -164,12 +204,29 @@ fn four_workers_train_through_the_local_back_end() {
 #[test]
 fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
     let d = tempfile::tempdir().unwrap();
-    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#);
+    let (worker, job) = tiny_job(
+        d.path(),
+        r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#,
+    );
     let save = d.path().join("save");
     let args = |iters: &str, load: bool| -> Vec<String> {
-        let mut a: Vec<String> = vec!["--num_gpus".into(), "2".into(), "--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run").display().to_string()];
+        let mut a: Vec<String> = vec![
+            "--num_gpus".into(),
+            "2".into(),
+            "--worker".into(),
+            worker.display().to_string(),
+            "--run_dir".into(),
+            d.path().join("run").display().to_string(),
+        ];
         a.extend(job.iter().cloned());
-        a.extend(["--set".to_string(), "save_interval=0".into(), "--set".into(), format!("train_iters={iters}"), "--set".into(), format!("save={}", save.display())]);
+        a.extend([
+            "--set".to_string(),
+            "save_interval=0".into(),
+            "--set".into(),
+            format!("train_iters={iters}"),
+            "--set".into(),
+            format!("save={}", save.display()),
+        ]);
         if load {
             a.extend(["--set".to_string(), format!("load={}", save.display())]);
         }

@@ -75,7 +75,8 @@ fn ok(o: &Output, what: &str) -> String {
 fn slurm_batch_scripts_salloc_and_preemption() {
     let d = tempfile::tempdir().unwrap();
     let cluster = Cluster::up(&d.path().join("slurm"));
-    let (_, job) = tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}}"#);
+    let (_, job) =
+        tiny_job(d.path(), r#"{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}}"#);
     let save = d.path().join("save");
     let launch = env!("CARGO_BIN_EXE_glm-launch");
 
@@ -86,10 +87,21 @@ fn slurm_batch_scripts_salloc_and_preemption() {
 
     // 1. sbatch scripts/pretrain.sbatch: srun --mpi=pmix, 2 tasks, one world
     let out1 = d.path().join("batch1.out");
-    let o = cluster.run(cluster.cmd("sbatch").args(["--wait", "--time=10", "-o", &out1.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args(["--set", "train_iters=3", "--set", &format!("save={}", save.display())]), 180);
+    let o = cluster.run(
+        cluster.cmd("sbatch").args(["--wait", "--time=10", "-o", &out1.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args([
+            "--set",
+            "train_iters=3",
+            "--set",
+            &format!("save={}", save.display()),
+        ]),
+        180,
+    );
     let log = std::fs::read_to_string(&out1).unwrap_or_default();
     assert!(o.status.success(), "sbatch: {:?}\n{log}", text(&o));
-    assert!(log.contains("2 task(s)") && log.contains("parallel: world 2 = tensor-parallel 1 × data-parallel 2") && log.contains("iteration       3/3"), "{log}");
+    assert!(
+        log.contains("2 task(s)") && log.contains("parallel: world 2 = tensor-parallel 1 × data-parallel 2") && log.contains("iteration       3/3"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "3");
 
     // 2. glm-launch --launcher slurm inside sbatch (the multi-node example, on this one node, without GPUs)
@@ -108,12 +120,31 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     }
     let o = cluster.run(
         cluster
-        .cmd("sbatch")
-        .env("GLM_CONFIG", &config)
-        .env("GLM_ARGS", &args_file)
-        .args(["--wait", "--time=10", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "-o", &out2.display().to_string(), "scripts/pretrain_multinode.sbatch"])
-        .args(&rest_args)
-        .args(["--run_dir", &d.path().join("run2").display().to_string(), "--set", "train_iters=5", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())]),
+            .cmd("sbatch")
+            .env("GLM_CONFIG", &config)
+            .env("GLM_ARGS", &args_file)
+            .args([
+                "--wait",
+                "--time=10",
+                "--nodes=1",
+                "--ntasks-per-node=2",
+                "--gpus-per-node=0",
+                "--cpus-per-task=1",
+                "-o",
+                &out2.display().to_string(),
+                "scripts/pretrain_multinode.sbatch",
+            ])
+            .args(&rest_args)
+            .args([
+                "--run_dir",
+                &d.path().join("run2").display().to_string(),
+                "--set",
+                "train_iters=5",
+                "--set",
+                &format!("load={}", save.display()),
+                "--set",
+                &format!("save={}", save.display()),
+            ]),
         180,
     );
     let log = std::fs::read_to_string(&out2).unwrap_or_default();
@@ -125,10 +156,10 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     // 3. glm-launch --launcher slurm inside salloc
     let o = cluster.run(
         cluster
-        .cmd("salloc")
-        .args(["-n", "2", "--time=10", launch, "--launcher", "slurm", "--run_dir", &d.path().join("run3").display().to_string()])
-        .args(&job)
-        .args(["--set", "train_iters=6", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())]),
+            .cmd("salloc")
+            .args(["-n", "2", "--time=10", launch, "--launcher", "slurm", "--run_dir", &d.path().join("run3").display().to_string()])
+            .args(&job)
+            .args(["--set", "train_iters=6", "--set", &format!("load={}", save.display()), "--set", &format!("save={}", save.display())]),
         180,
     );
     let all = ok(&o, "salloc glm-launch");
@@ -166,11 +197,12 @@ fn slurm_batch_scripts_salloc_and_preemption() {
     // ... and it resumes
     let out5 = d.path().join("batch5.out");
     let o = cluster.run(
-        cluster
-        .cmd("sbatch")
-        .args(["--wait", "--time=10", "-o", &out5.display().to_string(), "scripts/pretrain.sbatch"])
-        .args(&job)
-        .args(["--set", &format!("train_iters={}", it + 1), "--set", &format!("load={}", save.display())]),
+        cluster.cmd("sbatch").args(["--wait", "--time=10", "-o", &out5.display().to_string(), "scripts/pretrain.sbatch"]).args(&job).args([
+            "--set",
+            &format!("train_iters={}", it + 1),
+            "--set",
+            &format!("load={}", save.display()),
+        ]),
         180,
     );
     let log = std::fs::read_to_string(&out5).unwrap_or_default();

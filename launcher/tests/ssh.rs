@@ -40,7 +40,6 @@ impl Drop for Hosts {
     }
 }
 
-
 /// glm-launch over ssh with this test's hosts, config and network.
 fn launch(h: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_glm-launch"));
@@ -85,7 +84,10 @@ fn done(c: &mut Command) -> std::process::Output {
 
 fn set_known_hosts(h: &Path, file: &Path) {
     let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
-    let cfg: String = cfg.lines().map(|l| if l.trim_start().starts_with("UserKnownHostsFile") { format!("  UserKnownHostsFile {}\n", file.display()) } else { format!("{l}\n") }).collect();
+    let cfg: String = cfg
+        .lines()
+        .map(|l| if l.trim_start().starts_with("UserKnownHostsFile") { format!("  UserKnownHostsFile {}\n", file.display()) } else { format!("{l}\n") })
+        .collect();
     std::fs::write(h.join("ssh_config"), cfg).unwrap();
 }
 
@@ -111,7 +113,10 @@ fn ssh_back_end_on_two_test_hosts() {
 
     // 2. ... unless the user opts in: the keys are recorded, and every rank
     // runs on its host
-    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys", "--all-ranks-output", "--run_dir", &d.path().join("run1").display().to_string()]));
+    let o = done(&mut launch(
+        &h,
+        &["--worker", &ws, "--ssh_accept_new_host_keys", "--all-ranks-output", "--run_dir", &d.path().join("run1").display().to_string()],
+    ));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     for (r, host) in [(0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")] {
@@ -153,9 +158,17 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(text(&o).0.contains("login as root refused: no key found"), "{}", text(&o).0);
     let sock = h.join("agent.sock");
     let agent = Command::new("ssh-agent").args(["-a", &sock.display().to_string()]).output().unwrap();
-    let agent_pid: i32 = String::from_utf8_lossy(&agent.stdout).split("SSH_AGENT_PID=").nth(1).and_then(|r| r.split(';').next()).and_then(|p| p.parse().ok()).expect("ssh-agent started");
+    let agent_pid: i32 = String::from_utf8_lossy(&agent.stdout)
+        .split("SSH_AGENT_PID=")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|p| p.parse().ok())
+        .expect("ssh-agent started");
     let added = Command::new("ssh-add").arg(h.join("id_ed25519")).env("SSH_AUTH_SOCK", &sock).output().unwrap();
-    let o = done(launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string(), "--run_dir", &d.path().join("run.agent").display().to_string()]).env("SSH_AUTH_SOCK", &sock));
+    let o = done(
+        launch(&h, &["--worker", &ws, "--ssh_config", &no_key.display().to_string(), "--run_dir", &d.path().join("run.agent").display().to_string()])
+            .env("SSH_AUTH_SOCK", &sock),
+    );
     // SAFETY: the agent this test started.
     unsafe { libc::kill(agent_pid, libc::SIGTERM) };
     assert!(added.status.success(), "ssh-add: {}", String::from_utf8_lossy(&added.stderr));
@@ -190,7 +203,10 @@ fn ssh_back_end_on_two_test_hosts() {
     // 7. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
     // SIGTERM to glm-launch (no worker on this machine) reaches the workers
     // over SSH, which save a checkpoint that resumes
-    let (worker, job) = tiny_job(d.path(), r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#);
+    let (worker, job) = tiny_job(
+        d.path(),
+        r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 1}}"#,
+    );
     let save = d.path().join("save");
     let mut args: Vec<String> = vec!["--worker".into(), worker.display().to_string(), "--run_dir".into(), d.path().join("run3").display().to_string()];
     args.extend(job.iter().cloned());

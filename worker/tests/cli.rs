@@ -162,7 +162,20 @@ fn seed_vocab_builds_a_store_and_samples_decode() {
     let s = stdout(&o);
     assert!(s.contains("[MASK]") && s.contains("<|endofpiece|>"), "{s}");
     // token ids as JSON lines, with a run's own masking settings
-    let o = run(&["samples", "--store", &out.display().to_string(), "--count", "2", "--json", "--args", &repo_file("configs/configs_tiny.json"), "--set", "seq_length=40", "--mode", "sentence"]);
+    let o = run(&[
+        "samples",
+        "--store",
+        &out.display().to_string(),
+        "--count",
+        "2",
+        "--json",
+        "--args",
+        &repo_file("configs/configs_tiny.json"),
+        "--set",
+        "seq_length=40",
+        "--mode",
+        "sentence",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
@@ -188,12 +201,20 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
         (seed("sample.json"), vec![], "sample.json:1:1: expected `[`"),
         (d.path().join("bad.json"), vec![], "bad.json:3: malformed JSON"),
         (d.path().join("empty.json"), vec![], "empty.json: the corpus holds no documents with text"),
-        (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()], "nope.txt: tokenizer: no such file; hint: pass a BERT vocab.txt or a tokenizer.json with --tokenizer"),
+        (
+            d.path().join("ok.json"),
+            vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()],
+            "nope.txt: tokenizer: no such file; hint: pass a BERT vocab.txt or a tokenizer.json with --tokenizer",
+        ),
         (d.path().join("bad.jsonl"), vec![], "bad.jsonl:2:10: malformed JSON"),
         (d.path().join("ok.json"), vec!["--split".into(), "1,x".into()], "split \"1,x\""),
         (d.path().join("data.json.gz"), vec![], "data.json.gz: a gzip-compressed file: decompress it first (gunzip); expected UTF-8 text"),
         (d.path().join("utf16.txt"), vec![], "utf16.txt: UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"),
-        (d.path().join("ok.json"), vec!["--tokenizer".into(), d.path().join("vocab.bin").display().to_string()], "vocab.bin: a binary file (a NUL byte at offset 4)"),
+        (
+            d.path().join("ok.json"),
+            vec!["--tokenizer".into(), d.path().join("vocab.bin").display().to_string()],
+            "vocab.bin: a binary file (a NUL byte at offset 4)",
+        ),
     ];
     std::fs::write(d.path().join("data.json.gz"), b"\x1F\x8B\x08\x00\x00\x00\x00\x00").unwrap();
     std::fs::write(d.path().join("utf16.txt"), b"\xFF\xFEa\x00b\x00").unwrap();
@@ -224,7 +245,11 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
     std::fs::write(&ds, bom(r#"{"train_micro_batch_size_per_gpu": 2}"#)).unwrap();
     let args = d.path().join("configs.json");
     std::fs::write(&args, bom(&std::fs::read_to_string(repo_file("configs/configs_tiny.json")).unwrap())).unwrap();
-    let o = worker().current_dir(repo_file("")).args(["--config", &ds.display().to_string(), "--args", &args.display().to_string(), "--set", "train_iters=0"]).output().unwrap();
+    let o = worker()
+        .current_dir(repo_file(""))
+        .args(["--config", &ds.display().to_string(), "--args", &args.display().to_string(), "--set", "train_iters=0"])
+        .output()
+        .unwrap();
     assert!(o.status.success() && stdout(&o).contains("configuration is valid"), "{}", stderr(&o));
 }
 
@@ -254,18 +279,22 @@ fn seed_vocab_round_trips_chinese() {
 fn an_oversized_model_and_bad_benchmark_arguments_are_one_line_errors() {
     // 51 T parameters: more than any address space holds, so the allocation
     // fails at once whatever the kernel's overcommit policy
-    let o = worker().env_remove("RUST_BACKTRACE").args(["bench-step", "--hidden", "65536", "--layers", "1000", "--iters", "1", "--warmup", "0"]).output().unwrap();
+    let o =
+        worker().env_remove("RUST_BACKTRACE").args(["bench-step", "--hidden", "65536", "--layers", "1000", "--iters", "1", "--warmup", "0"]).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let first = err.lines().next().unwrap_or_default();
     assert!(
-        first.starts_with("glm-worker: error: building the model (hidden_size 65536, num_layers 1000, vocab_size 16000: 51.5 T parameters, 206 TB as fp32 on cpu")
-            && first.ends_with("libtorch: out of CPU memory: asked for 206 TB (Cannot allocate memory)"),
+        first.starts_with(
+            "glm-worker: error: building the model (hidden_size 65536, num_layers 1000, vocab_size 16000: 51.5 T parameters, 206 TB as fp32 on cpu"
+        ) && first.ends_with("libtorch: out of CPU memory: asked for 206 TB (Cannot allocate memory)"),
         "{err}"
     );
     assert!(err.lines().count() == 2 && err.lines().nth(1).unwrap().starts_with("HINT: "), "one error line and a hint: {err}");
     assert!(!err.contains("panicked") && !err.contains("frame #"), "{err}");
-    for (arg, value, want) in [("--threads", "0", "0 is not in 1.."), ("--seq", "1", "1 is not in 2.."), ("--vocab", "5", "5 is not in 16.."), ("--iters", "0", "0 is not in 1..")] {
+    for (arg, value, want) in
+        [("--threads", "0", "0 is not in 1.."), ("--seq", "1", "1 is not in 2.."), ("--vocab", "5", "5 is not in 16.."), ("--iters", "0", "0 is not in 1..")]
+    {
         let o = run(&["bench-step", arg, value]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{arg} {value}: {err}");

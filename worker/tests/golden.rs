@@ -88,7 +88,8 @@ fn train(extra: &[&str]) -> Vec<f64> {
         "save_interval=0".into(),
         format!("save={}", save.display()),
     ];
-    let mut args: Vec<String> = ["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--device", "cpu"].map(String::from).to_vec();
+    let mut args: Vec<String> =
+        ["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--device", "cpu"].map(String::from).to_vec();
     args.extend(["--store".into(), d.path().join("store").display().to_string(), "--tokenizer-cache".into(), d.path().join("model").display().to_string()]);
     for s in sets.into_iter().chain(extra.iter().map(|s| s.to_string())) {
         args.extend(["--set".into(), s]);
@@ -140,17 +141,25 @@ fn default_config_matches_the_golden_losses() {
         vec!["the golden file records no kernel fingerprint".into()]
     } else {
         here.iter()
-        .filter(|(k, v)| theirs.get(*k) != Some(*v))
+            .filter(|(k, v)| theirs.get(*k) != Some(*v))
             .map(|(k, v)| format!("{k} {} there, {v} here", theirs.get(k).map_or("unrecorded".into(), |r| r.to_string())))
             .collect()
     };
     if differ.is_empty() {
-        say(&format!("this machine has the recording machine's kernel fingerprint ({} on {}): comparing bit for bit", here["aten_cpu_capability"], here["processor"]));
+        say(&format!(
+            "this machine has the recording machine's kernel fingerprint ({} on {}): comparing bit for bit",
+            here["aten_cpu_capability"], here["processor"]
+        ));
         assert_eq!(losses, want, "losses differ from the golden file (bitwise, same kernels); if the change is intended, say why and re-record");
     } else {
         say(&format!("the kernels may differ from the recording machine's ({}): comparing within {TOLERANCE:e} relative", differ.join("; ")));
         for (i, (a, b)) in losses.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= TOLERANCE * b.abs(), "iteration {}: {a} vs golden {b} (relative difference {:.2e}, tolerance {TOLERANCE:e})", i + 1, (a - b).abs() / b.abs());
+            assert!(
+                (a - b).abs() <= TOLERANCE * b.abs(),
+                "iteration {}: {a} vs golden {b} (relative difference {:.2e}, tolerance {TOLERANCE:e})",
+                i + 1,
+                (a - b).abs() / b.abs()
+            );
         }
     }
 }

@@ -39,10 +39,7 @@ fn command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Command {
 static MPIRUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn losses(save: &Path, kind: &str) -> Vec<(u64, f64)> {
-    common::events(save, kind)
-        .into_iter()
-        .map(|v| (v["iteration"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
+    common::events(save, kind).into_iter().map(|v| (v["iteration"].as_u64().unwrap(), v["loss"].as_f64().unwrap())).collect()
 }
 
 fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64) {
@@ -87,7 +84,12 @@ fn data_parallel_resume_equals_the_uninterrupted_run() {
 fn invalid_layouts_fail_clearly() {
     let d0 = tempfile::tempdir().unwrap();
     // heads must split evenly over the tensor-parallel ranks
-    let o = run(d0.path(), 2, &ds(d0.path(), "ds.json", 4, 4), &["model_parallel_size=2".into(), "num_attention_heads=1".into(), "hidden_size=64".into(), "train_iters=1".into()]);
+    let o = run(
+        d0.path(),
+        2,
+        &ds(d0.path(), "ds.json", 4, 4),
+        &["model_parallel_size=2".into(), "num_attention_heads=1".into(), "hidden_size=64".into(), "train_iters=1".into()],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("num_attention_heads 1 is not divisible by model_parallel_size 2"), "{err}");
     let d = tempfile::tempdir().unwrap();
@@ -98,7 +100,10 @@ fn invalid_layouts_fail_clearly() {
     // a batch triple that contradicts the data-parallel size
     let o = run(d.path(), 2, &ds(d.path(), "bad.json", 4, 4), &["train_iters=1".into()]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("train_batch_size 4, train_micro_batch_size_per_gpu 4 cannot satisfy") && err.contains("data-parallel size 2"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("train_batch_size 4, train_micro_batch_size_per_gpu 4 cannot satisfy") && err.contains("data-parallel size 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,10 +112,25 @@ fn tensor_parallel_equals_one_process() {
     let (one, tp2, tp2dp2) = (d.path().join("one"), d.path().join("tp2"), d.path().join("tp2dp2"));
     // Megatron pads the vocabulary to make_vocab_size_divisible_by x tp:
     // one process pads to 256 to get the embedding TP=2 gets with 128
-    ok(&run(d.path(), 2, &ds(d.path(), "ds_tp2.json", 4, 4), &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2.display())]));
-    let out = ok(&run(d.path(), 4, &ds(d.path(), "ds_tp2dp2.json", 2, 4), &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2dp2.display())]));
+    ok(&run(
+        d.path(),
+        2,
+        &ds(d.path(), "ds_tp2.json", 4, 4),
+        &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2.display())],
+    ));
+    let out = ok(&run(
+        d.path(),
+        4,
+        &ds(d.path(), "ds_tp2dp2.json", 2, 4),
+        &["train_iters=6".into(), "model_parallel_size=2".into(), "eval_batch_size=2".into(), format!("save={}", tp2dp2.display())],
+    ));
     assert!(out.contains("world 4 = tensor-parallel 2 × data-parallel 2"), "{out}");
-    ok(&run(d.path(), 0, &ds(d.path(), "ds_one.json", 4, 4), &["train_iters=6".into(), "make_vocab_size_divisible_by=256".into(), "eval_batch_size=2".into(), format!("save={}", one.display())]));
+    ok(&run(
+        d.path(),
+        0,
+        &ds(d.path(), "ds_one.json", 4, 4),
+        &["train_iters=6".into(), "make_vocab_size_divisible_by=256".into(), "eval_batch_size=2".into(), format!("save={}", one.display())],
+    ));
     for other in [&tp2, &tp2dp2] {
         assert_close(&losses(&one, "train"), &losses(other, "train"), 1e-5);
         assert_close(&losses(&one, "eval"), &losses(other, "eval"), 1e-5);
@@ -123,7 +143,10 @@ fn tensor_parallel_equals_one_process() {
     // resuming it in one process points at merge; a changed dropout is fine, a changed shape is named
     let o = run(d.path(), 0, &ds(d.path(), "ds_one.json", 4, 4), &["train_iters=8".into(), format!("load={}", tp2.display())]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("saved with tensor-parallel 2, and this run has tensor-parallel 1: merge it first (glm-worker checkpoint merge"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("saved with tensor-parallel 2, and this run has tensor-parallel 1: merge it first (glm-worker checkpoint merge"),
+        "{e}"
+    );
 
     // merged TP=2 weights after 6 updates equal the one-process weights
     let merged = d.path().join("merged");
@@ -190,12 +213,21 @@ fn comm_check_passes_on_three_ranks() {
 #[test]
 fn comm_check_passes_staged_through_host_memory() {
     let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
-    let o = common::mpirun(2).env("GLM_COMM_BACKEND", "host-staged").arg(env!("CARGO_BIN_EXE_glm-worker")).args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "2"]).output().unwrap();
+    let o = common::mpirun(2)
+        .env("GLM_COMM_BACKEND", "host-staged")
+        .arg(env!("CARGO_BIN_EXE_glm-worker"))
+        .args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "2"])
+        .output()
+        .unwrap();
     let out = ok(&o);
     assert!(out.contains("2 rank(s), Cpu tensors through host memory over MPI"), "{out}");
     assert_eq!(out.matches(": ok").count(), 17, "{out}");
     assert!(out.contains("all checks passed"), "{out}");
-    let o = Command::new(env!("CARGO_BIN_EXE_glm-worker")).env("GLM_COMM_BACKEND", "host_staged").args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "1"]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+        .env("GLM_COMM_BACKEND", "host_staged")
+        .args(["comm-check", "--device", "cpu", "--mib", "1", "--iters", "1"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("GLM_COMM_BACKEND=host_staged: expected native") && err.contains("host-staged"), "{err}");
 }
@@ -231,7 +263,13 @@ fn a_signal_to_one_tensor_parallel_rank_stops_every_rank_after_the_same_iteratio
     let d = tempfile::tempdir().unwrap();
     let save = d.path().join("save");
     let cfg = ds(d.path(), "ds.json", 4, 4);
-    let sets = ["train_iters=100000".to_string(), "model_parallel_size=2".into(), "eval_interval=0".into(), "save_interval=0".into(), format!("save={}", save.display())];
+    let sets = [
+        "train_iters=100000".to_string(),
+        "model_parallel_size=2".into(),
+        "eval_interval=0".into(),
+        "save_interval=0".into(),
+        format!("save={}", save.display()),
+    ];
     let _one_at_a_time = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = command(d.path(), 2, &cfg, &sets).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // training is under way once rank 0 has logged an iteration
@@ -279,7 +317,8 @@ fn zero_stage_two_under_mpirun_matches_stage_zero_and_reshards_on_resume() {
     let d = tempfile::tempdir().unwrap();
     let (s0, s2, same, one, merged_run) = (d.path().join("s0"), d.path().join("s2"), d.path().join("same"), d.path().join("one"), d.path().join("merged_run"));
     let cfg = ds(d.path(), "ds.json", 2, 4);
-    let zero2 = ["zero_optimization.stage=2".to_string(), "zero_optimization.reduce_bucket_size=20000".into(), "zero_optimization.allgather_bucket_size=5000".into()];
+    let zero2 =
+        ["zero_optimization.stage=2".to_string(), "zero_optimization.reduce_bucket_size=20000".into(), "zero_optimization.allgather_bucket_size=5000".into()];
     let sets = |extra: Vec<String>| -> Vec<String> { ["train_iters=4".to_string(), "eval_interval=0".into()].into_iter().chain(extra).collect() };
     ok(&run(d.path(), 2, &cfg, &sets(vec![format!("save={}", s0.display())])));
     let out = ok(&run(d.path(), 2, &cfg, &sets([zero2.to_vec(), vec!["save_interval=2".into(), format!("save={}", s2.display())]].concat())));

@@ -115,13 +115,20 @@ fn bf16_tensor_and_data_parallel_match_one_bf16_process() {
 fn host_staged_collectives_train_like_mpi_and_one_process() {
     let d = tempfile::tempdir().unwrap();
     let base = ["train_iters=4".to_string(), "hidden_dropout=0".into(), "attention_dropout=0".into(), "output_dropout=0".into(), "eval_interval=0".into()];
-    let with = |extra: &[String], save: &Path| -> Vec<String> { base.iter().cloned().chain(extra.iter().cloned()).chain([format!("save={}", save.display())]).collect() };
+    let with = |extra: &[String], save: &Path| -> Vec<String> {
+        base.iter().cloned().chain(extra.iter().cloned()).chain([format!("save={}", save.display())]).collect()
+    };
     let staged = [("GLM_COMM_BACKEND", "host-staged")];
     let zero2 = format!(r#"{BF16}, "zero_optimization": {{"stage": 2, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000}}"#);
     let (dp_cfg, tp_cfg) = (ds(d.path(), "dp2.json", 2, 4, &zero2), ds(d.path(), "tp2.json", 4, 4, BF16));
     let vocab256 = ["make_vocab_size_divisible_by=256".to_string()];
     let tp2 = ["model_parallel_size=2".to_string()];
-    let runs = [("dp2-staged", &dp_cfg, &vocab256, &staged[..]), ("dp2-mpi", &dp_cfg, &vocab256, &[]), ("tp2-staged", &tp_cfg, &tp2, &staged[..]), ("tp2-mpi", &tp_cfg, &tp2, &[])];
+    let runs = [
+        ("dp2-staged", &dp_cfg, &vocab256, &staged[..]),
+        ("dp2-mpi", &dp_cfg, &vocab256, &[]),
+        ("tp2-staged", &tp_cfg, &tp2, &staged[..]),
+        ("tp2-mpi", &tp_cfg, &tp2, &[]),
+    ];
     let mut losses = std::collections::BTreeMap::new();
     for (name, cfg, extra, env) in runs {
         let save = d.path().join(name);
@@ -169,7 +176,12 @@ fn resume_is_exact(extra: &str, precision_sets: &[String]) -> (Vec<serde_json::V
     // without the optimizer state (fresh moments and scaler) the learning-rate
     // schedule still resumes where it stood (iteration − skipped steps)
     let c = d.path().join("c");
-    ok(&run(d.path(), 0, &cfg, &[&common[..], &[format!("save={}", c.display()), format!("load={}", a.join("4").display()), "no_load_optim=true".into()]].concat()));
+    ok(&run(
+        d.path(),
+        0,
+        &cfg,
+        &[&common[..], &[format!("save={}", c.display()), format!("load={}", a.join("4").display()), "no_load_optim=true".into()]].concat(),
+    ));
     let lr5 = |dir: &Path| events(dir, "train").iter().find(|e| e["iteration"] == 5).map(|e| e["lr"].clone());
     assert!(lr5(&a).is_some());
     assert_eq!(lr5(&c), lr5(&a), "lr at iteration 5 after a resume with no_load_optim");
@@ -257,12 +269,18 @@ fn activation_checkpointing_under_tensor_parallelism_gives_the_same_run() {
     let d = tempfile::tempdir().unwrap();
     let (plain, ckpt) = (d.path().join("plain"), d.path().join("ckpt"));
     let cfg = ds(d.path(), "ds.json", 4, 4, "");
-    let s = |save: &Path, on: bool| sets(&["train_iters=3".to_string(), "model_parallel_size=2".into(), format!("checkpoint_activations={on}"), format!("save={}", save.display())]);
+    let s = |save: &Path, on: bool| {
+        sets(&["train_iters=3".to_string(), "model_parallel_size=2".into(), format!("checkpoint_activations={on}"), format!("save={}", save.display())])
+    };
     ok(&run(d.path(), 2, &cfg, &s(&plain, false)));
     ok(&run(d.path(), 2, &cfg, &s(&ckpt, true)));
     assert_eq!(train_losses(&plain), train_losses(&ckpt), "TP=2 losses with and without activation checkpointing (bitwise)");
     for r in ["mp_rank_00", "mp_rank_01"] {
-        assert!(std::fs::read(plain.join("3").join(r).join("model.safetensors")).unwrap() == std::fs::read(ckpt.join("3").join(r).join("model.safetensors")).unwrap(), "{r}");
+        assert!(
+            std::fs::read(plain.join("3").join(r).join("model.safetensors")).unwrap()
+                == std::fs::read(ckpt.join("3").join(r).join("model.safetensors")).unwrap(),
+            "{r}"
+        );
     }
 }
 
@@ -273,7 +291,10 @@ fn activation_checkpointing_under_tensor_parallelism_gives_the_same_run() {
 fn activation_checkpointing_lowers_peak_memory() {
     let bench = |ckpt: bool| -> f64 {
         let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let mut args = vec!["bench-step", "--iters", "2", "--warmup", "0", "--layers", "8", "--hidden", "128", "--heads", "4", "--seq", "256", "--batch", "16", "--vocab", "1000"];
+        let mut args = vec![
+            "bench-step", "--iters", "2", "--warmup", "0", "--layers", "8", "--hidden", "128", "--heads", "4", "--seq", "256", "--batch", "16", "--vocab",
+            "1000",
+        ];
         if ckpt {
             args.push("--checkpoint-activations");
         }
@@ -289,7 +310,8 @@ fn activation_checkpointing_lowers_peak_memory() {
 #[test]
 fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     let d = tempfile::tempdir().unwrap();
-    let worker = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).args(args).args(["--set", "train_iters=0"]).output().unwrap();
+    let worker =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).args(args).args(["--set", "train_iters=0"]).output().unwrap();
     // the seed's config: fp16 from the DeepSpeed file, its scaler keys
     let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json"]));
     assert!(out.contains("fp16 (fp32 master weights and optimizer state), dynamic loss scale 65536 (window 1000, hysteresis 2, min 1)"), "{out}");
@@ -302,7 +324,10 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     let out = ok(&worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "hysteresis=3", "--set", "min_scale=4"]));
     assert!(out.contains("dynamic loss scale 65536 (window 1000, hysteresis 3, min 4)"), "{out}");
     // the DeepSpeed file wins where it speaks; dotted --set edits it
-    let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "hysteresis=5", "--set", "fp16.enabled=false", "--set", "bf16.enabled=true"]));
+    let out = ok(&worker(&[
+        "--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "hysteresis=5", "--set", "fp16.enabled=false", "--set",
+        "bf16.enabled=true",
+    ]));
     assert!(out.contains("bf16 (fp32 master weights, gradient accumulation and optimizer state)  (--set)"), "{out}");
     let o = worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "bf16.enabled=true"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fp16 and bf16 are both enabled"), "{}", String::from_utf8_lossy(&o.stderr));

@@ -33,12 +33,7 @@ impl Run {
     }
 
     fn worker(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_glm-worker"))
-            .current_dir(repo())
-            .env("OMP_NUM_THREADS", "1")
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).env("OMP_NUM_THREADS", "1").args(args).output().unwrap()
     }
 
     /// Trains with the tiny test model; `sets` add or override keys.
@@ -76,7 +71,11 @@ fn short_run_learns_and_writes_its_outputs() {
     assert!(g.contains("checkpoint:") && g.contains("blank 0:"), "{g}");
     let g = ok(&r.worker(&["generate", "--load", &save.join("30").display().to_string(), "--text", "举头望明月", "--top-k", "5", "--max-tokens", "4"]));
     assert!(g.contains("(iteration 30)"), "{g}");
-    for (flag, value, want) in [("--temperature", "0", "--temperature 0: must be positive and finite"), ("--top-p", "1.5", "--top-p 1.5: must be in [0, 1]"), ("--max-tokens", "0", "--max-tokens 0")] {
+    for (flag, value, want) in [
+        ("--temperature", "0", "--temperature 0: must be positive and finite"),
+        ("--top-p", "1.5", "--top-p 1.5: must be in [0, 1]"),
+        ("--max-tokens", "0", "--max-tokens 0"),
+    ] {
         let o = r.worker(&["generate", "--load", &save.display().to_string(), "--text", "举头望明月", flag, value]);
         assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(want), "{flag}: {}", String::from_utf8_lossy(&o.stderr));
     }
@@ -106,7 +105,10 @@ fn resumed_run_equals_the_uninterrupted_one() {
     sd.extend([format!("load={}", a.join("4").display()), "intermediate_size=128".into()]);
     let o = r.train(&sd);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("the checkpoint's model differs from this run's: intermediate_size 256 in the checkpoint, 128 in this run"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("the checkpoint's model differs from this run's: intermediate_size 256 in the checkpoint, 128 in this run"),
+        "{e}"
+    );
     let la: Vec<String> = events(&a, "train").iter().filter(|e| e["iteration"].as_u64().unwrap() > 4).map(|e| e["loss"].to_string()).collect();
     let lb: Vec<String> = events(&b, "train").iter().map(|e| e["loss"].to_string()).collect();
     assert_eq!(la.len(), 6);
@@ -129,7 +131,10 @@ fn a_used_save_directory_is_never_replaced_by_accident() {
     let o = r.train(&base);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a fresh run into a used save directory");
-    assert!(err.contains(&format!("{}: already holds the checkpoints of a run (latest: iteration 4)", save.display())) && err.contains("--set overwrite=true"), "{err}");
+    assert!(
+        err.contains(&format!("{}: already holds the checkpoints of a run (latest: iteration 4)", save.display())) && err.contains("--set overwrite=true"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(save.join("metrics.jsonl")).unwrap(), metrics, "metrics untouched");
     assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "4");
     // resuming it is fine
@@ -149,7 +154,14 @@ fn a_used_save_directory_is_never_replaced_by_accident() {
     // one run at a time: a second run into the directory of a running one is refused, naming it
     let long = ["train_iters=100000".to_string(), "eval_interval=0".into(), "save_interval=0".into(), format!("save={}", r.p("busy").display())];
     let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("corpus.json"), 1500, &long);
-    let mut first = Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).env("OMP_NUM_THREADS", "1").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+        .current_dir(repo())
+        .env("OMP_NUM_THREADS", "1")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = std::time::Instant::now();
     while !std::fs::read_to_string(r.p("busy/.lock")).unwrap_or_default().contains("pid ") {
         assert!(t0.elapsed().as_secs() < 120, "the first run never took its save directory");
@@ -162,7 +174,11 @@ fn a_used_save_directory_is_never_replaced_by_accident() {
     assert!(!o.status.success() && err.contains("in use by another run (pid ") && err.contains(&format!("pid {} on", first.id())), "{err}");
 
     let o = r.train(&["train_iters=1".into(), "save=".into()]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("save = \"\" (--set): an empty path; name a directory, or null for no checkpoints"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("save = \"\" (--set): an empty path; name a directory, or null for no checkpoints"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// `glm-worker eval` of a run's checkpoint: its "mixed" line is the run's
@@ -182,7 +198,13 @@ fn eval_reproduces_the_runs_validation_per_mode() {
         ok(&r.worker(&a))
     };
     let line = |out: &str, mode: &str| -> Vec<f64> {
-        out.lines().find(|l| l.split_whitespace().next() == Some(mode)).unwrap_or_else(|| panic!("no {mode} line: {out}")).split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect()
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(mode))
+            .unwrap_or_else(|| panic!("no {mode} line: {out}"))
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect()
     };
     let out = eval(&[]);
     assert!(out.contains("(iteration 20), valid split"), "{out}");
@@ -195,17 +217,19 @@ fn eval_reproduces_the_runs_validation_per_mode() {
     let test = eval(&["--split", "test", "--iters", "2"]);
     assert!(test.contains("test split: 1 documents, 2 batch(es)"), "{test}");
     // two ranks share the batches out and report the same numbers
-    let o = common::mpirun(2).current_dir(repo()).arg(env!("CARGO_BIN_EXE_glm-worker")).args(["eval", "--load", &loads, "--store", &store, "--device", "cpu"]).output().unwrap();
+    let o = common::mpirun(2)
+        .current_dir(repo())
+        .arg(env!("CARGO_BIN_EXE_glm-worker"))
+        .args(["eval", "--load", &loads, "--store", &store, "--device", "cpu"])
+        .output()
+        .unwrap();
     let two = ok(&o);
     assert!(two.contains("shared over 2 ranks"), "{two}");
     for mode in ["mixed", "span", "sentence", "generation"] {
         let (a, b) = (line(&out, mode), line(&two, mode));
         assert!((a[0] - b[0]).abs() < 1e-4 && a[3] == b[3], "{mode}: one rank {a:?}, two ranks {b:?}");
     }
-    for (args, want) in [
-        (vec!["--split", "train"], "--split train: expected valid or test"),
-        (vec!["--iters", "0"], "--iters 0: must be positive"),
-    ] {
+    for (args, want) in [(vec!["--split", "train"], "--split train: expected valid or test"), (vec!["--iters", "0"], "--iters 0: must be positive")] {
         let mut a = vec!["eval", "--load", &loads, "--store", &store];
         a.extend(args);
         let o = r.worker(&a);
@@ -238,8 +262,12 @@ fn a_signal_during_preparation_stops_at_once() {
     // corpus, its handler is in place and preparation under way
     let out = r.p("store-by-prepare");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm-worker"));
-    cmd.args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()])
-        .args(["--tokenizer-cache", &r.p("cache").display().to_string(), "--vocab-size", "16000"]);
+    cmd.args(["prepare", "--data", &r.p("big.json").display().to_string(), "--out", &out.display().to_string()]).args([
+        "--tokenizer-cache",
+        &r.p("cache").display().to_string(),
+        "--vocab-size",
+        "16000",
+    ]);
     let (o, took) = interrupt_after(cmd, "prepare: corpus", 300);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
@@ -252,12 +280,7 @@ fn a_signal_during_preparation_stops_at_once() {
 /// `marker` and then `ms` more, sends SIGINT; its output and how long it took
 /// to stop after the signal.
 fn interrupt_after(mut cmd: Command, marker: &str, ms: u64) -> (std::process::Output, std::time::Duration) {
-    let mut child = cmd
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.env("OMP_NUM_THREADS", "1").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains(marker) {
@@ -374,21 +397,37 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
     }
     // a model whose parameters, gradients and optimizer state alone exceed
     // this machine's memory is refused before anything is allocated
-    let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--set", "hidden_size=8192", "--set", "num_attention_heads=64", "--set", "num_layers=4000", "--set", "train_iters=0", "--device", "cpu"]);
+    let o = r.worker(&[
+        "--config", &plain, "--args", "configs/configs_tiny.json", "--set", "hidden_size=8192", "--set", "num_attention_heads=64", "--set", "num_layers=4000",
+        "--set", "train_iters=0", "--device", "cpu",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("the model does not fit: its parameters, gradients and optimizer state need about") && err.contains("HINT: a smaller model"), "{err}");
     // an explicit --set of a key the DeepSpeed file also sets wins, and says so
-    let out = ok(&r.worker(&["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "lr=0.01", "--set", "batch_size=3", "--set", "train_iters=0"]));
+    let out = ok(&r.worker(&[
+        "--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "lr=0.01", "--set", "batch_size=3", "--set",
+        "train_iters=0",
+    ]));
     assert!(out.contains("= 0.01  (--set, over config_block_tiny.json)"), "{out}");
     assert!(out.contains("warning: --set batch_size has no effect: config_block_tiny.json sets train_micro_batch_size_per_gpu"), "{out}");
     // the keys without effect: one line with their count, listed on request
     let line = out.lines().find(|l| l.contains("no effect here")).unwrap_or_default();
-    assert!(line.contains("keys (") && line.contains("in configs_tiny.json") && line.contains("1 in config_block_tiny.json") && line.contains("--show-ignored"), "{line}");
+    assert!(
+        line.contains("keys (") && line.contains("in configs_tiny.json") && line.contains("1 in config_block_tiny.json") && line.contains("--show-ignored"),
+        "{line}"
+    );
     let out = ok(&r.worker(&["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--show-ignored", "--set", "train_iters=0"]));
-    assert!(out.contains("no effect here (config_block_tiny.json): wall_clock_breakdown") && out.contains("no effect here (configs_tiny.json): DDP_impl"), "{out}");
+    assert!(
+        out.contains("no effect here (config_block_tiny.json): wall_clock_breakdown") && out.contains("no effect here (configs_tiny.json): DDP_impl"),
+        "{out}"
+    );
     let o = r.worker(&["--config", &plain, "--args", "configs/configs_tiny.json", "--device", "cuda", "--set", "train_iters=0"]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).to_lowercase().contains("cuda"), "--device cuda without a GPU: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).to_lowercase().contains("cuda"),
+        "--device cuda without a GPU: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let bad = r.p("bad.json");
     std::fs::write(&bad, r#"{"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#).unwrap();
     let o = r.worker(&["--config", &bad.display().to_string(), "--args", "configs/configs_tiny.json", "--set", "train_iters=0"]);

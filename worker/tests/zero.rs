@@ -207,7 +207,15 @@ fn stages_one_and_two_match_stage_zero_with_accumulation_and_clipping() {
     // communicated: reduce-scatter + all-gather move what one all-reduce
     // moves (stage 2 reduce-scatters every micro-batch: accum times)
     let sent = |o: &[RankOut]| o[0].sent as f64;
-    eprintln!("bytes sent by rank 0 in 4 steps: stage 0 {}, stage 1 {}, stage 2 {}; model states held: {:?} / {:?} / {:?}", sent(&base), sent(&s1), sent(&s2), base[0].mem, s1[0].mem, s2[0].mem);
+    eprintln!(
+        "bytes sent by rank 0 in 4 steps: stage 0 {}, stage 1 {}, stage 2 {}; model states held: {:?} / {:?} / {:?}",
+        sent(&base),
+        sent(&s1),
+        sent(&s2),
+        base[0].mem,
+        s1[0].mem,
+        s2[0].mem
+    );
     assert!((sent(&s1) / sent(&base) - 1.0).abs() < 0.02, "stage 1 sent {} bytes, stage 0 {}", sent(&s1), sent(&base));
     let grad_bytes = base[0].mem.grads as f64; // the fp32 gradient buffer
     let per_step_rs = grad_bytes / 2.0; // (p-1)/p of the buffer, p = 2

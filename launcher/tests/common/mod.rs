@@ -67,14 +67,17 @@ pub fn tiny_job(dir: &Path, ds_json: &str) -> (PathBuf, Vec<String>) {
     std::fs::write(&small, serde_json::to_string(&docs[..300]).unwrap()).unwrap();
     let ds = dir.join("ds.json");
     std::fs::write(&ds, ds_json).unwrap();
-    let mut a: Vec<String> = ["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from).to_vec();
+    let mut a: Vec<String> =
+        ["--config", &ds.display().to_string(), "--args", "configs/configs_tiny.json", "--device", "cpu", "--vocab-size", "1200"].map(String::from).to_vec();
     a.extend(["--store".to_string(), dir.join("store").display().to_string(), "--tokenizer-cache".into(), dir.join("model").display().to_string()]);
     // save=null first: configs_tiny.json saves into the checkout's
     // glm_pretrain/model/checkpoints/glm-tiny, which no test may touch
-    for s in ["save=null", "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_interval=0"] {
+    for s in [
+        "save=null", "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1",
+        "eval_interval=0",
+    ] {
         a.extend(["--set".to_string(), s.to_string()]);
     }
     a.extend(["--set".to_string(), format!("train_data={}", small.display())]);
     (worker, a)
 }
-

@@ -118,20 +118,13 @@ fn candidates(exe: &Path) -> Vec<PathBuf> {
 
 fn venv_torch_libs(venv: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(venv.join("lib")) else { return Vec::new() };
-    entries
-        .flatten()
-        .map(|e| e.path().join("site-packages/torch/lib"))
-        .filter(|d| d.is_dir())
-        .collect()
+    entries.flatten().map(|e| e.path().join("site-packages/torch/lib")).filter(|d| d.is_dir()).collect()
 }
 
 /// Asks `python3` where its `torch` package lives without importing it (fast).
 fn python_torch_lib() -> Option<PathBuf> {
     let out = Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.util as u,os;s=u.find_spec('torch');print(os.path.join(os.path.dirname(s.origin),'lib') if s else '')",
-        ])
+        .args(["-c", "import importlib.util as u,os;s=u.find_spec('torch');print(os.path.join(os.path.dirname(s.origin),'lib') if s else '')"])
         .output()
         .ok()?;
     let s = String::from_utf8(out.stdout).ok()?;

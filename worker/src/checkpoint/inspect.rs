@@ -80,7 +80,11 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
                 if state.has_optimizer { "saved" } else { "not saved" }
             ));
             if state.zero.is_some() && state.dp != state.zero.as_ref().map_or(0, |z| z.shards.dp) {
-                problems.push(format!("state.json says data-parallel {} but the manifest has {} shards", state.dp, state.zero.as_ref().map_or(0, |z| z.shards.dp)));
+                problems.push(format!(
+                    "state.json says data-parallel {} but the manifest has {} shards",
+                    state.dp,
+                    state.zero.as_ref().map_or(0, |z| z.shards.dp)
+                ));
             }
             if state.tp > dirs.len() {
                 problems.push(format!("{} of {} tensor-parallel parts present", dirs.len(), state.tp));
@@ -130,6 +134,10 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
         }
     }
     let complete = problems.is_empty();
-    lines.push(if complete { "  complete: yes (every part and file present, every checksum verified)".to_string() } else { format!("  complete: NO — {}", problems.join("; ")) });
+    lines.push(if complete {
+        "  complete: yes (every part and file present, every checksum verified)".to_string()
+    } else {
+        format!("  complete: NO — {}", problems.join("; "))
+    });
     Ok((lines, complete))
 }

@@ -98,7 +98,11 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
         Some(z) if opt.partitioned() && z.shards == shards && z.numel == model.params.numel() => {
             // the same partition: this rank's shard, as saved
             check_manifest(dir, z, &model.params.infos)?;
-            let f = z.files.iter().find(|f| f.dp_rank == dp_rank).ok_or_else(|| Error::invalid(dir.join("state.json"), format!("the manifest lists no shard of data-parallel rank {dp_rank}")))?;
+            let f = z
+                .files
+                .iter()
+                .find(|f| f.dp_rank == dp_rank)
+                .ok_or_else(|| Error::invalid(dir.join("state.json"), format!("the manifest lists no shard of data-parallel rank {dp_rank}")))?;
             verify(dir, state, &[f.file.as_str()])?;
             let (m, v) = read_shard(dir, f)?;
             (m.to_device(device), v.to_device(device), Moments::Shard)
@@ -113,7 +117,14 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
             (pad(m), pad(v), Moments::Whole)
         }
     };
-    opt.load_state(OptimizerState { exp_avg, exp_avg_sq, moments, step: state.optimizer_step, skipped_steps: state.skipped_steps, loss_scaler: state.loss_scaler.clone() })
+    opt.load_state(OptimizerState {
+        exp_avg,
+        exp_avg_sq,
+        moments,
+        step: state.optimizer_step,
+        skipped_steps: state.skipped_steps,
+        loss_scaler: state.loss_scaler.clone(),
+    })
 }
 
 /// One data-parallel rank's shard of the moments, checked against the

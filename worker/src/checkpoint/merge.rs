@@ -57,7 +57,9 @@ pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, Sta
     let table = partitions(&state0.model);
     let mut named = Vec::new();
     for name in first.keys() {
-        let partition = *table.get(name).ok_or_else(|| Error::invalid(dirs[0].join("model.safetensors"), format!("unexpected tensor {name} (not a parameter of the model in state.json)")))?;
+        let partition = *table.get(name).ok_or_else(|| {
+            Error::invalid(dirs[0].join("model.safetensors"), format!("unexpected tensor {name} (not a parameter of the model in state.json)"))
+        })?;
         let pieces: Vec<&Tensor> = parts
             .iter()
             .zip(&dirs)
@@ -106,7 +108,12 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
         return Err(Error::Config("--tp must be at least 1".into()));
     }
     let m = &state.model;
-    for (what, v) in [("vocab_size", m.vocab_size), ("hidden_size", m.hidden_size), ("num_attention_heads", m.num_attention_heads), ("intermediate_size", m.intermediate_size)] {
+    for (what, v) in [
+        ("vocab_size", m.vocab_size),
+        ("hidden_size", m.hidden_size),
+        ("num_attention_heads", m.num_attention_heads),
+        ("intermediate_size", m.intermediate_size),
+    ] {
         if v % n != 0 {
             return Err(Error::invalid(dir, format!("{what} {v} is not divisible by {n} tensor-parallel ranks")));
         }

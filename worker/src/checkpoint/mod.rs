@@ -146,9 +146,7 @@ pub fn resolve(load: &Path) -> Result<PathBuf> {
         return Ok(load.to_path_buf());
     }
     let latest = load.join("latest");
-    let text = std::fs::read_to_string(&latest).map_err(|e| {
-        Error::invalid(load, format!("not a checkpoint: no state.json, and latest: {e}"))
-    })?;
+    let text = std::fs::read_to_string(&latest).map_err(|e| Error::invalid(load, format!("not a checkpoint: no state.json, and latest: {e}")))?;
     let it = text.trim();
     if it.is_empty() || !it.chars().all(|c| c.is_ascii_digit()) {
         return Err(Error::parse(&latest, 1, 1, format!("expected an iteration number, found {it:?}")));
@@ -196,7 +194,10 @@ fn check_manifest(dir: &Path, z: &ZeroManifest, infos: &[ParamInfo]) -> Result<(
     if z.layout != want {
         return Err(Error::invalid(
             dir.join("state.json"),
-            format!("the optimizer shards were saved for parameter layout {} but this model's is {want} (another model, tensor-parallel rank or build)", z.layout),
+            format!(
+                "the optimizer shards were saved for parameter layout {} but this model's is {want} (another model, tensor-parallel rank or build)",
+                z.layout
+            ),
         ));
     }
     Ok(())
@@ -213,7 +214,9 @@ pub fn part_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(r) = name.strip_prefix("mp_rank_").filter(|r| r.len() >= 2 && r.bytes().all(|b| b.is_ascii_digit())).and_then(|r| r.parse::<usize>().ok()) {
+            if let Some(r) =
+                name.strip_prefix("mp_rank_").filter(|r| r.len() >= 2 && r.bytes().all(|b| b.is_ascii_digit())).and_then(|r| r.parse::<usize>().ok())
+            {
                 found.insert(r, e.path());
             }
         }
@@ -224,7 +227,10 @@ pub fn part_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let tp = if recorded.tp > 0 { recorded.tp } else { found.keys().max().map_or(1, |m| m + 1) };
     let layout = format!("saved with tensor-parallel {tp}: {} .. {}", mp_rank_dir(0), mp_rank_dir(tp - 1));
     if let Some(extra) = found.keys().find(|&&r| r >= tp) {
-        return Err(Error::invalid(dir.join(mp_rank_dir(*extra)), format!("not a part of this checkpoint ({layout}); move it away or merge the checkpoint it belongs to")));
+        return Err(Error::invalid(
+            dir.join(mp_rank_dir(*extra)),
+            format!("not a part of this checkpoint ({layout}); move it away or merge the checkpoint it belongs to"),
+        ));
     }
     let mut parts = Vec::new();
     for r in 0..tp {

@@ -68,9 +68,14 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
             return Ok(());
         }
         cleanup();
-        Err(r.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to {what} (see its error); nothing was installed"))))
+        Err(r
+            .err()
+            .unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to {what} (see its error); nothing was installed"))))
     };
-    phase(if main { std::fs::remove_dir_all(&tmp).or(Ok(())).and_then(|_| std::fs::create_dir_all(&tmp)).at(&tmp) } else { Ok(()) }, "create its part's directory")?;
+    phase(
+        if main { std::fs::remove_dir_all(&tmp).or(Ok(())).and_then(|_| std::fs::create_dir_all(&tmp)).at(&tmp) } else { Ok(()) },
+        "create its part's directory",
+    )?;
     let wrote_shard = if partitioned {
         let path = tmp.join(shard_file(dp_rank));
         let named = [("exp_avg".to_string(), exp_avg.shallow_clone()), ("exp_avg_sq".to_string(), exp_avg_sq.shallow_clone())];
@@ -111,7 +116,9 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     phase(if main { install(&tmp, &dir) } else { Ok(()) }, "install its part")?;
     let latest = if par.is_main() { write_latest(save, it) } else { Ok(()) };
     if !all_ok(latest.is_ok())? {
-        return Err(latest.err().unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", save.join("latest").display()))));
+        return Err(latest.err().unwrap_or_else(|| {
+            Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", save.join("latest").display()))
+        }));
     }
     Ok(dir)
 }
@@ -119,7 +126,15 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
 /// Writes a part's files into `tmp` (the shard files already there):
 /// weights, optimizer state, tokenizer, `state.json` with every file's sha256.
 #[allow(clippy::too_many_arguments)]
-fn fill_dir(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, shard_files: &[String], tokenizer_json: &str, mut state: State, with_state: bool) -> Result<()> {
+fn fill_dir(
+    tmp: &Path,
+    model: &[(String, Tensor)],
+    optim: Option<&[(String, Tensor)]>,
+    shard_files: &[String],
+    tokenizer_json: &str,
+    mut state: State,
+    with_state: bool,
+) -> Result<()> {
     state.files = BTreeMap::new();
     let mp = tmp.join("model.safetensors");
     Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;

@@ -95,7 +95,10 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     let par = Parallel::build(&world, dims, device)?;
     // the seed configs' AdamW (as bench/glm_torch.py), clipping at 1
     let zero = ZeroConfig { stage: a.zero_stage, reduce_bucket_size: a.reduce_bucket_size, allgather_bucket_size: a.allgather_bucket_size, overlap_comm: true };
-    let recipe = Recipe { checkpoint_num_layers: usize::from(a.checkpoint_activations), ..Recipe::new(cfg.clone(), OptimConfig { zero, ..OptimConfig::new(precision, AdamWConfig::GLM, 1.0) }, 1234) };
+    let recipe = Recipe {
+        checkpoint_num_layers: usize::from(a.checkpoint_activations),
+        ..Recipe::new(cfg.clone(), OptimConfig { zero, ..OptimConfig::new(precision, AdamWConfig::GLM, 1.0) }, 1234)
+    };
     let (mut model, mut opt) = build(&recipe, &par, device)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
@@ -156,13 +159,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     };
     let states = opt.memory(&model.params);
     let zero = if dims.world > 1 || a.zero_stage > 0 {
-        format!(
-            " ranks={} zero={} model_states_mb={:.1} sent_mb_per_step={:.2}",
-            dims.world,
-            a.zero_stage,
-            states.total() as f64 / 1e6,
-            sent_per_step / 1e6
-        )
+        format!(" ranks={} zero={} model_states_mb={:.1} sent_mb_per_step={:.2}", dims.world, a.zero_stage, states.total() as f64 / 1e6, sent_per_step / 1e6)
     } else {
         String::new()
     };
@@ -183,4 +180,3 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     glm_worker::comm::mpi::finalize();
     Ok(())
 }
-

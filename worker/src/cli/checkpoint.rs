@@ -38,7 +38,6 @@ pub enum CheckpointCmd {
     },
 }
 
-
 pub fn run(cmd: CheckpointCmd) -> Result<()> {
     match cmd {
         CheckpointCmd::Merge { load, out, with_optimizer } => {

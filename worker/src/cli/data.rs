@@ -182,11 +182,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
 pub fn samples(a: SamplesArgs) -> Result<()> {
     let st = Arc::new(TokenStore::open(&a.store)?);
     let tok = GlmTokenizer::load(&a.store.join("tokenizer.json"))?;
-    anyhow::ensure!(
-        tok.sha256 == st.meta.tokenizer_sha256,
-        "{}: tokenizer.json does not match meta.json (rebuild the store)",
-        a.store.display()
-    );
+    anyhow::ensure!(tok.sha256 == st.meta.tokenizer_sha256, "{}: tokenizer.json does not match meta.json (rebuild the store)", a.store.display());
     let cfg = match &a.args_file {
         Some(p) => {
             let loaded = glm_worker::config::args::LoadedArgs::load(Some(p), &a.sets)?;
@@ -250,8 +246,17 @@ fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> R
     let secs = t0.elapsed().as_secs_f64();
     let seq = sm.config().seq_length;
     let n = count.max(1) as f64;
-    println!("samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {:.0} samples/s ({:.2} M tokens/s)", n / secs, n * seq as f64 / secs / 1e6);
-    println!("samples: {:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample", 100.0 * used as f64 / (n * seq as f64), blocks as f64 / n, loss as f64 / n);
+    println!(
+        "samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {:.0} samples/s ({:.2} M tokens/s)",
+        n / secs,
+        n * seq as f64 / secs / 1e6
+    );
+    println!(
+        "samples: {:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample",
+        100.0 * used as f64 / (n * seq as f64),
+        blocks as f64 / n,
+        loss as f64 / n
+    );
     if mode == Mode::Span && blocks > 0 {
         // a span of k tokens gives k + 1 loss tokens (the span and <|endofpiece|>)
         let masked = loss - blocks;

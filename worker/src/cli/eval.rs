@@ -35,7 +35,6 @@ pub struct EvalArgs {
     device: String,
 }
 
-
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory, or a save directory (its `latest` is used)

@@ -40,7 +40,6 @@ pub struct TrainArgs {
     show_ignored: bool,
 }
 
-
 /// Trains, then finalises MPI on success. After an error the process exits
 /// without MPI_Finalize (other ranks may be inside a collective and would
 /// never join it); under mpirun that aborts the whole job, as it should.
@@ -51,14 +50,16 @@ pub fn train(t: TrainArgs) -> Result<ExitCode> {
 }
 
 fn train_run(t: TrainArgs) -> Result<ExitCode> {
-    use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
     use glm_worker::comm::Communicator;
+    use glm_worker::config::{args::LoadedArgs, ds::DsConfig, run::RunConfig};
     use glm_worker::parallel::dims::ParallelDims;
     use glm_worker::train::trainer::{install_signal_handlers, Outcome, Phase, TrainOptions, Trainer};
     // a signal before the training loop stops at once, during it after an iteration
     install_signal_handlers(Phase::BeforeTraining);
     let Some(ds_path) = &t.config else {
-        anyhow::bail!("--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)");
+        anyhow::bail!(
+            "--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)"
+        );
     };
     // dotted keys address the DeepSpeed JSON, plain ones configs.json
     let (ds_sets, arg_sets): (Vec<String>, Vec<String>) = t.sets.iter().cloned().partition(|s| s.split_once('=').is_some_and(|(k, _)| k.contains('.')));
@@ -150,4 +151,3 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         }
     }
 }
-

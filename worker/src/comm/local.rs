@@ -184,10 +184,12 @@ impl Communicator for LocalComm {
 /// a panic on any thread is re-raised here (after the others stop).
 pub fn run_ranks<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n).map(|r| {
-            let f = &f;
-            s.spawn(move || f(r))
-        }).collect();
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                let f = &f;
+                s.spawn(move || f(r))
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }

@@ -113,7 +113,15 @@ pub(crate) fn check_gather(c: &(impl Communicator + ?Sized), input: &Tensor, out
         return Err(fail(
             "all_gather_into",
             c,
-            format!("output of {} {:?} elements (contiguous: {}) for {} ranks × {} {:?} input elements", out.numel(), out.kind(), out.is_contiguous(), c.size(), input.numel(), input.kind()),
+            format!(
+                "output of {} {:?} elements (contiguous: {}) for {} ranks × {} {:?} input elements",
+                out.numel(),
+                out.kind(),
+                out.is_contiguous(),
+                c.size(),
+                input.numel(),
+                input.kind()
+            ),
         ));
     }
     Ok(())
@@ -125,7 +133,15 @@ pub(crate) fn check_scatter(c: &(impl Communicator + ?Sized), input: &Tensor, ou
         return Err(fail(
             "reduce_scatter_into",
             c,
-            format!("input of {} {:?} elements (contiguous: {}) for {} ranks × {} {:?} output elements", input.numel(), input.kind(), input.is_contiguous(), c.size(), out.numel(), out.kind()),
+            format!(
+                "input of {} {:?} elements (contiguous: {}) for {} ranks × {} {:?} output elements",
+                input.numel(),
+                input.kind(),
+                input.is_contiguous(),
+                c.size(),
+                out.numel(),
+                out.kind()
+            ),
         ));
     }
     Ok(())

@@ -98,10 +98,7 @@ impl MpiComm {
     /// Collective: every rank calls it.
     pub fn split(&self, color: usize, key: usize, name: &str) -> Result<MpiComm> {
         let _s = serial();
-        let c = self
-            .comm
-            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
-            .ok_or_else(|| err("split", "empty group"))?;
+        let c = self.comm.split_by_color_with_key(Color::with_value(color as i32), key as i32).ok_or_else(|| err("split", "empty group"))?;
         Ok(MpiComm::new(c, name))
     }
 
@@ -238,7 +235,11 @@ impl Communicator for MpiComm {
         let recv = if direct { out.shallow_clone() } else { Tensor::empty([out.numel() as i64], (wide, tch::Device::Cpu)) };
         let count = recv.numel();
         if count > CHUNK {
-            return Err(super::fail("reduce_scatter_into", self, format!("{count} elements per rank: more than one MPI call moves; reduce in smaller buckets")));
+            return Err(super::fail(
+                "reduce_scatter_into",
+                self,
+                format!("{count} elements per rank: more than one MPI call moves; reduce in smaller buckets"),
+            ));
         }
         {
             let _s = serial();

@@ -18,8 +18,8 @@
 //! Every NCCL error becomes an `Error` carrying NCCL's own message (its error
 //! string, plus `ncclGetLastError`'s detail where the library has it).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
@@ -240,7 +240,15 @@ impl NcclComm {
                 // SAFETY: as declared in nccl.h; a null config inherits the parent's.
                 let rc = unsafe { split(self.comm, color as c_int, key as c_int, &mut comm, std::ptr::null_mut()) };
                 self.track(check(api, rc, "ncclCommSplit", self.comm))?;
-                Ok(NcclComm { comm, rank: mpi_sub.rank(), size: mpi_sub.size(), device: self.device, failed: AtomicBool::new(false), lock: Mutex::new(()), name: mpi_sub.name().to_string() })
+                Ok(NcclComm {
+                    comm,
+                    rank: mpi_sub.rank(),
+                    size: mpi_sub.size(),
+                    device: self.device,
+                    failed: AtomicBool::new(false),
+                    lock: Mutex::new(()),
+                    name: mpi_sub.name().to_string(),
+                })
             }
             None => NcclComm::init(mpi_sub, self.device),
         }

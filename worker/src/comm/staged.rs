@@ -38,7 +38,9 @@ impl Backend {
     pub fn from_env() -> Result<Backend> {
         match std::env::var(BACKEND_VAR) {
             Err(_) => Ok(Backend::Native),
-            Ok(v) => Backend::parse(&v).ok_or_else(|| Error::Config(format!("{BACKEND_VAR}={v}: expected native (the default: NCCL for CUDA tensors, MPI for CPU ones) or host-staged"))),
+            Ok(v) => Backend::parse(&v).ok_or_else(|| {
+                Error::Config(format!("{BACKEND_VAR}={v}: expected native (the default: NCCL for CUDA tensors, MPI for CPU ones) or host-staged"))
+            }),
         }
     }
 

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::optimizer::Precision;
 use crate::optim::scaler::ScalerConfig;
-use crate::optim::zero::ZeroConfig;
 use crate::optim::schedule::{Decay, Schedule};
+use crate::optim::zero::ZeroConfig;
 
 /// One line of the effective-configuration report.
 pub struct Entry {
@@ -151,20 +151,28 @@ impl RunConfig {
             overlap_comm: ds.overlap_comm.unwrap_or(dz.overlap_comm),
         };
         zero.validate().map_err(|e| Error::invalid(&ds.path, e.to_string().trim_start_matches("config: ")))?;
-        let zsrc = if ds.raw.get("zero_optimization").is_some() || ds.set_keys.iter().any(|k| k.starts_with("zero_optimization")) { ds.source("zero_optimization") } else { "default".into() };
+        let zsrc = if ds.raw.get("zero_optimization").is_some() || ds.set_keys.iter().any(|k| k.starts_with("zero_optimization")) {
+            ds.source("zero_optimization")
+        } else {
+            "default".into()
+        };
         put(
             "zero_optimization",
             format!(
                 "stage {} ({}), reduce_bucket_size {}, allgather_bucket_size {}",
                 zero.stage,
-                ["full optimizer state on every data-parallel rank", "optimizer state partitioned", "optimizer state and gradients partitioned"][zero.stage as usize],
+                ["full optimizer state on every data-parallel rank", "optimizer state partitioned", "optimizer state and gradients partitioned"]
+                    [zero.stage as usize],
                 zero.reduce_bucket_size,
                 zero.allgather_bucket_size
             ),
             zsrc,
         );
         if zero.stage > 0 && dp == 1 {
-            warnings.push(format!("{dsname}: zero_optimization.stage {} with one data-parallel rank partitions nothing (start more ranks to shard optimizer state)", zero.stage));
+            warnings.push(format!(
+                "{dsname}: zero_optimization.stage {} with one data-parallel rank partitions nothing (start more ranks to shard optimizer state)",
+                zero.stage
+            ));
         }
         for k in &ds.zero_unused {
             let offload = k.contains("offload");
@@ -176,7 +184,11 @@ impl RunConfig {
         let f16 = ds.fp16.clone().unwrap_or_default();
         for (key, ds_key, decides) in [
             ("batch_size", "train_micro_batch_size_per_gpu", ds.micro_batch.is_some() || ds.train_batch_size.is_some()),
-            ("gradient_accumulation_steps", "gradient_accumulation_steps", ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some())),
+            (
+                "gradient_accumulation_steps",
+                "gradient_accumulation_steps",
+                ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some()),
+            ),
             ("loss_scale", "fp16.loss_scale", f16.loss_scale.is_some()),
             ("loss_scale_window", "fp16.loss_scale_window", f16.loss_scale_window.is_some()),
             ("hysteresis", "fp16.hysteresis", f16.hysteresis.is_some()),
@@ -201,9 +213,15 @@ impl RunConfig {
         match &scaler {
             Some(sc) => {
                 let s = crate::optim::scaler::LossScaler::new(sc.clone());
-                put("precision", format!("fp16 (fp32 master weights and optimizer state), {}", s.describe()), if ds_decides { ds.source("fp16") } else { src("fp16") });
+                put(
+                    "precision",
+                    format!("fp16 (fp32 master weights and optimizer state), {}", s.describe()),
+                    if ds_decides { ds.source("fp16") } else { src("fp16") },
+                );
             }
-            None if precision == Precision::Bf16 => put("precision", "bf16 (fp32 master weights, gradient accumulation and optimizer state)".into(), ds.source("bf16")),
+            None if precision == Precision::Bf16 => {
+                put("precision", "bf16 (fp32 master weights, gradient accumulation and optimizer state)".into(), ds.source("bf16"))
+            }
             None => put("precision", "fp32".into(), if ds_decides { ds.source("fp16") } else { src("fp16") }),
         }
         if precision != Precision::Fp32 {
@@ -217,7 +235,10 @@ impl RunConfig {
         }
         let checkpoint_num_layers = if a.checkpoint_activations {
             if a.checkpoint_num_layers == 0 {
-                return Err(Error::Config(format!("checkpoint_num_layers = 0 ({}): must be positive when checkpoint_activations is on", src("checkpoint_num_layers"))));
+                return Err(Error::Config(format!(
+                    "checkpoint_num_layers = 0 ({}): must be positive when checkpoint_activations is on",
+                    src("checkpoint_num_layers")
+                )));
             }
             put("activation checkpointing", format!("every {} layer(s) recomputed in backward", a.checkpoint_num_layers), src("checkpoint_activations"));
             a.checkpoint_num_layers
@@ -261,7 +282,15 @@ impl RunConfig {
             ("task_mask", a.task_mask.to_string()),
             ("log_interval", a.log_interval.to_string()),
             ("eval_interval / eval_iters", format!("{} / {}", a.eval_interval, a.eval_iters)),
-            ("save / save_interval", format!("{} / {}{}", a.save.as_ref().map_or("(none)".into(), |p| p.display().to_string()), a.save_interval, if a.overwrite { " (overwrite: an earlier run there is removed)" } else { "" })),
+            (
+                "save / save_interval",
+                format!(
+                    "{} / {}{}",
+                    a.save.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
+                    a.save_interval,
+                    if a.overwrite { " (overwrite: an earlier run there is removed)" } else { "" }
+                ),
+            ),
             ("load", a.load.as_ref().map_or("(none)".into(), |p| p.display().to_string())),
         ] {
             let key = k.split(' ').next().unwrap();
@@ -269,7 +298,27 @@ impl RunConfig {
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
-        Ok(RunConfig { ds, precision, scaler, fp32_layernorm, fp32_embedding, attention_scale, checkpoint_num_layers, args, batch, lr, zero, adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, clip, schedule, block, train_data, eval_batch, report, warnings })
+        Ok(RunConfig {
+            ds,
+            precision,
+            scaler,
+            fp32_layernorm,
+            fp32_embedding,
+            attention_scale,
+            checkpoint_num_layers,
+            args,
+            batch,
+            lr,
+            zero,
+            adam: AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd },
+            clip,
+            schedule,
+            block,
+            train_data,
+            eval_batch,
+            report,
+            warnings,
+        })
     }
 
     /// The compute dtype and fp16 loss-scaler settings: the DeepSpeed file's
@@ -302,7 +351,9 @@ impl RunConfig {
         let d = ScalerConfig::default();
         let loss_scale = match f.loss_scale {
             Some(l) => l,
-            None if from_args("loss_scale", a.loss_scale.is_none_or(|l| l >= 0.0 && l.is_finite()), "must be null (dynamic) or a number >= 0")? => a.loss_scale.unwrap_or(0.0),
+            None if from_args("loss_scale", a.loss_scale.is_none_or(|l| l >= 0.0 && l.is_finite()), "must be null (dynamic) or a number >= 0")? => {
+                a.loss_scale.unwrap_or(0.0)
+            }
             None => d.loss_scale,
         };
         // a static scale ignores the dynamic scaler's settings: nothing to check
@@ -431,7 +482,6 @@ fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmC
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,7 +496,8 @@ mod tests {
         std::fs::write(&ds, r#"{"train_micro_batch_size_per_gpu": 2}"#).unwrap();
         let args = d.path().join("configs_run.json");
         std::fs::write(&args, r#"{"lr": -0.5}"#).unwrap();
-        let e = RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &[]).unwrap(), 1).err().expect("a negative lr is refused");
+        let e =
+            RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &[]).unwrap(), 1).err().expect("a negative lr is refused");
         assert_eq!(e.to_string(), "config: lr = -0.5 (configs_run.json): must be positive");
     }
 }

@@ -416,11 +416,7 @@ impl BlockSampler {
                 } else {
                     let segs = self.segments(&raw);
                     let (off, seg_len) = segs.iter().copied().max_by_key(|&(_, l)| l).unwrap_or((1, 0));
-                    let spans = if seg_len == 0 {
-                        Vec::new()
-                    } else {
-                        sample_spans(&[gen_len.min(seg_len)], seg_len, off, &mut rng)
-                    };
+                    let spans = if seg_len == 0 { Vec::new() } else { sample_spans(&[gen_len.min(seg_len)], seg_len, off, &mut rng) };
                     let sample = self.make_block_data(&raw, spans, gmask, mode, &mut rng);
                     (sample, raw)
                 }
@@ -545,8 +541,7 @@ mod tests {
     use crate::data::store::write_synthetic_store;
     use std::collections::HashMap;
 
-    const SPECIAL: SpecialIds =
-        SpecialIds { pad: 0, unk: 1, cls: 2, sep: 3, mask: 4, sop: 5, eop: 6, gmask: 7, smask: 8, eod: 9 };
+    const SPECIAL: SpecialIds = SpecialIds { pad: 0, unk: 1, cls: 2, sep: 3, mask: 4, sop: 5, eop: 6, gmask: 7, smask: 8, eod: 9 };
     const VOCAB: usize = 1000;
     /// ids below this (and >= 10) end a sentence: about one token in 20
     const SENT_END_BELOW: u32 = 60;

@@ -118,11 +118,7 @@ pub fn standardize_punctuation(s: &str) -> String {
 /// Reads every document of `files` in order, handing each to `sink` together
 /// with the number of input bytes consumed so far in the current file (for
 /// progress). Returns what was read.
-pub fn read_corpus(
-    files: &[PathBuf],
-    opts: &CorpusOptions,
-    mut sink: impl FnMut(String, u64) -> Result<()>,
-) -> Result<ReadStats> {
+pub fn read_corpus(files: &[PathBuf], opts: &CorpusOptions, mut sink: impl FnMut(String, u64) -> Result<()>) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
     for f in files {
         let mut emit = |text: String, pos: u64| -> Result<()> {
@@ -196,11 +192,7 @@ fn not_utf8(path: &Path, lineno: usize, line: &[u8], e: std::str::Utf8Error) -> 
     Error::parse(path, lineno, col, format!("not UTF-8 (byte 0x{:02X}); corpora must be UTF-8 text", line[e.valid_up_to()]))
 }
 
-fn read_json_array(
-    path: &Path,
-    opts: &CorpusOptions,
-    emit: &mut dyn FnMut(String, u64) -> Result<()>,
-) -> Result<u64> {
+fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
     let file = File::open(path).at(path)?;
     let len = file.metadata().at(path)?.len();
     if len == 0 {
@@ -224,15 +216,10 @@ fn read_json_array(
         } else {
             ""
         };
-        return Err(Error::parse(
-            path,
-            l,
-            c,
-            format!("expected `[` starting a JSON array of objects, found `{}`{hint}", buf[first] as char),
-        ));
+        return Err(Error::parse(path, l, c, format!("expected `[` starting a JSON array of objects, found `{}`{hint}", buf[first] as char)));
     }
-    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(buf)
-        .map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {}", strip_pos(&e))))?;
+    let items: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(buf).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {}", strip_pos(&e))))?;
     let mut skipped = 0;
     for (i, raw) in items.iter().enumerate() {
         let offset = raw.get().as_ptr() as usize - buf.as_ptr() as usize;
@@ -262,11 +249,7 @@ fn strip_pos(e: &serde_json::Error) -> String {
     }
 }
 
-fn read_json_lines(
-    path: &Path,
-    opts: &CorpusOptions,
-    emit: &mut dyn FnMut(String, u64) -> Result<()>,
-) -> Result<u64> {
+fn read_json_lines(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
     let mut reader = open_text(path)?;
     let mut line = Vec::new();
     let (mut lineno, mut pos, mut skipped) = (0usize, 0u64, 0u64);

@@ -65,19 +65,12 @@ pub fn parse_fortunes(text: &str) -> Vec<Record> {
 }
 
 fn record(raw: &[&str]) -> Option<Record> {
-    let lines: Vec<(bool, String)> = raw
-        .iter()
-        .map(|l| (l.contains('\u{1b}'), strip_ansi(l).trim().to_string()))
-        .collect();
+    let lines: Vec<(bool, String)> = raw.iter().map(|l| (l.contains('\u{1b}'), strip_ansi(l).trim().to_string())).collect();
     let start = lines.iter().position(|(_, l)| !l.is_empty())?;
     let lines = &lines[start..];
     let (coloured, first) = &lines[0];
     let blank_after = lines.get(1).is_some_and(|(_, l)| l.is_empty());
-    let (title, body) = if lines.len() > 1 && (*coloured || blank_after) {
-        (first.clone(), &lines[1..])
-    } else {
-        (String::new(), lines)
-    };
+    let (title, body) = if lines.len() > 1 && (*coloured || blank_after) { (first.clone(), &lines[1..]) } else { (String::new(), lines) };
     let mut content = String::new();
     let mut paragraph = false;
     for (_, l) in body {
@@ -106,14 +99,9 @@ pub fn build_corpus(src: &Path, out: &Path) -> Result<Vec<(String, usize)>> {
     let mut counts = Vec::new();
     for name in FILES {
         let p = src.join(name);
-        let bytes = std::fs::read(&p).map_err(|e| {
-            Error::invalid(
-                &p,
-                format!("{e}; hint: install Debian's fortunes-zh (`apt-get install fortunes-zh`) or run scripts/setup.sh"),
-            )
-        })?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| Error::parse(&p, 0, 0, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
+        let bytes = std::fs::read(&p)
+            .map_err(|e| Error::invalid(&p, format!("{e}; hint: install Debian's fortunes-zh (`apt-get install fortunes-zh`) or run scripts/setup.sh")))?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::parse(&p, 0, 0, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
         let r = parse_fortunes(&text);
         counts.push((name.to_string(), r.len()));
         records.extend(r);

@@ -133,17 +133,14 @@ pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
 pub enum StoreOutcome {
     Reused,
     /// Built; `reason` says why an existing store was replaced.
-    Built { report: BuildReport, reason: Option<String> },
+    Built {
+        report: BuildReport,
+        reason: Option<String>,
+    },
 }
 
 /// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
-pub fn ensure_store(
-    files: &[PathBuf],
-    tok: &GlmTokenizer,
-    out: &Path,
-    opts: &PrepareOptions,
-    progress: &dyn Fn(u64),
-) -> Result<(StoreMeta, StoreOutcome)> {
+pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<(StoreMeta, StoreOutcome)> {
     let why = store::staleness(out, files, &tok.sha256)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));

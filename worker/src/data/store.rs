@@ -193,13 +193,7 @@ fn write_header(w: &mut impl Write, magic: &[u8; 8], width: u32, count: u64) -> 
 
 /// Tokenizes `files` with `tok` into a store at `out` (replacing any store
 /// there). `progress` receives input bytes as they are consumed.
-pub fn build_store(
-    files: &[PathBuf],
-    opts: &CorpusOptions,
-    tok: &GlmTokenizer,
-    out: &Path,
-    progress: &dyn Fn(u64),
-) -> Result<(StoreMeta, BuildReport)> {
+pub fn build_store(files: &[PathBuf], opts: &CorpusOptions, tok: &GlmTokenizer, out: &Path, progress: &dyn Fn(u64)) -> Result<(StoreMeta, BuildReport)> {
     let start = std::time::Instant::now();
     let fingerprint = CorpusFingerprint::compute(files)?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -389,11 +383,7 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
         if !out.join("meta.json").is_file() && std::fs::read_dir(out).at(out)?.next().is_some() {
             return Err(Error::invalid(out, "exists and is not a token store; refusing to replace it"));
         }
-        let old = out.with_file_name(format!(
-            ".{}.old-{}",
-            out.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let old = out.with_file_name(format!(".{}.old-{}", out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
         std::fs::rename(out, &old).at(out)?;
         std::fs::rename(tmp, out).at(out)?;
         let _ = std::fs::remove_dir_all(&old);

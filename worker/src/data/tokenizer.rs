@@ -103,9 +103,7 @@ fn bert_pipeline(model: WordPiece) -> Tokenizer {
 impl GlmTokenizer {
     /// Loads `vocab.txt` (any name not ending in `.json`) or `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| {
-            Error::invalid(path, format!("tokenizer file: {e} (expected a BERT vocab.txt or a tokenizer.json)"))
-        })?;
+        let meta = std::fs::metadata(path).map_err(|e| Error::invalid(path, format!("tokenizer file: {e} (expected a BERT vocab.txt or a tokenizer.json)")))?;
         if meta.len() == 0 {
             return Err(Error::invalid(path, "tokenizer file is empty"));
         }
@@ -131,12 +129,7 @@ impl GlmTokenizer {
         I: Iterator<Item = String> + Send,
     {
         let specials: Vec<AddedToken> = COMMAND_TOKENS.iter().map(|(_, t)| AddedToken::from(*t, true)).collect();
-        let trainer = WordPieceTrainer::builder()
-            .vocab_size(vocab_size)
-            .min_frequency(1)
-            .special_tokens(specials)
-            .show_progress(show_progress)
-            .build();
+        let trainer = WordPieceTrainer::builder().vocab_size(vocab_size).min_frequency(1).special_tokens(specials).show_progress(show_progress).build();
         let model = WordPiece::builder().unk_token("[UNK]".into()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut inner = bert_pipeline(model);
         let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
@@ -151,17 +144,13 @@ impl GlmTokenizer {
             // Appends the token when missing; an existing entry keeps its id
             // and is from now on matched whole in raw text.
             inner.add_special_tokens(&[AddedToken::from(*text, true)]);
-            ids[i] = inner
-                .token_to_id(text)
-                .ok_or_else(|| Error::Tokenizer(format!("could not add command token {text}")))?;
+            ids[i] = inner.token_to_id(text).ok_or_else(|| Error::Tokenizer(format!("could not add command token {text}")))?;
         }
         let special = SpecialIds::from_array(ids);
         let json = inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let sha256 = hex(&Sha256::digest(json.as_bytes()));
         let n = inner.get_vocab_size(true);
-        let sentence_end = (0..n as u32)
-            .map(|id| inner.id_to_token(id).is_some_and(|t| !special.is_structural(id) && t.contains(SENTENCE_END)))
-            .collect();
+        let sentence_end = (0..n as u32).map(|id| inner.id_to_token(id).is_some_and(|t| !special.is_structural(id) && t.contains(SENTENCE_END))).collect();
         Ok(GlmTokenizer { inner, special, sha256, sentence_end })
     }
 

@@ -55,10 +55,7 @@ impl GlmConfig {
             return bad("hidden_size, num_layers and num_attention_heads must be positive".into());
         }
         if self.hidden_size % self.num_attention_heads != 0 {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         for (k, p) in [("hidden_dropout", self.hidden_dropout), ("attention_dropout", self.attention_dropout), ("output_dropout", self.output_dropout)] {
             if !(0.0..1.0).contains(&p) {
@@ -119,7 +116,17 @@ pub struct ModelOptions {
 impl ModelOptions {
     /// fp32, one process, no checkpointing.
     pub fn new(device: tch::Device, seed: i64) -> Self {
-        ModelOptions { device, kind: Kind::Float, seed, tp: None, pad_multiple: 1, fp32_layernorm: false, fp32_embedding: false, attention_scale: 1.0, checkpoint_num_layers: 0 }
+        ModelOptions {
+            device,
+            kind: Kind::Float,
+            seed,
+            tp: None,
+            pad_multiple: 1,
+            fp32_layernorm: false,
+            fp32_embedding: false,
+            attention_scale: 1.0,
+            checkpoint_num_layers: 0,
+        }
     }
 }
 
@@ -360,9 +367,11 @@ fn declare(cfg: &GlmConfig, tp: Option<(usize, usize)>) -> (ParamBuilder, Decls)
     let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
     let rows = cfg.max_position_embeddings as i64 + 1;
     let mut pb = ParamBuilder::default();
-    let word_embeddings = pb.add_split("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], Partition::Rows, part_under(tp, Partition::Rows), Init::Normal(std), true);
+    let word_embeddings =
+        pb.add_split("word_embeddings.weight", &[cfg.vocab_size as i64, h as i64], Partition::Rows, part_under(tp, Partition::Rows), Init::Normal(std), true);
     let position_embeddings = pb.add("transformer.position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true);
-    let block_position_embeddings = cfg.block_position_encoding.then(|| pb.add("transformer.block_position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true));
+    let block_position_embeddings =
+        cfg.block_position_encoding.then(|| pb.add("transformer.block_position_embeddings.weight", &[rows, h as i64], Init::Normal(std), true));
     let layers = (0..cfg.num_layers)
         .map(|i| {
             pb.group();
@@ -423,7 +432,10 @@ impl Glm {
         if let Some(g) = &o.tp {
             crate::parallel::dims::check_split(g.size, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size).map_err(Error::Config)?;
             if cfg.vocab_size % g.size != 0 {
-                return Err(Error::Config(format!("vocab_size {} is not divisible by model_parallel_size {} (pad it: make_vocab_size_divisible_by)", cfg.vocab_size, g.size)));
+                return Err(Error::Config(format!(
+                    "vocab_size {} is not divisible by model_parallel_size {} (pad it: make_vocab_size_divisible_by)",
+                    cfg.vocab_size, g.size
+                )));
             }
         }
         let (pb, d) = declare(&cfg, o.tp.as_ref().map(|g| (g.rank, g.size)));
@@ -738,8 +750,14 @@ mod tests {
         assert!(checked >= 3 * 20);
         // names follow the original's state dict
         let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
-        for n in ["word_embeddings.weight", "transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight",
-                  "transformer.layers.1.attention.query_key_value.bias", "transformer.layers.0.mlp.dense_4h_to_h.weight", "transformer.final_layernorm.weight"] {
+        for n in [
+            "word_embeddings.weight",
+            "transformer.position_embeddings.weight",
+            "transformer.block_position_embeddings.weight",
+            "transformer.layers.1.attention.query_key_value.bias",
+            "transformer.layers.0.mlp.dense_4h_to_h.weight",
+            "transformer.final_layernorm.weight",
+        ] {
             assert!(names.contains(&n), "{n}");
         }
     }

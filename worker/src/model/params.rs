@@ -63,12 +63,21 @@ impl Partition {
 pub enum Part {
     Whole,
     /// Rows `[r·n/p, (r+1)·n/p)` (column-parallel weights, vocabulary).
-    Rows { rank: usize, size: usize },
+    Rows {
+        rank: usize,
+        size: usize,
+    },
     /// Columns likewise (row-parallel weights).
-    Cols { rank: usize, size: usize },
+    Cols {
+        rank: usize,
+        size: usize,
+    },
     /// The fused query/key/value rows: this rank's rows of each of the
     /// three blocks, so a rank holds whole attention heads.
-    QkvRows { rank: usize, size: usize },
+    QkvRows {
+        rank: usize,
+        size: usize,
+    },
 }
 
 impl Part {

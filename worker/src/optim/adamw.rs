@@ -100,7 +100,8 @@ impl AdamW {
             let ptrs = |ts: &[Tensor]| -> Vec<*mut torch_sys::C_tensor> { ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect() };
             let (pp, gp, mp, vp) = (ptrs(&p), ptrs(&g), ptrs(&m), ptrs(&v));
             // SAFETY: four arrays of live tensors of equal length, borrowed for the call
-            let rc = unsafe { glm_fused_adamw(pp.as_ptr(), gp.as_ptr(), mp.as_ptr(), vp.as_ptr(), pp.len() as i32, step as f64, lr, c.beta1, c.beta2, wd, c.eps) };
+            let rc =
+                unsafe { glm_fused_adamw(pp.as_ptr(), gp.as_ptr(), mp.as_ptr(), vp.as_ptr(), pp.len() as i32, step as f64, lr, c.beta1, c.beta2, wd, c.eps) };
             if rc != 0 {
                 return Err(crate::Error::Runtime(format!("fused AdamW: {}", crate::model::autograd::last_error())));
             }

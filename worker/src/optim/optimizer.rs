@@ -62,7 +62,11 @@ impl Precision {
     /// Optimizer-state bytes per parameter (the ZeRO paper's K): the Adam
     /// moments in fp32, plus fp32 master weights in mixed precision.
     pub fn optimizer_bytes_per_param(self) -> u64 {
-        if self == Precision::Fp32 { 8 } else { 12 }
+        if self == Precision::Fp32 {
+            8
+        } else {
+            12
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -375,7 +379,8 @@ impl Optimizer {
         };
         let padded = params.padded_numel();
         let bucket = if zero.stage == 0 { padded.max(1) } else { zero.reduce_bucket_size };
-        let shards = Shards::new(padded, bucket, dp).map_err(|e| Error::Config(format!("{e} (the model pads its flat buffers to a multiple of 64 × data-parallel size)")))?;
+        let shards = Shards::new(padded, bucket, dp)
+            .map_err(|e| Error::Config(format!("{e} (the model pads its flat buffers to a multiple of 64 × data-parallel size)")))?;
         let pieces = shards.pieces(dp_rank);
         let device = params.device();
         let owned: i64 = pieces.iter().map(|p| p.len).sum();
@@ -527,7 +532,11 @@ impl Optimizer {
             Moments::Shard => (self.adam.exp_avg.size()[0], "a shard of the moments"),
         };
         if s.exp_avg.size() != [want] || s.exp_avg_sq.size() != [want] {
-            return Err(Error::Runtime(format!("optimizer state: {what} of {:?} and {:?} elements where this rank takes {want}", s.exp_avg.size(), s.exp_avg_sq.size())));
+            return Err(Error::Runtime(format!(
+                "optimizer state: {what} of {:?} and {:?} elements where this rank takes {want}",
+                s.exp_avg.size(),
+                s.exp_avg_sq.size()
+            )));
         }
         tch::no_grad(|| match s.moments {
             Moments::Whole => {

@@ -43,14 +43,7 @@ pub struct ScalerConfig {
 impl Default for ScalerConfig {
     /// DeepSpeed's defaults.
     fn default() -> Self {
-        ScalerConfig {
-            loss_scale: 0.0,
-            initial_scale_power: 16,
-            loss_scale_window: 1000,
-            hysteresis: 2,
-            consecutive_hysteresis: false,
-            min_loss_scale: 1.0,
-        }
+        ScalerConfig { loss_scale: 0.0, initial_scale_power: 16, loss_scale_window: 1000, hysteresis: 2, consecutive_hysteresis: false, min_loss_scale: 1.0 }
     }
 }
 
@@ -65,10 +58,7 @@ impl ScalerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
         if !self.loss_scale.is_finite() || self.loss_scale < 0.0 {
-            return bad(format!(
-                "fp16.loss_scale must be 0 (dynamic) or positive, got {}",
-                self.loss_scale
-            ));
+            return bad(format!("fp16.loss_scale must be 0 (dynamic) or positive, got {}", self.loss_scale));
         }
         if !self.is_dynamic() {
             return Ok(());
@@ -80,10 +70,7 @@ impl ScalerConfig {
             return bad("fp16.hysteresis must be at least 1".into());
         }
         if !self.min_loss_scale.is_finite() || self.min_loss_scale <= 0.0 {
-            return bad(format!(
-                "fp16.min_loss_scale must be positive, got {}",
-                self.min_loss_scale
-            ));
+            return bad(format!("fp16.min_loss_scale must be positive, got {}", self.min_loss_scale));
         }
         let start = 2f64.powi(self.initial_scale_power.min(i32::MAX as u32) as i32);
         if !start.is_finite() || start < self.min_loss_scale {
@@ -121,27 +108,14 @@ pub enum ScaleEvent {
     Clean { grown: Option<(f64, f64)> },
     /// Overflow: the optimizer step (and the LR-schedule step) must be skipped.
     /// `from`/`to` = the scale before/after (equal when hysteresis absorbed it or the scale is static).
-    Overflow {
-        from: f64,
-        to: f64,
-        hysteresis_left: u32,
-    },
+    Overflow { from: f64, to: f64, hysteresis_left: u32 },
 }
 
 impl LossScaler {
     /// A fresh scaler: the static scale, or `2^initial_scale_power` when dynamic.
     pub fn new(cfg: ScalerConfig) -> Self {
-        let scale = if cfg.is_dynamic() {
-            2f64.powi(cfg.initial_scale_power.min(i32::MAX as u32) as i32)
-        } else {
-            cfg.loss_scale
-        };
-        let state = ScalerState {
-            scale,
-            cur_hysteresis: cfg.hysteresis,
-            last_overflow_iter: -1,
-            iter: 0,
-        };
+        let scale = if cfg.is_dynamic() { 2f64.powi(cfg.initial_scale_power.min(i32::MAX as u32) as i32) } else { cfg.loss_scale };
+        let state = ScalerState { scale, cur_hysteresis: cfg.hysteresis, last_overflow_iter: -1, iter: 0 };
         LossScaler { cfg, state }
     }
 
@@ -166,11 +140,7 @@ impl LossScaler {
             self.state.scale,
             c.loss_scale_window,
             c.hysteresis,
-            if c.consecutive_hysteresis {
-                " consecutive"
-            } else {
-                ""
-            },
+            if c.consecutive_hysteresis { " consecutive" } else { "" },
             c.min_loss_scale
         )
     }
@@ -184,11 +154,7 @@ impl LossScaler {
         let event = if !c.is_dynamic() {
             if overflow {
                 s.last_overflow_iter = s.iter;
-                ScaleEvent::Overflow {
-                    from,
-                    to: from,
-                    hysteresis_left: s.cur_hysteresis,
-                }
+                ScaleEvent::Overflow { from, to: from, hysteresis_left: s.cur_hysteresis }
             } else {
                 ScaleEvent::Clean { grown: None }
             }
@@ -208,11 +174,7 @@ impl LossScaler {
                 s.cur_hysteresis = s.cur_hysteresis.saturating_sub(1);
             }
             s.last_overflow_iter = s.iter;
-            ScaleEvent::Overflow {
-                from,
-                to: s.scale,
-                hysteresis_left: s.cur_hysteresis,
-            }
+            ScaleEvent::Overflow { from, to: s.scale, hysteresis_left: s.cur_hysteresis }
         } else {
             if c.consecutive_hysteresis {
                 s.cur_hysteresis = c.hysteresis;
@@ -240,13 +202,7 @@ impl LossScaler {
 mod tests {
     use super::*;
 
-    fn dynamic(
-        power: u32,
-        window: u64,
-        hysteresis: u32,
-        consecutive: bool,
-        min: f64,
-    ) -> ScalerConfig {
+    fn dynamic(power: u32, window: u64, hysteresis: u32, consecutive: bool, min: f64) -> ScalerConfig {
         ScalerConfig {
             loss_scale: 0.0,
             initial_scale_power: power,
@@ -273,11 +229,7 @@ mod tests {
                     return (trace, true);
                 }
                 if must_halve {
-                    scale = if scale / 2.0 < cfg.min_loss_scale {
-                        cfg.min_loss_scale
-                    } else {
-                        scale / 2.0
-                    };
+                    scale = if scale / 2.0 < cfg.min_loss_scale { cfg.min_loss_scale } else { scale / 2.0 };
                 } else {
                     hyst -= 1;
                 }
@@ -302,9 +254,7 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 (x >> 33) % 100 < percent
             })
             .collect()
@@ -326,48 +276,14 @@ mod tests {
         assert!(cfg.validate().is_ok());
         let s = LossScaler::new(cfg);
         assert_eq!(s.scale(), 65536.0);
-        assert_eq!(
-            s.state,
-            ScalerState {
-                scale: 65536.0,
-                cur_hysteresis: 2,
-                last_overflow_iter: -1,
-                iter: 0
-            }
-        );
-        assert_eq!(
-            s.describe(),
-            "dynamic loss scale 65536 (window 1000, hysteresis 2, min 1)"
-        );
-        let st = LossScaler::new(ScalerConfig {
-            loss_scale: 128.0,
-            ..Default::default()
-        });
+        assert_eq!(s.state, ScalerState { scale: 65536.0, cur_hysteresis: 2, last_overflow_iter: -1, iter: 0 });
+        assert_eq!(s.describe(), "dynamic loss scale 65536 (window 1000, hysteresis 2, min 1)");
+        let st = LossScaler::new(ScalerConfig { loss_scale: 128.0, ..Default::default() });
         assert_eq!(st.describe(), "static loss scale 128");
-        assert!(ScalerConfig {
-            loss_scale_window: 0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(ScalerConfig {
-            hysteresis: 0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(ScalerConfig {
-            min_loss_scale: 0.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(ScalerConfig {
-            loss_scale: -1.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
+        assert!(ScalerConfig { loss_scale_window: 0, ..Default::default() }.validate().is_err());
+        assert!(ScalerConfig { hysteresis: 0, ..Default::default() }.validate().is_err());
+        assert!(ScalerConfig { min_loss_scale: 0.0, ..Default::default() }.validate().is_err());
+        assert!(ScalerConfig { loss_scale: -1.0, ..Default::default() }.validate().is_err());
         assert!(dynamic(1, 10, 2, false, 4.0).validate().is_err());
     }
 
@@ -389,13 +305,7 @@ mod tests {
     #[test]
     fn hysteresis_non_consecutive() {
         let mut s = LossScaler::new(dynamic(4, 4, 2, false, 1.0));
-        let ov = |from, to| {
-            Ok(ScaleEvent::Overflow {
-                from,
-                to,
-                hysteresis_left: 1,
-            })
-        };
+        let ov = |from, to| Ok(ScaleEvent::Overflow { from, to, hysteresis_left: 1 });
         let clean = Ok(ScaleEvent::Clean { grown: None });
         assert_eq!(up(&mut s, true), ov(16.0, 16.0)); // iter 0: absorbed
         assert_eq!(up(&mut s, true), ov(16.0, 8.0)); // iter 1: halves
@@ -408,37 +318,17 @@ mod tests {
             assert_eq!(s.state.cur_hysteresis, 1);
         }
         // iter 9: stable = 9 - 4 - 1 = 4 = W, grows and refills.
-        assert_eq!(
-            up(&mut s, false),
-            Ok(ScaleEvent::Clean {
-                grown: Some((4.0, 8.0))
-            })
-        );
+        assert_eq!(up(&mut s, false), Ok(ScaleEvent::Clean { grown: Some((4.0, 8.0)) }));
         assert_eq!(s.state.cur_hysteresis, 2);
         assert_eq!(up(&mut s, true), ov(8.0, 8.0)); // iter 10: absorbed again
-        assert_eq!(
-            s.state,
-            ScalerState {
-                scale: 8.0,
-                cur_hysteresis: 1,
-                last_overflow_iter: 10,
-                iter: 11
-            }
-        );
+        assert_eq!(s.state, ScalerState { scale: 8.0, cur_hysteresis: 1, last_overflow_iter: 10, iter: 11 });
     }
 
     #[test]
     fn hysteresis_consecutive_refills() {
         let mut s = LossScaler::new(dynamic(4, 1000, 2, true, 1.0));
         for _ in 0..50 {
-            assert_eq!(
-                up(&mut s, true),
-                Ok(ScaleEvent::Overflow {
-                    from: 16.0,
-                    to: 16.0,
-                    hysteresis_left: 1
-                })
-            );
+            assert_eq!(up(&mut s, true), Ok(ScaleEvent::Overflow { from: 16.0, to: 16.0, hysteresis_left: 1 }));
             assert_eq!(up(&mut s, false), Ok(ScaleEvent::Clean { grown: None }));
             assert_eq!(s.state.cur_hysteresis, 2);
         }
@@ -453,14 +343,7 @@ mod tests {
     #[test]
     fn minimum_is_an_error() {
         let mut s = LossScaler::new(dynamic(3, 1000, 1, false, 4.0));
-        assert_eq!(
-            up(&mut s, true),
-            Ok(ScaleEvent::Overflow {
-                from: 8.0,
-                to: 4.0,
-                hysteresis_left: 1
-            })
-        );
+        assert_eq!(up(&mut s, true), Ok(ScaleEvent::Overflow { from: 8.0, to: 4.0, hysteresis_left: 1 }));
         let before = s.state.clone();
         let err = s.update(true).unwrap_err();
         assert!(matches!(err, Error::Config(_)));
@@ -475,34 +358,17 @@ mod tests {
 
         // Halving clamps to the minimum rather than going below it.
         let mut s = LossScaler::new(dynamic(2, 1000, 1, false, 3.0));
-        assert_eq!(
-            up(&mut s, true),
-            Ok(ScaleEvent::Overflow {
-                from: 4.0,
-                to: 3.0,
-                hysteresis_left: 1
-            })
-        );
+        assert_eq!(up(&mut s, true), Ok(ScaleEvent::Overflow { from: 4.0, to: 3.0, hysteresis_left: 1 }));
         assert!(up(&mut s, true).is_err());
     }
 
     #[test]
     fn static_scaler() {
-        let mut s = LossScaler::new(ScalerConfig {
-            loss_scale: 128.0,
-            ..Default::default()
-        });
+        let mut s = LossScaler::new(ScalerConfig { loss_scale: 128.0, ..Default::default() });
         for (i, ov) in lcg_pattern(7, 3000, 30).into_iter().enumerate() {
             let ev = s.update(ov).unwrap();
             if ov {
-                assert_eq!(
-                    ev,
-                    ScaleEvent::Overflow {
-                        from: 128.0,
-                        to: 128.0,
-                        hysteresis_left: 2
-                    }
-                );
+                assert_eq!(ev, ScaleEvent::Overflow { from: 128.0, to: 128.0, hysteresis_left: 2 });
             } else {
                 assert_eq!(ev, ScaleEvent::Clean { grown: None });
             }
@@ -532,12 +398,7 @@ mod tests {
 
     #[test]
     fn long_sequences_match_reference() {
-        let cases = [
-            (16, 10, 1.0, 1u64),
-            (4, 10, 1.0, 2),
-            (5, 45, 2.0, 3),
-            (3, 60, 1.0, 4),
-        ];
+        let cases = [(16, 10, 1.0, 1u64), (4, 10, 1.0, 2), (5, 45, 2.0, 3), (3, 60, 1.0, 4)];
         for consecutive in [false, true] {
             for &(power, percent, min, seed) in &cases {
                 let cfg = dynamic(power, 7, 3, consecutive, min);
@@ -548,10 +409,7 @@ mod tests {
                     match s.update(ov) {
                         Ok(_) => assert_eq!(Some(&tuple(&s.state)), expected.get(i), "step {i}"),
                         Err(_) => {
-                            assert!(
-                                ref_err && expected.len() == i,
-                                "implementation erred alone at {i}"
-                            );
+                            assert!(ref_err && expected.len() == i, "implementation erred alone at {i}");
                             break;
                         }
                     }

@@ -8,8 +8,17 @@ use glm_common::ds::SchedulerCfg;
 pub enum Schedule {
     /// GLM's AnnealingLR: linear warmup over `warmup_iters` from 0 to `lr`,
     /// then `style` decay to `lr · decay_ratio` at `decay_iters`, flat after.
-    Annealing { lr: f64, warmup_iters: u64, decay_iters: u64, style: Decay, decay_ratio: f64 },
-    DeepSpeed { cfg: SchedulerCfg, base_lr: f64 },
+    Annealing {
+        lr: f64,
+        warmup_iters: u64,
+        decay_iters: u64,
+        style: Decay,
+        decay_ratio: f64,
+    },
+    DeepSpeed {
+        cfg: SchedulerCfg,
+        base_lr: f64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

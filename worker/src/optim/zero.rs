@@ -39,7 +39,10 @@ impl Default for ZeroConfig {
 impl ZeroConfig {
     pub fn validate(&self) -> Result<()> {
         if self.stage > 2 {
-            return Err(Error::Config(format!("zero_optimization.stage {}: stages 0, 1 and 2 are supported (stage 3, parameter partitioning, is not)", self.stage)));
+            return Err(Error::Config(format!(
+                "zero_optimization.stage {}: stages 0, 1 and 2 are supported (stage 3, parameter partitioning, is not)",
+                self.stage
+            )));
         }
         for (k, v) in [("reduce_bucket_size", self.reduce_bucket_size), ("allgather_bucket_size", self.allgather_bucket_size)] {
             if v <= 0 {

@@ -46,4 +46,3 @@ pub fn regions(g: &Group, device: Device) -> Result<Vec<String>> {
     out.push(expect("gather_from backward (own slice)", &x.grad(), &w.narrow(1, 2 * r as i64, 2))?);
     Ok(out)
 }
-

@@ -144,18 +144,12 @@ pub fn reduce_from(x: &Tensor, g: &Group) -> Result<Tensor> {
 
 /// This rank's slice of the last dimension forward; all-gather backward.
 pub fn scatter_to(x: &Tensor, g: &Group) -> Result<Tensor> {
-    wrap(
-        unsafe { glm_tp_scatter_to(x.as_ptr() as *mut C_tensor, g.handle(), drop_group, g.rank as i64, g.size as i64) },
-        "scatter_to_tensor_parallel_region",
-    )
+    wrap(unsafe { glm_tp_scatter_to(x.as_ptr() as *mut C_tensor, g.handle(), drop_group, g.rank as i64, g.size as i64) }, "scatter_to_tensor_parallel_region")
 }
 
 /// All-gather along the last dimension forward; own slice backward.
 pub fn gather_from(x: &Tensor, g: &Group) -> Result<Tensor> {
-    wrap(
-        unsafe { glm_tp_gather_from(x.as_ptr() as *mut C_tensor, g.handle(), drop_group, g.rank as i64, g.size as i64) },
-        "gather_from_tensor_parallel_region",
-    )
+    wrap(unsafe { glm_tp_gather_from(x.as_ptr() as *mut C_tensor, g.handle(), drop_group, g.rank as i64, g.size as i64) }, "gather_from_tensor_parallel_region")
 }
 
 #[cfg(test)]

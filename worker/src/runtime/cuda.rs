@@ -2,7 +2,6 @@
 
 use crate::error::{Error, Result};
 
-
 type CudaSetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
 
 /// `cudaSetDevice` from the CUDA runtime libtorch loaded (tch does not expose
@@ -33,7 +32,10 @@ fn cuda_set_device_fn() -> Option<CudaSetDevice> {
 
 /// Makes CUDA device `index` current for the calling thread.
 pub fn set_device(index: usize) -> Result<()> {
-    let f = cuda_set_device_fn().ok_or_else(|| Error::Device { op: format!("cudaSetDevice({index})"), msg: "the CUDA runtime (libcudart) is not loaded: is this a CUDA build of torch 2.11?".into() })?;
+    let f = cuda_set_device_fn().ok_or_else(|| Error::Device {
+        op: format!("cudaSetDevice({index})"),
+        msg: "the CUDA runtime (libcudart) is not loaded: is this a CUDA build of torch 2.11?".into(),
+    })?;
     // SAFETY: plain CUDA runtime call.
     let rc = unsafe { f(index as std::ffi::c_int) };
     if rc != 0 {
@@ -57,4 +59,3 @@ pub fn memory_in_use() -> Option<u64> {
     let rc = unsafe { f(&mut free, &mut total) };
     (rc == 0).then(|| (total - free) as u64)
 }
-

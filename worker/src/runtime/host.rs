@@ -11,7 +11,11 @@ pub fn hostname() -> String {
 /// The host name as it appears in temporaries' names (no `/` or `-`).
 fn this_host() -> String {
     let h = hostname();
-    if h.is_empty() { "localhost".into() } else { h.replace(['/', '-'], "_") }
+    if h.is_empty() {
+        "localhost".into()
+    } else {
+        h.replace(['/', '-'], "_")
+    }
 }
 
 /// A path in `dir` for this process's temporary: `<prefix><host>-<pid>`, so
@@ -75,8 +79,8 @@ pub fn free_disk(dir: &Path) -> Option<(u64, PathBuf)> {
 /// The instruction-set extensions that libtorch's CPU kernels (ATen, MKL,
 /// oneDNN) choose between, as /proc/cpuinfo names them.
 pub const KERNEL_ISA: &[&str] = &[
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma", "avx512vbmi",
-    "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
 ];
 
 /// `key: value` of the first processor in /proc/cpuinfo.
@@ -117,7 +121,9 @@ mod tests {
         child.wait().unwrap();
         let host = this_host();
         let mine = format!("{host}-{}", std::process::id());
-        for name in [format!(".store.tmp-{host}-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-elsewhere-{dead}")] {
+        for name in
+            [format!(".store.tmp-{host}-{dead}"), format!(".store.tmp-{mine}"), format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-elsewhere-{dead}")]
+        {
             std::fs::create_dir(d.path().join(name)).unwrap();
         }
         std::fs::write(d.path().join(format!(".store.tmp-{host}-{dead}x")), "not a pid").unwrap();
@@ -127,7 +133,12 @@ mod tests {
         left.sort();
         // this machine's dead process's temporary goes; a live one's, another
         // machine's and a malformed name stay
-        let mut want = vec![format!(".other.tmp-{host}-{dead}"), format!(".store.tmp-{host}-{dead}x"), format!(".store.tmp-{mine}"), format!(".store.tmp-elsewhere-{dead}")];
+        let mut want = vec![
+            format!(".other.tmp-{host}-{dead}"),
+            format!(".store.tmp-{host}-{dead}x"),
+            format!(".store.tmp-{mine}"),
+            format!(".store.tmp-elsewhere-{dead}"),
+        ];
         want.sort();
         assert_eq!(left, want);
     }

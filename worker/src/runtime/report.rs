@@ -71,11 +71,7 @@ pub fn install_panic_hook() {
 
 /// The text a panic carries (`panic!` formats a `String`, a literal a `&str`).
 pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "(no message)".into())
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "(no message)".into())
 }
 
 /// A panic's text in one line: libtorch's message condensed (`torch_message`)
@@ -222,7 +218,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,7 +250,10 @@ mod tests {
         let first = e.lines().next().unwrap();
         assert_eq!(first, "building the model (test): libtorch: out of CPU memory: asked for 41.2 TB (Cannot allocate memory)");
         assert!(e.lines().nth(1).unwrap().starts_with("HINT: a smaller model"), "{e}");
-        assert_eq!(torch_error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB of which 1 GiB is free."), "libtorch: out of CUDA memory: asked for 2.00 GiB; GPU 0 has a total capacity of 8 GiB of which 1 GiB is free");
+        assert_eq!(
+            torch_error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB of which 1 GiB is free."),
+            "libtorch: out of CUDA memory: asked for 2.00 GiB; GPU 0 has a total capacity of 8 GiB of which 1 GiB is free"
+        );
         {
             let _d = doing("evaluating held-out data (test)");
             let e = torch_error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB of which 1 GiB is free.");

@@ -16,7 +16,13 @@ fn human(mut v: f64, units: &[&str], sep: &str) -> String {
         v /= 1000.0;
         u += 1;
     }
-    let digits = if u == 0 || v >= 99.95 { 0 } else if v >= 9.995 { 1 } else { 2 };
+    let digits = if u == 0 || v >= 99.95 {
+        0
+    } else if v >= 9.995 {
+        1
+    } else {
+        2
+    };
     format!("{v:.digits$}{sep}{}", units[u]).trim_end().to_string()
 }
 

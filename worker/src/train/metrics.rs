@@ -54,7 +54,8 @@ pub struct Metrics {
 fn register_font() -> std::result::Result<(), String> {
     static ONCE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).map_err(|_| "the built-in font did not load".to_string())
+        plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT)
+            .map_err(|_| "the built-in font did not load".to_string())
     })
     .clone()
 }
@@ -143,13 +144,7 @@ fn draw(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64)], baseline: Optio
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..xmax, ymin..ymax)?;
-    chart
-        .configure_mesh()
-        .x_desc("iteration")
-        .y_desc("loss (nats)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    chart.configure_mesh().x_desc("iteration").y_desc("loss (nats)").x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 14)).draw()?;
     chart
         .draw_series(LineSeries::new(train.iter().map(|&(i, l)| (i as f64, l)), BLUE.stroke_width(2)))?
         .label("train")

@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use tch::{Device, Tensor};
 
+use super::build::{build, Recipe};
 use super::metrics::{rss_mb, EvalEvent, Metrics, TrainEvent};
 use super::save_dir::SaveDirLock;
+use super::step::{train_step, StepOutput, StepPlan};
 use crate::checkpoint::{self, State};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
@@ -27,8 +29,6 @@ use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{MemoryBytes, Optimizer};
 use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
-use super::build::{build, Recipe};
-use super::step::{train_step, StepOutput, StepPlan};
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
 /// checkpoint, exit.
@@ -105,7 +105,15 @@ pub struct HeldOut {
 /// `mode`, else the modes drawn as training draws them), the batches shared
 /// out over the data-parallel ranks and the sums combined: the summed cross
 /// entropy of every masked token over their count.
-pub fn held_out(model: &Glm, sampler: &BlockSampler, mode: Option<crate::data::blocklm::Mode>, iters: u64, batch: usize, device: Device, par: &Parallel) -> Result<HeldOut> {
+pub fn held_out(
+    model: &Glm,
+    sampler: &BlockSampler,
+    mode: Option<crate::data::blocklm::Mode>,
+    iters: u64,
+    batch: usize,
+    device: Device,
+    par: &Parallel,
+) -> Result<HeldOut> {
     let d = par.dims;
     let what = mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "mixed".into());
     let _doing = crate::runtime::report::doing(format!("evaluating held-out data ({what} samples, batch {batch})"));
@@ -141,10 +149,15 @@ pub struct TrainOptions {
 /// How a run ended.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
-    Finished { iteration: u64 },
+    Finished {
+        iteration: u64,
+    },
     /// Stopped by `signal`, which reached at least one rank of the world
     /// (every rank reports the same number).
-    Interrupted { iteration: u64, signal: i32 },
+    Interrupted {
+        iteration: u64,
+        signal: i32,
+    },
 }
 
 /// Samples -> tensors on `device`.
@@ -201,10 +214,9 @@ impl Trainer {
         let mut files = Vec::new();
         for d in &cfg.train_data {
             files.extend(corpus_files(d).map_err(|e| match e {
-                Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => Error::invalid(
-                    path,
-                    "train_data: no such file or folder; hint: scripts/setup.sh builds the default corpus, or --set train_data=<path>",
-                ),
+                Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => {
+                    Error::invalid(path, "train_data: no such file or folder; hint: scripts/setup.sh builds the default corpus, or --set train_data=<path>")
+                }
                 e => e,
             })?);
         }
@@ -251,14 +263,25 @@ impl Trainer {
             }
             None => None,
         };
-        println!("data: split {}: {}", a.split, splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", "));
+        println!(
+            "data: split {}: {}",
+            a.split,
+            splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", ")
+        );
 
         let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
         let (n, pos) = model.cfg.num_params();
         println!(
             "model: GLM {} layers, hidden {}, {} heads, ffn {}, vocab {} (padded), {:.2} M parameters (+{:.2} M position embeddings), {}, on {:?}",
-            model.cfg.num_layers, model.cfg.hidden_size, model.cfg.num_attention_heads, model.cfg.intermediate_size, model.cfg.vocab_size,
-            n as f64 / 1e6, pos as f64 / 1e6, cfg.precision.name(), opts.device
+            model.cfg.num_layers,
+            model.cfg.hidden_size,
+            model.cfg.num_attention_heads,
+            model.cfg.intermediate_size,
+            model.cfg.vocab_size,
+            n as f64 / 1e6,
+            pos as f64 / 1e6,
+            cfg.precision.name(),
+            opts.device
         );
         for line in memory_report(&model, &opt, &par) {
             println!("{line}");
@@ -282,7 +305,9 @@ impl Trainer {
                 } else if tp == 1 {
                     format!("merge it first (glm-worker checkpoint merge --load {} --out <dir>), or train with model_parallel_size={parts}", dir.display())
                 } else {
-                    format!("merge it (glm-worker checkpoint merge) and split the result (checkpoint split --tp {tp}), or train with model_parallel_size={parts}")
+                    format!(
+                        "merge it (glm-worker checkpoint merge) and split the result (checkpoint split --tp {tp}), or train with model_parallel_size={parts}"
+                    )
                 };
                 return Err(Error::invalid(&dir, format!("saved with tensor-parallel {parts}, and this run has tensor-parallel {tp}: {fix}")));
             }
@@ -300,7 +325,11 @@ impl Trainer {
             iteration = state.iteration;
             let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
             let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero_config().stage, par.dims.dp));
-            let reshard = if saved != now && state.has_optimizer && !a.no_load_optim { format!("; optimizer state re-partitioned from {saved} to {now}") } else { String::new() };
+            let reshard = if saved != now && state.has_optimizer && !a.no_load_optim {
+                format!("; optimizer state re-partitioned from {saved} to {now}")
+            } else {
+                String::new()
+            };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
         } else {
             // identical weights on every data-parallel rank, whatever
@@ -330,7 +359,10 @@ impl Trainer {
             Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
         };
         let accum = b.accum;
-        let _doing = crate::runtime::report::doing(format!("training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})", b.micro, a.seq_length));
+        let _doing = crate::runtime::report::doing(format!(
+            "training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})",
+            b.micro, a.seq_length
+        ));
         let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr }, &mut next)?;
         Ok((out, lr))
     }
@@ -534,7 +566,6 @@ impl Trainer {
         self.cfg.save_dir()
     }
 }
-
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
 /// and optimizer state alone (the ZeRO paper's model states, estimated for

@@ -46,7 +46,9 @@ pub fn tiny_train_args(dir: &Path, ds: &Path, corpus: &Path, vocab_size: usize, 
     // save=null first: configs_tiny.json saves into the checkout's
     // glm_pretrain/model/checkpoints/glm-tiny, which no test may touch
     // (a test that saves names its own directory, later, which wins)
-    let model = ["save=null", "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_iters=4"];
+    let model = [
+        "save=null", "num_layers=2", "hidden_size=64", "num_attention_heads=2", "seq_length=64", "max_position_embeddings=64", "log_interval=1", "eval_iters=4",
+    ];
     for s in model.iter().map(|s| s.to_string()).chain([format!("train_data={}", corpus.display())]).chain(sets.iter().cloned()) {
         args.push("--set".into());
         args.push(s);
