@@ -34,6 +34,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { say "error: cargo not found; install a Rust toolchain (rustup) first"; exit 1; }
+# scripts/test.sh checks formatting and lints
+if [ "${1:-}" = --test ] && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  say "installing the rustfmt and clippy components (rustup)"
+  rustup component add rustfmt clippy >&2
+fi
 
 # 2. a torch 2.11.0 (scripts/find_torch.sh)
 source "$ROOT/scripts/find_torch.sh"

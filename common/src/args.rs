@@ -9,6 +9,7 @@
 //!   the key;
 //! - irrelevant here (launcher, logging and DeepSpeed plumbing that this
 //!   program handles elsewhere): listed once at start-up.
+//!
 //! A key the original does not have is an error with the closest known key.
 
 use std::collections::BTreeMap;

@@ -167,6 +167,7 @@ pub fn run(
 /// script with the job's environment, from the launcher's directory. This
 /// machine (`local[i]`: mpirun starts its workers without SSH) is asked
 /// directly.
+#[allow(clippy::too_many_arguments)] // the preflight's inputs, each decided by a different part of main
 pub fn run_ssh(
     targets: &[crate::ssh::Target],
     local: &[bool],

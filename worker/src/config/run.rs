@@ -109,10 +109,14 @@ impl RunConfig {
         if a.eval_interval > 0 && a.eval_iters == 0 {
             return Err(Error::Config(format!("eval_iters = 0 ({}): must be positive when eval_interval ({}) is", src("eval_iters"), a.eval_interval)));
         }
-        if a.optimizer.to_ascii_lowercase() != "adam" && o.is_none() {
+        if !a.optimizer.eq_ignore_ascii_case("adam") && o.is_none() {
             return Err(Error::Config(format!("optimizer = \"{}\" ({}): only adam (AdamW) is supported", a.optimizer, src("optimizer"))));
         }
-        put("optimizer", format!("AdamW (decoupled weight decay; no decay for biases and LayerNorm)"), o.as_ref().map_or(src("optimizer"), |_| dsname.clone()));
+        put(
+            "optimizer",
+            "AdamW (decoupled weight decay; no decay for biases and LayerNorm)".to_string(),
+            o.as_ref().map_or(src("optimizer"), |_| dsname.clone()),
+        );
         put("lr", lr.to_string(), lr_src);
         put("betas", format!("({b1}, {b2})"), b1_src);
         put("eps", eps.to_string(), eps_src);

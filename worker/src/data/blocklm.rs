@@ -126,7 +126,7 @@ impl BlockConfig {
         if self.seq_length < 16 {
             return Err(Error::Config(format!("seq_length = {}: must be at least 16", self.seq_length)));
         }
-        if !(self.avg_block_length > 0.0) || self.max_block_length < 2 {
+        if self.avg_block_length.is_nan() || self.avg_block_length <= 0.0 || self.max_block_length < 2 {
             return Err(Error::Config("avg_block_length must be > 0 and max_block_length >= 2".into()));
         }
         Ok(())
@@ -345,8 +345,8 @@ impl BlockSampler {
         let mut out = Vec::new();
         for &(s, len) in segs {
             let mut start = s;
-            for i in s..s + len {
-                if self.sentence_end.get(raw[i] as usize).copied().unwrap_or(false) {
+            for (i, &t) in raw.iter().enumerate().skip(s).take(len) {
+                if self.sentence_end.get(t as usize).copied().unwrap_or(false) {
                     out.push((start, i + 1));
                     start = i + 1;
                 }

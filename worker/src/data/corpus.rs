@@ -349,7 +349,7 @@ mod tests {
     fn json_array_errors_have_location() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "bad.json", b"[\n {\"content\": \"a\"},\n {\"content\": 3}\n]");
-        let e = docs(&[p.clone()], &CorpusOptions::default()).unwrap_err().to_string();
+        let e = docs(std::slice::from_ref(&p), &CorpusOptions::default()).unwrap_err().to_string();
         assert!(e.contains("bad.json:3:2:") && e.contains("must be a string"), "{e}");
         let (ok, stats) = docs(&[p], &CorpusOptions { skip_malformed: true, ..Default::default() }).unwrap();
         assert_eq!((ok.len(), stats.skipped), (1, 1));
@@ -368,7 +368,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "a.jsonl", b"{\"sentence\": \"one\"}\n\n{\"sentence\": oops}\n{\"title\":\"x\",\"content\":\"y\"}\n");
         let opts = CorpusOptions { text_key: "sentence".into(), skip_malformed: false };
-        let e = docs(&[p.clone()], &opts).unwrap_err().to_string();
+        let e = docs(std::slice::from_ref(&p), &opts).unwrap_err().to_string();
         assert!(e.contains("a.jsonl:3:14: malformed JSON"), "{e}");
         let (ok, stats) = docs(&[p], &CorpusOptions { skip_malformed: true, ..opts }).unwrap();
         assert_eq!(ok, vec!["one", "xy"]);

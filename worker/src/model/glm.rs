@@ -693,13 +693,13 @@ mod tests {
             let scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt();
             let scores: Tensor = &scores * &mask - (1.0 - &mask) * 65504.0;
             let a = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).contiguous().view([bs, s, h]);
-            x = x + l.dense.forward(&a, None).unwrap();
+            x += l.dense.forward(&a, None).unwrap();
             let y = l.post_attention_layernorm.forward(&x);
             let y = y.linear(&l.dense_h_to_4h.weight, Some(&l.dense_h_to_4h.bias));
             let cube: Tensor = &y * &y * &y;
             let inner: Tensor = (&y + cube * 0.044715) * 0.7978845608028654;
             let y: Tensor = &y * 0.5 * (inner.tanh() + 1.0);
-            x = x + l.dense_4h_to_h.forward(&y, None).unwrap();
+            x += l.dense_4h_to_h.forward(&y, None).unwrap();
         }
         let want_h = m.final_layernorm.forward(&x);
         let got_h = m.hidden(&b, false).unwrap();
