@@ -184,13 +184,13 @@ fn ssh_back_end_on_two_test_hosts() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let pid3 = d.path().join("pid.3");
-    while !pid3.exists() || std::fs::read_to_string(&pid3).unwrap().trim().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "rank 3 never started");
+    // every rank has started (its pid file is written) before rank 3 is killed
+    let pid_of = |r: usize| std::fs::read_to_string(d.path().join(format!("pid.{r}"))).ok().and_then(|p| p.trim().parse::<i32>().ok());
+    while (0..4).any(|r| pid_of(r).is_none()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "not every rank started");
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let pid: i32 = std::fs::read_to_string(&pid3).unwrap().trim().parse().unwrap();
+    let pid = pid_of(3).unwrap();
     let killed = Instant::now();
     // SAFETY: the test's own worker process.
     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -237,8 +237,8 @@ fn eval_reproduces_the_runs_validation_per_mode() {
     }
 }
 
-/// Ctrl-C while the data is prepared (tokenizer training, store building)
-/// stops the run within a second or two, with a message and no checkpoint.
+/// Ctrl-C while the data is prepared (here: while the token store is being
+/// built) stops the run at once, with a message, no checkpoint and no store.
 #[test]
 fn a_signal_during_preparation_stops_at_once() {
     let r = Run::new();
@@ -248,15 +248,16 @@ fn a_signal_during_preparation_stops_at_once() {
     std::fs::write(r.p("big.json"), serde_json::to_string(&big).unwrap()).unwrap();
     let save = r.p("run");
     let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("big.json"), 16000, &["train_iters=5".into(), format!("save={}", save.display())]);
-    // once the configuration is out, preparation is under way
+    // the signal lands while the token store is being built: its temporary exists
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm-worker"));
     cmd.current_dir(repo()).args(&args);
-    let (o, took) = interrupt_after(cmd, "effective configuration", 500);
+    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store.tmp-"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
+    assert!(took.as_secs_f64() < 5.0, "stopped after {took:?}");
     assert!(err.contains("interrupted (SIGINT) before training: stopped; nothing was trained or saved"), "{err}");
     assert!(!save.join("latest").exists(), "no checkpoint of an iteration that never trained");
+    assert!(!r.p("store").join("meta.json").exists(), "the store it had not finished was not installed");
 
     // `prepare` too: a message, exit 130, and no store; once it reports the
     // corpus, its handler is in place and preparation under way
@@ -268,25 +269,34 @@ fn a_signal_during_preparation_stops_at_once() {
         "--vocab-size",
         "16000",
     ]);
-    let (o, took) = interrupt_after(cmd, "prepare: corpus", 300);
+    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store-by-prepare.tmp-"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(took.as_secs_f64() < 2.0, "stopped after {took:?}");
+    assert!(took.as_secs_f64() < 5.0, "stopped after {took:?}");
     assert!(err.contains("interrupted (SIGINT): prepare stopped; a store it had not finished was not installed"), "{err}");
     assert!(!out.exists(), "no store");
 }
 
-/// Starts `cmd` (one intra-op thread), waits for a stdout line containing
-/// `marker` and then `ms` more, sends SIGINT; its output and how long it took
-/// to stop after the signal.
-fn interrupt_after(mut cmd: Command, marker: &str, ms: u64) -> (std::process::Output, std::time::Duration) {
+/// Whether `dir` holds an entry whose name starts with `prefix`.
+fn has_entry(dir: &std::path::Path, prefix: &str) -> bool {
+    std::fs::read_dir(dir).map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with(prefix))).unwrap_or(false)
+}
+
+/// Starts `cmd` (one intra-op thread), waits until `ready()` says the phase
+/// to interrupt is under way (it fails if the process ends first), sends
+/// SIGINT; its output and how long it took to stop after the signal.
+fn interrupt_when(mut cmd: Command, ready: impl Fn() -> bool) -> (std::process::Output, std::time::Duration) {
     let mut child = cmd.env("OMP_NUM_THREADS", "1").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 && !line.contains(marker) {
-        line.clear();
+    // polls an event (a file appearing), no fixed delay; the deadline only
+    // turns a hang into a failure
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the process ended ({status}) before the phase to interrupt began: {:?}", child.wait_with_output().unwrap());
+        }
+        assert!(t0.elapsed().as_secs() < 300, "the phase to interrupt never began");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    std::thread::sleep(std::time::Duration::from_millis(ms));
     let t0 = std::time::Instant::now();
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
