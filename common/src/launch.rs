@@ -21,6 +21,11 @@ pub const LAUNCH_ID: &str = "GLM_LAUNCH_ID";
 pub const FORWARDED_PREFIXES: &[&str] = &["NCCL_", "CUDA_", "OMP_", "GLM_", "UCX_", "RUST_", "TORCH_"];
 pub const FORWARDED_NAMES: &[&str] = &["LD_LIBRARY_PATH", "LIBTORCH", "PYTHONPATH", "PATH"];
 
+/// The worker's choice of collective back end: `host-staged` stages every
+/// collective through host memory, so ranks may share a GPU (the launcher's
+/// preflight then accepts fewer GPUs than slots).
+pub const COMM_BACKEND_VAR: &str = "GLM_COMM_BACKEND";
+
 /// The name of the file whose `KEY=VALUE` lines are exported to every
 /// worker, read from the home directory, then the working directory.
 pub const ENV_FILE: &str = ".glm_env";

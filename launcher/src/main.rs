@@ -453,10 +453,10 @@ fn run(args: &[String]) -> Result<i32> {
         }
         let wants_cuda =
             worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-        let version = env!("CARGO_PKG_VERSION");
+        let expect = preflight::Expect::new(env!("CARGO_PKG_VERSION"), wants_cuda, &env, disk.as_ref());
         let (rows, ok) = if use_ssh {
             let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
-            preflight::run_ssh(&targets, &local, &probe, &env, &place, version, wants_cuda, disk.as_ref())
+            preflight::run_ssh(&targets, &local, &probe, &env, &place, &expect)
         } else if use_slurm {
             // one task per node, plain (no MPI), labelled by node
             let mut pre = backend::srun(
@@ -465,14 +465,14 @@ fn run(args: &[String]) -> Result<i32> {
             )
             .map_err(anyhow::Error::msg)?;
             pre[1] = "--mpi=none".into();
-            preflight::run(&pre, supervise::Tags::Srun, &env, &place, version, wants_cuda, disk.as_ref())
+            preflight::run(&pre, supervise::Tags::Srun, &env, &place, &expect)
         } else {
             let pre = backend::command(
                 flavor,
                 &program,
                 &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
             );
-            preflight::run(&pre, tags, &env, &place, version, wants_cuda, disk.as_ref())
+            preflight::run(&pre, tags, &env, &place, &expect)
         };
         println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
         for r in &rows {

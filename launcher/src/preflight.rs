@@ -56,6 +56,28 @@ pub struct Disk {
     pub need: u64,
 }
 
+/// What every host must show: the launcher's version, a GPU per selected
+/// slot when the workers train on CUDA (unless ranks may share GPUs), and
+/// room for a checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect<'a> {
+    pub version: &'a str,
+    pub wants_cuda: bool,
+    /// The job stages collectives through host memory
+    /// (`GLM_COMM_BACKEND=host-staged`), so ranks may share GPUs.
+    pub gpus_shared: bool,
+    pub disk: Option<&'a Disk>,
+}
+
+impl<'a> Expect<'a> {
+    /// What the job with environment `env` expects; `gpus_shared` is read
+    /// from it.
+    pub fn new(version: &'a str, wants_cuda: bool, env: &[(String, String)], disk: Option<&'a Disk>) -> Self {
+        let gpus_shared = env.iter().any(|(k, v)| k == glm_common::launch::COMM_BACKEND_VAR && v.trim() == "host-staged");
+        Expect { version, wants_cuda, gpus_shared, disk }
+    }
+}
+
 fn gb(b: u64) -> String {
     format!("{:.1} GB", b as f64 / 1e9)
 }
@@ -79,7 +101,8 @@ pub fn parse(stdout: &str, stderr: &str, tags: Tags) -> BTreeMap<usize, Report> 
 }
 
 /// The table's rows (host, verdict per column) and whether all passed.
-pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: &str, wants_cuda: bool, disk: Option<&Disk>) -> (Vec<String>, bool) {
+pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &Expect) -> (Vec<String>, bool) {
+    let Expect { version, wants_cuda, gpus_shared, disk } = *expect;
     let mut ok = true;
     let mut rows =
         vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
@@ -108,6 +131,7 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
                 }
                 format!("none (CPU) / {}", slots.len())
             }
+            Some(n) if top >= n && gpus_shared => format!("{n} / {} shared", slots.len()),
             Some(n) => {
                 if top >= n {
                     why.push(format!("slot {top} selected but the host has {n} GPU(s)"));
@@ -135,15 +159,7 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, version: 
 
 /// Runs the preflight; returns the table and whether every host passed
 /// (with the launcher's own messages when the preflight job failed).
-pub fn run(
-    argv: &[String],
-    tags: Tags,
-    env: &[(String, String)],
-    placement: &Placement,
-    version: &str,
-    wants_cuda: bool,
-    disk: Option<&Disk>,
-) -> (Vec<String>, bool) {
+pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], placement: &Placement, expect: &Expect) -> (Vec<String>, bool) {
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
     let (reports, messages, success) = match out {
         Ok(o) => {
@@ -154,7 +170,7 @@ pub fn run(
         }
         Err(e) => (BTreeMap::new(), vec![format!("cannot start {}: {e}", argv[0])], false),
     };
-    let (mut rows, ok) = table(placement, &reports, version, wants_cuda, disk);
+    let (mut rows, ok) = table(placement, &reports, expect);
     if !success {
         rows.push(format!("  the preflight job failed; {}'s messages:", argv[0]));
         rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
@@ -167,16 +183,13 @@ pub fn run(
 /// script with the job's environment, from the launcher's directory. This
 /// machine (`local[i]`: mpirun starts its workers without SSH) is asked
 /// directly.
-#[allow(clippy::too_many_arguments)] // the preflight's inputs, each decided by a different part of main
 pub fn run_ssh(
     targets: &[crate::ssh::Target],
     local: &[bool],
     probe: &[String],
     env: &[(String, String)],
     placement: &Placement,
-    version: &str,
-    wants_cuda: bool,
-    disk: Option<&Disk>,
+    expect: &Expect,
 ) -> (Vec<String>, bool) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let script = crate::ssh::script(env, &cwd, probe);
@@ -209,12 +222,16 @@ pub fn run_ssh(
         let asks: Vec<_> = targets.iter().enumerate().map(|(i, t)| (i, s.spawn(move || ask((t, local.get(i).copied().unwrap_or(false)))))).collect();
         asks.into_iter().map(|(i, h)| (i, h.join().unwrap_or_default())).collect()
     });
-    table(placement, &reports, version, wants_cuda, disk)
+    table(placement, &reports, expect)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn expect(wants_cuda: bool, disk: Option<&Disk>) -> Expect<'_> {
+        Expect { version: "0.1.0", wants_cuda, gpus_shared: false, disk }
+    }
 
     fn placement() -> Placement {
         Placement { hosts: vec![("a".into(), vec![0, 1]), ("b".into(), vec![2, 3]), ("c".into(), vec![0])] }
@@ -225,21 +242,27 @@ mod tests {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
                    [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
                    [1,2]<stderr>:glm-worker: error: libtorch not found\n";
-        let (rows, ok) = table(&placement(), &parse(out, "", Tags::OpenMpi), "0.1.0", false, None);
+        let (rows, ok) = table(&placement(), &parse(out, "", Tags::OpenMpi), &expect(false, None));
         assert!(!ok);
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
+        // ranks staging collectives through host memory may share GPUs
+        let env = [("GLM_COMM_BACKEND".to_string(), "host-staged".to_string())];
+        let shared = Expect::new("0.1.0", true, &env, None);
+        assert!(shared.gpus_shared && !Expect::new("0.1.0", true, &[], None).gpus_shared);
+        let (rows, _) = table(&placement(), &parse(out, "", Tags::OpenMpi), &shared);
+        assert!(rows[2].contains("2 / 2 shared") && !rows[2].contains("FAIL: slot"), "{rows:?}");
         assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
         let (rows, _) =
-            table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), "0.1.0", false, None);
+            table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), &expect(false, None));
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
         let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
         let one = Placement { hosts: vec![("a".into(), vec![0])] };
-        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), "0.1.0", false, None).1);
-        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), "0.1.0", true, None).0[1].contains("--device cuda, but the host reports no GPU"));
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(false, None)).1);
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(true, None)).0[1].contains("--device cuda, but the host reports no GPU"));
         let disk = Disk { dir: "/ckpt".into(), need: 5_000_000_000 };
         let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 2000000000 /ckpt\n", "");
-        let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), "0.1.0", false, Some(&disk));
+        let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&disk)));
         assert!(!ok && rows[1].contains("2.0 GB") && rows[1].contains("FAIL: 2.0 GB free under /ckpt, a checkpoint needs about 5.0 GB"), "{rows:?}");
         // srun: stderr is its own stream, so an error is not taken for an answer
         let srun = parse("0: glm-worker: 0.1.0\n", "1: glm-worker: error: libtorch not found\n", Tags::Srun);

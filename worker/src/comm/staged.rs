@@ -29,8 +29,9 @@ pub enum Backend {
     HostStaged,
 }
 
-/// The environment variable that selects the back end.
-pub const BACKEND_VAR: &str = "GLM_COMM_BACKEND";
+/// The environment variable that selects the back end (shared with the
+/// launcher, whose preflight lets host-staged ranks share GPUs).
+pub const BACKEND_VAR: &str = glm_common::launch::COMM_BACKEND_VAR;
 
 impl Backend {
     /// `GLM_COMM_BACKEND`: unset, empty or `native` for the default,

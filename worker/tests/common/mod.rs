@@ -99,15 +99,25 @@ pub fn tiny_command(dir: &Path, np: usize, ds: &Path, sets: &[String]) -> Comman
 }
 
 /// Runs the `#[ignore]`d test `child` of this test binary on two MPI ranks
-/// and asserts that it passed on both.
+/// and asserts that it passed on both. Each rank's output goes to its own
+/// file (`--output-filename`): the two ranks' lines interleave on a shared
+/// stdout, even within a line, so counting results there is a race.
 pub fn run_child_on_two_ranks(child: &str) {
     let exe = std::env::current_exe().unwrap();
+    let outdir = tempfile::tempdir().unwrap();
     let o = mpirun(2)
+        .args(["--output-filename", &outdir.path().display().to_string()])
         .arg(&exe)
         .args(["--ignored", "--exact", child, "--test-threads", "1", "--color", "never"])
         .output()
         .expect("mpirun (openmpi-bin; scripts/setup.sh installs it)");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(out.matches("test result: ok. 1 passed").count(), 2, "both ranks ran {child}: {out}");
+    let rank_out = |r: usize| std::fs::read_to_string(outdir.path().join(format!("1/rank.{r}/stdout"))).unwrap_or_default();
+    let (a, b) = (rank_out(0), rank_out(1));
+    // a failure shows the children's output indented, so that their result
+    // lines are not read as this binary's by scripts/test.sh's summary
+    let indent = |t: &str| t.lines().map(|l| format!("  | {l}\n")).collect::<String>();
+    assert!(o.status.success(), "rank 0:\n{}rank 1:\n{}{}", indent(&a), indent(&b), indent(&String::from_utf8_lossy(&o.stderr)));
+    for (r, out) in [(0, &a), (1, &b)] {
+        assert!(out.contains("test result: ok. 1 passed"), "rank {r} did not pass {child}:\n{}", indent(out));
+    }
 }
