@@ -61,11 +61,14 @@ if [ -d "$BUNDLE/mpi/lib" ] && [ -z "${GLM_SYSTEM_MPI:-}" ]; then
   export OMPI_MCA_mca_base_component_path="$BUNDLE/mpi/lib/openmpi3"
   export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_pmix=isolated
   export OMPI_MCA_mca_base_component_show_load_errors=0
-  # mpirun (step 9) finds its help texts, PMIx's plugins and Debian's MCA
-  # settings in the bundle; OPAL_PREFIX relocates the installation
-  export OPAL_PREFIX="$BUNDLE/mpi" PMIX_MCA_mca_base_component_path="$BUNDLE/mpi/lib/pmix"
-  [ -f "$BUNDLE/mpi/etc/openmpi-mca-params.conf" ] && export OMPI_MCA_mca_base_param_files="$BUNDLE/mpi/etc/openmpi-mca-params.conf"
-  [ -x "$BUNDLE/mpi/bin/mpirun" ] && MPIRUN="$BUNDLE/mpi/bin/mpirun"
+  # the bundle's mpirun (step 9) finds its help texts (share/openmpi), PMIx's
+  # plugins and Debian's MCA settings in the bundle; OPAL_PREFIX relocates
+  # the installation (a bundle without mpirun leaves the system's alone)
+  if [ -x "$BUNDLE/mpi/bin/mpirun" ]; then
+    MPIRUN="$BUNDLE/mpi/bin/mpirun"
+    export OPAL_PREFIX="$BUNDLE/mpi" PMIX_MCA_mca_base_component_path="$BUNDLE/mpi/lib/pmix"
+    [ -f "$BUNDLE/mpi/etc/openmpi-mca-params.conf" ] && export OMPI_MCA_mca_base_param_files="$BUNDLE/mpi/etc/openmpi-mca-params.conf"
+  fi
   echo "gpu_check: OpenMPI from the bundle ($BUNDLE/mpi)"
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -202,8 +202,11 @@ fn placement(cli: &Cli) -> Result<Placement> {
             if let (Some(v), true, None, None) = (&visible, gpus > 0, &sel.include, &sel.exclude) {
                 sel.include = Some(format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")));
             }
+            // ranks staging collectives through host memory may share GPUs
+            let shared = std::env::var(glm_common::launch::COMM_BACKEND_VAR).is_ok_and(|v| v.trim() == "host-staged");
             let n = match (gpus, cli.num_gpus) {
                 (0, n) => n.unwrap_or(1),
+                (g, Some(k)) if shared && k > g => k,
                 (g, _) => g,
             };
             if n == 0 {

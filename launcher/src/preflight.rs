@@ -131,7 +131,10 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
                 }
                 format!("none (CPU) / {}", slots.len())
             }
-            Some(n) if top >= n && gpus_shared => format!("{n} / {} shared", slots.len()),
+            // CUDA_VISIBLE_DEVICES lists the slots: the workers see the GPUs
+            // before the first slot that does not exist, so sharing needs
+            // the first one to
+            Some(n) if top >= n && gpus_shared && slots.first().is_some_and(|&s| s < n) => format!("{n} / {} shared", slots.len()),
             Some(n) => {
                 if top >= n {
                     why.push(format!("slot {top} selected but the host has {n} GPU(s)"));
@@ -246,13 +249,19 @@ mod tests {
         assert!(!ok);
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
+        assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
         // ranks staging collectives through host memory may share GPUs
         let env = [("GLM_COMM_BACKEND".to_string(), "host-staged".to_string())];
         let shared = Expect::new("0.1.0", true, &env, None);
         assert!(shared.gpus_shared && !Expect::new("0.1.0", true, &[], None).gpus_shared);
-        let (rows, _) = table(&placement(), &parse(out, "", Tags::OpenMpi), &shared);
+        let overlapping = Placement { hosts: vec![("a".into(), vec![0, 1]), ("b".into(), vec![1, 2]), ("c".into(), vec![0])] };
+        let (rows, _) = table(&overlapping, &parse(out, "", Tags::OpenMpi), &shared);
         assert!(rows[2].contains("2 / 2 shared") && !rows[2].contains("FAIL: slot"), "{rows:?}");
-        assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
+        // ... but not when no selected slot exists (the workers would see no GPU)
+        let far = Placement { hosts: vec![("b".into(), vec![2, 3])] };
+        let two = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 2\n";
+        let (rows, ok) = table(&far, &parse(two, "", Tags::OpenMpi), &shared);
+        assert!(!ok && rows[1].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         let (rows, _) =
             table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), &expect(false, None));
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");

@@ -13,7 +13,11 @@
 //! The copies are exact, and the host back end reduces as it always does
 //! (16-bit floats through fp32): a staged run on CPU tensors, which makes
 //! the same copies, trains bit for bit like the unstaged one. That is how CI
-//! tests this path without a GPU.
+//! tests this path without a GPU. The caller's tensors are checked as NCCL
+//! and MPI check them (a gather's output and a scatter's input contiguous),
+//! so what passes staged passes natively; the element types are MPI's
+//! (floats, and int64 for all-reduce and broadcast), which cover every
+//! collective training makes.
 
 use tch::{Device, Tensor};
 
@@ -110,12 +114,15 @@ impl Communicator for HostStaged<'_> {
         Ok(())
     }
     fn all_gather_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        // the caller's tensors, as NCCL and MPI would see them
+        super::check_gather(self, input, out)?;
         let mut h = host_like(out);
         self.host.all_gather_into(&to_host(input), &mut h)?;
         write_back(out, &h);
         Ok(())
     }
     fn reduce_scatter_into(&self, input: &Tensor, out: &mut Tensor) -> Result<()> {
+        super::check_scatter(self, input, out)?;
         let mut h = host_like(out);
         self.host.reduce_scatter_into(&to_host(input), &mut h)?;
         write_back(out, &h);

@@ -103,7 +103,7 @@ impl AdamW {
             let rc =
                 unsafe { glm_fused_adamw(pp.as_ptr(), gp.as_ptr(), mp.as_ptr(), vp.as_ptr(), pp.len() as i32, step as f64, lr, c.beta1, c.beta2, wd, c.eps) };
             if rc != 0 {
-                return Err(crate::Error::Runtime(format!("fused AdamW: {}", crate::model::autograd::last_error())));
+                return Err(crate::Error::Extension { op: "fused AdamW".into(), msg: crate::model::autograd::last_error() });
             }
         }
         self.step = step;

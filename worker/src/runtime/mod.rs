@@ -1,5 +1,5 @@
 //! The low-level pieces every other module may use, and which use none of
-//! them (leaves): this machine (`host`), libtorch and its CUDA library
+//! them but the error type (leaves): this machine (`host`), libtorch and its CUDA library
 //! (`torch`, `cuda`), libtorch errors as one-line reports (`report`), and
 //! quantities as messages print them (`units`).
 

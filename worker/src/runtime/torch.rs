@@ -7,8 +7,24 @@ extern "C" {
     fn glm_cpu_capability(buf: *mut std::ffi::c_char, len: i32);
 }
 
-/// The libtorch version this build runs on ("2.11.0").
+/// The libtorch version in use: the torch package's `version.py` beside
+/// the library directory in use ("2.11.0+cu130" from a wheel), or a libtorch
+/// archive's `build-version`, else the version of the headers this build
+/// was compiled against ("2.11.0").
 pub fn version() -> String {
+    let installed = libtorch_dir().and_then(|dir| {
+        let dir = std::path::Path::new(&dir);
+        let from_py = std::fs::read_to_string(dir.join("../version.py")).ok().and_then(|t| {
+            let line = t.lines().find(|l| l.trim_start().starts_with("__version__"))?.to_string();
+            Some(line.split_once('=')?.1.trim().trim_matches(['\'', '"']).to_string())
+        });
+        from_py.or_else(|| std::fs::read_to_string(dir.join("../build-version")).ok().map(|t| t.trim().to_string())).filter(|v| !v.is_empty())
+    });
+    installed.unwrap_or_else(compiled_version)
+}
+
+/// The version of the libtorch headers this build was compiled against.
+pub fn compiled_version() -> String {
     // SAFETY: a static C string.
     unsafe { std::ffi::CStr::from_ptr(glm_torch_version()) }.to_string_lossy().into_owned()
 }
