@@ -21,10 +21,45 @@ pub const LAUNCH_ID: &str = "GLM_LAUNCH_ID";
 pub const FORWARDED_PREFIXES: &[&str] = &["NCCL_", "CUDA_", "OMP_", "GLM_", "UCX_", "RUST_", "TORCH_"];
 pub const FORWARDED_NAMES: &[&str] = &["LD_LIBRARY_PATH", "LIBTORCH", "PYTHONPATH", "PATH"];
 
-/// The worker's choice of collective back end: `host-staged` stages every
-/// collective through host memory, so ranks may share a GPU (the launcher's
-/// preflight then accepts fewer GPUs than slots).
+/// The variable that chooses how the workers' tensor collectives travel
+/// (`CommBackend`).
 pub const COMM_BACKEND_VAR: &str = "GLM_COMM_BACKEND";
+
+/// How the workers' tensor collectives travel, as `GLM_COMM_BACKEND` says.
+/// Part of the contract because host-staged ranks may share a GPU: the
+/// launcher then accepts fewer GPUs than slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommBackend {
+    /// CUDA tensors through NCCL, CPU tensors through MPI (unset, empty or
+    /// `native`).
+    Native,
+    /// Every tensor through a host copy over MPI (`host-staged`).
+    HostStaged,
+}
+
+impl CommBackend {
+    /// The back end `value` of `GLM_COMM_BACKEND` names (`None`: unset); any
+    /// other value is an error naming the variable.
+    pub fn from_value(value: Option<&str>) -> Result<CommBackend> {
+        match value.map(str::trim) {
+            None | Some("" | "native") => Ok(CommBackend::Native),
+            Some("host-staged") => Ok(CommBackend::HostStaged),
+            Some(v) => {
+                Err(Error::Config(format!("{COMM_BACKEND_VAR}={v}: expected native (the default: NCCL for CUDA tensors, MPI for CPU ones) or host-staged")))
+            }
+        }
+    }
+
+    /// This process's `GLM_COMM_BACKEND`.
+    pub fn from_env() -> Result<CommBackend> {
+        CommBackend::from_value(std::env::var(COMM_BACKEND_VAR).ok().as_deref())
+    }
+
+    /// The `GLM_COMM_BACKEND` of a job's environment.
+    pub fn of_job(env: &[(String, String)]) -> Result<CommBackend> {
+        CommBackend::from_value(env.iter().rev().find(|(k, _)| k == COMM_BACKEND_VAR).map(|(_, v)| v.as_str()))
+    }
+}
 
 /// The name of the file whose `KEY=VALUE` lines are exported to every
 /// worker, read from the home directory, then the working directory.
@@ -61,6 +96,19 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_comm_backend_is_chosen_by_name_only() {
+        assert_eq!(CommBackend::from_value(None).unwrap(), CommBackend::Native);
+        assert_eq!(CommBackend::from_value(Some("")).unwrap(), CommBackend::Native);
+        assert_eq!(CommBackend::from_value(Some("native")).unwrap(), CommBackend::Native);
+        assert_eq!(CommBackend::from_value(Some("host-staged")).unwrap(), CommBackend::HostStaged);
+        let e = CommBackend::from_value(Some("nccl")).unwrap_err().to_string();
+        assert!(e.contains("GLM_COMM_BACKEND=nccl: expected native"), "{e}");
+        let job = [("GLM_COMM_BACKEND".to_string(), "host-staged".to_string())];
+        assert_eq!(CommBackend::of_job(&job).unwrap(), CommBackend::HostStaged);
+        assert_eq!(CommBackend::of_job(&[]).unwrap(), CommBackend::Native);
+    }
+
     use super::*;
 
     #[test]

@@ -187,7 +187,9 @@ fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
     Ok(env.into_iter().collect())
 }
 
-fn placement(cli: &Cli) -> Result<Placement> {
+/// The hosts and slots of the job; without a hostfile this machine's GPUs,
+/// or more with `gpus_shared` and `--num_gpus`.
+fn placement(cli: &Cli, gpus_shared: bool) -> Result<Placement> {
     if (cli.num_nodes.is_some() || cli.num_gpus.is_some()) && (cli.include.is_some() || cli.exclude.is_some()) && cli.hostfile.is_some() {
         bail!("--num_nodes/--num_gpus cannot be combined with --include/--exclude (as in DeepSpeed): name the slots in --include instead");
     }
@@ -202,11 +204,9 @@ fn placement(cli: &Cli) -> Result<Placement> {
             if let (Some(v), true, None, None) = (&visible, gpus > 0, &sel.include, &sel.exclude) {
                 sel.include = Some(format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")));
             }
-            // ranks staging collectives through host memory may share GPUs
-            let shared = std::env::var(glm_common::launch::COMM_BACKEND_VAR).is_ok_and(|v| v.trim() == "host-staged");
             let n = match (gpus, cli.num_gpus) {
                 (0, n) => n.unwrap_or(1),
-                (g, Some(k)) if shared && k > g => k,
+                (g, Some(k)) if gpus_shared && k > g => k,
                 (g, _) => g,
             };
             if n == 0 {
@@ -356,7 +356,10 @@ fn run(args: &[String]) -> Result<i32> {
     let (mine, worker_args) = split_args(args)?;
     let cli = Cli::parse_from(&mine);
     let use_slurm = cli.launcher == "slurm";
-    let place = if use_slurm { slurm_placement(&cli)? } else { placement(&cli)? };
+    let env = worker_env(&cli)?;
+    // ranks staging collectives through host memory may share GPUs
+    let gpus_shared = launch::CommBackend::of_job(&env)? == launch::CommBackend::HostStaged;
+    let place = if use_slurm { slurm_placement(&cli)? } else { placement(&cli, gpus_shared)? };
     let (flavor, program) = match cli.launcher.as_str() {
         "mpirun" | "local" | "ssh" => detect(cli.mpi.clone().unwrap_or_else(|| "mpirun".into()), backend::Flavor::OpenMpi),
         "mpiexec" => detect(cli.mpi.clone().unwrap_or_else(|| "mpiexec".into()), backend::Flavor::Mpich),
@@ -405,7 +408,6 @@ fn run(args: &[String]) -> Result<i32> {
     }
     let mut worker = vec![worker_program(&cli)?];
     worker.extend(worker_args.iter().cloned());
-    let env = worker_env(&cli)?;
     // marks this job's workers (a stop signal finds them by it on every host)
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let launch_id = format!("{secs}-{}-{}", std::process::id(), this_host());
@@ -456,7 +458,7 @@ fn run(args: &[String]) -> Result<i32> {
         }
         let wants_cuda =
             worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-        let expect = preflight::Expect::new(env!("CARGO_PKG_VERSION"), wants_cuda, &env, disk.as_ref());
+        let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared, disk: disk.as_ref() };
         let (rows, ok) = if use_ssh {
             let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
             preflight::run_ssh(&targets, &local, &probe, &env, &place, &expect)

@@ -69,15 +69,6 @@ pub struct Expect<'a> {
     pub disk: Option<&'a Disk>,
 }
 
-impl<'a> Expect<'a> {
-    /// What the job with environment `env` expects; `gpus_shared` is read
-    /// from it.
-    pub fn new(version: &'a str, wants_cuda: bool, env: &[(String, String)], disk: Option<&'a Disk>) -> Self {
-        let gpus_shared = env.iter().any(|(k, v)| k == glm_common::launch::COMM_BACKEND_VAR && v.trim() == "host-staged");
-        Expect { version, wants_cuda, gpus_shared, disk }
-    }
-}
-
 fn gb(b: u64) -> String {
     format!("{:.1} GB", b as f64 / 1e9)
 }
@@ -251,9 +242,7 @@ mod tests {
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         assert!(rows[3].contains("NO") && rows[3].contains("no answer") && rows[3].contains("glm-worker: error: libtorch not found"), "{rows:?}");
         // ranks staging collectives through host memory may share GPUs
-        let env = [("GLM_COMM_BACKEND".to_string(), "host-staged".to_string())];
-        let shared = Expect::new("0.1.0", true, &env, None);
-        assert!(shared.gpus_shared && !Expect::new("0.1.0", true, &[], None).gpus_shared);
+        let shared = Expect { gpus_shared: true, ..expect(true, None) };
         let overlapping = Placement { hosts: vec![("a".into(), vec![0, 1]), ("b".into(), vec![1, 2]), ("c".into(), vec![0])] };
         let (rows, _) = table(&overlapping, &parse(out, "", Tags::OpenMpi), &shared);
         assert!(rows[2].contains("2 / 2 shared") && !rows[2].contains("FAIL: slot"), "{rows:?}");

@@ -22,41 +22,11 @@
 use tch::{Device, Tensor};
 
 use super::{Communicator, ReduceOp};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-/// How a group's tensor collectives travel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// CUDA tensors through NCCL, CPU tensors through MPI.
-    Native,
-    /// Every tensor through a host copy over MPI (`HostStaged`).
-    HostStaged,
-}
-
-/// The environment variable that selects the back end (shared with the
-/// launcher, whose preflight lets host-staged ranks share GPUs).
-pub const BACKEND_VAR: &str = glm_common::launch::COMM_BACKEND_VAR;
-
-impl Backend {
-    /// `GLM_COMM_BACKEND`: unset, empty or `native` for the default,
-    /// `host-staged` to stage every collective through host memory.
-    pub fn from_env() -> Result<Backend> {
-        match std::env::var(BACKEND_VAR) {
-            Err(_) => Ok(Backend::Native),
-            Ok(v) => Backend::parse(&v).ok_or_else(|| {
-                Error::Config(format!("{BACKEND_VAR}={v}: expected native (the default: NCCL for CUDA tensors, MPI for CPU ones) or host-staged"))
-            }),
-        }
-    }
-
-    fn parse(v: &str) -> Option<Backend> {
-        match v.trim() {
-            "" | "native" => Some(Backend::Native),
-            "host-staged" => Some(Backend::HostStaged),
-            _ => None,
-        }
-    }
-}
+/// How a group's tensor collectives travel: the launcher-worker contract's
+/// `GLM_COMM_BACKEND` (`Backend::from_env`).
+pub use glm_common::launch::{CommBackend as Backend, COMM_BACKEND_VAR as BACKEND_VAR};
 
 /// A host communicator's collectives applied to tensors anywhere, through
 /// host copies.
@@ -155,13 +125,5 @@ mod tests {
             staged.all_gather_into(&Tensor::full([2], r as f64 + 1.0, (tch::Kind::Float, Device::Cpu)), &mut row).unwrap();
             assert_eq!(Vec::<f32>::try_from(base.flatten(0, -1)).unwrap(), vec![0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
         });
-    }
-
-    #[test]
-    fn the_backend_is_chosen_by_name_only() {
-        assert_eq!(Backend::parse(""), Some(Backend::Native));
-        assert_eq!(Backend::parse("native"), Some(Backend::Native));
-        assert_eq!(Backend::parse("host-staged"), Some(Backend::HostStaged));
-        assert_eq!(Backend::parse("nccl"), None);
     }
 }

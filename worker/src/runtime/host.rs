@@ -78,7 +78,7 @@ pub fn free_disk(dir: &Path) -> Option<(u64, PathBuf)> {
 
 /// The instruction-set extensions that libtorch's CPU kernels (ATen, MKL,
 /// oneDNN) choose between, as /proc/cpuinfo names them.
-pub const KERNEL_ISA: &[&str] = &[
+const KERNEL_ISA: &[&str] = &[
     "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vnni",
     "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
 ];

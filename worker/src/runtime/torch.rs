@@ -24,7 +24,7 @@ pub fn version() -> String {
 }
 
 /// The version of the libtorch headers this build was compiled against.
-pub fn compiled_version() -> String {
+fn compiled_version() -> String {
     // SAFETY: a static C string.
     unsafe { std::ffi::CStr::from_ptr(glm_torch_version()) }.to_string_lossy().into_owned()
 }
