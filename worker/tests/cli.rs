@@ -301,3 +301,151 @@ fn an_oversized_model_and_bad_benchmark_arguments_are_one_line_errors() {
         assert!(err.contains(&format!("invalid value '{value}' for '{arg}")) && err.contains(want), "{err}");
     }
 }
+
+mod common;
+
+/// A token store of `CORPUS` under `dir` (seed vocabulary), as `samples` reads it.
+fn samples_store(dir: &Path) -> String {
+    let corpus = dir.join("data.json");
+    std::fs::write(&corpus, CORPUS).unwrap();
+    let out = dir.join("store");
+    let vocab = seed("vocab.txt").display().to_string();
+    let o = prepare(&corpus, &out, dir, &["--tokenizer", &vocab]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out.display().to_string()
+}
+
+/// The one error line of a failed run (exit 1), without its prefix.
+fn one_error_line(o: &Output) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err.trim_end().strip_prefix("glm-worker: error: ").unwrap_or_else(|| panic!("{err}")).to_string()
+}
+
+#[test]
+fn samples_summary_needs_samples_and_prints_json_with_json() {
+    let d = tempfile::tempdir().unwrap();
+    let store = samples_store(d.path());
+    // no samples to measure: refused, naming --count
+    let e = one_error_line(&run(&["samples", "--store", &store, "--count", "0", "--summary"]));
+    assert!(e.contains("--count 0 with --summary") && e.contains("--count 1 or more"), "{e}");
+    let e = one_error_line(&run(&["samples", "--store", &store, "--count", "0", "--summary", "--json"]));
+    assert!(e.contains("--count 0"), "{e}");
+    // listing none is fine: it checks the store and the settings, and prints nothing
+    let o = run(&["samples", "--store", &store, "--count", "0"]);
+    assert!(o.status.success() && stdout(&o).is_empty(), "{}{}", stdout(&o), stderr(&o));
+    let o = run(&["samples", "--store", &store, "--count", "0", "--args", &repo_file("configs/configs_tiny.json"), "--set", "seq_length=1"]);
+    assert!(!o.status.success() && stderr(&o).contains("seq_length"), "{}", stderr(&o));
+
+    // --summary --json: one JSON object of the figures the text prints
+    let common = ["samples", "--store", &store, "--count", "20", "--seq-length", "48", "--summary"];
+    let text = stdout(&run(&common));
+    let o = run(&[&common[..], &["--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["count"] == 20 && v["mode"] == "span" && v["seq_length"] == 48, "{v}");
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert!(f("samples_per_s") > 0.0 && f("samples_per_s").is_finite() && f("tokens_per_s") > 0.0 && f("seconds") > 0.0, "{v}");
+    let used = format!(
+        "{:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample",
+        f("positions_used_percent"),
+        f("blocks_per_sample"),
+        f("loss_tokens_per_sample")
+    );
+    let spans = format!(
+        "mean span length {:.2} (distribution mean {:.2}), {:.1}% of Part A+B tokens masked",
+        f("mean_span_length"),
+        f("distribution_mean_span_length"),
+        f("masked_percent")
+    );
+    assert!(text.contains(&used) && text.contains(&spans), "text:\n{text}json: {v}");
+    assert!(v["suffix_form_percent"].is_null(), "{v}");
+    // generation: the prefix/suffix share, no span figures
+    let o = run(&["samples", "--store", &store, "--count", "10", "--mode", "generation", "--summary", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), stderr(&o)));
+    assert!(v["mode"] == "generation" && v["suffix_form_percent"].is_f64() && v["mean_span_length"].is_null(), "{v}");
+}
+
+#[test]
+fn samples_refuses_flags_that_args_overrides_with_a_working_set() {
+    let d = tempfile::tempdir().unwrap();
+    let store = samples_store(d.path());
+    let tiny = repo_file("configs/configs_tiny.json");
+    let with_args = |extra: &[&str]| run(&[&["samples", "--store", &store, "--args", &tiny][..], extra].concat());
+    let cases: [(&[&str], String); 5] = [
+        (&["--seq-length", "40"], format!("--seq-length conflicts with --args: {tiny}'s seq_length (256) decides; use --set seq_length=40 instead")),
+        (&["--seed", "7"], format!("--seed conflicts with --args: {tiny}'s seed (1234) decides; use --set seed=7 instead")),
+        (&["--task-mask"], format!("--task-mask conflicts with --args: {tiny}'s task_mask (true) decides; use --set task_mask=true instead")),
+        (
+            &["--seq-length", "40", "--seed", "7", "--task-mask"],
+            format!(
+                "--seq-length, --seed and --task-mask conflict with --args: {tiny}'s seq_length (256), {tiny}'s seed (1234) and {tiny}'s task_mask (true) decide; use --set seq_length=40 --set seed=7 --set task_mask=true instead"
+            ),
+        ),
+        (&["--set", "seq_length=64", "--seq-length", "40"], "--seq-length conflicts with --args: --set's seq_length (64) decides; use --set seq_length=40 instead".into()),
+    ];
+    for (flags, want) in cases {
+        let e = one_error_line(&with_args(&[flags, &["--summary", "--json"]].concat()));
+        assert_eq!(e, want, "{flags:?}");
+        // the suggested --set works as written, and does what the flag meant
+        let hint: Vec<&str> = e.split("; use ").nth(1).and_then(|h| h.strip_suffix(" instead")).unwrap().split(' ').collect();
+        let o = with_args(&[&hint[..], &["--summary", "--json", "--count", "4"]].concat());
+        assert!(o.status.success(), "{hint:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let seq = if flags.contains(&"--seq-length") { 40 } else { 256 };
+        assert_eq!(v["seq_length"], seq, "{hint:?}: {v}");
+    }
+    // --set seed=7 draws other samples than the file's seed
+    let draw = |extra: &[&str]| stdout(&with_args(&[extra, &["--json", "--count", "2", "--set", "seq_length=40"]].concat()));
+    assert_ne!(draw(&["--set", "seed=7"]), draw(&[]));
+    // without --args the flags are the settings, with their defaults
+    let o = run(&["samples", "--store", &store, "--summary", "--json", "--count", "2"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)));
+    assert_eq!(v["seq_length"], 128, "{v}");
+}
+
+#[test]
+fn eval_and_generate_of_a_tensor_parallel_checkpoint_name_themselves_and_a_working_merge() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds.json");
+    std::fs::write(
+        &ds,
+        r#"{"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+            "optimizer": {"type": "Adam", "params": {"lr": 0.002, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}}}"#,
+    )
+    .unwrap();
+    let save = d.path().join("save");
+    let sets = ["train_iters=1".to_string(), "eval_interval=0".into(), "save_interval=1".into(), format!("save={}", save.display())];
+    common::ok(&common::tiny_command(d.path(), 0, &ds, &sets).output().unwrap());
+    let in_repo = |args: &[&str]| worker().current_dir(common::repo()).env("OMP_NUM_THREADS", "1").args(args).output().unwrap();
+    // a tensor-parallel checkpoint: the whole one split over 2 ranks
+    let parts = d.path().join("parts");
+    common::ok(&in_repo(&["checkpoint", "split", "--load", &save.display().to_string(), "--tp", "2", "--out", &parts.display().to_string()]));
+    let (parts_s, merged) = (parts.display().to_string(), d.path().join("parts-merged").display().to_string());
+    let evaluate = |load: &str| {
+        let store = d.path().join("eval_store").display().to_string();
+        in_repo(&["eval", "--load", load, "--device", "cpu", "--iters", "1", "--batch-size", "2", "--store", &store])
+    };
+    for (command, o) in [("eval", evaluate(&parts_s)), ("generate", in_repo(&["generate", "--load", &parts_s, "--text", "明月[MASK]", "--max-tokens", "2"]))]
+    {
+        let e = one_error_line(&o);
+        assert_eq!(
+            e,
+            format!(
+                "{parts_s}: this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); {command} needs a whole-model checkpoint: merge it first (glm-worker checkpoint merge --load {parts_s} --out {merged}), then give {command} --load {merged}"
+            )
+        );
+        assert!(!e.contains("generation needs"), "{e}");
+    }
+    // the merge command in the message runs as written, and its output is what eval and generate read
+    let e = one_error_line(&evaluate(&parts_s));
+    let merge = e.split_once("merge it first (glm-worker ").unwrap().1.split_once(')').unwrap().0;
+    common::ok(&in_repo(&merge.split(' ').collect::<Vec<_>>()));
+    let out = common::ok(&evaluate(&merged));
+    assert!(out.contains("eval: ") && out.contains("mixed"), "{out}");
+    let out = common::ok(&in_repo(&["generate", "--load", &merged, "--text", "明月[MASK]", "--max-tokens", "2"]));
+    assert!(out.contains("blank 0:"), "{out}");
+}

@@ -70,8 +70,10 @@ fn read_weights(dir: &Path, model: &Glm) -> Result<Tensor> {
 /// saved) the optimizer state: moments, step count and the fp16 loss
 /// scaler. The moments are re-partitioned when the saved layout
 /// (data-parallel size, ZeRO stage, bucket) differs from this run's; with
-/// the same layout each rank reads only its own shard.
-pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<()> {
+/// the same layout each rank reads only its own shard. Returns a line for
+/// the log when the loss scaler's state is not taken exactly as saved
+/// (another ZeRO stage's rules, another precision).
+pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, with_state: bool) -> Result<Option<String>> {
     check_model(dir, state, model)?;
     verify(dir, state, &["model.safetensors"])?;
     let weights = read_weights(dir, model)?;
@@ -79,7 +81,7 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
     drop(weights);
     opt.set_skipped_steps(state.skipped_steps);
     if !(with_state && state.has_optimizer) {
-        return Ok(());
+        return Ok(None);
     }
     let (shards, dp_rank) = opt.shards();
     let device = model.params.device();
@@ -200,7 +202,11 @@ pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, Stat
     if !dir.join("state.json").is_file() && dir.join(mp_rank_dir(0)).is_dir() {
         return Err(Error::invalid(
             &dir,
-            "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); generation needs a whole-model checkpoint: glm-worker checkpoint merge --load <it> --out <dir>",
+            format!(
+                "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); eval and generate need a whole-model checkpoint: glm-worker checkpoint merge --load {} --out {}-merged",
+                dir.display(),
+                dir.display()
+            ),
         ));
     }
     let state = read_state(&dir)?;

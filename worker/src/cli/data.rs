@@ -79,26 +79,30 @@ pub struct SamplesArgs {
     /// Token store directory (from `prepare`)
     #[arg(long)]
     store: PathBuf,
+    /// Samples to print (0: none, only check the store and settings); with --summary, to measure (at least 1)
     #[arg(long, default_value_t = 3)]
     count: u64,
-    #[arg(long, default_value_t = 128)]
-    seq_length: usize,
+    /// Sample length [default: 128] (not with --args: use --set seq_length=N)
+    #[arg(long)]
+    seq_length: Option<usize>,
     #[arg(long, value_enum, default_value = "span")]
     mode: ModeArg,
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
-    /// Use [sMASK]/[gMASK] for sentence/generation blanks
+    /// Sampling seed [default: 1234] (not with --args: use --set seed=N)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Use [sMASK]/[gMASK] for sentence/generation blanks (not with --args: use --set task_mask=true)
     #[arg(long)]
     task_mask: bool,
     /// Print statistics (masked fraction, span lengths, build rate) instead of samples
     #[arg(long)]
     summary: bool,
-    /// Print each sample as one JSON line: token ids, targets, loss mask, positions
+    /// Print each sample as one JSON line: token ids, targets, loss mask, positions;
+    /// with --summary, the statistics as one JSON object
     #[arg(long)]
     json: bool,
     /// Build samples with a run's masking settings: its configs.json (seq_length, seed,
-    /// bert_prob/gap_sentence_prob and ratios, avg_block_length, task_mask, ...), over
-    /// --seq-length/--seed/--task-mask
+    /// bert_prob/gap_sentence_prob and ratios, avg_block_length, task_mask, ...);
+    /// --seq-length/--seed/--task-mask are refused with it (use --set)
     #[arg(long = "args")]
     args_file: Option<PathBuf>,
     /// With --args: override a key of it (as in training)
@@ -180,19 +184,22 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
 }
 
 pub fn samples(a: SamplesArgs) -> Result<()> {
+    // a rate over no samples means nothing (listing none still checks the settings)
+    anyhow::ensure!(!(a.summary && a.count == 0), "--count 0 with --summary: the summary measures samples; give --count 1 or more");
     let st = Arc::new(TokenStore::open(&a.store)?);
     let tok = GlmTokenizer::load(&a.store.join("tokenizer.json"))?;
     anyhow::ensure!(tok.sha256 == st.meta.tokenizer_sha256, "{}: tokenizer.json does not match meta.json (rebuild the store)", a.store.display());
     let cfg = match &a.args_file {
         Some(p) => {
             let loaded = glm_worker::config::args::LoadedArgs::load(Some(p), &a.sets)?;
+            refuse_overridden_flags(&a, p, &loaded)?;
             let c = glm_worker::config::run::block_config(&loaded.args);
             c.validate().map_err(|e| anyhow::anyhow!("{}: {e} (blank-infilling settings)", p.display()))?;
             c
         }
         None => {
             anyhow::ensure!(a.sets.is_empty(), "--set needs --args (the configs.json it overrides)");
-            BlockConfig { seq_length: a.seq_length, seed: a.seed, task_mask: a.task_mask, ..BlockConfig::default() }
+            BlockConfig { seq_length: a.seq_length.unwrap_or(128), seed: a.seed.unwrap_or(1234), task_mask: a.task_mask, ..BlockConfig::default() }
         }
     };
     let docs = (0..st.num_docs() as u32).collect();
@@ -203,7 +210,7 @@ pub fn samples(a: SamplesArgs) -> Result<()> {
         ModeArg::Generation => Mode::Generation,
     };
     if a.summary {
-        return summarize(&sm, mode, a.count, &tok);
+        return summarize(&sm, mode, a.count, &tok, a.json);
     }
     for i in 0..a.count {
         let s = sm.sample(i, mode);
@@ -232,8 +239,50 @@ pub fn samples(a: SamplesArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds `count` samples and reports what a user checks a masking setup by.
-fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> Result<()> {
+/// With `--args`, the run's settings decide seq_length, seed and task_mask:
+/// `--seq-length`, `--seed` and `--task-mask` would be silently overridden,
+/// so they are refused, naming the `--set` that does what was meant.
+fn refuse_overridden_flags(a: &SamplesArgs, file: &std::path::Path, loaded: &glm_worker::config::args::LoadedArgs) -> Result<()> {
+    use glm_worker::config::args::Source;
+    let run = &loaded.args;
+    let mut given: Vec<(&str, &str, String, String)> = Vec::new(); // flag, key, the run's value, wanted value
+    if let Some(n) = a.seq_length {
+        given.push(("--seq-length", "seq_length", run.seq_length.to_string(), n.to_string()));
+    }
+    if let Some(n) = a.seed {
+        given.push(("--seed", "seed", run.seed.to_string(), n.to_string()));
+    }
+    if a.task_mask {
+        given.push(("--task-mask", "task_mask", run.task_mask.to_string(), "true".into()));
+    }
+    if given.is_empty() {
+        return Ok(());
+    }
+    let and = |v: Vec<String>| match v.len() {
+        1 => v[0].clone(),
+        n => format!("{} and {}", v[..n - 1].join(", "), v[n - 1]),
+    };
+    let decided: Vec<String> = given
+        .iter()
+        .map(|(_, key, value, _)| {
+            let from = match loaded.sources.get(*key) {
+                Some(Source::File(_)) => format!("{}'s", file.display()),
+                Some(Source::Set) => "--set's".into(),
+                _ => "the default".into(),
+            };
+            format!("{from} {key} ({value})")
+        })
+        .collect();
+    let flags = and(given.iter().map(|g| g.0.to_string()).collect());
+    let sets: Vec<String> = given.iter().map(|(_, key, _, want)| format!("--set {key}={want}")).collect();
+    let (conflict, decides) = if given.len() == 1 { ("conflicts", "decides") } else { ("conflict", "decide") };
+    anyhow::bail!("{flags} {conflict} with --args: {} {decides}; use {} instead", and(decided), sets.join(" "))
+}
+
+/// Builds `count` samples (at least one) and reports what a user checks a
+/// masking setup by: as text, or with `json` as one JSON object of the same
+/// figures.
+fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer, json: bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     let (mut used, mut loss, mut blocks, mut suffix) = (0usize, 0usize, 0usize, 0usize);
     for i in 0..count {
@@ -243,32 +292,38 @@ fn summarize(sm: &BlockSampler, mode: Mode, count: u64, tok: &GlmTokenizer) -> R
         blocks += s.tokens[s.sep..s.len].iter().filter(|&&t| t == tok.special.sop).count();
         suffix += usize::from(s.suffix);
     }
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
     let seq = sm.config().seq_length;
-    let n = count.max(1) as f64;
-    println!(
-        "samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {:.0} samples/s ({:.2} M tokens/s)",
-        n / secs,
-        n * seq as f64 / secs / 1e6
-    );
-    println!(
-        "samples: {:.1}% of positions used (rest padding), {:.1} Part B blocks per sample, {:.1} loss tokens per sample",
-        100.0 * used as f64 / (n * seq as f64),
-        blocks as f64 / n,
-        loss as f64 / n
-    );
-    if mode == Mode::Span && blocks > 0 {
-        // a span of k tokens gives k + 1 loss tokens (the span and <|endofpiece|>)
+    let n = count as f64;
+    let rate = n / secs;
+    let tokens_rate = n * seq as f64 / secs;
+    let used_pct = 100.0 * used as f64 / (n * seq as f64);
+    let (blocks_per, loss_per) = (blocks as f64 / n, loss as f64 / n);
+    // a span of k tokens gives k + 1 loss tokens (the span and <|endofpiece|>)
+    let spans = (mode == Mode::Span && blocks > 0).then(|| {
         let masked = loss - blocks;
-        println!(
-            "samples: mean span length {:.2} (distribution mean {:.2}), {:.1}% of Part A+B tokens masked",
-            masked as f64 / blocks as f64,
-            sm.config().mean_span_length(),
-            100.0 * masked as f64 / (used - 2 * blocks) as f64
-        );
+        (masked as f64 / blocks as f64, sm.config().mean_span_length(), 100.0 * masked as f64 / (used - 2 * blocks) as f64)
+    });
+    let suffix_pct = (mode == Mode::Generation).then(|| 100.0 * suffix as f64 / n);
+    let mode_name = format!("{mode:?}").to_lowercase();
+    if json {
+        let v = serde_json::json!({
+            "count": count, "mode": mode_name, "seq_length": seq, "seconds": secs,
+            "samples_per_s": rate, "tokens_per_s": tokens_rate,
+            "positions_used_percent": used_pct, "blocks_per_sample": blocks_per, "loss_tokens_per_sample": loss_per,
+            "mean_span_length": spans.map(|s| s.0), "distribution_mean_span_length": spans.map(|s| s.1),
+            "masked_percent": spans.map(|s| s.2), "suffix_form_percent": suffix_pct,
+        });
+        println!("{v}");
+        return Ok(());
     }
-    if mode == Mode::Generation {
-        println!("samples: {:.1}% prefix/suffix form, the rest one blank in the middle", 100.0 * suffix as f64 / n);
+    println!("samples: {count} {mode:?} samples of seq_length {seq} in {secs:.3} s = {rate:.0} samples/s ({:.2} M tokens/s)", tokens_rate / 1e6);
+    println!("samples: {used_pct:.1}% of positions used (rest padding), {blocks_per:.1} Part B blocks per sample, {loss_per:.1} loss tokens per sample");
+    if let Some((mean, dist, masked)) = spans {
+        println!("samples: mean span length {mean:.2} (distribution mean {dist:.2}), {masked:.1}% of Part A+B tokens masked");
+    }
+    if let Some(p) = suffix_pct {
+        println!("samples: {p:.1}% prefix/suffix form, the rest one blank in the middle");
     }
     Ok(())
 }
