@@ -272,6 +272,12 @@ fn used_keys() -> Vec<String> {
     }
 }
 
+/// Whether `key` is a key of the original's configs.json (read, refused
+/// unless at its one value, or listed as having no effect).
+pub fn is_key(key: &str) -> bool {
+    used_keys().iter().any(|u| u == key) || UNSUPPORTED.iter().any(|(u, _)| *u == key) || IRRELEVANT.contains(&key)
+}
+
 /// Parses `value` of `--set key=value`: JSON when it parses (numbers, true,
 /// null, lists), otherwise a plain string.
 fn parse_set_value(v: &str) -> Value {
@@ -299,7 +305,7 @@ impl LoadedArgs {
     /// Reads `path` (when given) and applies `sets` ("key=value") on top.
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let used = used_keys();
-        let known = |k: &str| used.iter().any(|u| u == k) || UNSUPPORTED.iter().any(|(u, _)| *u == k) || IRRELEVANT.contains(&k);
+        let known = is_key;
         let unknown = |k: &str| {
             let all = used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
             let hint = closest(k, all).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();

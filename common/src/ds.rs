@@ -42,6 +42,33 @@ pub struct Fp16Cfg {
     pub min_loss_scale: Option<f64>,
 }
 
+/// How a step's loss is normalised over the data-parallel ranks (the
+/// top-level key `loss_normalization`, this program's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LossNormalization {
+    /// `"global_tokens"` (the default): the summed loss over the loss-token
+    /// count of the whole global micro-batch, so data-parallel N trains
+    /// exactly what one process with the whole batch trains.
+    #[default]
+    GlobalTokens,
+    /// `"per_rank_mean"`: the original's rule (`pretrain_glm.py`'s
+    /// `forward_step`): each rank's mean over its own loss tokens,
+    /// gradients averaged over the data-parallel ranks, the logged loss
+    /// the mean of the ranks' means.
+    PerRankMean,
+}
+
+impl LossNormalization {
+    pub const NAMES: [&'static str; 2] = ["global_tokens", "per_rank_mean"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossNormalization::GlobalTokens => "global_tokens",
+            LossNormalization::PerRankMean => "per_rank_mean",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct DsConfig {
     pub path: PathBuf,
@@ -57,8 +84,12 @@ pub struct DsConfig {
     pub fp16: Option<Fp16Cfg>,
     /// `bf16.enabled` (or `bfloat16.enabled`) as written.
     pub bf16: Option<bool>,
-    /// Keys overridden on the command line (`--set fp16.enabled=false`), as dotted paths.
-    pub set_keys: Vec<String>,
+    /// Keys overridden on the command line (`--set fp16.enabled=false`), as
+    /// dotted paths, with their values.
+    pub sets: Vec<(String, Value)>,
+    /// `loss_normalization` (this program's key, beside DeepSpeed's): how
+    /// the loss is normalised over data-parallel ranks.
+    pub loss_normalization: LossNormalization,
     pub zero_stage: u32,
     /// `zero_optimization.reduce_bucket_size` (elements per gradient reduction).
     pub reduce_bucket_size: Option<u64>,
@@ -141,6 +172,14 @@ fn check_keys(c: &Ctx, obj: &Map<String, Value>, prefix: &str, known: &[&[&str]]
     Ok(())
 }
 
+/// The override that gave the value at `key`: one at `key`, above it
+/// (`--set fp16={...}`), or below it (`--set fp16.enabled=true` for an
+/// error about `fp16`).
+fn set_for<'a>(sets: &'a [(String, Value)], key: &str) -> Option<&'a (String, Value)> {
+    let under = |a: &str, b: &str| a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.';
+    sets.iter().rev().find(|(k, _)| k == key || under(key, k) || under(k, key))
+}
+
 /// Batch sizes after DeepSpeed's derivation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batch {
@@ -151,16 +190,65 @@ pub struct Batch {
 
 const READ: &[&str] = &[
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "steps_per_print", "optimizer", "scheduler",
-    "fp16", "bf16", "bfloat16", "zero_optimization",
+    "fp16", "bf16", "bfloat16", "zero_optimization", "loss_normalization",
 ];
+
+/// Whether `key` is a top-level key of a DeepSpeed file (one DeepSpeed
+/// reads, or this program's `loss_normalization`).
+pub fn is_top_level_key(key: &str) -> bool {
+    READ.contains(&key) || ACCEPTED.contains(&key)
+}
+
+/// A `--set` of the DeepSpeed file: the dotted key path and its value.
+pub type Override = (String, Value);
+
+/// The prefix that sends a `--set` to the DeepSpeed file whatever the key
+/// (`--set ds.gradient_accumulation_steps=4`, where configs.json has a key
+/// of the same name).
+pub const SET_PREFIX: &str = "ds.";
+
+/// Splits `--set KEY=VALUE` arguments between the DeepSpeed file and
+/// configs.json: `ds.`-prefixed keys (prefix dropped) and dotted paths go to
+/// the DeepSpeed file, as does a plain key that configs.json does not have
+/// and a DeepSpeed file does (`train_micro_batch_size_per_gpu`); every
+/// other plain key goes to configs.json. Values are JSON, or a string
+/// where they do not parse.
+pub fn split_sets(sets: &[String]) -> Result<(Vec<Override>, Vec<String>)> {
+    let (mut ds, mut args) = (Vec::new(), Vec::new());
+    for s in sets {
+        let Some((k, v)) = s.split_once('=') else {
+            return Err(Error::Config(format!("--set {s}: expected KEY=VALUE")));
+        };
+        let k = k.trim();
+        let to_ds = match k.strip_prefix(SET_PREFIX) {
+            Some(rest) => Some(rest),
+            None if k.contains('.') => Some(k),
+            None if !crate::args::is_key(k) && is_top_level_key(k) => Some(k),
+            None => None,
+        };
+        match to_ds {
+            Some("") => return Err(Error::Config(format!("--set {s}: a key of the DeepSpeed file is missing after \"{SET_PREFIX}\""))),
+            Some(path) => ds.push((path.to_string(), serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string())))),
+            None => args.push(s.clone()),
+        }
+    }
+    Ok((ds, args))
+}
 
 struct Ctx<'a> {
     path: &'a Path,
+    /// The command line's overrides: an error at or under one names it.
+    sets: &'a [(String, Value)],
 }
 
 impl Ctx<'_> {
+    /// An error at `key`: blamed on the `--set` that gave the value, when
+    /// one did, else on the file.
     fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
-        Error::invalid(self.path, format!("{key}: {msg}"))
+        match set_for(self.sets, key) {
+            Some((k, v)) => Error::Config(format!("--set {k}={v}: {key}: {msg} (overriding {})", self.path.display())),
+            None => Error::invalid(self.path, format!("{key}: {msg}")),
+        }
     }
     fn num(&self, obj: &Map<String, Value>, key: &str, full: &str) -> Result<Option<f64>> {
         match obj.get(key) {
@@ -196,8 +284,9 @@ impl DsConfig {
     /// Reads `path`, then applies `overrides` (`("fp16.enabled", false)`:
     /// dotted key paths; objects on the way are created) before validating.
     pub fn load_with(path: &Path, overrides: &[(String, Value)]) -> Result<Self> {
+        let overrides: Vec<(String, Value)> = overrides.iter().map(|(k, v)| (k.strip_prefix(SET_PREFIX).unwrap_or(k).to_string(), v.clone())).collect();
         let mut v: Value = crate::text::read_json(path, "malformed JSON")?;
-        for (key, value) in overrides {
+        for (key, value) in &overrides {
             let mut at = &mut v;
             let parts: Vec<&str> = key.split('.').collect();
             for (i, k) in parts.iter().enumerate() {
@@ -211,23 +300,32 @@ impl DsConfig {
                 at = m.entry(k.to_string()).or_insert_with(|| Value::Object(Map::new()));
             }
         }
-        let mut c = Self::from_value(path, &v)?;
-        c.set_keys = overrides.iter().map(|(k, _)| k.clone()).collect();
-        Ok(c)
+        Self::parse(path, &v, &overrides)
     }
 
     /// Where a value under `prefix` (e.g. "fp16") came from: "--set" when
     /// the command line overrode a key there, else the file's name.
     pub fn source(&self, prefix: &str) -> String {
-        if self.set_keys.iter().any(|k| k == prefix || k.starts_with(&format!("{prefix}."))) {
+        if self.sets.iter().any(|(k, _)| k == prefix || k.starts_with(&format!("{prefix}."))) {
             "--set".into()
         } else {
             self.path.file_name().unwrap_or_default().to_string_lossy().into_owned()
         }
     }
 
+    /// An error about the value at `key`: blamed on the `--set` that gave
+    /// it (`--set zero_optimization.stage=3: ...`) when one did, else on the
+    /// file.
+    pub fn blame(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Ctx { path: &self.path, sets: &self.sets }.err(key, msg)
+    }
+
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
-        let c = Ctx { path };
+        Self::parse(path, v, &[])
+    }
+
+    fn parse(path: &Path, v: &Value, sets: &[(String, Value)]) -> Result<Self> {
+        let c = Ctx { path, sets };
         let top = v.as_object().ok_or_else(|| Error::parse(path, 1, 1, "expected a JSON object (a DeepSpeed config)"))?;
         let positive = |key: &str| -> Result<Option<usize>> {
             match c.uint(top, key, key)? {
@@ -273,8 +371,8 @@ impl DsConfig {
                     Some(v) => return Err(c.err("optimizer.params.betas", format!("expected two numbers in [0, 1), found {v}"))),
                 };
                 let lr = c.num(p, "lr", "optimizer.params.lr")?;
-                if lr.is_some_and(|l| l <= 0.0) {
-                    return Err(c.err("optimizer.params.lr", "must be positive"));
+                if lr.is_some_and(|l| l < 0.0) {
+                    return Err(c.err("optimizer.params.lr", "must be >= 0 (0: the weights do not move)"));
                 }
                 let eps = c.num(p, "eps", "optimizer.params.eps")?;
                 if eps.is_some_and(|e| e <= 0.0) {
@@ -397,8 +495,16 @@ impl DsConfig {
             }
         };
         if bf16 == Some(true) && fp16.as_ref().is_some_and(|f| f.enabled == Some(true)) {
-            return Err(c.err("bf16", "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
+            // blamed on whichever of the two a --set turned on
+            let key = if set_for(sets, "fp16.enabled").is_some() { "fp16.enabled" } else { "bf16.enabled" };
+            return Err(c.err(key, "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
         }
+        let loss_normalization = match top.get("loss_normalization") {
+            None | Some(Value::Null) => LossNormalization::default(),
+            Some(Value::String(s)) if s == "global_tokens" => LossNormalization::GlobalTokens,
+            Some(Value::String(s)) if s == "per_rank_mean" => LossNormalization::PerRankMean,
+            Some(v) => return Err(c.err("loss_normalization", format!("{v}: expected \"{}\"", LossNormalization::NAMES.join("\" or \"")))),
+        };
         let (zero_stage, reduce_bucket_size, allgather_bucket_size, overlap_comm, zero_unused) = match top.get("zero_optimization") {
             None | Some(Value::Null) => (0, None, None, None, Vec::new()),
             Some(z) => {
@@ -434,7 +540,8 @@ impl DsConfig {
             scheduler,
             fp16,
             bf16,
-            set_keys: Vec::new(),
+            sets: sets.to_vec(),
+            loss_normalization,
             zero_stage,
             reduce_bucket_size,
             allgather_bucket_size,

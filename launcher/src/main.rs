@@ -252,11 +252,11 @@ fn disk_plan(worker_args: &[String]) -> Result<Option<preflight::Disk>> {
         if let Some(v) = value("--args", &mut it) {
             (file, named) = (PathBuf::from(v), true);
         } else if let Some(v) = value("--set", &mut it) {
-            if !v.split_once('=').is_some_and(|(k, _)| k.contains('.')) {
-                sets.push(v);
-            }
+            sets.push(v);
         }
     }
+    // the configs.json ones, as glm-worker splits them
+    let (_, sets) = glm_common::ds::split_sets(&sets)?;
     let path = file.is_file().then_some(file.as_path());
     if path.is_none() && named {
         bail!("{}: no such file (--args)", file.display());

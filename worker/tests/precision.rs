@@ -200,11 +200,11 @@ fn fp16_resume_with_the_loss_scaler_continues_exactly() {
     // 4 (the resume point), halves back (hysteresis 1), and so on
     let extra = r#", "fp16": {"enabled": true, "initial_scale_power": 18, "hysteresis": 1, "loss_scale_window": 2}"#;
     let (ev, out) = resume_is_exact(extra, &[]);
-    assert!(out.contains("gradient overflow") && out.contains("step skipped"), "{out}");
+    assert!(out.contains("OVERFLOW! Skipping step"), "{out}");
     let skipped: u64 = ev.iter().map(|e| e["skipped"].as_u64().unwrap_or(0)).sum();
     let applied = ev.len() as u64 - skipped;
     assert!(skipped >= 2 && applied >= 2, "skipped {skipped}, applied {applied}: {out}");
-    assert!(out.contains("loss scale 262144 -> 524288"), "the scale grows after the window: {out}");
+    assert!(out.contains("increasing dynamic loss scale from 262144 to 524288"), "the scale grows after the window: {out}");
 }
 
 #[test]
@@ -217,8 +217,13 @@ fn an_overflow_on_one_rank_skips_the_step_on_every_rank() {
     // rank 1 writes an inf into its gradient after the data-parallel sum at step 3:
     // only the world-wide overflow agreement tells rank 0 to skip
     let out = ok(&run_env(d.path(), 2, &cfg, &s(&inj), &[("GLM_INJECT_INF_GRAD", "1:3")]));
-    assert!(out.contains("iteration 3: gradient overflow (inf/NaN) on some rank; step skipped"), "{out}");
-    assert!(out.contains("loss scale 65536 -> 65536 (hysteresis left 1)"), "{out}");
+    // stage 0 (FP16_Optimizer): no hysteresis, the scale halves at once
+    assert!(
+        out.contains(
+            "iteration 3: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 65536, reducing to 32768"
+        ),
+        "{out}"
+    );
     let (c, i) = (events(&clean, "train"), events(&inj, "train"));
     let lr = |ev: &[serde_json::Value], it: usize| ev[it - 1]["lr"].as_f64().unwrap();
     assert_eq!(i[2]["skipped"].as_u64(), Some(1), "{:?}", i[2]);
@@ -242,7 +247,7 @@ fn an_overflow_inside_tensor_parallel_slices_skips_the_step() {
     let s = |save: &Path| sets(&["train_iters=4".to_string(), "model_parallel_size=2".into(), "warmup=0.5".into(), format!("save={}", save.display())]);
     ok(&run(d.path(), 2, &cfg, &s(&clean)));
     let out = ok(&run_env(d.path(), 2, &cfg, &s(&inj), &[("GLM_INJECT_INF_GRAD", "*:2:split")]));
-    assert!(out.contains("iteration 2: gradient overflow (inf/NaN) on some rank; step skipped"), "{out}");
+    assert!(out.contains("iteration 2: OVERFLOW! Skipping step"), "{out}");
     let (c, i) = (events(&clean, "train"), events(&inj, "train"));
     assert_eq!(i[1]["skipped"].as_u64(), Some(1), "{:?}", i[1]);
     assert_eq!(i[2]["lr"], c[1]["lr"], "the schedule held at the skipped step");
@@ -314,7 +319,15 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
         |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_glm-worker")).current_dir(repo()).args(args).args(["--set", "train_iters=0"]).output().unwrap();
     // the seed's config: fp16 from the DeepSpeed file, its scaler keys
     let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json"]));
-    assert!(out.contains("fp16 (fp32 master weights and optimizer state), dynamic loss scale 65536 (window 1000, hysteresis 2, min 1)"), "{out}");
+    assert!(
+        out.contains("fp16 (fp32 master weights and optimizer state), dynamic loss scale 65536 (FP16_Optimizer's rules (ZeRO stage 0): window 1000, min 1, no hysteresis)"),
+        "{out}"
+    );
+    // the seed's fp16 block names hysteresis, which DeepSpeed's stage-0 optimizer reads and ignores
+    assert!(out.contains("warning: fp16.hysteresis = 2 (config_block_large.json) has no effect at ZeRO stage 0"), "{out}");
+    let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "zero_optimization.stage=2"]));
+    assert!(out.contains("dynamic loss scale 65536 (DynamicLossScaler's rules (ZeRO stages 1-3): window 1000, min 1, hysteresis 2)"), "{out}");
+    assert!(!out.contains("has no effect at ZeRO stage 0"), "{out}");
     assert!(!out.contains("not implemented yet: this run trains in fp32") && !out.contains("activation checkpointing is not implemented"), "{out}");
     // a DeepSpeed file without fp16: configs.json's fp16 and scaler keys apply
     let plain = ds(d.path(), "plain.json", 4, 4, "");
@@ -322,7 +335,12 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     let out = ok(&worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "loss_scale=128"]));
     assert!(out.contains("fp16 (fp32 master weights and optimizer state), static loss scale 128  (--set)"), "{out}");
     let out = ok(&worker(&["--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "hysteresis=3", "--set", "min_scale=4"]));
-    assert!(out.contains("dynamic loss scale 65536 (window 1000, hysteresis 3, min 4)"), "{out}");
+    assert!(out.contains("dynamic loss scale 65536 (FP16_Optimizer's rules (ZeRO stage 0): window 1000, min 4, no hysteresis)"), "{out}");
+    assert!(out.contains("warning: hysteresis = 3 (--set) has no effect at ZeRO stage 0"), "{out}");
+    let out = ok(&worker(&[
+        "--config", &p, "--args", "configs/configs_tiny.json", "--set", "fp16=true", "--set", "hysteresis=3", "--set", "zero_optimization.stage=1",
+    ]));
+    assert!(out.contains("dynamic loss scale 65536 (DynamicLossScaler's rules (ZeRO stages 1-3): window 1000, min 1, hysteresis 3)"), "{out}");
     // the DeepSpeed file wins where it speaks; dotted --set edits it
     let out = ok(&worker(&[
         "--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "hysteresis=5", "--set", "fp16.enabled=false", "--set",
@@ -338,4 +356,127 @@ fn the_seed_fp16_config_resolves_and_configs_json_fills_the_scaler() {
     // a configs.json fp16 that the DeepSpeed file overrides is reported
     let out = ok(&worker(&["--config", "configs/config_block_large.json", "--args", "configs/configs.json", "--set", "fp16=false"]));
     assert!(out.contains("warning: fp16 = false (--set) has no effect: config_block_large.json decides the precision (fp16)"), "{out}");
+}
+
+/// An `fp16` block with no dynamic key takes the defaults of the path its
+/// ZeRO stage runs: 2^16 at stage 0 (`FP16_Optimizer`), 2^32 with
+/// hysteresis 1 at stages 1 and 2 (`DynamicLossScaler`'s constructor); the
+/// original's configs.json scaler keys do not fill in an `fp16` block.
+#[test]
+fn an_fp16_block_without_dynamic_keys_takes_its_paths_defaults() {
+    let d = tempfile::tempdir().unwrap();
+    for stage in [0, 1, 2] {
+        let cfg = d.path().join(format!("stage{stage}.json"));
+        std::fs::write(&cfg, format!(r#"{{"train_micro_batch_size_per_gpu": 2, "fp16": {{"enabled": true}}, "zero_optimization": {{"stage": {stage}}}}}"#))
+            .unwrap();
+        // the seed's configs.json (hysteresis 2, loss_scale_window 1000, min_scale 1) changes nothing
+        let out = ok(&Command::new(env!("CARGO_BIN_EXE_glm-worker"))
+            .current_dir(repo())
+            .args(["--config", cfg.to_str().unwrap(), "--args", "configs/configs.json", "--set", "train_iters=0"])
+            .output()
+            .unwrap());
+        let want = if stage == 0 {
+            "dynamic loss scale 65536 (FP16_Optimizer's rules (ZeRO stage 0): window 1000, min 1, no hysteresis)"
+        } else {
+            "dynamic loss scale 4294967296 (DynamicLossScaler's rules (ZeRO stages 1-3): window 1000, min 1, hysteresis 1)"
+        };
+        assert!(out.contains(want), "stage {stage}: {out}");
+    }
+}
+
+/// A fp16 run with overflows injected at iterations 2, 3 and 5 (every
+/// rank's gradient) logs, per iteration, the scale each path's rules give
+/// (start 2^10, window 2, hysteresis 2), skips exactly those steps, says so
+/// in DeepSpeed's words, and resumes at iteration 4 (between two overflows)
+/// bit for bit: losses, scales, the scaler's state and every file of the
+/// final checkpoint.
+fn injected_overflows_follow_the_rules_and_resume_exactly(stage: u8, used_scales: [f64; 8], lines: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let zero = if stage > 0 { format!(r#", "zero_optimization": {{"stage": {stage}}}"#) } else { String::new() };
+    let extra = format!(r#", "fp16": {{"enabled": true, "initial_scale_power": 10, "loss_scale_window": 2, "hysteresis": 2}}{zero}"#);
+    let cfg = ds(d.path(), "ds.json", 2, 4, &extra);
+    let env = [("GLM_INJECT_INF_GRAD", "*:2,3,5")];
+    let common = sets(&["train_iters=8".to_string(), "save_interval=4".into(), "log_interval=1".into()]);
+    let out = ok(&run_env(d.path(), 0, &cfg, &[&common[..], &[format!("save={}", a.display())]].concat(), &env));
+    let resumed = ok(&run_env(d.path(), 0, &cfg, &[&common[..], &[format!("save={}", b.display()), format!("load={}", a.join("4").display())]].concat(), &env));
+    for line in lines {
+        assert!(out.contains(line), "stage {stage}: {line:?} in\n{out}");
+    }
+    let ev = events(&a, "train");
+    let scales: Vec<f64> = ev.iter().map(|e| e["loss_scale"].as_f64().unwrap()).collect();
+    assert_eq!(scales, used_scales, "stage {stage}: the scale each iteration's backward used");
+    let skipped: Vec<u64> = ev.iter().filter(|e| e["skipped"] == 1).map(|e| e["iteration"].as_u64().unwrap()).collect();
+    assert_eq!(skipped, [2, 3, 5], "stage {stage}");
+    assert!(!resumed.contains("fp16 loss scaler:"), "same path, state taken as saved: {resumed}");
+    let key = |e: &serde_json::Value| ["iteration", "lr", "loss", "grad_norm", "loss_scale", "skipped"].map(|k| e[k].to_string());
+    let la: Vec<_> = ev.iter().filter(|e| e["iteration"].as_u64().unwrap() > 4).map(key).collect();
+    let lb: Vec<_> = events(&b, "train").iter().map(key).collect();
+    assert_eq!(la, lb, "stage {stage}: iterations 5-8 after resuming at 4");
+    let files = |dir: &Path| {
+        let mut f: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".safetensors")).collect();
+        f.sort();
+        f
+    };
+    let (fa, fb) = (files(&a.join("8")), files(&b.join("8")));
+    assert!(fa.len() >= 2 && fa == fb, "{fa:?} {fb:?}");
+    for f in &fa {
+        assert!(std::fs::read(a.join("8").join(f)).unwrap() == std::fs::read(b.join("8").join(f)).unwrap(), "stage {stage}: {f} differs after the resume");
+    }
+    let scaler =
+        |dir: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.join("8/state.json")).unwrap()).unwrap()["loss_scaler"].clone();
+    assert_eq!(scaler(&a), scaler(&b));
+}
+
+#[test]
+fn fp16_stage_0_overflows_follow_fp16_optimizer_and_resume_exactly() {
+    // no hysteresis: every overflow halves; growth after 2 clean steps not counting the current one
+    injected_overflows_follow_the_rules_and_resume_exactly(
+        0,
+        [1024.0, 1024.0, 512.0, 256.0, 256.0, 128.0, 128.0, 128.0],
+        &[
+            "iteration 2: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 1024, reducing to 512",
+            "iteration 3: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 512, reducing to 256",
+            "iteration 8: no overflow for 3 iterations; increasing dynamic loss scale from 128 to 256",
+        ],
+    );
+}
+
+#[test]
+fn fp16_stage_2_overflows_follow_dynamic_loss_scaler_and_resume_exactly() {
+    // hysteresis 2 absorbs the first overflow; it is refilled only by growth,
+    // so the overflow at 5 (after the resume) halves at once; growth when
+    // (iter - last overflow) % 2 == 0
+    injected_overflows_follow_the_rules_and_resume_exactly(
+        2,
+        [1024.0, 1024.0, 1024.0, 512.0, 512.0, 256.0, 256.0, 512.0],
+        &[
+            "iteration 2: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 1024, but hysteresis is 2. Reducing hysteresis to 1",
+            "iteration 3: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 1024, reducing to 512",
+            "iteration 5: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 512, reducing to 256",
+            "iteration 7: no overflow for 2 iterations; increasing dynamic loss scale from 256 to 512",
+        ],
+    );
+}
+
+/// A resume under another ZeRO stage carries the scale over and says how
+/// the hysteresis was handled.
+#[test]
+fn a_resume_under_another_zero_stage_says_how_the_scaler_carried_over() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let fp16 = r#", "fp16": {"enabled": true, "initial_scale_power": 10, "loss_scale_window": 2, "hysteresis": 2}"#;
+    let s0 = ds(d.path(), "s0.json", 2, 4, fp16);
+    let s2 = ds(d.path(), "s2.json", 2, 4, &format!(r#"{fp16}, "zero_optimization": {{"stage": 2}}"#));
+    let env = [("GLM_INJECT_INF_GRAD", "*:2")];
+    let common = sets(&["train_iters=3".to_string(), "log_interval=1".into()]);
+    ok(&run_env(d.path(), 0, &s0, &[&common[..], &[format!("save={}", a.display())]].concat(), &env));
+    let more = sets(&["train_iters=5".to_string(), "log_interval=1".into(), format!("save={}", b.display()), format!("load={}", a.join("3").display())]);
+    let out = ok(&run(d.path(), 0, &s2, &more));
+    assert!(
+        out.contains("checkpoint: fp16 loss scaler: saved under FP16_Optimizer's rules (ZeRO stage 0), continued under DynamicLossScaler's rules (ZeRO stages 1-3): scale 512, iteration 3 and last overflow 1 carried over; hysteresis starts full (2)"),
+        "{out}"
+    );
+    assert_eq!(events(&b, "train")[0]["loss_scale"].as_f64(), Some(512.0));
 }

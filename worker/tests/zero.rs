@@ -139,7 +139,7 @@ fn steps(s: &Setup, par: &Parallel, model: &mut Glm, opt: &mut Optimizer, from: 
     let dp_rank = par.dims.dp_rank() as u64;
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in from..to {
-        let plan = StepPlan { it_seed: step as i64, accum: s.accum, lr: 2e-3 };
+        let plan = StepPlan { it_seed: step as i64, accum: s.accum, lr: 2e-3, norm: Default::default() };
         let out = train_step(model, opt, par, plan, &mut |m| {
             let first = ((step * s.accum as u64 + m as u64) * s.global_micro as u64) + dp_rank * micro;
             Ok(batch(first..first + micro))

@@ -131,7 +131,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         }
         let t0 = std::time::Instant::now();
         // the step reads its loss back (a device sync), so the time is the step's
-        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, lr: 1e-3 };
+        let plan = glm_worker::train::step::StepPlan { it_seed: 1234 + i as i64, accum: 1, lr: 1e-3, norm: Default::default() };
         let out = glm_worker::train::step::train_step(&mut model, &mut opt, &par, plan, &mut |_| Ok(shallow(&batch)))?;
         if i >= a.warmup && out.stats.skipped {
             skipped += 1;

@@ -20,7 +20,9 @@ pub struct TrainArgs {
     #[arg(long = "args", default_value = "configs/configs.json")]
     args_file: PathBuf,
     /// Override a key of configs.json (--set train_iters=200 --set save=/tmp/run)
-    /// or, as a dotted path, of the DeepSpeed JSON (--set bf16.enabled=true)
+    /// or of the DeepSpeed JSON: a dotted path (--set bf16.enabled=true), a
+    /// top-level key configs.json does not have (--set train_micro_batch_size_per_gpu=4),
+    /// or any key prefixed with ds. (--set ds.gradient_accumulation_steps=4)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Token store directory (built or refreshed from train_data as needed)
@@ -61,15 +63,9 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             "--config <deepspeed.json> is required to train (see --help; e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json)"
         );
     };
-    // dotted keys address the DeepSpeed JSON, plain ones configs.json
-    let (ds_sets, arg_sets): (Vec<String>, Vec<String>) = t.sets.iter().cloned().partition(|s| s.split_once('=').is_some_and(|(k, _)| k.contains('.')));
-    let overrides: Vec<(String, serde_json::Value)> = ds_sets
-        .iter()
-        .map(|s| {
-            let (k, v) = s.split_once('=').expect("partitioned on '='");
-            (k.trim().to_string(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string())))
-        })
-        .collect();
+    // dotted (or ds.-prefixed) keys and DeepSpeed's own top-level keys
+    // address the DeepSpeed JSON, the others configs.json
+    let (overrides, arg_sets) = glm_worker::config::ds::split_sets(&t.sets)?;
     let ds = DsConfig::load_with(ds_path, &overrides)?;
     let args_path = t.args_file.exists().then_some(t.args_file.as_path());
     if args_path.is_none() && t.args_file != Path::new("configs/configs.json") {

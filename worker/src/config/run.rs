@@ -12,7 +12,7 @@ use crate::data::blocklm::BlockConfig;
 use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::optimizer::Precision;
-use crate::optim::scaler::ScalerConfig;
+use crate::optim::scaler::{DynamicKeys, ScalerConfig, ScalerRules};
 use crate::optim::schedule::{Decay, Schedule};
 use crate::optim::zero::ZeroConfig;
 
@@ -90,7 +90,7 @@ impl RunConfig {
         // ranges, named by the key and the file that gave the value (the
         // DeepSpeed file checks its own keys as it is read)
         for (key, (v, from, from_ds), ok, what) in [
-            ("lr", &lr, lr.0 > 0.0, "must be positive"),
+            ("lr", &lr, lr.0 >= 0.0 && lr.0.is_finite(), "must be >= 0 (0: the weights do not move)"),
             ("adam_beta1", &b1, (0.0..1.0).contains(&b1.0), "must be in [0, 1)"),
             ("adam_beta2", &b2, (0.0..1.0).contains(&b2.0), "must be in [0, 1)"),
             ("adam_eps", &eps, eps.0 > 0.0, "must be positive"),
@@ -117,7 +117,7 @@ impl RunConfig {
             "AdamW (decoupled weight decay; no decay for biases and LayerNorm)".to_string(),
             o.as_ref().map_or(src("optimizer"), |_| dsname.clone()),
         );
-        put("lr", lr.to_string(), lr_src);
+        put("lr", lr.to_string(), lr_src.clone());
         put("betas", format!("({b1}, {b2})"), b1_src);
         put("eps", eps.to_string(), eps_src);
         put("weight_decay", wd.to_string(), wd_src);
@@ -147,6 +147,11 @@ impl RunConfig {
         };
 
         let mut warnings = Vec::new();
+        if lr == 0.0 {
+            warnings.push(format!(
+                "lr = 0 ({lr_src}): the weights will not move (AdamW's update and decoupled weight decay both scale with lr); the run measures the loss through the training path"
+            ));
+        }
         let dz = ZeroConfig::default();
         let zero = ZeroConfig {
             stage: ds.zero_stage as u8,
@@ -154,8 +159,14 @@ impl RunConfig {
             allgather_bucket_size: ds.allgather_bucket_size.map_or(dz.allgather_bucket_size, |b| b as i64),
             overlap_comm: ds.overlap_comm.unwrap_or(dz.overlap_comm),
         };
-        zero.validate().map_err(|e| Error::invalid(&ds.path, e.to_string().trim_start_matches("config: ")))?;
-        let zsrc = if ds.raw.get("zero_optimization").is_some() || ds.set_keys.iter().any(|k| k.starts_with("zero_optimization")) {
+        zero.validate().map_err(|e| {
+            // "zero_optimization.<key> <value>: why", blamed on the --set that gave the value, if one did
+            let msg = e.to_string();
+            let msg = msg.trim_start_matches("config: ");
+            let key = msg.split(' ').next().unwrap_or("zero_optimization");
+            ds.blame(key, msg[key.len()..].trim_start())
+        })?;
+        let zsrc = if ds.raw.get("zero_optimization").is_some() || ds.sets.iter().any(|(k, _)| k.starts_with("zero_optimization")) {
             ds.source("zero_optimization")
         } else {
             "default".into()
@@ -172,6 +183,19 @@ impl RunConfig {
             ),
             zsrc,
         );
+        let norm = ds.loss_normalization;
+        let norm_given = ds.raw.get("loss_normalization").is_some() || ds.sets.iter().any(|(k, _)| k == "loss_normalization");
+        if norm_given || dp > 1 {
+            let what = match norm {
+                crate::config::ds::LossNormalization::GlobalTokens => {
+                    "loss over the loss tokens of the whole global batch: data-parallel N trains what one process would"
+                }
+                crate::config::ds::LossNormalization::PerRankMean => {
+                    "each rank's mean over its own loss tokens, gradients averaged over data-parallel ranks (the original's rule)"
+                }
+            };
+            put("loss_normalization", format!("{} ({what})", norm.name()), if norm_given { ds.source("loss_normalization") } else { "default".into() });
+        }
         if zero.stage > 0 && dp == 1 {
             warnings.push(format!(
                 "{dsname}: zero_optimization.stage {} with one data-parallel rank partitions nothing (start more ranks to shard optimizer state)",
@@ -184,22 +208,23 @@ impl RunConfig {
                 warnings.push(format!("{dsname}: {k} is not supported (no CPU/NVMe offloading); the optimizer state stays on the training device"));
             }
         }
-        // a --set of a configs.json key that the DeepSpeed file decides is not dropped silently
-        let f16 = ds.fp16.clone().unwrap_or_default();
-        for (key, ds_key, decides) in [
-            ("batch_size", "train_micro_batch_size_per_gpu", ds.micro_batch.is_some() || ds.train_batch_size.is_some()),
-            (
-                "gradient_accumulation_steps",
-                "gradient_accumulation_steps",
-                ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some()),
-            ),
-            ("loss_scale", "fp16.loss_scale", f16.loss_scale.is_some()),
-            ("loss_scale_window", "fp16.loss_scale_window", f16.loss_scale_window.is_some()),
-            ("hysteresis", "fp16.hysteresis", f16.hysteresis.is_some()),
-            ("min_scale", "fp16.min_loss_scale", f16.min_loss_scale.is_some()),
+        // a --set of a configs.json key that the DeepSpeed file decides is not
+        // dropped silently; the hint is the --set that does it, with the user's value
+        let has_batch = ds.micro_batch.is_some() || ds.train_batch_size.is_some();
+        let has_accum = ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some());
+        let fp16_block = ds.fp16.is_some();
+        for (key, ds_key, decides, why) in [
+            ("batch_size", "train_micro_batch_size_per_gpu", has_batch, "its batch sizes decide the micro-batch"),
+            ("gradient_accumulation_steps", "ds.gradient_accumulation_steps", has_accum, "its batch sizes decide the accumulation steps"),
+            ("loss_scale", "fp16.loss_scale", fp16_block, "its fp16 block decides the loss scaler"),
+            ("loss_scale_window", "fp16.loss_scale_window", fp16_block, "its fp16 block decides the loss scaler"),
+            ("hysteresis", "fp16.hysteresis", fp16_block, "its fp16 block decides the loss scaler"),
+            ("min_scale", "fp16.min_loss_scale", fp16_block, "its fp16 block decides the loss scaler"),
         ] {
             if decides && args.source(key) == super::args::Source::Set {
-                warnings.push(format!("--set {key} has no effect: {dsname} sets {ds_key}, which decides it (change that with --set {ds_key}=...)"));
+                let v = serde_json::to_value(a).ok().and_then(|m| m.get(key).cloned()).unwrap_or_default();
+                let v = if v.is_null() { "0".to_string() } else { v.to_string() };
+                warnings.push(format!("--set {key}={v} has no effect: {why} in {dsname} (to change it there: --set {ds_key}={v})"));
             }
         }
         if args.source("output_dropout") != super::args::Source::Default && a.output_dropout != a.hidden_dropout {
@@ -210,7 +235,7 @@ impl RunConfig {
                 a.hidden_dropout
             ));
         }
-        let (precision, scaler, ds_decides) = Self::precision(&ds, &args)?;
+        let (precision, scaler, ds_decides) = Self::precision(&ds, &args, zero.stage, &mut warnings)?;
         if ds_decides && args.source("fp16") != super::args::Source::Default && a.fp16 != (precision == Precision::Fp16) {
             warnings.push(format!("fp16 = {} ({}) has no effect: {} decides the precision ({})", a.fp16, src("fp16"), dsname, precision.name()));
         }
@@ -326,12 +351,17 @@ impl RunConfig {
     }
 
     /// The compute dtype and fp16 loss-scaler settings: the DeepSpeed file's
-    /// `fp16`/`bf16` blocks decide; where they say nothing, the original's
-    /// configs.json keys (`fp16`, `loss_scale` — null = dynamic —,
-    /// `loss_scale_window`, `hysteresis`, `min_scale`) apply when given,
-    /// else DeepSpeed's defaults. The flag says whether the DeepSpeed file
-    /// (rather than configs.json) decided the precision.
-    fn precision(ds: &DsConfig, args: &LoadedArgs) -> Result<(Precision, Option<ScalerConfig>, bool)> {
+    /// `fp16`/`bf16` blocks decide; an `fp16` block decides the whole scaler
+    /// (keys it leaves out take DeepSpeed's defaults for the path ZeRO stage
+    /// `stage` takes, `ScalerConfig::resolve`). Without an `fp16` block the
+    /// original's configs.json keys (`fp16`, `loss_scale` — null = dynamic
+    /// —, `loss_scale_window`, `hysteresis`, `min_scale`) apply when given,
+    /// counting as dynamic keys written in the block. At stage 0, where DeepSpeed's
+    /// `FP16_Optimizer` has no hysteresis, a given `hysteresis` or
+    /// `consecutive_hysteresis` is announced in `warnings` as having no
+    /// effect. The flag says whether the DeepSpeed file (rather than
+    /// configs.json) decided the precision.
+    fn precision(ds: &DsConfig, args: &LoadedArgs, stage: u8, warnings: &mut Vec<String>) -> Result<(Precision, Option<ScalerConfig>, bool)> {
         let a = &args.args;
         let f = ds.fp16.clone().unwrap_or_default();
         if ds.bf16 == Some(true) {
@@ -340,7 +370,8 @@ impl RunConfig {
         if !f.enabled.unwrap_or(a.fp16) {
             return Ok((Precision::Fp32, None, f.enabled.is_some()));
         }
-        let given = |k: &str| args.source(k) != super::args::Source::Default;
+        // configs.json's scaler keys fill in only where the DeepSpeed file has no `fp16` block
+        let given = |k: &str| ds.fp16.is_none() && args.source(k) != super::args::Source::Default;
         // configs.json values that fill in: each checked under its own name and source
         let from_args = |key: &str, ok: bool, what: &str| -> Result<bool> {
             if !given(key) {
@@ -352,44 +383,52 @@ impl RunConfig {
             }
             Ok(true)
         };
-        let d = ScalerConfig::default();
         let loss_scale = match f.loss_scale {
             Some(l) => l,
             None if from_args("loss_scale", a.loss_scale.is_none_or(|l| l >= 0.0 && l.is_finite()), "must be null (dynamic) or a number >= 0")? => {
                 a.loss_scale.unwrap_or(0.0)
             }
-            None => d.loss_scale,
+            None => 0.0,
         };
         // a static scale ignores the dynamic scaler's settings: nothing to check
         let dynamic = loss_scale == 0.0;
-        let window = match f.loss_scale_window {
-            Some(w) => w,
-            None if from_args("loss_scale_window", !dynamic || a.loss_scale_window > 0, "must be positive")? => a.loss_scale_window,
-            None => d.loss_scale_window,
+        let keys = DynamicKeys {
+            initial_scale_power: f.initial_scale_power,
+            loss_scale_window: match f.loss_scale_window {
+                Some(w) => Some(w),
+                None if from_args("loss_scale_window", !dynamic || a.loss_scale_window > 0, "must be positive")? => Some(a.loss_scale_window),
+                None => None,
+            },
+            hysteresis: match f.hysteresis {
+                Some(h) => Some(h),
+                None if from_args("hysteresis", !dynamic || a.hysteresis > 0, "must be positive")? => Some(a.hysteresis),
+                None => None,
+            },
+            consecutive_hysteresis: f.consecutive_hysteresis,
+            min_loss_scale: match f.min_loss_scale {
+                Some(m) => Some(m),
+                None if from_args("min_scale", !dynamic || (a.min_scale > 0.0 && a.min_scale.is_finite()), "must be positive")? => Some(a.min_scale),
+                None => None,
+            },
         };
-        let hysteresis = match f.hysteresis {
-            Some(h) => h,
-            None if from_args("hysteresis", !dynamic || a.hysteresis > 0, "must be positive")? => a.hysteresis,
-            None => d.hysteresis,
-        };
-        let min_loss_scale = match f.min_loss_scale {
-            Some(m) => m,
-            None if from_args("min_scale", !dynamic || (a.min_scale > 0.0 && a.min_scale.is_finite()), "must be positive")? => a.min_scale,
-            None => d.min_loss_scale,
-        };
-        let cfg = ScalerConfig {
-            loss_scale,
-            initial_scale_power: f.initial_scale_power.unwrap_or(d.initial_scale_power),
-            loss_scale_window: window,
-            hysteresis,
-            consecutive_hysteresis: f.consecutive_hysteresis.unwrap_or(d.consecutive_hysteresis),
-            min_loss_scale,
-        };
+        let rules = ScalerRules::for_stage(stage);
+        let cfg = ScalerConfig::resolve(loss_scale, &keys, rules);
+        if dynamic && rules == ScalerRules::Fp16Optimizer {
+            let why = "DeepSpeed's ZeRO stage-0 fp16 optimizer (FP16_Optimizer) has no hysteresis: every overflow halves the scale";
+            if let Some(h) = f.hysteresis {
+                warnings.push(format!("fp16.hysteresis = {h} ({}) has no effect at ZeRO stage 0: {why}", ds.source("fp16.hysteresis")));
+            } else if given("hysteresis") {
+                warnings.push(format!("hysteresis = {} ({}) has no effect at ZeRO stage 0: {why}", a.hysteresis, args.source("hysteresis")));
+            }
+            if let Some(c) = f.consecutive_hysteresis {
+                warnings.push(format!("fp16.consecutive_hysteresis = {c} ({}) has no effect at ZeRO stage 0: {why}", ds.source("fp16.consecutive_hysteresis")));
+            }
+        }
         cfg.validate().map_err(|e| {
             if f.min_loss_scale.is_none() && given("min_scale") {
                 Error::Config(format!("min_scale = {} ({}) with {}: {e}", a.min_scale, args.source("min_scale"), ds.path.display()))
             } else {
-                Error::invalid(&ds.path, format!("fp16 loss scaler: {e}"))
+                ds.blame("fp16", format!("loss scaler: {}", e.to_string().trim_start_matches("config: ")))
             }
         })?;
         Ok((Precision::Fp16, Some(cfg), f.enabled.is_some()))
@@ -502,6 +541,6 @@ mod tests {
         std::fs::write(&args, r#"{"lr": -0.5}"#).unwrap();
         let e =
             RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &[]).unwrap(), 1).err().expect("a negative lr is refused");
-        assert_eq!(e.to_string(), "config: lr = -0.5 (configs_run.json): must be positive");
+        assert_eq!(e.to_string(), "config: lr = -0.5 (configs_run.json): must be >= 0 (0: the weights do not move)");
     }
 }

@@ -347,10 +347,10 @@ pub struct Optimizer {
     decay_ranges: Vec<(i64, i64)>,
     split_ranges: Vec<(i64, i64)>,
     replicated_ranges: Vec<(i64, i64)>,
-    /// Test hook (`test_hooks::inf_gradient`): at this step (counted from 1
-    /// in this process) an inf is written into this element of the reduced
-    /// gradient this rank holds.
-    inject_inf: Option<(u64, i64)>,
+    /// Test hook (`test_hooks::inf_gradient`): at these steps (iterations,
+    /// counted from 1 over the run) an inf is written into this element of
+    /// the reduced gradient this rank holds.
+    inject_inf: Option<(Vec<u64>, i64)>,
     /// AdamW through libtorch's fused kernel (on CUDA; CPU keeps the plain
     /// arithmetic of the golden losses).
     pub(crate) fused: bool,
@@ -397,7 +397,8 @@ impl Optimizer {
         let master = mixed.then(|| tch::no_grad(|| own(params.flat(), &pieces).to_kind(Kind::Float)));
         let scaler = match (precision, cfg.scaler.clone()) {
             (Precision::Fp16, c) => {
-                let c = c.unwrap_or_default();
+                // an `fp16` block with `enabled` only: DeepSpeed's defaults on this stage's path
+                let c = c.unwrap_or_else(|| ScalerConfig::defaults(zero.stage));
                 c.validate()?;
                 Some(LossScaler::new(c))
             }
@@ -411,7 +412,7 @@ impl Optimizer {
         // the first element of the gradient it holds (of a split range when asked)
         let inject_inf = crate::test_hooks::inf_gradient(world_rank).and_then(|h| {
             let at = if h.in_split_range { map(&split_flat).first()?.0 } else { 0 };
-            Some((h.step, at))
+            Some((h.steps, at))
         });
         let reducer = if zero.stage == 2 {
             let units = shards.units();
@@ -525,8 +526,10 @@ impl Optimizer {
 
     /// Takes back a checkpoint's optimizer state: the moments (this rank's
     /// shard of whole ones, or the shard as saved), AdamW's step, the
-    /// skipped steps and, when one was saved, the loss scaler's state.
-    pub fn load_state(&mut self, s: OptimizerState) -> Result<()> {
+    /// skipped steps and, when one was saved, the loss scaler's state
+    /// (`LossScaler::resume`). Returns a line for the log when the scaler's
+    /// state is not taken exactly as saved.
+    pub fn load_state(&mut self, s: OptimizerState) -> Result<Option<String>> {
         let (want, what) = match s.moments {
             Moments::Whole => (self.shards.padded, "whole moments"),
             Moments::Shard => (self.adam.exp_avg.size()[0], "a shard of the moments"),
@@ -550,10 +553,24 @@ impl Optimizer {
         });
         self.adam.step = s.step;
         self.skipped_steps = s.skipped_steps;
-        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), s.loss_scaler) {
-            scaler.state = saved;
-        }
-        Ok(())
+        // every iteration so far either updated or was skipped
+        self.steps_taken = s.step + s.skipped_steps;
+        Ok(match (self.scaler.take(), s.loss_scaler) {
+            (Some(scaler), Some(saved)) => {
+                let (resumed, note) = LossScaler::resume(scaler.cfg, saved);
+                self.scaler = Some(resumed);
+                note
+            }
+            (Some(fresh), None) => {
+                let note = format!("fp16 loss scaler: the checkpoint has no loss-scaler state (not an fp16 run); it starts afresh: {}", fresh.describe());
+                self.scaler = Some(fresh);
+                Some(note)
+            }
+            (None, Some(saved)) => {
+                Some(format!("the checkpoint's fp16 loss-scaler state (scale {}) is not used: this run trains in {}", saved.scale, self.precision.name()))
+            }
+            (None, None) => None,
+        })
     }
 
     /// The partition of the flat buffers and this rank's index in it.
@@ -672,8 +689,9 @@ impl Optimizer {
         self.steps_taken += 1;
         let loss_scale = self.loss_scale();
         let mut grad = self.reduce(params)?;
-        if let Some((step, at)) = self.inject_inf {
-            if step == self.steps_taken {
+        if let Some((steps, at)) = &self.inject_inf {
+            let at = *at;
+            if steps.contains(&self.steps_taken) {
                 tch::no_grad(|| {
                     let _ = grad.get(at).fill_(f64::INFINITY);
                 });
@@ -947,14 +965,14 @@ mod tests {
     fn fp16_skips_overflow_and_unscales() {
         let _rng = crate::torch_rng_lock();
         let mut p = params(Kind::Half);
-        let cfg = ScalerConfig { initial_scale_power: 4, hysteresis: 1, ..ScalerConfig::default() };
+        let cfg = ScalerConfig { initial_scale_power: 4, ..ScalerConfig::defaults(0) };
         let mut opt = Optimizer::new(&mut p, &OptimConfig { scaler: Some(cfg), ..OptimConfig::new(Precision::Fp16, ADAM, 1.0) }, &Parallel::single()).unwrap();
         assert_eq!(opt.loss_scale(), 16.0);
         set_grad(&mut p, &[f32::INFINITY, 1.0, 0.0]);
         opt.accumulate(&mut p).unwrap();
         let s = opt.step(&mut p, 0.1).unwrap();
         assert!(s.skipped && opt.skipped_steps == 1 && opt.adam.step == 0);
-        assert_eq!(s.scale_event, Some(ScaleEvent::Overflow { from: 16.0, to: 8.0, hysteresis_left: 1 }));
+        assert_eq!(s.scale_event, Some(ScaleEvent::Overflow { from: 16.0, to: 8.0, hysteresis: None, at_minimum: false }));
         assert_eq!(opt.full_weights(&p).unwrap().unwrap().double_value(&[0]), 1.0);
         assert_eq!(opt.adam.exp_avg.abs().max().double_value(&[]), 0.0);
         // scaled by 8: the true gradient is (0.3, 0.4), norm 0.5 (below clip 1)

@@ -4,6 +4,7 @@
 
 use tch::Tensor;
 
+use crate::config::ds::LossNormalization;
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{Optimizer, StepStats};
@@ -25,37 +26,67 @@ pub struct StepPlan {
     /// Micro-batches per step (gradient accumulation).
     pub accum: usize,
     pub lr: f64,
+    /// How the loss is normalised over the data-parallel ranks.
+    pub norm: LossNormalization,
 }
 
 /// One optimizer step over `plan.accum` micro-batches (`batch(m)` gives this
-/// rank's share of micro-batch `m`).
+/// rank's share of micro-batch `m`): `forward_backward`, then the update.
+pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
+    let loss = forward_backward(model, opt, par, plan, batch)?;
+    let stats = opt.step(&mut model.params, plan.lr)?;
+    Ok(StepOutput { loss, stats })
+}
+
+/// Forward and backward over the step's micro-batches, each folded into
+/// the optimizer's gradient (`Optimizer::accumulate`); returns the step's
+/// logged loss. The data-parallel reduction of the gradient is the
+/// optimizer's (a sum over the ranks).
 ///
 /// Dropout is seeded from `it_seed` (and the micro-batch index, for
-/// tensor-parallel streams), so a step is a function of its inputs. Each
-/// micro-step's loss is the summed cross entropy of this rank's masked
-/// tokens divided by the masked-token count of the whole global micro-batch
-/// (all data-parallel ranks), so summing gradients over the data-parallel
-/// group gives exactly the gradient of one process holding the whole batch.
-pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
-    let StepPlan { it_seed, accum, lr } = plan;
+/// tensor-parallel streams), so a step is a function of its inputs. With
+/// `LossNormalization::GlobalTokens` each micro-step's loss is the summed
+/// cross entropy of this rank's masked tokens divided by the masked-token
+/// count of the whole global micro-batch (all data-parallel ranks), so
+/// summing gradients over the data-parallel group gives exactly the
+/// gradient of one process holding the whole batch; the logged loss is the
+/// global micro-batch's mean. With `PerRankMean` (the original's rule) it
+/// is this rank's own mean divided by the data-parallel size, so the sum
+/// over ranks is the average of the ranks' gradients (DeepSpeed's), and
+/// the logged loss is the mean of the ranks' means. Either way each
+/// micro-batch counts `1 / accum`.
+pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<f64> {
+    let StepPlan { it_seed, accum, norm, .. } = plan;
     tch::manual_seed(it_seed);
     let scale = opt.loss_scale();
+    let dp = par.dims.dp as f64;
     let mut loss_sum = 0.0;
     for m in 0..accum {
         model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
         let b = batch(m)?;
         let (sum, _, n) = model.loss_terms(&b, true)?;
-        let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
-        par.dp_sum(&mut stats)?;
-        let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
-        loss_sum += global_sum / global_n;
-        let loss = sum / (global_n * accum as f64);
+        let loss = match norm {
+            LossNormalization::GlobalTokens => {
+                let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
+                par.dp_sum(&mut stats)?;
+                let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
+                loss_sum += global_sum / global_n;
+                sum / (global_n * accum as f64)
+            }
+            LossNormalization::PerRankMean => {
+                // a rank without loss tokens contributes 0 (the original would divide by 0)
+                let own_n = (n as f64).max(1.0);
+                let mut mean = Tensor::from_slice(&[sum.double_value(&[]) / own_n]);
+                par.dp_sum(&mut mean)?;
+                loss_sum += mean.double_value(&[0]) / dp;
+                sum / (own_n * dp * accum as f64)
+            }
+        };
         let loss = if scale != 1.0 { loss * scale } else { loss };
         // a failure inside backward (a collective of a tensor-parallel region,
         // a recomputed chunk) is an error here, not a panic
         loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {}", crate::runtime::report::torch_error(&e.to_string()))))?;
         opt.accumulate(&mut model.params)?;
     }
-    let stats = opt.step(&mut model.params, lr)?;
-    Ok(StepOutput { loss: loss_sum / accum as f64, stats })
+    Ok(loss_sum / accum as f64)
 }

@@ -27,7 +27,6 @@ use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{MemoryBytes, Optimizer};
-use crate::optim::scaler::ScaleEvent;
 use crate::parallel::Parallel;
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
@@ -321,7 +320,7 @@ impl Trainer {
                     "the checkpoint was trained with a different tokenizer than this run's (token ids would not match)",
                 ));
             }
-            checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
+            let scaler_note = checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
             let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
             let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero_config().stage, par.dims.dp));
@@ -331,6 +330,9 @@ impl Trainer {
                 String::new()
             };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
+            if let Some(note) = scaler_note {
+                println!("checkpoint: {note}");
+            }
         } else {
             // identical weights on every data-parallel rank, whatever
             // happened at initialisation: rank 0's, in fp32
@@ -363,7 +365,7 @@ impl Trainer {
             "training iteration {it} (micro-batch {} × {accum} accumulation steps, seq_length {})",
             b.micro, a.seq_length
         ));
-        let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr }, &mut next)?;
+        let out = train_step(&mut self.model, &mut self.opt, &self.par, StepPlan { it_seed, accum, lr, norm: self.cfg.ds.loss_normalization }, &mut next)?;
         Ok((out, lr))
     }
 
@@ -496,13 +498,8 @@ impl Trainer {
             } else {
                 norm_acc += out.stats.grad_norm;
             }
-            match out.stats.scale_event {
-                Some(ScaleEvent::Overflow { from, to, hysteresis_left }) => say(
-                    &pb,
-                    &format!("iteration {it}: gradient overflow (inf/NaN) on some rank; step skipped (learning-rate schedule held), loss scale {from} -> {to} (hysteresis left {hysteresis_left})"),
-                ),
-                Some(ScaleEvent::Clean { grown: Some((from, to)) }) => say(&pb, &format!("iteration {it}: no overflow for {} steps; loss scale {from} -> {to}", self.opt.scaler().map_or(0, |s| s.cfg.loss_scale_window))),
-                _ => {}
+            if let Some(line) = out.stats.scale_event.as_ref().and_then(|e| self.opt.scaler()?.event_line(e)) {
+                say(&pb, &format!("iteration {it}: {line}"));
             }
             if let Some(pb) = &pb {
                 pb.set_position(it);
