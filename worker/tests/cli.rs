@@ -449,3 +449,73 @@ fn eval_and_generate_of_a_tensor_parallel_checkpoint_name_themselves_and_a_worki
     let out = common::ok(&in_repo(&["generate", "--load", &merged, "--text", "明月[MASK]", "--max-tokens", "2"]));
     assert!(out.contains("blank 0:"), "{out}");
 }
+
+/// `--set` reaches every value the user may want to change: configs.json's
+/// keys, the DeepSpeed file's top-level keys (a plain key configs.json does
+/// not have, or any key behind `ds.`) and its nested ones (a dotted path); a
+/// bad value is blamed on the `--set` that gave it, not on a file that does
+/// not contain it; `lr = 0` is accepted with a warning and the weights then
+/// stay put; `loss_normalization` is read and shown.
+#[test]
+fn set_reaches_every_file_and_its_errors_name_the_set() {
+    let check = |extra: &[&str]| {
+        let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "train_iters=0"];
+        for e in extra {
+            args.extend(["--set", e]);
+        }
+        worker().current_dir(repo_file("")).args(&args).output().unwrap()
+    };
+    let out = stdout(&check(&["train_micro_batch_size_per_gpu=3"]));
+    assert!(out.contains("train_micro_batch_size_per_gpu = 3  (--set)"), "{out}");
+    let out = stdout(&check(&["ds.gradient_accumulation_steps=2"]));
+    assert!(out.contains("gradient_accumulation_steps    = 2  (--set)") && out.contains("train_batch_size               = 16  (--set)"), "{out}");
+    // a configs.json key the DeepSpeed file decides: the warning's command does it
+    let o = check(&["batch_size=5"]);
+    let out = stdout(&o);
+    let hint = out.lines().find_map(|l| l.split("(to change it there: --set ").nth(1)).unwrap_or_else(|| panic!("{out}"));
+    let hint = hint.trim_end_matches(')');
+    assert_eq!(hint, "train_micro_batch_size_per_gpu=5");
+    let out = stdout(&check(&[hint]));
+    assert!(out.contains("train_micro_batch_size_per_gpu = 5  (--set)") && !out.contains("has no effect"), "{out}");
+    let o = check(&["gradient_accumulation_steps=4"]);
+    let out = stdout(&o);
+    let hint = out.lines().find_map(|l| l.split("(to change it there: --set ").nth(1)).unwrap_or_else(|| panic!("{out}")).trim_end_matches(')').to_string();
+    assert_eq!(hint, "ds.gradient_accumulation_steps=4");
+    assert!(stdout(&check(&[&hint])).contains("gradient_accumulation_steps    = 4  (--set)"));
+    // bad values, each blamed on its --set
+    for (set, want) in [
+        ("zero_optimization.stage=3", "--set zero_optimization.stage=3: zero_optimization.stage: 3: stages 0, 1 and 2 are supported"),
+        (r#"zero_optimization.stage="2""#, r#"--set zero_optimization.stage="2": zero_optimization.stage: expected a number, found "2""#),
+        ("zero_optimization.stage=1.5", "--set zero_optimization.stage=1.5: zero_optimization.stage: expected a non-negative integer, found 1.5"),
+        ("fp16.loss_scale=nan", r#"--set fp16.loss_scale="nan": fp16.loss_scale: expected a number"#),
+        ("fp16.loss_scale=-1", "--set fp16.loss_scale=-1: fp16.loss_scale: must be >= 0"),
+        ("fp16.hysteresis=0", "--set fp16.hysteresis=0: fp16.hysteresis: must be positive"),
+        ("loss_normalization=mean", r#"--set loss_normalization="mean": loss_normalization: "mean": expected "global_tokens" or "per_rank_mean""#),
+        ("optimizer.params.lr=-1", "--set optimizer.params.lr=-1: optimizer.params.lr: must be >= 0"),
+    ] {
+        let e = one_error_line(&check(&[set]));
+        assert!(e.contains(want) && e.ends_with("(overriding configs/config_block_tiny.json)"), "{set}: {e}");
+    }
+    let e = one_error_line(&check(&["fp16.enabled=true", "bf16.enabled=true"]));
+    assert!(e.contains("--set fp16.enabled=true: fp16.enabled: fp16 and bf16 are both enabled"), "{e}");
+    let out = stdout(&check(&["loss_normalization=per_rank_mean"]));
+    assert!(out.contains("loss_normalization") && out.contains("per_rank_mean (each rank's mean over its own loss tokens") && out.contains("(--set)"), "{out}");
+    let out = stdout(&check(&["optimizer.params.lr=0"]));
+    assert!(out.contains("lr                             = 0  (--set)") && out.contains("warning: lr = 0 (--set): the weights will not move"), "{out}");
+
+    // lr = 0 trains (through the training path) without moving the weights
+    let d = tempfile::tempdir().unwrap();
+    let save = d.path().join("run");
+    let o = common::tiny_command(
+        d.path(),
+        0,
+        Path::new(&repo_file("configs/config_block_tiny.json")),
+        &["optimizer.params.lr=0".into(), "train_iters=2".into(), "save_interval=1".into(), "eval_interval=0".into(), format!("save={}", save.display())],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let w = |it: &str| std::fs::read(save.join(it).join("model.safetensors")).unwrap();
+    assert!(w("1") == w("2"), "lr = 0: the weights after iterations 1 and 2 are the same");
+    assert!(common::events(&save, "train").iter().all(|e| e["loss"].as_f64().is_some_and(f64::is_finite)));
+}

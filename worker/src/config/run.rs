@@ -64,28 +64,41 @@ impl RunConfig {
         let mut put = |key: &str, value: String, source: String| report.push(Entry { key: key.into(), value, source });
 
         let batch = ds.batch(dp, a.batch_size, a.gradient_accumulation_steps)?;
-        let batch_src = if ds.micro_batch.is_some() || ds.train_batch_size.is_some() { dsname.clone() } else { src("batch_size") };
+        // the DeepSpeed file's batch keys (or a --set of them) decide, else configs.json's
+        let ds_batch_src = |keys: &[&str]| {
+            if keys.iter().any(|k| ds.source(k) == "--set") {
+                "--set".to_string()
+            } else {
+                dsname.clone()
+            }
+        };
+        let batch_keys = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"];
+        let batch_src = if ds.micro_batch.is_some() || ds.train_batch_size.is_some() { ds_batch_src(&batch_keys) } else { src("batch_size") };
         put("train_batch_size", batch.global.to_string(), batch_src.clone());
         put("train_micro_batch_size_per_gpu", batch.micro.to_string(), batch_src);
-        put("gradient_accumulation_steps", batch.accum.to_string(), if ds.grad_accum.is_some() { dsname.clone() } else { src("gradient_accumulation_steps") });
+        put(
+            "gradient_accumulation_steps",
+            batch.accum.to_string(),
+            if ds.grad_accum.is_some() { ds_batch_src(&batch_keys) } else { src("gradient_accumulation_steps") },
+        );
 
         let o = ds.optimizer.clone();
         // the DeepSpeed file decides where it speaks, except over an explicit
         // --set of the configs.json key (said in the source column)
         // (value, where it came from, whether the DeepSpeed file gave it)
-        let pick = |ds_v: Option<f64>, key: &str, arg: f64| -> (f64, String, bool) {
+        let pick = |ds_v: Option<f64>, ds_key: &str, key: &str, arg: f64| -> (f64, String, bool) {
             match (ds_v, args.source(key)) {
                 (Some(_), super::args::Source::Set) => (arg, format!("--set, over {dsname}"), false),
-                (Some(v), _) => (v, dsname.clone(), true),
+                (Some(v), _) => (v, ds.source(ds_key), true),
                 (None, s) => (arg, s.to_string(), false),
             }
         };
-        let lr = pick(o.as_ref().and_then(|o| o.lr), "lr", a.lr);
-        let b1 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "adam_beta1", a.adam_beta1);
-        let b2 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "adam_beta2", a.adam_beta2);
-        let eps = pick(o.as_ref().and_then(|o| o.eps), "adam_eps", a.adam_eps);
-        let wd = pick(o.as_ref().and_then(|o| o.weight_decay), "weight_decay", a.weight_decay);
-        let clip = pick(ds.gradient_clipping, "clip_grad", a.clip_grad);
+        let lr = pick(o.as_ref().and_then(|o| o.lr), "optimizer.params.lr", "lr", a.lr);
+        let b1 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "optimizer.params.betas", "adam_beta1", a.adam_beta1);
+        let b2 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "optimizer.params.betas", "adam_beta2", a.adam_beta2);
+        let eps = pick(o.as_ref().and_then(|o| o.eps), "optimizer.params.eps", "adam_eps", a.adam_eps);
+        let wd = pick(o.as_ref().and_then(|o| o.weight_decay), "optimizer.params.weight_decay", "weight_decay", a.weight_decay);
+        let clip = pick(ds.gradient_clipping, "gradient_clipping", "clip_grad", a.clip_grad);
         let decay = (a.lr_decay_ratio, src("lr_decay_ratio"), false);
         // ranges, named by the key and the file that gave the value (the
         // DeepSpeed file checks its own keys as it is read)
