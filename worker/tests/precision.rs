@@ -480,3 +480,36 @@ fn a_resume_under_another_zero_stage_says_how_the_scaler_carried_over() {
     );
     assert_eq!(events(&b, "train")[0]["loss_scale"].as_f64(), Some(512.0));
 }
+
+/// At `min_loss_scale`, DeepSpeed's stage-0 optimizer keeps the minimum and
+/// skips every overflowing step (each said in the log), while stages 1-3
+/// stop with DeepSpeed's error, the iteration and a hint that works.
+#[test]
+fn at_the_minimum_scale_stage_0_keeps_skipping_and_stage_1_stops() {
+    let d = tempfile::tempdir().unwrap();
+    let fp16 = r#", "fp16": {"enabled": true, "initial_scale_power": 1, "hysteresis": 1}"#;
+    let env = [("GLM_INJECT_INF_GRAD", "*:2-4")];
+    let common = sets(&["train_iters=5".to_string(), "log_interval=1".into()]);
+    let s0 = ds(d.path(), "s0.json", 4, 4, fp16);
+    let out = ok(&run_env(d.path(), 0, &s0, &[&common[..], &[format!("save={}", d.path().join("a").display())]].concat(), &env));
+    assert!(
+        out.contains(
+            "iteration 2: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 2, reducing to 1\n"
+        ),
+        "{out}"
+    );
+    for it in [3, 4] {
+        assert!(out.contains(&format!("iteration {it}: OVERFLOW! Skipping step (inf/NaN gradient on some rank; learning-rate schedule held). Attempted loss scale: 1, reducing to 1: already at min_loss_scale")), "{out}");
+    }
+    let s1 = ds(d.path(), "s1.json", 4, 4, &format!(r#"{fp16}, "zero_optimization": {{"stage": 1}}"#));
+    let o = run_env(d.path(), 0, &s1, &[&common[..], &[format!("save={}", d.path().join("b").display())]].concat(), &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("iteration 3: Current loss scale already at minimum - cannot decrease scale anymore. Exiting run."), "{err}");
+    // the hint, run as printed: bf16 trains through the same overflows' iterations
+    let hint = err.split("or train in bf16: ").nth(1).unwrap().trim_end().trim_end_matches(')');
+    assert_eq!(hint, "--set fp16.enabled=false --set bf16.enabled=true");
+    let hinted: Vec<String> = hint.split_whitespace().filter(|w| *w != "--set").map(String::from).collect();
+    let out = ok(&run(d.path(), 0, &s1, &[&common[..], &hinted, &[format!("save={}", d.path().join("c").display())]].concat()));
+    assert!(out.contains("bf16 (fp32 master weights"), "{out}");
+}

@@ -485,7 +485,12 @@ impl Trainer {
         let mut t_log = Instant::now();
         while self.iteration < total {
             let it = self.iteration + 1;
-            let (out, lr) = self.step(it)?;
+            // a runtime fault of the step (the fp16 scaler at its minimum, inf
+            // gradients without a scaler, a failed collective) names the iteration
+            let (out, lr) = self.step(it).map_err(|e| match e {
+                Error::Runtime(m) => Error::Runtime(format!("iteration {it}: {m}")),
+                e => e,
+            })?;
             let loss = out.loss;
             if !loss.is_finite() {
                 return Err(Error::Runtime(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
