@@ -13,6 +13,8 @@
 
 use std::sync::Mutex;
 
+mod common;
+
 use glm_worker::comm::local::run_ranks;
 use glm_worker::config::ds::LossNormalization;
 use glm_worker::model::glm::{Batch, Glm, GlmConfig};
@@ -29,19 +31,7 @@ const ACCUM: usize = 2;
 const MICRO: u64 = 2;
 
 fn model_cfg() -> GlmConfig {
-    GlmConfig {
-        vocab_size: VOCAB,
-        hidden_size: 64,
-        num_layers: 2,
-        num_attention_heads: 4,
-        intermediate_size: 256,
-        max_position_embeddings: SEQ as usize,
-        layernorm_epsilon: 1e-5,
-        hidden_dropout: 0.0,
-        attention_dropout: 0.0,
-        output_dropout: 0.0,
-        block_position_encoding: true,
-    }
+    common::small_glm(SEQ, VOCAB)
 }
 
 /// Data-parallel rank `dp_rank`'s share of micro-batch `m`: random tokens,
@@ -49,25 +39,7 @@ fn model_cfg() -> GlmConfig {
 /// rank (and micro-batch), so the ranks' token counts differ.
 fn batch(dp_rank: u64, m: u64) -> Batch {
     let loss_len = [[24, 20], [4, 9]][dp_rank as usize % 2][m as usize % 2];
-    let (mut tokens, mut targets) = (Vec::new(), Vec::new());
-    for i in 0..MICRO {
-        let mut rng = glm_worker::rng::Rng::new(5000 + 100 * dp_rank + 10 * m + i);
-        for _ in 0..SEQ {
-            tokens.push(10 + rng.below(VOCAB as u64 - 10) as i64);
-            targets.push(10 + rng.below(VOCAB as u64 - 10) as i64);
-        }
-    }
-    let n = MICRO as i64;
-    let sep = SEQ - loss_len;
-    let row = |f: &dyn Fn(i64) -> i64| Tensor::from_slice(&(0..SEQ).map(f).collect::<Vec<_>>()).unsqueeze(0).repeat([n, 1]);
-    Batch {
-        tokens: Tensor::from_slice(&tokens).view([n, SEQ]),
-        targets: Tensor::from_slice(&targets).view([n, SEQ]),
-        position_ids: row(&|i| i.min(sep - 1)),
-        block_position_ids: row(&|i| if i < sep { 0 } else { i - sep + 1 }),
-        loss_mask: row(&|i| i64::from(i >= sep)),
-        sep: Tensor::from_slice(&vec![sep; n as usize]),
-    }
+    common::random_batch((0..MICRO).map(|i| 5000 + 100 * dp_rank + 10 * m + i), SEQ, VOCAB, SEQ - loss_len)
 }
 
 fn recipe() -> Recipe {

@@ -11,11 +11,14 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+mod common;
+
 use glm_worker::checkpoint::{self, State};
 use glm_worker::comm::local::run_ranks;
 use glm_worker::model::glm::{Batch, Glm, GlmConfig};
 use glm_worker::optim::adamw::AdamWConfig;
 use glm_worker::optim::optimizer::{MemoryBytes, OptimConfig, Optimizer, Precision};
+use glm_worker::optim::scaler::{DynamicKeys, ScalerConfig, ScalerRules};
 use glm_worker::optim::zero::ZeroConfig;
 use glm_worker::parallel::Parallel;
 use glm_worker::train::build::{build, Recipe};
@@ -29,19 +32,7 @@ const VOCAB: usize = 256;
 const CLIP: f64 = 0.05;
 
 fn model_cfg() -> GlmConfig {
-    GlmConfig {
-        vocab_size: VOCAB,
-        hidden_size: 64,
-        num_layers: 2,
-        num_attention_heads: 4,
-        intermediate_size: 256,
-        max_position_embeddings: SEQ as usize,
-        layernorm_epsilon: 1e-5,
-        hidden_dropout: 0.0,
-        attention_dropout: 0.0,
-        output_dropout: 0.0,
-        block_position_encoding: true,
-    }
+    common::small_glm(SEQ, VOCAB)
 }
 
 #[derive(Clone, Copy)]
@@ -86,31 +77,16 @@ struct RankOut {
 /// Sample `i` of the synthetic corpus: random tokens, Part A the first
 /// half, the loss on Part B.
 fn batch(indices: std::ops::Range<u64>) -> Batch {
-    let n = (indices.end - indices.start) as i64;
-    let mut tokens = Vec::new();
-    let mut targets = Vec::new();
-    for i in indices {
-        let mut rng = glm_worker::rng::Rng::new(1000 + i);
-        for _ in 0..SEQ {
-            tokens.push(10 + rng.below(VOCAB as u64 - 10) as i64);
-            targets.push(10 + rng.below(VOCAB as u64 - 10) as i64);
-        }
-    }
-    let half = SEQ / 2;
-    let row = |f: &dyn Fn(i64) -> i64| Tensor::from_slice(&(0..SEQ).map(f).collect::<Vec<_>>()).unsqueeze(0).repeat([n, 1]);
-    Batch {
-        tokens: Tensor::from_slice(&tokens).view([n, SEQ]),
-        targets: Tensor::from_slice(&targets).view([n, SEQ]),
-        position_ids: row(&|i| i.min(half - 1)),
-        block_position_ids: row(&|i| if i < half { 0 } else { i - half + 1 }),
-        loss_mask: row(&|i| i64::from(i >= half)),
-        sep: Tensor::from_slice(&vec![half; n as usize]),
-    }
+    common::random_batch(indices.map(|i| 1000 + i), SEQ, VOCAB, SEQ / 2)
 }
 
 fn optim_cfg(s: &Setup) -> OptimConfig {
+    // fp16: 2^16 and no hysteresis on either path, so that stages 0 and 2
+    // scale alike (DeepSpeed's defaults differ by stage: 2^16 / 2^32)
+    let keys = DynamicKeys { initial_scale_power: Some(16), hysteresis: Some(1), ..Default::default() };
     OptimConfig {
         zero: ZeroConfig { stage: s.stage, reduce_bucket_size: s.bucket, allgather_bucket_size: s.allgather, overlap_comm: true },
+        scaler: (s.precision == Precision::Fp16).then(|| ScalerConfig::resolve(0.0, &keys, ScalerRules::for_stage(s.stage))),
         ..OptimConfig::new(s.precision, AdamWConfig::GLM, CLIP)
     }
 }

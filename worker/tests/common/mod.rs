@@ -121,3 +121,44 @@ pub fn run_child_on_two_ranks(child: &str) {
         assert!(out.contains("test result: ok. 1 passed"), "rank {r} did not pass {child}:\n{}", indent(out));
     }
 }
+
+/// A small dropout-free GLM for the in-process parity tests.
+pub fn small_glm(seq: i64, vocab: usize) -> glm_worker::model::glm::GlmConfig {
+    glm_worker::model::glm::GlmConfig {
+        vocab_size: vocab,
+        hidden_size: 64,
+        num_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 256,
+        max_position_embeddings: seq as usize,
+        layernorm_epsilon: 1e-5,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        output_dropout: 0.0,
+        block_position_encoding: true,
+    }
+}
+
+/// A batch of one sample per seed: random tokens and targets (ids from 10
+/// up), Part A the first `sep` positions, the loss on the rest.
+pub fn random_batch(seeds: impl Iterator<Item = u64>, seq: i64, vocab: usize, sep: i64) -> glm_worker::model::glm::Batch {
+    use tch::Tensor;
+    let (mut tokens, mut targets) = (Vec::new(), Vec::new());
+    for seed in seeds {
+        let mut rng = glm_worker::rng::Rng::new(seed);
+        for _ in 0..seq {
+            tokens.push(10 + rng.below(vocab as u64 - 10) as i64);
+            targets.push(10 + rng.below(vocab as u64 - 10) as i64);
+        }
+    }
+    let n = tokens.len() as i64 / seq;
+    let row = |f: &dyn Fn(i64) -> i64| Tensor::from_slice(&(0..seq).map(f).collect::<Vec<_>>()).unsqueeze(0).repeat([n, 1]);
+    glm_worker::model::glm::Batch {
+        tokens: Tensor::from_slice(&tokens).view([n, seq]),
+        targets: Tensor::from_slice(&targets).view([n, seq]),
+        position_ids: row(&|i| i.min(sep - 1)),
+        block_position_ids: row(&|i| if i < sep { 0 } else { i - sep + 1 }),
+        loss_mask: row(&|i| i64::from(i >= sep)),
+        sep: Tensor::from_slice(&vec![sep; n as usize]),
+    }
+}
