@@ -306,9 +306,12 @@ impl LoadedArgs {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let used = used_keys();
         let known = is_key;
-        let unknown = |k: &str| {
+        // the keys a typo may have meant: a --set may also name a top-level
+        // key of the DeepSpeed file (split_sets sends those there)
+        let unknown = |k: &str, set: bool| {
             let all = used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
-            let hint = closest(k, all).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+            let ds: &[&str] = if set { crate::ds::read_keys() } else { &[] };
+            let hint = closest(k, all.chain(ds.iter().copied())).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
             format!("unknown key \"{k}\"{hint}")
         };
         let mut map = Map::new();
@@ -320,7 +323,7 @@ impl LoadedArgs {
             };
             for (k, v) in m {
                 if !known(&k) {
-                    return Err(Error::invalid(p, unknown(&k)));
+                    return Err(Error::invalid(p, unknown(&k, false)));
                 }
                 sources.insert(k.clone(), Source::File(p.to_path_buf()));
                 map.insert(k, v);
@@ -332,7 +335,7 @@ impl LoadedArgs {
             };
             let k = k.trim();
             if !known(k) {
-                return Err(Error::Config(format!("--set {s}: {}", unknown(k))));
+                return Err(Error::Config(format!("--set {s}: {}", unknown(k, true))));
             }
             map.insert(k.to_string(), parse_set_value(v));
             sources.insert(k.to_string(), Source::Set);
@@ -347,7 +350,7 @@ impl LoadedArgs {
                 };
                 if !same {
                     return Err(Error::Config(format!(
-                        "{k} = {v} ({}): not supported by glm-pretrain-rs, which would silently train something else; use {accepted}",
+                        "{k} = {v} ({}): not supported by glm-pretrain-rs, which would silently train something else; use {accepted} (--set {k}={accepted})",
                         sources[*k]
                     )));
                 }

@@ -160,13 +160,22 @@ const BF16_KEYS: &[&str] = &["enabled", "immediate_grad_update", "check_grad_ove
 const ADAM_KEYS: &[&str] = &["lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam", "fused", "foreach", "capturable"];
 
 /// Refuses a key of `obj` (at `prefix`) that is in none of `known`, with
-/// the nearest known key suggested.
+/// the nearest known key suggested by its whole path (as a `--set` names
+/// it, where a `--set` gave the unknown key).
 fn check_keys(c: &Ctx, obj: &Map<String, Value>, prefix: &str, known: &[&[&str]]) -> Result<()> {
     for k in obj.keys() {
         if known.iter().any(|l| l.contains(&k.as_str())) {
             continue;
         }
-        let hint = crate::args::closest(k, known.iter().flat_map(|l| l.iter().copied())).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
+        let by_set = set_for(c.sets, &format!("{prefix}{k}")).is_some();
+        let hint = crate::args::closest(k, known.iter().flat_map(|l| l.iter().copied()))
+            .map(|m| {
+                let full = format!("{prefix}{m}");
+                // a plain key configs.json has too reaches this file only with "ds."
+                let full = if by_set && !full.contains('.') && crate::args::is_key(&full) { format!("{SET_PREFIX}{full}") } else { full };
+                format!(" (did you mean \"{full}\"?)")
+            })
+            .unwrap_or_default();
         return Err(c.err(&format!("{prefix}{k}"), format!("unknown key{hint}")));
     }
     Ok(())
@@ -197,6 +206,11 @@ const READ: &[&str] = &[
 /// reads, or this program's `loss_normalization`).
 pub fn is_top_level_key(key: &str) -> bool {
     READ.contains(&key) || ACCEPTED.contains(&key)
+}
+
+/// The top-level keys of a DeepSpeed file that this program reads.
+pub fn read_keys() -> &'static [&'static str] {
+    READ
 }
 
 /// A `--set` of the DeepSpeed file: the dotted key path and its value.
@@ -497,7 +511,9 @@ impl DsConfig {
         if bf16 == Some(true) && fp16.as_ref().is_some_and(|f| f.enabled == Some(true)) {
             // blamed on whichever of the two a --set turned on
             let key = if set_for(sets, "fp16.enabled").is_some() { "fp16.enabled" } else { "bf16.enabled" };
-            return Err(c.err(key, "fp16 and bf16 are both enabled; enable one (e.g. --set fp16.enabled=false --set bf16.enabled=true)"));
+            // the hint keeps the one blamed (a --set turned it on) and turns the other off
+            let (keep, other) = if key == "fp16.enabled" { ("fp16", "bf16") } else { ("bf16", "fp16") };
+            return Err(c.err(key, format!("fp16 and bf16 are both enabled; enable one (to train in {keep}: --set {other}.enabled=false)")));
         }
         let loss_normalization = match top.get("loss_normalization") {
             None | Some(Value::Null) => LossNormalization::default(),
@@ -649,15 +665,15 @@ mod tests {
             (json!({"train_micro_batch_size_per_gpus": 2}), "train_micro_batch_size_per_gpus: unknown key (did you mean \"train_micro_batch_size_per_gpu\"?)"),
             (
                 json!({"zero_optimization": {"stage": 1, "reduce_bucket_sise": 5}}),
-                "zero_optimization.reduce_bucket_sise: unknown key (did you mean \"reduce_bucket_size\"?)",
+                "zero_optimization.reduce_bucket_sise: unknown key (did you mean \"zero_optimization.reduce_bucket_size\"?)",
             ),
-            (json!({"fp16": {"loss_scale_windows": 5}}), "fp16.loss_scale_windows: unknown key (did you mean \"loss_scale_window\"?)"),
+            (json!({"fp16": {"loss_scale_windows": 5}}), "fp16.loss_scale_windows: unknown key (did you mean \"fp16.loss_scale_window\"?)"),
             (
                 json!({"optimizer": {"type": "Adam", "params": {"weight_decays": 0.1}}}),
-                "optimizer.params.weight_decays: unknown key (did you mean \"weight_decay\"?)",
+                "optimizer.params.weight_decays: unknown key (did you mean \"optimizer.params.weight_decay\"?)",
             ),
             (json!({"optimizer": {"type": "Adam", "params": {"amsgrad": true}}}), "optimizer.params.amsgrad: not supported"),
-            (json!({"bf16": {"enable": true}}), "bf16.enable: unknown key (did you mean \"enabled\"?)"),
+            (json!({"bf16": {"enable": true}}), "bf16.enable: unknown key (did you mean \"bf16.enabled\"?)"),
             (json!({"optimizer": {"type": "Adam", "params": {"eps": 0}}}), "optimizer.params.eps: must be positive"),
             (json!({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1}}}), "scheduler.params.warmup_max_lr: must be positive"),
         ] {

@@ -86,6 +86,16 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Res
     serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.column(), format!("{what}: {e}")))
 }
 
+/// `s` as one word of a shell command line, for the commands that messages
+/// suggest: as it is when that is safe, else single-quoted.
+pub fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use glm_common::launch;
     name = "glm-launch",
     version,
     about = "Start glm-worker on every slot of a hostfile as one MPI world, and supervise it",
-    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config ds.json --args configs.json --set train_iters=100); after `--`, everything does."
+    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100); after `--`, everything does."
 )]
 struct Cli {
     /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
@@ -305,7 +305,7 @@ fn ssh_stopper(targets: Vec<ssh::Target>, id: String) -> impl Fn() -> usize + Se
 /// per node.
 fn slurm_placement(cli: &Cli) -> Result<Placement> {
     let Some(job) = std::env::var("SLURM_JOB_ID").ok().filter(|j| !j.is_empty()) else {
-        bail!("--launcher slurm runs inside a Slurm allocation, and there is none here (SLURM_JOB_ID unset): submit scripts/pretrain.sbatch with sbatch, or run glm-launch --launcher slurm inside salloc");
+        bail!("--launcher slurm runs inside a Slurm allocation, and there is none here (SLURM_JOB_ID unset): submit a batch job (sbatch scripts/pretrain.sbatch), or run glm-launch --launcher slurm inside salloc");
     };
     if cli.hostfile.is_some() || cli.include.is_some() || cli.exclude.is_some() {
         bail!("--launcher slurm: allocation {job} decides the hosts; --hostfile/--include/--exclude do not apply (use --num_nodes / --num_gpus, or ask sbatch/salloc for other nodes)");
@@ -400,7 +400,10 @@ fn run(args: &[String]) -> Result<i32> {
     };
     if cli.launcher == "local" {
         if let Some((h, _)) = place.hosts.iter().find(|(h, _)| !is_local(h)) {
-            bail!("--launcher local runs on this machine only, but the selection includes host {h} (use --launcher mpirun, or --include localhost)");
+            // the hosts of the selection that are this machine, if any
+            let here: Vec<&str> = place.hosts.iter().map(|(h, _)| h.as_str()).filter(|h| is_local(h)).collect();
+            let include = if here.is_empty() { String::new() } else { format!(", or --include {}", here.join("@")) };
+            bail!("--launcher local runs on this machine only, but the selection includes host {h} (use --launcher mpirun{include})");
         }
     }
     if !use_slurm {

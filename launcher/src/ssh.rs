@@ -347,20 +347,28 @@ fn verify_host_key(sess: &Session, t: &Target) -> Result<()> {
     let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
     let mut text = String::new();
     let mut read = Vec::new();
+    let name = t.known_name();
+    // the file that lists this host by name (in plain text), for the hint that removes its old key
+    let mut lists = None;
     for f in t.known_hosts.iter().map(PathBuf::as_path).chain([Path::new("/etc/ssh/ssh_known_hosts")]) {
         if f.is_file() {
-            text.push_str(&std::fs::read_to_string(f).with_context(|| format!("{}: cannot read known hosts", f.display()))?);
+            let body = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read known hosts", f.display()))?;
+            if lists.is_none() && body.lines().any(|l| l.split_whitespace().next().is_some_and(|h| h.split(',').any(|h| h == name))) {
+                lists = Some(f.to_path_buf());
+            }
+            text.push_str(&body);
             text.push('\n');
             read.push(f.display().to_string());
         }
     }
     let files = if read.is_empty() { "no known_hosts file".to_string() } else { read.join(", ") };
-    let name = t.known_name();
+    let remove =
+        lists.or_else(|| t.known_hosts.iter().find(|f| f.is_file()).cloned()).map(|f| format!(" -f {}", quote(&f.display().to_string()))).unwrap_or_default();
     match key_verdict(sess, &text, &name, key, key_name(kind), &key_b64)? {
         KeyVerdict::Match => Ok(()),
         KeyVerdict::Revoked => bail!("{}: the server's {} key {fingerprint} is marked @revoked in {files}; refusing to connect", t.describe(), key_name(kind)),
         KeyVerdict::Changed => bail!(
-            "{}: HOST KEY CHANGED: the server's {} key {fingerprint} differs from the one in {files}; refusing to connect (someone may be intercepting the connection; if the host was reinstalled, remove the old key with `ssh-keygen -R '{name}'`)",
+            "{}: HOST KEY CHANGED: the server's {} key {fingerprint} differs from the one in {files}; refusing to connect (someone may be intercepting the connection; if the host was reinstalled, remove the old key with `ssh-keygen -R '{name}'{remove}`)",
             t.describe(),
             key_name(kind)
         ),
@@ -376,11 +384,13 @@ fn verify_host_key(sess: &Session, t: &Target) -> Result<()> {
             Ok(())
         }
         KeyVerdict::Unknown => bail!(
-            "{}: unknown host key ({} {fingerprint}), not in {files}; refusing to connect: check the fingerprint and add it (`ssh-keyscan -p {} {} >> ~/.ssh/known_hosts`), or pass --ssh_accept_new_host_keys",
+            "{}: unknown host key ({} {fingerprint}), not in {files}; refusing to connect: check the fingerprint and add it (`ssh-keyscan -p {} {} >> {}`), or pass --ssh_accept_new_host_keys",
             t.describe(),
             key_name(kind),
             t.port,
-            t.addr
+            t.addr,
+            // the file glm-launch reads first (and --ssh_accept_new_host_keys writes)
+            t.known_hosts.first().map_or_else(|| "~/.ssh/known_hosts".to_string(), |f| quote(&f.display().to_string()))
         ),
     }
 }

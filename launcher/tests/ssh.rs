@@ -110,6 +110,20 @@ fn ssh_back_end_on_two_test_hosts() {
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     assert!(out.contains("node1 (10.213.77.11:2222): unknown host key (ssh-ed25519 SHA256:") && out.contains("pass --ssh_accept_new_host_keys"), "{out}");
     assert!(err.contains("preflight failed") && !d.path().join("pid.0").exists(), "{err}");
+    // the command the refusal names records each key where glm-launch reads it
+    let scanned = d.path().join("known_hosts.scanned");
+    std::fs::write(&scanned, "").unwrap();
+    set_known_hosts(&h, &scanned);
+    let (out, _) = text(&done(&mut launch(&h, &["--worker", &ws])));
+    let scans: Vec<String> =
+        out.lines().filter_map(|l| l.split_once("(`ssh-keyscan ")).map(|(_, r)| format!("ssh-keyscan {}", r.split_once("`)").unwrap().0)).collect();
+    assert_eq!(scans.len(), 2, "one per host: {out}");
+    for scan in &scans {
+        assert!(Command::new("sh").args(["-c", scan]).status().unwrap().success(), "{scan}");
+    }
+    let o = done(&mut launch(&h, &["--worker", &ws]));
+    assert!(o.status.success(), "after {scans:?}: {}{}", text(&o).0, text(&o).1);
+    set_known_hosts(&h, &empty);
 
     // 2. ... unless the user opts in: the keys are recorded, and every rank
     // runs on its host
@@ -139,6 +153,12 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(out.contains("node1 (10.213.77.11:2222): HOST KEY CHANGED") && out.contains("ssh-keygen -R '[10.213.77.11]:2222'"), "{out}");
     let node2_row = out.lines().find(|l| l.trim_start().starts_with("node2")).unwrap();
     assert!(node2_row.ends_with("ok"), "only the changed host fails: {out}");
+    // the command it names removes the old key from the file it is in; the opt-in then records the new one
+    let remove = format!("ssh-keygen -R {}", out.split_once("`ssh-keygen -R ").unwrap().1.split_once("`)").unwrap().0);
+    assert!(remove.ends_with(&format!(" -f {}", changed.display())), "{remove}");
+    assert!(Command::new("sh").args(["-c", &remove]).output().unwrap().status.success(), "{remove}");
+    let o = done(&mut launch(&h, &["--worker", &ws, "--ssh_accept_new_host_keys"]));
+    assert!(o.status.success(), "after {remove}: {}{}", text(&o).0, text(&o).1);
     set_known_hosts(&h, &good);
 
     // 4. a wrong port: a clear preflight row, nothing started

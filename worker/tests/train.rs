@@ -364,7 +364,7 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         // a training-time hint names training's option, not prepare's --tokenizer
         (
             vec!["--set", "tokenizer_path=/nonexistent/vocab.txt", "--set", "save=null"],
-            "/nonexistent/vocab.txt: tokenizer: no such file; hint: point tokenizer_path at a BERT vocab.txt or a tokenizer.json (--set tokenizer_path=<file>), or --set tokenizer_path=null",
+            "/nonexistent/vocab.txt: tokenizer: no such file; hint: point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, or --set tokenizer_path=null",
         ),
     ];
     for (extra, want) in cases {
@@ -383,8 +383,8 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
     std::fs::write(&sched, r#"{"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.001}}}"#).unwrap();
     let (plain, sched) = (plain.display().to_string(), sched.display().to_string());
     let cases: Vec<(&str, &str, &str)> = vec![
-        (&plain, "lr=-0.1", "lr = -0.1 (--set): must be positive"),
-        ("configs/config_block_tiny.json", "optimizer.params.lr=-0.1", "optimizer.params.lr: must be positive"),
+        (&plain, "lr=-0.1", "lr = -0.1 (--set): must be >= 0"),
+        ("configs/config_block_tiny.json", "optimizer.params.lr=-0.1", "optimizer.params.lr: must be >= 0"),
         (&sched, "scheduler.params.warmup_max_lr=-1", "scheduler.params.warmup_max_lr: must be positive and >= warmup_min_lr"),
         (&sched, "scheduler.params.warmup_min_lr=-1", "scheduler.params.warmup_min_lr: must be >= 0"),
         (&plain, "lr_decay_ratio=-0.5", "lr_decay_ratio = -0.5 (--set): must be in [0, 1]"),

@@ -200,12 +200,16 @@ pub(super) fn read_named_moments(dir: &Path, state: &State, infos: &[ParamInfo])
 pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, State, PathBuf)> {
     let dir = resolve(path)?;
     if !dir.join("state.json").is_file() && dir.join(mp_rank_dir(0)).is_dir() {
+        let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
+        let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
+        let merged = dir.with_file_name(format!("{name}-merged"));
         return Err(Error::invalid(
             &dir,
             format!(
-                "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); eval and generate need a whole-model checkpoint: glm-worker checkpoint merge --load {} --out {}-merged",
-                dir.display(),
-                dir.display()
+                "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); eval and generate need a whole-model checkpoint: merge it first (glm-worker checkpoint merge --load {} --out {}), then --load {}",
+                word(&dir),
+                word(&merged),
+                word(&merged)
             ),
         ));
     }

@@ -95,7 +95,11 @@ pub fn bench_comm(a: BenchCommArgs) -> Result<()> {
     use glm_worker::comm::{check, Communicator};
     let world = glm_worker::comm::mpi::world()?;
     let p = world.size();
-    anyhow::ensure!(p > 1, "bench-comm needs several ranks: mpirun -np 2 glm-worker bench-comm");
+    if p == 1 {
+        // this command line, under mpirun
+        let args: Vec<String> = std::env::args().skip(1).map(|a| glm_common::text::shell_word(&a)).collect();
+        anyhow::bail!("bench-comm needs several ranks: mpirun -np 2 glm-worker {}", args.join(" "));
+    }
     let factor = check::bus_factor(p);
     for &m in mib {
         let n = m * (1 << 20) / 4;

@@ -172,7 +172,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
             );
         }
     }
-    if let Some(w) = meta.unknown_warning() {
+    if let Some(w) = meta.unknown_warning(glm_worker::data::prepare::TokenizerOption::Flag) {
         println!("warning: {w}");
     }
     let splits = split_documents(meta.documents as usize, &weights, a.seed);
@@ -188,7 +188,12 @@ pub fn samples(a: SamplesArgs) -> Result<()> {
     anyhow::ensure!(!(a.summary && a.count == 0), "--count 0 with --summary: the summary measures samples; give --count 1 or more");
     let st = Arc::new(TokenStore::open(&a.store)?);
     let tok = GlmTokenizer::load(&a.store.join("tokenizer.json"))?;
-    anyhow::ensure!(tok.sha256 == st.meta.tokenizer_sha256, "{}: tokenizer.json does not match meta.json (rebuild the store)", a.store.display());
+    anyhow::ensure!(
+        tok.sha256 == st.meta.tokenizer_sha256,
+        "{}: tokenizer.json does not match meta.json (rebuild the store with this tokenizer: {})",
+        a.store.display(),
+        store::rebuild_command(&a.store, &st.meta)
+    );
     let cfg = match &a.args_file {
         Some(p) => {
             let loaded = glm_worker::config::args::LoadedArgs::load(Some(p), &a.sets)?;
@@ -198,7 +203,10 @@ pub fn samples(a: SamplesArgs) -> Result<()> {
             c
         }
         None => {
-            anyhow::ensure!(a.sets.is_empty(), "--set needs --args (the configs.json it overrides)");
+            // the configs.json that training reads by default, where it is
+            let default = std::path::Path::new("configs/configs.json");
+            let example = if default.is_file() { format!(", e.g. --args {}", default.display()) } else { String::new() };
+            anyhow::ensure!(a.sets.is_empty(), "--set needs --args (the configs.json it overrides{example})");
             BlockConfig { seq_length: a.seq_length.unwrap_or(128), seed: a.seed.unwrap_or(1234), task_mask: a.task_mask, ..BlockConfig::default() }
         }
     };

@@ -136,10 +136,5 @@ fn refuse_tensor_parallel(load: &Path, command: &str) -> Result<()> {
 
 /// `p` as one shell word: as it is when that is safe, else single-quoted.
 fn shell_word(p: &Path) -> String {
-    let s = p.display().to_string();
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@".contains(c)) {
-        s
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
+    glm_common::text::shell_word(&p.display().to_string())
 }

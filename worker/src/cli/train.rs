@@ -100,7 +100,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     if a.train_iters == 0 {
         for d in &cfg.train_data {
             if !d.exists() {
-                println!("note: train_data {} does not exist yet (training needs it; scripts/setup.sh builds the default corpus)", d.display());
+                println!("note: train_data {} does not exist yet (training needs it; {})", d.display(), glm_worker::config::run::missing_corpus_hint(d));
             }
         }
         if let Some(p) = a.tokenizer_path.as_ref().filter(|p| !p.exists()) {

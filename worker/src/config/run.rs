@@ -53,6 +53,19 @@ pub struct RunConfig {
 /// The original project's dataset name for its `data.json`.
 pub const DEFAULT_CORPUS: &str = "glm_pretrain/data/data.json";
 
+/// What to do about a `train_data` entry `d` that does not exist: build the
+/// default corpus, or name one that exists (the default one where it does).
+pub fn missing_corpus_hint(d: &Path) -> String {
+    let default = Path::new(DEFAULT_CORPUS);
+    if d == default {
+        "scripts/setup.sh builds the default corpus there".into()
+    } else if default.is_file() {
+        format!("point train_data at an existing corpus file or folder, e.g. the default corpus: --set train_data={DEFAULT_CORPUS}")
+    } else {
+        format!("point train_data at an existing corpus file or folder, or build the default corpus {DEFAULT_CORPUS} with scripts/setup.sh")
+    }
+}
+
 impl RunConfig {
     pub fn build(ds: DsConfig, args: LoadedArgs, dp: usize) -> Result<Self> {
         let a = &args.args;
@@ -79,7 +92,11 @@ impl RunConfig {
         put(
             "gradient_accumulation_steps",
             batch.accum.to_string(),
-            if ds.grad_accum.is_some() { ds_batch_src(&batch_keys) } else { src("gradient_accumulation_steps") },
+            if ds.grad_accum.is_some() || ds.micro_batch.is_some() || ds.train_batch_size.is_some() {
+                ds_batch_src(&batch_keys)
+            } else {
+                src("gradient_accumulation_steps")
+            },
         );
 
         let o = ds.optimizer.clone();
@@ -224,7 +241,9 @@ impl RunConfig {
         // a --set of a configs.json key that the DeepSpeed file decides is not
         // dropped silently; the hint is the --set that does it, with the user's value
         let has_batch = ds.micro_batch.is_some() || ds.train_batch_size.is_some();
-        let has_accum = ds.grad_accum.is_some() || (ds.micro_batch.is_some() && ds.train_batch_size.is_some());
+        // with any of its batch keys the DeepSpeed file decides the
+        // accumulation steps too (1 where it names none, as in DeepSpeed)
+        let has_accum = ds.grad_accum.is_some() || has_batch;
         let fp16_block = ds.fp16.is_some();
         for (key, ds_key, decides, why) in [
             ("batch_size", "train_micro_batch_size_per_gpu", has_batch, "its batch sizes decide the micro-batch"),
@@ -237,7 +256,15 @@ impl RunConfig {
             if decides && args.source(key) == super::args::Source::Set {
                 let v = serde_json::to_value(a).ok().and_then(|m| m.get(key).cloned()).unwrap_or_default();
                 let v = if v.is_null() { "0".to_string() } else { v.to_string() };
-                warnings.push(format!("--set {key}={v} has no effect: {why} in {dsname} (to change it there: --set {ds_key}={v})"));
+                // a train_batch_size the file gives must still hold the batch rule:
+                // the hint gives the one of the new micro-batch or accumulation
+                let global = match (key, ds.train_batch_size.is_some(), v.parse::<usize>()) {
+                    ("batch_size", true, Ok(m)) => Some(m * batch.accum * dp),
+                    ("gradient_accumulation_steps", true, Ok(g)) => Some(batch.micro * g * dp),
+                    _ => None,
+                };
+                let global = global.map(|g| format!(" --set train_batch_size={g}")).unwrap_or_default();
+                warnings.push(format!("--set {key}={v} has no effect: {why} in {dsname} (to change it there: --set {ds_key}={v}{global})"));
             }
         }
         if args.source("output_dropout") != super::args::Source::Default && a.output_dropout != a.hidden_dropout {

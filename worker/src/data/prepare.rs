@@ -38,7 +38,7 @@ impl TokenizerOption {
         match self {
             TokenizerOption::Flag => "pass a BERT vocab.txt or a tokenizer.json with --tokenizer, or omit --tokenizer to train one on the corpus",
             TokenizerOption::ConfigKey => {
-                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json (--set tokenizer_path=<file>), \
+                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, \
                  or --set tokenizer_path=null to train one on the corpus"
             }
         }

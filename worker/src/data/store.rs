@@ -165,11 +165,16 @@ impl StoreMeta {
         self.unknown_tokens.map(|u| u as f64 / self.tokens.max(1) as f64)
     }
 
-    /// A warning when the share of `[UNK]` tokens is above `UNKNOWN_WARN_SHARE`.
-    pub fn unknown_warning(&self) -> Option<String> {
+    /// A warning when the share of `[UNK]` tokens is above `UNKNOWN_WARN_SHARE`,
+    /// with the option (`how`) that names the tokenizer.
+    pub fn unknown_warning(&self, how: crate::data::prepare::TokenizerOption) -> Option<String> {
         let share = self.unknown_share().filter(|s| *s > UNKNOWN_WARN_SHARE)?;
+        let (given, trained) = match how {
+            crate::data::prepare::TokenizerOption::Flag => ("--tokenizer", "omit --tokenizer"),
+            crate::data::prepare::TokenizerOption::ConfigKey => ("tokenizer_path", "--set tokenizer_path=null"),
+        };
         Some(format!(
-            "{:.1}% of the corpus's tokens are [UNK]: the tokenizer does not cover this text (another language or script? with a vocab.txt, check tokenizer_path; or let a tokenizer be trained on the corpus: tokenizer_path=null)",
+            "{:.1}% of the corpus's tokens are [UNK]: the tokenizer does not cover this text (another language or script? with a vocab.txt, check {given}; or let a tokenizer be trained on the corpus: {trained})",
             share * 100.0
         ))
     }
@@ -400,10 +405,40 @@ pub fn read_meta(dir: &Path) -> Result<StoreMeta> {
     if meta.format_version != FORMAT_VERSION {
         return Err(Error::invalid(
             &p,
-            format!("store format version {} (this build reads {FORMAT_VERSION}); rebuild it with `glm-worker prepare`", meta.format_version),
+            format!("store format version {} (this build reads {FORMAT_VERSION}); rebuild it: {}", meta.format_version, rebuild_command(dir, &meta)),
         ));
     }
     Ok(meta)
+}
+
+/// The command that rebuilds the store at `dir` from the corpus its
+/// `meta` records (a file, or the folder holding its files), with the
+/// tokenizer it holds, so that its token ids stay those of the runs and
+/// checkpoints made with it.
+pub fn rebuild_command(dir: &Path, meta: &StoreMeta) -> String {
+    let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
+    let files: Vec<&Path> = meta.corpus.files.iter().map(|f| f.path.as_path()).collect();
+    let data = match files.as_slice() {
+        [one] => one.to_path_buf(),
+        many => {
+            // the deepest folder above every file
+            let mut common: Vec<_> = many.first().and_then(|f| f.parent()).map(|p| p.components().collect()).unwrap_or_default();
+            for f in many {
+                let parts: Vec<_> = f.parent().map(|p| p.components().collect()).unwrap_or_default();
+                let same = common.iter().zip(&parts).take_while(|(a, b)| a == b).count();
+                common.truncate(same);
+            }
+            let folder: PathBuf = common.into_iter().collect();
+            if folder.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                folder
+            }
+        }
+    };
+    let tokenizer = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer.is_file() { format!(" --tokenizer {}", word(&tokenizer)) } else { String::new() };
+    format!("glm-worker prepare --data {}{tokenizer} --out {} --force", word(&data), word(dir))
 }
 
 /// Why an existing store cannot be reused, or `None` when it can.
@@ -437,7 +472,7 @@ pub struct TokenStore {
 
 fn check_header(path: &Path, buf: &[u8], magic: &[u8; 8], widths: &[u32]) -> Result<(u32, u64)> {
     if buf.len() < HEADER || &buf[..8] != magic {
-        return Err(Error::invalid(path, "not a token store file (bad magic); rebuild with `glm-worker prepare`"));
+        return Err(Error::invalid(path, "not a token store file (bad magic)"));
     }
     let version = u32::from_le_bytes(buf[8..12].try_into().unwrap());
     let width = u32::from_le_bytes(buf[12..16].try_into().unwrap());
@@ -478,8 +513,19 @@ impl TokenStore {
         Ok(st)
     }
 
+    /// Opens and validates the store at `dir`; a damaged one is an error
+    /// with the command that rebuilds it.
     pub fn open(dir: &Path) -> Result<Self> {
         let meta = read_meta(dir)?;
+        let hint = rebuild_command(dir, &meta);
+        Self::open_with(dir, meta).map_err(|e| match e {
+            Error::Invalid { path, msg } => Error::Invalid { path, msg: format!("{msg}; rebuild it: {hint}") },
+            Error::Io { path, error } => Error::Invalid { path, msg: format!("{error}; rebuild it: {hint}") },
+            e => e,
+        })
+    }
+
+    fn open_with(dir: &Path, meta: StoreMeta) -> Result<Self> {
         let tp = dir.join("tokens.bin");
         let ip = dir.join("index.bin");
         let tokens = map(&tp)?;
@@ -487,7 +533,7 @@ impl TokenStore {
         let (width, count) = check_header(&tp, &tokens, TOKENS_MAGIC, &[2, 4])?;
         let (_, entries) = check_header(&ip, &index, INDEX_MAGIC, &[8])?;
         if width != meta.bytes_per_token || count != meta.tokens || entries != meta.documents + 1 {
-            return Err(Error::invalid(dir, "tokens.bin/index.bin disagree with meta.json; rebuild with `glm-worker prepare`"));
+            return Err(Error::invalid(dir, "tokens.bin/index.bin disagree with meta.json"));
         }
         let store = TokenStore { meta, dir: dir.to_path_buf(), tokens, index };
         let offs = store.offsets();

@@ -141,7 +141,7 @@ fn oom_hint(doing: Option<&str>) -> &'static str {
         MODEL_TOO_LARGE_HINT
     } else if d.starts_with("training") {
         "\nHINT: a smaller train_micro_batch_size_per_gpu (keep the global batch with gradient_accumulation_steps), \
-         checkpoint_activations=true, or a shorter seq_length"
+         --set checkpoint_activations=true, or a shorter seq_length"
     } else if d.starts_with("evaluating") {
         "\nHINT: a smaller evaluation batch (eval_batch_size, or eval's --batch-size)"
     } else if d.starts_with("generating") {

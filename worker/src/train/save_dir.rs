@@ -109,7 +109,7 @@ fn claim_here(save: &Path, load: Option<&Path>, overwrite: bool) -> Result<SaveD
                 save,
                 format!(
                     "already holds {what}; {why}. Resume that run with --set load={}, choose another `save`, or start over with --set overwrite=true (removes that run's checkpoints, metrics and curve)",
-                    save.display()
+                    glm_common::text::shell_word(&save.display().to_string())
                 ),
             ));
         }

@@ -214,7 +214,7 @@ impl Trainer {
         for d in &cfg.train_data {
             files.extend(corpus_files(d).map_err(|e| match e {
                 Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => {
-                    Error::invalid(path, "train_data: no such file or folder; hint: scripts/setup.sh builds the default corpus, or --set train_data=<path>")
+                    Error::invalid(path, format!("train_data: no such file or folder; hint: {}", crate::config::run::missing_corpus_hint(d)))
                 }
                 e => e,
             })?);
@@ -245,7 +245,7 @@ impl Trainer {
                 report.seconds
             ),
         }
-        if let Some(w) = meta.unknown_warning() {
+        if let Some(w) = meta.unknown_warning(crate::data::prepare::TokenizerOption::ConfigKey) {
             println!("warning: {w}");
         }
         // the store opened is the one this run's tokenizer built (another
@@ -299,13 +299,46 @@ impl Trainer {
             let parts = if dir.join("state.json").is_file() { 1 } else { checkpoint::part_dirs(&dir)?.len() };
             let tp = par.tp.as_ref().map_or(1, |g| g.size);
             if parts != tp {
+                // the converted checkpoint beside it: <save>/<iteration>-merged, -tp<N>
+                let beside = |suffix: &str| {
+                    let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
+                    dir.with_file_name(format!("{name}-{suffix}"))
+                };
+                let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
+                let (merged, split) = (beside("merged"), beside(&format!("tp{tp}")));
+                // a converted checkpoint keeps its padded vocabulary, which a run
+                // pads to by its tensor-parallel size: the setting that matches it
+                let padded =
+                    checkpoint::open_state(&if parts == 1 { dir.clone() } else { dir.join(checkpoint::mp_rank_dir(0)) }).ok().map(|s| s.model.vocab_size);
+                let pad = |tp: usize| padded.map_or(String::new(), |p| vocab_padding_set(tok.vocab_size(), p, a.make_vocab_size_divisible_by, parts, tp));
                 let fix = if parts == 1 {
-                    format!("split it first (glm-worker checkpoint split --load {} --tp {tp} --out <dir>), or train with model_parallel_size=1", dir.display())
+                    format!(
+                        "split it first (glm-worker checkpoint split --load {} --tp {tp} --out {}), then train with --set load={}{}; or train with --set model_parallel_size=1{}",
+                        word(&dir),
+                        word(&split),
+                        word(&split),
+                        pad(tp),
+                        pad(1)
+                    )
                 } else if tp == 1 {
-                    format!("merge it first (glm-worker checkpoint merge --load {} --out <dir>), or train with model_parallel_size={parts}", dir.display())
+                    format!(
+                        "merge it first (glm-worker checkpoint merge --load {} --out {}), then train with --set load={}{}; or train on {parts} ranks with --set model_parallel_size={parts}{}",
+                        word(&dir),
+                        word(&merged),
+                        word(&merged),
+                        pad(1),
+                        pad(parts)
+                    )
                 } else {
                     format!(
-                        "merge it (glm-worker checkpoint merge) and split the result (checkpoint split --tp {tp}), or train with model_parallel_size={parts}"
+                        "merge it (glm-worker checkpoint merge --load {} --out {}) and split the result (glm-worker checkpoint split --load {} --tp {tp} --out {}), then train with --set load={}{}; or train on a multiple of {parts} ranks with --set model_parallel_size={parts}{}",
+                        word(&dir),
+                        word(&merged),
+                        word(&merged),
+                        word(&split),
+                        word(&split),
+                        pad(tp),
+                        pad(parts)
                     )
                 };
                 return Err(Error::invalid(&dir, format!("saved with tensor-parallel {parts}, and this run has tensor-parallel {tp}: {fix}")));
@@ -567,6 +600,27 @@ impl Trainer {
     pub fn metrics_dir(&self) -> Option<&Path> {
         self.cfg.save_dir()
     }
+}
+
+/// `" --set make_vocab_size_divisible_by=N"`, the setting with which a run
+/// on `tp` tensor-parallel ranks pads a tokenizer of `vocab` ids to the
+/// `padded` vocabulary of a checkpoint saved on `saved_tp` ranks; empty when
+/// `divisible_by` already does (or no setting can). The multiple the
+/// checkpoint was padded to (`divisible_by` × `saved_tp`) comes first.
+fn vocab_padding_set(vocab: usize, padded: usize, divisible_by: usize, saved_tp: usize, tp: usize) -> String {
+    let tp = tp.max(1);
+    let fits = |d: usize| d > 0 && d <= padded / tp && padded_vocab_size(vocab, d, tp) == padded;
+    if fits(divisible_by) {
+        return String::new();
+    }
+    let multiple = divisible_by * saved_tp.max(1);
+    let d = if multiple % tp == 0 && fits(multiple / tp) {
+        Some(multiple / tp)
+    } else {
+        // else the largest power of two that fits, else any
+        (0..usize::BITS).rev().map(|k| 1usize << k).find(|&d| fits(d)).or_else(|| (1..=padded / tp).find(|&d| fits(d)))
+    };
+    d.map(|d| format!(" --set make_vocab_size_divisible_by={d}")).unwrap_or_default()
 }
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
