@@ -172,7 +172,7 @@ fn check_keys(c: &Ctx, obj: &Map<String, Value>, prefix: &str, known: &[&[&str]]
             .map(|m| {
                 let full = format!("{prefix}{m}");
                 // a plain key configs.json has too reaches this file only with "ds."
-                let full = if by_set && !full.contains('.') && crate::args::is_key(&full) { format!("{SET_PREFIX}{full}") } else { full };
+                let full = if by_set { as_typed(&full) } else { full };
                 format!(" (did you mean \"{full}\"?)")
             })
             .unwrap_or_default();
@@ -187,6 +187,16 @@ fn check_keys(c: &Ctx, obj: &Map<String, Value>, prefix: &str, known: &[&[&str]]
 fn set_for<'a>(sets: &'a [(String, Value)], key: &str) -> Option<&'a (String, Value)> {
     let under = |a: &str, b: &str| a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.';
     sets.iter().rev().find(|(k, _)| k == key || under(key, k) || under(k, key))
+}
+
+/// A DeepSpeed key path as a `--set` must spell it: behind `ds.` where
+/// configs.json has a key of the same name.
+fn as_typed(path: &str) -> String {
+    if !path.contains('.') && crate::args::is_key(path) {
+        format!("{SET_PREFIX}{path}")
+    } else {
+        path.to_string()
+    }
 }
 
 /// Batch sizes after DeepSpeed's derivation.
@@ -260,7 +270,7 @@ impl Ctx<'_> {
     /// one did, else on the file.
     fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
         match set_for(self.sets, key) {
-            Some((k, v)) => Error::Config(format!("--set {k}={v}: {key}: {msg} (overriding {})", self.path.display())),
+            Some((k, v)) => Error::Config(format!("--set {}={v}: {key}: {msg} (overriding {})", as_typed(k), self.path.display())),
             None => Error::invalid(self.path, format!("{key}: {msg}")),
         }
     }
@@ -320,7 +330,7 @@ impl DsConfig {
     /// Where a value under `prefix` (e.g. "fp16") came from: "--set" when
     /// the command line overrode a key there, else the file's name.
     pub fn source(&self, prefix: &str) -> String {
-        if self.sets.iter().any(|(k, _)| k == prefix || k.starts_with(&format!("{prefix}."))) {
+        if set_for(&self.sets, prefix).is_some() {
             "--set".into()
         } else {
             self.path.file_name().unwrap_or_default().to_string_lossy().into_owned()
@@ -571,7 +581,14 @@ impl DsConfig {
     /// determine the third; all three must agree. `fallback_micro` (the
     /// original's `batch_size`) applies when the config names no batch size.
     pub fn batch(&self, dp: usize, fallback_micro: usize, fallback_accum: usize) -> Result<Batch> {
-        let err = |msg: String| Error::invalid(&self.path, msg);
+        // blamed on a --set of one of the three, when one gave it
+        let err = |msg: String| match ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"]
+            .into_iter()
+            .find(|k| set_for(&self.sets, k).is_some())
+        {
+            Some(k) => self.blame(k, msg),
+            None => Error::invalid(&self.path, msg),
+        };
         let (g, m, a) = (self.train_batch_size, self.micro_batch, self.grad_accum);
         let b = match (g, m, a) {
             (Some(g), Some(m), Some(a)) => {

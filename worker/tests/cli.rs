@@ -492,10 +492,20 @@ fn set_reaches_every_file_and_its_errors_name_the_set() {
         ("fp16.hysteresis=0", "--set fp16.hysteresis=0: fp16.hysteresis: must be positive"),
         ("loss_normalization=mean", r#"--set loss_normalization="mean": loss_normalization: "mean": expected "global_tokens" or "per_rank_mean""#),
         ("optimizer.params.lr=-1", "--set optimizer.params.lr=-1: optimizer.params.lr: must be >= 0"),
+        // as typed: behind ds. where configs.json has the same key
+        ("ds.gradient_accumulation_steps=0", "--set ds.gradient_accumulation_steps=0: gradient_accumulation_steps: must be positive"),
+        // the batch rule, blamed on the --set that broke it
+        ("train_batch_size=7", "--set train_batch_size=7: train_batch_size: train_batch_size 7 != train_micro_batch_size_per_gpu 8"),
     ] {
         let e = one_error_line(&check(&[set]));
         assert!(e.contains(want) && e.ends_with("(overriding configs/config_block_tiny.json)"), "{set}: {e}");
     }
+    // a scaler setting the rules cannot start from: blamed on the key that gave it
+    let e = one_error_line(&check(&["fp16.enabled=true", "fp16.initial_scale_power=1", "fp16.min_loss_scale=4"]));
+    assert!(e.starts_with("config: --set fp16.initial_scale_power=1: fp16.initial_scale_power: loss scaler: 1 gives a start scale 2"), "{e}");
+    // stage 0 with torch's Adam: DeepSpeed's FP16_UnfusedOptimizer, minimum 0.25 without dynamic keys
+    let out = stdout(&check(&["fp16.enabled=true", "optimizer.params.torch_adam=true"]));
+    assert!(out.contains("dynamic loss scale 65536 (FP16_Optimizer's rules (ZeRO stage 0): window 1000, min 0.25, no hysteresis)"), "{out}");
     let e = one_error_line(&check(&["fp16.enabled=true", "bf16.enabled=true"]));
     assert!(e.contains("--set fp16.enabled=true: fp16.enabled: fp16 and bf16 are both enabled"), "{e}");
     let out = stdout(&check(&["loss_normalization=per_rank_mean"]));

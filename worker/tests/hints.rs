@@ -150,10 +150,14 @@ fn settings_the_deepspeed_file_decides_name_the_sets_that_change_them() {
         assert!(!out.contains("warning: --set "), "{set} -> {hint}:\n{out}");
         assert!(reported(&out, key).starts_with(want), "{set} -> {hint}: {}", reported(&out, key));
     }
-    // hysteresis: the file's value changes (FP16_Optimizer at stage 0 has none, and says so)
+    // hysteresis at stage 0 (FP16_Optimizer has none): the hint takes a ZeRO stage that has it
     let out = ok(&tiny(&base, "--set hysteresis=3"));
+    assert!(out.contains("at ZeRO stage 0 DeepSpeed's fp16 optimizer has no hysteresis"), "{out}");
     let hint = between(&out, "(to change it there: ", ")\n");
-    assert!(ok(&tiny(&base, hint)).contains("fp16.hysteresis = 3 (--set) has no effect at ZeRO stage 0"));
+    assert_eq!(hint, "--set fp16.hysteresis=3 --set zero_optimization.stage=1");
+    let out = ok(&tiny(&base, hint));
+    assert!(!out.contains("warning: --set ") && !out.contains("has no effect at ZeRO stage 0"), "{out}");
+    assert!(reported(&out, "precision").contains("DynamicLossScaler's rules (ZeRO stages 1-3): window 1000, min 1, hysteresis 3)"), "{out}");
 }
 
 #[test]

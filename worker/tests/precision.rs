@@ -513,3 +513,40 @@ fn at_the_minimum_scale_stage_0_keeps_skipping_and_stage_1_stops() {
     let out = ok(&run(d.path(), 0, &s1, &[&common[..], &hinted, &[format!("save={}", d.path().join("c").display())]].concat()));
     assert!(out.contains("bf16 (fp32 master weights"), "{out}");
 }
+
+/// Without the optimizer state (`no_load_optim`) DeepSpeed's ZeRO
+/// optimizers still restore the loss scaler and its stage-0 optimizer does
+/// not: a stage-2 resume continues the saved scale, a stage-0 resume starts
+/// afresh, and both say so; the inf-gradient hook keeps counting the run's
+/// iterations either way.
+#[test]
+fn no_load_optim_keeps_the_scaler_at_zero_stages_and_restarts_it_at_stage_0() {
+    let d = tempfile::tempdir().unwrap();
+    let fp16 = r#", "fp16": {"enabled": true, "initial_scale_power": 10, "loss_scale_window": 1000, "hysteresis": 1}"#;
+    for (stage, zero) in [(0, String::new()), (2, r#", "zero_optimization": {"stage": 2}"#.to_string())] {
+        let cfg = ds(d.path(), &format!("s{stage}.json"), 2, 4, &format!("{fp16}{zero}"));
+        let (a, b) = (d.path().join(format!("a{stage}")), d.path().join(format!("b{stage}")));
+        // overflows at 2 and 5: 1024 -> 512 before the resume at 3, the second after it
+        let env = [("GLM_INJECT_INF_GRAD", "*:2,5")];
+        ok(&run_env(d.path(), 0, &cfg, &sets(&["train_iters=3".into(), "log_interval=1".into(), format!("save={}", a.display())]), &env));
+        let more = sets(&[
+            "train_iters=5".into(),
+            "log_interval=1".into(),
+            "no_load_optim=true".into(),
+            format!("save={}", b.display()),
+            format!("load={}", a.join("3").display()),
+        ]);
+        let out = ok(&run_env(d.path(), 0, &cfg, &more, &env));
+        let ev = events(&b, "train");
+        let scales: Vec<f64> = ev.iter().map(|e| e["loss_scale"].as_f64().unwrap()).collect();
+        let skipped: Vec<u64> = ev.iter().filter(|e| e["skipped"] == 1).map(|e| e["iteration"].as_u64().unwrap()).collect();
+        assert_eq!(skipped, [5], "stage {stage}: the hook counts the run's iterations after a resume: {out}");
+        if stage == 0 {
+            assert!(out.contains("checkpoint: fp16 loss scaler starts afresh without the optimizer state (dynamic loss scale 1024"), "{out}");
+            assert_eq!(scales, [1024.0, 1024.0], "stage 0 restarts at 2^10");
+        } else {
+            assert!(out.contains("checkpoint: fp16 loss scaler restored without the optimizer state"), "{out}");
+            assert_eq!(scales, [512.0, 512.0], "stage 2 continues at the saved 512");
+        }
+    }
+}

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::glm::Glm;
 use crate::model::params::{ParamInfo, Params};
 use crate::optim::optimizer::{Moments, Optimizer, OptimizerState};
+use crate::optim::scaler::ScalerRules;
 
 /// Copies the tensors `<prefix><name>` of `file` into views of `flat` laid
 /// out as `infos` say (cast to `flat`'s dtype); every one must be there,
@@ -79,9 +80,19 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
     let weights = read_weights(dir, model)?;
     opt.set_weights(&mut model.params, &weights);
     drop(weights);
-    opt.set_skipped_steps(state.skipped_steps);
+    opt.set_position(state.iteration, state.skipped_steps);
     if !(with_state && state.has_optimizer) {
-        return Ok(None);
+        // DeepSpeed's ZeRO optimizers restore the loss scaler even without
+        // the optimizer state; its stage-0 optimizer restores it only with it
+        let zero_path = opt.scaler().is_some_and(|s| s.cfg.rules == ScalerRules::DynamicLossScaler);
+        return Ok(match opt.scaler() {
+            Some(_) if zero_path && state.loss_scaler.is_some() => {
+                let note = opt.resume_scaler(state.loss_scaler.clone());
+                Some(note.unwrap_or_else(|| "fp16 loss scaler restored without the optimizer state, as DeepSpeed's ZeRO optimizers do".into()))
+            }
+            Some(s) => Some(format!("fp16 loss scaler starts afresh without the optimizer state ({}), as DeepSpeed's stage-0 optimizer does", s.describe())),
+            None => None,
+        });
     }
     let (shards, dp_rank) = opt.shards();
     let device = model.params.device();

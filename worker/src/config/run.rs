@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::args::LoadedArgs;
-use super::ds::{Batch, DsConfig};
+use super::ds::{Batch, DsConfig, SchedulerCfg};
 use crate::data::blocklm::BlockConfig;
 use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
@@ -177,7 +177,14 @@ impl RunConfig {
         };
 
         let mut warnings = Vec::new();
-        if lr == 0.0 {
+        // a DeepSpeed WarmupLR/WarmupDecayLR with its own learning rates moves the weights at lr 0
+        let scheduled = match &ds.scheduler {
+            Some(SchedulerCfg::WarmupLr { min_lr, max_lr, .. } | SchedulerCfg::WarmupDecayLr { min_lr, max_lr, .. }) => {
+                *min_lr > 0.0 || max_lr.is_some_and(|m| m > 0.0)
+            }
+            _ => false,
+        };
+        if lr == 0.0 && !scheduled {
             warnings.push(format!(
                 "lr = 0 ({lr_src}): the weights will not move (AdamW's update and decoupled weight decay both scale with lr); the run measures the loss through the training path"
             ));
@@ -264,7 +271,10 @@ impl RunConfig {
                     _ => None,
                 };
                 let global = global.map(|g| format!(" --set train_batch_size={g}")).unwrap_or_default();
-                warnings.push(format!("--set {key}={v} has no effect: {why} in {dsname} (to change it there: --set {ds_key}={v}{global})"));
+                // at ZeRO stage 0 DeepSpeed has no hysteresis: the hint takes a stage that has
+                let stage = if key == "hysteresis" && ds.zero_stage == 0 { " --set zero_optimization.stage=1" } else { "" };
+                let why = if stage.is_empty() { why.to_string() } else { format!("{why}, and at ZeRO stage 0 DeepSpeed's fp16 optimizer has no hysteresis") };
+                warnings.push(format!("--set {key}={v} has no effect: {why} in {dsname} (to change it there: --set {ds_key}={v}{global}{stage})"));
             }
         }
         if args.source("output_dropout") != super::args::Source::Default && a.output_dropout != a.hidden_dropout {
@@ -452,6 +462,13 @@ impl RunConfig {
             },
         };
         let rules = ScalerRules::for_stage(stage);
+        let mut keys = keys;
+        // DeepSpeed's stage 0 with torch's Adam (`torch_adam: true`) takes
+        // FP16_UnfusedOptimizer: the same rules, but a minimum of 0.25 when
+        // no dynamic key is given
+        if rules == ScalerRules::Fp16Optimizer && !keys.any() && ds.raw.pointer("/optimizer/params/torch_adam") == Some(&serde_json::Value::Bool(true)) {
+            keys.min_loss_scale = Some(0.25);
+        }
         let cfg = ScalerConfig::resolve(loss_scale, &keys, rules);
         if dynamic && rules == ScalerRules::Fp16Optimizer {
             let why = "DeepSpeed's ZeRO stage-0 fp16 optimizer (FP16_Optimizer) has no hysteresis: every overflow halves the scale";
@@ -468,7 +485,11 @@ impl RunConfig {
             if f.min_loss_scale.is_none() && given("min_scale") {
                 Error::Config(format!("min_scale = {} ({}) with {}: {e}", a.min_scale, args.source("min_scale"), ds.path.display()))
             } else {
-                ds.blame("fp16", format!("loss scaler: {}", e.to_string().trim_start_matches("config: ")))
+                // "fp16.<key> ...": blamed on the --set of that key, if one gave it
+                let msg = e.to_string();
+                let msg = msg.trim_start_matches("config: ");
+                let key = msg.split(' ').next().filter(|k| k.starts_with("fp16.")).unwrap_or("fp16");
+                ds.blame(key, format!("loss scaler: {}", msg.strip_prefix(key).unwrap_or(msg).trim_start()))
             }
         })?;
         Ok((Precision::Fp16, Some(cfg), f.enabled.is_some()))

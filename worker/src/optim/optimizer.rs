@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::scaler::{LossScaler, ScaleEvent, ScalerConfig, ScalerState};
+use super::scaler::{LossScaler, ScaleEvent, ScalerConfig, ScalerRules, ScalerState};
 use super::zero::{Piece, Shards, ZeroConfig};
 use crate::comm::{Comm, ReduceOp};
 use crate::error::{Error, Result};
@@ -400,6 +400,9 @@ impl Optimizer {
                 // an `fp16` block with `enabled` only: DeepSpeed's defaults on this stage's path
                 let c = c.unwrap_or_else(|| ScalerConfig::defaults(zero.stage));
                 c.validate()?;
+                if c.rules != ScalerRules::for_stage(zero.stage) {
+                    return Err(Error::Config(format!("the fp16 loss scaler follows {}, and the optimizer runs ZeRO stage {}", c.rules.name(), zero.stage)));
+                }
                 Some(LossScaler::new(c))
             }
             _ => None,
@@ -505,10 +508,13 @@ impl Optimizer {
         self.skipped_steps
     }
 
-    /// Sets where the learning-rate schedule stands (a resume that does not
-    /// load the optimizer state still continues the schedule).
-    pub fn set_skipped_steps(&mut self, n: u64) {
-        self.skipped_steps = n;
+    /// Sets where a resumed run stands: `iteration` steps done, `skipped`
+    /// of them skipped for overflow (the learning-rate schedule stands at
+    /// the difference; a resume that does not load the optimizer state
+    /// still continues the schedule).
+    pub fn set_position(&mut self, iteration: u64, skipped: u64) {
+        self.steps_taken = iteration;
+        self.skipped_steps = skipped;
     }
 
     /// This rank's optimizer state, for a checkpoint (the moments are
@@ -553,9 +559,15 @@ impl Optimizer {
         });
         self.adam.step = s.step;
         self.skipped_steps = s.skipped_steps;
-        // every iteration so far either updated or was skipped
-        self.steps_taken = s.step + s.skipped_steps;
-        Ok(match (self.scaler.take(), s.loss_scaler) {
+        Ok(self.resume_scaler(s.loss_scaler))
+    }
+
+    /// Resumes the fp16 loss scaler from a checkpoint's state
+    /// (`LossScaler::resume`); returns a line for the log when the state is
+    /// not taken exactly as saved (another path, another precision, none
+    /// saved).
+    pub fn resume_scaler(&mut self, saved: Option<ScalerState>) -> Option<String> {
+        match (self.scaler.take(), saved) {
             (Some(scaler), Some(saved)) => {
                 let (resumed, note) = LossScaler::resume(scaler.cfg, saved);
                 self.scaler = Some(resumed);
@@ -570,7 +582,7 @@ impl Optimizer {
                 Some(format!("the checkpoint's fp16 loss-scaler state (scale {}) is not used: this run trains in {}", saved.scale, self.precision.name()))
             }
             (None, None) => None,
-        })
+        }
     }
 
     /// The partition of the flat buffers and this rank's index in it.

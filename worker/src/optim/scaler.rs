@@ -5,8 +5,10 @@
 //! (`../shared/reference.md`, "Dynamic loss scaling"):
 //!
 //! - **ZeRO stage 0** runs `FP16_Optimizer._update_scale`
-//!   (`deepspeed/runtime/fp16/fused_optimizer.py`; the unfused optimizer has
-//!   the same rule): no hysteresis, an overflow halves the scale (never
+//!   (`deepspeed/runtime/fp16/fused_optimizer.py`; `FP16_UnfusedOptimizer`,
+//!   which DeepSpeed takes for `optimizer.params.torch_adam: true`, has the
+//!   same rule, but without dynamic keys a minimum of 0.25: the
+//!   configuration passes that as `min_loss_scale`): no hysteresis, an overflow halves the scale (never
 //!   below `min_loss_scale`, and at the minimum it simply stays and keeps
 //!   skipping), a clean step doubles it when the clean steps since the last
 //!   overflow, *not counting this one*, are a positive multiple of the window.
@@ -226,7 +228,7 @@ pub enum ScaleEvent {
 impl LossScaler {
     /// A fresh scaler: the static scale, or `2^initial_scale_power` when dynamic.
     pub fn new(cfg: ScalerConfig) -> Self {
-        let state = ScalerState { scale: cfg.start_scale(), cur_hysteresis: cfg.hysteresis, last_overflow_iter: -1, iter: 0, rules: Some(cfg.rules) };
+        let state = ScalerState { scale: cfg.start_scale(), cur_hysteresis: cfg.hysteresis.max(1), last_overflow_iter: -1, iter: 0, rules: Some(cfg.rules) };
         LossScaler { cfg, state }
     }
 
@@ -239,6 +241,13 @@ impl LossScaler {
     pub fn resume(cfg: ScalerConfig, saved: ScalerState) -> (Self, Option<String>) {
         let mut state = ScalerState { rules: Some(cfg.rules), ..saved.clone() };
         let mut notes = Vec::new();
+        // hysteresis left within this run's (a saved count above a lowered
+        // hysteresis, or 0 from a static scaler's settings, cannot go on)
+        let cap = cfg.hysteresis.max(1);
+        if cfg.rules == ScalerRules::DynamicLossScaler && saved.rules == Some(cfg.rules) && !(1..=cap).contains(&saved.cur_hysteresis) {
+            state.cur_hysteresis = saved.cur_hysteresis.clamp(1, cap);
+            notes.push(format!("the saved hysteresis count {} is outside this run's 1..={cap}: continued at {}", saved.cur_hysteresis, state.cur_hysteresis));
+        }
         match saved.rules {
             Some(r) if r == cfg.rules => {}
             Some(r) => {
@@ -348,7 +357,7 @@ impl LossScaler {
                 s.scale = (s.scale / 2.0).max(c.min_loss_scale);
             } else {
                 absorbed = Some(s.cur_hysteresis);
-                s.cur_hysteresis -= 1;
+                s.cur_hysteresis = s.cur_hysteresis.saturating_sub(1);
             }
             s.last_overflow_iter = s.iter;
             return Ok(ScaleEvent::Overflow { from, to: s.scale, hysteresis: absorbed, at_minimum: false });
@@ -490,6 +499,10 @@ mod tests {
         let (d, note) = LossScaler::resume(stage2.clone(), ScalerState { rules: None, ..a.state.clone() });
         assert!(note.unwrap().contains("predates per-stage"));
         assert_eq!(d.state.cur_hysteresis, 1);
+        // a hysteresis count this run cannot go on from (0, or above its hysteresis) is clamped, and said
+        let (f, note) = LossScaler::resume(stage2.clone(), ScalerState { cur_hysteresis: 0, ..a.state.clone() });
+        assert!(note.unwrap().contains("saved hysteresis count 0 is outside this run's 1..=3: continued at 1"));
+        assert_eq!(f.state.cur_hysteresis, 1);
         // a static scale replaces the saved one
         let (e, note) = LossScaler::resume(ScalerConfig { loss_scale: 64.0, ..stage2 }, a.state.clone());
         assert!(note.unwrap().contains("static loss scale 64 replaces the saved scale 1024"));

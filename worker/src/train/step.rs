@@ -74,7 +74,7 @@ pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, pl
                 sum / (global_n * accum as f64)
             }
             LossNormalization::PerRankMean => {
-                // a rank without loss tokens contributes 0 (the original would divide by 0)
+                // a rank without loss tokens contributes 0, as in the original (which divides only by a positive count)
                 let own_n = (n as f64).max(1.0);
                 let mut mean = Tensor::from_slice(&[sum.double_value(&[]) / own_n]);
                 par.dp_sum(&mut mean)?;
