@@ -420,7 +420,12 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         "train_iters=0",
     ]));
     assert!(out.contains("= 0.01  (--set, over config_block_tiny.json)"), "{out}");
-    assert!(out.contains("warning: --set batch_size has no effect: config_block_tiny.json sets train_micro_batch_size_per_gpu"), "{out}");
+    assert!(
+        out.contains(
+            "warning: --set batch_size=3 has no effect: its batch sizes decide the micro-batch in config_block_tiny.json (to change it there: --set train_micro_batch_size_per_gpu=3)"
+        ),
+        "{out}"
+    );
     // the keys without effect: one line with their count, listed on request
     let line = out.lines().find(|l| l.contains("no effect here")).unwrap_or_default();
     assert!(
