@@ -278,6 +278,14 @@ pub fn is_key(key: &str) -> bool {
     used_keys().iter().any(|u| u == key) || UNSUPPORTED.iter().any(|(u, _)| *u == key) || IRRELEVANT.contains(&key)
 }
 
+/// `" (did you mean \"key\"?)"` with the configs.json key (or one of
+/// `more`) nearest to `key`, or nothing when none is near.
+pub fn did_you_mean(key: &str, more: &[&str]) -> String {
+    let used = used_keys();
+    let all = used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied()).chain(more.iter().copied());
+    closest(key, all).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default()
+}
+
 /// Parses `value` of `--set key=value`: JSON when it parses (numbers, true,
 /// null, lists), otherwise a plain string.
 fn parse_set_value(v: &str) -> Value {
@@ -306,14 +314,7 @@ impl LoadedArgs {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let used = used_keys();
         let known = is_key;
-        // the keys a typo may have meant: a --set may also name a top-level
-        // key of the DeepSpeed file (split_sets sends those there)
-        let unknown = |k: &str, set: bool| {
-            let all = used.iter().map(String::as_str).chain(UNSUPPORTED.iter().map(|(k, _)| *k)).chain(IRRELEVANT.iter().copied());
-            let ds: &[&str] = if set { crate::ds::read_keys() } else { &[] };
-            let hint = closest(k, all.chain(ds.iter().copied())).map(|c| format!(" (did you mean \"{c}\"?)")).unwrap_or_default();
-            format!("unknown key \"{k}\"{hint}")
-        };
+        let unknown = |k: &str| format!("unknown key \"{k}\"{}", did_you_mean(k, &[]));
         let mut map = Map::new();
         let mut sources = BTreeMap::new();
         if let Some(p) = path {
@@ -323,7 +324,7 @@ impl LoadedArgs {
             };
             for (k, v) in m {
                 if !known(&k) {
-                    return Err(Error::invalid(p, unknown(&k, false)));
+                    return Err(Error::invalid(p, unknown(&k)));
                 }
                 sources.insert(k.clone(), Source::File(p.to_path_buf()));
                 map.insert(k, v);
@@ -335,7 +336,7 @@ impl LoadedArgs {
             };
             let k = k.trim();
             if !known(k) {
-                return Err(Error::Config(format!("--set {s}: {}", unknown(k, true))));
+                return Err(Error::Config(format!("--set {s}: {}", unknown(k))));
             }
             map.insert(k.to_string(), parse_set_value(v));
             sources.insert(k.to_string(), Source::Set);

@@ -218,11 +218,6 @@ pub fn is_top_level_key(key: &str) -> bool {
     READ.contains(&key) || ACCEPTED.contains(&key)
 }
 
-/// The top-level keys of a DeepSpeed file that this program reads.
-pub fn read_keys() -> &'static [&'static str] {
-    READ
-}
-
 /// A `--set` of the DeepSpeed file: the dotted key path and its value.
 pub type Override = (String, Value);
 
@@ -248,6 +243,10 @@ pub fn split_sets(sets: &[String]) -> Result<(Vec<Override>, Vec<String>)> {
             Some(rest) => Some(rest),
             None if k.contains('.') => Some(k),
             None if !crate::args::is_key(k) && is_top_level_key(k) => Some(k),
+            // a typo: the nearest key of either file
+            None if !crate::args::is_key(k) => {
+                return Err(Error::Config(format!("--set {s}: unknown key \"{k}\"{}", crate::args::did_you_mean(k, READ))));
+            }
             None => None,
         };
         match to_ds {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::corpus::{read_corpus, CorpusOptions};
+pub use super::store::TokenizerOption;
 use super::store::{self, build_store, BuildReport, CorpusFingerprint, StoreMeta};
 use super::tokenizer::GlmTokenizer;
 use crate::error::{Error, IoContext, Result};
@@ -22,27 +23,6 @@ pub struct PrepareOptions {
     /// How the caller's user names the tokenizer option, for hints:
     /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
     pub tokenizer_option: TokenizerOption,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum TokenizerOption {
-    /// `glm-worker prepare --tokenizer`
-    #[default]
-    Flag,
-    /// configs.json's `tokenizer_path` (training)
-    ConfigKey,
-}
-
-impl TokenizerOption {
-    fn hint(self) -> &'static str {
-        match self {
-            TokenizerOption::Flag => "pass a BERT vocab.txt or a tokenizer.json with --tokenizer, or omit --tokenizer to train one on the corpus",
-            TokenizerOption::ConfigKey => {
-                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, \
-                 or --set tokenizer_path=null to train one on the corpus"
-            }
-        }
-    }
 }
 
 impl Default for PrepareOptions {

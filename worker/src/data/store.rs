@@ -159,6 +159,28 @@ pub struct StoreMeta {
 /// Above this share of `[UNK]` tokens the tokenizer hardly covers the corpus.
 pub const UNKNOWN_WARN_SHARE: f64 = 0.01;
 
+/// How the caller's user names the tokenizer option, for hints.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum TokenizerOption {
+    /// `glm-worker prepare --tokenizer`
+    #[default]
+    Flag,
+    /// configs.json's `tokenizer_path` (training)
+    ConfigKey,
+}
+
+impl TokenizerOption {
+    pub(crate) fn hint(self) -> &'static str {
+        match self {
+            TokenizerOption::Flag => "pass a BERT vocab.txt or a tokenizer.json with --tokenizer, or omit --tokenizer to train one on the corpus",
+            TokenizerOption::ConfigKey => {
+                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, \
+                 or --set tokenizer_path=null to train one on the corpus"
+            }
+        }
+    }
+}
+
 impl StoreMeta {
     /// "0.3% [UNK]" when counted.
     pub fn unknown_share(&self) -> Option<f64> {
@@ -167,11 +189,11 @@ impl StoreMeta {
 
     /// A warning when the share of `[UNK]` tokens is above `UNKNOWN_WARN_SHARE`,
     /// with the option (`how`) that names the tokenizer.
-    pub fn unknown_warning(&self, how: crate::data::prepare::TokenizerOption) -> Option<String> {
+    pub fn unknown_warning(&self, how: TokenizerOption) -> Option<String> {
         let share = self.unknown_share().filter(|s| *s > UNKNOWN_WARN_SHARE)?;
         let (given, trained) = match how {
-            crate::data::prepare::TokenizerOption::Flag => ("--tokenizer", "omit --tokenizer"),
-            crate::data::prepare::TokenizerOption::ConfigKey => ("tokenizer_path", "--set tokenizer_path=null"),
+            TokenizerOption::Flag => ("--tokenizer", "omit --tokenizer"),
+            TokenizerOption::ConfigKey => ("tokenizer_path", "--set tokenizer_path=null"),
         };
         Some(format!(
             "{:.1}% of the corpus's tokens are [UNK]: the tokenizer does not cover this text (another language or script? with a vocab.txt, check {given}; or let a tokenizer be trained on the corpus: {trained})",
