@@ -20,6 +20,11 @@ find_torch() {
   if [ -n "${LIBTORCH:-}" ]; then
     usable "$LIBTORCH" || { echo "setup: error: LIBTORCH=$LIBTORCH is not a torch $TORCH_VERSION (needs lib/libtorch_cpu.so, include/ and version $TORCH_VERSION; found version '$(dir_version "$LIBTORCH")')" >&2; return 2; }
     TORCH_DIR="$LIBTORCH" TORCH_FROM="LIBTORCH=$LIBTORCH"
+    # the python whose torch package it is, when it is one (the .venv's, python3's)
+    local real; real="$(realpath "$LIBTORCH" 2>/dev/null || echo "$LIBTORCH")"
+    if d="$(venv_torch)" && [ -n "$d" ] && [ "$(realpath "$d" 2>/dev/null)" = "$real" ]; then TORCH_PYTHON="$VENV/bin/python"
+    elif command -v python3 >/dev/null && d="$(python_torch python3)" && [ -n "$d" ] && [ "$(realpath "$d" 2>/dev/null)" = "$real" ]; then TORCH_PYTHON="$(command -v python3)"
+    fi
   elif d="$(venv_torch)" && [ -n "$d" ] && usable "$d"; then
     TORCH_DIR="$d" TORCH_PYTHON="$VENV/bin/python" TORCH_FROM="the project's .venv ($d)"
   elif command -v python3 >/dev/null && d="$(python_torch python3)" && [ -n "$d" ] && usable "$d"; then

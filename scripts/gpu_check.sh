@@ -77,7 +77,13 @@ if [ ! -f glm_pretrain/data/data.json ] && [ -f "$BUNDLE/data/data.json" ]; then
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-PY="${PYTHON:-python3}"
+# the torch scripts/setup.sh chose (target/torch.env) where it exists here,
+# else python3's (a GPU machine's own torch 2.11); PYTHON overrides both
+PY="${PYTHON:-}"
+if [ -z "$PY" ] && [ -f target/torch.env ]; then
+  PY="$(. target/torch.env; [ -x "${TORCH_PYTHON:-}" ] && echo "$TORCH_PYTHON")" || PY=""
+fi
+PY="${PY:-python3}"
 DEV="${GLM_CHECK_DEVICE:-cuda}"
 QUICK="${GLM_CHECK_QUICK:-}"
 ITERS=1000; [ -n "$QUICK" ] && ITERS=40
@@ -92,7 +98,7 @@ step() { # step <name> <command...>: runs it, records PASS/FAIL and the time
 
 env_step() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" -c 'import torch; print("python3 torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>/dev/null || echo "python3 has no torch"
+  "$PY" -c 'import torch; print("python torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>/dev/null || echo "$PY has no torch"
   "$BIN" env || return 1
   [ "$DEV" = cpu ] || "$BIN" env | grep -q 'cuda available: true'
 }
@@ -168,7 +174,7 @@ mixed_step() { # bf16, fp16, bf16 + activation checkpointing; runs all three, fa
 }
 
 train_bf16_step() { # the real trainer, bf16 via dotted --set keys over the DeepSpeed JSON
-  local n=50 log=10 model=(--args configs/configs.json)
+  local n=50 log=10 model=(--args configs/configs_large.json)
   [ -n "$QUICK" ] && n=4 log=2
   # on the CPU: the tiny model at seq 64 (the DeepSpeed JSON's micro-batch 16 stays)
   [ "$DEV" = cpu ] && model=(--args configs/configs_tiny.json --set num_layers=2 --set hidden_size=64

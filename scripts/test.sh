@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up what is missing (scripts/setup.sh), checks formatting (cargo fmt)
 # and lints (clippy, warnings are errors), then runs every test: every test
-# binary runs even when an earlier one fails, and the last line says what
-# failed (or that all passed). Extra arguments go to `cargo test` (e.g.
+# binary runs even when an earlier one fails; then every command of the
+# README's and docs' ```sh blocks (scripts/docs_check.sh). The last line
+# says what failed (or that all passed). Extra arguments go to `cargo test` (e.g.
 # `-p glm-worker --test golden`, or a test name filter).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,12 @@ cargo clippy --release --workspace --all-targets --quiet -- -D warnings || check
 set +e
 cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
+# every command the README and docs show in a ```sh block, run as written
+# (shortened); skipped when a test filter was given
+if [ $# -eq 0 ]; then
+  scripts/docs_check.sh 2>&1 | tee target/docs_check.log
+  [ "${PIPESTATUS[0]}" = 0 ] || checks+=("scripts/docs_check.sh (see target/docs_check.log)")
+fi
 set -e
 # One summary line from the log: the failed checks and tests (by binary), or
 # the count passed.

@@ -408,7 +408,7 @@ mod tests {
 
     #[test]
     fn every_key_of_the_original_is_known() {
-        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/configs.json");
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seed/configs.json");
         let l = LoadedArgs::load(Some(&seed), &[]).unwrap();
         assert_eq!(l.args.hidden_size, 768);
         assert_eq!(l.args.train_data, vec!["wudao".to_string()]);

@@ -634,7 +634,7 @@ mod tests {
     #[test]
     fn seed_configs_load() {
         for (name, micro, lr) in [("config_block_base.json", 32, 4e-4), ("config_block_large.json", 16, 2e-4), ("config_block_large_chinese.json", 32, 4e-4)] {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seed").join(name);
             let c = DsConfig::load(&p).unwrap();
             assert_eq!(c.micro_batch, Some(micro));
             assert_eq!(c.fp16.as_ref().unwrap().enabled, Some(true));

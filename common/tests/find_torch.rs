@@ -57,8 +57,15 @@ fn libtorch_then_venv_then_python3() {
     assert_eq!(s, 0);
     assert!(out.starts_with(&format!("{}|{}|the project's .venv", venv_torch.display(), venv.join("bin/python").display())), "{out}");
     // LIBTORCH before both, and a wrong one is an error, not a fallback
+    // (with the python whose package it is, where one is: python3's here, the .venv's next)
     let (s, out, _) = find(Some(&good), &venv, &path);
-    assert_eq!((s, out), (0, format!("{0}||LIBTORCH={0}", good.display())));
+    assert_eq!((s, out), (0, format!("{0}|{1}|LIBTORCH={0}", good.display(), bin.join("python3").display())));
+    let (s, out, _) = find(Some(&venv_torch), &venv, &path);
+    assert_eq!((s, out), (0, format!("{0}|{1}|LIBTORCH={0}", venv_torch.display(), venv.join("bin/python").display())));
+    let lone = d.path().join("lone");
+    fake_torch(&lone, "2.11.0");
+    let (s, out, _) = find(Some(&lone), &venv, &path);
+    assert_eq!((s, out), (0, format!("{0}||LIBTORCH={0}", lone.display())));
     let (s, _, err) = find(Some(&old), &venv, &path);
     assert_eq!(s, 2);
     assert!(err.contains(&format!("LIBTORCH={} is not a torch 2.11.0", old.display())) && err.contains("found version '2.10.0'"), "{err}");

@@ -423,7 +423,17 @@ fn eval_and_generate_of_a_tensor_parallel_checkpoint_name_themselves_and_a_worki
     let in_repo = |args: &[&str]| worker().current_dir(common::repo()).env("OMP_NUM_THREADS", "1").args(args).output().unwrap();
     // a tensor-parallel checkpoint: the whole one split over 2 ranks
     let parts = d.path().join("parts");
-    common::ok(&in_repo(&["checkpoint", "split", "--load", &save.display().to_string(), "--tp", "2", "--out", &parts.display().to_string()]));
+    let out = common::ok(&in_repo(&["checkpoint", "split", "--load", &save.display().to_string(), "--tp", "2", "--out", &parts.display().to_string()]));
+    // the split says what a run on the parts sets, and a run with exactly that resumes from them on 2 ranks
+    let line = out.lines().find_map(|l| l.strip_prefix("checkpoint: to train on them: ")).unwrap_or_else(|| panic!("{out}"));
+    let printed = line.split(" (on a multiple").next().unwrap();
+    assert!(printed.contains("--set model_parallel_size=2") && printed.contains("--set make_vocab_size_divisible_by="), "{line}");
+    let resumed = d.path().join("resumed");
+    let mut sets: Vec<String> = printed.split_whitespace().filter(|w| *w != "--set").map(String::from).collect();
+    sets.extend(["train_iters=2".to_string(), "eval_interval=0".into(), format!("save={}", resumed.display())]);
+    let o = common::tiny_command(d.path(), 2, &ds, &sets).output().unwrap();
+    let out = common::ok(&o);
+    assert!(out.contains("checkpoint: resumed from") && out.contains("(iteration 1)"), "{out}");
     let (parts_s, merged) = (parts.display().to_string(), d.path().join("parts-merged").display().to_string());
     let evaluate = |load: &str| {
         let store = d.path().join("eval_store").display().to_string();

@@ -101,8 +101,8 @@ pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, Sta
 }
 
 /// Splits a whole-model checkpoint `dir` into `n` tensor-parallel parts
-/// `<out>/mp_rank_XX/` (weights only).
-pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
+/// `<out>/mp_rank_XX/` (weights only); returns the checkpoint's state.
+pub fn split(dir: &Path, n: usize, out: &Path) -> Result<State> {
     let (state, tensors, tok) = read_model(dir)?;
     if n < 1 {
         return Err(Error::Config("--tp must be at least 1".into()));
@@ -139,5 +139,5 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<()> {
         part.zero = None;
         write_dir(&out.join(mp_rank_dir(r)), &named, None, &tok, part)?;
     }
-    Ok(())
+    Ok(state)
 }

@@ -27,7 +27,7 @@ pub enum CheckpointCmd {
         #[arg(long)]
         tensors: bool,
     },
-    /// One whole-model checkpoint -> <out>/mp_rank_XX/ parts for --tp ranks (weights only)
+    /// One whole-model checkpoint -> <out>/mp_rank_XX/ parts for --tp ranks (weights only); prints the --set a run on them needs
     Split {
         #[arg(long)]
         load: PathBuf,
@@ -61,8 +61,19 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
         }
         CheckpointCmd::Split { load, tp, out } => {
             let dir = glm_worker::checkpoint::resolve(&load)?;
-            glm_worker::checkpoint::split(&dir, tp, &out)?;
+            let state = glm_worker::checkpoint::split(&dir, tp, &out)?;
             println!("checkpoint: split {} into {tp} tensor-parallel parts under {}", dir.display(), out.display());
+            // what a run on these parts sets: the layout, and the vocabulary
+            // padding a run on tp ranks would otherwise choose differently
+            let tok = glm_worker::data::tokenizer::GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+            let divisible_by = state.args.get("make_vocab_size_divisible_by").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
+            let pad = glm_worker::data::tokenizer::divisible_by_for(tok.vocab_size(), state.model.vocab_size, divisible_by, state.tp, tp)
+                .map(|d| format!(" --set make_vocab_size_divisible_by={d}"))
+                .unwrap_or_default();
+            println!(
+                "checkpoint: to train on them: --set model_parallel_size={tp} --set load={}{pad} (on a multiple of {tp} ranks)",
+                glm_common::text::shell_word(&out.display().to_string())
+            );
         }
     }
     Ok(())

@@ -50,7 +50,7 @@ enum Cmd {
     Generate(eval::GenerateArgs),
     /// Loss, perplexity and masked-token accuracy of a checkpoint on held-out data, per mode (alone or under mpirun)
     Eval(eval::EvalArgs),
-    /// Merge tensor-parallel checkpoint parts into one, or split one into parts
+    /// Inspect a checkpoint, merge tensor-parallel parts and ZeRO shards into one, or split one into parts
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCmd),
     /// Time the training step on a synthetic batch (the benchmark of scripts/bench.sh)

@@ -256,9 +256,40 @@ pub fn padded_vocab_size(vocab: usize, divisible_by: usize, tensor_parallel: usi
     vocab.div_ceil(m) * m
 }
 
+/// The `make_vocab_size_divisible_by` with which a run on `tp`
+/// tensor-parallel ranks pads a tokenizer of `vocab` ids to a checkpoint's
+/// `padded` vocabulary (saved on `saved_tp` ranks with `divisible_by`):
+/// `None` when `divisible_by` already does, or when no setting can. The
+/// multiple the checkpoint was padded to (`divisible_by` × `saved_tp`)
+/// comes first, then the largest power of two that fits, then any.
+pub fn divisible_by_for(vocab: usize, padded: usize, divisible_by: usize, saved_tp: usize, tp: usize) -> Option<usize> {
+    let tp = tp.max(1);
+    let fits = |d: usize| d > 0 && d <= padded / tp && padded_vocab_size(vocab, d, tp) == padded;
+    if fits(divisible_by) {
+        return None;
+    }
+    let multiple = divisible_by * saved_tp.max(1);
+    if multiple % tp == 0 && fits(multiple / tp) {
+        return Some(multiple / tp);
+    }
+    (0..usize::BITS).rev().map(|k| 1usize << k).find(|&d| fits(d)).or_else(|| (1..=padded / tp).find(|&d| fits(d)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_padding_setting_that_loads_a_checkpoint() {
+        // 16000 ids padded to 16000 on one rank (divisible by 128): two ranks need 64
+        assert_eq!(divisible_by_for(16000, 16000, 128, 1, 2), Some(64));
+        assert_eq!(padded_vocab_size(16000, 64, 2), 16000);
+        // already right, or saved on 2 ranks and loaded on 1
+        assert_eq!(divisible_by_for(16000, 16128, 128, 2, 2), None);
+        assert_eq!(divisible_by_for(16000, 16128, 128, 2, 1), Some(256));
+        // no setting pads 16000 ids to an odd 16001 on two ranks
+        assert_eq!(divisible_by_for(16000, 16001, 128, 1, 2), None);
+    }
 
     #[test]
     fn padding_rounds_up_to_multiple() {

@@ -602,25 +602,13 @@ impl Trainer {
     }
 }
 
-/// `" --set make_vocab_size_divisible_by=N"`, the setting with which a run
-/// on `tp` tensor-parallel ranks pads a tokenizer of `vocab` ids to the
-/// `padded` vocabulary of a checkpoint saved on `saved_tp` ranks; empty when
-/// `divisible_by` already does (or no setting can). The multiple the
-/// checkpoint was padded to (`divisible_by` × `saved_tp`) comes first.
+/// `" --set make_vocab_size_divisible_by=N"` when a run on `tp` ranks
+/// needs that setting to pad a tokenizer of `vocab` ids to a checkpoint's
+/// `padded` vocabulary (`data::tokenizer::divisible_by_for`); else empty.
 fn vocab_padding_set(vocab: usize, padded: usize, divisible_by: usize, saved_tp: usize, tp: usize) -> String {
-    let tp = tp.max(1);
-    let fits = |d: usize| d > 0 && d <= padded / tp && padded_vocab_size(vocab, d, tp) == padded;
-    if fits(divisible_by) {
-        return String::new();
-    }
-    let multiple = divisible_by * saved_tp.max(1);
-    let d = if multiple % tp == 0 && fits(multiple / tp) {
-        Some(multiple / tp)
-    } else {
-        // else the largest power of two that fits, else any
-        (0..usize::BITS).rev().map(|k| 1usize << k).find(|&d| fits(d)).or_else(|| (1..=padded / tp).find(|&d| fits(d)))
-    };
-    d.map(|d| format!(" --set make_vocab_size_divisible_by={d}")).unwrap_or_default()
+    crate::data::tokenizer::divisible_by_for(vocab, padded, divisible_by, saved_tp, tp)
+        .map(|d| format!(" --set make_vocab_size_divisible_by={d}"))
+        .unwrap_or_default()
 }
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
