@@ -539,3 +539,24 @@ fn set_reaches_every_file_and_its_errors_name_the_set() {
     assert!(w("1") == w("2"), "lr = 0: the weights after iterations 1 and 2 are the same");
     assert!(common::events(&save, "train").iter().all(|e| e["loss"].as_f64().is_some_and(f64::is_finite)));
 }
+
+/// scripts/docs_check.sh runs ```sh blocks (and only those), fails naming
+/// the file and line of a command that fails, and shortens training.
+#[test]
+fn docs_check_runs_sh_blocks_and_fails_on_a_failing_command() {
+    let d = tempfile::tempdir().unwrap();
+    let md = d.path().join("doc.md");
+    std::fs::write(&md, "# a doc\n```text\nfalse\n```\n```sh\ntrue  # a comment\nls configs/configs.json \\\n  configs/configs_large.json\n```\n").unwrap();
+    let check = |f: &Path| Command::new(repo_file("scripts/docs_check.sh")).arg(f).output().unwrap();
+    let o = check(&md);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("docs_check: all 2 commands of 1 files ran"), "{}", stdout(&o));
+    let bad = d.path().join("bad.md");
+    std::fs::write(&bad, "```sh validate\ntarget/release/glm-worker --config configs/config_block_tiny.json --args configs/configs_tiny.json\nfalse\n```\n")
+        .unwrap();
+    let o = check(&bad);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("--args configs/configs_tiny.json --set train_iters=0"), "training validated only: {out}");
+    assert!(out.contains(&format!("docs_check: FAIL {}:3", bad.display())) && out.contains("FAILED 1 of 2 commands"), "{out}");
+}
