@@ -1,16 +1,19 @@
 //! `glm-launch`: starts one `glm-worker` per slot of a hostfile so that all
 //! of them form one MPI world, and supervises them.
 //!
-//! glm-launch [--hostfile FILE] [--include H[:S,..][@H..] | --exclude ..]
-//!            [--num_nodes N] [--num_gpus N] [--launcher mpirun|mpiexec|ssh|slurm|local]
+//! glm-launch [-H|--hostfile FILE] [-i|--include H[:S,..][@H..] | -e|--exclude ..]
+//!            [--num_nodes N] [--num_gpus|--num_accelerators N]
+//!            [--launcher mpirun|mpiexec|ssh|slurm|local]
 //!            [--ssh_config F] [--ssh_user U] [--ssh_port P] [--ssh_identity KEY]
 //!            [--ssh_accept_new_host_keys]
 //!            [--worker PATH] [--run_dir DIR] [--all_ranks_output] [--dry_run]
 //!            <worker arguments: --config ds.json --args configs.json --set k=v ...>
 //!
-//! Launcher options are recognised by name (dashes or underscores); every
-//! other argument goes to the worker. It needs no libtorch, MPI headers or
-//! GPU: it builds and runs on a login node.
+//! Launcher options are recognised by name wherever they stand (dashes or
+//! underscores, DeepSpeed's short and long spellings, and any unambiguous
+//! prefix of a long one, as DeepSpeed's argparse allows); every other
+//! argument goes to the worker, and after `--` everything does. It needs
+//! no libtorch, MPI headers or GPU: it builds and runs on a login node.
 
 mod backend;
 mod preflight;
@@ -21,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use glm_common::hostfile::{select, Hostfile, Placement, Selection};
+use clap::{CommandFactory, Parser};
+use glm_common::hostfile::{limit, select, Hostfile, Placement, Selection};
 use glm_common::launch;
 
 #[derive(Parser, Debug)]
@@ -30,25 +33,27 @@ use glm_common::launch;
     name = "glm-launch",
     version,
     about = "Start glm-worker on every slot of a hostfile as one MPI world, and supervise it",
-    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100); after `--`, everything does."
+    // a repeated option: the last one counts, as in DeepSpeed's argparse
+    args_override_self = true,
+    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100); after `--`, everything does. Options are spelled with dashes or underscores (--num-gpus, --num_gpus), DeepSpeed's spellings are accepted (-H, -i, -e, --num_accelerators), and a long option may be shortened to any unambiguous prefix (--hostf, --incl), as DeepSpeed's launcher allows."
 )]
 struct Cli {
     /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
-    #[arg(long)]
+    #[arg(short = 'H', long)]
     hostfile: Option<PathBuf>,
-    /// Hosts/slots to use: NAME[:SLOT[,SLOT...]][@NAME...]
-    #[arg(long)]
+    /// Hosts/slots to use: NAME[:SLOT[,SLOT...]][@NAME...] (a host named twice gets the union of its slots)
+    #[arg(short = 'i', long)]
     include: Option<String>,
     /// Hosts/slots to leave out (same syntax)
-    #[arg(long)]
+    #[arg(short = 'e', long)]
     exclude: Option<String>,
-    /// Use the first N hosts
+    /// Use the first N hosts (not with --include/--exclude)
     #[arg(long)]
     num_nodes: Option<usize>,
-    /// Use slots 0..N of each host (without a hostfile: N workers on this machine)
-    #[arg(long)]
+    /// Use slots 0..N of each host (without a hostfile: N workers on this machine; not with --include/--exclude)
+    #[arg(long, visible_alias = "num-accelerators")]
     num_gpus: Option<usize>,
-    /// mpirun (OpenMPI), mpiexec (MPICH/Hydra), ssh (OpenMPI's mpirun starting its daemons through glm-launch's own SSH connections), or local (this machine only)
+    /// mpirun (OpenMPI), mpiexec (MPICH/Hydra), ssh (OpenMPI's mpirun starting its daemons through glm-launch's own SSH connections), slurm (one srun step inside a Slurm allocation, on its nodes), or local (this machine only)
     #[arg(long, default_value = "mpirun")]
     launcher: String,
     /// ssh back end: the OpenSSH client config to read (default ~/.ssh/config)
@@ -66,7 +71,7 @@ struct Cli {
     /// ssh back end: accept and record the key of a host not in known_hosts (a changed key is always refused)
     #[arg(long)]
     ssh_accept_new_host_keys: bool,
-    /// The MPI launcher program (default: mpirun, or mpiexec for --launcher mpiexec)
+    /// The MPI launcher program (default: mpirun, or mpiexec for --launcher mpiexec, srun for --launcher slurm)
     #[arg(long)]
     mpi: Option<String>,
     /// Exported to every worker as MASTER_ADDR (the workers rendezvous over MPI; kept for tools that read it)
@@ -91,15 +96,61 @@ struct Cli {
     no_preflight: bool,
 }
 
-/// Launcher options that take a value, and flags (dash or underscore spelling).
-const VALUED: &[&str] = &[
-    "hostfile", "include", "exclude", "num_nodes", "num_gpus", "launcher", "mpi", "master_addr", "master_port", "worker", "run_dir", "ssh_config", "ssh_user",
-    "ssh_port", "ssh_identity",
-];
-const FLAGS: &[&str] = &["all_ranks_output", "dry_run", "no_preflight", "ssh_accept_new_host_keys", "help", "version"];
+/// Every spelling of a launcher option after `--`, from `Cli` (its long
+/// names and aliases, dashes read as underscores; clap's `--help` and
+/// `--version` too): the spelling, the long name clap knows it by, and
+/// whether it takes a value. DeepSpeed's `--num_accelerators` is an alias
+/// of `--num_gpus`.
+fn long_options() -> Vec<(String, String, bool)> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut out = Vec::new();
+    for a in cmd.get_arguments() {
+        let Some(long) = a.get_long() else { continue };
+        let valued = a.get_action().takes_values();
+        for spelling in std::iter::once(long).chain(a.get_all_aliases().into_iter().flatten()) {
+            out.push((spelling.replace('-', "_"), long.to_string(), valued));
+        }
+    }
+    out
+}
 
-/// Splits argv into the launcher's options (normalised to `--name`) and the
-/// worker's arguments (everything else, in order). `--` ends the launcher's.
+/// The single-dash options (DeepSpeed's `-H`, `-i`, `-e`, and `-h`/`-V`):
+/// the letter, the long name, whether it takes a value.
+fn short_options() -> Vec<(char, String, bool)> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    cmd.get_arguments().filter_map(|a| Some((a.get_short()?, a.get_long()?.to_string(), a.get_action().takes_values()))).collect()
+}
+
+/// The launcher option `name` (after `--`, before any `=`) spells: itself,
+/// or, like Python's argparse (DeepSpeed's launcher), an unambiguous
+/// prefix of one; `None` when it is no launcher option (a worker
+/// argument), an error when it is a prefix of several. Returns the long
+/// name and whether it takes a value.
+fn long_option(name: &str) -> Result<Option<(String, bool)>> {
+    let n = name.replace('-', "_");
+    if n.is_empty() {
+        return Ok(None);
+    }
+    let options = long_options();
+    if let Some((_, long, valued)) = options.iter().find(|(s, _, _)| *s == n) {
+        return Ok(Some((long.clone(), *valued)));
+    }
+    let matches: Vec<&(String, String, bool)> = options.iter().filter(|(s, _, _)| s.starts_with(&n)).collect();
+    match matches.as_slice() {
+        [] => Ok(None),
+        [(_, long, valued)] => Ok(Some((long.clone(), *valued))),
+        several => {
+            let names: Vec<String> = several.iter().map(|(s, _, _)| format!("--{s}")).collect();
+            bail!("ambiguous option: --{name} could match {} (write more of it)", names.join(", "))
+        }
+    }
+}
+
+/// Splits argv into the launcher's options (as `--field=value` or
+/// `--field`, in clap's dash spelling) and the worker's arguments
+/// (everything else, in order). `--` ends the launcher's.
 fn split_args(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
     let (mut mine, mut theirs) = (vec!["glm-launch".to_string()], Vec::new());
     let mut i = 0;
@@ -109,26 +160,50 @@ fn split_args(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
             theirs.extend(args[i + 1..].iter().cloned());
             break;
         }
-        if a == "-h" || a == "-V" {
-            mine.push(a.clone());
+        // (long name, takes a value, value given in the same argument, as written)
+        let option: Option<(String, bool, Option<String>, String)> = if let Some(body) = a.strip_prefix("--") {
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (body, None),
+            };
+            long_option(name)?.map(|(long, valued)| (long, valued, inline, format!("--{name}")))
+        } else if let Some(rest) = a.strip_prefix('-') {
+            // -i VALUE, -iVALUE, -i=VALUE (argparse's forms); -h, -V alone
+            let mut chars = rest.chars();
+            let first = chars.next();
+            match short_options().into_iter().find(|(c, _, _)| Some(*c) == first) {
+                Some((c, long, valued)) => match (valued, chars.as_str()) {
+                    (_, "") => Some((long, valued, None, format!("-{c}"))),
+                    (true, attached) => Some((long, true, Some(attached.strip_prefix('=').unwrap_or(attached).to_string()), format!("-{c}"))),
+                    // -hx: not ours
+                    (false, _) => None,
+                },
+                None => None,
+            }
+        } else {
+            None
+        };
+        let Some((field, valued, inline, spelled)) = option else {
+            theirs.push(a.clone());
             i += 1;
             continue;
-        }
-        let name = a.strip_prefix("--").map(|n| n.split('=').next().unwrap_or(n).replace('-', "_"));
-        match name.as_deref() {
-            Some(n) if VALUED.contains(&n) => {
-                let flag = format!("--{}", n.replace('_', "-"));
-                match a.split_once('=') {
-                    Some((_, v)) => mine.push(format!("{flag}={v}")),
-                    None => {
-                        let v = args.get(i + 1).with_context(|| format!("--{n} needs a value"))?;
-                        mine.extend([flag, v.clone()]);
-                        i += 1;
-                    }
-                }
+        };
+        // for errors: the option as written, and which one it is when abbreviated
+        let what = if spelled.trim_start_matches('-').replace('-', "_") == field.replace('-', "_") {
+            spelled.clone()
+        } else {
+            format!("{spelled} (--{})", field.replace('-', "_"))
+        };
+        let flag = format!("--{field}");
+        match (valued, inline) {
+            (false, Some(_)) => bail!("{what} takes no value"),
+            (false, None) => mine.push(flag),
+            (true, Some(v)) => mine.push(format!("{flag}={v}")),
+            (true, None) => {
+                i += 1;
+                let v = args.get(i).with_context(|| format!("{what} needs a value"))?;
+                mine.push(format!("{flag}={v}"));
             }
-            Some(n) if FLAGS.contains(&n) => mine.push(format!("--{}", n.replace('_', "-"))),
-            _ => theirs.push(a.clone()),
         }
         i += 1;
     }
@@ -190,31 +265,32 @@ fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
 /// The hosts and slots of the job; without a hostfile this machine's GPUs,
 /// or more with `gpus_shared` and `--num_gpus`.
 fn placement(cli: &Cli, gpus_shared: bool) -> Result<Placement> {
-    if (cli.num_nodes.is_some() || cli.num_gpus.is_some()) && (cli.include.is_some() || cli.exclude.is_some()) && cli.hostfile.is_some() {
-        bail!("--num_nodes/--num_gpus cannot be combined with --include/--exclude (as in DeepSpeed): name the slots in --include instead");
-    }
-    let mut sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
-    let pool: Vec<(String, usize)> = match &cli.hostfile {
-        Some(f) => Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect(),
-        None => {
-            // this machine: its GPUs — those CUDA_VISIBLE_DEVICES names, as
-            // DeepSpeed does — or --num_gpus CPU workers (1 by default)
-            let visible: Option<Vec<usize>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|v| v.split(',').map(|d| d.trim().parse().ok()).collect());
-            let gpus = local_gpus();
-            if let (Some(v), true, None, None) = (&visible, gpus > 0, &sel.include, &sel.exclude) {
-                sel.include = Some(format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")));
-            }
-            let n = match (gpus, cli.num_gpus) {
-                (0, n) => n.unwrap_or(1),
-                (g, Some(k)) if gpus_shared && k > g => k,
-                (g, _) => g,
-            };
-            if n == 0 {
-                bail!("--num_gpus 0: nothing to run");
-            }
-            vec![("localhost".to_string(), n)]
+    let sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
+    // DeepSpeed's rules on the flags as given, with a hostfile or without
+    sel.check()?;
+    let Some(f) = &cli.hostfile else {
+        // this machine: its GPUs — those CUDA_VISIBLE_DEVICES names, as
+        // DeepSpeed does — or --num_gpus CPU workers (1 by default)
+        let visible: Option<Vec<usize>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|v| v.split(',').map(|d| d.trim().parse().ok()).collect());
+        let gpus = local_gpus();
+        let n = match (gpus, cli.num_gpus) {
+            (0, n) => n.unwrap_or(1),
+            (g, Some(k)) if gpus_shared && k > g => k,
+            (g, _) => g,
+        };
+        if n == 0 {
+            bail!("--num_gpus 0: nothing to run");
         }
+        let pool = vec![("localhost".to_string(), n)];
+        if let (Some(v), true, None, None) = (&visible, gpus > 0, sel.include(), sel.exclude()) {
+            // the visible GPUs, then --num_nodes/--num_gpus among them
+            let include = format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","));
+            let visible = select(&pool, &Selection { include: Some(include), ..Default::default() })?;
+            return Ok(limit(visible, cli.num_nodes, cli.num_gpus)?);
+        }
+        return Ok(select(&pool, &sel)?);
     };
+    let pool: Vec<(String, usize)> = Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect();
     Ok(select(&pool, &sel)?)
 }
 
@@ -520,8 +596,99 @@ mod tests {
             .map(String::from)
             .collect();
         let (mine, theirs) = split_args(&args).unwrap();
-        assert_eq!(mine, vec!["glm-launch", "--hostfile", "h", "--num-gpus=2", "--dry-run", "--all-ranks-output"]);
+        assert_eq!(mine, vec!["glm-launch", "--hostfile=h", "--num-gpus=2", "--dry-run", "--all-ranks-output"]);
         assert_eq!(theirs, vec!["--config", "ds.json", "--set", "train_iters=5", "--num_gpus", "7"]);
         assert!(split_args(&["--hostfile".to_string()]).unwrap_err().to_string().contains("--hostfile needs a value"));
+    }
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    /// DeepSpeed's spellings: `-H`, `-i`, `-e` (with the value apart,
+    /// attached or after `=`, as argparse reads them), `--num_accelerators`,
+    /// and unambiguous prefixes of the long options.
+    #[test]
+    fn deepspeeds_spellings_and_prefixes_are_the_launchers() {
+        for (args, want) in [
+            ("-H h", "--hostfile=h"),
+            ("-Hh", "--hostfile=h"),
+            ("-H=h", "--hostfile=h"),
+            ("-i w-0:1@w-1", "--include=w-0:1@w-1"),
+            ("-iw-0", "--include=w-0"),
+            ("-i=w-0:0,1", "--include=w-0:0,1"),
+            ("-e w-1", "--exclude=w-1"),
+            ("--num_accelerators 2", "--num-gpus=2"),
+            ("--num-accelerators=2", "--num-gpus=2"),
+            ("--num_a 2", "--num-gpus=2"),
+            ("--num_g=2", "--num-gpus=2"),
+            ("--num_n 1", "--num-nodes=1"),
+            ("--hostf h", "--hostfile=h"),
+            ("--incl w-0", "--include=w-0"),
+            ("--e w-0", "--exclude=w-0"),
+            ("--ex=w-0", "--exclude=w-0"),
+            ("--laun slurm", "--launcher=slurm"),
+            ("--mp mpiexec", "--mpi=mpiexec"),
+            ("--master_a 10.0.0.1", "--master-addr=10.0.0.1"),
+            ("--dry", "--dry-run"),
+            ("--all-r", "--all-ranks-output"),
+            ("--no_p", "--no-preflight"),
+            ("--ssh_a", "--ssh-accept-new-host-keys"),
+            ("--w ./w", "--worker=./w"),
+            ("--he", "--help"),
+            ("-h", "--help"),
+            ("-V", "--version"),
+        ] {
+            let (mine, theirs) = split_args(&words(&format!("{args} --config ds.json"))).unwrap_or_else(|e| panic!("{args}: {e:#}"));
+            assert_eq!(mine[1..], [want.to_string()], "{args}");
+            assert_eq!(theirs, words("--config ds.json"), "{args}");
+        }
+        for (args, want) in [
+            ("--num 2", "ambiguous option: --num could match --num_nodes, --num_gpus, --num_accelerators"),
+            ("--num_ 2", "ambiguous option: --num_ could match --num_nodes, --num_gpus, --num_accelerators"),
+            ("--h x", "ambiguous option: --h could match --hostfile, --help"),
+            ("--ssh x", "ambiguous option: --ssh could match --ssh_config, --ssh_user"),
+            ("--master=x", "ambiguous option: --master could match --master_addr, --master_port"),
+            ("-i", "-i (--include) needs a value"),
+            ("--incl", "--incl (--include) needs a value"),
+            ("--num-gpus", "--num-gpus needs a value"),
+            ("--dry-run=1", "--dry-run takes no value"),
+            ("--dr=1", "--dr (--dry_run) takes no value"),
+        ] {
+            let e = split_args(&words(args)).unwrap_err().to_string();
+            assert!(e.contains(want), "{args}: {e}");
+        }
+        // what is not the launcher's goes to the worker, in order
+        let worker = "--config ds.json --set include=x -x -hx - --no_python --iters 3 --nodes --deepspeed_config c.json";
+        let (mine, theirs) = split_args(&words(worker)).unwrap();
+        assert_eq!((mine.len(), theirs), (1, words(worker)));
+    }
+
+    /// What split_args hands clap parses: the last of a repeated option
+    /// counts (as in argparse), and the DeepSpeed spellings land in the
+    /// same fields.
+    #[test]
+    fn clap_reads_what_split_args_hands_it() {
+        let (mine, _) = split_args(&words("-H hosts -i a:0 --incl b:1 --num_accelerators 3 --no_pre --dry")).unwrap();
+        let cli = Cli::try_parse_from(&mine).unwrap();
+        assert_eq!(cli.hostfile, Some(PathBuf::from("hosts")));
+        assert_eq!(cli.include.as_deref(), Some("b:1"));
+        assert_eq!(cli.num_gpus, Some(3));
+        assert!(cli.no_preflight && cli.dry_run && cli.exclude.is_none());
+        // a value that starts with a dash stays a value
+        let (mine, _) = split_args(&words("--run_dir -odd")).unwrap();
+        assert_eq!(Cli::try_parse_from(&mine).unwrap().run_dir, Some(PathBuf::from("-odd")));
+    }
+
+    #[test]
+    fn the_help_lists_every_launcher_and_the_deepspeed_spellings() {
+        let help = Cli::command().render_help().to_string();
+        let launcher = help.lines().skip_while(|l| !l.contains("--launcher")).take(3).collect::<Vec<_>>().join(" ");
+        for name in ["mpirun", "mpiexec", "ssh", "slurm", "local"] {
+            assert!(launcher.contains(name), "--launcher's help names {name}: {launcher}");
+        }
+        for spelling in ["-H, --hostfile", "-i, --include", "-e, --exclude", "--num-accelerators"] {
+            assert!(help.contains(spelling), "{spelling}: {help}");
+        }
     }
 }

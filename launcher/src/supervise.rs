@@ -112,43 +112,109 @@ pub fn parse_line(raw: &str, from_stderr: bool, tags: Tags) -> Line {
     Line { rank: None, stderr: from_stderr, text: raw.to_string() }
 }
 
-/// The failed rank and its exit code from OpenMPI's abort message
-/// (`Process name: [[7493,1],1]` / `Exit code: 3`) or its signal message
-/// (`process rank 1 with PID 42 on node h exited on signal 9`), or srun's
-/// (`srun: error: h: task 1: Exited with exit code 3`, `... task 1: Killed`).
-pub fn failed_rank(messages: &[String]) -> Option<(usize, String)> {
-    // srun: a task that exited with a code is the cause; tasks killed by
-    // --kill-on-bad-exit are collateral, named only when nothing else is
-    let srun: Vec<(usize, String)> = messages.iter().filter_map(|m| srun_task(m.trim())).collect();
-    if let Some(f) = srun.iter().find(|(_, c)| c.starts_with("exit code")).or_else(|| srun.first()) {
-        return Some(f.clone());
-    }
-    let mut rank = None;
-    for m in messages {
-        let t = m.trim();
-        if let Some(rest) = t.strip_prefix("Process name:") {
-            rank = rest.trim().trim_start_matches('[').split(']').next().and_then(|s| s.split(',').nth(1)).and_then(|r| r.trim().parse::<usize>().ok());
-        } else if let (Some(r), Some(code)) = (rank, t.strip_prefix("Exit code:")) {
-            return Some((r, format!("exit code {}", code.trim())));
-        } else if let Some(i) = t.find("process rank ") {
-            let words: Vec<&str> = t[i + "process rank ".len()..].split_whitespace().collect();
-            if let Some(r) = words.first().and_then(|w| w.parse::<usize>().ok()) {
-                let sig = t.split("exited on signal ").nth(1).map(|s| format!("killed by signal {}", s.trim_end_matches('.')));
-                return Some((r, sig.unwrap_or_else(|| "failed".into())));
-            }
-        }
-    }
-    rank.map(|r| (r, "failed".into()))
+/// The rank that failed the job, as the MPI launcher's messages name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failed {
+    pub rank: usize,
+    /// "exit code 3", "killed by signal 9 (Killed)", ...
+    pub cause: String,
+    /// The node the launcher's message names, when it names one.
+    pub node: Option<String>,
 }
 
-/// `srun: error: h: task 1: Exited with exit code 3` -> (1, "exit code 3").
-fn srun_task(t: &str) -> Option<(usize, String)> {
+/// The rank of an OpenMPI process name `[[jobfamily,job],vpid]`: its last
+/// field (the vpid is the rank in `MPI_COMM_WORLD`); `None` for anything
+/// else, and for job 0 (OpenMPI's daemons, whose vpid is no rank).
+fn openmpi_rank(name: &str) -> Option<usize> {
+    let inner = name.trim().strip_prefix("[[")?.strip_suffix(']')?;
+    let (job, vpid) = inner.split_once("],")?;
+    let (_, local_job) = job.split_once(',')?;
+    (local_job.trim().parse::<u32>().ok()? != 0).then_some(())?;
+    vpid.trim().parse().ok()
+}
+
+/// The failed rank from OpenMPI 4.1's messages, or srun's:
+/// - a non-zero exit (`mpirun detected that one or more processes exited
+///   with non-zero status ...` / `  Process name: [[9516,1],0]` /
+///   `  Exit code:    3`): rank 0, exit code 3; OpenMPI names no node here
+///   (its other `Process name:` messages follow with `  Node: X`);
+/// - a signal (`mpirun noticed that process rank 3 with PID 0 on node vm
+///   exited on signal 9 (Killed).`), and the messages of the same form for
+///   a rank that called abort or exited without finalizing, where the
+///   node may stand at the start of the next line (`... with PID 42 on` /
+///   `node vm exiting improperly. ...`);
+/// - srun's `srun: error: h: task 1: Exited with exit code 3` (`... task
+///   1: Killed`), which names the node first.
+pub fn failed_rank(messages: &[String]) -> Option<Failed> {
+    // srun: a task that exited with a code is the cause; tasks killed by
+    // --kill-on-bad-exit are collateral, named only when nothing else is
+    let srun: Vec<Failed> = messages.iter().filter_map(|m| srun_task(m.trim())).collect();
+    if let Some(f) = srun.iter().find(|f| f.cause.starts_with("exit code")).or_else(|| srun.first()) {
+        return Some(f.clone());
+    }
+    let mut named: Option<Failed> = None;
+    for (i, m) in messages.iter().enumerate() {
+        let t = m.trim();
+        if let Some(rest) = t.strip_prefix("Process name:") {
+            if let Some(rank) = openmpi_rank(rest) {
+                named = Some(Failed { rank, cause: "failed".into(), node: None });
+            }
+        } else if let (Some(f), Some(node)) = (named.as_mut(), t.strip_prefix("Node:")) {
+            f.node = Some(node.trim().to_string()).filter(|n| !n.is_empty());
+        } else if let (Some(mut f), Some(code)) = (named.clone(), t.strip_prefix("Exit code:")) {
+            f.cause = format!("exit code {}", code.trim());
+            return Some(f);
+        } else if let Some(at) = t.find("process rank ") {
+            let words: Vec<&str> = t[at + "process rank ".len()..].split_whitespace().collect();
+            let Some(rank) = words.first().and_then(|w| w.parse::<usize>().ok()) else { continue };
+            // "... with PID 42 on node vm exited on signal 9 (Killed)." on one
+            // line, or "... on" / "node vm exiting improperly" over two
+            let mut text = t.to_string();
+            if t.ends_with(" on") {
+                if let Some(next) = messages.get(i + 1) {
+                    text = format!("{t} {}", next.trim());
+                }
+            }
+            let node = text.split(" on node ").nth(1).and_then(|r| r.split_whitespace().next()).map(|n| n.trim_end_matches(['.', ',']).to_string());
+            let cause = if let Some(sig) = text.split("exited on signal ").nth(1) {
+                format!("killed by signal {}", sig.trim().trim_end_matches('.'))
+            } else if text.contains("calling \"abort\"") {
+                "called abort".to_string()
+            } else if text.contains("exiting improperly") {
+                "exited without finalizing MPI".to_string()
+            } else {
+                "failed".to_string()
+            };
+            return Some(Failed { rank, cause, node });
+        }
+    }
+    named
+}
+
+/// `srun: error: h: task 1: Exited with exit code 3` -> rank 1, "exit code 3", node h.
+fn srun_task(t: &str) -> Option<Failed> {
     let rest = t.strip_prefix("srun: error:")?;
-    let rest = &rest[rest.find(": task ")? + ": task ".len()..];
+    let at = rest.find(": task ")?;
+    let node = rest[..at].trim().to_string();
+    let rest = &rest[at + ": task ".len()..];
     let (r, what) = rest.split_once(": ")?;
-    let r = r.parse::<usize>().ok()?;
+    let rank = r.parse::<usize>().ok()?;
     let what = what.trim();
-    Some((r, what.strip_prefix("Exited with exit code ").map_or_else(|| format!("killed ({what})"), |c| format!("exit code {c}"))))
+    let cause = what.strip_prefix("Exited with exit code ").map_or_else(|| format!("killed ({what})"), |c| format!("exit code {c}"));
+    Some(Failed { rank, cause, node: Some(node).filter(|n| !n.is_empty()) })
+}
+
+/// Where `f` ran: the host the placement gives its rank (as the hostfile
+/// names it), with the node the MPI launcher named when that differs
+/// (`localhost (node vm)`); the launcher's node alone when the rank is
+/// beyond the placement; `?` when neither knows.
+fn failed_host(f: &Failed, hosts: &[String]) -> String {
+    match (hosts.get(f.rank), &f.node) {
+        (Some(h), Some(n)) if h != n => format!("{h} (node {n})"),
+        (Some(h), _) => h.clone(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => "?".into(),
+    }
 }
 
 /// How the job ended.
@@ -325,10 +391,9 @@ pub fn run(
     let sig = SIGNAL.load(Ordering::SeqCst);
     let report = match failed_rank(&s.messages) {
         _ if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
-        Some((r, cause)) => {
-            let host = hosts.get(r).map_or("?", |h| h.as_str());
-            let detail = s.last_error.get(&r).map(|e| format!(": {e}")).unwrap_or_default();
-            format!("rank {r} on {host} {cause}{detail}; every other worker was stopped")
+        Some(f) => {
+            let detail = s.last_error.get(&f.rank).map(|e| format!(": {e}")).unwrap_or_default();
+            format!("rank {} on {} {}{detail}; every other worker was stopped", f.rank, failed_host(&f, &hosts), f.cause)
         }
         None => {
             let ranks: Vec<String> =
@@ -361,20 +426,105 @@ mod tests {
         assert_eq!(parse_line("srun: error: x", true, Tags::Srun).rank, None);
     }
 
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(String::from).collect()
+    }
+
+    /// stderr of `mpirun --oversubscribe -np 4 bash -c 'if [ $OMPI_COMM_WORLD_RANK = 0 ]; then
+    /// sleep 1; exit 3; fi; sleep 5'` (OpenMPI 4.1.4), as captured; ranks 1 and 3 below.
+    const EXIT_RANK_0: &str = r#"--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun detected that one or more processes exited with non-zero status, thus causing
+the job to be terminated. The first process to do so was:
+
+  Process name: [[13500,1],0]
+  Exit code:    3
+--------------------------------------------------------------------------
+"#;
+    const EXIT_RANK_1: &str = r#"--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun detected that one or more processes exited with non-zero status, thus causing
+the job to be terminated. The first process to do so was:
+
+  Process name: [[13350,1],1]
+  Exit code:    3
+--------------------------------------------------------------------------
+"#;
+    const EXIT_RANK_3: &str = r#"--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun detected that one or more processes exited with non-zero status, thus causing
+the job to be terminated. The first process to do so was:
+
+  Process name: [[13654,1],3]
+  Exit code:    3
+--------------------------------------------------------------------------
+"#;
+    /// The same with `kill -9 $$` on rank 3, and `kill -SEGV $$` on rank 0.
+    const KILLED_RANK_3: &str = r#"--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun noticed that process rank 3 with PID 0 on node vm exited on signal 9 (Killed).
+--------------------------------------------------------------------------
+"#;
+    const SEGV_RANK_0: &str = r#"--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun noticed that process rank 0 with PID 0 on node vm exited on signal 11 (Segmentation fault).
+--------------------------------------------------------------------------
+"#;
+
+    fn failed(rank: usize, cause: &str, node: Option<&str>) -> Option<Failed> {
+        Some(Failed { rank, cause: cause.into(), node: node.map(String::from) })
+    }
+
+    /// The rank is the process name's last field (`[[13500,1],0]` is rank
+    /// 0, not 1: the middle field is OpenMPI's job number).
     #[test]
     fn the_failed_rank_from_openmpis_messages() {
-        let abort: Vec<String> = "mpirun detected that one or more processes exited with non-zero status\n  Process name: [[7493,1],1]\n  Exit code:    3\n"
-            .lines()
-            .map(String::from)
-            .collect();
-        assert_eq!(failed_rank(&abort), Some((1, "exit code 3".into())));
-        let killed = vec!["mpirun noticed that process rank 2 with PID 4242 on node vm exited on signal 9 (Killed).".to_string()];
-        assert_eq!(failed_rank(&killed), Some((2, "killed by signal 9 (Killed)".into())));
+        assert_eq!(failed_rank(&lines(EXIT_RANK_0)), failed(0, "exit code 3", None));
+        assert_eq!(failed_rank(&lines(EXIT_RANK_1)), failed(1, "exit code 3", None));
+        assert_eq!(failed_rank(&lines(EXIT_RANK_3)), failed(3, "exit code 3", None));
+        assert_eq!(failed_rank(&lines(KILLED_RANK_3)), failed(3, "killed by signal 9 (Killed)", Some("vm")));
+        assert_eq!(failed_rank(&lines(SEGV_RANK_0)), failed(0, "killed by signal 11 (Segmentation fault)", Some("vm")));
+        // OpenMPI's help texts of the same forms (help-orterun.txt): a node
+        // after the process name, and the rank/node message over two lines
+        let mem = lines("A process exceeded memory limits:\n\n  Process name: [[7493,1],12]\n  Node:         gpu-node-3\n");
+        assert_eq!(failed_rank(&mem), failed(12, "failed", Some("gpu-node-3")));
+        let abort = lines("mpirun has exited due to process rank 5 with PID 4242 on\nnode gpu-node-1 calling \"abort\". This may have caused other processes");
+        assert_eq!(failed_rank(&abort), failed(5, "called abort", Some("gpu-node-1")));
+        let no_sync = lines("mpirun has exited due to process rank 2 with PID 77 on\nnode n2 exiting improperly. There are three reasons this could occur:");
+        assert_eq!(failed_rank(&no_sync), failed(2, "exited without finalizing MPI", Some("n2")));
+        // a daemon's name (job 0) is no rank
+        assert_eq!(failed_rank(&lines("  Process name: [[7493,0],1]\n  Exit code:    3")), None);
         assert_eq!(failed_rank(&["nothing".to_string()]), None);
         let srun = vec!["srun: error: vm: task 1: Exited with exit code 3".to_string()];
-        assert_eq!(failed_rank(&srun), Some((1, "exit code 3".into())));
-        assert_eq!(failed_rank(&["srun: error: node7: task 12: Killed".to_string()]), Some((12, "killed (Killed)".into())));
+        assert_eq!(failed_rank(&srun), failed(1, "exit code 3", Some("vm")));
+        assert_eq!(failed_rank(&["srun: error: node7: task 12: Killed".to_string()]), failed(12, "killed (Killed)", Some("node7")));
         let collateral = vec!["srun: error: a: task 0: Killed".to_string(), "srun: error: b: task 5: Exited with exit code 2".to_string()];
-        assert_eq!(failed_rank(&collateral), Some((5, "exit code 2".into())));
+        assert_eq!(failed_rank(&collateral), failed(5, "exit code 2", Some("b")));
+    }
+
+    #[test]
+    fn the_failed_host_is_the_placements_with_the_launchers_node() {
+        let hosts: Vec<String> = ["localhost", "localhost", "node-b"].map(String::from).to_vec();
+        let f = |rank: usize, node: Option<&str>| failed_host(&failed(rank, "x", node).unwrap(), &hosts);
+        assert_eq!(f(0, None), "localhost");
+        assert_eq!(f(1, Some("vm")), "localhost (node vm)");
+        assert_eq!(f(2, Some("node-b")), "node-b");
+        assert_eq!(f(7, Some("vm")), "vm");
+        assert_eq!(f(7, None), "?");
     }
 }

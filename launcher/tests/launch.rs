@@ -97,6 +97,44 @@ fn a_failing_worker_stops_the_job_and_is_named() {
     assert_eq!(std::fs::read_to_string(d.path().join("run/logs/rank_0001.log")).unwrap().trim(), "glm-worker: error: boom");
 }
 
+/// The failed rank comes from mpirun's own message (`Process name:
+/// [[9516,1],0]` / `Exit code: 3`; `process rank 2 ... on node X exited on
+/// signal 9`): the failing worker writes nothing, so only that message can
+/// name it. Its host is the placement's, with the node mpirun names when
+/// that differs.
+#[test]
+fn the_rank_mpirun_names_as_failed_is_reported_with_its_host() {
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for (rank, how, code, want) in [
+        (0, "exit 3", 3, "glm-launch: rank 0 on localhost exit code 3; every other worker was stopped".to_string()),
+        (3, "exit 3", 3, "glm-launch: rank 3 on localhost exit code 3; every other worker was stopped".to_string()),
+        (2, "kill -9 $$", 137, format!("glm-launch: rank 2 on localhost (node {node}) killed by signal 9 (Killed); every other worker was stopped")),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("worker.sh");
+        // mpirun names the failed process only once every process of the
+        // job has started: the failing one waits for all four
+        std::fs::write(
+            &w,
+            format!(
+                "#!/bin/sh\ntouch {dir}/up.$OMPI_COMM_WORLD_RANK\nif [ \"$OMPI_COMM_WORLD_RANK\" = {rank} ]; then\n  while [ $(ls {dir} | grep -c '^up\\.') -lt 4 ]; do sleep 0.1; done\n  sleep 1; {how}\nfi\nsleep 60\n",
+                dir = d.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let t0 = std::time::Instant::now();
+        let o = launch()
+            .args(["--num_gpus", "4", "--no_preflight", "--worker", &w.display().to_string(), "--run_dir", &d.path().join("run").display().to_string()])
+            .output()
+            .unwrap();
+        let (out, err) = text(&o);
+        assert!(t0.elapsed().as_secs() < 50, "the other workers were stopped, not waited for");
+        assert_eq!(o.status.code(), Some(code), "rank {rank}: {out}{err}");
+        assert!(err.contains(&want), "rank {rank}: want {want:?} in\n{err}");
+    }
+}
+
 /// A worker writing bytes that are not UTF-8 must not break the reading of
 /// its output (that once killed the job through a closed pipe).
 #[test]
