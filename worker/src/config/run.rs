@@ -58,11 +58,13 @@ pub const DEFAULT_CORPUS: &str = "glm_pretrain/data/data.json";
 pub fn missing_corpus_hint(d: &Path) -> String {
     let default = Path::new(DEFAULT_CORPUS);
     if d == default {
-        "scripts/setup.sh builds the default corpus there".into()
+        "scripts/setup.sh builds the default corpus there; for your own corpus see docs/corpus.md".into()
     } else if default.is_file() {
-        format!("point train_data at an existing corpus file or folder, e.g. the default corpus: --set train_data={DEFAULT_CORPUS}")
+        format!("point train_data at an existing corpus file or folder (see docs/corpus.md), e.g. the default corpus: --set train_data={DEFAULT_CORPUS}")
     } else {
-        format!("point train_data at an existing corpus file or folder, or build the default corpus {DEFAULT_CORPUS} with scripts/setup.sh")
+        format!(
+            "point train_data at an existing corpus file or folder (see docs/corpus.md), or build the default corpus {DEFAULT_CORPUS} with scripts/setup.sh"
+        )
     }
 }
 

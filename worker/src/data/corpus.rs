@@ -71,7 +71,12 @@ pub struct ReadStats {
 /// folder (recursively, hidden files and `README*` excluded), sorted by path
 /// so the document order — and so every split and sample — is reproducible.
 pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).at(path)?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => std::io::Error::new(e.kind(), "no such corpus file or folder; see docs/corpus.md"),
+            _ => e,
+        })
+        .at(path)?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -95,7 +100,7 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
-        return Err(Error::invalid(path, "corpus folder holds no files"));
+        return Err(Error::invalid(path, "corpus folder holds no files (hidden files and README* are skipped); see docs/corpus.md"));
     }
     Ok(out)
 }
@@ -159,7 +164,9 @@ fn record_text(v: &Value, text_key: &str) -> std::result::Result<String, String>
     }
     match field(text_key)? {
         Some(t) => Ok(t.to_string()),
-        None => Err(format!("record has neither \"content\" nor \"{text_key}\"")),
+        None => Err(format!(
+            "record has neither \"content\" nor \"{text_key}\" (name the text's field with text_key in configs.json, or --text-key for prepare; see docs/corpus.md)"
+        )),
     }
 }
 
@@ -189,14 +196,14 @@ fn open_text(path: &Path) -> Result<BufReader<File>> {
 /// The error for a line that is not UTF-8: where, and which byte.
 fn not_utf8(path: &Path, lineno: usize, line: &[u8], e: std::str::Utf8Error) -> Error {
     let col = String::from_utf8_lossy(&line[..e.valid_up_to()]).chars().count() + 1;
-    Error::parse(path, lineno, col, format!("not UTF-8 (byte 0x{:02X}); corpora must be UTF-8 text", line[e.valid_up_to()]))
+    Error::parse(path, lineno, col, format!("not UTF-8 (byte 0x{:02X}); corpora must be UTF-8 text (see docs/corpus.md)", line[e.valid_up_to()]))
 }
 
 fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
     let file = File::open(path).at(path)?;
     let len = file.metadata().at(path)?.len();
     if len == 0 {
-        return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects"));
+        return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)"));
     }
     // SAFETY: the map is read-only and dropped before returning; a corpus
     // file truncated underneath us is a user error we cannot guard against.
@@ -205,7 +212,7 @@ fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
     let buf: &[u8] = &map[skip..];
     let first = buf.iter().position(|b| !b.is_ascii_whitespace());
     let first = match first {
-        None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects")),
+        None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)")),
         Some(i) => i,
     };
     if buf[first] != b'[' {
@@ -216,10 +223,15 @@ fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
         } else {
             ""
         };
-        return Err(Error::parse(path, l, c, format!("expected `[` starting a JSON array of objects, found `{}`{hint}", buf[first] as char)));
+        return Err(Error::parse(
+            path,
+            l,
+            c,
+            format!("expected `[` starting a JSON array of objects, found `{}`{hint}; see docs/corpus.md", buf[first] as char),
+        ));
     }
     let items: Vec<&serde_json::value::RawValue> =
-        serde_json::from_slice(buf).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {}", strip_pos(&e))))?;
+        serde_json::from_slice(buf).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))))?;
     let mut skipped = 0;
     for (i, raw) in items.iter().enumerate() {
         let offset = raw.get().as_ptr() as usize - buf.as_ptr() as usize;
@@ -273,7 +285,7 @@ fn read_json_lines(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
             continue;
         }
         let parsed = serde_json::from_str::<Value>(text)
-            .map_err(|e| (e.column(), format!("malformed JSON: {}", strip_pos(&e))))
+            .map_err(|e| (e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))))
             .and_then(|v| record_text(&v, &opts.text_key).map_err(|m| (1, m)));
         match parsed {
             Ok(t) => emit(t, pos)?,
