@@ -35,21 +35,26 @@ trap 'rm -rf "$TMP"' EXIT
 scratch() {
   local s="$1"
   mkdir -p "$s/scripts" "$s/glm_pretrain/data" "$s/glm_pretrain/model"
+  # what git tracks at the top (and the build, the venv) as links; run outputs
+  # (glm_runs/, glm_pretrain/) are the scratch copy's own
   for x in "$ROOT"/* "$ROOT"/.venv; do
-    case "$(basename "$x")" in scripts | glm_pretrain) ;; *) [ -e "$x" ] && ln -s "$x" "$s/$(basename "$x")" ;; esac
+    local b; b="$(basename "$x")"
+    case "$b" in scripts | glm_pretrain | glm_runs) ;;
+      *) if [ "$b" = target ] || [ "$b" = .venv ] || [ -n "$(git -C "$ROOT" ls-files -- "$b" | head -n 1)" ]; then ln -s "$x" "$s/$b"; fi ;;
+    esac
   done
+  mkdir -p "$s/glm_runs"
   for x in "$ROOT"/scripts/*; do ln -s "$x" "$s/scripts/$(basename "$x")"; done
   rm "$s/scripts/setup.sh"
   printf '#!/usr/bin/env bash\n# docs_check: the checkout is set up already\nexit 0\n' >"$s/scripts/setup.sh"
   chmod +x "$s/scripts/setup.sh"
   [ -e "$ROOT/glm_pretrain/data/data.json" ] && ln -s "$ROOT/glm_pretrain/data/data.json" "$s/glm_pretrain/data/data.json"
-  for x in "$ROOT"/glm_pretrain/data/*; do
-    case "$(basename "$x")" in data.json | store) ;; *) ln -s "$x" "$s/glm_pretrain/data/$(basename "$x")" ;; esac
-  done
+  # of glm_pretrain/ only what git tracks (a user's own corpora and stores
+  # there are not touched), the default corpus, and copies of the store and
+  # the cached tokenizers
+  git -C "$ROOT" ls-files -- glm_pretrain | while read -r f; do mkdir -p "$s/$(dirname "$f")"; ln -s "$ROOT/$f" "$s/$f"; done
   [ -d "$ROOT/glm_pretrain/data/store" ] && cp -r "$ROOT/glm_pretrain/data/store" "$s/glm_pretrain/data/store"
-  for x in "$ROOT"/glm_pretrain/model/*; do
-    case "$(basename "$x")" in checkpoints) ;; tokenizer-*.json) cp "$x" "$s/glm_pretrain/model/" ;; *) ln -s "$x" "$s/glm_pretrain/model/$(basename "$x")" ;; esac
-  done
+  for x in "$ROOT"/glm_pretrain/model/tokenizer-*.json; do [ -f "$x" ] && cp "$x" "$s/glm_pretrain/model/"; done
   # ../shared beside the checkout
   [ -e "$ROOT/../shared" ] && ln -s "$(cd "$ROOT/../shared" && pwd)" "$(dirname "$s")/shared"
 }
@@ -58,6 +63,7 @@ scratch() {
 commands() {
   awk '
     /^```/ {
+      cont = ""
       if (!inblock) { inblock = 1; info = substr($0, 4); gsub(/^[ \t]+|[ \t]+$/, "", info); split(info, w, /[ \t]+/)
                       mode = (w[1] == "sh") ? (w[2] == "validate" ? "validate" : "run") : ""; next }
       inblock = 0; mode = ""; next

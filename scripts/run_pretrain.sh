@@ -10,7 +10,7 @@
 #   scripts/run_pretrain.sh --set train_iters=200
 #   scripts/run_pretrain.sh --set load=glm_pretrain/model/checkpoints/glm-tiny   # resume (a second plain run is refused)
 #   scripts/run_pretrain.sh --set overwrite=true                                 # start over, removing the earlier run
-#   scripts/run_pretrain.sh --set tokenizer_path=../shared/seed/vocab.txt
+#   scripts/run_pretrain.sh --set tokenizer_path=configs/seed/vocab.txt
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

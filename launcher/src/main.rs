@@ -338,6 +338,10 @@ fn disk_plan(worker_args: &[String]) -> Result<Option<preflight::Disk>> {
         bail!("{}: no such file (--args)", file.display());
     }
     let a = glm_common::args::LoadedArgs::load(path, &sets)?.args;
+    // train_iters = 0 validates the configuration and writes nothing
+    if a.train_iters == 0 {
+        return Ok(None);
+    }
     let Some(dir) = a.save else { return Ok(None) };
     let (h, l) = (a.hidden_size as u64, a.num_layers as u64);
     let params = 12 * l * h * h + (16_000 + 2 * a.max_position_embeddings as u64) * h;
