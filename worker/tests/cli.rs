@@ -560,3 +560,41 @@ fn docs_check_runs_sh_blocks_and_fails_on_a_failing_command() {
     assert!(out.contains("--args configs/configs_tiny.json --set train_iters=0"), "training validated only: {out}");
     assert!(out.contains(&format!("docs_check: FAIL {}:3", bad.display())) && out.contains("FAILED 1 of 2 commands"), "{out}");
 }
+
+/// `tokenizer_type` takes the original's names (an unknown one is refused
+/// listing them; the two not built yet are refused, not silently replaced
+/// by WordPiece), and `tokenizer_model_type` decides WordPiece casing as the
+/// original does: a trained tokenizer for a `-cased` model keeps case and is
+/// cached under its own name.
+#[test]
+fn tokenizer_type_is_honoured_or_refused_and_model_type_sets_casing() {
+    let check = |sets: &[&str]| {
+        let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "train_iters=0"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        worker().current_dir(repo_file("")).args(&args).output().unwrap()
+    };
+    let out = stdout(&check(&[]));
+    assert!(out.contains("tokenizer_type / tokenizer_model_type = BertWordPieceTokenizer / bert-base-uncased (lower-cased)"), "{out}");
+    let out = stdout(&check(&["tokenizer_model_type=bert-base-cased"]));
+    assert!(out.contains("BertWordPieceTokenizer / bert-base-cased (cased)  (--set)"), "{out}");
+    let e = one_error_line(&check(&["tokenizer_type=SentencePiece"]));
+    assert!(e.contains("tokenizer_type = \"SentencePiece\" (--set): expected one of BertWordPieceTokenizer, GPT2BPETokenizer, ChineseSPTokenizer"), "{e}");
+    for t in ["GPT2BPETokenizer", "ChineseSPTokenizer"] {
+        let e = one_error_line(&check(&[&format!("tokenizer_type={t}")]));
+        assert!(e.contains("not supported yet") && e.contains("--set tokenizer_type=BertWordPieceTokenizer"), "{e}");
+    }
+    // a cased tokenizer trained on the corpus: its own cache file, case kept
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("c.json");
+    std::fs::write(&corpus, CORPUS).unwrap();
+    let (out_dir, cache) = (d.path().join("store"), d.path().join("model"));
+    let o = prepare(&corpus, &out_dir, &cache, &["--cased"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.len() == 1 && names[0].ends_with("-v500-cased.json"), "{names:?}");
+    let tok = std::fs::read_to_string(cache.join(&names[0])).unwrap();
+    assert!(tok.contains("\"lowercase\":false") || tok.contains("\"lowercase\": false"), "a cased normalizer");
+    assert!(tok.contains("\"GLM\"") || tok.contains("GLM"), "an upper-case token survives: Hello world, this is GLM");
+}

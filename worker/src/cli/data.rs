@@ -35,6 +35,10 @@ pub struct PrepareArgs {
     /// BERT vocab.txt or tokenizer.json; omitted: train a WordPiece tokenizer on the corpus
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Keep case (a cased BERT vocab.txt, or a cased trained tokenizer): configs.json's
+    /// tokenizer_model_type naming a -cased model; by default WordPiece lower-cases
+    #[arg(long)]
+    cased: bool,
     /// Output directory of the token store
     #[arg(long)]
     out: PathBuf,
@@ -132,6 +136,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
         force: a.force,
         show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
+        lowercase: !a.cased,
         ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();

@@ -342,6 +342,26 @@ impl RunConfig {
         let block = block_config(a);
         block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
 
+        // the original's tokenizer_type: WordPiece is what this build has
+        let tt = a.tokenizer_type.as_str();
+        if !glm_common::args::TOKENIZER_TYPES.contains(&tt) {
+            return Err(Error::Config(format!(
+                "tokenizer_type = \"{tt}\" ({}): expected one of {}",
+                src("tokenizer_type"),
+                glm_common::args::TOKENIZER_TYPES.join(", ")
+            )));
+        }
+        if tt != "BertWordPieceTokenizer" {
+            return Err(Error::Config(format!(
+                "tokenizer_type = \"{tt}\" ({}): not supported yet; this build tokenizes with BertWordPieceTokenizer only (--set tokenizer_type=BertWordPieceTokenizer)",
+                src("tokenizer_type")
+            )));
+        }
+        put(
+            "tokenizer_type / tokenizer_model_type",
+            format!("{tt} / {} ({})", a.tokenizer_model_type, if a.lowercase() { "lower-cased" } else { "cased" }),
+            src("tokenizer_model_type"),
+        );
         let train_data = train_data_paths(a);
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 

@@ -20,6 +20,9 @@ pub struct PrepareOptions {
     pub tokenizer_train_bytes: usize,
     pub force: bool,
     pub show_progress: bool,
+    /// WordPiece lower-cases (and strips accents): a given `vocab.txt`, and
+    /// a trained tokenizer (cached under its own name when cased).
+    pub lowercase: bool,
     /// How the caller's user names the tokenizer option, for hints:
     /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
     pub tokenizer_option: TokenizerOption,
@@ -34,6 +37,7 @@ impl Default for PrepareOptions {
             tokenizer_train_bytes: 512 << 20,
             force: false,
             show_progress: false,
+            lowercase: true,
             tokenizer_option: TokenizerOption::Flag,
         }
     }
@@ -68,7 +72,7 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
             let what = if p.exists() { "not a file" } else { "no such file" };
             return Err(Error::invalid(p, format!("tokenizer: {what}; hint: {}", opts.tokenizer_option.hint())));
         }
-        return Ok((GlmTokenizer::load(p)?, TokenizerOrigin::Given(p.to_path_buf())));
+        return Ok((GlmTokenizer::load_cased(p, opts.lowercase)?, TokenizerOrigin::Given(p.to_path_buf())));
     }
     if opts.vocab_size < 64 {
         // the same flag in `prepare` and in training
@@ -76,7 +80,8 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     }
     let known = store::read_meta(store).ok().map(|m| m.corpus);
     let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;
-    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}.json", &fp.digest[..12], opts.vocab_size));
+    let cased = if opts.lowercase { "" } else { "-cased" };
+    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{cased}.json", &fp.digest[..12], opts.vocab_size));
     if cache.is_file() {
         return Ok((GlmTokenizer::load(&cache)?, TokenizerOrigin::Cached(cache)));
     }
@@ -93,7 +98,7 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
         return Err(Error::invalid(corpus_name(files), "the corpus holds no documents with text"));
     }
     let t0 = std::time::Instant::now();
-    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress)?;
+    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress, opts.lowercase)?;
     std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
     let cache_name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let tmp = crate::runtime::host::temp_path(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));

@@ -91,18 +91,26 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::invalid(path, format!("cannot load tokenizer: {e}"))
 }
 
-/// The BERT pipeline around a WordPiece model.
-fn bert_pipeline(model: WordPiece) -> Tokenizer {
+/// The BERT pipeline around a WordPiece model; `lowercase` also strips
+/// accents, as BERT's basic tokenizer does.
+fn bert_pipeline(model: WordPiece, lowercase: bool) -> Tokenizer {
     let mut t = Tokenizer::new(model);
-    t.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
+    t.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
     t.with_pre_tokenizer(Some(BertPreTokenizer));
     t.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
     t
 }
 
 impl GlmTokenizer {
-    /// Loads `vocab.txt` (any name not ending in `.json`) or `tokenizer.json`.
+    /// Loads a `tokenizer.json`, or a `vocab.txt` (any name not ending in
+    /// `.json`) as an uncased BERT WordPiece tokenizer.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_cased(path, true)
+    }
+
+    /// As `load`; a `vocab.txt` lower-cases when `lowercase` (a
+    /// `tokenizer.json` carries its own normalizer).
+    pub fn load_cased(path: &Path, lowercase: bool) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::invalid(path, format!("tokenizer file: {e} (expected a BERT vocab.txt or a tokenizer.json)")))?;
         if meta.len() == 0 {
             return Err(Error::invalid(path, "tokenizer file is empty"));
@@ -118,20 +126,21 @@ impl GlmTokenizer {
                 .unk_token("[UNK]".into())
                 .build()
                 .map_err(|e| tok_err(path, e))?;
-            bert_pipeline(wp)
+            bert_pipeline(wp, lowercase)
         };
         Self::finish(inner)
     }
 
-    /// Trains a BERT-style WordPiece tokenizer on `texts`.
-    pub fn train<I>(texts: I, vocab_size: usize, show_progress: bool) -> Result<Self>
+    /// Trains a BERT-style WordPiece tokenizer on `texts` (lower-casing
+    /// when `lowercase`).
+    pub fn train<I>(texts: I, vocab_size: usize, show_progress: bool, lowercase: bool) -> Result<Self>
     where
         I: Iterator<Item = String> + Send,
     {
         let specials: Vec<AddedToken> = COMMAND_TOKENS.iter().map(|(_, t)| AddedToken::from(*t, true)).collect();
         let trainer = WordPieceTrainer::builder().vocab_size(vocab_size).min_frequency(1).special_tokens(specials).show_progress(show_progress).build();
         let model = WordPiece::builder().unk_token("[UNK]".into()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut inner = bert_pipeline(model);
+        let mut inner = bert_pipeline(model, lowercase);
         let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
         inner.train(&mut trainer, texts).map_err(|e| Error::Tokenizer(format!("training failed: {e}")))?;
         Self::finish(inner)
@@ -279,6 +288,20 @@ pub fn divisible_by_for(vocab: usize, padded: usize, divisible_by: usize, saved_
 mod tests {
     use super::*;
 
+    /// WordPiece casing as the original's BertWordPieceTokenizer: cased
+    /// keeps "Hello" and "É", uncased lower-cases and strips accents.
+    #[test]
+    fn a_vocab_txt_is_cased_or_uncased_as_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vocab.txt");
+        std::fs::write(&p, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nHello\nhello\nÉcole\necole\n").unwrap();
+        let (cased, uncased) = (GlmTokenizer::load_cased(&p, false).unwrap(), GlmTokenizer::load_cased(&p, true).unwrap());
+        assert_eq!(cased.encode("Hello École").unwrap(), [5, 7]);
+        assert_eq!(uncased.encode("Hello École").unwrap(), [6, 8]);
+        assert_eq!(GlmTokenizer::load(&p).unwrap().encode("Hello").unwrap(), [6], "load is uncased, as bert-base-uncased");
+        assert_ne!(cased.sha256, uncased.sha256, "stores built with the two never mix");
+    }
+
     #[test]
     fn the_padding_setting_that_loads_a_checkpoint() {
         // 16000 ids padded to 16000 on one rank (divisible by 128): two ranks need 64
@@ -302,7 +325,7 @@ mod tests {
     #[test]
     fn trained_tokenizer_has_command_tokens_first_and_round_trips() {
         let texts = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "Hello world, hello GLM."];
-        let tok = GlmTokenizer::train(texts.iter().map(|s| s.to_string()).cycle().take(30), 200, false).unwrap();
+        let tok = GlmTokenizer::train(texts.iter().map(|s| s.to_string()).cycle().take(30), 200, false, true).unwrap();
         let s = tok.special;
         assert_eq!(s.all(), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         for t in &texts[..2] {
