@@ -358,8 +358,8 @@ impl RunConfig {
             )));
         }
         put(
-            "tokenizer_type / tokenizer_model_type",
-            format!("{tt} / {} ({})", a.tokenizer_model_type, if a.lowercase() { "lower-cased" } else { "cased" }),
+            "tokenizer_type",
+            format!("{tt}, tokenizer_model_type {} ({})", a.tokenizer_model_type, if a.lowercase() { "lower-cased" } else { "cased" }),
             src("tokenizer_model_type"),
         );
         let train_data = train_data_paths(a);
