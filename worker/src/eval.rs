@@ -84,7 +84,7 @@ pub struct Evaluated {
 
 /// Evaluates `opts.load` (a whole-model checkpoint) over the world `par`.
 pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
-    let (model, state, dir) = checkpoint::load_for_inference(&opts.load, opts.device)?;
+    let (model, state, dir) = checkpoint::load_for_inference(&opts.load, opts.device, "eval")?;
     let args: Args = serde_json::from_value(state.args.clone()).map_err(|e| Error::invalid(dir.join("state.json"), format!("args: {e}")))?;
     let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
     if tok.sha256 != state.tokenizer_sha256 {

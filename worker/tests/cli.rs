@@ -460,6 +460,15 @@ fn eval_and_generate_of_a_tensor_parallel_checkpoint_name_themselves_and_a_worki
     assert!(out.contains("blank 0:"), "{out}");
 }
 
+/// The tiny configuration validated (`train_iters=0`) with `sets` as `--set`s.
+fn validate_tiny(sets: &[&str]) -> Output {
+    let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "train_iters=0"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    worker().current_dir(repo_file("")).args(&args).output().unwrap()
+}
+
 /// `--set` reaches every value the user may want to change: configs.json's
 /// keys, the DeepSpeed file's top-level keys (a plain key configs.json does
 /// not have, or any key behind `ds.`) and its nested ones (a dotted path); a
@@ -468,13 +477,7 @@ fn eval_and_generate_of_a_tensor_parallel_checkpoint_name_themselves_and_a_worki
 /// stay put; `loss_normalization` is read and shown.
 #[test]
 fn set_reaches_every_file_and_its_errors_name_the_set() {
-    let check = |extra: &[&str]| {
-        let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "train_iters=0"];
-        for e in extra {
-            args.extend(["--set", e]);
-        }
-        worker().current_dir(repo_file("")).args(&args).output().unwrap()
-    };
+    let check = validate_tiny;
     let out = stdout(&check(&["train_micro_batch_size_per_gpu=3"]));
     assert!(out.contains("train_micro_batch_size_per_gpu = 3  (--set)"), "{out}");
     let out = stdout(&check(&["ds.gradient_accumulation_steps=2"]));
@@ -568,13 +571,7 @@ fn docs_check_runs_sh_blocks_and_fails_on_a_failing_command() {
 /// cached under its own name.
 #[test]
 fn tokenizer_type_is_honoured_or_refused_and_model_type_sets_casing() {
-    let check = |sets: &[&str]| {
-        let mut args = vec!["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "train_iters=0"];
-        for s in sets {
-            args.extend(["--set", s]);
-        }
-        worker().current_dir(repo_file("")).args(&args).output().unwrap()
-    };
+    let check = validate_tiny;
     let out = stdout(&check(&[]));
     assert!(out.contains("tokenizer_type") && out.contains("= BertWordPieceTokenizer, tokenizer_model_type bert-base-uncased (lower-cased)"), "{out}");
     let out = stdout(&check(&["tokenizer_model_type=bert-base-cased"]));

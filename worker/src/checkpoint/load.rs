@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use super::{check_manifest, mp_rank_dir, read_state, resolve, tch_err, verify, ShardFile, State, ZeroManifest};
+use super::{beside, check_manifest, mp_rank_dir, read_state, resolve, tch_err, verify, ShardFile, State, ZeroManifest};
 use crate::error::{Error, Result};
 use crate::model::glm::Glm;
 use crate::model::params::{ParamInfo, Params};
@@ -84,15 +84,15 @@ pub fn load(dir: &Path, state: &State, model: &mut Glm, opt: &mut Optimizer, wit
     if !(with_state && state.has_optimizer) {
         // DeepSpeed's ZeRO optimizers restore the loss scaler even without
         // the optimizer state; its stage-0 optimizer restores it only with it
-        let zero_path = opt.scaler().is_some_and(|s| s.cfg.rules == ScalerRules::DynamicLossScaler);
-        return Ok(match opt.scaler() {
-            Some(_) if zero_path && state.loss_scaler.is_some() => {
-                let note = opt.resume_scaler(state.loss_scaler.clone());
-                Some(note.unwrap_or_else(|| "fp16 loss scaler restored without the optimizer state, as DeepSpeed's ZeRO optimizers do".into()))
-            }
-            Some(s) => Some(format!("fp16 loss scaler starts afresh without the optimizer state ({}), as DeepSpeed's stage-0 optimizer does", s.describe())),
-            None => None,
-        });
+        let Some(scaler) = opt.scaler() else { return Ok(None) };
+        if scaler.cfg.rules == ScalerRules::Fp16Optimizer || state.loss_scaler.is_none() {
+            return Ok(Some(format!(
+                "fp16 loss scaler starts afresh without the optimizer state ({}), as DeepSpeed's stage-0 optimizer does",
+                scaler.describe()
+            )));
+        }
+        let note = opt.resume_scaler(state.loss_scaler.clone());
+        return Ok(Some(note.unwrap_or_else(|| "fp16 loss scaler restored without the optimizer state, as DeepSpeed's ZeRO optimizers do".into())));
     }
     let (shards, dp_rank) = opt.shards();
     let device = model.params.device();
@@ -207,23 +207,32 @@ pub(super) fn read_named_moments(dir: &Path, state: &State, infos: &[ParamInfo])
     }
 }
 
-/// Reads a checkpoint's model only (for generation): config, weights, tokenizer.
-pub fn load_for_inference(path: &Path, device: tch::Device) -> Result<(Glm, State, PathBuf)> {
-    let dir = resolve(path)?;
-    if !dir.join("state.json").is_file() && dir.join(mp_rank_dir(0)).is_dir() {
-        let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
-        let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
-        let merged = dir.with_file_name(format!("{name}-merged"));
-        return Err(Error::invalid(
-            &dir,
-            format!(
-                "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); eval and generate need a whole-model checkpoint: merge it first (glm-worker checkpoint merge --load {} --out {}), then --load {}",
-                word(&dir),
-                word(&merged),
-                word(&merged)
-            ),
-        ));
+/// Refuses, for `command` (eval, generate: whole-model checkpoints only), a
+/// checkpoint `dir` split over tensor-parallel ranks, with the merge command
+/// to run and where to point `command` next.
+pub fn require_whole(dir: &Path, command: &str) -> Result<()> {
+    if dir.join("state.json").is_file() || !dir.join(mp_rank_dir(0)).is_dir() {
+        return Ok(());
     }
+    let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
+    let merged = beside(dir, "merged");
+    Err(Error::invalid(
+        dir,
+        format!(
+            "this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); {command} needs a whole-model checkpoint: merge it first \
+             (glm-worker checkpoint merge --load {} --out {}), then give {command} --load {}",
+            word(dir),
+            word(&merged),
+            word(&merged)
+        ),
+    ))
+}
+
+/// Reads a checkpoint's model only, for `command` (eval, generate): config,
+/// weights, tokenizer.
+pub fn load_for_inference(path: &Path, device: tch::Device, command: &str) -> Result<(Glm, State, PathBuf)> {
+    let dir = resolve(path)?;
+    require_whole(&dir, command)?;
     let state = read_state(&dir)?;
     let mut model = Glm::new(state.model.clone(), device, 0)?;
     check_model(&dir, &state, &model)?;

@@ -29,7 +29,7 @@ mod merge;
 mod save;
 
 pub use inspect::inspect;
-pub use load::{load, load_for_inference};
+pub use load::{load, load_for_inference, require_whole};
 pub use merge::{merge, split};
 pub use save::{save, write_latest};
 
@@ -118,6 +118,13 @@ pub fn shard_file(r: usize) -> String {
 
 fn tch_err(p: &Path, e: tch::TchError) -> Error {
     Error::invalid(p, crate::runtime::report::torch_message(&e.to_string()))
+}
+
+/// Where a converted form of checkpoint `dir` goes by default: beside it,
+/// `<dir>-<suffix>` (`<save>/<iteration>-merged`, `-tp2`).
+pub fn beside(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!("{name}-{suffix}"))
 }
 
 /// The sub-directory of tensor-parallel rank `tp_rank` in a checkpoint.

@@ -1,7 +1,7 @@
 //! Using a trained model: `eval` (held-out loss, perplexity and accuracy,
 //! per mode) and `generate` (filling blanks).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 
@@ -65,7 +65,6 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let split = Split::parse(&a.split).ok_or_else(|| anyhow::anyhow!("--split {}: expected valid or test", a.split))?;
     anyhow::ensure!(a.iters != Some(0), "--iters 0: must be positive");
     anyhow::ensure!(a.batch_size != Some(0), "--batch-size 0: must be positive");
-    refuse_tensor_parallel(&a.load, "eval")?;
     let world = glm_worker::comm::mpi::world()?;
     let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
     reports_here(dims.rank);
@@ -94,9 +93,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     use glm_worker::generate::{fill, Sampling};
-    refuse_tensor_parallel(&a.load, "generate")?;
     let device = device("auto")?;
-    let (model, state, dir) = glm_worker::checkpoint::load_for_inference(&a.load, device)?;
+    let (model, state, dir) = glm_worker::checkpoint::load_for_inference(&a.load, device, "generate")?;
     let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
     let task_mask = state.args.get("task_mask").and_then(|v| v.as_bool()).unwrap_or(false);
     let gen_mask = if task_mask { tok.special.gmask } else { tok.special.mask };
@@ -108,33 +106,4 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     println!("{}", out.text);
     Ok(())
-}
-
-/// `command` (eval, generate) reads whole-model checkpoints only: one split
-/// over tensor-parallel ranks (mp_rank_XX/) is refused with the merge
-/// command for it, and the command to run after it. Anything else is left
-/// to the loader to judge.
-fn refuse_tensor_parallel(load: &Path, command: &str) -> Result<()> {
-    let Ok(dir) = glm_worker::checkpoint::resolve(load) else {
-        return Ok(());
-    };
-    if dir.join("state.json").is_file() || !dir.join(glm_worker::checkpoint::mp_rank_dir(0)).is_dir() {
-        return Ok(());
-    }
-    // beside the checkpoint: <save>/<iteration> -> <save>/<iteration>-merged
-    let merged = match (dir.parent(), dir.file_name()) {
-        (Some(parent), Some(name)) => parent.join(format!("{}-merged", name.to_string_lossy())),
-        _ => PathBuf::from("merged"),
-    };
-    let (dir_arg, merged_arg) = (shell_word(&dir), shell_word(&merged));
-    anyhow::bail!(
-        "{}: this checkpoint is split over tensor-parallel ranks (mp_rank_XX/); {command} needs a whole-model checkpoint: merge it first \
-         (glm-worker checkpoint merge --load {dir_arg} --out {merged_arg}), then give {command} --load {merged_arg}",
-        dir.display()
-    )
-}
-
-/// `p` as one shell word: as it is when that is safe, else single-quoted.
-fn shell_word(p: &Path) -> String {
-    glm_common::text::shell_word(&p.display().to_string())
 }

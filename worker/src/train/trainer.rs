@@ -301,12 +301,8 @@ impl Trainer {
             let tp = par.tp.as_ref().map_or(1, |g| g.size);
             if parts != tp {
                 // the converted checkpoint beside it: <save>/<iteration>-merged, -tp<N>
-                let beside = |suffix: &str| {
-                    let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
-                    dir.with_file_name(format!("{name}-{suffix}"))
-                };
                 let word = |p: &Path| glm_common::text::shell_word(&p.display().to_string());
-                let (merged, split) = (beside("merged"), beside(&format!("tp{tp}")));
+                let (merged, split) = (checkpoint::beside(&dir, "merged"), checkpoint::beside(&dir, &format!("tp{tp}")));
                 // a converted checkpoint keeps its padded vocabulary, which a run
                 // pads to by its tensor-parallel size: the setting that matches it
                 let padded =
