@@ -11,6 +11,8 @@
 #      target/torch.env, which the other scripts source.
 #   3. LIBTORCH=<that directory> cargo build --release
 #   4. the default corpus glm_pretrain/data/data.json (from fortunes-zh)
+#   5. with --test: the Python reference tokenizers (sentencepiece,
+#      tokenizers) in .venv, which tests/tokenizers.rs compares ids with
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -69,4 +71,13 @@ cargo build --release --workspace --quiet
 if [ ! -s glm_pretrain/data/data.json ]; then
   say "building the default corpus glm_pretrain/data/data.json from fortunes-zh"
   target/release/glm-worker make-corpus --out glm_pretrain/data/data.json >&2
+fi
+
+# 5. the reference tokenizers the tests compare with (pinned: their ids are the reference)
+REFERENCE_PACKAGES=(sentencepiece==0.2.1 tokenizers==0.22.1)
+have='import sentencepiece as s, tokenizers as t; assert (s.__version__, t.__version__) == ("0.2.1", "0.22.1")'
+if [ "${1:-}" = --test ] && ! "$VENV/bin/python" -c "$have" 2>/dev/null; then
+  say "installing the reference tokenizers into .venv: ${REFERENCE_PACKAGES[*]}"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REFERENCE_PACKAGES[@]}"
 fi

@@ -92,6 +92,8 @@ pub struct Args {
     /// WordPiece casing, as the original: a name with `-cased` keeps case,
     /// any other lower-cases (and strips accents).
     pub tokenizer_model_type: String,
+    /// ChineseSPTokenizer: the original's corrected [sMASK]/[gMASK] ids.
+    pub fix_command_token: bool,
     pub sample_one_document: bool,
     // blank infilling
     pub bert_prob: f64,
@@ -170,6 +172,7 @@ impl Default for Args {
             tokenizer_path: None,
             tokenizer_type: "BertWordPieceTokenizer".into(),
             tokenizer_model_type: "bert-base-uncased".into(),
+            fix_command_token: false,
             sample_one_document: false,
             bert_prob: 0.5,
             gpt_infill_prob: 0.5,
@@ -234,11 +237,11 @@ const IRRELEVANT: &[&str] = &[
     "save_epoch", "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length",
     "eval_max_preds_per_seq", "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle",
     "valid_data", "test_data", "data_dir", "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter",
-    "loose_json", "presplit_sentences", "num_workers", "fix_command_token", "no_pre_tokenize", "cache_dir", "use_tfrecords", "max_preds_per_seq",
-    "load_splits", "save_splits", "save_test_data", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id",
-    "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func",
-    "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
-    "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
+    "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize", "cache_dir", "use_tfrecords", "max_preds_per_seq", "load_splits", "save_splits",
+    "save_test_data", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue", "eval_valid",
+    "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init",
+    "mask_pad_token", "deepspeed", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size", "dynamic_loss_scale", "master_ip",
+    "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];
 
 /// Where a value came from.
@@ -273,18 +276,6 @@ fn used_keys() -> Vec<String> {
     match serde_json::to_value(Args::default()) {
         Ok(Value::Object(m)) => m.keys().cloned().collect(),
         _ => unreachable!("Args serialises to an object"),
-    }
-}
-
-/// The original's `tokenizer_type` values (`data_utils/tokenization.py`).
-pub const TOKENIZER_TYPES: [&str; 3] = ["BertWordPieceTokenizer", "GPT2BPETokenizer", "ChineseSPTokenizer"];
-
-impl Args {
-    /// Whether WordPiece lower-cases: as the original's
-    /// `BertWordPieceTokenizer`, unless `tokenizer_model_type` names a
-    /// `-cased` model.
-    pub fn lowercase(&self) -> bool {
-        !self.tokenizer_model_type.contains("-cased")
     }
 }
 

@@ -86,7 +86,7 @@ pub struct Evaluated {
 pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     let (model, state, dir) = checkpoint::load_for_inference(&opts.load, opts.device, "eval")?;
     let args: Args = serde_json::from_value(state.args.clone()).map_err(|e| Error::invalid(dir.join("state.json"), format!("args: {e}")))?;
-    let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+    let tok = GlmTokenizer::load_saved(&dir.join("tokenizer.json"))?;
     if tok.sha256 != state.tokenizer_sha256 {
         return Err(Error::invalid(dir.join("tokenizer.json"), "is not the tokenizer the checkpoint was trained with (its hash differs from state.json's)"));
     }

@@ -204,7 +204,7 @@ fn bad_input_gives_one_located_line_and_writes_nothing() {
         (
             d.path().join("ok.json"),
             vec!["--tokenizer".into(), d.path().join("nope.txt").display().to_string()],
-            "nope.txt: tokenizer: no such file; hint: pass a BERT vocab.txt or a tokenizer.json with --tokenizer",
+            "nope.txt: tokenizer: no such file or folder; hint: pass a BERT vocab.txt (or the folder holding it) or a tokenizer.json with --tokenizer",
         ),
         (d.path().join("bad.jsonl"), vec![], "bad.jsonl:2:10: malformed JSON"),
         (d.path().join("ok.json"), vec!["--split".into(), "1,x".into()], "split \"1,x\""),
@@ -258,7 +258,7 @@ fn seed_vocab_round_trips_chinese() {
     // Through the library: the seed vocab (bert-base-chinese) must load with
     // its exact ids and give back Chinese text unchanged.
     use glm_worker::data::tokenizer::GlmTokenizer;
-    let tok = GlmTokenizer::load(&seed("vocab.txt")).unwrap();
+    let tok = GlmTokenizer::load(&seed("vocab.txt"), &Default::default()).unwrap();
     assert_eq!(tok.vocab_size(), 21133);
     let s = tok.special;
     assert_eq!((s.pad, s.unk, s.cls, s.sep, s.mask), (0, 100, 101, 102, 103));
@@ -565,22 +565,30 @@ fn docs_check_runs_sh_blocks_and_fails_on_a_failing_command() {
 }
 
 /// `tokenizer_type` takes the original's names (an unknown one is refused
-/// listing them; the two not built yet are refused, not silently replaced
-/// by WordPiece), and `tokenizer_model_type` decides WordPiece casing as the
-/// original does: a trained tokenizer for a `-cased` model keeps case and is
-/// cached under its own name.
+/// listing them) and the report says which command-token ids each gets;
+/// `tokenizer_model_type` decides WordPiece casing as the original does: a
+/// trained tokenizer for a `-cased` model keeps case and is cached under
+/// its own name. (tests/tokenizers.rs tests the types themselves.)
 #[test]
-fn tokenizer_type_is_honoured_or_refused_and_model_type_sets_casing() {
+fn tokenizer_type_is_honoured_and_model_type_sets_casing() {
     let check = validate_tiny;
     let out = stdout(&check(&[]));
-    assert!(out.contains("tokenizer_type") && out.contains("= BertWordPieceTokenizer, tokenizer_model_type bert-base-uncased (lower-cased)"), "{out}");
+    assert!(
+        out.contains("tokenizer_type") && out.contains("= BertWordPieceTokenizer, tokenizer_model_type bert-base-uncased (lower-cased)  (configs_tiny.json)"),
+        "{out}"
+    );
     let out = stdout(&check(&["tokenizer_model_type=bert-base-cased"]));
     assert!(out.contains("= BertWordPieceTokenizer, tokenizer_model_type bert-base-cased (cased)  (--set)"), "{out}");
     let e = one_error_line(&check(&["tokenizer_type=SentencePiece"]));
     assert!(e.contains("tokenizer_type = \"SentencePiece\" (--set): expected one of BertWordPieceTokenizer, GPT2BPETokenizer, ChineseSPTokenizer"), "{e}");
-    for t in ["GPT2BPETokenizer", "ChineseSPTokenizer"] {
-        let e = one_error_line(&check(&[&format!("tokenizer_type={t}")]));
-        assert!(e.contains("not supported yet") && e.contains("--set tokenizer_type=BertWordPieceTokenizer"), "{e}");
+    for (sets, shown) in [
+        (&["tokenizer_type=GPT2BPETokenizer", "tokenizer_model_type=gpt2"][..], "GPT2BPETokenizer, tokenizer_model_type gpt2 (GPT-2's command ids)"),
+        (&["tokenizer_type=GPT2BPETokenizer", "tokenizer_model_type=roberta"], "GPT2BPETokenizer, tokenizer_model_type roberta (RoBERTa's command ids)"),
+        (&["tokenizer_type=ChineseSPTokenizer"], "ChineseSPTokenizer, fix_command_token false ([gMASK] shares <|endofpiece|>'s id, as the original's)"),
+        (&["tokenizer_type=ChineseSPTokenizer", "fix_command_token=true"], "ChineseSPTokenizer, fix_command_token true  (--set)"),
+    ] {
+        let out = stdout(&check(sets));
+        assert!(out.contains(&format!("= {shown}")), "{shown}: {out}");
     }
     // a cased tokenizer trained on the corpus: its own cache file, case kept
     let d = tempfile::tempdir().unwrap();

@@ -228,7 +228,7 @@ fn missing_data_and_tokenizer_hints_run() {
     assert!(ok(&format!("{cmd} {hint}")).contains("train: finished at iteration 1"));
     let cmd = tiny_train(dir, &["train_iters=1", "tokenizer_path=/nonexistent/vocab.txt"]);
     let e = fails(&cmd);
-    let hint = between(&e, "hint: point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, or ", " to train one");
+    let hint = between(&e, "hint: point tokenizer_path at a BERT vocab.txt (or the folder holding it) or a tokenizer.json that exists, or ", " to train one");
     assert!(ok(&format!("{cmd} {hint}")).contains("train: finished at iteration 1"));
     // a vocabulary that does not cover the corpus
     let vocab = dir.join("vocab.txt");

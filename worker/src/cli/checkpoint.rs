@@ -65,7 +65,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
             println!("checkpoint: split {} into {tp} tensor-parallel parts under {}", dir.display(), out.display());
             // what a run on these parts sets: the layout, and the vocabulary
             // padding a run on tp ranks would otherwise choose differently
-            let tok = glm_worker::data::tokenizer::GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+            let tok = glm_worker::data::tokenizer::GlmTokenizer::load_saved(&dir.join("tokenizer.json"))?;
             let divisible_by = state.args.get("make_vocab_size_divisible_by").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
             let pad = glm_worker::data::tokenizer::divisible_by_for(tok.vocab_size(), state.model.vocab_size, divisible_by, state.tp, tp)
                 .map(|d| format!(" --set make_vocab_size_divisible_by={d}"))

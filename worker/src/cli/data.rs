@@ -13,7 +13,7 @@ use glm_worker::data::corpus::{corpus_files, CorpusOptions};
 use glm_worker::data::fortunes;
 use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
 use glm_worker::data::store::{self, split_documents, TokenStore};
-use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer};
+use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer, TokenizerSpec, TokenizerType};
 
 use crate::output::{mb, progress_bar};
 
@@ -32,13 +32,25 @@ pub struct PrepareArgs {
     /// Corpus file or folder (.json array, .jsonl, or text)
     #[arg(long)]
     data: PathBuf,
-    /// BERT vocab.txt or tokenizer.json; omitted: train a WordPiece tokenizer on the corpus
+    /// The tokenizer's files (BertWordPieceTokenizer: vocab.txt; GPT2BPETokenizer: vocab.json +
+    /// merges.txt or their folder; ChineseSPTokenizer: a .model) or a tokenizer.json;
+    /// omitted: train one on the corpus
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Keep case (a cased BERT vocab.txt, or a cased trained tokenizer): configs.json's
-    /// tokenizer_model_type naming a -cased model; by default WordPiece lower-cases
+    /// configs.json's tokenizer_type: BertWordPieceTokenizer, GPT2BPETokenizer or
+    /// ChineseSPTokenizer [default: a saved tokenizer.json's own, else BertWordPieceTokenizer]
+    #[arg(long)]
+    tokenizer_type: Option<String>,
+    /// configs.json's tokenizer_model_type: a -cased name keeps WordPiece's case, roberta*
+    /// gives GPT2BPETokenizer RoBERTa's command ids
+    #[arg(long, default_value = "bert-base-uncased")]
+    tokenizer_model_type: String,
+    /// Keep case: the same as --tokenizer-model-type bert-base-cased
     #[arg(long)]
     cased: bool,
+    /// configs.json's fix_command_token (ChineseSPTokenizer's [sMASK]/[gMASK] ids)
+    #[arg(long)]
+    fix_command_token: bool,
     /// Output directory of the token store
     #[arg(long)]
     out: PathBuf,
@@ -136,7 +148,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
         force: a.force,
         show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
-        lowercase: !a.cased,
+        spec: prepare_spec(&a)?,
         ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
@@ -188,11 +200,28 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+/// The tokenizer `prepare`'s flags ask for; without --tokenizer-type, a
+/// saved tokenizer.json's own.
+fn prepare_spec(a: &PrepareArgs) -> Result<TokenizerSpec> {
+    let model_type = if a.cased { "bert-base-cased" } else { a.tokenizer_model_type.as_str() };
+    let kind = match &a.tokenizer_type {
+        Some(name) => TokenizerType::parse(name).ok_or_else(|| {
+            let names: Vec<&str> = TokenizerType::ALL.iter().map(|t| t.name()).collect();
+            anyhow::anyhow!("--tokenizer-type {name}: expected one of {}", names.join(", "))
+        })?,
+        None => match a.tokenizer.as_deref().filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file()) {
+            Some(p) => return Ok(GlmTokenizer::load_saved(p)?.spec()),
+            None => TokenizerType::WordPiece,
+        },
+    };
+    Ok(TokenizerSpec::new(kind, model_type, a.fix_command_token))
+}
+
 pub fn samples(a: SamplesArgs) -> Result<()> {
     // a rate over no samples means nothing (listing none still checks the settings)
     anyhow::ensure!(!(a.summary && a.count == 0), "--count 0 with --summary: the summary measures samples; give --count 1 or more");
     let st = Arc::new(TokenStore::open(&a.store)?);
-    let tok = GlmTokenizer::load(&a.store.join("tokenizer.json"))?;
+    let tok = GlmTokenizer::load_saved(&a.store.join("tokenizer.json"))?;
     anyhow::ensure!(
         tok.sha256 == st.meta.tokenizer_sha256,
         "{}: tokenizer.json does not match meta.json (rebuild the store with this tokenizer: {})",

@@ -95,7 +95,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     use glm_worker::generate::{fill, Sampling};
     let device = device("auto")?;
     let (model, state, dir) = glm_worker::checkpoint::load_for_inference(&a.load, device, "generate")?;
-    let tok = GlmTokenizer::load(&dir.join("tokenizer.json"))?;
+    let tok = GlmTokenizer::load_saved(&dir.join("tokenizer.json"))?;
     let task_mask = state.args.get("task_mask").and_then(|v| v.as_bool()).unwrap_or(false);
     let gen_mask = if task_mask { tok.special.gmask } else { tok.special.mask };
     let s = Sampling { max_tokens: a.max_tokens, top_k: a.top_k, top_p: a.top_p, temperature: a.temperature, seed: a.seed };

@@ -342,26 +342,15 @@ impl RunConfig {
         let block = block_config(a);
         block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
 
-        // the original's tokenizer_type: WordPiece is what this build has
-        let tt = a.tokenizer_type.as_str();
-        if !glm_common::args::TOKENIZER_TYPES.contains(&tt) {
-            return Err(Error::Config(format!(
-                "tokenizer_type = \"{tt}\" ({}): expected one of {}",
-                src("tokenizer_type"),
-                glm_common::args::TOKENIZER_TYPES.join(", ")
-            )));
-        }
-        if tt != "BertWordPieceTokenizer" {
-            return Err(Error::Config(format!(
-                "tokenizer_type = \"{tt}\" ({}): not supported yet; this build tokenizes with BertWordPieceTokenizer only (--set tokenizer_type=BertWordPieceTokenizer)",
-                src("tokenizer_type")
-            )));
-        }
-        put(
-            "tokenizer_type",
-            format!("{tt}, tokenizer_model_type {} ({})", a.tokenizer_model_type, if a.lowercase() { "lower-cased" } else { "cased" }),
-            src("tokenizer_model_type"),
-        );
+        // the original's tokenizer_type, tokenizer_model_type and fix_command_token
+        let spec = crate::data::tokenizer::TokenizerSpec::from_args(a).map_err(|e| match e {
+            Error::Config(m) => Error::Config(m.replacen("\": ", &format!("\" ({}): ", src("tokenizer_type")), 1)),
+            e => e,
+        })?;
+        // the three keys' sources: a --set among them first, then a file
+        let sources = ["tokenizer_type", "tokenizer_model_type", "fix_command_token"].map(src);
+        let source = sources.iter().find(|s| *s == "--set").or_else(|| sources.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
+        put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
         let train_data = train_data_paths(a);
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 

@@ -4,5 +4,6 @@ pub mod blocklm;
 pub mod corpus;
 pub mod fortunes;
 pub mod prepare;
+pub mod sentencepiece;
 pub mod store;
 pub mod tokenizer;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::corpus::{read_corpus, CorpusOptions};
 pub use super::store::TokenizerOption;
 use super::store::{self, build_store, BuildReport, CorpusFingerprint, StoreMeta};
-use super::tokenizer::GlmTokenizer;
+use super::tokenizer::{GlmTokenizer, TokenizerSpec};
 use crate::error::{Error, IoContext, Result};
 
 #[derive(Clone, Debug)]
@@ -20,9 +20,9 @@ pub struct PrepareOptions {
     pub tokenizer_train_bytes: usize,
     pub force: bool,
     pub show_progress: bool,
-    /// WordPiece lower-cases (and strips accents): a given `vocab.txt`, and
-    /// a trained tokenizer (cached under its own name when cased).
-    pub lowercase: bool,
+    /// The tokenizer asked for (type, casing, command-token layout); a
+    /// trained one is cached under a name of its own per spec.
+    pub spec: TokenizerSpec,
     /// How the caller's user names the tokenizer option, for hints:
     /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
     pub tokenizer_option: TokenizerOption,
@@ -37,7 +37,7 @@ impl Default for PrepareOptions {
             tokenizer_train_bytes: 512 << 20,
             force: false,
             show_progress: false,
-            lowercase: true,
+            spec: TokenizerSpec::default(),
             tokenizer_option: TokenizerOption::Flag,
         }
     }
@@ -47,7 +47,7 @@ impl Default for PrepareOptions {
 pub enum TokenizerOrigin {
     Given(PathBuf),
     Cached(PathBuf),
-    Trained { path: PathBuf, text_bytes: usize, seconds: f64 },
+    Trained { path: PathBuf, model: &'static str, text_bytes: usize, seconds: f64 },
 }
 
 impl std::fmt::Display for TokenizerOrigin {
@@ -55,8 +55,8 @@ impl std::fmt::Display for TokenizerOrigin {
         match self {
             TokenizerOrigin::Given(p) => write!(f, "{}", p.display()),
             TokenizerOrigin::Cached(p) => write!(f, "{} (cached, trained on this corpus)", p.display()),
-            TokenizerOrigin::Trained { path, text_bytes, seconds } => {
-                write!(f, "{} (trained WordPiece on {:.2} MB in {seconds:.1} s)", path.display(), *text_bytes as f64 / 1e6)
+            TokenizerOrigin::Trained { path, model, text_bytes, seconds } => {
+                write!(f, "{} (trained {model} on {:.2} MB in {seconds:.1} s)", path.display(), *text_bytes as f64 / 1e6)
             }
         }
     }
@@ -68,11 +68,10 @@ impl std::fmt::Display for TokenizerOrigin {
 /// read again to compute it.
 pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
     if let Some(p) = given {
-        if !p.is_file() {
-            let what = if p.exists() { "not a file" } else { "no such file" };
-            return Err(Error::invalid(p, format!("tokenizer: {what}; hint: {}", opts.tokenizer_option.hint())));
+        if !p.exists() {
+            return Err(Error::invalid(p, format!("tokenizer: no such file or folder; hint: {}", opts.tokenizer_option.hint(opts.spec.kind))));
         }
-        return Ok((GlmTokenizer::load_cased(p, opts.lowercase)?, TokenizerOrigin::Given(p.to_path_buf())));
+        return Ok((GlmTokenizer::load(p, &opts.spec)?, TokenizerOrigin::Given(p.to_path_buf())));
     }
     if opts.vocab_size < 64 {
         // the same flag in `prepare` and in training
@@ -80,10 +79,9 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     }
     let known = store::read_meta(store).ok().map(|m| m.corpus);
     let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;
-    let cased = if opts.lowercase { "" } else { "-cased" };
-    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{cased}.json", &fp.digest[..12], opts.vocab_size));
+    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{}.json", &fp.digest[..12], opts.vocab_size, opts.spec.cache_suffix()));
     if cache.is_file() {
-        return Ok((GlmTokenizer::load(&cache)?, TokenizerOrigin::Cached(cache)));
+        return Ok((GlmTokenizer::load(&cache, &opts.spec)?, TokenizerOrigin::Cached(cache)));
     }
     let mut texts = Vec::new();
     let mut bytes = 0usize;
@@ -98,13 +96,13 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
         return Err(Error::invalid(corpus_name(files), "the corpus holds no documents with text"));
     }
     let t0 = std::time::Instant::now();
-    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress, opts.lowercase)?;
+    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress, &opts.spec)?;
     std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
     let cache_name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let tmp = crate::runtime::host::temp_path(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));
     std::fs::write(&tmp, tok.to_json()?).at(&tmp)?;
     std::fs::rename(&tmp, &cache).at(&cache)?;
-    Ok((tok, TokenizerOrigin::Trained { path: cache, text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
+    Ok((tok, TokenizerOrigin::Trained { path: cache, model: opts.spec.kind.trained_model(), text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
 }
 
 /// The path to name in messages about a corpus of `files`.
@@ -126,7 +124,7 @@ pub enum StoreOutcome {
 
 /// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
 pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<(StoreMeta, StoreOutcome)> {
-    let why = store::staleness(out, files, &tok.sha256)?;
+    let why = store::staleness(out, files, tok)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));
     }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::corpus::{read_corpus, CorpusOptions, ReadStats};
-use super::tokenizer::{hex, GlmTokenizer, SpecialIds};
+use super::tokenizer::{hex, GlmTokenizer, SpecialIds, TokenizerType};
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
 
@@ -141,6 +141,9 @@ pub struct StoreMeta {
     pub format_version: u32,
     pub created_by: String,
     pub tokenizer_sha256: String,
+    /// The tokenizer's type (stores from before types: WordPiece).
+    #[serde(default = "wordpiece")]
+    pub tokenizer_type: TokenizerType,
     pub vocab_size: usize,
     pub special: SpecialIds,
     pub bytes_per_token: u32,
@@ -154,6 +157,10 @@ pub struct StoreMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_tokens: Option<u64>,
     pub corpus: CorpusFingerprint,
+}
+
+fn wordpiece() -> TokenizerType {
+    TokenizerType::WordPiece
 }
 
 /// Above this share of `[UNK]` tokens the tokenizer hardly covers the corpus.
@@ -170,13 +177,11 @@ pub enum TokenizerOption {
 }
 
 impl TokenizerOption {
-    pub(crate) fn hint(self) -> &'static str {
+    pub(crate) fn hint(self, kind: TokenizerType) -> String {
+        let files = kind.files();
         match self {
-            TokenizerOption::Flag => "pass a BERT vocab.txt or a tokenizer.json with --tokenizer, or omit --tokenizer to train one on the corpus",
-            TokenizerOption::ConfigKey => {
-                "point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, \
-                 or --set tokenizer_path=null to train one on the corpus"
-            }
+            TokenizerOption::Flag => format!("pass {files} with --tokenizer, or omit --tokenizer to train one on the corpus"),
+            TokenizerOption::ConfigKey => format!("point tokenizer_path at {files} that exists, or --set tokenizer_path=null to train one on the corpus"),
         }
     }
 }
@@ -313,7 +318,7 @@ fn write_store(
     let mut w = StoreWriter::create(dir, tok.vocab_size())?;
     let mut no_tokens: u64 = 0;
     let mut unknown: u64 = 0;
-    let unk = tok.special.unk;
+    let unk = tok.text_unk();
     let mut done_before: u64 = 0; // bytes of finished files
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
@@ -322,7 +327,7 @@ fn write_store(
             if ids.is_empty() {
                 no_tokens += 1;
             } else {
-                unknown += ids.iter().filter(|&&i| i == unk).count() as u64;
+                unknown += ids.iter().filter(|&&i| Some(i) == unk).count() as u64;
                 w.push(&ids)?;
             }
         }
@@ -359,6 +364,7 @@ fn write_store(
         format_version: FORMAT_VERSION,
         created_by: format!("glm-worker {}", env!("CARGO_PKG_VERSION")),
         tokenizer_sha256: tok.sha256.clone(),
+        tokenizer_type: tok.tokenizer_type(),
         vocab_size: tok.vocab_size(),
         special: tok.special,
         bytes_per_token: width,
@@ -389,6 +395,7 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         format_version: FORMAT_VERSION,
         created_by: "synthetic".into(),
         tokenizer_sha256: String::new(),
+        tokenizer_type: TokenizerType::WordPiece,
         vocab_size,
         special,
         bytes_per_token: width,
@@ -464,7 +471,7 @@ pub fn rebuild_command(dir: &Path, meta: &StoreMeta) -> String {
 }
 
 /// Why an existing store cannot be reused, or `None` when it can.
-pub fn staleness(dir: &Path, files: &[PathBuf], tokenizer_sha256: &str) -> Result<Option<String>> {
+pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Option<String>> {
     if !dir.join("meta.json").is_file() {
         return Ok(Some("no store yet".into()));
     }
@@ -472,7 +479,10 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tokenizer_sha256: &str) -> Resul
         Ok(m) => m,
         Err(e) => return Ok(Some(format!("unreadable store ({e})"))),
     };
-    if meta.tokenizer_sha256 != tokenizer_sha256 {
+    if meta.tokenizer_type != tok.tokenizer_type() {
+        return Ok(Some(format!("the store was built with a {} tokenizer, this one is a {}", meta.tokenizer_type, tok.tokenizer_type())));
+    }
+    if meta.tokenizer_sha256 != tok.sha256 {
         return Ok(Some("the tokenizer changed".into()));
     }
     if !meta.corpus.matches(files)? {

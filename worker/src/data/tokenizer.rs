@@ -1,48 +1,202 @@
-//! Tokenizers: the Hugging Face `tokenizers` crate plus GLM's command tokens.
+//! Tokenizers: the original's three `tokenizer_type`s on the Hugging Face
+//! `tokenizers` crate, with GLM's command tokens at the original's ids.
 //!
-//! Sources:
-//! - a BERT WordPiece `vocab.txt` (the original's `BertWordPieceTokenizer`:
-//!   BERT normalisation with lower-casing, CJK characters split one per
-//!   token, `##` continuation pieces);
-//! - a `tokenizer.json` of the `tokenizers` library;
-//! - none: a WordPiece tokenizer trained on the corpus with the same BERT
-//!   normalisation and pre-tokenisation.
+//! - `BertWordPieceTokenizer`: a BERT `vocab.txt` (BERT normalisation,
+//!   lower-cased unless `tokenizer_model_type` names a `-cased` model, CJK
+//!   characters one per token, `##` continuation pieces), or a WordPiece
+//!   trained on the corpus;
+//! - `GPT2BPETokenizer`: GPT-2's byte-level BPE (`vocab.json` +
+//!   `merges.txt`), or one trained on the corpus; RoBERTa's ids when
+//!   `tokenizer_model_type` starts with `roberta`, as in the original;
+//! - `ChineseSPTokenizer`: a SentencePiece `.model` (`data::sentencepiece`),
+//!   or a unigram model trained on the corpus.
 //!
-//! GLM's command tokens are then looked up, and any that are missing are
-//! appended in a fixed order, so their ids are stable for a given base
-//! vocabulary. For bert-base-chinese (21128 entries) that gives
-//! `<|startofpiece|>` 21128, `<|endofpiece|>` 21129, `[gMASK]` 21130,
-//! `[sMASK]` 21131 — the ids the original assigns — and `<|endoftext|>` 21132.
-//! The original reused `[PAD]` as its end-of-document token, which makes
-//! padding indistinguishable from a document boundary; we give the end of a
-//! document its own token.
+//! Any of them may also be a `tokenizer.json` of the `tokenizers` library.
+//! The text model holds only text pieces; the command tokens (`[MASK]`,
+//! `<|startofpiece|>`, ...) are a table of (name, text, id) laid out as the
+//! original's tokenizer class lays them out (`docs/data.md` has the tables),
+//! matched whole in raw text as the original does, and saved beside the
+//! model in `tokenizer.json` under the key `glm`, so that a store or
+//! checkpoint knows its own ids (the `tokenizers` library refuses keys it
+//! does not know: drop `glm` to load the file there).
+//!
+//! One difference, kept from before: the original's WordPiece reuses
+//! `[PAD]` as its end-of-document token, which makes padding
+//! indistinguishable from a document boundary; here the end of a document
+//! is its own `<|endoftext|>`, after `[sMASK]` (bert-base-chinese: 21132).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokenizers::models::bpe::{BpeTrainer, BPE};
+use tokenizers::models::unigram::{Unigram, UnigramTrainer};
 use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{Error, Result};
 
-/// (name used by the original's `get_command`, token text), in the order
-/// missing tokens are appended.
-pub const COMMAND_TOKENS: [(&str, &str); 10] = [
-    ("pad", "[PAD]"),
-    ("unk", "[UNK]"),
-    ("ENC", "[CLS]"),
-    ("sep", "[SEP]"),
-    ("MASK", "[MASK]"),
-    ("sop", "<|startofpiece|>"),
-    ("eop", "<|endofpiece|>"),
-    ("gMASK", "[gMASK]"),
-    ("sMASK", "[sMASK]"),
-    ("eod", "<|endoftext|>"),
-];
+/// The original's tokenizer classes, by their `tokenizer_type` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenizerType {
+    #[serde(rename = "BertWordPieceTokenizer")]
+    WordPiece,
+    #[serde(rename = "GPT2BPETokenizer")]
+    Gpt2Bpe,
+    #[serde(rename = "ChineseSPTokenizer")]
+    ChineseSp,
+}
+
+impl TokenizerType {
+    pub const ALL: [TokenizerType; 3] = [TokenizerType::WordPiece, TokenizerType::Gpt2Bpe, TokenizerType::ChineseSp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerType::WordPiece => "BertWordPieceTokenizer",
+            TokenizerType::Gpt2Bpe => "GPT2BPETokenizer",
+            TokenizerType::ChineseSp => "ChineseSPTokenizer",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The files `tokenizer_path` names for this type.
+    pub fn files(self) -> &'static str {
+        match self {
+            TokenizerType::WordPiece => "a BERT vocab.txt (or the folder holding it) or a tokenizer.json",
+            TokenizerType::Gpt2Bpe => "GPT-2's vocab.json + merges.txt (either file, or the folder holding both) or a tokenizer.json",
+            TokenizerType::ChineseSp => "a SentencePiece .model (or the folder holding one) or a tokenizer.json",
+        }
+    }
+
+    /// The model trained on the corpus when no tokenizer is given.
+    pub fn trained_model(self) -> &'static str {
+        match self {
+            TokenizerType::WordPiece => "WordPiece",
+            TokenizerType::Gpt2Bpe => "byte-level BPE",
+            TokenizerType::ChineseSp => "unigram",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenizerType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the command tokens go: one layout per tokenizer class of the
+/// original (and per its switches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// BertWordPieceTokenizer: [PAD] [UNK] [CLS] [SEP] [MASK] from the
+    /// vocabulary, then sop, eop, gMASK, sMASK (and our eod) appended.
+    Bert,
+    /// GPT2BPETokenizer with GPT-2's vocabulary: pad = eos = <|endoftext|>,
+    /// then sop, eop, [CLS], [MASK], [SEP], [UNK], gMASK, sMASK appended.
+    Gpt2,
+    /// GPT2BPETokenizer with RoBERTa's (tokenizer_model_type roberta*):
+    /// <s>, </s>, <mask>, <unk> stand for [CLS], pad/eos/[SEP], [MASK], [UNK].
+    Roberta,
+    /// ChineseSPTokenizer: six commands after the pieces, then sop, eop,
+    /// gMASK, sMASK; as the original without fix_command_token, [gMASK]
+    /// shares <|endofpiece|>'s id.
+    Sp,
+    /// ChineseSPTokenizer with fix_command_token: [sMASK], [gMASK] after eop.
+    SpFixed,
+}
+
+/// Which tokenizer a run asks for: configs.json's `tokenizer_type`,
+/// `tokenizer_model_type` and `fix_command_token`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenizerSpec {
+    pub kind: TokenizerType,
+    /// WordPiece lower-cases and strips accents (a vocab.txt, or training).
+    pub lowercase: bool,
+    /// GPT2BPETokenizer: RoBERTa's command ids.
+    pub roberta: bool,
+    /// ChineseSPTokenizer: the original's `fix_command_token`.
+    pub fix_command_token: bool,
+}
+
+impl Default for TokenizerSpec {
+    fn default() -> Self {
+        TokenizerSpec { kind: TokenizerType::WordPiece, lowercase: true, roberta: false, fix_command_token: false }
+    }
+}
+
+impl TokenizerSpec {
+    /// As the original reads them: `-cased` in tokenizer_model_type keeps
+    /// WordPiece's case, a name starting with `roberta` selects RoBERTa's
+    /// ids for GPT2BPETokenizer.
+    pub fn new(kind: TokenizerType, model_type: &str, fix_command_token: bool) -> Self {
+        TokenizerSpec { kind, lowercase: !model_type.contains("-cased"), roberta: model_type.starts_with("roberta"), fix_command_token }
+    }
+
+    /// The spec of configs.json's keys (`tokenizer_type` checked by the
+    /// run's configuration).
+    pub fn from_args(a: &glm_common::args::Args) -> Result<Self> {
+        let kind = TokenizerType::parse(&a.tokenizer_type).ok_or_else(|| {
+            let names: Vec<&str> = TokenizerType::ALL.iter().map(|t| t.name()).collect();
+            Error::Config(format!("tokenizer_type = \"{}\": expected one of {}", a.tokenizer_type, names.join(", ")))
+        })?;
+        Ok(Self::new(kind, &a.tokenizer_model_type, a.fix_command_token))
+    }
+
+    /// How the run's report names it, with the `tokenizer_model_type`
+    /// it was made from.
+    pub fn describe(&self, model_type: &str) -> String {
+        let k = self.kind;
+        match self.layout() {
+            Layout::Bert => format!("{k}, tokenizer_model_type {model_type} ({})", if self.lowercase { "lower-cased" } else { "cased" }),
+            Layout::Gpt2 => format!("{k}, tokenizer_model_type {model_type} (GPT-2's command ids)"),
+            Layout::Roberta => format!("{k}, tokenizer_model_type {model_type} (RoBERTa's command ids)"),
+            Layout::Sp => format!("{k}, fix_command_token false ([gMASK] shares <|endofpiece|>'s id, as the original's)"),
+            Layout::SpFixed => format!("{k}, fix_command_token true"),
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        match (self.kind, self.roberta, self.fix_command_token) {
+            (TokenizerType::WordPiece, ..) => Layout::Bert,
+            (TokenizerType::Gpt2Bpe, false, _) => Layout::Gpt2,
+            (TokenizerType::Gpt2Bpe, true, _) => Layout::Roberta,
+            (TokenizerType::ChineseSp, _, false) => Layout::Sp,
+            (TokenizerType::ChineseSp, _, true) => Layout::SpFixed,
+        }
+    }
+
+    /// The suffix of a trained tokenizer's cache file: each spec its own.
+    pub fn cache_suffix(&self) -> &'static str {
+        match (self.layout(), self.lowercase) {
+            (Layout::Bert, true) => "",
+            (Layout::Bert, false) => "-cased",
+            (Layout::Gpt2, _) => "-gpt2bpe",
+            (Layout::Roberta, _) => "-gpt2bpe-roberta",
+            (Layout::Sp, _) => "-chinesesp",
+            (Layout::SpFixed, _) => "-chinesesp-fixed",
+        }
+    }
+}
+
+/// One command token: the original's name (`get_command`), its text
+/// (matched whole in raw text) and id. `lstrip`: whitespace before it is
+/// dropped (the original's [MASK]/[gMASK]/[sMASK] for GPT-2 and SentencePiece).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandToken {
+    pub name: String,
+    pub token: String,
+    pub id: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lstrip: bool,
+}
 
 /// Ids of GLM's command tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,10 +214,6 @@ pub struct SpecialIds {
 }
 
 impl SpecialIds {
-    fn from_array(a: [u32; 10]) -> Self {
-        let [pad, unk, cls, sep, mask, sop, eop, gmask, smask, eod] = a;
-        SpecialIds { pad, unk, cls, sep, mask, sop, eop, gmask, smask, eod }
-    }
     pub fn all(&self) -> [u32; 10] {
         [self.pad, self.unk, self.cls, self.sep, self.mask, self.sop, self.eop, self.gmask, self.smask, self.eod]
     }
@@ -72,18 +222,66 @@ impl SpecialIds {
     pub fn is_structural(&self, id: u32) -> bool {
         id != self.unk && self.all().contains(&id)
     }
+
+    fn from_commands(cmds: &[CommandToken]) -> Result<Self> {
+        let id = |name: &str| cmds.iter().find(|c| c.name == name).map(|c| c.id).ok_or_else(|| Error::Tokenizer(format!("no command token {name}")));
+        Ok(SpecialIds {
+            pad: id("pad")?,
+            unk: id("unk")?,
+            cls: id("ENC")?,
+            sep: id("sep")?,
+            mask: id("MASK")?,
+            sop: id("sop")?,
+            eop: id("eop")?,
+            gmask: id("gMASK")?,
+            smask: id("sMASK")?,
+            eod: id("eos")?,
+        })
+    }
 }
+
+/// Texts of the command tokens.
+const PAD: &str = "[PAD]";
+const UNK: &str = "[UNK]";
+const CLS: &str = "[CLS]";
+const SEP: &str = "[SEP]";
+const MASK: &str = "[MASK]";
+const SOP: &str = "<|startofpiece|>";
+const EOP: &str = "<|endofpiece|>";
+const GMASK: &str = "[gMASK]";
+const SMASK: &str = "[sMASK]";
+const EOT: &str = "<|endoftext|>";
+
+/// RoBERTa's own specials, which its command tokens stand for.
+const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
 
 /// Characters whose presence makes a token end a sentence: the original's
 /// ASCII set plus the CJK full-width forms (the original only knew ASCII, so
 /// its sentence mode never found a sentence in Chinese text).
 const SENTENCE_END: &[char] = &['.', '?', '!', ';', ':', '\n', '。', '？', '！', '；', '：', '…'];
 
+/// What `tokenizer.json` keeps under `glm`: the command-token table and
+/// what made it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GlmBlock {
+    tokenizer_type: TokenizerType,
+    layout: Layout,
+    command_tokens: Vec<CommandToken>,
+    /// The id the text model gives text it cannot cover (none for
+    /// byte-level BPE, which covers every byte).
+    text_unk: Option<u32>,
+}
+
 pub struct GlmTokenizer {
     inner: Tokenizer,
+    block: GlmBlock,
     pub special: SpecialIds,
-    /// sha256 (hex) of the tokenizer's canonical JSON: identifies it in stores.
+    /// sha256 (hex) of the tokenizer's canonical JSON (model and command
+    /// tokens): identifies it in stores and checkpoints.
     pub sha256: String,
+    vocab_size: usize,
+    /// Command-token texts matched in raw text, longest first.
+    matched: Vec<(String, u32, bool)>,
     sentence_end: Vec<bool>,
 }
 
@@ -101,71 +299,334 @@ fn bert_pipeline(model: WordPiece, lowercase: bool) -> Tokenizer {
     t
 }
 
-impl GlmTokenizer {
-    /// Loads a `tokenizer.json`, or a `vocab.txt` (any name not ending in
-    /// `.json`) as an uncased BERT WordPiece tokenizer.
-    pub fn load(path: &Path) -> Result<Self> {
-        Self::load_cased(path, true)
-    }
+/// GPT-2's pipeline around a BPE model: byte-level pieces, no prefix space.
+fn byte_level_pipeline(model: BPE) -> Tokenizer {
+    let mut t = Tokenizer::new(model);
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    t.with_decoder(Some(ByteLevel::new(false, true, true)));
+    t
+}
 
-    /// As `load`; a `vocab.txt` lower-cases when `lowercase` (a
-    /// `tokenizer.json` carries its own normalizer).
-    pub fn load_cased(path: &Path, lowercase: bool) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::invalid(path, format!("tokenizer file: {e} (expected a BERT vocab.txt or a tokenizer.json)")))?;
-        if meta.len() == 0 {
-            return Err(Error::invalid(path, "tokenizer file is empty"));
+/// The files of `path` for `kind`: (main file, second file for GPT-2's pair).
+fn resolve_files(path: &Path, kind: TokenizerType) -> Result<(PathBuf, Option<PathBuf>)> {
+    let expected = || format!("expected {} for tokenizer_type {kind}", kind.files());
+    if !path.exists() {
+        return Err(Error::invalid(path, format!("no such file or folder ({})", expected())));
+    }
+    let in_dir = |name: &str| path.join(name);
+    let json = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    match kind {
+        TokenizerType::Gpt2Bpe => {
+            let (vocab, merges) = if path.is_dir() {
+                (in_dir("vocab.json"), in_dir("merges.txt"))
+            } else if json(path) && is_tokenizer_json(path) {
+                return Ok((path.to_path_buf(), None));
+            } else if json(path) {
+                (path.to_path_buf(), path.with_file_name("merges.txt"))
+            } else if path.extension().is_some_and(|e| e == "txt") && path.file_name() != Some("vocab.txt".as_ref()) {
+                (path.with_file_name("vocab.json"), path.to_path_buf())
+            } else {
+                return Err(Error::invalid(path, expected()));
+            };
+            for f in [&vocab, &merges] {
+                if !f.is_file() {
+                    return Err(Error::invalid(f, format!("missing: GPT-2's byte-level BPE needs vocab.json and merges.txt side by side ({})", expected())));
+                }
+            }
+            Ok((vocab, Some(merges)))
         }
-        let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        let text = glm_common::text::read(path)?;
-        let inner = if is_json {
-            text.parse::<Tokenizer>().map_err(|e| tok_err(path, e))?
-        } else {
-            let vocab = read_vocab_txt(path, &text)?;
-            let wp = WordPiece::builder()
-                .vocab(vocab.into_iter().collect::<ahash::AHashMap<String, u32>>())
-                .unk_token("[UNK]".into())
-                .build()
-                .map_err(|e| tok_err(path, e))?;
-            bert_pipeline(wp, lowercase)
+        TokenizerType::WordPiece if path.is_dir() => {
+            let v = in_dir("vocab.txt");
+            if v.is_file() {
+                Ok((v, None))
+            } else {
+                Err(Error::invalid(path, format!("no vocab.txt in this folder ({})", expected())))
+            }
+        }
+        TokenizerType::ChineseSp if path.is_dir() => {
+            let mut models: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::invalid(path, e.to_string()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "model"))
+                .collect();
+            match models.len() {
+                1 => Ok((models.remove(0), None)),
+                0 => Err(Error::invalid(path, format!("no .model file in this folder ({})", expected()))),
+                _ => Err(Error::invalid(path, format!("{} .model files in this folder: name one ({})", models.len(), expected()))),
+            }
+        }
+        _ => Ok((path.to_path_buf(), None)),
+    }
+}
+
+/// Whether a `.json` file is a `tokenizers` tokenizer (it has a model)
+/// rather than a vocabulary.
+fn is_tokenizer_json(path: &Path) -> bool {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).is_some_and(|v| v.get("model").is_some())
+}
+
+impl GlmTokenizer {
+    /// Loads the tokenizer `spec` asks for from `path` (see
+    /// `TokenizerType::files`). A `tokenizer.json` saved by this program
+    /// must have been made for the same type and layout.
+    pub fn load(path: &Path, spec: &TokenizerSpec) -> Result<Self> {
+        let (file, merges) = resolve_files(path, spec.kind)?;
+        let meta = std::fs::metadata(&file).map_err(|e| Error::invalid(&file, format!("tokenizer file: {e} (expected {})", spec.kind.files())))?;
+        if meta.len() == 0 {
+            return Err(Error::invalid(&file, "tokenizer file is empty"));
+        }
+        if merges.is_none() && file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+            let t = Self::from_json_file(&file, Some(spec))?;
+            if t.block.layout != spec.layout() {
+                return Err(Error::invalid(
+                    &file,
+                    format!(
+                        "this tokenizer.json holds a {} tokenizer with the {:?} command-token layout, but the run asks for {} with the {:?} layout (tokenizer_type, tokenizer_model_type, fix_command_token)",
+                        t.block.tokenizer_type,
+                        t.block.layout,
+                        spec.kind,
+                        spec.layout()
+                    ),
+                ));
+            }
+            return Ok(t);
+        }
+        let (inner, text_unk) = match (spec.kind, merges) {
+            (TokenizerType::Gpt2Bpe, Some(merges)) => {
+                let (v, m) = (file.to_string_lossy(), merges.to_string_lossy());
+                let bpe = BPE::from_file(&v, &m).build().map_err(|e| tok_err(&file, format!("{e} (with {})", merges.display())))?;
+                let inner = byte_level_pipeline(bpe);
+                let unk = inner.token_to_id("<unk>");
+                (inner, unk)
+            }
+            (TokenizerType::ChineseSp, _) => {
+                let (inner, unk) = super::sentencepiece::load(&file)?;
+                (inner, Some(unk))
+            }
+            (_, _) => {
+                let text = glm_common::text::read(&file)?;
+                let vocab = read_vocab_txt(&file, &text)?;
+                let wp = WordPiece::builder()
+                    .vocab(vocab.into_iter().collect::<ahash::AHashMap<String, u32>>())
+                    .unk_token(UNK.into())
+                    .build()
+                    .map_err(|e| tok_err(&file, e))?;
+                let inner = bert_pipeline(wp, spec.lowercase);
+                let unk = inner.token_to_id(UNK);
+                (inner, unk)
+            }
         };
-        Self::finish(inner)
+        Self::with_layout(inner, spec, text_unk).map_err(|e| match e {
+            Error::Tokenizer(m) => Error::invalid(&file, m),
+            e => e,
+        })
     }
 
-    /// Trains a BERT-style WordPiece tokenizer on `texts` (lower-casing
-    /// when `lowercase`).
-    pub fn train<I>(texts: I, vocab_size: usize, show_progress: bool, lowercase: bool) -> Result<Self>
+    /// Loads a `tokenizer.json` as a store or checkpoint saved it (its
+    /// command tokens under `glm`; one without is BERT WordPiece's layout).
+    pub fn load_saved(path: &Path) -> Result<Self> {
+        Self::from_json_file(path, None)
+    }
+
+    fn from_json_file(path: &Path, spec: Option<&TokenizerSpec>) -> Result<Self> {
+        let text = glm_common::text::read(path)?;
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| tok_err(path, e))?;
+        // the `tokenizers` library does not skip keys it does not know
+        let block = match value.as_object_mut().and_then(|m| m.remove("glm")) {
+            Some(b) => Some(serde_json::from_value::<GlmBlock>(b).map_err(|e| tok_err(path, format!("its \"glm\" command-token table: {e}")))?),
+            None => None,
+        };
+        let inner = value.to_string().parse::<Tokenizer>().map_err(|e| tok_err(path, e))?;
+        match block {
+            Some(block) => Self::finish(inner, block).map_err(|e| tok_err(path, e)),
+            None => {
+                let spec = spec.copied().unwrap_or_default();
+                let unk = match spec.kind {
+                    TokenizerType::WordPiece => inner.token_to_id(UNK),
+                    _ => inner.token_to_id("<unk>"),
+                };
+                Self::with_layout(inner, &spec, unk).map_err(|e| tok_err(path, e))
+            }
+        }
+    }
+
+    /// Trains the text model `spec` asks for on `texts` (see
+    /// `TokenizerType::trained_model`).
+    pub fn train<I>(texts: I, vocab_size: usize, show_progress: bool, spec: &TokenizerSpec) -> Result<Self>
     where
         I: Iterator<Item = String> + Send,
     {
-        let specials: Vec<AddedToken> = COMMAND_TOKENS.iter().map(|(_, t)| AddedToken::from(*t, true)).collect();
-        let trainer = WordPieceTrainer::builder().vocab_size(vocab_size).min_frequency(1).special_tokens(specials).show_progress(show_progress).build();
-        let model = WordPiece::builder().unk_token("[UNK]".into()).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut inner = bert_pipeline(model, lowercase);
-        let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
-        inner.train(&mut trainer, texts).map_err(|e| Error::Tokenizer(format!("training failed: {e}")))?;
-        Self::finish(inner)
+        let fail = |e: tokenizers::Error| Error::Tokenizer(format!("training failed: {e}"));
+        let (mut inner, mut trainer, unk) = match spec.layout() {
+            Layout::Bert => {
+                // the original's names first: ids 0..=9
+                let specials = [PAD, UNK, CLS, SEP, MASK, SOP, EOP, GMASK, SMASK, EOT].map(|t| AddedToken::from(t, true)).to_vec();
+                let trainer = WordPieceTrainer::builder().vocab_size(vocab_size).min_frequency(1).special_tokens(specials).show_progress(show_progress).build();
+                let model = WordPiece::builder().unk_token(UNK.into()).build().map_err(fail)?;
+                (bert_pipeline(model, spec.lowercase), TrainerWrapper::WordPieceTrainer(trainer), Some(UNK))
+            }
+            layout @ (Layout::Gpt2 | Layout::Roberta) => {
+                let specials: Vec<&str> = if layout == Layout::Roberta { ROBERTA_SPECIALS.to_vec() } else { vec![EOT] };
+                let trainer = BpeTrainer::builder()
+                    .vocab_size(vocab_size)
+                    .min_frequency(1)
+                    .special_tokens(specials.iter().map(|t| AddedToken::from(*t, true)).collect())
+                    .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+                    .show_progress(show_progress)
+                    .build();
+                let unk = if layout == Layout::Roberta { Some("<unk>") } else { None };
+                (byte_level_pipeline(BPE::default()), TrainerWrapper::BpeTrainer(trainer), unk)
+            }
+            Layout::Sp | Layout::SpFixed => {
+                let trainer = UnigramTrainer::builder()
+                    .vocab_size(vocab_size as u32)
+                    .special_tokens(vec![AddedToken::from("<unk>", true)])
+                    .unk_token(Some("<unk>".into()))
+                    .show_progress(show_progress)
+                    .build()
+                    .map_err(|e| Error::Tokenizer(format!("training failed: {e}")))?;
+                (super::sentencepiece::default_pipeline(Unigram::default()), TrainerWrapper::UnigramTrainer(trainer), Some("<unk>"))
+            }
+        };
+        inner.train(&mut trainer, texts).map_err(|e| match e.to_string() {
+            m if m.contains("not large enough to contain all chars") => Error::Tokenizer(format!(
+                "training failed: a unigram model keeps a piece for every character of the corpus, and it has more than the vocabulary size {vocab_size} (--vocab-size; Chinese text needs thousands)"
+            )),
+            _ => fail(e),
+        })?;
+        let unk = unk.and_then(|u| inner.token_to_id(u));
+        Self::with_layout(inner, spec, unk)
     }
 
-    /// Adds missing command tokens and computes the derived tables.
-    fn finish(mut inner: Tokenizer) -> Result<Self> {
-        let mut ids = [0u32; 10];
-        for (i, (_, text)) in COMMAND_TOKENS.iter().enumerate() {
-            // Appends the token when missing; an existing entry keeps its id
-            // and is from now on matched whole in raw text.
-            inner.add_special_tokens(&[AddedToken::from(*text, true)]);
-            ids[i] = inner.token_to_id(text).ok_or_else(|| Error::Tokenizer(format!("could not add command token {text}")))?;
+    /// Lays out the command tokens after (or onto) the text model's ids.
+    fn with_layout(inner: Tokenizer, spec: &TokenizerSpec, text_unk: Option<u32>) -> Result<Self> {
+        let base = inner.get_vocab_size(true) as u32;
+        let cmd = |name: &str, token: &str, id: u32| CommandToken { name: name.into(), token: token.into(), id, lstrip: false };
+        let lcmd = |name: &str, token: &str, id: u32| CommandToken { lstrip: true, ..cmd(name, token, id) };
+        let find = |t: &str, what: &str| inner.token_to_id(t).ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {t} token ({what})")));
+        let layout = spec.layout();
+        let commands = match layout {
+            Layout::Bert => {
+                // found in the vocabulary, or appended in this order
+                let mut next = base;
+                let mut at = |t: &str| {
+                    inner.token_to_id(t).unwrap_or_else(|| {
+                        next += 1;
+                        next - 1
+                    })
+                };
+                let (pad, unk, cls, sep, mask) = (at(PAD), at(UNK), at(CLS), at(SEP), at(MASK));
+                let (sop, eop, gmask, smask, eot) = (at(SOP), at(EOP), at(GMASK), at(SMASK), at(EOT));
+                vec![
+                    cmd("pad", PAD, pad),
+                    cmd("ENC", CLS, cls),
+                    cmd("MASK", MASK, mask),
+                    cmd("unk", UNK, unk),
+                    cmd("sep", SEP, sep),
+                    cmd("eos", EOT, eot),
+                    cmd("sop", SOP, sop),
+                    cmd("eop", EOP, eop),
+                    cmd("gMASK", GMASK, gmask),
+                    cmd("sMASK", SMASK, smask),
+                ]
+            }
+            Layout::Gpt2 => {
+                let eot = find(EOT, "GPT-2's end of text; a RoBERTa vocabulary needs tokenizer_model_type=roberta")?;
+                let v = base;
+                vec![
+                    cmd("pad", EOT, eot),
+                    cmd("eos", EOT, eot),
+                    cmd("sop", SOP, v),
+                    cmd("eop", EOP, v + 1),
+                    cmd("ENC", CLS, v + 2),
+                    lcmd("MASK", MASK, v + 3),
+                    cmd("sep", SEP, v + 4),
+                    cmd("unk", UNK, v + 5),
+                    lcmd("gMASK", GMASK, v + 6),
+                    lcmd("sMASK", SMASK, v + 7),
+                ]
+            }
+            Layout::Roberta => {
+                let what = "RoBERTa's, as tokenizer_model_type roberta* asks";
+                let (s, end, mask, unk) = (find("<s>", what)?, find("</s>", what)?, find("<mask>", what)?, find("<unk>", what)?);
+                let v = base;
+                vec![
+                    cmd("pad", EOT, end),
+                    cmd("eos", EOT, end),
+                    cmd("sep", SEP, end),
+                    cmd("ENC", CLS, s),
+                    lcmd("MASK", MASK, mask),
+                    cmd("unk", UNK, unk),
+                    cmd("sop", SOP, v),
+                    cmd("eop", EOP, v + 1),
+                    lcmd("gMASK", GMASK, v + 2),
+                    lcmd("sMASK", SMASK, v + 3),
+                ]
+            }
+            Layout::Sp | Layout::SpFixed => {
+                let n = base;
+                let mut c = vec![
+                    cmd("pad", EOT, n),
+                    cmd("eos", EOT, n),
+                    cmd("sep", SEP, n + 1),
+                    cmd("ENC", CLS, n + 2),
+                    lcmd("MASK", MASK, n + 3),
+                    cmd("unk", UNK, n + 4),
+                    cmd("sop", SOP, n + 6),
+                    cmd("eop", EOP, n + 7),
+                ];
+                if layout == Layout::SpFixed {
+                    c.extend([lcmd("sMASK", SMASK, n + 8), lcmd("gMASK", GMASK, n + 9)]);
+                } else {
+                    c.extend([lcmd("gMASK", GMASK, n + 7), lcmd("sMASK", SMASK, n + 8)]);
+                }
+                c
+            }
+        };
+        Self::finish(inner, GlmBlock { tokenizer_type: spec.kind, layout, command_tokens: commands, text_unk })
+    }
+
+    /// Computes the derived tables.
+    fn finish(inner: Tokenizer, block: GlmBlock) -> Result<Self> {
+        let special = SpecialIds::from_commands(&block.command_tokens)?;
+        let vocab_size = block.command_tokens.iter().map(|c| c.id as usize + 1).max().unwrap_or(0).max(inner.get_vocab_size(true));
+        // each text once, with its id (the original's map keeps the last)
+        let mut matched: Vec<(String, u32, bool)> = Vec::new();
+        for c in &block.command_tokens {
+            matched.retain(|(t, ..)| *t != c.token);
+            matched.push((c.token.clone(), c.id, c.lstrip));
         }
-        let special = SpecialIds::from_array(ids);
-        let json = inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let sha256 = hex(&Sha256::digest(json.as_bytes()));
-        let n = inner.get_vocab_size(true);
-        let sentence_end = (0..n as u32).map(|id| inner.id_to_token(id).is_some_and(|t| !special.is_structural(id) && t.contains(SENTENCE_END))).collect();
-        Ok(GlmTokenizer { inner, special, sha256, sentence_end })
+        matched.sort_by_key(|(t, ..)| std::cmp::Reverse(t.len()));
+        let mut t = GlmTokenizer { inner, block, special, sha256: String::new(), vocab_size, matched, sentence_end: Vec::new() };
+        t.sha256 = hex(&Sha256::digest(t.json(false)?.as_bytes()));
+        t.sentence_end = (0..vocab_size as u32).map(|id| !special.is_structural(id) && t.piece_text(id).is_some_and(|p| p.contains(SENTENCE_END))).collect();
+        Ok(t)
     }
 
-    /// Number of token ids (base vocabulary plus added tokens).
+    /// The tokenizer's type, as configs.json's `tokenizer_type` names it.
+    pub fn tokenizer_type(&self) -> TokenizerType {
+        self.block.tokenizer_type
+    }
+
+    /// The spec this tokenizer answers (its casing is its own normaliser's).
+    pub fn spec(&self) -> TokenizerSpec {
+        let l = self.block.layout;
+        TokenizerSpec { kind: self.block.tokenizer_type, lowercase: true, roberta: l == Layout::Roberta, fix_command_token: l == Layout::SpFixed }
+    }
+
+    /// The command tokens, in the original's order.
+    pub fn command_tokens(&self) -> &[CommandToken] {
+        &self.block.command_tokens
+    }
+
+    /// The id text the model cannot cover becomes (`None`: it covers all).
+    pub fn text_unk(&self) -> Option<u32> {
+        self.block.text_unk
+    }
+
+    /// Number of token ids (text pieces plus command tokens).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// `sentence_end[id]`: the token contains a sentence-ending character.
@@ -173,31 +634,126 @@ impl GlmTokenizer {
         &self.sentence_end
     }
 
+    /// The text a token stands for (a WordPiece or SentencePiece piece as
+    /// written; a byte-level piece decoded), for tables.
+    fn piece_text(&self, id: u32) -> Option<String> {
+        if let Some(c) = self.block.command_tokens.iter().find(|c| c.id == id) {
+            return Some(c.token.clone());
+        }
+        match self.block.tokenizer_type {
+            TokenizerType::Gpt2Bpe => self.inner.decode(&[id], false).ok(),
+            _ => self.inner.id_to_token(id),
+        }
+    }
+
+    /// `text` cut at the command tokens it holds, as the original cuts it:
+    /// text pieces (whitespace before an `lstrip` command dropped) and ids.
+    fn split<'a>(&self, text: &'a str, out: &mut Vec<Piece<'a>>) {
+        if self.block.tokenizer_type != TokenizerType::WordPiece && text.trim().is_empty() {
+            return; // the original encodes blank text as nothing
+        }
+        let mut start = 0;
+        let mut i = 0;
+        let bytes = text.as_bytes();
+        while i < bytes.len() {
+            if matches!(bytes[i], b'[' | b'<') {
+                if let Some((t, id, lstrip)) = self.matched.iter().find(|(t, ..)| text[i..].starts_with(t.as_str())) {
+                    let before = if *lstrip { text[start..i].trim_end() } else { &text[start..i] };
+                    if !before.is_empty() {
+                        out.push(Piece::Text(before));
+                    }
+                    out.push(Piece::Id(*id));
+                    i += t.len();
+                    start = i;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        if start < text.len() {
+            out.push(Piece::Text(&text[start..]));
+        }
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encode_batch(vec![text.to_string()])?.pop().unwrap_or_default())
     }
 
     /// Encodes many texts on all cores (rayon, inside `tokenizers`).
     pub fn encode_batch(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>> {
-        let encs = self.inner.encode_batch_fast(texts, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        let mut pieces = Vec::new();
+        let mut ends = Vec::with_capacity(texts.len());
+        for t in &texts {
+            self.split(t, &mut pieces);
+            ends.push(pieces.len());
+        }
+        let runs: Vec<&str> = pieces.iter().filter_map(|p| if let Piece::Text(t) = p { Some(*t) } else { None }).collect();
+        let encs = self.inner.encode_batch_fast(runs, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut encs = encs.into_iter();
+        let mut out = Vec::with_capacity(texts.len());
+        let mut from = 0;
+        for end in ends {
+            let mut ids = Vec::new();
+            for p in &pieces[from..end] {
+                match p {
+                    Piece::Id(id) => ids.push(*id),
+                    Piece::Text(_) => ids.extend_from_slice(encs.next().expect("one encoding per text piece").get_ids()),
+                }
+            }
+            out.push(ids);
+            from = end;
+        }
+        Ok(out)
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match self.block.command_tokens.iter().find(|c| c.id == id) {
+            Some(c) => Some(c.token.clone()),
+            None => self.inner.id_to_token(id),
+        }
     }
 
-    /// Turns ids back into text: `##` pieces are glued to their word, CJK
-    /// characters and punctuation are joined without spaces, and a space is
-    /// put only between two pieces of space-separated scripts.
+    fn is_command(&self, id: u32) -> bool {
+        self.block.command_tokens.iter().any(|c| c.id == id)
+    }
+
+    /// Turns ids back into text; `skip_special` leaves out command tokens
+    /// other than [UNK]. WordPiece: `##` pieces are glued to their word,
+    /// CJK characters and punctuation are joined without spaces, and a space
+    /// is put only between two pieces of space-separated scripts. The other
+    /// types: the text model's decoder, command tokens as their text (as
+    /// the original's `DecodeIds`).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        let skip = |id: u32| skip_special && self.is_command(id) && id != self.special.unk;
+        if self.block.tokenizer_type != TokenizerType::WordPiece {
+            let mut out = String::new();
+            let mut run: Vec<u32> = Vec::new();
+            let flush = |run: &mut Vec<u32>, out: &mut String| {
+                if !run.is_empty() {
+                    out.push_str(&self.inner.decode(run, false).unwrap_or_default());
+                    run.clear();
+                }
+            };
+            for &id in ids {
+                if skip(id) {
+                    continue;
+                }
+                if self.is_command(id) {
+                    flush(&mut run, &mut out);
+                    out.push_str(&self.id_to_token(id).unwrap_or_default());
+                } else if (id as usize) < self.inner.get_vocab_size(true) {
+                    run.push(id);
+                }
+            }
+            flush(&mut run, &mut out);
+            return out;
+        }
         let mut out = String::new();
         for &id in ids {
-            if skip_special && self.special.all().contains(&id) && id != self.special.unk {
+            if skip(id) {
                 continue;
             }
-            let Some(tok) = self.inner.id_to_token(id) else { continue };
+            let Some(tok) = self.id_to_token(id) else { continue };
             if let Some(piece) = tok.strip_prefix("##") {
                 out.push_str(piece);
                 continue;
@@ -214,10 +770,26 @@ impl GlmTokenizer {
         out
     }
 
-    /// The tokenizer as `tokenizer.json` text.
+    /// The tokenizer as `tokenizer.json` text (the `tokenizers` library's
+    /// format, plus the command tokens under `glm`).
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.json(true)
     }
+
+    fn json(&self, pretty: bool) -> Result<String> {
+        let err = |e: &dyn std::fmt::Display| Error::Tokenizer(e.to_string());
+        let mut v: serde_json::Value = serde_json::from_str(&self.inner.to_string(false).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+        if let Some(m) = v.as_object_mut() {
+            m.insert("glm".into(), serde_json::to_value(&self.block).map_err(|e| err(&e))?);
+        }
+        if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.map_err(|e| err(&e))
+    }
+}
+
+/// A piece of raw text between command tokens, or a command token's id.
+enum Piece<'a> {
+    Text(&'a str),
+    Id(u32),
 }
 
 /// Reads a BERT `vocab.txt` as BERT's `load_vocab` does: one token per
@@ -295,10 +867,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("vocab.txt");
         std::fs::write(&p, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nHello\nhello\nÉcole\necole\n").unwrap();
-        let (cased, uncased) = (GlmTokenizer::load_cased(&p, false).unwrap(), GlmTokenizer::load_cased(&p, true).unwrap());
+        let wp = |model_type: &str| GlmTokenizer::load(&p, &TokenizerSpec::new(TokenizerType::WordPiece, model_type, false)).unwrap();
+        let (cased, uncased) = (wp("bert-base-cased"), wp("bert-large-uncased"));
         assert_eq!(cased.encode("Hello École").unwrap(), [5, 7]);
         assert_eq!(uncased.encode("Hello École").unwrap(), [6, 8]);
-        assert_eq!(GlmTokenizer::load(&p).unwrap().encode("Hello").unwrap(), [6], "load is uncased, as bert-base-uncased");
+        assert_eq!(GlmTokenizer::load(&p, &TokenizerSpec::default()).unwrap().encode("Hello").unwrap(), [6], "uncased by default, as bert-base-uncased");
         assert_ne!(cased.sha256, uncased.sha256, "stores built with the two never mix");
     }
 
@@ -325,7 +898,7 @@ mod tests {
     #[test]
     fn trained_tokenizer_has_command_tokens_first_and_round_trips() {
         let texts = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "Hello world, hello GLM."];
-        let tok = GlmTokenizer::train(texts.iter().map(|s| s.to_string()).cycle().take(30), 200, false, true).unwrap();
+        let tok = GlmTokenizer::train(texts.iter().map(|s| s.to_string()).cycle().take(30), 200, false, &TokenizerSpec::default()).unwrap();
         let s = tok.special;
         assert_eq!(s.all(), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         for t in &texts[..2] {

@@ -222,7 +222,7 @@ impl Trainer {
         let mut popts = opts.prepare.clone();
         popts.corpus.text_key = a.text_key.clone();
         popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
-        popts.lowercase = a.lowercase();
+        popts.spec = crate::data::tokenizer::TokenizerSpec::from_args(&a)?;
         // Rank 0 trains the tokenizer and builds the store; the others wait,
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
