@@ -87,7 +87,7 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     let (model, state, dir) = checkpoint::load_for_inference(&opts.load, opts.device, "eval")?;
     let args: Args = serde_json::from_value(state.args.clone()).map_err(|e| Error::invalid(dir.join("state.json"), format!("args: {e}")))?;
     let tok = GlmTokenizer::load_saved(&dir.join("tokenizer.json"))?;
-    if tok.sha256 != state.tokenizer_sha256 {
+    if !tok.answers_to(&state.tokenizer_sha256) {
         return Err(Error::invalid(dir.join("tokenizer.json"), "is not the tokenizer the checkpoint was trained with (its hash differs from state.json's)"));
     }
     let roots = match &opts.data {
@@ -100,7 +100,7 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     }
     // rank 0 builds or refreshes the store; the others find it ready
     let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {}))?;
-    let store = Arc::new(TokenStore::open_for(&opts.store, &tok.sha256, "the checkpoint's")?);
+    let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "the checkpoint's")?);
     let splits = split_documents(store.num_docs(), &parse_split(&args.split)?, args.seed);
     let (index, name) = match opts.split {
         Split::Valid => (1, "valid"),

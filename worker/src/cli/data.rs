@@ -223,7 +223,7 @@ pub fn samples(a: SamplesArgs) -> Result<()> {
     let st = Arc::new(TokenStore::open(&a.store)?);
     let tok = GlmTokenizer::load_saved(&a.store.join("tokenizer.json"))?;
     anyhow::ensure!(
-        tok.sha256 == st.meta.tokenizer_sha256,
+        tok.answers_to(&st.meta.tokenizer_sha256),
         "{}: tokenizer.json does not match meta.json (rebuild the store with this tokenizer: {})",
         a.store.display(),
         store::rebuild_command(&a.store, &st.meta)

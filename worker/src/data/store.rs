@@ -482,7 +482,7 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Op
     if meta.tokenizer_type != tok.tokenizer_type() {
         return Ok(Some(format!("the store was built with a {} tokenizer, this one is a {}", meta.tokenizer_type, tok.tokenizer_type())));
     }
-    if meta.tokenizer_sha256 != tok.sha256 {
+    if !tok.answers_to(&meta.tokenizer_sha256) {
         return Ok(Some("the tokenizer changed".into()));
     }
     if !meta.corpus.matches(files)? {
@@ -532,11 +532,11 @@ fn map(path: &Path) -> Result<memmap2::Mmap> {
 impl TokenStore {
     /// Opens and validates a store (headers, sizes, index monotonic and
     /// consistent with the token count and meta.json).
-    /// Opens the store at `dir` and checks that `tokenizer_sha256` (the
-    /// tokenizer of `whose`: "this run's", "the checkpoint's") built it.
-    pub fn open_for(dir: &Path, tokenizer_sha256: &str, whose: &str) -> Result<Self> {
+    /// Opens the store at `dir` and checks that `tok` (the tokenizer of
+    /// `whose`: "this run's", "the checkpoint's") built it.
+    pub fn open_for(dir: &Path, tok: &GlmTokenizer, whose: &str) -> Result<Self> {
         let st = Self::open(dir)?;
-        if st.meta.tokenizer_sha256 != tokenizer_sha256 {
+        if !tok.answers_to(&st.meta.tokenizer_sha256) {
             return Err(Error::invalid(
                 dir.join("meta.json"),
                 format!("the token store was built with another tokenizer than {whose} (its token ids would not match); remove it (training and eval rebuild it from the corpus) or use another --store"),

@@ -279,6 +279,10 @@ pub struct GlmTokenizer {
     /// sha256 (hex) of the tokenizer's canonical JSON (model and command
     /// tokens): identifies it in stores and checkpoints.
     pub sha256: String,
+    /// A WordPiece tokenizer's hash as builds before the command-token
+    /// table computed it, which stores and checkpoints of those builds
+    /// recorded (the same ids).
+    legacy_sha256: Option<String>,
     vocab_size: usize,
     /// Command-token texts matched in raw text, longest first.
     matched: Vec<(String, u32, bool)>,
@@ -597,10 +601,32 @@ impl GlmTokenizer {
             matched.push((c.token.clone(), c.id, c.lstrip));
         }
         matched.sort_by_key(|(t, ..)| std::cmp::Reverse(t.len()));
-        let mut t = GlmTokenizer { inner, block, special, sha256: String::new(), vocab_size, matched, sentence_end: Vec::new() };
+        // before the table, the command tokens were added to the text model
+        let legacy_sha256 = if block.layout == Layout::Bert {
+            let mut legacy = inner.clone();
+            for t in [PAD, UNK, CLS, SEP, MASK, SOP, EOP, GMASK, SMASK, EOT] {
+                legacy.add_special_tokens(&[AddedToken::from(t, true)]);
+            }
+            let ids: Vec<Option<u32>> = [PAD, UNK, CLS, SEP, MASK, SOP, EOP, GMASK, SMASK, EOT].iter().map(|t| legacy.token_to_id(t)).collect();
+            let same = ids == special.all().map(Some);
+            if same {
+                Some(hex(&Sha256::digest(legacy.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?.as_bytes())))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let mut t = GlmTokenizer { inner, block, special, sha256: String::new(), legacy_sha256, vocab_size, matched, sentence_end: Vec::new() };
         t.sha256 = hex(&Sha256::digest(t.json(false)?.as_bytes()));
         t.sentence_end = (0..vocab_size as u32).map(|id| !special.is_structural(id) && t.piece_text(id).is_some_and(|p| p.contains(SENTENCE_END))).collect();
         Ok(t)
+    }
+
+    /// Whether `sha256` (a store's or checkpoint's record) names this
+    /// tokenizer: its hash, or for WordPiece the hash earlier builds gave it.
+    pub fn answers_to(&self, sha256: &str) -> bool {
+        self.sha256 == sha256 || self.legacy_sha256.as_deref() == Some(sha256)
     }
 
     /// The tokenizer's type, as configs.json's `tokenizer_type` names it.

@@ -251,7 +251,7 @@ impl Trainer {
         }
         // the store opened is the one this run's tokenizer built (another
         // process may have rebuilt it since it was checked)
-        let store = Arc::new(TokenStore::open_for(&opts.store, &tok.sha256, "this run's")?);
+        let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "this run's")?);
         let splits = split_documents(store.num_docs(), &weights, a.seed);
         let sentence_end = tok.sentence_end_table().to_vec();
         let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
@@ -344,7 +344,7 @@ impl Trainer {
                 dir = dir.join(checkpoint::mp_rank_dir(g.rank));
             }
             let state = checkpoint::open_state(&dir)?;
-            if state.tokenizer_sha256 != tok.sha256 {
+            if !tok.answers_to(&state.tokenizer_sha256) {
                 return Err(Error::invalid(
                     dir.join("state.json"),
                     "the checkpoint was trained with a different tokenizer than this run's (token ids would not match)",
