@@ -364,7 +364,7 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
         // a training-time hint names training's option, not prepare's --tokenizer
         (
             vec!["--set", "tokenizer_path=/nonexistent/vocab.txt", "--set", "save=null"],
-            "/nonexistent/vocab.txt: tokenizer: no such file; hint: point tokenizer_path at a BERT vocab.txt or a tokenizer.json that exists, or --set tokenizer_path=null",
+            "/nonexistent/vocab.txt: tokenizer: no such file or folder; hint: point tokenizer_path at a BERT vocab.txt (or the folder holding it) or a tokenizer.json that exists, or --set tokenizer_path=null",
         ),
     ];
     for (extra, want) in cases {
