@@ -3,7 +3,7 @@
 //! equals the uninterrupted one bit for bit, corrupt checkpoints are refused,
 //! generation runs from a checkpoint, and bad configs fail clearly.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
@@ -116,6 +116,47 @@ fn resumed_run_equals_the_uninterrupted_one() {
     let wa = std::fs::read(a.join("10/model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("10/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ");
+}
+
+/// The learning rate follows the original's AnnealingLR as its train_step
+/// steps it: the first update runs at the schedule's start (lr 0 in
+/// warmup), the warmup is warmup × lr_decay_iters updates (not rounded);
+/// `no_load_lr_scheduler` restarts the schedule on resume, warmup included.
+#[test]
+fn the_learning_rate_schedule_steps_as_the_original() {
+    let r = Run::new();
+    let a = r.p("a");
+    // warmup 0.25 of 10 = 2.5 updates, then cosine to 0.05 × lr over 7.5
+    let sets = |extra: &[String]| -> Vec<String> {
+        ["train_iters=6", "lr_decay_iters=10", "warmup=0.25", "lr_decay_style=cosine", "lr_decay_ratio=0.05", "eval_interval=0", "save_interval=3"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().cloned())
+            .collect()
+    };
+    ok(&r.train(&sets(&[format!("save={}", a.display())])));
+    let lrs = |dir: &Path| -> Vec<f64> { events(dir, "train").iter().map(|e| e["lr"].as_f64().unwrap()).collect() };
+    let base = 0.003; // the DeepSpeed file's optimizer lr
+    let cosine = |n: f64| base * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * (n - 2.5) / 7.5).cos()));
+    let want = [0.0, base / 2.5, 2.0 * base / 2.5, cosine(3.0), cosine(4.0), cosine(5.0)];
+    let got = lrs(&a);
+    assert_eq!(got.len(), 6, "{got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-12 * base.max(1.0), "{got:?} != {want:?}");
+    }
+    // resumed at 3 with no_load_lr_scheduler: a fresh schedule from iteration 4
+    let b = r.p("b");
+    let out = ok(&r.train(&sets(&[format!("save={}", b.display()), format!("load={}", a.join("3").display()), "no_load_lr_scheduler=true".into()])));
+    assert!(out.contains("no_load_lr_scheduler: the learning-rate schedule starts again (warmup included) at iteration 4"), "{out}");
+    let got = lrs(&b);
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (g, w) in got.iter().zip(&want[..3]) {
+        assert!((g - w).abs() <= 1e-12, "{got:?}");
+    }
+    // and without it the schedule continues
+    let c = r.p("c");
+    ok(&r.train(&sets(&[format!("save={}", c.display()), format!("load={}", a.join("3").display())])));
+    assert_eq!(lrs(&c), lrs(&a)[3..].to_vec());
 }
 
 /// A finished run in a save directory is never replaced by accident: a

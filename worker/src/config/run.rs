@@ -155,6 +155,7 @@ impl RunConfig {
         put("weight_decay", wd.to_string(), wd_src);
         put("gradient_clipping", clip.to_string(), clip_src);
 
+        let mut early_warnings = Vec::new();
         let schedule = match &ds.scheduler {
             Some(s) => {
                 put("scheduler", format!("{s:?}"), dsname.clone());
@@ -164,8 +165,10 @@ impl RunConfig {
                 let style = Decay::parse(&a.lr_decay_style).ok_or_else(|| {
                     Error::Config(format!("lr_decay_style = \"{}\" ({}): expected cosine, linear or constant", a.lr_decay_style, src("lr_decay_style")))
                 })?;
-                let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
-                let warmup_iters = (a.warmup * decay_iters as f64) as u64;
+                // as pretrain_glm.py: at least one decay iteration; warmup a
+                // fraction of them, not rounded
+                let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters).max(1);
+                let warmup_iters = a.warmup * decay_iters as f64;
                 if !(0.0..=1.0).contains(&a.warmup) {
                     return Err(Error::Config(format!("warmup = {} ({}): a fraction in [0, 1]", a.warmup, src("warmup"))));
                 }
@@ -174,11 +177,21 @@ impl RunConfig {
                     format!("AnnealingLR {} over {decay_iters} iterations, {warmup_iters} warmup, floor lr × {}", a.lr_decay_style, a.lr_decay_ratio),
                     src("lr_decay_style"),
                 );
+                if style == Decay::Linear && a.train_iters > decay_iters && a.lr_decay_ratio < 1.0 {
+                    // the original's line keeps falling: where it ends
+                    let end = lr - lr * (1.0 - a.lr_decay_ratio) * ((a.train_iters - 1) as f64 - warmup_iters) / (decay_iters as f64 - warmup_iters).max(1.0);
+                    early_warnings.push(format!(
+                        "lr_decay_style linear ({}) with train_iters {} > lr_decay_iters {decay_iters}: the learning rate stays at its floor lr × lr_decay_ratio = {} after iteration {decay_iters}; the original's keeps falling past it (to {end:.3e} at the last iteration, below zero if it gets there)",
+                        src("lr_decay_style"),
+                        a.train_iters,
+                        lr * a.lr_decay_ratio
+                    ));
+                }
                 Schedule::Annealing { lr, warmup_iters, decay_iters, style, decay_ratio: a.lr_decay_ratio }
             }
         };
 
-        let mut warnings = Vec::new();
+        let mut warnings = early_warnings;
         // a DeepSpeed WarmupLR/WarmupDecayLR with its own learning rates moves the weights at lr 0
         let scheduled = match &ds.scheduler {
             Some(SchedulerCfg::WarmupLr { min_lr, max_lr, .. } | SchedulerCfg::WarmupDecayLr { min_lr, max_lr, .. }) => {

@@ -6,11 +6,16 @@ use glm_common::ds::SchedulerCfg;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
-    /// GLM's AnnealingLR: linear warmup over `warmup_iters` from 0 to `lr`,
-    /// then `style` decay to `lr · decay_ratio` at `decay_iters`, flat after.
+    /// GLM's AnnealingLR (learning_rates.py, as pretrain_glm.py builds
+    /// it): linear warmup over `warmup_iters` (= warmup × decay_iters, not
+    /// rounded) from 0 to `lr`, then `style` decay over the next
+    /// `decay_iters - warmup_iters` updates to `lr · decay_ratio`, flat
+    /// after. (The original's linear decay keeps falling past decay_iters,
+    /// below zero in the end; here it stays at the floor, which the run
+    /// announces.)
     Annealing {
         lr: f64,
-        warmup_iters: u64,
+        warmup_iters: f64,
         decay_iters: u64,
         style: Decay,
         decay_ratio: f64,
@@ -40,16 +45,20 @@ impl Decay {
 }
 
 impl Schedule {
-    /// Learning rate of iteration `it` (1-based: the first update is it = 1).
-    pub fn lr(&self, it: u64) -> f64 {
+    /// Learning rate of the update that follows `done` applied updates (0
+    /// for the first), as both the original's AnnealingLR and DeepSpeed's
+    /// schedulers count: they step after each update, so the first update
+    /// runs at the schedule's value for 0 (lr 0 under warmup).
+    pub fn lr(&self, done: u64) -> f64 {
         match self {
             Schedule::Annealing { lr, warmup_iters, decay_iters, style, decay_ratio } => {
-                if *warmup_iters > 0 && it <= *warmup_iters {
-                    return lr * it as f64 / *warmup_iters as f64;
+                let n = done as f64;
+                if *warmup_iters > 0.0 && n <= *warmup_iters {
+                    return lr * n / warmup_iters;
                 }
                 let min = lr * decay_ratio;
-                let span = decay_iters.saturating_sub(*warmup_iters).max(1) as f64;
-                let p = ((it.saturating_sub(*warmup_iters)) as f64 / span).min(1.0);
+                let span = (*decay_iters as f64 - warmup_iters).max(1.0);
+                let p = ((n - warmup_iters) / span).clamp(0.0, 1.0);
                 match style {
                     Decay::Constant => *lr,
                     Decay::Linear => min + (lr - min) * (1.0 - p),
@@ -57,8 +66,7 @@ impl Schedule {
                 }
             }
             Schedule::DeepSpeed { cfg, base_lr } => {
-                // DeepSpeed counts its scheduler steps from 0 at the first update
-                let t = it.saturating_sub(1) as f64;
+                let t = done as f64;
                 let warm = |w: u64, log: bool| -> f64 {
                     if t >= w as f64 {
                         1.0
@@ -101,40 +109,50 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    /// The original's AnnealingLR, stepped as its train_step steps it:
+    /// `num_iters` = updates done, warmup_iter = warmup × decay iters
+    /// (a float), decay over decay_iters − warmup_iter.
     #[test]
-    fn annealing_warms_up_then_decays_to_the_floor() {
-        let s = Schedule::Annealing { lr: 1.0, warmup_iters: 10, decay_iters: 110, style: Decay::Cosine, decay_ratio: 0.1 };
+    fn annealing_counts_updates_done_as_the_original() {
+        let s = Schedule::Annealing { lr: 1.0, warmup_iters: 10.0, decay_iters: 110, style: Decay::Cosine, decay_ratio: 0.1 };
+        assert_eq!(s.lr(0), 0.0, "the first update runs at lr 0");
         assert!((s.lr(1) - 0.1).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
         assert!((s.lr(60) - 0.55).abs() < 1e-12);
         assert!((s.lr(110) - 0.1).abs() < 1e-12);
         assert!((s.lr(500) - 0.1).abs() < 1e-12);
-        let s = Schedule::Annealing { lr: 1.0, warmup_iters: 0, decay_iters: 100, style: Decay::Linear, decay_ratio: 0.0 };
+        // warmup 0.05 of 30 iterations: 1.5 warmup iterations, not 1
+        let s = Schedule::Annealing { lr: 1.0, warmup_iters: 1.5, decay_iters: 30, style: Decay::Linear, decay_ratio: 0.0 };
+        assert!((s.lr(1) - 1.0 / 1.5).abs() < 1e-12);
+        assert!((s.lr(2) - (1.0 - 0.5 / 28.5)).abs() < 1e-12);
+        let s = Schedule::Annealing { lr: 1.0, warmup_iters: 0.0, decay_iters: 100, style: Decay::Linear, decay_ratio: 0.0 };
+        assert_eq!(s.lr(0), 1.0, "no warmup: the first update at lr");
         assert!((s.lr(50) - 0.5).abs() < 1e-12);
-        let s = Schedule::Annealing { lr: 2.0, warmup_iters: 0, decay_iters: 100, style: Decay::Constant, decay_ratio: 0.0 };
+        assert_eq!(s.lr(150), 0.0, "linear stays at the floor past decay_iters");
+        let s = Schedule::Annealing { lr: 2.0, warmup_iters: 0.0, decay_iters: 100, style: Decay::Constant, decay_ratio: 0.0 };
         assert_eq!(s.lr(70), 2.0);
     }
 
     #[test]
     fn deepspeed_schedules() {
         let w = Schedule::DeepSpeed { cfg: SchedulerCfg::WarmupLr { min_lr: 0.0, max_lr: Some(1.0), warmup_steps: 10, log: false }, base_lr: 5.0 };
-        assert_eq!(w.lr(1), 0.0);
-        assert!((w.lr(6) - 0.5).abs() < 1e-12);
+        assert_eq!(w.lr(0), 0.0);
+        assert!((w.lr(5) - 0.5).abs() < 1e-12);
         assert_eq!(w.lr(100), 1.0);
         let l = Schedule::DeepSpeed { cfg: SchedulerCfg::WarmupLr { min_lr: 0.0, max_lr: None, warmup_steps: 100, log: true }, base_lr: 1.0 };
-        assert!((l.lr(10) - (10f64).ln() / (100f64).ln()).abs() < 1e-12);
+        assert!((l.lr(9) - (10f64).ln() / (100f64).ln()).abs() < 1e-12);
         let d = Schedule::DeepSpeed {
             cfg: SchedulerCfg::WarmupDecayLr { min_lr: 0.0, max_lr: Some(1.0), warmup_steps: 10, log: false, total_steps: 110 },
             base_lr: 1.0,
         };
-        assert!((d.lr(61) - 0.5).abs() < 1e-12);
+        assert!((d.lr(60) - 0.5).abs() < 1e-12);
         assert_eq!(d.lr(500), 0.0);
         let c = Schedule::DeepSpeed {
             cfg: SchedulerCfg::WarmupCosineLr { warmup_min_ratio: 0.0, cos_min_ratio: 0.0, warmup_steps: 10, total_steps: 110, log: false },
             base_lr: 2.0,
         };
-        assert!((c.lr(6) - 1.0).abs() < 1e-12);
-        assert!((c.lr(60) - 1.0).abs() < 1e-12); // p = 0.5 -> ratio 0.5
+        assert!((c.lr(5) - 1.0).abs() < 1e-12);
+        assert!((c.lr(59) - 1.0).abs() < 1e-12); // p = 0.5 -> ratio 0.5
         assert!(c.lr(200).abs() < 1e-12);
     }
 }

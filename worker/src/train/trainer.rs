@@ -185,6 +185,10 @@ pub struct Trainer {
     valid: Option<BlockSampler>,
     tokenizer: GlmTokenizer,
     pub iteration: u64,
+    /// Applied updates the learning-rate schedule does not count: those
+    /// before a resume with `no_load_lr_scheduler` (the original then
+    /// starts a fresh schedule, warmup included).
+    schedule_start: u64,
     device: Device,
     metrics: Metrics,
     par: Parallel,
@@ -294,6 +298,7 @@ impl Trainer {
             );
         }
         let mut iteration = 0;
+        let mut schedule_start = 0;
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
             // the checkpoint's tensor-parallel layout must be this run's
@@ -360,6 +365,13 @@ impl Trainer {
                 String::new()
             };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
+            if a.no_load_lr_scheduler {
+                schedule_start = iteration - opt.skipped_steps();
+                println!(
+                    "checkpoint: no_load_lr_scheduler: the learning-rate schedule starts again (warmup included) at iteration {}, as the original's fresh scheduler",
+                    iteration + 1
+                );
+            }
             if let Some(note) = scaler_note {
                 println!("checkpoint: {note}");
             }
@@ -371,16 +383,19 @@ impl Trainer {
             opt.set_weights(&mut model.params, &w);
         }
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, device: opts.device, metrics, par, _save_dir: save_dir })
+        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, schedule_start, device: opts.device, metrics, par, _save_dir: save_dir })
     }
 
     /// One optimizer step of iteration `it` (see `train::step`). The
-    /// learning-rate schedule advances only with applied updates: after
-    /// fp16 overflows it lags the iteration by the skipped steps.
+    /// learning-rate schedule is at the updates applied before it, as the
+    /// original's scheduler steps after each update: the first update runs
+    /// at the schedule's start, and after fp16 overflows (no update, no
+    /// scheduler step) it lags the iteration by the skipped steps.
     pub fn step(&mut self, it: u64) -> Result<(StepOutput, f64)> {
         let a = &self.cfg.args.args;
         let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
-        let lr = self.cfg.schedule.lr(it - self.opt.skipped_steps());
+        let done = (it - 1).saturating_sub(self.opt.skipped_steps()).saturating_sub(self.schedule_start);
+        let lr = self.cfg.schedule.lr(done);
         let (b, device, d, train) = (self.cfg.batch, self.device, self.par.dims, &self.train);
         // this rank's share of micro-batch m: the global micro-batch is
         // micro × dp consecutive sample indices, of which data-parallel rank
