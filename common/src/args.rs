@@ -82,6 +82,11 @@ pub struct Args {
     pub no_load_optim: bool,
     pub no_load_rng: bool,
     pub no_load_lr_scheduler: bool,
+    /// Read to announce that it changes nothing here (checkpoints go to
+    /// `save` itself).
+    pub new_save_directory: bool,
+    /// Read to announce that it changes nothing here (samples are random).
+    pub shuffle: bool,
     // data
     pub train_data: Vec<String>,
     pub text_key: String,
@@ -165,6 +170,8 @@ impl Default for Args {
             no_load_optim: false,
             no_load_rng: false,
             no_load_lr_scheduler: false,
+            new_save_directory: false,
+            shuffle: false,
             train_data: Vec::new(),
             text_key: "sentence".into(),
             split: "1000,1,1".into(),
@@ -228,20 +235,26 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("block_lm_ratio", "0.0"),
     ("cpu_optimizer", "false"),
     ("cpu_torch_adam", "false"),
+    // the original's plain (non-DeepSpeed) path: here the DeepSpeed file
+    // (--config) always decides batch sizes, precision and the optimizer
+    ("deepspeed", "true"),
+    // a resume continues the data stream where it stopped (samples are a
+    // function of the iteration); the original's false restarts it
+    ("resume_dataloader", "true"),
     ("num_beams", "1"),
 ];
 
 /// Keys of the original that do not matter to this program.
 const IRRELEVANT: &[&str] = &[
-    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "new_save_directory",
-    "save_epoch", "no_deepspeed_load", "resume_dataloader", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length",
-    "eval_max_preds_per_seq", "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "shuffle",
-    "valid_data", "test_data", "data_dir", "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter",
-    "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize", "cache_dir", "use_tfrecords", "max_preds_per_seq", "load_splits", "save_splits",
-    "save_test_data", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue", "eval_valid",
-    "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init",
-    "mask_pad_token", "deepspeed", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size", "dynamic_loss_scale", "master_ip",
-    "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
+    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "save_epoch",
+    "no_deepspeed_load", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq",
+    "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "valid_data", "test_data", "data_dir",
+    "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences",
+    "num_workers", "no_pre_tokenize", "cache_dir", "use_tfrecords", "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length",
+    "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue", "eval_valid", "validation_metric",
+    "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token",
+    "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size", "dynamic_loss_scale", "master_ip", "master_port", "eod_token",
+    "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];
 
 /// Where a value came from.

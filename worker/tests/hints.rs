@@ -275,16 +275,16 @@ fn checkpoint_hints_run_as_printed() {
     let set = between(&e, "; or train with ", "\n");
     assert!(ok(&format!("{resume} {set}")).contains("train: finished at iteration 2"));
 
-    // trained on 2 tensor-parallel ranks, resumed alone: its vocabulary was
-    // padded for 2 ranks (1536 rows for this tokenizer's 1300-odd ids, 1408
-    // alone), and the hint pads the same
+    // trained on 2 tensor-parallel ranks, resumed alone: its vocabulary is
+    // padded as the original pads (a multiple of 128, which 2 ranks split),
+    // so the merged checkpoint loads with no padding setting
     let tp2 = dir.join("tp2").display().to_string();
     ok(&format!("mpirun -np 2 --bind-to none {}", tiny_train(dir, &["train_iters=1", "model_parallel_size=2", &format!("save={tp2}")])));
     let resume = tiny_train(dir, &["train_iters=2", &format!("load={tp2}")]);
     let e = fails(&resume);
     ok(&format!("glm-worker {}", between(&e, "merge it first (glm-worker ", ")")));
     let load = between(&e, "then train with ", ";");
-    assert!(load.ends_with(" --set make_vocab_size_divisible_by=256"), "{e}");
+    assert!(!load.contains("make_vocab_size_divisible_by"), "{e}");
     assert!(ok(&format!("{resume} {load}")).contains("train: finished at iteration 2"));
 }
 

@@ -90,10 +90,10 @@ fn bf16_tensor_and_data_parallel_match_one_bf16_process() {
     let (one, tp2, dp2) = (d.path().join("one"), d.path().join("tp2"), d.path().join("dp2"));
     let base = ["train_iters=6".to_string(), "hidden_dropout=0".into(), "attention_dropout=0".into(), "output_dropout=0".into(), "eval_interval=0".into()];
     let with = |extra: &[String]| -> Vec<String> { base.iter().cloned().chain(extra.iter().cloned()).collect() };
-    ok(&run(d.path(), 2, &ds(d.path(), "dp2.json", 2, 4, BF16), &with(&["make_vocab_size_divisible_by=256".into(), format!("save={}", dp2.display())])));
+    ok(&run(d.path(), 2, &ds(d.path(), "dp2.json", 2, 4, BF16), &with(&[format!("save={}", dp2.display())])));
     ok(&run(d.path(), 2, &ds(d.path(), "tp2.json", 4, 4, BF16), &with(&["model_parallel_size=2".into(), format!("save={}", tp2.display())])));
-    // one process pads the vocabulary to 256 to get the embedding TP=2 gets with 128
-    ok(&run(d.path(), 0, &ds(d.path(), "one.json", 4, 4, BF16), &with(&["make_vocab_size_divisible_by=256".into(), format!("save={}", one.display())])));
+    // the vocabulary is padded to a multiple of 128 whatever the tensor-parallel size (2 divides it)
+    ok(&run(d.path(), 0, &ds(d.path(), "one.json", 4, 4, BF16), &with(&[format!("save={}", one.display())])));
     let (l1, lt, ld) = (train_losses(&one), train_losses(&tp2), train_losses(&dp2));
     assert_eq!(l1.len(), 6);
     let worst = |o: &[f64]| l1.iter().zip(o).map(|(a, b)| ((a - b) / a).abs()).fold(0.0, f64::max);
@@ -121,13 +121,13 @@ fn host_staged_collectives_train_like_mpi_and_one_process() {
     let staged = [("GLM_COMM_BACKEND", "host-staged")];
     let zero2 = format!(r#"{BF16}, "zero_optimization": {{"stage": 2, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000}}"#);
     let (dp_cfg, tp_cfg) = (ds(d.path(), "dp2.json", 2, 4, &zero2), ds(d.path(), "tp2.json", 4, 4, BF16));
-    let vocab256 = ["make_vocab_size_divisible_by=256".to_string()];
+    let whole: [String; 0] = [];
     let tp2 = ["model_parallel_size=2".to_string()];
     let runs = [
-        ("dp2-staged", &dp_cfg, &vocab256, &staged[..]),
-        ("dp2-mpi", &dp_cfg, &vocab256, &[]),
-        ("tp2-staged", &tp_cfg, &tp2, &staged[..]),
-        ("tp2-mpi", &tp_cfg, &tp2, &[]),
+        ("dp2-staged", &dp_cfg, &whole[..], &staged[..]),
+        ("dp2-mpi", &dp_cfg, &whole[..], &[]),
+        ("tp2-staged", &tp_cfg, &tp2[..], &staged[..]),
+        ("tp2-mpi", &tp_cfg, &tp2[..], &[]),
     ];
     let mut losses = std::collections::BTreeMap::new();
     for (name, cfg, extra, env) in runs {
@@ -137,7 +137,7 @@ fn host_staged_collectives_train_like_mpi_and_one_process() {
         losses.insert(name, train_losses(&save));
     }
     let one = d.path().join("one");
-    ok(&run(d.path(), 0, &ds(d.path(), "one.json", 4, 4, BF16), &with(&vocab256, &one)));
+    ok(&run(d.path(), 0, &ds(d.path(), "one.json", 4, 4, BF16), &with(&whole, &one)));
     let l1 = train_losses(&one);
     assert_eq!(l1.len(), 4);
     assert_eq!(losses["dp2-staged"], losses["dp2-mpi"], "DP=2 ZeRO-2: staged through host copies vs MPI directly");

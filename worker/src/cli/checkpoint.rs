@@ -67,7 +67,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
             // padding a run on tp ranks would otherwise choose differently
             let tok = glm_worker::data::tokenizer::GlmTokenizer::load_saved(&dir.join("tokenizer.json"))?;
             let divisible_by = state.args.get("make_vocab_size_divisible_by").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
-            let pad = glm_worker::data::tokenizer::divisible_by_for(tok.vocab_size(), state.model.vocab_size, divisible_by, state.tp, tp)
+            let pad = glm_worker::data::tokenizer::divisible_by_for(tok.vocab_size(), state.model.vocab_size, divisible_by, tp)
                 .map(|d| format!(" --set make_vocab_size_divisible_by={d}"))
                 .unwrap_or_default();
             println!(

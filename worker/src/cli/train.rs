@@ -81,6 +81,9 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     for line in cfg.describe(t.show_ignored) {
         println!("{line}");
     }
+    for n in &cfg.notes {
+        println!("note: {n}");
+    }
     for w in &cfg.warnings {
         println!("warning: {w}");
     }

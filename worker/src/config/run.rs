@@ -48,6 +48,72 @@ pub struct RunConfig {
     pub report: Vec<Entry>,
     /// Things the user must know: unsupported-yet settings that fall back.
     pub warnings: Vec<String>,
+    /// configs.json keys this program reads otherwise than the original, by
+    /// choice: announced once at start, each with its key.
+    pub notes: Vec<String>,
+}
+
+/// The deliberate differences from the original that this run's keys
+/// touch, each naming its key (docs/configuration.md has them all).
+fn differences(args: &LoadedArgs) -> Vec<String> {
+    let a = &args.args;
+    let src = |key: &str| args.source(key).to_string();
+    let given = |key: &str| args.source(key) != super::args::Source::Default;
+    let mut notes = Vec::new();
+    if a.save.is_some() && (given("experiment_name") || a.new_save_directory) {
+        notes.push(format!(
+            "experiment_name \"{}\" ({}): checkpoints go to save itself; the original saves under save/<experiment_name><MM-DD-HH-MM> (on resume without new_save_directory, the loaded run's folder name), a new folder each start, which a resume or a script cannot name in advance{}",
+            a.experiment_name,
+            src("experiment_name"),
+            if a.new_save_directory { "; new_save_directory = true changes nothing here" } else { "" }
+        ));
+    }
+    if a.no_save_optim {
+        notes.push(format!(
+            "no_save_optim = true ({}): checkpoints leave out the optimizer state (a resume starts Adam's moments afresh); the original's DeepSpeed path saves it regardless",
+            src("no_save_optim")
+        ));
+    }
+    for key in ["no_save_rng", "no_load_rng"] {
+        let on = if key == "no_save_rng" { a.no_save_rng } else { a.no_load_rng };
+        if on {
+            notes.push(format!(
+                "{key} = true ({}): has no effect: this program keeps no random state to save or skip; every random stream (samples, masks, dropout) derives from seed and the iteration, so a resumed run draws what the uninterrupted one draws",
+                src(key)
+            ));
+        }
+    }
+    if a.shuffle {
+        notes.push(format!(
+            "shuffle = true ({}): has no effect: every sample is drawn at random from (seed, sample index), shuffled or not (the original's random sampler with replacement draws other samples)",
+            src("shuffle")
+        ));
+    }
+    let tp = a.model_parallel_size.max(1);
+    if a.make_vocab_size_divisible_by % tp != 0 {
+        notes.push(format!(
+            "make_vocab_size_divisible_by = {} ({}) is not a multiple of model_parallel_size {tp}: the vocabulary is padded to a multiple of both, so its rows split over the ranks; the original pads to a multiple of {} and then fails to split them",
+            a.make_vocab_size_divisible_by,
+            src("make_vocab_size_divisible_by"),
+            a.make_vocab_size_divisible_by
+        ));
+    }
+    if a.intermediate_size.is_some_and(|i| i != 4 * a.hidden_size) {
+        notes.push(format!(
+            "intermediate_size = {} ({}): the original's GLM always uses 4 × hidden_size = {}: a checkpoint of this model does not load there",
+            a.intermediate_size.unwrap_or_default(),
+            src("intermediate_size"),
+            4 * a.hidden_size
+        ));
+    }
+    if a.layernorm_epsilon != 1e-5 {
+        notes.push(format!(
+            "layernorm_epsilon = {} ({}): the original's GLM always uses 1e-5: the same weights give other outputs there",
+            a.layernorm_epsilon,
+            src("layernorm_epsilon")
+        ));
+    }
+    notes
 }
 
 /// The original project's dataset name for its `data.json`.
@@ -102,22 +168,52 @@ impl RunConfig {
         );
 
         let o = ds.optimizer.clone();
-        // the DeepSpeed file decides where it speaks, except over an explicit
-        // --set of the configs.json key (said in the source column)
         // (value, where it came from, whether the DeepSpeed file gave it)
-        let pick = |ds_v: Option<f64>, ds_key: &str, key: &str, arg: f64| -> (f64, String, bool) {
-            match (ds_v, args.source(key)) {
-                (Some(_), super::args::Source::Set) => (arg, format!("--set, over {dsname}"), false),
-                (Some(v), _) => (v, ds.source(ds_key), true),
-                (None, s) => (arg, s.to_string(), false),
+        // The learning rate: the DeepSpeed file's where it names one, except
+        // over an explicit --set of lr (said in the source column).
+        let lr = match (o.as_ref().and_then(|o| o.lr), args.source("lr")) {
+            (Some(_), super::args::Source::Set) => (a.lr, format!("--set, over {dsname}"), false),
+            (Some(v), _) => (v, ds.source("optimizer.params.lr"), true),
+            (None, s) => (a.lr, s.to_string(), false),
+        };
+        // The rest as the original: with DeepSpeed's optimizer, the DeepSpeed
+        // file decides betas, eps, weight decay and clipping, a value it lacks
+        // being DeepSpeed's default (FusedAdam's; no clipping), and
+        // configs.json's keys have no effect; without an optimizer block
+        // (which the original's DeepSpeed path cannot train without),
+        // configs.json decides, as on the original's non-DeepSpeed path.
+        let decide = |ds_v: Option<f64>, ds_key: &str, ds_default: f64, key: &str, arg: f64| -> (f64, String, bool) {
+            match (&o, ds_v) {
+                (Some(_), Some(v)) => (v, ds.source(ds_key), true),
+                (Some(_), None) => (ds_default, format!("DeepSpeed's default: {dsname} has no {ds_key}"), true),
+                (None, _) => (arg, src(key), false),
             }
         };
-        let lr = pick(o.as_ref().and_then(|o| o.lr), "optimizer.params.lr", "lr", a.lr);
-        let b1 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "optimizer.params.betas", "adam_beta1", a.adam_beta1);
-        let b2 = pick(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "optimizer.params.betas", "adam_beta2", a.adam_beta2);
-        let eps = pick(o.as_ref().and_then(|o| o.eps), "optimizer.params.eps", "adam_eps", a.adam_eps);
-        let wd = pick(o.as_ref().and_then(|o| o.weight_decay), "optimizer.params.weight_decay", "weight_decay", a.weight_decay);
-        let clip = pick(ds.gradient_clipping, "gradient_clipping", "clip_grad", a.clip_grad);
+        let b1 = decide(o.as_ref().and_then(|o| o.betas.map(|b| b.0)), "optimizer.params.betas", 0.9, "adam_beta1", a.adam_beta1);
+        let b2 = decide(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "optimizer.params.betas", 0.999, "adam_beta2", a.adam_beta2);
+        let eps = decide(o.as_ref().and_then(|o| o.eps), "optimizer.params.eps", 1e-8, "adam_eps", a.adam_eps);
+        let wd = decide(o.as_ref().and_then(|o| o.weight_decay), "optimizer.params.weight_decay", 0.0, "weight_decay", a.weight_decay);
+        let clip = decide(ds.gradient_clipping, "gradient_clipping", 0.0, "clip_grad", a.clip_grad);
+        // configs.json's values that the DeepSpeed file overrules: named once
+        let mut overruled = Vec::new();
+        if o.is_some() {
+            for (key, arg, (v, _, _), there) in [
+                ("adam_beta1", a.adam_beta1, &b1, "optimizer.params.betas"),
+                ("adam_beta2", a.adam_beta2, &b2, "optimizer.params.betas"),
+                ("adam_eps", a.adam_eps, &eps, "optimizer.params.eps"),
+                ("weight_decay", a.weight_decay, &wd, "optimizer.params.weight_decay"),
+                ("clip_grad", a.clip_grad, &clip, "gradient_clipping"),
+            ] {
+                if args.source(key) != super::args::Source::Default && arg != *v {
+                    overruled.push(format!("{key} = {arg} ({}; {there} = {v} decides)", src(key)));
+                }
+            }
+            if let (Some(ds_lr), super::args::Source::File(_)) = (o.as_ref().and_then(|o| o.lr), args.source("lr")) {
+                if ds_lr != a.lr {
+                    overruled.push(format!("lr = {} ({}; optimizer.params.lr = {ds_lr} decides here, where the original's AnnealingLR starts from configs.json's lr: --set lr= to decide here)", a.lr, src("lr")));
+                }
+            }
+        }
         let decay = (a.lr_decay_ratio, src("lr_decay_ratio"), false);
         // ranges, named by the key and the file that gave the value (the
         // DeepSpeed file checks its own keys as it is read)
@@ -192,6 +288,12 @@ impl RunConfig {
         };
 
         let mut warnings = early_warnings;
+        if !overruled.is_empty() {
+            warnings.push(format!(
+                "configs.json's optimizer keys have no effect where the DeepSpeed file has an optimizer, as in the original: {} (change them there, e.g. --set optimizer.params.weight_decay=0.1, --set gradient_clipping=1.0)",
+                overruled.join(", ")
+            ));
+        }
         // a DeepSpeed WarmupLR/WarmupDecayLR with its own learning rates moves the weights at lr 0
         let scheduled = match &ds.scheduler {
             Some(SchedulerCfg::WarmupLr { min_lr, max_lr, .. } | SchedulerCfg::WarmupDecayLr { min_lr, max_lr, .. }) => {
@@ -400,6 +502,7 @@ impl RunConfig {
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
+        let notes = differences(&args);
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
         Ok(RunConfig {
             ds,
@@ -421,6 +524,7 @@ impl RunConfig {
             eval_batch,
             report,
             warnings,
+            notes,
         })
     }
 
@@ -627,5 +731,73 @@ mod tests {
         let e =
             RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &[]).unwrap(), 1).err().expect("a negative lr is refused");
         assert_eq!(e.to_string(), "config: lr = -0.5 (configs_run.json): must be >= 0 (0: the weights do not move)");
+    }
+
+    fn build(ds_json: &str, args_json: &str, sets: &[&str]) -> Result<RunConfig> {
+        let d = tempfile::tempdir().unwrap();
+        let (ds, args) = (d.path().join("ds.json"), d.path().join("configs.json"));
+        std::fs::write(&ds, ds_json).unwrap();
+        std::fs::write(&args, args_json).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), LoadedArgs::load(Some(&args), &sets)?, 1)
+    }
+
+    /// As the original with DeepSpeed: the DeepSpeed file's optimizer
+    /// decides betas, eps, weight decay and clipping (DeepSpeed's defaults
+    /// where it is silent), configs.json's keys then have no effect and a
+    /// differing one is named; without an optimizer block configs.json decides.
+    #[test]
+    fn the_deepspeed_optimizer_decides_as_in_the_original() {
+        let ds = r#"{"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.98]}}}"#;
+        let args = r#"{"clip_grad": 1.0, "weight_decay": 0.1, "adam_eps": 1e-8, "adam_beta2": 0.999, "lr": 0.002}"#;
+        let c = build(ds, args, &[]).unwrap();
+        assert_eq!((c.clip, c.adam.weight_decay, c.adam.eps, c.adam.beta2, c.lr), (0.0, 0.0, 1e-8, 0.98, 0.001));
+        let w = c.warnings.iter().find(|w| w.contains("configs.json's optimizer keys have no effect")).expect("named");
+        for part in [
+            "adam_beta2 = 0.999 (configs.json; optimizer.params.betas = 0.98 decides)",
+            "weight_decay = 0.1 (configs.json; optimizer.params.weight_decay = 0 decides)",
+            "clip_grad = 1 (configs.json; gradient_clipping = 0 decides)",
+            "lr = 0.002 (configs.json; optimizer.params.lr = 0.001 decides here",
+        ] {
+            assert!(w.contains(part), "{part}: {w}");
+        }
+        assert!(!w.contains("adam_eps"), "equal to DeepSpeed's default: not named: {w}");
+        let clip = c.report.iter().find(|e| e.key == "gradient_clipping").unwrap();
+        assert_eq!((clip.value.as_str(), clip.source.as_str()), ("0", "DeepSpeed's default: ds.json has no gradient_clipping"));
+        // a --set of such a key is named too, not applied
+        let c = build(ds, args, &["weight_decay=0.3"]).unwrap();
+        assert_eq!(c.adam.weight_decay, 0.0);
+        assert!(c.warnings.iter().any(|w| w.contains("weight_decay = 0.3 (--set; optimizer.params.weight_decay = 0 decides)")), "{:?}", c.warnings);
+        // no optimizer block: configs.json decides, as the original's plain path
+        let c = build(r#"{"train_micro_batch_size_per_gpu": 2}"#, args, &[]).unwrap();
+        assert_eq!((c.clip, c.adam.weight_decay, c.adam.beta2, c.lr), (1.0, 0.1, 0.999, 0.002));
+        assert!(!c.warnings.iter().any(|w| w.contains("have no effect")), "{:?}", c.warnings);
+        // the original's non-DeepSpeed switch and data-stream restart are refused
+        for (set, key) in [("deepspeed=false", "deepspeed"), ("resume_dataloader=false", "resume_dataloader")] {
+            let e = build(ds, "{}", &[set]).err().expect(set).to_string();
+            assert!(e.contains(&format!("{key} = false (--set): not supported")), "{e}");
+        }
+    }
+
+    /// Deliberate differences are announced once, each naming its key.
+    #[test]
+    fn differences_from_the_original_are_announced_with_their_keys() {
+        let ds = r#"{"train_micro_batch_size_per_gpu": 2}"#;
+        let c = build(ds, r#"{"experiment_name": "blocklm-blank"}"#, &[]).unwrap();
+        assert!(c.notes.is_empty(), "no save, nothing saved elsewhere: {:?}", c.notes);
+        let sets = [
+            "save=/tmp/x", "no_save_optim=true", "no_load_rng=true", "shuffle=true", "make_vocab_size_divisible_by=100", "model_parallel_size=8",
+            "num_attention_heads=16", "intermediate_size=100", "layernorm_epsilon=1e-6", "train_iters=2000", "lr_decay_iters=1000", "lr_decay_style=linear",
+            "warmup=0",
+        ];
+        let c = build(ds, r#"{"experiment_name": "blocklm-blank"}"#, &sets).unwrap();
+        for key in [
+            "experiment_name \"blocklm-blank\"", "no_save_optim", "no_load_rng", "shuffle", "make_vocab_size_divisible_by = 100", "intermediate_size = 100",
+            "layernorm_epsilon",
+        ] {
+            assert_eq!(c.notes.iter().filter(|n| n.starts_with(key)).count(), 1, "{key}: {:?}", c.notes);
+        }
+        let w = c.warnings.iter().find(|w| w.starts_with("lr_decay_style linear")).expect("the linear floor is announced");
+        assert!(w.contains("to -7.991e-5 at the last iteration"), "{w}");
     }
 }

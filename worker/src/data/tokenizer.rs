@@ -856,30 +856,34 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Vocabulary size of the model's embedding: `vocab` rounded up to a multiple
-/// of `divisible_by × tensor_parallel` (Megatron's padding).
+/// Vocabulary size of the model's embedding: `vocab` rounded up to a
+/// multiple of `divisible_by`, as the original pads
+/// (`make_vocab_size_divisible_by`), and of `tensor_parallel` too, which
+/// the rows must split into: the least common multiple of the two (the
+/// same as the original's whenever `tensor_parallel` divides
+/// `divisible_by`, e.g. 128 on 1-128 ranks; the original fails otherwise).
 pub fn padded_vocab_size(vocab: usize, divisible_by: usize, tensor_parallel: usize) -> usize {
-    let m = divisible_by.max(1) * tensor_parallel.max(1);
+    let (a, b) = (divisible_by.max(1), tensor_parallel.max(1));
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    let m = a / gcd(a, b) * b;
     vocab.div_ceil(m) * m
 }
 
 /// The `make_vocab_size_divisible_by` with which a run on `tp`
 /// tensor-parallel ranks pads a tokenizer of `vocab` ids to a checkpoint's
-/// `padded` vocabulary (saved on `saved_tp` ranks with `divisible_by`):
-/// `None` when `divisible_by` already does, or when no setting can. The
-/// multiple the checkpoint was padded to (`divisible_by` × `saved_tp`)
-/// comes first, then the largest power of two that fits, then any.
-pub fn divisible_by_for(vocab: usize, padded: usize, divisible_by: usize, saved_tp: usize, tp: usize) -> Option<usize> {
-    let tp = tp.max(1);
-    let fits = |d: usize| d > 0 && d <= padded / tp && padded_vocab_size(vocab, d, tp) == padded;
+/// `padded` vocabulary: `None` when `divisible_by` already does, or when
+/// no setting can. The largest power of two that fits comes first, then any.
+pub fn divisible_by_for(vocab: usize, padded: usize, divisible_by: usize, tp: usize) -> Option<usize> {
+    let fits = |d: usize| d > 0 && padded_vocab_size(vocab, d, tp) == padded;
     if fits(divisible_by) {
         return None;
     }
-    let multiple = divisible_by * saved_tp.max(1);
-    if multiple % tp == 0 && fits(multiple / tp) {
-        return Some(multiple / tp);
-    }
-    (0..usize::BITS).rev().map(|k| 1usize << k).find(|&d| fits(d)).or_else(|| (1..=padded / tp).find(|&d| fits(d)))
+    (0..usize::BITS).rev().map(|k| 1usize << k).find(|&d| d <= padded && fits(d)).or_else(|| (1..=padded).find(|&d| fits(d)))
 }
 
 #[cfg(test)]
@@ -903,22 +907,27 @@ mod tests {
 
     #[test]
     fn the_padding_setting_that_loads_a_checkpoint() {
-        // 16000 ids padded to 16000 on one rank (divisible by 128): two ranks need 64
-        assert_eq!(divisible_by_for(16000, 16000, 128, 1, 2), Some(64));
-        assert_eq!(padded_vocab_size(16000, 64, 2), 16000);
-        // already right, or saved on 2 ranks and loaded on 1
-        assert_eq!(divisible_by_for(16000, 16128, 128, 2, 2), None);
-        assert_eq!(divisible_by_for(16000, 16128, 128, 2, 1), Some(256));
+        // 16000 ids padded by 128 load on any power-of-two ranks unchanged
+        assert_eq!(divisible_by_for(16000, 16000, 128, 2), None);
+        assert_eq!(divisible_by_for(16000, 16000, 128, 8), None);
+        // 16001 ids padded by 64 (16064): a run padding by 128 needs 64
+        assert_eq!(divisible_by_for(16001, 16064, 128, 2), Some(64));
+        assert_eq!(padded_vocab_size(16001, 64, 2), 16064);
         // no setting pads 16000 ids to an odd 16001 on two ranks
-        assert_eq!(divisible_by_for(16000, 16001, 128, 1, 2), None);
+        assert_eq!(divisible_by_for(16000, 16001, 128, 2), None);
     }
 
+    /// As the original pads (a multiple of make_vocab_size_divisible_by),
+    /// and a multiple of the tensor-parallel size as well.
     #[test]
     fn padding_rounds_up_to_multiple() {
         assert_eq!(padded_vocab_size(21133, 128, 1), 21248);
         assert_eq!(padded_vocab_size(21133, 128, 2), 21248);
+        assert_eq!(padded_vocab_size(21133, 128, 8), 21248);
         assert_eq!(padded_vocab_size(21248, 128, 1), 21248);
-        assert_eq!(padded_vocab_size(100, 128, 4), 512);
+        assert_eq!(padded_vocab_size(100, 128, 4), 128);
+        // 3 ranks: a multiple of 384 (the original would fail: 21248 rows do not split in 3)
+        assert_eq!(padded_vocab_size(21133, 128, 3), 21504);
     }
 
     #[test]

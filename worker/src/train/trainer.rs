@@ -312,7 +312,7 @@ impl Trainer {
                 // pads to by its tensor-parallel size: the setting that matches it
                 let padded =
                     checkpoint::open_state(&if parts == 1 { dir.clone() } else { dir.join(checkpoint::mp_rank_dir(0)) }).ok().map(|s| s.model.vocab_size);
-                let pad = |tp: usize| padded.map_or(String::new(), |p| vocab_padding_set(tok.vocab_size(), p, a.make_vocab_size_divisible_by, parts, tp));
+                let pad = |tp: usize| padded.map_or(String::new(), |p| vocab_padding_set(tok.vocab_size(), p, a.make_vocab_size_divisible_by, tp));
                 let fix = if parts == 1 {
                     format!(
                         "split it first (glm-worker checkpoint split --load {} --tp {tp} --out {}), then train with --set load={}{}; or train with --set model_parallel_size=1{}",
@@ -617,10 +617,8 @@ impl Trainer {
 /// `" --set make_vocab_size_divisible_by=N"` when a run on `tp` ranks
 /// needs that setting to pad a tokenizer of `vocab` ids to a checkpoint's
 /// `padded` vocabulary (`data::tokenizer::divisible_by_for`); else empty.
-fn vocab_padding_set(vocab: usize, padded: usize, divisible_by: usize, saved_tp: usize, tp: usize) -> String {
-    crate::data::tokenizer::divisible_by_for(vocab, padded, divisible_by, saved_tp, tp)
-        .map(|d| format!(" --set make_vocab_size_divisible_by={d}"))
-        .unwrap_or_default()
+fn vocab_padding_set(vocab: usize, padded: usize, divisible_by: usize, tp: usize) -> String {
+    crate::data::tokenizer::divisible_by_for(vocab, padded, divisible_by, tp).map(|d| format!(" --set make_vocab_size_divisible_by={d}")).unwrap_or_default()
 }
 
 /// Refuses, before anything is allocated, a run whose parameters, gradients
