@@ -208,6 +208,9 @@ impl RunConfig {
                     overruled.push(format!("{key} = {arg} ({}; {there} = {v} decides)", src(key)));
                 }
             }
+            if args.source("optimizer") != super::args::Source::Default && !a.optimizer.eq_ignore_ascii_case("adam") {
+                overruled.push(format!("optimizer = {:?} ({}; the DeepSpeed file's optimizer decides)", a.optimizer, src("optimizer")));
+            }
             if let (Some(ds_lr), super::args::Source::File(_)) = (o.as_ref().and_then(|o| o.lr), args.source("lr")) {
                 if ds_lr != a.lr {
                     overruled.push(format!("lr = {} ({}; optimizer.params.lr = {ds_lr} decides here, where the original's AnnealingLR starts from configs.json's lr: --set lr= to decide here)", a.lr, src("lr")));
@@ -268,10 +271,16 @@ impl RunConfig {
                 if !(0.0..=1.0).contains(&a.warmup) {
                     return Err(Error::Config(format!("warmup = {} ({}): a fraction in [0, 1]", a.warmup, src("warmup"))));
                 }
+                // named by the keys that make it, from where the last of them came
+                let keys = ["lr_decay_style", "lr_decay_iters", "warmup", "lr_decay_ratio"].map(src);
+                let source = keys.iter().find(|s| *s == "--set").or_else(|| keys.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
                 put(
                     "lr schedule",
-                    format!("AnnealingLR {} over {decay_iters} iterations, {warmup_iters} warmup, floor lr × {}", a.lr_decay_style, a.lr_decay_ratio),
-                    src("lr_decay_style"),
+                    format!(
+                        "AnnealingLR {} over lr_decay_iters {decay_iters}, warmup {} ({warmup_iters} iterations), floor lr × lr_decay_ratio {}",
+                        a.lr_decay_style, a.warmup, a.lr_decay_ratio
+                    ),
+                    source,
                 );
                 if style == Decay::Linear && a.train_iters > decay_iters && a.lr_decay_ratio < 1.0 {
                     // the original's line keeps falling: where it ends
@@ -436,7 +445,11 @@ impl RunConfig {
                     src("checkpoint_num_layers")
                 )));
             }
-            put("activation checkpointing", format!("every {} layer(s) recomputed in backward", a.checkpoint_num_layers), src("checkpoint_activations"));
+            put(
+                "activation checkpointing",
+                format!("every {} layer(s) recomputed in backward (checkpoint_activations, checkpoint_num_layers)", a.checkpoint_num_layers),
+                src("checkpoint_activations"),
+            );
             a.checkpoint_num_layers
         } else {
             0
@@ -501,6 +514,59 @@ impl RunConfig {
             let key = k.split(' ').next().unwrap();
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
+        }
+        // the other keys read, where they differ from the original's default
+        // (what they do in this run said beside them)
+        let d = glm_common::args::Args::default();
+        let fp32 = precision == Precision::Fp32;
+        let scaler_here = precision == Precision::Fp16 && !ds.fp16.is_some();
+        for (key, differs, value) in [
+            ("make_vocab_size_divisible_by", a.make_vocab_size_divisible_by != d.make_vocab_size_divisible_by, a.make_vocab_size_divisible_by.to_string()),
+            ("no_block_position", a.no_block_position, "true (1D positions: no block-position embedding)".to_string()),
+            ("fp32_layernorm", fp32 && a.fp32_layernorm, "true (no effect: the run is fp32)".to_string()),
+            ("fp32_embedding", fp32 && a.fp32_embedding, "true (no effect: the run is fp32)".to_string()),
+            (
+                "checkpoint_num_layers",
+                a.checkpoint_num_layers != d.checkpoint_num_layers && !a.checkpoint_activations,
+                format!("{} (no effect: checkpoint_activations is off)", a.checkpoint_num_layers),
+            ),
+            (
+                "loss_scale",
+                a.loss_scale != d.loss_scale && !scaler_here,
+                format!("{:?} (no effect: {})", a.loss_scale, if ds.fp16.is_some() { "the DeepSpeed file's fp16 block decides" } else { "no fp16" }),
+            ),
+            (
+                "loss_scale_window",
+                a.loss_scale_window != d.loss_scale_window && !scaler_here,
+                format!("{} (no effect here: the scaler is not configs.json's)", a.loss_scale_window),
+            ),
+            ("hysteresis", a.hysteresis != d.hysteresis && !scaler_here, format!("{} (no effect here: the scaler is not configs.json's)", a.hysteresis)),
+            ("min_scale", a.min_scale != d.min_scale && !scaler_here, format!("{} (no effect here: the scaler is not configs.json's)", a.min_scale)),
+            ("eval_batch_size", a.eval_batch_size.is_some(), eval_batch.to_string()),
+            ("text_key", a.text_key != d.text_key, format!("{:?} (the text of JSON Lines records)", a.text_key)),
+            ("gpt_infill_prob", a.gpt_infill_prob != d.gpt_infill_prob, a.gpt_infill_prob.to_string()),
+            ("gpt_min_ratio", a.gpt_min_ratio != d.gpt_min_ratio, a.gpt_min_ratio.to_string()),
+            ("gap_sentence_ratio", a.gap_sentence_ratio != d.gap_sentence_ratio, a.gap_sentence_ratio.to_string()),
+            ("avg_block_length", a.avg_block_length != d.avg_block_length, a.avg_block_length.to_string()),
+            ("no_shuffle_block", a.no_shuffle_block, "true (Part B spans in text order)".to_string()),
+            ("sample_one_document", a.sample_one_document, "true (one document per sample)".to_string()),
+            ("no_load_optim", a.no_load_optim, format!("true{}", if a.load.is_none() { " (no effect: no load)" } else { "" })),
+            ("no_load_lr_scheduler", a.no_load_lr_scheduler, format!("true{}", if a.load.is_none() { " (no effect: no load)" } else { "" })),
+        ] {
+            if differs {
+                report.push(Entry { key: key.into(), value, source: src(key) });
+            }
+        }
+        // generation settings: glm-worker generate takes its own flags
+        for (key, differs, flag) in [
+            ("temperature", a.temperature != d.temperature, "--temperature"),
+            ("top_p", a.top_p != d.top_p, "--top-p"),
+            ("top_k", a.top_k != d.top_k, "--top-k"),
+            ("out_seq_length", a.out_seq_length != d.out_seq_length, "--max-tokens"),
+        ] {
+            if differs {
+                warnings.push(format!("{key} ({}) has no effect in training: glm-worker generate takes {flag}", src(key)));
+            }
         }
         let notes = differences(&args);
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
@@ -799,5 +865,67 @@ mod tests {
         }
         let w = c.warnings.iter().find(|w| w.starts_with("lr_decay_style linear")).expect("the linear floor is announced");
         assert!(w.contains("to -7.991e-5 at the last iteration"), "{w}");
+    }
+
+    /// Every key of the seed's configs.json, changed on its own from the
+    /// runnable tiny configuration: it is refused naming the key, listed as
+    /// having no effect (`--show-ignored`), or it shows in what the run
+    /// prints at start — a line of the effective configuration that changes
+    /// and names it or comes from the --set, a note or a warning naming it.
+    /// None is read and silently unused.
+    #[test]
+    fn every_key_of_the_seed_configs_json_is_used_announced_or_refused() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let seed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(repo.join("configs/seed/configs.json")).unwrap()).unwrap();
+        let (ds, args) = (repo.join("configs/config_block_tiny.json"), repo.join("configs/configs_tiny.json"));
+        let printed = |sets: &[String]| -> std::result::Result<(Vec<String>, Vec<String>), String> {
+            let l = LoadedArgs::load(Some(&args), sets).map_err(|e| e.to_string())?;
+            let ignored = l.ignored.clone();
+            let c = RunConfig::build(DsConfig::load_with(&ds, &[]).unwrap(), l, 1).map_err(|e| e.to_string())?;
+            let mut lines: Vec<String> = c.report.iter().map(|e| format!("{} = {}  ({})", e.key, e.value, e.source)).collect();
+            lines.extend(c.notes.iter().map(|n| format!("note: {n}")));
+            lines.extend(c.warnings.iter().map(|w| format!("warning: {w}")));
+            Ok((lines, ignored))
+        };
+        let (base, _) = printed(&[]).unwrap();
+        // another value of the same kind (a table for keys whose seed value is null)
+        let other = |k: &str, v: &serde_json::Value| -> String {
+            use serde_json::Value::*;
+            match (k, v) {
+                ("intermediate_size" | "eval_batch_size" | "lr_decay_iters", _) => "96".into(),
+                ("loss_scale", _) => "128".into(),
+                ("load" | "valid_data" | "test_data" | "load_splits" | "save_splits" | "save_test_data" | "tokenizer_path", _) => "/nonexistent/x".into(),
+                ("lr_decay_style", _) => "linear".into(),
+                ("tokenizer_type", _) => "ChineseSPTokenizer".into(),
+                ("split", _) => "0.9".into(),
+                (_, Bool(b)) => (!b).to_string(),
+                (_, Number(n)) if n.is_u64() => (n.as_u64().unwrap() + 2).to_string(),
+                (_, Number(n)) => (n.as_f64().unwrap() * 0.5 + 0.125).to_string(),
+                (_, String(_)) => "other".into(),
+                (_, Array(_)) => r#"["other.jsonl"]"#.into(),
+                (_, Null) => "3".into(),
+                (_, Object(_)) => "{}".into(),
+            }
+        };
+        // the value is changed from the tiny configuration's (the run's) value
+        let tiny: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&args).unwrap()).unwrap();
+        let mut silent = Vec::new();
+        for (k, v) in &seed {
+            let v = tiny.get(k).unwrap_or(v);
+            let set = format!("{k}={}", other(k, v));
+            match printed(std::slice::from_ref(&set)) {
+                Err(e) => assert!(e.contains(k.as_str()), "--set {set}: an error that does not name the key: {e}"),
+                Ok((_, ignored)) if ignored.contains(k) => {}
+                Ok((lines, _)) => {
+                    let changed: Vec<&String> = lines.iter().filter(|l| !base.contains(l)).chain(base.iter().filter(|l| !lines.contains(l))).collect();
+                    let named = changed.iter().any(|l| l.contains(k.as_str()) || l.ends_with("(--set)"));
+                    if !named {
+                        silent.push(format!("--set {set}: {changed:?}"));
+                    }
+                }
+            }
+        }
+        assert!(silent.is_empty(), "read and silently unused:\n{}", silent.join("\n"));
     }
 }

@@ -155,11 +155,19 @@ impl TokenizerSpec {
     pub fn describe(&self, model_type: &str) -> String {
         let k = self.kind;
         match self.layout() {
-            Layout::Bert => format!("{k}, tokenizer_model_type {model_type} ({})", if self.lowercase { "lower-cased" } else { "cased" }),
-            Layout::Gpt2 => format!("{k}, tokenizer_model_type {model_type} (GPT-2's command ids)"),
-            Layout::Roberta => format!("{k}, tokenizer_model_type {model_type} (RoBERTa's command ids)"),
+            Layout::Bert => format!("{k}, tokenizer_model_type {model_type} ({}){}", if self.lowercase { "lower-cased" } else { "cased" }, self.fix_note()),
+            Layout::Gpt2 => format!("{k}, tokenizer_model_type {model_type} (GPT-2's command ids){}", self.fix_note()),
+            Layout::Roberta => format!("{k}, tokenizer_model_type {model_type} (RoBERTa's command ids){}", self.fix_note()),
             Layout::Sp => format!("{k}, fix_command_token false ([gMASK] shares <|endofpiece|>'s id, as the original's)"),
             Layout::SpFixed => format!("{k}, fix_command_token true"),
+        }
+    }
+
+    fn fix_note(&self) -> &'static str {
+        if self.fix_command_token {
+            "; fix_command_token: no effect on this type"
+        } else {
+            ""
         }
     }
 
