@@ -519,7 +519,7 @@ impl RunConfig {
         // (what they do in this run said beside them)
         let d = glm_common::args::Args::default();
         let fp32 = precision == Precision::Fp32;
-        let scaler_here = precision == Precision::Fp16 && !ds.fp16.is_some();
+        let scaler_here = precision == Precision::Fp16 && ds.fp16.is_none();
         for (key, differs, value) in [
             ("make_vocab_size_divisible_by", a.make_vocab_size_divisible_by != d.make_vocab_size_divisible_by, a.make_vocab_size_divisible_by.to_string()),
             ("no_block_position", a.no_block_position, "true (1D positions: no block-position embedding)".to_string()),
