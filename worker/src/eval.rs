@@ -27,7 +27,8 @@ use crate::config::run::{block_config, train_data_paths};
 use crate::data::blocklm::{BlockSampler, Mode};
 use crate::data::corpus::corpus_files;
 use crate::data::prepare::{ensure_store, PrepareOptions};
-use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::split::{get_split, split_documents};
+use crate::data::store::TokenStore;
 use crate::data::tokenizer::GlmTokenizer;
 use crate::error::{Error, Result};
 use crate::parallel::Parallel;
@@ -101,7 +102,7 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     // rank 0 builds or refreshes the store; the others find it ready
     let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {}))?;
     let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "the checkpoint's")?);
-    let splits = split_documents(store.num_docs(), &parse_split(&args.split)?, args.seed);
+    let splits = split_documents(store.num_docs(), &get_split(&args.split, false, false)?, None)?.parts;
     let (index, name) = match opts.split {
         Split::Valid => (1, "valid"),
         Split::Test => (2, "test"),

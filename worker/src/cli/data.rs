@@ -12,7 +12,8 @@ use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
 use glm_worker::data::corpus::{corpus_files, CorpusOptions};
 use glm_worker::data::fortunes;
 use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
-use glm_worker::data::store::{self, split_documents, TokenStore};
+use glm_worker::data::split::{get_split, split_documents, SPLIT_SEED};
+use glm_worker::data::store::{self, TokenStore};
 use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer, TokenizerSpec, TokenizerType};
 
 use crate::output::{mb, progress_bar};
@@ -72,12 +73,10 @@ pub struct PrepareArgs {
     /// Rebuild the store even when it is up to date
     #[arg(long)]
     force: bool,
-    /// Train/valid/test weights to report the split with (as in configs.json)
+    /// Train/valid/test weights to report the split with (as configs.json's split; the
+    /// documents are shuffled with the original's fixed seed 1234, as training does)
     #[arg(long, default_value = "949,50,1")]
     split: String,
-    /// Seed of the split shuffle
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
     /// make_vocab_size_divisible_by, to report the model's padded vocabulary
     #[arg(long, default_value_t = 128)]
     make_vocab_size_divisible_by: usize,
@@ -139,7 +138,7 @@ pub fn make_corpus(a: MakeCorpusArgs) -> Result<()> {
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
     // Check every argument before doing work, so a typo costs nothing.
-    let weights = store::parse_split(&a.split)?;
+    let shares = get_split(&a.split, false, false)?;
     let files = corpus_files(&a.data)?;
     let opts = PrepareOptions {
         corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
@@ -192,10 +191,10 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     if let Some(w) = meta.unknown_warning(glm_worker::data::prepare::TokenizerOption::Flag) {
         println!("warning: {w}");
     }
-    let splits = split_documents(meta.documents as usize, &weights, a.seed);
+    let splits = split_documents(meta.documents as usize, &shares, None)?.parts;
     let names = ["train", "valid", "test"];
     let parts: Vec<String> = splits.iter().zip(names).map(|(s, n)| format!("{n} {}", s.len())).collect();
-    println!("prepare: split {} (seed {}): {} documents", a.split, a.seed, parts.join(", "));
+    println!("prepare: split {} (the original's shuffle, seed {SPLIT_SEED}): {} documents", a.split, parts.join(", "));
     println!("prepare: store {} ({} ids of {} bytes, {} documents)", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
     Ok(())
 }

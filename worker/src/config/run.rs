@@ -34,6 +34,8 @@ pub struct RunConfig {
     pub block: BlockConfig,
     /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
     pub train_data: Vec<PathBuf>,
+    /// The train/valid/test shares of `split`, as the original's `get_split`.
+    pub split: [f64; 3],
     pub eval_batch: usize,
     /// ZeRO stage and bucket sizes (DeepSpeed's zero_optimization).
     pub zero: ZeroConfig,
@@ -352,6 +354,10 @@ impl RunConfig {
         let source = sources.iter().find(|s| *s == "--set").or_else(|| sources.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
         put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
         let train_data = train_data_paths(a);
+        let split = crate::data::split::get_split(&a.split, false, false).map_err(|e| match e {
+            Error::Config(m) => Error::Config(m.replacen("\": ", &format!("\" ({}): ", src("split")), 1)),
+            e => e,
+        })?;
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 
         for (k, v) in [
@@ -366,7 +372,7 @@ impl RunConfig {
             ("train_iters", a.train_iters.to_string()),
             ("seed", a.seed.to_string()),
             ("train_data", format!("{:?}", train_data)),
-            ("split", a.split.clone()),
+            ("split", describe_split(&a.split, &split)),
             ("tokenizer_path", a.tokenizer_path.as_ref().map_or("(train on the corpus)".into(), |p| p.display().to_string())),
             ("bert_prob / gap_sentence_prob", format!("{} / {}", a.bert_prob, a.gap_sentence_prob)),
             ("task_mask", a.task_mask.to_string()),
@@ -405,6 +411,7 @@ impl RunConfig {
             schedule,
             block,
             train_data,
+            split,
             eval_batch,
             report,
             warnings,
@@ -566,6 +573,20 @@ pub fn block_config(a: &super::args::Args) -> BlockConfig {
         seed: a.seed,
         ..BlockConfig::default()
     }
+}
+
+/// `split` as given and the shares it gives (what trains, what validates).
+fn describe_split(given: &str, shares: &[f64; 3]) -> String {
+    let how = if crate::data::split::should_split(shares) {
+        format!("documents shuffled with the original's fixed seed {}", crate::data::split::SPLIT_SEED)
+    } else {
+        "no split: every document trains, none validates".into()
+    };
+    let share = |x: f64| {
+        let s = format!("{x:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    format!("{given} (train {} / valid {} / test {}; {how})", share(shares[0]), share(shares[1]), share(shares[2]))
 }
 
 /// `train_data` as paths (`"wudao"` and none: the default corpus).

@@ -26,7 +26,6 @@ use sha2::{Digest, Sha256};
 use super::corpus::{read_corpus, CorpusOptions, ReadStats};
 use super::tokenizer::{hex, GlmTokenizer, SpecialIds, TokenizerType};
 use crate::error::{Error, IoContext, Result};
-use crate::rng::Rng;
 
 const TOKENS_MAGIC: &[u8; 8] = b"GLMTOKS\0";
 const INDEX_MAGIC: &[u8; 8] = b"GLMIDX\0\0";
@@ -614,58 +613,6 @@ impl TokenStore {
     }
 }
 
-/// Parses the original's `split` string ("949,50,1"; `/` also separates).
-pub fn parse_split(s: &str) -> Result<Vec<f64>> {
-    let parts: std::result::Result<Vec<f64>, _> = s.split([',', '/']).map(|p| p.trim().parse::<f64>()).collect();
-    let parts = parts.map_err(|_| Error::Config(format!("split \"{s}\": expected numbers like \"949,50,1\"")))?;
-    if parts.is_empty() || parts.len() > 3 || parts.iter().any(|&p| !p.is_finite() || p < 0.0) || parts.iter().sum::<f64>() <= 0.0 {
-        return Err(Error::Config(format!("split \"{s}\": one to three non-negative weights with a positive sum")));
-    }
-    Ok(parts)
-}
-
-/// Splits documents `0..n` into train/valid/test by `weights`, as the
-/// original's `split_ds`: a seeded shuffle, then consecutive runs sized by
-/// the normalised weights with the fractional parts carried forward. Unlike
-/// the original (whose `max(size, 1)` could make neighbouring splits share a
-/// document), a split with positive weight that rounds to zero takes one
-/// document from the largest split, so splits stay disjoint.
-pub fn split_documents(n: usize, weights: &[f64], seed: u64) -> Vec<Vec<u32>> {
-    let mut ids: Vec<u32> = (0..n as u32).collect();
-    Rng::derive(seed, 0x5E11, 0).shuffle(&mut ids);
-    let sum: f64 = weights.iter().sum();
-    let mut sizes = Vec::with_capacity(weights.len());
-    let mut residual = 0.0;
-    for w in weights {
-        let prop = n as f64 * w / sum;
-        residual += prop.fract();
-        let size = (prop.trunc() + residual).trunc() as usize;
-        residual = residual.fract();
-        sizes.push(size);
-    }
-    // rounding may leave the total a document short or long: fix on the largest
-    let total: usize = sizes.iter().sum();
-    let big = (0..sizes.len()).max_by_key(|&i| sizes[i]).unwrap_or(0);
-    if total < n {
-        sizes[big] += n - total;
-    } else if total > n {
-        sizes[big] -= total - n;
-    }
-    for i in 0..sizes.len() {
-        if weights[i] > 0.0 && sizes[i] == 0 && sizes[big] > 1 {
-            sizes[i] = 1;
-            sizes[big] -= 1;
-        }
-    }
-    let mut out = Vec::new();
-    let mut start = 0;
-    for s in sizes {
-        out.push(ids[start..start + s].to_vec());
-        start += s;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,28 +637,5 @@ mod tests {
         let changed = CorpusFingerprint::compute(&files).unwrap();
         assert_eq!(changed.files[0].sha256, sha256_file(&p).unwrap());
         assert_ne!(changed.digest, real.digest);
-    }
-
-    #[test]
-    fn split_matches_weights_and_is_disjoint() {
-        let w = parse_split("949,50,1").unwrap();
-        let s = split_documents(10_000, &w, 1234);
-        assert_eq!(s.iter().map(Vec::len).collect::<Vec<_>>(), vec![9490, 500, 10]);
-        let mut all: Vec<u32> = s.concat();
-        all.sort();
-        assert_eq!(all, (0..10_000).collect::<Vec<u32>>());
-        assert_eq!(s, split_documents(10_000, &w, 1234));
-        assert_ne!(s[1], split_documents(10_000, &w, 1)[1]);
-        let tiny = split_documents(20, &w, 1);
-        assert_eq!(tiny.iter().map(Vec::len).collect::<Vec<_>>(), vec![18, 1, 1]);
-    }
-
-    #[test]
-    fn split_parse_errors() {
-        assert!(parse_split("a,b").is_err());
-        assert!(parse_split("0,0").is_err());
-        assert!(parse_split("1,-1").is_err());
-        assert_eq!(parse_split("8/1/1").unwrap(), vec![8.0, 1.0, 1.0]);
-        assert_eq!(parse_split("1").unwrap(), vec![1.0]);
     }
 }

@@ -22,7 +22,8 @@ use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
 use crate::data::corpus::corpus_files;
 use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
-use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::split::split_documents;
+use crate::data::store::TokenStore;
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
@@ -209,7 +210,6 @@ impl Trainer {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
         };
-        let weights = parse_split(&a.split)?;
         let mut files = Vec::new();
         for d in &cfg.train_data {
             files.extend(corpus_files(d).map_err(|e| match e {
@@ -252,7 +252,15 @@ impl Trainer {
         // the store opened is the one this run's tokenizer built (another
         // process may have rebuilt it since it was checked)
         let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "this run's")?);
-        let splits = split_documents(store.num_docs(), &weights, a.seed);
+        let splits = split_documents(store.num_docs(), &cfg.split, None)?.parts;
+        if splits[0].is_empty() {
+            return Err(Error::Config(format!(
+                "split \"{}\" ({}): the train split of {} documents is empty",
+                a.split,
+                cfg.args.source("split"),
+                store.num_docs()
+            )));
+        }
         let sentence_end = tok.sentence_end_table().to_vec();
         let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
         let valid = match splits.get(1).filter(|v| !v.is_empty()) {
