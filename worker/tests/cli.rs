@@ -603,3 +603,47 @@ fn tokenizer_type_is_honoured_and_model_type_sets_casing() {
     assert!(tok.contains("\"lowercase\":false") || tok.contains("\"lowercase\": false"), "a cased normalizer");
     assert!(tok.contains("\"GLM\"") || tok.contains("GLM"), "an upper-case token survives: Hello world, this is GLM");
 }
+
+/// `split` is read as the original's get_split (the shares in the report),
+/// `valid_data`/`test_data` take their shares, and the split files' keys are
+/// checked before anything is prepared: an empty corpus list, nothing left
+/// to split, a test split to save that is not there; split-file keys where
+/// nothing is split are announced as having no effect.
+#[test]
+fn split_keys_are_read_as_the_original() {
+    let check = validate_tiny;
+    let out = stdout(&check(&[]));
+    assert!(
+        out.contains("= 949,50,1 (train 0.949 / valid 0.05 / test 0.001; documents shuffled with the original's fixed seed 1234)  (configs_tiny.json)"),
+        "{out}"
+    );
+    assert!(out.contains("= (none: the valid split of train_data)"), "{out}");
+    let out = stdout(&check(&["split=0.9"]));
+    assert!(out.contains("= 0.9 (train 0.9 / valid 0.1 / test 0; documents shuffled"), "{out}");
+    let out = stdout(&check(&["valid_data=glm_pretrain/data/data.json"]));
+    assert!(out.contains("= 949,50,1 (train 0.9989 / valid 0 / test 0.0011;"), "{out}");
+    assert!(out.contains("= [\"glm_pretrain/data/data.json\"]  (--set)"), "{out}");
+    let out = stdout(&check(&["split=1", "load_splits=splits.npy"]));
+    assert!(out.contains("= 1 (train 1 / valid 0 / test 0; no split: every document trains, none validates)"), "{out}");
+    assert!(out.contains("warning: load_splits (--set) has no effect: split \"1\" does not split the documents (as in the original)"), "{out}");
+    let out = stdout(&check(&["load_splits=a.npy", "save_splits=b"]));
+    assert!(
+        out.contains("save_splits")
+            && out.contains("= b.npy  (--set)")
+            && out.contains("warning: save_splits (--set) has no effect beside load_splits (--set)"),
+        "{out}"
+    );
+    for (sets, want) in [
+        (&["valid_data=[]"][..], "valid_data = [] (--set): name corpus files or folders, or null for the valid split of train_data"),
+        (
+            &["test_data=wudao", "save_test_data=t.txt"],
+            "save_test_data (--set): split \"949,50,1\" (configs_tiny.json) has no test split to save: test_data (--set) takes the test share",
+        ),
+        (&["split=0,1,0", "valid_data=wudao"], "split \"0,1,0\" (--set): no share is left for any split once valid_data takes the valid share"),
+        (&["split=1,2,3,4"], "split \"1,2,3,4\" (--set): at most three weights"),
+        (&["save_splits="], "save_splits = \"\" (--set): an empty path"),
+    ] {
+        let e = one_error_line(&check(sets));
+        assert!(e.contains(want), "{sets:?}: {e}");
+    }
+}

@@ -34,6 +34,9 @@ pub struct RunConfig {
     pub block: BlockConfig,
     /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
     pub train_data: Vec<PathBuf>,
+    /// valid_data and test_data as paths (`"wudao"`: the default corpus).
+    pub valid_data: Option<Vec<PathBuf>>,
+    pub test_data: Option<Vec<PathBuf>>,
     /// The train/valid/test shares of `split`, as the original's `get_split`.
     pub split: [f64; 3],
     pub eval_batch: usize,
@@ -68,6 +71,23 @@ pub fn missing_corpus_hint(d: &Path) -> String {
             "point train_data at an existing corpus file or folder (see docs/corpus.md), or build the default corpus {DEFAULT_CORPUS} with scripts/setup.sh"
         )
     }
+}
+
+/// The corpus files under `roots`, the entries of configs.json's `key`
+/// (train_data, valid_data, test_data); a missing one is an error naming
+/// the key, with a hint.
+pub fn files_of(key: &str, roots: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for d in roots {
+        files.extend(crate::data::corpus::corpus_files(d).map_err(|e| match e {
+            Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => Error::invalid(
+                path,
+                format!("{key}: no such file or folder; hint: {}", missing_corpus_hint(d).replace("point train_data", &format!("point {key}"))),
+            ),
+            e => e,
+        })?);
+    }
+    Ok(files)
 }
 
 impl RunConfig {
@@ -354,10 +374,40 @@ impl RunConfig {
         let source = sources.iter().find(|s| *s == "--set").or_else(|| sources.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
         put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
         let train_data = train_data_paths(a);
-        let split = crate::data::split::get_split(&a.split, false, false).map_err(|e| match e {
+        let valid_data = a.valid_data.as_deref().map(corpus_paths);
+        let test_data = a.test_data.as_deref().map(corpus_paths);
+        let split = crate::data::split::get_split(&a.split, valid_data.is_some(), test_data.is_some()).map_err(|e| match e {
             Error::Config(m) => Error::Config(m.replacen("\": ", &format!("\" ({}): ", src("split")), 1)),
             e => e,
         })?;
+        let splits = crate::data::split::should_split(&split);
+        let no_split = |k: &str| format!("{k} ({}) has no effect: split \"{}\" does not split the documents (as in the original)", src(k), a.split);
+        if !splits {
+            for (k, given) in
+                [("load_splits", a.load_splits.is_some()), ("save_splits", a.save_splits.is_some()), ("save_test_data", a.save_test_data.is_some())]
+            {
+                if given {
+                    warnings.push(no_split(k));
+                }
+            }
+        } else {
+            if a.load_splits.is_some() && a.save_splits.is_some() {
+                warnings.push(format!(
+                    "save_splits ({}) has no effect beside load_splits ({}): the loaded order is not saved again (as in the original)",
+                    src("save_splits"),
+                    src("load_splits")
+                ));
+            }
+            if a.save_test_data.is_some() && split[2] == 0.0 {
+                let why = if test_data.is_some() { format!("test_data ({}) takes the test share", src("test_data")) } else { "its test share is 0".into() };
+                return Err(Error::Config(format!(
+                    "save_test_data ({}): split \"{}\" ({}) has no test split to save: {why} (the original fails there too); set save_test_data=null",
+                    src("save_test_data"),
+                    a.split,
+                    src("split")
+                )));
+            }
+        }
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 
         for (k, v) in [
@@ -373,6 +423,8 @@ impl RunConfig {
             ("seed", a.seed.to_string()),
             ("train_data", format!("{:?}", train_data)),
             ("split", describe_split(&a.split, &split)),
+            ("valid_data", valid_data.as_ref().map_or("(none: the valid split of train_data)".into(), |v| format!("{v:?}"))),
+            ("test_data", test_data.as_ref().map_or("(none: the test split of train_data)".into(), |v| format!("{v:?}"))),
             ("tokenizer_path", a.tokenizer_path.as_ref().map_or("(train on the corpus)".into(), |p| p.display().to_string())),
             ("bert_prob / gap_sentence_prob", format!("{} / {}", a.bert_prob, a.gap_sentence_prob)),
             ("task_mask", a.task_mask.to_string()),
@@ -393,6 +445,12 @@ impl RunConfig {
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
+        for (k, p) in [("load_splits", &a.load_splits), ("save_splits", &a.save_splits), ("save_test_data", &a.save_test_data)] {
+            if let Some(p) = p {
+                let value = if k == "save_splits" { crate::data::split::npy_path(p) } else { p.clone() };
+                report.push(Entry { key: k.into(), value: value.display().to_string(), source: args.source(k).to_string() });
+            }
+        }
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
         Ok(RunConfig {
             ds,
@@ -411,6 +469,8 @@ impl RunConfig {
             schedule,
             block,
             train_data,
+            valid_data,
+            test_data,
             split,
             eval_batch,
             report,
@@ -594,8 +654,13 @@ pub fn train_data_paths(a: &super::args::Args) -> Vec<PathBuf> {
     if a.train_data.is_empty() {
         vec![PathBuf::from(DEFAULT_CORPUS)]
     } else {
-        a.train_data.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
+        corpus_paths(&a.train_data)
     }
+}
+
+/// Corpus entries of configs.json as paths (`"wudao"`: the default corpus).
+pub fn corpus_paths(entries: &[String]) -> Vec<PathBuf> {
+    entries.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
 }
 
 /// The model `a` describes, with `vocab_size` embedding rows.

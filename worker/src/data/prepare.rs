@@ -105,6 +105,13 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     Ok((tok, TokenizerOrigin::Trained { path: cache, model: opts.spec.kind.trained_model(), text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
 }
 
+/// The store of a run's valid_data or test_data (`which`) beside its
+/// training store: `<store>-valid`, `<store>-test`.
+pub fn beside_store(store: &Path, which: &str) -> PathBuf {
+    let name = store.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
+    store.with_file_name(format!("{name}-{which}"))
+}
+
 /// The path to name in messages about a corpus of `files`.
 pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
     match files {
