@@ -24,9 +24,9 @@ use tch::Device;
 use crate::checkpoint;
 use crate::config::args::Args;
 use crate::config::ds::DsConfig;
-use crate::config::run::{block_config, corpus_paths, files_of, train_data_paths};
+use crate::config::run::{block_config, corpus_spec, files_of, train_corpus};
 use crate::data::blocklm::{BlockSampler, Mode};
-use crate::data::corpus::CorpusOptions;
+use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
 use crate::data::prepare::{beside_store, ensure_store, PrepareOptions};
 use crate::data::split::{get_split, load_npy, should_split, split_documents};
 use crate::data::store::TokenStore;
@@ -97,14 +97,21 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
         Split::Test => ("test", 2, args.test_data.as_deref()),
     };
     // the run's valid_data / test_data: all their documents, from a store of their own
-    let own = own.filter(|_| opts.data.is_none()).map(corpus_paths);
-    let (key, roots, store_dir) = match (&own, &opts.data) {
-        (Some(r), _) => (if index == 1 { "valid_data" } else { "test_data" }, r.clone(), beside_store(&opts.store, name)),
-        (None, Some(d)) => ("--data", vec![d.clone()], opts.store.clone()),
-        (None, None) => ("train_data", train_data_paths(&args), opts.store.clone()),
+    let key = if index == 1 { "valid_data" } else { "test_data" };
+    let own = own.filter(|_| opts.data.is_none()).map(|v| corpus_spec(key, v)).transpose()?;
+    let (key, corpus, store_dir) = match (&own, &opts.data) {
+        (Some(c), _) => (key, c.clone(), beside_store(&opts.store, name)),
+        (None, Some(d)) => {
+            let (root, reader) = parse_entry(&d.to_string_lossy());
+            ("--data", CorpusSpec { roots: vec![root], reader }, opts.store.clone())
+        }
+        (None, None) => ("train_data", train_corpus(&args)?, opts.store.clone()),
     };
-    let files = files_of(key, &roots)?;
-    let popts = PrepareOptions { corpus: CorpusOptions { text_key: args.text_key.clone(), ..CorpusOptions::default() }, ..PrepareOptions::default() };
+    let (roots, files) = (&corpus.roots, files_of(key, &corpus.roots)?);
+    let popts = PrepareOptions {
+        corpus: CorpusOptions { text_key: args.text_key.clone(), reader: corpus.reader, ..CorpusOptions::default() },
+        ..PrepareOptions::default()
+    };
     // rank 0 builds or refreshes the store; the others find it ready
     let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &store_dir, &popts, &|_| {}))?;
     let store = Arc::new(TokenStore::open_for(&store_dir, &tok, "the checkpoint's")?);

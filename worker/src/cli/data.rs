@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::ValueEnum;
 
 use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
-use glm_worker::data::corpus::{corpus_files, CorpusOptions};
+use glm_worker::data::corpus::{corpus_files, parse_entry, CorpusOptions, Reader};
 use glm_worker::data::fortunes;
 use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
 use glm_worker::data::split::{get_split, split_documents, SPLIT_SEED};
@@ -30,7 +30,8 @@ pub struct MakeCorpusArgs {
 
 #[derive(clap::Args)]
 pub struct PrepareArgs {
-    /// Corpus file or folder (.json array, .jsonl, or text)
+    /// Corpus file or folder (.json array, .jsonl, or text); wudao:<file or folder> reads it
+    /// with the original's WuDao reader (JSON records, title + " " + content, over 100 characters)
     #[arg(long)]
     data: PathBuf,
     /// The tokenizer's files (BertWordPieceTokenizer: vocab.txt; GPT2BPETokenizer: vocab.json +
@@ -139,9 +140,10 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
     // Check every argument before doing work, so a typo costs nothing.
     let shares = get_split(&a.split, false, false)?;
-    let files = corpus_files(&a.data)?;
+    let (data, reader) = parse_entry(&a.data.to_string_lossy());
+    let files = corpus_files(&data)?;
     let opts = PrepareOptions {
-        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
+        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed, reader },
         vocab_size: a.vocab_size,
         tokenizer_cache: a.tokenizer_cache.clone(),
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
@@ -151,7 +153,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
-    println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
+    println!("prepare: corpus {} ({} file{}, {:.2} MB, {reader})", data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
     let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &a.out, &opts)?;
     println!(
         "prepare: tokenizer {origin}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
@@ -169,8 +171,13 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
             if let Some(why) = reason {
                 println!("prepare: rebuilt {}: {why}", a.out.display());
             }
+            let short = if reader == Reader::WuDao {
+                format!(", {} of at most {} characters dropped by the WuDao reader", report.stats.short, glm_worker::data::corpus::WUDAO_MIN_CHARS)
+            } else {
+                String::new()
+            };
             println!(
-                "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document{})",
+                "prepare: {} documents ({} empty, {} skipped{short}, {} without tokens), {} tokens ({:.1} per document{})",
                 meta.documents,
                 report.stats.empty,
                 report.stats.skipped,

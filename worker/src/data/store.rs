@@ -23,7 +23,7 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::corpus::{read_corpus, CorpusOptions, ReadStats};
+use super::corpus::{read_corpus, CorpusOptions, ReadStats, Reader};
 use super::tokenizer::{hex, GlmTokenizer, SpecialIds, TokenizerType};
 use crate::error::{Error, IoContext, Result};
 
@@ -156,6 +156,16 @@ pub struct StoreMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_tokens: Option<u64>,
     pub corpus: CorpusFingerprint,
+    /// How records became documents (stores from before readers: default).
+    #[serde(default)]
+    pub reader: Reader,
+    /// Records the WuDao reader dropped as 100 characters or shorter.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub short_records: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn wordpiece() -> TokenizerType {
@@ -352,6 +362,7 @@ fn write_store(
         stats.documents += s.documents;
         stats.empty += s.empty;
         stats.skipped += s.skipped;
+        stats.short += s.short;
         stats.text_bytes += s.text_bytes;
     }
     if w.docs() == 0 {
@@ -374,6 +385,8 @@ fn write_store(
         skipped_records: stats.skipped,
         unknown_tokens: Some(unknown),
         corpus,
+        reader: opts.reader,
+        short_records: stats.short,
     };
     let tj = dir.join("tokenizer.json");
     std::fs::write(&tj, tok.to_json()?).at(&tj)?;
@@ -405,6 +418,8 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         skipped_records: 0,
         unknown_tokens: None,
         corpus: CorpusFingerprint::from_files(Vec::new()),
+        reader: Reader::Default,
+        short_records: 0,
     };
     write_meta(dir, &meta)?;
     TokenStore::open(dir)
@@ -466,11 +481,12 @@ pub fn rebuild_command(dir: &Path, meta: &StoreMeta) -> String {
     };
     let tokenizer = dir.join("tokenizer.json");
     let tokenizer = if tokenizer.is_file() { format!(" --tokenizer {}", word(&tokenizer)) } else { String::new() };
-    format!("glm-worker prepare --data {}{tokenizer} --out {} --force", word(&data), word(dir))
+    let data = format!("{}{}", meta.reader.prefix(), data.display());
+    format!("glm-worker prepare --data {}{tokenizer} --out {} --force", glm_common::text::shell_word(&data), word(dir))
 }
 
 /// Why an existing store cannot be reused, or `None` when it can.
-pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Option<String>> {
+pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, reader: Reader) -> Result<Option<String>> {
     if !dir.join("meta.json").is_file() {
         return Ok(Some("no store yet".into()));
     }
@@ -486,6 +502,9 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Op
     }
     if !meta.corpus.matches(files)? {
         return Ok(Some("the corpus changed".into()));
+    }
+    if meta.reader != reader {
+        return Ok(Some(format!("the store was read by {}, this corpus is read by {}", meta.reader, reader)));
     }
     if let Err(e) = TokenStore::open(dir) {
         return Ok(Some(format!("damaged store ({e})")));

@@ -179,7 +179,10 @@ pub fn collate(samples: &[Sample], device: Device) -> Batch {
 
 /// The line about a store that training built or reused.
 fn report_store(what: &str, dir: &Path, files: &[PathBuf], meta: &crate::data::store::StoreMeta, outcome: StoreOutcome) {
-    let unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
+    let mut unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
+    if meta.reader == crate::data::corpus::Reader::WuDao {
+        unk.push_str(&format!("; WuDao reader: {} records of at most {} characters dropped", meta.short_records, crate::data::corpus::WUDAO_MIN_CHARS));
+    }
     match outcome {
         StoreOutcome::Reused => println!("data: {what} {} ({} documents, {} tokens{unk})", dir.display(), meta.documents, meta.tokens),
         StoreOutcome::Built { report, reason } => println!(
@@ -251,16 +254,21 @@ impl Trainer {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
         };
-        let files = crate::config::run::files_of("train_data", &cfg.train_data)?;
+        let files = crate::config::run::files_of("train_data", &cfg.train_data.roots)?;
         // valid_data validates from a store of its own; test_data is checked
         // here, evaluated by `glm-worker eval --split test`
-        let valid_files = cfg.valid_data.as_ref().map(|v| crate::config::run::files_of("valid_data", v)).transpose()?;
+        let valid_files = cfg.valid_data.as_ref().map(|v| crate::config::run::files_of("valid_data", &v.roots)).transpose()?;
         if let Some(t) = &cfg.test_data {
-            crate::config::run::files_of("test_data", t)?;
+            crate::config::run::files_of("test_data", &t.roots)?;
         }
         let valid_store = beside_store(&opts.store, "valid");
         let mut popts = opts.prepare.clone();
         popts.corpus.text_key = a.text_key.clone();
+        popts.corpus.reader = cfg.train_data.reader;
+        let mut valid_popts = popts.clone();
+        if let Some(v) = &cfg.valid_data {
+            valid_popts.corpus.reader = v.reader;
+        }
         popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
         popts.spec = crate::data::tokenizer::TokenizerSpec::from_args(&a)?;
         // Rank 0 trains the tokenizer and builds the store; the others wait,
@@ -272,7 +280,7 @@ impl Trainer {
             println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
             let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
             let valid = match &valid_files {
-                Some(vf) => Some(ensure_store(vf, &tok, &valid_store, &popts, &|_| {})?),
+                Some(vf) => Some(ensure_store(vf, &tok, &valid_store, &valid_popts, &|_| {})?),
                 None => None,
             };
             Ok((tok, meta, outcome, valid))
