@@ -11,8 +11,9 @@
 #      target/torch.env, which the other scripts source.
 #   3. LIBTORCH=<that directory> cargo build --release
 #   4. the default corpus glm_pretrain/data/data.json (from fortunes-zh)
-#   5. with --test: the Python reference tokenizers (sentencepiece,
-#      tokenizers) in .venv, which tests/tokenizers.rs compares ids with
+#   5. with --test: the Python references in .venv: the tokenizers
+#      (sentencepiece, tokenizers), which tests/tokenizers.rs compares ids
+#      with, and numpy, whose shuffle tests/split.rs compares the split with
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -73,11 +74,12 @@ if [ ! -s glm_pretrain/data/data.json ]; then
   target/release/glm-worker make-corpus --out glm_pretrain/data/data.json >&2
 fi
 
-# 5. the reference tokenizers the tests compare with (pinned: their ids are the reference)
-REFERENCE_PACKAGES=(sentencepiece==0.2.1 tokenizers==0.22.1)
-have='import sentencepiece as s, tokenizers as t; assert (s.__version__, t.__version__) == ("0.2.1", "0.22.1")'
+# 5. the references the tests compare with (pinned): the tokenizers (their ids are the
+#    reference) and numpy (the original's split shuffle is its legacy RandomState)
+REFERENCE_PACKAGES=(sentencepiece==0.2.1 tokenizers==0.22.1 numpy==2.4.6)
+have='import sentencepiece as s, tokenizers as t, numpy as n; assert (s.__version__, t.__version__, n.__version__) == ("0.2.1", "0.22.1", "2.4.6")'
 if [ "${1:-}" = --test ] && ! "$VENV/bin/python" -c "$have" 2>/dev/null; then
-  say "installing the reference tokenizers into .venv: ${REFERENCE_PACKAGES[*]}"
+  say "installing the reference packages into .venv: ${REFERENCE_PACKAGES[*]}"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REFERENCE_PACKAGES[@]}"
 fi

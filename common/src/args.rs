@@ -89,8 +89,20 @@ pub struct Args {
     pub shuffle: bool,
     // data
     pub train_data: Vec<String>,
+    /// The original's valid_data: corpus files or folders whose documents
+    /// validate (split's valid share becomes zero); null: the valid split.
+    pub valid_data: Option<Vec<String>>,
+    /// The original's test_data: corpus files or folders for `eval --split
+    /// test` (split's test share becomes zero); null: the test split.
+    pub test_data: Option<Vec<String>>,
     pub text_key: String,
     pub split: String,
+    /// Read the split's index order from this `.npy` (the original's np.load).
+    pub load_splits: Option<PathBuf>,
+    /// Write the split's index order to this `.npy` (the original's np.save).
+    pub save_splits: Option<PathBuf>,
+    /// Write the test split's documents, decoded, one a line.
+    pub save_test_data: Option<PathBuf>,
     pub seq_length: usize,
     pub tokenizer_path: Option<PathBuf>,
     pub tokenizer_type: String,
@@ -173,8 +185,13 @@ impl Default for Args {
             new_save_directory: false,
             shuffle: false,
             train_data: Vec::new(),
+            valid_data: None,
+            test_data: None,
             text_key: "sentence".into(),
             split: "1000,1,1".into(),
+            load_splits: None,
+            save_splits: None,
+            save_test_data: None,
             seq_length: 512,
             tokenizer_path: None,
             tokenizer_type: "BertWordPieceTokenizer".into(),
@@ -248,13 +265,12 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 const IRRELEVANT: &[&str] = &[
     "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "save_epoch",
     "no_deepspeed_load", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq",
-    "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "valid_data", "test_data", "data_dir",
-    "input_data_sizes_file", "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences",
-    "num_workers", "no_pre_tokenize", "cache_dir", "use_tfrecords", "max_preds_per_seq", "load_splits", "save_splits", "save_test_data", "multi_seq_length",
-    "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue", "eval_valid", "validation_metric",
-    "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init", "mask_pad_token",
-    "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size", "dynamic_loss_scale", "master_ip", "master_port", "eod_token",
-    "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
+    "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "data_dir", "input_data_sizes_file",
+    "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize",
+    "cache_dir", "use_tfrecords", "max_preds_per_seq", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet",
+    "pattern_id", "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func",
+    "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
+    "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];
 
 /// Where a value came from.
@@ -389,9 +405,15 @@ impl LoadedArgs {
                 }
             }
         }
-        // the original writes train_data as a list; accept a single string too
-        if let Some(Value::String(s)) = typed.get("train_data").cloned() {
-            typed.insert("train_data".into(), Value::Array(vec![Value::String(s)]));
+        // split is the original's string ("949,50,1"); one number (--set split=0.9) is one too
+        if let Some(Value::Number(n)) = typed.get("split").cloned() {
+            typed.insert("split".into(), Value::String(n.to_string()));
+        }
+        // the original writes the corpora as lists; accept a single string too
+        for k in ["train_data", "valid_data", "test_data"] {
+            if let Some(Value::String(s)) = typed.get(k).cloned() {
+                typed.insert(k.into(), Value::Array(vec![Value::String(s)]));
+            }
         }
         let args: Args = serde_json::from_value(Value::Object(typed.clone())).map_err(|e| {
             // serde names the type, not the key: find the key that fails alone
@@ -404,6 +426,25 @@ impl LoadedArgs {
                 None => format!("arguments: {e}"),
             })
         })?;
+        // a given corpus list must name a corpus (the original would build an empty dataset)
+        for (k, v) in [("valid_data", &args.valid_data), ("test_data", &args.test_data)] {
+            if v.as_ref().is_some_and(|v| v.is_empty() || v.iter().any(String::is_empty)) {
+                return Err(Error::Config(format!(
+                    "{k} = {} ({}): name corpus files or folders, or null for the {} split of train_data",
+                    serde_json::to_string(v).unwrap_or_default(),
+                    sources.get(k).map(ToString::to_string).unwrap_or_default(),
+                    if k == "valid_data" { "valid" } else { "test" }
+                )));
+            }
+        }
+        for (k, p) in [("load_splits", &args.load_splits), ("save_splits", &args.save_splits), ("save_test_data", &args.save_test_data)] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(Error::Config(format!(
+                    "{k} = \"\" ({}): an empty path; name a file, or null",
+                    sources.get(k).map(ToString::to_string).unwrap_or_default()
+                )));
+            }
+        }
         // an empty path would mean the working directory: only null disables
         for (k, p) in [("save", &args.save), ("load", &args.load)] {
             if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -438,6 +479,18 @@ mod tests {
         assert_eq!(l.args.train_iters, 0);
         assert_eq!(l.args.save, Some(PathBuf::from("/tmp/run")));
         assert_eq!(l.source("train_iters"), Source::Set);
+    }
+
+    #[test]
+    fn corpora_and_split_files_are_read() {
+        let l = LoadedArgs::load(None, &["valid_data=v.json".into(), "test_data=[\"a\", \"b\"]".into(), "split=0.9".into(), "save_splits=s".into()]).unwrap();
+        assert_eq!(l.args.valid_data, Some(vec!["v.json".to_string()]));
+        assert_eq!(l.args.test_data, Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(l.args.split, "0.9");
+        assert_eq!(l.args.save_splits, Some(PathBuf::from("s")));
+        assert!(!l.ignored.iter().any(|k| ["valid_data", "test_data", "load_splits", "save_splits", "save_test_data"].contains(&k.as_str())));
+        let e = LoadedArgs::load(None, &["test_data=[]".into()]).unwrap_err().to_string();
+        assert!(e.contains("test_data = [] (--set): name corpus files or folders"), "{e}");
     }
 
     #[test]

@@ -4,12 +4,13 @@
 //!
 //! Everything the run decided comes from the checkpoint (`state.json`: its
 //! configs.json, DeepSpeed config and model; `tokenizer.json`): the split of
-//! the corpus (`split`, `seed`), the sample construction, the evaluation
-//! batch (`eval_batch_size`, else the micro-batch) and `eval_iters`. So the
-//! mixed line on the `valid` split reproduces the validation loss the run
-//! logged at that iteration. `--data` evaluates another corpus with the same
-//! settings. Under mpirun the batches are shared out over the ranks, as in
-//! training.
+//! the corpus (`split`, `load_splits`), or the run's `valid_data` /
+//! `test_data` whole (from the stores `<store>-valid` / `<store>-test`), the
+//! sample construction, the evaluation batch (`eval_batch_size`, else the
+//! micro-batch) and `eval_iters`. So the mixed line on the `valid` split
+//! reproduces the validation loss the run logged at that iteration. `--data`
+//! evaluates another corpus, split with the same `split`. Under mpirun the
+//! batches are shared out over the ranks, as in training.
 //!
 //! Averages are token-weighted: the summed cross entropy of every masked
 //! token over their count (the original GLM averages per-batch means, which
@@ -23,11 +24,12 @@ use tch::Device;
 use crate::checkpoint;
 use crate::config::args::Args;
 use crate::config::ds::DsConfig;
-use crate::config::run::{block_config, train_data_paths};
+use crate::config::run::{block_config, corpus_spec, files_of, train_corpus};
 use crate::data::blocklm::{BlockSampler, Mode};
-use crate::data::corpus::corpus_files;
-use crate::data::prepare::{ensure_store, PrepareOptions};
-use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
+use crate::data::prepare::{beside_store, ensure_store, PrepareOptions};
+use crate::data::split::{get_split, load_npy, should_split, split_documents};
+use crate::data::store::TokenStore;
 use crate::data::tokenizer::GlmTokenizer;
 use crate::error::{Error, Result};
 use crate::parallel::Parallel;
@@ -90,26 +92,54 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     if !tok.answers_to(&state.tokenizer_sha256) {
         return Err(Error::invalid(dir.join("tokenizer.json"), "is not the tokenizer the checkpoint was trained with (its hash differs from state.json's)"));
     }
-    let roots = match &opts.data {
-        Some(d) => vec![d.clone()],
-        None => train_data_paths(&args),
+    let (name, index, own) = match opts.split {
+        Split::Valid => ("valid", 1, args.valid_data.as_deref()),
+        Split::Test => ("test", 2, args.test_data.as_deref()),
     };
-    let mut files = Vec::new();
-    for r in &roots {
-        files.extend(corpus_files(r)?);
-    }
+    // the run's valid_data / test_data: all their documents, from a store of their own
+    let key = if index == 1 { "valid_data" } else { "test_data" };
+    let own = own.filter(|_| opts.data.is_none()).map(|v| corpus_spec(key, v)).transpose()?;
+    let (key, corpus, store_dir) = match (&own, &opts.data) {
+        (Some(c), _) => (key, c.clone(), beside_store(&opts.store, name)),
+        (None, Some(d)) => {
+            let (root, reader) = parse_entry(&d.to_string_lossy());
+            ("--data", CorpusSpec { roots: vec![root], reader }, opts.store.clone())
+        }
+        (None, None) => ("train_data", train_corpus(&args)?, opts.store.clone()),
+    };
+    let (roots, files) = (&corpus.roots, files_of(key, &corpus.roots)?);
+    let popts = PrepareOptions {
+        corpus: CorpusOptions { text_key: args.text_key.clone(), reader: corpus.reader, ..CorpusOptions::default() },
+        ..PrepareOptions::default()
+    };
     // rank 0 builds or refreshes the store; the others find it ready
-    let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &opts.store, &PrepareOptions::default(), &|_| {}))?;
-    let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "the checkpoint's")?);
-    let splits = split_documents(store.num_docs(), &parse_split(&args.split)?, args.seed);
-    let (index, name) = match opts.split {
-        Split::Valid => (1, "valid"),
-        Split::Test => (2, "test"),
+    let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &store_dir, &popts, &|_| {}))?;
+    let store = Arc::new(TokenStore::open_for(&store_dir, &tok, "the checkpoint's")?);
+    let docs = if own.is_some() {
+        (0..store.num_docs() as u32).collect()
+    } else {
+        let shares = get_split(&args.split, args.valid_data.is_some(), args.test_data.is_some())?;
+        // the run's own order (load_splits) applies to the run's own corpus
+        let order = match &args.load_splits {
+            Some(p) if opts.data.is_none() && should_split(&shares) => Some(load_npy(p, store.num_docs(), "load_splits")?),
+            _ => None,
+        };
+        let docs = split_documents(store.num_docs(), &shares, order)?.parts[index].clone();
+        if docs.is_empty() {
+            let why = match (index, &args.valid_data, &args.test_data) {
+                (1, Some(_), _) => "; the run's valid_data took the valid share: evaluate it without --data".to_string(),
+                (2, _, Some(_)) => "; the run's test_data took the test share: evaluate it without --data".to_string(),
+                _ => String::new(),
+            };
+            return Err(Error::Config(format!(
+                "the {name} split of {} is empty (split \"{}\" of {} documents){why}",
+                roots[0].display(),
+                args.split,
+                meta.documents
+            )));
+        }
+        docs
     };
-    let docs = splits.get(index).cloned().unwrap_or_default();
-    if docs.is_empty() {
-        return Err(Error::Config(format!("the {name} split of {} is empty (split \"{}\" of {} documents)", roots[0].display(), args.split, meta.documents)));
-    }
     let mut block = block_config(&args);
     block.seed ^= match opts.split {
         Split::Valid => VALID_SEED,

@@ -604,3 +604,110 @@ fn tokenizer_type_is_honoured_and_model_type_sets_casing() {
     assert!(tok.contains("\"lowercase\":false") || tok.contains("\"lowercase\": false"), "a cased normalizer");
     assert!(tok.contains("\"GLM\"") || tok.contains("GLM"), "an upper-case token survives: Hello world, this is GLM");
 }
+
+/// `split` is read as the original's get_split (the shares in the report),
+/// `valid_data`/`test_data` take their shares, and the split files' keys are
+/// checked before anything is prepared: an empty corpus list, nothing left
+/// to split, a test split to save that is not there; split-file keys where
+/// nothing is split are announced as having no effect.
+#[test]
+fn split_keys_are_read_as_the_original() {
+    let check = validate_tiny;
+    let out = stdout(&check(&[]));
+    assert!(
+        out.contains("= 949,50,1 (train 0.949 / valid 0.05 / test 0.001; documents shuffled with the original's fixed seed 1234)  (configs_tiny.json)"),
+        "{out}"
+    );
+    assert!(out.contains("= (none: the valid split of train_data)"), "{out}");
+    let out = stdout(&check(&["split=0.9"]));
+    assert!(out.contains("= 0.9 (train 0.9 / valid 0.1 / test 0; documents shuffled"), "{out}");
+    let out = stdout(&check(&["valid_data=glm_pretrain/data/data.json"]));
+    assert!(out.contains("= 949,50,1 (train 0.9989 / valid 0 / test 0.0011;"), "{out}");
+    assert!(out.contains("= [\"glm_pretrain/data/data.json\"]  (--set)"), "{out}");
+    let out = stdout(&check(&["split=1", "load_splits=splits.npy"]));
+    assert!(out.contains("= 1 (train 1 / valid 0 / test 0; no split: every document trains, none validates)"), "{out}");
+    assert!(out.contains("warning: load_splits (--set) has no effect: split \"1\" does not split the documents (as in the original)"), "{out}");
+    let out = stdout(&check(&["load_splits=a.npy", "save_splits=b"]));
+    assert!(
+        out.contains("save_splits")
+            && out.contains("= b.npy  (--set)")
+            && out.contains("warning: save_splits (--set) has no effect beside load_splits (--set)"),
+        "{out}"
+    );
+    for (sets, want) in [
+        (&["valid_data=[]"][..], "valid_data = [] (--set): name corpus files or folders, or null for the valid split of train_data"),
+        (
+            &["test_data=wudao", "save_test_data=t.txt"],
+            "save_test_data (--set): split \"949,50,1\" (configs_tiny.json) has no test split to save: test_data (--set) takes the test share",
+        ),
+        (&["split=0,1,0", "valid_data=wudao"], "split \"0,1,0\" (--set): no share is left for any split once valid_data takes the valid share"),
+        (&["split=1,2,3,4"], "split \"1,2,3,4\" (--set): at most three weights"),
+        (&["save_splits="], "save_splits = \"\" (--set): an empty path"),
+    ] {
+        let e = one_error_line(&check(sets));
+        assert!(e.contains(want), "{sets:?}: {e}");
+    }
+}
+
+/// `wudao:<path>` (prepare's --data, configs.json's corpus keys) reads with
+/// the original's WuDao reader: only texts over 100 characters, title.strip() + " " + content as is; the store
+/// records the reader and is rebuilt when it changes. "wudao" alone is the
+/// default corpus with the default reader, announced once.
+#[test]
+fn wudao_reader_and_the_default_corpus_note() {
+    use glm_worker::data::store::TokenStore;
+    use glm_worker::data::tokenizer::GlmTokenizer;
+    let d = tempfile::tempdir().unwrap();
+    let long = format!("“{}”", "长".repeat(120));
+    // (WuDao's own layout, {"RECORDS": [...]}, is read too: data/corpus.rs's tests;
+    // an array is read by both readers)
+    let records = serde_json::json!([
+        {"title": " 标题 ", "content": long},
+        {"title": "短", "content": "太短了"},
+        {"content": "明".repeat(101)},
+        {"content": "月".repeat(100)},
+    ]);
+    let corpus = d.path().join("wudao.json");
+    std::fs::write(&corpus, records.to_string()).unwrap();
+    let (out, cache, vocab) = (d.path().join("store"), d.path().join("model"), seed("vocab.txt"));
+    let wudao = format!("wudao:{}", corpus.display());
+    let vocab_s = vocab.display().to_string();
+    let o =
+        run(&["prepare", "--data", &wudao, "--out", &out.display().to_string(), "--tokenizer-cache", &cache.display().to_string(), "--tokenizer", &vocab_s]);
+    let s = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        s.contains("the original's WuDao reader (wudao:)")
+            && s.contains("prepare: 2 documents (0 empty, 0 skipped, 2 of at most 100 characters dropped by the WuDao reader"),
+        "{s}"
+    );
+    let tok = GlmTokenizer::load(&vocab, &Default::default()).unwrap();
+    let store = TokenStore::open(&out).unwrap();
+    assert_eq!(store.doc(0), tok.encode(&format!("标题 {long}")).unwrap(), "title.strip() + \" \" + content, quotes as they are");
+    assert_eq!(store.doc(1), tok.encode(&"明".repeat(101)).unwrap());
+    let meta = std::fs::read_to_string(out.join("meta.json")).unwrap();
+    assert!(meta.contains("\"reader\": \"wudao\"") && meta.contains("\"short_records\": 2"), "{meta}");
+    // the same files by the default reader: another store
+    let o = run(&["prepare", "--data", &corpus.display().to_string(), "--out", &out.display().to_string(), "--tokenizer", &vocab_s]);
+    let s = stdout(&o);
+    assert!(
+        s.contains("rebuilt") && s.contains("the store was read by the original's WuDao reader (wudao:), this corpus is read by this project's default reader"),
+        "{s}"
+    );
+    assert!(s.contains("prepare: 4 documents"), "{s}");
+    // configs.json: "wudao" is announced once; the two readers in one corpus are refused
+    let out = stdout(&validate_tiny(&["train_data=wudao", "valid_data=wudao"]));
+    let notes: Vec<&str> = out.lines().filter(|l| l.contains("\"wudao\"")).collect();
+    assert_eq!(notes.len(), 1, "{out}");
+    assert!(
+        notes[0].starts_with(
+            "warning: train_data, valid_data \"wudao\" (--set, --set) is the default corpus glm_pretrain/data/data.json read by this project's reader"
+        ) && notes[0].contains("title.strip() + \" \" + content, keeps only texts over 100 characters")
+            && notes[0].contains("wudao:<file or folder>"),
+        "{out}"
+    );
+    let out = stdout(&validate_tiny(&[&format!("train_data={wudao}")]));
+    assert!(out.contains(&format!("= [\"{wudao}\"]  (--set)")) && !out.contains("\"wudao\" ("), "{out}");
+    let e = one_error_line(&validate_tiny(&[&format!("train_data=[\"wudao\", \"{wudao}\"]")]));
+    assert!(e.contains("train_data = [\"wudao\", \"") && e.contains("mixes wudao:<path> entries"), "{e}");
+}

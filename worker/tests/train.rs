@@ -489,3 +489,60 @@ fn seed_configs_load_and_bad_configs_fail_clearly() {
     let o = r.worker(&["--config", &bad.display().to_string(), "--args", "configs/configs_tiny.json", "--set", "train_iters=0"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.json: train_batch_size 30 != train_micro_batch_size_per_gpu 4"));
 }
+
+/// valid_data validates from a store of its own beside the training store
+/// and takes split's valid share; save_splits writes the original's index
+/// order (numpy's RandomState(1234) permutation), load_splits reads an order
+/// back and save_test_data writes the test split it gives; test_data is what
+/// `eval --split test` evaluates.
+#[test]
+fn valid_and_test_data_and_the_split_files() {
+    use glm_worker::data::split::{load_npy, numpy_permutation, save_npy};
+    let r = Run::new();
+    // 40 other records of the default corpus
+    let all: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).unwrap()).unwrap();
+    std::fs::write(r.p("valid.json"), serde_json::to_string(&all[600..640]).unwrap()).unwrap();
+    let (valid, save) = (r.p("valid.json").display().to_string(), r.p("run"));
+    let sets = |extra: &[String]| -> Vec<String> { [&["train_iters=2".to_string(), "eval_interval=2".into()][..], extra].concat() };
+    let out = ok(&r.train(&sets(&[
+        format!("valid_data={valid}"),
+        format!("save_splits={}", r.p("splits").display()),
+        format!("save_test_data={}", r.p("test1.txt").display()),
+        format!("save={}", save.display()),
+    ])));
+    let store = r.p("store").display().to_string();
+    assert!(out.contains(&format!("data: built valid_data store {store}-valid from {valid} (40 documents")), "{out}");
+    assert!(out.contains(&format!("data: valid_data: 40 documents validate ({store}-valid)")), "{out}");
+    assert!(out.contains("data: split 949,50,1: train 599 documents, valid 0 documents (valid_data validates), test 1 documents"), "{out}");
+    assert_eq!(events(&save, "eval").len(), 2, "validation at iterations 0 and 2");
+    assert!(out.contains(&format!("data: save_splits: the split's index order (600 documents) written to {}", r.p("splits.npy").display())), "{out}");
+    assert_eq!(load_npy(&r.p("splits.npy"), 600, "load_splits").unwrap(), numpy_permutation(600, 1234).unwrap());
+    let test1 = std::fs::read_to_string(r.p("test1.txt")).unwrap();
+    assert!(test1.lines().count() == 1 && test1.trim().chars().count() > 2, "{test1:?}");
+    // eval of the run: valid_data whole, the test split of train_data
+    let loads = save.display().to_string();
+    let e = ok(&r.worker(&["eval", "--load", &loads, "--store", &store, "--device", "cpu", "--iters", "1"]));
+    assert!(e.contains("valid split: 40 documents"), "{e}");
+    let e = ok(&r.worker(&["eval", "--load", &loads, "--store", &store, "--device", "cpu", "--iters", "1", "--split", "test"]));
+    assert!(e.contains("test split: 1 documents"), "{e}");
+    // the saved order read back gives the same test split; another order another
+    ok(&r.train(&sets(&[format!("load_splits={}", r.p("splits.npy").display()), format!("save_test_data={}", r.p("test2.txt").display())])));
+    assert_eq!(std::fs::read_to_string(r.p("test2.txt")).unwrap(), test1);
+    let identity: Vec<u32> = (0..600).collect();
+    save_npy(&r.p("identity.npy"), &identity).unwrap();
+    ok(&r.train(&sets(&[format!("load_splits={}", r.p("identity.npy").display()), format!("save_test_data={}", r.p("test3.txt").display())])));
+    assert_ne!(std::fs::read_to_string(r.p("test3.txt")).unwrap(), test1, "document 599 is not the permutation's last");
+    let o = r.train(&sets(&[format!("load_splits={}", r.p("test1.txt").display())]));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("test1.txt: load_splits: not a numpy .npy file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // test_data: its share is zero, and eval --split test evaluates it from <store>-test
+    let save2 = r.p("run2");
+    let out = ok(&r.train(&sets(&[format!("test_data={valid}"), format!("save={}", save2.display())])));
+    assert!(out.contains("test 0 documents (test_data is the test set: glm-worker eval --split test)"), "{out}");
+    let e = ok(&r.worker(&["eval", "--load", &save2.display().to_string(), "--store", &store, "--device", "cpu", "--iters", "1", "--split", "test"]));
+    assert!(e.contains("test split: 40 documents"), "{e}");
+    assert!(r.p("store-test").join("meta.json").is_file());
+}

@@ -9,10 +9,11 @@ use anyhow::Result;
 use clap::ValueEnum;
 
 use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
-use glm_worker::data::corpus::{corpus_files, CorpusOptions};
+use glm_worker::data::corpus::{corpus_files, parse_entry, CorpusOptions, Reader};
 use glm_worker::data::fortunes;
 use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
-use glm_worker::data::store::{self, split_documents, TokenStore};
+use glm_worker::data::split::{get_split, split_documents, SPLIT_SEED};
+use glm_worker::data::store::{self, TokenStore};
 use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer, TokenizerSpec, TokenizerType};
 
 use crate::output::{mb, progress_bar};
@@ -29,7 +30,8 @@ pub struct MakeCorpusArgs {
 
 #[derive(clap::Args)]
 pub struct PrepareArgs {
-    /// Corpus file or folder (.json array, .jsonl, or text)
+    /// Corpus file or folder (.json array, .jsonl, or text); wudao:<file or folder> reads it
+    /// with the original's WuDao reader (JSON records, title + " " + content, over 100 characters)
     #[arg(long)]
     data: PathBuf,
     /// The tokenizer's files (BertWordPieceTokenizer: vocab.txt; GPT2BPETokenizer: vocab.json +
@@ -72,12 +74,10 @@ pub struct PrepareArgs {
     /// Rebuild the store even when it is up to date
     #[arg(long)]
     force: bool,
-    /// Train/valid/test weights to report the split with (as in configs.json)
+    /// Train/valid/test weights to report the split with (as configs.json's split; the
+    /// documents are shuffled with the original's fixed seed 1234, as training does)
     #[arg(long, default_value = "949,50,1")]
     split: String,
-    /// Seed of the split shuffle
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
     /// make_vocab_size_divisible_by, to report the model's padded vocabulary
     #[arg(long, default_value_t = 128)]
     make_vocab_size_divisible_by: usize,
@@ -139,10 +139,11 @@ pub fn make_corpus(a: MakeCorpusArgs) -> Result<()> {
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
     // Check every argument before doing work, so a typo costs nothing.
-    let weights = store::parse_split(&a.split)?;
-    let files = corpus_files(&a.data)?;
+    let shares = get_split(&a.split, false, false)?;
+    let (data, reader) = parse_entry(&a.data.to_string_lossy());
+    let files = corpus_files(&data)?;
     let opts = PrepareOptions {
-        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed },
+        corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed, reader },
         vocab_size: a.vocab_size,
         tokenizer_cache: a.tokenizer_cache.clone(),
         tokenizer_train_bytes: a.tokenizer_train_mb << 20,
@@ -152,7 +153,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
-    println!("prepare: corpus {} ({} file{}, {:.2} MB)", a.data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
+    println!("prepare: corpus {} ({} file{}, {:.2} MB, {reader})", data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
     let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &a.out, &opts)?;
     println!(
         "prepare: tokenizer {origin}: {} ids, padded to {} (make_vocab_size_divisible_by={}), sha256 {}",
@@ -170,8 +171,13 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
             if let Some(why) = reason {
                 println!("prepare: rebuilt {}: {why}", a.out.display());
             }
+            let short = if reader == Reader::WuDao {
+                format!(", {} of at most {} characters dropped by the WuDao reader", report.stats.short, glm_worker::data::corpus::WUDAO_MIN_CHARS)
+            } else {
+                String::new()
+            };
             println!(
-                "prepare: {} documents ({} empty, {} skipped, {} without tokens), {} tokens ({:.1} per document{})",
+                "prepare: {} documents ({} empty, {} skipped{short}, {} without tokens), {} tokens ({:.1} per document{})",
                 meta.documents,
                 report.stats.empty,
                 report.stats.skipped,
@@ -192,10 +198,10 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     if let Some(w) = meta.unknown_warning(glm_worker::data::prepare::TokenizerOption::Flag) {
         println!("warning: {w}");
     }
-    let splits = split_documents(meta.documents as usize, &weights, a.seed);
+    let splits = split_documents(meta.documents as usize, &shares, None)?.parts;
     let names = ["train", "valid", "test"];
     let parts: Vec<String> = splits.iter().zip(names).map(|(s, n)| format!("{n} {}", s.len())).collect();
-    println!("prepare: split {} (seed {}): {} documents", a.split, a.seed, parts.join(", "));
+    println!("prepare: split {} (the original's shuffle, seed {SPLIT_SEED}): {} documents", a.split, parts.join(", "));
     println!("prepare: store {} ({} ids of {} bytes, {} documents)", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
     Ok(())
 }

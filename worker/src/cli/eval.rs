@@ -15,7 +15,8 @@ pub struct EvalArgs {
     /// A whole-model checkpoint: <save> (its latest) or <save>/<iteration> (tensor-parallel parts: merge them first)
     #[arg(long)]
     load: PathBuf,
-    /// Evaluate this corpus (file or folder) instead of the run's train_data, split the same way
+    /// Evaluate this corpus (file or folder) instead of the run's train_data (or its
+    /// valid_data/test_data), split with the run's split
     #[arg(long)]
     data: Option<PathBuf>,
     /// valid or test: which held-out documents of the run's `split`
@@ -27,7 +28,8 @@ pub struct EvalArgs {
     /// Samples per batch (default: the run's eval_batch_size, else its micro-batch)
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Token store (default: the training store for the run's corpus, glm_pretrain/data/eval_store for --data)
+    /// Token store (default: the training store for the run's corpus, glm_pretrain/data/eval_store for --data);
+    /// a run's valid_data/test_data are read from <store>-valid / <store>-test
     #[arg(long)]
     store: Option<PathBuf>,
     /// cpu, cuda, or auto

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::args::LoadedArgs;
 use super::ds::{Batch, DsConfig, SchedulerCfg};
 use crate::data::blocklm::BlockConfig;
+use crate::data::corpus::{parse_entry, CorpusSpec, Reader};
 use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::optimizer::Precision;
@@ -32,8 +33,14 @@ pub struct RunConfig {
     pub clip: f64,
     pub schedule: Schedule,
     pub block: BlockConfig,
-    /// Corpus files or folders (train_data, with "wudao" meaning the default corpus).
-    pub train_data: Vec<PathBuf>,
+    /// Corpus files or folders and their reader (train_data, with "wudao"
+    /// meaning the default corpus and `wudao:<path>` the WuDao reader).
+    pub train_data: CorpusSpec,
+    /// valid_data and test_data, read as train_data.
+    pub valid_data: Option<CorpusSpec>,
+    pub test_data: Option<CorpusSpec>,
+    /// The train/valid/test shares of `split`, as the original's `get_split`.
+    pub split: [f64; 3],
     pub eval_batch: usize,
     /// ZeRO stage and bucket sizes (DeepSpeed's zero_optimization).
     pub zero: ZeroConfig,
@@ -132,6 +139,23 @@ pub fn missing_corpus_hint(d: &Path) -> String {
             "point train_data at an existing corpus file or folder (see docs/corpus.md), or build the default corpus {DEFAULT_CORPUS} with scripts/setup.sh"
         )
     }
+}
+
+/// The corpus files under `roots`, the entries of configs.json's `key`
+/// (train_data, valid_data, test_data); a missing one is an error naming
+/// the key, with a hint.
+pub fn files_of(key: &str, roots: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for d in roots {
+        files.extend(crate::data::corpus::corpus_files(d).map_err(|e| match e {
+            Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => Error::invalid(
+                path,
+                format!("{key}: no such file or folder; hint: {}", missing_corpus_hint(d).replace("point train_data", &format!("point {key}"))),
+            ),
+            e => e,
+        })?);
+    }
+    Ok(files)
 }
 
 impl RunConfig {
@@ -479,7 +503,55 @@ impl RunConfig {
         let sources = ["tokenizer_type", "tokenizer_model_type", "fix_command_token"].map(src);
         let source = sources.iter().find(|s| *s == "--set").or_else(|| sources.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
         put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
-        let train_data = train_data_paths(a);
+        let train_data = train_corpus(a)?;
+        let valid_data = a.valid_data.as_deref().map(|v| corpus_spec("valid_data", v)).transpose()?;
+        let test_data = a.test_data.as_deref().map(|v| corpus_spec("test_data", v)).transpose()?;
+        let split = crate::data::split::get_split(&a.split, valid_data.is_some(), test_data.is_some()).map_err(|e| match e {
+            Error::Config(m) => Error::Config(m.replacen("\": ", &format!("\" ({}): ", src("split")), 1)),
+            e => e,
+        })?;
+        // "wudao" is the default corpus read by the default reader, not the original's WuDao reader
+        let named: Vec<&str> = [("train_data", Some(&a.train_data)), ("valid_data", a.valid_data.as_ref()), ("test_data", a.test_data.as_ref())]
+            .into_iter()
+            .filter(|(_, v)| v.is_some_and(|v| v.iter().any(|e| e == "wudao")))
+            .map(|(k, _)| k)
+            .collect();
+        if !named.is_empty() {
+            warnings.push(format!(
+                "{} \"wudao\" ({}) is the default corpus {DEFAULT_CORPUS} read by this project's reader: title and content joined without a separator, punctuation standardised (curly quotes, en dashes), every record kept. The original's WuDao reader joins title.strip() + \" \" + content, keeps only texts over {} characters and leaves the punctuation: name the data wudao:<file or folder> for that reader (docs/corpus.md)",
+                named.join(", "),
+                named.iter().map(|k| src(k)).collect::<Vec<_>>().join(", "),
+                crate::data::corpus::WUDAO_MIN_CHARS
+            ));
+        }
+        let splits = crate::data::split::should_split(&split);
+        let no_split = |k: &str| format!("{k} ({}) has no effect: split \"{}\" does not split the documents (as in the original)", src(k), a.split);
+        if !splits {
+            for (k, given) in
+                [("load_splits", a.load_splits.is_some()), ("save_splits", a.save_splits.is_some()), ("save_test_data", a.save_test_data.is_some())]
+            {
+                if given {
+                    warnings.push(no_split(k));
+                }
+            }
+        } else {
+            if a.load_splits.is_some() && a.save_splits.is_some() {
+                warnings.push(format!(
+                    "save_splits ({}) has no effect beside load_splits ({}): the loaded order is not saved again (as in the original)",
+                    src("save_splits"),
+                    src("load_splits")
+                ));
+            }
+            if a.save_test_data.is_some() && split[2] == 0.0 {
+                let why = if test_data.is_some() { format!("test_data ({}) takes the test share", src("test_data")) } else { "its test share is 0".into() };
+                return Err(Error::Config(format!(
+                    "save_test_data ({}): split \"{}\" ({}) has no test split to save: {why} (the original fails there too); set save_test_data=null",
+                    src("save_test_data"),
+                    a.split,
+                    src("split")
+                )));
+            }
+        }
         let eval_batch = a.eval_batch_size.unwrap_or(batch.micro);
 
         for (k, v) in [
@@ -493,8 +565,10 @@ impl RunConfig {
             ("attention_dropout", a.attention_dropout.to_string()),
             ("train_iters", a.train_iters.to_string()),
             ("seed", a.seed.to_string()),
-            ("train_data", format!("{:?}", train_data)),
-            ("split", a.split.clone()),
+            ("train_data", format!("{:?}", train_data.entries())),
+            ("split", describe_split(&a.split, &split)),
+            ("valid_data", valid_data.as_ref().map_or("(none: the valid split of train_data)".into(), |v| format!("{:?}", v.entries()))),
+            ("test_data", test_data.as_ref().map_or("(none: the test split of train_data)".into(), |v| format!("{:?}", v.entries()))),
             ("tokenizer_path", a.tokenizer_path.as_ref().map_or("(train on the corpus)".into(), |p| p.display().to_string())),
             ("bert_prob / gap_sentence_prob", format!("{} / {}", a.bert_prob, a.gap_sentence_prob)),
             ("task_mask", a.task_mask.to_string()),
@@ -568,6 +642,12 @@ impl RunConfig {
                 warnings.push(format!("{key} ({}) has no effect in training: glm-worker generate takes {flag}", src(key)));
             }
         }
+        for (k, p) in [("load_splits", &a.load_splits), ("save_splits", &a.save_splits), ("save_test_data", &a.save_test_data)] {
+            if let Some(p) = p {
+                let value = if k == "save_splits" { crate::data::split::npy_path(p) } else { p.clone() };
+                report.push(Entry { key: k.into(), value: value.display().to_string(), source: args.source(k).to_string() });
+            }
+        }
         let notes = differences(&args);
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
         Ok(RunConfig {
@@ -587,6 +667,9 @@ impl RunConfig {
             schedule,
             block,
             train_data,
+            valid_data,
+            test_data,
+            split,
             eval_batch,
             report,
             warnings,
@@ -751,13 +834,50 @@ pub fn block_config(a: &super::args::Args) -> BlockConfig {
     }
 }
 
-/// `train_data` as paths (`"wudao"` and none: the default corpus).
-pub fn train_data_paths(a: &super::args::Args) -> Vec<PathBuf> {
-    if a.train_data.is_empty() {
-        vec![PathBuf::from(DEFAULT_CORPUS)]
+/// `split` as given and the shares it gives (what trains, what validates).
+fn describe_split(given: &str, shares: &[f64; 3]) -> String {
+    let how = if crate::data::split::should_split(shares) {
+        format!("documents shuffled with the original's fixed seed {}", crate::data::split::SPLIT_SEED)
     } else {
-        a.train_data.iter().map(|d| if d == "wudao" { PathBuf::from(DEFAULT_CORPUS) } else { PathBuf::from(d) }).collect()
+        "no split: every document trains, none validates".into()
+    };
+    let share = |x: f64| {
+        let s = format!("{x:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    format!("{given} (train {} / valid {} / test {}; {how})", share(shares[0]), share(shares[1]), share(shares[2]))
+}
+
+/// `train_data` (none: the default corpus), as `corpus_spec` reads it.
+pub fn train_corpus(a: &super::args::Args) -> Result<CorpusSpec> {
+    if a.train_data.is_empty() {
+        Ok(CorpusSpec { roots: vec![PathBuf::from(DEFAULT_CORPUS)], reader: Reader::Default })
+    } else {
+        corpus_spec("train_data", &a.train_data)
     }
+}
+
+/// The corpus entries of configs.json's `key`: `"wudao"` is the default
+/// corpus (default reader), `wudao:<path>` a path read by the original's
+/// WuDao reader, anything else a path (default reader). One corpus has one
+/// reader: mixing them is refused.
+pub fn corpus_spec(key: &str, entries: &[String]) -> Result<CorpusSpec> {
+    let mut roots = Vec::new();
+    let mut readers = Vec::new();
+    for e in entries {
+        let (root, reader) = if e == "wudao" { (PathBuf::from(DEFAULT_CORPUS), Reader::Default) } else { parse_entry(e) };
+        if root.as_os_str().is_empty() {
+            return Err(Error::Config(format!("{key}: \"{e}\" names no file or folder (wudao:<file or folder>, or a path)")));
+        }
+        roots.push(root);
+        readers.push(reader);
+    }
+    if readers.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::Config(format!(
+            "{key} = {entries:?}: mixes wudao:<path> entries (the original's WuDao reader) with others (this project's reader); one corpus has one reader: prefix every entry with wudao: or none"
+        )));
+    }
+    Ok(CorpusSpec { roots, reader: readers.first().copied().unwrap_or_default() })
 }
 
 /// The model `a` describes, with `vocab_size` embedding rows.

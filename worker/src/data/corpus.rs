@@ -11,7 +11,13 @@
 //!   Streamed.
 //!
 //! Every text gets the original's punctuation standardisation (curly quotes
-//! and en dashes to ASCII). Malformed input is an error naming
+//! and en dashes to ASCII). The original's WuDao reader ([`Reader::WuDao`],
+//! a `train_data` entry `wudao:<path>`) instead reads every file as JSON —
+//! `{"RECORDS": [...]}` as WuDao ships, a JSON array, or JSON Lines for
+//! `.jsonl`/`.ndjson` — builds `title.strip() + " " + content` (the title
+//! and its space only when there is a title), keeps only texts longer than
+//! 100 characters and changes nothing else (no trimming, no punctuation
+//! standardisation). Malformed input is an error naming
 //! `file:line:col`; with `skip_malformed` a malformed *record* is counted and
 //! skipped instead (a JSON array's syntax errors cannot be skipped: after one
 //! the rest of the array has no reliable structure).
@@ -24,17 +30,77 @@ use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
 
+/// How records become documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reader {
+    /// This project's: by extension, title and content joined without a
+    /// separator, trimmed, punctuation standardised, every non-empty record.
+    #[default]
+    Default,
+    /// The original's `WuDaoCorpus.process_line`: JSON records,
+    /// `title.strip() + " " + content`, only texts over 100 characters, as is.
+    WuDao,
+}
+
+impl Reader {
+    /// The prefix of a corpus entry that asks for this reader.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Reader::Default => "",
+            Reader::WuDao => "wudao:",
+        }
+    }
+}
+
+impl std::fmt::Display for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reader::Default => "this project's default reader",
+            Reader::WuDao => "the original's WuDao reader (wudao:)",
+        })
+    }
+}
+
+/// The original's WuDao reader keeps texts longer than this (characters).
+pub const WUDAO_MIN_CHARS: usize = 100;
+
+/// A corpus entry: `wudao:<path>` is `path` read by the WuDao reader,
+/// anything else a path read by the default reader.
+pub fn parse_entry(entry: &str) -> (PathBuf, Reader) {
+    match entry.strip_prefix(Reader::WuDao.prefix()) {
+        Some(p) => (PathBuf::from(p), Reader::WuDao),
+        None => (PathBuf::from(entry), Reader::Default),
+    }
+}
+
+/// A corpus as configs.json names it: its files or folders and their reader.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CorpusSpec {
+    pub roots: Vec<PathBuf>,
+    pub reader: Reader,
+}
+
+impl CorpusSpec {
+    /// The entries as they would be written (`wudao:` before each root the
+    /// WuDao reader reads).
+    pub fn entries(&self) -> Vec<String> {
+        self.roots.iter().map(|r| format!("{}{}", self.reader.prefix(), r.display())).collect()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CorpusOptions {
     /// Key of the text in JSON Lines records (the original's `text_key`).
     pub text_key: String,
     /// Count and skip malformed records instead of failing.
     pub skip_malformed: bool,
+    pub reader: Reader,
 }
 
 impl Default for CorpusOptions {
     fn default() -> Self {
-        CorpusOptions { text_key: "text".into(), skip_malformed: false }
+        CorpusOptions { text_key: "text".into(), skip_malformed: false, reader: Reader::Default }
     }
 }
 
@@ -63,6 +129,8 @@ pub struct ReadStats {
     pub empty: u64,
     /// Malformed records skipped (only with `skip_malformed`).
     pub skipped: u64,
+    /// Records of at most 100 characters, dropped by the WuDao reader.
+    pub short: u64,
     /// UTF-8 bytes of document text handed on.
     pub text_bytes: u64,
 }
@@ -127,7 +195,15 @@ pub fn read_corpus(files: &[PathBuf], opts: &CorpusOptions, mut sink: impl FnMut
     let mut stats = ReadStats::default();
     for f in files {
         let mut emit = |text: String, pos: u64| -> Result<()> {
-            let text = standardize_punctuation(text.trim());
+            let text = match opts.reader {
+                Reader::Default => standardize_punctuation(text.trim()),
+                // the original's `len(text) > 100`: characters, the text as built
+                Reader::WuDao if text.chars().count() > WUDAO_MIN_CHARS => text,
+                Reader::WuDao => {
+                    stats.short += 1;
+                    return Ok(());
+                }
+            };
             if text.is_empty() {
                 stats.empty += 1;
                 return Ok(());
@@ -136,14 +212,54 @@ pub fn read_corpus(files: &[PathBuf], opts: &CorpusOptions, mut sink: impl FnMut
             stats.text_bytes += text.len() as u64;
             sink(text, pos)
         };
-        let skipped = match Format::of(f) {
-            Format::JsonArray => read_json_array(f, opts, &mut emit)?,
-            Format::JsonLines => read_json_lines(f, opts, &mut emit)?,
-            Format::Text => read_text(f, &mut emit)?,
+        let skipped = match (opts.reader, Format::of(f)) {
+            (_, Format::JsonLines) => read_json_lines(f, opts, &mut emit)?,
+            (Reader::WuDao, _) | (_, Format::JsonArray) => read_json_array(f, opts, &mut emit)?,
+            (Reader::Default, Format::Text) => read_text(f, &mut emit)?,
         };
         stats.skipped += skipped;
     }
     Ok(stats)
+}
+
+/// Python's `str.strip()`: Unicode whitespace, plus the four ASCII
+/// separators (U+001C-U+001F) that Python counts as whitespace.
+fn python_strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// The original's `WuDaoCorpus.process_line`: `title.strip() + " "` when
+/// the title is a non-empty string, then `content` when non-empty (the
+/// length rule is applied by the caller). An empty record or null is no text.
+fn wudao_text(v: &Value) -> std::result::Result<String, String> {
+    let map = match v {
+        Value::Null => return Ok(String::new()),
+        Value::Object(map) => map,
+        v => return Err(format!("expected an object with \"title\" and \"content\", found {}", kind(v))),
+    };
+    let field = |k: &str| -> std::result::Result<&str, String> {
+        match map.get(k) {
+            None | Some(Value::Null) => Ok(""),
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(format!("\"{k}\" must be a string, found {}", kind(other))),
+        }
+    };
+    let (title, content) = (field("title")?, field("content")?);
+    let mut text = String::new();
+    if !title.is_empty() {
+        text.push_str(python_strip(title));
+        text.push(' ');
+    }
+    text.push_str(content);
+    Ok(text)
+}
+
+/// The text of one record for `opts`'s reader.
+fn text_of(v: &Value, opts: &CorpusOptions) -> std::result::Result<String, String> {
+    match opts.reader {
+        Reader::Default => record_text(v, &opts.text_key),
+        Reader::WuDao => wudao_text(v),
+    }
 }
 
 /// Text of one JSON record, or a message saying why there is none.
@@ -215,7 +331,8 @@ fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
         None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)")),
         Some(i) => i,
     };
-    if buf[first] != b'[' {
+    let wudao_records = opts.reader == Reader::WuDao && buf[first] == b'{';
+    if buf[first] != b'[' && !wudao_records {
         let (l, c) = line_col(buf, first);
         let hint = if buf[first] == b'{' {
             " (a fragment of objects without the enclosing `[` `]`? wrap it in brackets, \
@@ -230,13 +347,27 @@ fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
             format!("expected `[` starting a JSON array of objects, found `{}`{hint}; see docs/corpus.md", buf[first] as char),
         ));
     }
-    let items: Vec<&serde_json::value::RawValue> =
-        serde_json::from_slice(buf).map_err(|e| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))))?;
+    let malformed = |e: serde_json::Error| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e)));
+    let items: Vec<&serde_json::value::RawValue> = if wudao_records {
+        // WuDao's files: {"RECORDS": [{"title": ..., "content": ...}, ...]}
+        #[derive(serde::Deserialize)]
+        struct Records<'a> {
+            #[serde(rename = "RECORDS", borrow)]
+            records: Option<Vec<&'a serde_json::value::RawValue>>,
+        }
+        let r: Records = serde_json::from_slice(buf).map_err(malformed)?;
+        r.records.ok_or_else(|| {
+            let (l, c) = line_col(buf, first);
+            Error::parse(path, l, c, "expected a JSON array of records or an object with a \"RECORDS\" array (the WuDao reader, wudao:)")
+        })?
+    } else {
+        serde_json::from_slice(buf).map_err(malformed)?
+    };
     let mut skipped = 0;
     for (i, raw) in items.iter().enumerate() {
         let offset = raw.get().as_ptr() as usize - buf.as_ptr() as usize;
         let v: Value = serde_json::from_str(raw.get()).expect("RawValue re-parses");
-        match record_text(&v, &opts.text_key) {
+        match text_of(&v, opts) {
             Ok(t) => emit(t, offset as u64)?,
             Err(msg) if opts.skip_malformed => {
                 let (l, c) = line_col(buf, offset);
@@ -286,7 +417,7 @@ fn read_json_lines(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
         }
         let parsed = serde_json::from_str::<Value>(text)
             .map_err(|e| (e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))))
-            .and_then(|v| record_text(&v, &opts.text_key).map_err(|m| (1, m)));
+            .and_then(|v| text_of(&v, opts).map_err(|m| (1, m)));
         match parsed {
             Ok(t) => emit(t, pos)?,
             Err(_) if opts.skip_malformed => skipped += 1,
@@ -379,7 +510,7 @@ mod tests {
     fn json_lines_with_text_key_and_skips() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "a.jsonl", b"{\"sentence\": \"one\"}\n\n{\"sentence\": oops}\n{\"title\":\"x\",\"content\":\"y\"}\n");
-        let opts = CorpusOptions { text_key: "sentence".into(), skip_malformed: false };
+        let opts = CorpusOptions { text_key: "sentence".into(), ..Default::default() };
         let e = docs(std::slice::from_ref(&p), &opts).unwrap_err().to_string();
         assert!(e.contains("a.jsonl:3:14: malformed JSON"), "{e}");
         let (ok, stats) = docs(&[p], &CorpusOptions { skip_malformed: true, ..opts }).unwrap();
@@ -418,6 +549,45 @@ mod tests {
             let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
             assert!(e.contains("a binary file (a NUL byte at offset 5)"), "{e}");
         }
+    }
+
+    #[test]
+    fn wudao_reader_is_the_originals_process_line() {
+        let d = tempfile::tempdir().unwrap();
+        let long = format!("“{}”  \n", "长".repeat(100));
+        let records = serde_json::json!({"RECORDS": [
+            {"title": " \u{1f}标题\t", "content": long},
+            {"title": "短", "content": "太短了"},
+            {"content": "x".repeat(101)},
+            {"content": "y".repeat(100)},
+            {"title": "t".repeat(99), "content": "z"},
+            {"title": "", "content": "w".repeat(101)},
+            {},
+            null,
+        ]});
+        let p = write(d.path(), "wudao", records.to_string().as_bytes());
+        let opts = CorpusOptions { reader: Reader::WuDao, ..Default::default() };
+        let (kept, stats) = docs(std::slice::from_ref(&p), &opts).unwrap();
+        // title.strip() + " " + content, untouched; over 100 characters only
+        assert_eq!(kept, vec![format!("标题 {long}"), "x".repeat(101), format!("{} z", "t".repeat(99)), "w".repeat(101)]);
+        assert_eq!((stats.documents, stats.short, stats.empty), (4, 4, 0));
+        // the default reader on the same texts: joined, trimmed, standardised, all kept
+        let arr = write(d.path(), "a.json", serde_json::json!([{"title": "标题", "content": long}, {"content": "太短了"}]).to_string().as_bytes());
+        let (plain, _) = docs(std::slice::from_ref(&arr), &CorpusOptions::default()).unwrap();
+        assert_eq!(plain, vec![format!("标题\"{}\"", "长".repeat(100)), "太短了".to_string()]);
+        // a JSON array and JSON Lines work with the WuDao reader too
+        let (w, _) = docs(&[arr], &opts).unwrap();
+        assert_eq!(w, vec![format!("标题 {long}")]);
+        let l = write(d.path(), "a.jsonl", format!("{}\n{{\"content\": \"短\"}}\n", serde_json::json!({"content": "q".repeat(150)})).as_bytes());
+        let (w, stats) = docs(&[l], &opts).unwrap();
+        assert_eq!((w, stats.short), (vec!["q".repeat(150)], 1));
+        // located errors: a title that is not a string, an object without RECORDS
+        let bad = write(d.path(), "bad.json", b"{\"RECORDS\": [\n {\"title\": 3}]}");
+        let e = docs(&[bad], &opts).unwrap_err().to_string();
+        assert!(e.contains("bad.json:2:2: record 0: \"title\" must be a string"), "{e}");
+        let bad = write(d.path(), "norecords.json", b"{\"rows\": []}");
+        let e = docs(&[bad], &opts).unwrap_err().to_string();
+        assert!(e.contains("norecords.json:1:1: expected a JSON array of records or an object with a \"RECORDS\" array"), "{e}");
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod corpus;
 pub mod fortunes;
 pub mod prepare;
 pub mod sentencepiece;
+pub mod split;
 pub mod store;
 pub mod tokenizer;

@@ -79,7 +79,9 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     }
     let known = store::read_meta(store).ok().map(|m| m.corpus);
     let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;
-    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{}.json", &fp.digest[..12], opts.vocab_size, opts.spec.cache_suffix()));
+    // trained on other texts, another tokenizer: the WuDao reader's has a name of its own
+    let reader = if opts.corpus.reader == super::corpus::Reader::WuDao { "-wudao" } else { "" };
+    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{}{reader}.json", &fp.digest[..12], opts.vocab_size, opts.spec.cache_suffix()));
     if cache.is_file() {
         return Ok((GlmTokenizer::load(&cache, &opts.spec)?, TokenizerOrigin::Cached(cache)));
     }
@@ -105,6 +107,13 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     Ok((tok, TokenizerOrigin::Trained { path: cache, model: opts.spec.kind.trained_model(), text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
 }
 
+/// The store of a run's valid_data or test_data (`which`) beside its
+/// training store: `<store>-valid`, `<store>-test`.
+pub fn beside_store(store: &Path, which: &str) -> PathBuf {
+    let name = store.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
+    store.with_file_name(format!("{name}-{which}"))
+}
+
 /// The path to name in messages about a corpus of `files`.
 pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
     match files {
@@ -124,7 +133,7 @@ pub enum StoreOutcome {
 
 /// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
 pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<(StoreMeta, StoreOutcome)> {
-    let why = store::staleness(out, files, tok)?;
+    let why = store::staleness(out, files, tok, opts.corpus.reader)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));
     }

@@ -23,10 +23,9 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::corpus::{read_corpus, CorpusOptions, ReadStats};
+use super::corpus::{read_corpus, CorpusOptions, ReadStats, Reader};
 use super::tokenizer::{hex, GlmTokenizer, SpecialIds, TokenizerType};
 use crate::error::{Error, IoContext, Result};
-use crate::rng::Rng;
 
 const TOKENS_MAGIC: &[u8; 8] = b"GLMTOKS\0";
 const INDEX_MAGIC: &[u8; 8] = b"GLMIDX\0\0";
@@ -157,6 +156,16 @@ pub struct StoreMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_tokens: Option<u64>,
     pub corpus: CorpusFingerprint,
+    /// How records became documents (stores from before readers: default).
+    #[serde(default)]
+    pub reader: Reader,
+    /// Records the WuDao reader dropped as 100 characters or shorter.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub short_records: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn wordpiece() -> TokenizerType {
@@ -353,6 +362,7 @@ fn write_store(
         stats.documents += s.documents;
         stats.empty += s.empty;
         stats.skipped += s.skipped;
+        stats.short += s.short;
         stats.text_bytes += s.text_bytes;
     }
     if w.docs() == 0 {
@@ -375,6 +385,8 @@ fn write_store(
         skipped_records: stats.skipped,
         unknown_tokens: Some(unknown),
         corpus,
+        reader: opts.reader,
+        short_records: stats.short,
     };
     let tj = dir.join("tokenizer.json");
     std::fs::write(&tj, tok.to_json()?).at(&tj)?;
@@ -406,6 +418,8 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         skipped_records: 0,
         unknown_tokens: None,
         corpus: CorpusFingerprint::from_files(Vec::new()),
+        reader: Reader::Default,
+        short_records: 0,
     };
     write_meta(dir, &meta)?;
     TokenStore::open(dir)
@@ -467,11 +481,12 @@ pub fn rebuild_command(dir: &Path, meta: &StoreMeta) -> String {
     };
     let tokenizer = dir.join("tokenizer.json");
     let tokenizer = if tokenizer.is_file() { format!(" --tokenizer {}", word(&tokenizer)) } else { String::new() };
-    format!("glm-worker prepare --data {}{tokenizer} --out {} --force", word(&data), word(dir))
+    let data = format!("{}{}", meta.reader.prefix(), data.display());
+    format!("glm-worker prepare --data {}{tokenizer} --out {} --force", glm_common::text::shell_word(&data), word(dir))
 }
 
 /// Why an existing store cannot be reused, or `None` when it can.
-pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Option<String>> {
+pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, reader: Reader) -> Result<Option<String>> {
     if !dir.join("meta.json").is_file() {
         return Ok(Some("no store yet".into()));
     }
@@ -487,6 +502,9 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Result<Op
     }
     if !meta.corpus.matches(files)? {
         return Ok(Some("the corpus changed".into()));
+    }
+    if meta.reader != reader {
+        return Ok(Some(format!("the store was read by {}, this corpus is read by {}", meta.reader, reader)));
     }
     if let Err(e) = TokenStore::open(dir) {
         return Ok(Some(format!("damaged store ({e})")));
@@ -614,58 +632,6 @@ impl TokenStore {
     }
 }
 
-/// Parses the original's `split` string ("949,50,1"; `/` also separates).
-pub fn parse_split(s: &str) -> Result<Vec<f64>> {
-    let parts: std::result::Result<Vec<f64>, _> = s.split([',', '/']).map(|p| p.trim().parse::<f64>()).collect();
-    let parts = parts.map_err(|_| Error::Config(format!("split \"{s}\": expected numbers like \"949,50,1\"")))?;
-    if parts.is_empty() || parts.len() > 3 || parts.iter().any(|&p| !p.is_finite() || p < 0.0) || parts.iter().sum::<f64>() <= 0.0 {
-        return Err(Error::Config(format!("split \"{s}\": one to three non-negative weights with a positive sum")));
-    }
-    Ok(parts)
-}
-
-/// Splits documents `0..n` into train/valid/test by `weights`, as the
-/// original's `split_ds`: a seeded shuffle, then consecutive runs sized by
-/// the normalised weights with the fractional parts carried forward. Unlike
-/// the original (whose `max(size, 1)` could make neighbouring splits share a
-/// document), a split with positive weight that rounds to zero takes one
-/// document from the largest split, so splits stay disjoint.
-pub fn split_documents(n: usize, weights: &[f64], seed: u64) -> Vec<Vec<u32>> {
-    let mut ids: Vec<u32> = (0..n as u32).collect();
-    Rng::derive(seed, 0x5E11, 0).shuffle(&mut ids);
-    let sum: f64 = weights.iter().sum();
-    let mut sizes = Vec::with_capacity(weights.len());
-    let mut residual = 0.0;
-    for w in weights {
-        let prop = n as f64 * w / sum;
-        residual += prop.fract();
-        let size = (prop.trunc() + residual).trunc() as usize;
-        residual = residual.fract();
-        sizes.push(size);
-    }
-    // rounding may leave the total a document short or long: fix on the largest
-    let total: usize = sizes.iter().sum();
-    let big = (0..sizes.len()).max_by_key(|&i| sizes[i]).unwrap_or(0);
-    if total < n {
-        sizes[big] += n - total;
-    } else if total > n {
-        sizes[big] -= total - n;
-    }
-    for i in 0..sizes.len() {
-        if weights[i] > 0.0 && sizes[i] == 0 && sizes[big] > 1 {
-            sizes[i] = 1;
-            sizes[big] -= 1;
-        }
-    }
-    let mut out = Vec::new();
-    let mut start = 0;
-    for s in sizes {
-        out.push(ids[start..start + s].to_vec());
-        start += s;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,28 +656,5 @@ mod tests {
         let changed = CorpusFingerprint::compute(&files).unwrap();
         assert_eq!(changed.files[0].sha256, sha256_file(&p).unwrap());
         assert_ne!(changed.digest, real.digest);
-    }
-
-    #[test]
-    fn split_matches_weights_and_is_disjoint() {
-        let w = parse_split("949,50,1").unwrap();
-        let s = split_documents(10_000, &w, 1234);
-        assert_eq!(s.iter().map(Vec::len).collect::<Vec<_>>(), vec![9490, 500, 10]);
-        let mut all: Vec<u32> = s.concat();
-        all.sort();
-        assert_eq!(all, (0..10_000).collect::<Vec<u32>>());
-        assert_eq!(s, split_documents(10_000, &w, 1234));
-        assert_ne!(s[1], split_documents(10_000, &w, 1)[1]);
-        let tiny = split_documents(20, &w, 1);
-        assert_eq!(tiny.iter().map(Vec::len).collect::<Vec<_>>(), vec![18, 1, 1]);
-    }
-
-    #[test]
-    fn split_parse_errors() {
-        assert!(parse_split("a,b").is_err());
-        assert!(parse_split("0,0").is_err());
-        assert!(parse_split("1,-1").is_err());
-        assert_eq!(parse_split("8/1/1").unwrap(), vec![8.0, 1.0, 1.0]);
-        assert_eq!(parse_split("1").unwrap(), vec![1.0]);
     }
 }

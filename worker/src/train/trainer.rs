@@ -20,9 +20,9 @@ use super::step::{train_step, StepOutput, StepPlan};
 use crate::checkpoint::{self, State};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
-use crate::data::corpus::corpus_files;
-use crate::data::prepare::{corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
-use crate::data::store::{parse_split, split_documents, TokenStore};
+use crate::data::prepare::{beside_store, corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
+use crate::data::split::split_documents;
+use crate::data::store::TokenStore;
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
@@ -177,6 +177,51 @@ pub fn collate(samples: &[Sample], device: Device) -> Batch {
     }
 }
 
+/// The line about a store that training built or reused.
+fn report_store(what: &str, dir: &Path, files: &[PathBuf], meta: &crate::data::store::StoreMeta, outcome: StoreOutcome) {
+    let mut unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
+    if meta.reader == crate::data::corpus::Reader::WuDao {
+        unk.push_str(&format!("; WuDao reader: {} records of at most {} characters dropped", meta.short_records, crate::data::corpus::WUDAO_MIN_CHARS));
+    }
+    match outcome {
+        StoreOutcome::Reused => println!("data: {what} {} ({} documents, {} tokens{unk})", dir.display(), meta.documents, meta.tokens),
+        StoreOutcome::Built { report, reason } => println!(
+            "data: built {what} {} from {}{} ({} documents, {} tokens{unk}, {:.1} s)",
+            dir.display(),
+            corpus_name(files).display(),
+            reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+            meta.documents,
+            meta.tokens,
+            report.seconds
+        ),
+    }
+}
+
+/// What save_splits and save_test_data ask for (rank 0): the split's index
+/// order as `.npy`, the test split's documents decoded one a line — as the
+/// original writes them, and only when the documents are split (and, for
+/// save_splits, not loaded).
+fn save_split_files(a: &crate::config::args::Args, split: &crate::data::split::DocumentSplit, store: &TokenStore, tok: &GlmTokenizer) -> Result<()> {
+    let Some(order) = &split.order else { return Ok(()) };
+    if let (Some(p), None) = (&a.save_splits, &a.load_splits) {
+        let written = crate::data::split::save_npy(p, order)?;
+        println!("data: save_splits: the split's index order ({} documents) written to {}", order.len(), written.display());
+    }
+    if let Some(p) = &a.save_test_data {
+        let mut text = String::new();
+        for &d in &split.parts[2] {
+            text.push_str(&tok.decode(&store.doc(d as usize), false));
+            text.push('\n');
+        }
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+        println!("data: save_test_data: {} test documents written to {}", split.parts[2].len(), p.display());
+    }
+    Ok(())
+}
+
 pub struct Trainer {
     pub cfg: RunConfig,
     pub model: Glm,
@@ -213,64 +258,96 @@ impl Trainer {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
         };
-        let weights = parse_split(&a.split)?;
-        let mut files = Vec::new();
-        for d in &cfg.train_data {
-            files.extend(corpus_files(d).map_err(|e| match e {
-                Error::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => {
-                    Error::invalid(path, format!("train_data: no such file or folder; hint: {}", crate::config::run::missing_corpus_hint(d)))
-                }
-                e => e,
-            })?);
+        let files = crate::config::run::files_of("train_data", &cfg.train_data.roots)?;
+        // valid_data validates from a store of its own; test_data is checked
+        // here, evaluated by `glm-worker eval --split test`
+        let valid_files = cfg.valid_data.as_ref().map(|v| crate::config::run::files_of("valid_data", &v.roots)).transpose()?;
+        if let Some(t) = &cfg.test_data {
+            crate::config::run::files_of("test_data", &t.roots)?;
         }
+        let valid_store = beside_store(&opts.store, "valid");
         let mut popts = opts.prepare.clone();
         popts.corpus.text_key = a.text_key.clone();
+        popts.corpus.reader = cfg.train_data.reader;
+        let mut valid_popts = popts.clone();
+        if let Some(v) = &cfg.valid_data {
+            valid_popts.corpus.reader = v.reader;
+        }
         popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
         popts.spec = crate::data::tokenizer::TokenizerSpec::from_args(&a)?;
         // Rank 0 trains the tokenizer and builds the store; the others wait,
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
         // Several nodes need the store on a shared filesystem.
-        let (tok, meta, outcome) = par.main_first("preparing the data", || {
+        let (tok, meta, outcome, valid_built) = par.main_first("preparing the data", || {
             let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
             println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
             let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
-            Ok((tok, meta, outcome))
+            let valid = match &valid_files {
+                Some(vf) => Some(ensure_store(vf, &tok, &valid_store, &valid_popts, &|_| {})?),
+                None => None,
+            };
+            Ok((tok, meta, outcome, valid))
         })?;
-        let unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
-        match outcome {
-            StoreOutcome::Reused => println!("data: store {} ({} documents, {} tokens{unk})", opts.store.display(), meta.documents, meta.tokens),
-            StoreOutcome::Built { report, reason } => println!(
-                "data: built store {} from {}{} ({} documents, {} tokens{unk}, {:.1} s)",
-                opts.store.display(),
-                corpus_name(&files).display(),
-                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
-                meta.documents,
-                meta.tokens,
-                report.seconds
-            ),
-        }
+        report_store("store", &opts.store, &files, &meta, outcome);
         if let Some(w) = meta.unknown_warning(crate::data::prepare::TokenizerOption::ConfigKey) {
             println!("warning: {w}");
+        }
+        if let (Some((vmeta, voutcome)), Some(vf)) = (valid_built, &valid_files) {
+            report_store("valid_data store", &valid_store, vf, &vmeta, voutcome);
         }
         // the store opened is the one this run's tokenizer built (another
         // process may have rebuilt it since it was checked)
         let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "this run's")?);
-        let splits = split_documents(store.num_docs(), &weights, a.seed);
+        let order = match &a.load_splits {
+            Some(p) if crate::data::split::should_split(&cfg.split) => Some(crate::data::split::load_npy(p, store.num_docs(), "load_splits")?),
+            _ => None,
+        };
+        let split = split_documents(store.num_docs(), &cfg.split, order)?;
+        if par.is_main() {
+            save_split_files(&a, &split, &store, &tok)?;
+        }
+        let splits = split.parts;
+        if splits[0].is_empty() {
+            return Err(Error::Config(format!(
+                "split \"{}\" ({}): the train split of {} documents is empty",
+                a.split,
+                cfg.args.source("split"),
+                store.num_docs()
+            )));
+        }
         let sentence_end = tok.sentence_end_table().to_vec();
         let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
-        let valid = match splits.get(1).filter(|v| !v.is_empty()) {
-            Some(v) => {
-                let mut vb = cfg.block.clone();
-                vb.seed ^= VALID_SEED;
-                Some(BlockSampler::new(store.clone(), v.clone(), vb, sentence_end)?)
+        let mut vb = cfg.block.clone();
+        vb.seed ^= VALID_SEED;
+        let valid = if valid_files.is_some() {
+            // the original's eval datasets are not split: every document, in order
+            let vstore = Arc::new(TokenStore::open_for(&valid_store, &tok, "this run's")?);
+            let docs = (0..vstore.num_docs() as u32).collect();
+            println!("data: valid_data: {} documents validate ({})", vstore.num_docs(), valid_store.display());
+            Some(BlockSampler::new(vstore, docs, vb, sentence_end)?)
+        } else {
+            match splits.get(1).filter(|v| !v.is_empty()) {
+                Some(v) => Some(BlockSampler::new(store.clone(), v.clone(), vb, sentence_end)?),
+                None => None,
             }
-            None => None,
         };
         println!(
             "data: split {}: {}",
             a.split,
-            splits.iter().zip(["train", "valid", "test"]).map(|(s, n)| format!("{n} {} documents", s.len())).collect::<Vec<_>>().join(", ")
+            splits
+                .iter()
+                .zip(["train", "valid", "test"])
+                .map(|(s, n)| {
+                    let instead = match n {
+                        "valid" if cfg.valid_data.is_some() => " (valid_data validates)",
+                        "test" if cfg.test_data.is_some() => " (test_data is the test set: glm-worker eval --split test)",
+                        _ => "",
+                    };
+                    format!("{n} {} documents{instead}", s.len())
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         );
 
         let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
