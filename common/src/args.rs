@@ -96,6 +96,9 @@ pub struct Args {
     /// test` (split's test share becomes zero); null: the test split.
     pub test_data: Option<Vec<String>>,
     pub text_key: String,
+    /// The text key of `valid_data` / `test_data` records; null: `text_key`
+    /// (the original's evaluation sets read it so).
+    pub eval_text_key: Option<String>,
     pub split: String,
     /// Read the split's index order from this `.npy` (the original's np.load).
     pub load_splits: Option<PathBuf>,
@@ -188,6 +191,7 @@ impl Default for Args {
             valid_data: None,
             test_data: None,
             text_key: "sentence".into(),
+            eval_text_key: None,
             split: "1000,1,1".into(),
             load_splits: None,
             save_splits: None,
@@ -266,9 +270,9 @@ const IRRELEVANT: &[&str] = &[
     "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "save_epoch",
     "no_deepspeed_load", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq",
     "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "data_dir", "input_data_sizes_file",
-    "delim", "eval_text_key", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize",
-    "cache_dir", "use_tfrecords", "max_preds_per_seq", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet",
-    "pattern_id", "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func",
+    "delim", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize", "cache_dir",
+    "use_tfrecords", "max_preds_per_seq", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id",
+    "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func",
     "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
     "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];

@@ -109,7 +109,12 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     };
     let (roots, files) = (&corpus.roots, files_of(key, &corpus.roots)?);
     let popts = PrepareOptions {
-        corpus: CorpusOptions { text_key: args.text_key.clone(), reader: corpus.reader, ..CorpusOptions::default() },
+        // the run's own evaluation corpora read eval_text_key, as the original's
+        corpus: CorpusOptions {
+            text_key: if own.is_some() { args.eval_text_key.clone().unwrap_or_else(|| args.text_key.clone()) } else { args.text_key.clone() },
+            reader: corpus.reader,
+            ..CorpusOptions::default()
+        },
         ..PrepareOptions::default()
     };
     // rank 0 builds or refreshes the store; the others find it ready

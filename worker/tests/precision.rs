@@ -195,16 +195,17 @@ fn bf16_resume_continues_exactly() {
 
 #[test]
 fn fp16_resume_with_the_loss_scaler_continues_exactly() {
-    // at 2^18 this model trains two clean steps, grows the scale (window 2)
-    // to 2^19, where its fp16 word-embedding gradient overflows at iteration
-    // 4 (the resume point), halves back (hysteresis 1), and so on
+    // at 2^18 this model's fp16 word-embedding gradient overflows now and
+    // then: the scale halves on an overflow (no hysteresis at stage 0) and
+    // doubles after two clean steps (window 2), on both sides of the resume
+    // point (iteration 4); which iterations overflow depends on the data
     let extra = r#", "fp16": {"enabled": true, "initial_scale_power": 18, "hysteresis": 1, "loss_scale_window": 2}"#;
     let (ev, out) = resume_is_exact(extra, &[]);
     assert!(out.contains("OVERFLOW! Skipping step"), "{out}");
     let skipped: u64 = ev.iter().map(|e| e["skipped"].as_u64().unwrap_or(0)).sum();
     let applied = ev.len() as u64 - skipped;
     assert!(skipped >= 2 && applied >= 2, "skipped {skipped}, applied {applied}: {out}");
-    assert!(out.contains("increasing dynamic loss scale from 262144 to 524288"), "the scale grows after the window: {out}");
+    assert!(out.contains("no overflow for") && out.contains("increasing dynamic loss scale from"), "the scale grows after the window: {out}");
 }
 
 #[test]

@@ -153,6 +153,16 @@ fn the_learning_rate_schedule_steps_as_the_original() {
     for (g, w) in got.iter().zip(&want[..3]) {
         assert!((g - w).abs() <= 1e-12, "{got:?}");
     }
+    // the resumed run's checkpoints continue its restarted schedule
+    let e = r.p("e");
+    let mut more = sets(&[format!("save={}", e.display()), format!("load={}", b.join("6").display())]);
+    more.push("train_iters=8".into());
+    ok(&r.train(&more));
+    let got = lrs(&e);
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (g, w) in got.iter().zip(&want[3..5]) {
+        assert!((g - w).abs() <= 1e-12, "{got:?} != {:?}", &want[3..5]);
+    }
     // and without it the schedule continues
     let c = r.p("c");
     ok(&r.train(&sets(&[format!("save={}", c.display()), format!("load={}", a.join("3").display())])));

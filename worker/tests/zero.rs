@@ -258,6 +258,7 @@ fn fp16_overflow_on_one_shard_skips_the_step_everywhere() {
 
 fn state(iteration: u64, dp: usize) -> State {
     State {
+        schedule_start: 0,
         format_version: checkpoint::FORMAT_VERSION,
         iteration,
         consumed_samples: 0,

@@ -63,6 +63,11 @@ pub struct State {
     /// learning-rate schedule stands at `iteration - skipped_steps`.
     #[serde(default)]
     pub skipped_steps: u64,
+    /// Applied updates before the learning-rate schedule's start: a run
+    /// resumed with `no_load_lr_scheduler` restarted it there, and its
+    /// checkpoints continue that schedule (0: the run's own start).
+    #[serde(default)]
+    pub schedule_start: u64,
     /// The precision the run trained in (the weights here are fp32 anyway).
     #[serde(default)]
     pub precision: Precision,

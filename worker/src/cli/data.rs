@@ -43,8 +43,8 @@ pub struct PrepareArgs {
     /// ChineseSPTokenizer [default: a saved tokenizer.json's own, else BertWordPieceTokenizer]
     #[arg(long)]
     tokenizer_type: Option<String>,
-    /// configs.json's tokenizer_model_type: a -cased name keeps WordPiece's case, roberta*
-    /// gives GPT2BPETokenizer RoBERTa's command ids
+    /// configs.json's tokenizer_model_type: the cased and Chinese BERT names keep WordPiece's
+    /// case, roberta* gives GPT2BPETokenizer RoBERTa's command ids
     #[arg(long, default_value = "bert-base-uncased")]
     tokenizer_model_type: String,
     /// Keep case: the same as --tokenizer-model-type bert-base-cased

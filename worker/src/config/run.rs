@@ -99,7 +99,7 @@ fn differences(args: &LoadedArgs) -> Vec<String> {
     let tp = a.model_parallel_size.max(1);
     if a.make_vocab_size_divisible_by % tp != 0 {
         notes.push(format!(
-            "make_vocab_size_divisible_by = {} ({}) is not a multiple of model_parallel_size {tp}: the vocabulary is padded to a multiple of both, so its rows split over the ranks; the original pads to a multiple of {} and then fails to split them",
+            "make_vocab_size_divisible_by = {} ({}) is not a multiple of model_parallel_size {tp}: the vocabulary is padded to a multiple of both, so its rows always split over the ranks; the original pads to a multiple of {} only, which fails to split for some vocabulary sizes",
             a.make_vocab_size_divisible_by,
             src("make_vocab_size_divisible_by"),
             a.make_vocab_size_divisible_by
@@ -217,7 +217,12 @@ impl RunConfig {
         let b2 = decide(o.as_ref().and_then(|o| o.betas.map(|b| b.1)), "optimizer.params.betas", 0.999, "adam_beta2", a.adam_beta2);
         let eps = decide(o.as_ref().and_then(|o| o.eps), "optimizer.params.eps", 1e-8, "adam_eps", a.adam_eps);
         let wd = decide(o.as_ref().and_then(|o| o.weight_decay), "optimizer.params.weight_decay", 0.0, "weight_decay", a.weight_decay);
-        let clip = decide(ds.gradient_clipping, "gradient_clipping", 0.0, "clip_grad", a.clip_grad);
+        // clipping is the DeepSpeed file's own key: where it names one, it
+        // decides with or without an optimizer block
+        let clip = match (&o, ds.gradient_clipping) {
+            (None, Some(v)) => (v, ds.source("gradient_clipping"), true),
+            _ => decide(ds.gradient_clipping, "gradient_clipping", 0.0, "clip_grad", a.clip_grad),
+        };
         // configs.json's values that the DeepSpeed file overrules: named once
         let mut overruled = Vec::new();
         if o.is_some() {
@@ -294,6 +299,13 @@ impl RunConfig {
                 let warmup_iters = a.warmup * decay_iters as f64;
                 if !(0.0..=1.0).contains(&a.warmup) {
                     return Err(Error::Config(format!("warmup = {} ({}): a fraction in [0, 1]", a.warmup, src("warmup"))));
+                }
+                if a.warmup > 0.5 {
+                    early_warnings.push(format!(
+                        "warmup = {} ({}): more than half of lr_decay_iters warms up; the original refuses it (AnnealingLR asserts warmup × lr_decay_iters <= the decay iterations that follow)",
+                        a.warmup,
+                        src("warmup")
+                    ));
                 }
                 // named by the keys that make it, from where the last of them came
                 let keys = ["lr_decay_style", "lr_decay_iters", "warmup", "lr_decay_ratio"].map(src);
@@ -618,6 +630,15 @@ impl RunConfig {
             ("min_scale", a.min_scale != d.min_scale && !scaler_here, format!("{} (no effect here: the scaler is not configs.json's)", a.min_scale)),
             ("eval_batch_size", a.eval_batch_size.is_some(), eval_batch.to_string()),
             ("text_key", a.text_key != d.text_key, format!("{:?} (the text of JSON Lines records)", a.text_key)),
+            (
+                "eval_text_key",
+                a.eval_text_key.is_some(),
+                format!(
+                    "{:?} (the text of valid_data/test_data records{})",
+                    a.eval_text_key.clone().unwrap_or_default(),
+                    if a.valid_data.is_none() && a.test_data.is_none() { "; no effect: neither is given" } else { "" }
+                ),
+            ),
             ("gpt_infill_prob", a.gpt_infill_prob != d.gpt_infill_prob, a.gpt_infill_prob.to_string()),
             ("gpt_min_ratio", a.gpt_min_ratio != d.gpt_min_ratio, a.gpt_min_ratio.to_string()),
             ("gap_sentence_ratio", a.gap_sentence_ratio != d.gap_sentence_ratio, a.gap_sentence_ratio.to_string()),
@@ -1009,6 +1030,9 @@ mod tests {
             Ok((lines, ignored))
         };
         let (base, _) = printed(&[]).unwrap();
+        // a line's value without its source: a line that only changed its source proves nothing
+        let value = |l: &str| l.rsplit_once("  (").map_or(l.to_string(), |(v, _)| v.to_string());
+        let base_values: Vec<String> = base.iter().map(|l| value(l)).collect();
         // another value of the same kind (a table for keys whose seed value is null)
         let other = |k: &str, v: &serde_json::Value| -> String {
             use serde_json::Value::*;
@@ -1021,7 +1045,11 @@ mod tests {
                 ("split", _) => "0.9".into(),
                 (_, Bool(b)) => (!b).to_string(),
                 (_, Number(n)) if n.is_u64() => (n.as_u64().unwrap() + 2).to_string(),
-                (_, Number(n)) => (n.as_f64().unwrap() * 0.5 + 0.125).to_string(),
+                (_, Number(n)) => {
+                    let f = n.as_f64().unwrap();
+                    let o = f * 0.5 + 0.125;
+                    (if o == f { f + 1.0 } else { o }).to_string()
+                }
                 (_, String(_)) => "other".into(),
                 (_, Array(_)) => r#"["other.jsonl"]"#.into(),
                 (_, Null) => "3".into(),
@@ -1034,12 +1062,13 @@ mod tests {
         for (k, v) in &seed {
             let v = tiny.get(k).unwrap_or(v);
             let set = format!("{k}={}", other(k, v));
+            assert_ne!(other(k, v), v.to_string(), "{k}: the walk must change the value");
             match printed(std::slice::from_ref(&set)) {
                 Err(e) => assert!(e.contains(k.as_str()), "--set {set}: an error that does not name the key: {e}"),
                 Ok((_, ignored)) if ignored.contains(k) => {}
                 Ok((lines, _)) => {
                     let changed: Vec<&String> = lines.iter().filter(|l| !base.contains(l)).chain(base.iter().filter(|l| !lines.contains(l))).collect();
-                    let named = changed.iter().any(|l| l.contains(k.as_str()) || l.ends_with("(--set)"));
+                    let named = changed.iter().any(|l| l.contains(k.as_str()) || (l.ends_with("(--set)") && !base_values.contains(&value(l))));
                     if !named {
                         silent.push(format!("--set {set}: {changed:?}"));
                     }

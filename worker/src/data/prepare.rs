@@ -133,7 +133,7 @@ pub enum StoreOutcome {
 
 /// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
 pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<(StoreMeta, StoreOutcome)> {
-    let why = store::staleness(out, files, tok, opts.corpus.reader)?;
+    let why = store::staleness(out, files, tok, &opts.corpus)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));
     }

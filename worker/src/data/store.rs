@@ -159,6 +159,9 @@ pub struct StoreMeta {
     /// How records became documents (stores from before readers: default).
     #[serde(default)]
     pub reader: Reader,
+    /// The key whose text JSON records gave (stores from before: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_key: Option<String>,
     /// Records the WuDao reader dropped as 100 characters or shorter.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub short_records: u64,
@@ -386,6 +389,7 @@ fn write_store(
         unknown_tokens: Some(unknown),
         corpus,
         reader: opts.reader,
+        text_key: Some(opts.text_key.clone()),
         short_records: stats.short,
     };
     let tj = dir.join("tokenizer.json");
@@ -419,6 +423,7 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         unknown_tokens: None,
         corpus: CorpusFingerprint::from_files(Vec::new()),
         reader: Reader::Default,
+        text_key: None,
         short_records: 0,
     };
     write_meta(dir, &meta)?;
@@ -486,7 +491,8 @@ pub fn rebuild_command(dir: &Path, meta: &StoreMeta) -> String {
 }
 
 /// Why an existing store cannot be reused, or `None` when it can.
-pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, reader: Reader) -> Result<Option<String>> {
+pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, corpus: &CorpusOptions) -> Result<Option<String>> {
+    let reader = corpus.reader;
     if !dir.join("meta.json").is_file() {
         return Ok(Some("no store yet".into()));
     }
@@ -505,6 +511,9 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, reader: Read
     }
     if meta.reader != reader {
         return Ok(Some(format!("the store was read by {}, this corpus is read by {}", meta.reader, reader)));
+    }
+    if let Some(k) = meta.text_key.as_ref().filter(|k| **k != corpus.text_key) {
+        return Ok(Some(format!("the store read the text of records' {k:?}, this run reads {:?} (text_key)", corpus.text_key)));
     }
     if let Err(e) = TokenStore::open(dir) {
         return Ok(Some(format!("damaged store ({e})")));

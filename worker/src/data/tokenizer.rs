@@ -133,11 +133,20 @@ impl Default for TokenizerSpec {
 }
 
 impl TokenizerSpec {
-    /// As the original reads them: `-cased` in tokenizer_model_type keeps
-    /// WordPiece's case, a name starting with `roberta` selects RoBERTa's
-    /// ids for GPT2BPETokenizer.
+    /// As the original reads them: WordPiece keeps case for the cased and
+    /// Chinese BERT models (bert-base-cased, bert-large-cased,
+    /// bert-base-multilingual-cased, bert-base-chinese) and lower-cases for
+    /// any other name (the original falls back to bert-large-uncased for a
+    /// name it does not know); a name starting with `roberta` selects
+    /// RoBERTa's ids for GPT2BPETokenizer.
     pub fn new(kind: TokenizerType, model_type: &str, fix_command_token: bool) -> Self {
-        TokenizerSpec { kind, lowercase: !model_type.contains("-cased"), roberta: model_type.starts_with("roberta"), fix_command_token }
+        const KNOWN: [&str; 7] = [
+            "bert-base-uncased", "bert-large-uncased", "bert-base-cased", "bert-large-cased", "bert-base-multilingual-uncased", "bert-base-multilingual-cased",
+            "bert-base-chinese",
+        ];
+        let bert = if KNOWN.contains(&model_type) { model_type } else { "bert-large-uncased" };
+        let lowercase = !(bert.contains("-cased") || bert.contains("chinese"));
+        TokenizerSpec { kind, lowercase, roberta: model_type.starts_with("roberta"), fix_command_token }
     }
 
     /// The spec of configs.json's keys (`tokenizer_type` checked by the
@@ -292,6 +301,8 @@ pub struct GlmTokenizer {
     /// recorded (the same ids).
     legacy_sha256: Option<String>,
     vocab_size: usize,
+    /// Ids below this are the text model's.
+    text_ids: usize,
     /// Command-token texts matched in raw text, longest first.
     matched: Vec<(String, u32, bool)>,
     sentence_end: Vec<bool>,
@@ -512,7 +523,7 @@ impl GlmTokenizer {
 
     /// Lays out the command tokens after (or onto) the text model's ids.
     fn with_layout(inner: Tokenizer, spec: &TokenizerSpec, text_unk: Option<u32>) -> Result<Self> {
-        let base = inner.get_vocab_size(true) as u32;
+        let base = text_ids(&inner) as u32;
         let cmd = |name: &str, token: &str, id: u32| CommandToken { name: name.into(), token: token.into(), id, lstrip: false };
         let lcmd = |name: &str, token: &str, id: u32| CommandToken { lstrip: true, ..cmd(name, token, id) };
         let find = |t: &str, what: &str| inner.token_to_id(t).ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {t} token ({what})")));
@@ -599,9 +610,13 @@ impl GlmTokenizer {
     }
 
     /// Computes the derived tables.
-    fn finish(inner: Tokenizer, block: GlmBlock) -> Result<Self> {
+    fn finish(mut inner: Tokenizer, block: GlmBlock) -> Result<Self> {
+        // a given tokenizer.json's truncation or padding would cut or pad documents
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_padding(None);
         let special = SpecialIds::from_commands(&block.command_tokens)?;
-        let vocab_size = block.command_tokens.iter().map(|c| c.id as usize + 1).max().unwrap_or(0).max(inner.get_vocab_size(true));
+        let text_ids = text_ids(&inner);
+        let vocab_size = block.command_tokens.iter().map(|c| c.id as usize + 1).max().unwrap_or(0).max(text_ids);
         // each text once, with its id (the original's map keeps the last)
         let mut matched: Vec<(String, u32, bool)> = Vec::new();
         for c in &block.command_tokens {
@@ -625,7 +640,7 @@ impl GlmTokenizer {
         } else {
             None
         };
-        let mut t = GlmTokenizer { inner, block, special, sha256: String::new(), legacy_sha256, vocab_size, matched, sentence_end: Vec::new() };
+        let mut t = GlmTokenizer { inner, block, special, sha256: String::new(), legacy_sha256, vocab_size, text_ids, matched, sentence_end: Vec::new() };
         t.sha256 = hex(&Sha256::digest(t.json(false)?.as_bytes()));
         t.sentence_end = (0..vocab_size as u32).map(|id| !special.is_structural(id) && t.piece_text(id).is_some_and(|p| p.contains(SENTENCE_END))).collect();
         Ok(t)
@@ -671,7 +686,7 @@ impl GlmTokenizer {
     /// The text a token stands for (a WordPiece or SentencePiece piece as
     /// written; a byte-level piece decoded), for tables.
     fn piece_text(&self, id: u32) -> Option<String> {
-        if let Some(c) = self.block.command_tokens.iter().find(|c| c.id == id) {
+        if let Some(c) = self.command(id) {
             return Some(c.token.clone());
         }
         match self.block.tokenizer_type {
@@ -740,8 +755,15 @@ impl GlmTokenizer {
         Ok(out)
     }
 
+    /// The command token of `id`: the last of those sharing it, as the
+    /// original's id map keeps (SentencePiece's unfixed `[gMASK]`, not
+    /// `<|endofpiece|>`; RoBERTa's `[SEP]` for `</s>`).
+    fn command(&self, id: u32) -> Option<&CommandToken> {
+        self.block.command_tokens.iter().rev().find(|c| c.id == id)
+    }
+
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        match self.block.command_tokens.iter().find(|c| c.id == id) {
+        match self.command(id) {
             Some(c) => Some(c.token.clone()),
             None => self.inner.id_to_token(id),
         }
@@ -775,7 +797,7 @@ impl GlmTokenizer {
                 if self.is_command(id) {
                     flush(&mut run, &mut out);
                     out.push_str(&self.id_to_token(id).unwrap_or_default());
-                } else if (id as usize) < self.inner.get_vocab_size(true) {
+                } else if (id as usize) < self.text_ids {
                     run.push(id);
                 }
             }
@@ -818,6 +840,11 @@ impl GlmTokenizer {
         }
         if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.map_err(|e| err(&e))
     }
+}
+
+/// The text model's ids: one past the highest (a vocabulary may skip ids).
+fn text_ids(inner: &Tokenizer) -> usize {
+    inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1)
 }
 
 /// A piece of raw text between command tokens, or a command token's id.

@@ -272,6 +272,7 @@ impl Trainer {
         let mut valid_popts = popts.clone();
         if let Some(v) = &cfg.valid_data {
             valid_popts.corpus.reader = v.reader;
+            valid_popts.corpus.text_key = a.eval_text_key.clone().unwrap_or_else(|| a.text_key.clone());
         }
         popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
         popts.spec = crate::data::tokenizer::TokenizerSpec::from_args(&a)?;
@@ -442,6 +443,7 @@ impl Trainer {
                 String::new()
             };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
+            schedule_start = state.schedule_start;
             if a.no_load_lr_scheduler {
                 schedule_start = iteration - opt.skipped_steps();
                 println!(
@@ -558,6 +560,7 @@ impl Trainer {
             // scaler, ZeRO manifest) is filled in by checkpoint::save
             optimizer_step: 0,
             skipped_steps: 0,
+            schedule_start: self.schedule_start,
             precision: Default::default(),
             loss_scaler: None,
             model: self.model.cfg.clone(),
