@@ -209,6 +209,22 @@ fn tiny_train(dir: &Path, sets: &[&str]) -> String {
     line(&common::tiny_train_args(dir, &ds, &corpus, 1200, &sets))
 }
 
+/// A checkpoint whose vocabulary was padded otherwise (here by 256; an
+/// earlier build padded by make_vocab_size_divisible_by × tensor-parallel
+/// size) resumes with the setting the error names.
+#[test]
+fn a_vocabulary_padded_otherwise_names_the_setting_that_loads_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let save = dir.join("padded256").display().to_string();
+    ok(&tiny_train(dir, &["train_iters=1", "make_vocab_size_divisible_by=256", &format!("save={save}")]));
+    let resume = tiny_train(dir, &["train_iters=2", &format!("load={save}")]);
+    let e = fails(&resume);
+    let set = between(&e, "): train with ", "\n");
+    assert!(set.starts_with("--set make_vocab_size_divisible_by=") && !set.ends_with("=128"), "{e}");
+    assert!(ok(&format!("{resume} {set}")).contains("train: finished at iteration 2"));
+}
+
 #[test]
 fn missing_data_and_tokenizer_hints_run() {
     let d = tempfile::tempdir().unwrap();

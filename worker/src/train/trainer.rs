@@ -433,6 +433,19 @@ impl Trainer {
                     "the checkpoint was trained with a different tokenizer than this run's (token ids would not match)",
                 ));
             }
+            // a vocabulary padded otherwise (another make_vocab_size_divisible_by,
+            // or an earlier build's padding by divisible_by × tensor-parallel size)
+            let tp = par.tp.as_ref().map_or(1, |g| g.size);
+            let set = vocab_padding_set(tok.vocab_size(), state.model.vocab_size, a.make_vocab_size_divisible_by, tp);
+            if state.model.vocab_size != model.cfg.vocab_size && !set.is_empty() {
+                return Err(Error::invalid(
+                    dir.join("state.json"),
+                    format!(
+                        "the checkpoint's vocabulary is padded to {} rows, this run's to {} (make_vocab_size_divisible_by {}): train with{set}",
+                        state.model.vocab_size, model.cfg.vocab_size, a.make_vocab_size_divisible_by
+                    ),
+                ));
+            }
             let scaler_note = checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
             iteration = state.iteration;
             let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
