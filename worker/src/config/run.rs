@@ -669,7 +669,13 @@ impl RunConfig {
                 report.push(Entry { key: k.into(), value: value.display().to_string(), source: args.source(k).to_string() });
             }
         }
-        let notes = differences(&args);
+        let mut notes = differences(&args);
+        if ds.scheduler.is_some() {
+            notes.push(format!(
+                "scheduler ({}): decides the learning rate here; in the original its AnnealingLR (configs.json's lr, warmup, lr_decay_*) steps after DeepSpeed's scheduler and overrides it every iteration",
+                ds.source("scheduler")
+            ));
+        }
         let (fp32_layernorm, fp32_embedding, attention_scale) = (a.fp32_layernorm, a.fp32_embedding, a.attention_scale);
         Ok(RunConfig {
             ds,
