@@ -465,6 +465,13 @@ impl LoadedArgs {
     pub fn source(&self, key: &str) -> Source {
         self.sources.get(key).cloned().unwrap_or(Source::Default)
     }
+
+    /// Where a setting made of several `keys` came from: a `--set` of any
+    /// of them, else a file that gives one, else the default.
+    pub fn source_of(&self, keys: &[&str]) -> Source {
+        let all: Vec<Source> = keys.iter().map(|k| self.source(k)).collect();
+        all.iter().find(|s| **s == Source::Set).or_else(|| all.iter().find(|s| **s != Source::Default)).cloned().unwrap_or(Source::Default)
+    }
 }
 
 #[cfg(test)]

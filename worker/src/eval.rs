@@ -28,7 +28,7 @@ use crate::config::run::{block_config, corpus_spec, files_of, train_corpus};
 use crate::data::blocklm::{BlockSampler, Mode};
 use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
 use crate::data::prepare::{beside_store, ensure_store, PrepareOptions};
-use crate::data::split::{get_split, load_npy, should_split, split_documents};
+use crate::data::split::{get_split, split_documents};
 use crate::data::store::TokenStore;
 use crate::data::tokenizer::GlmTokenizer;
 use crate::error::{Error, Result};
@@ -125,11 +125,8 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     } else {
         let shares = get_split(&args.split, args.valid_data.is_some(), args.test_data.is_some())?;
         // the run's own order (load_splits) applies to the run's own corpus
-        let order = match &args.load_splits {
-            Some(p) if opts.data.is_none() && should_split(&shares) => Some(load_npy(p, store.num_docs(), "load_splits")?),
-            _ => None,
-        };
-        let docs = split_documents(store.num_docs(), &shares, order)?.parts[index].clone();
+        let load_splits = args.load_splits.as_deref().filter(|_| opts.data.is_none());
+        let docs = split_documents(store.num_docs(), &shares, load_splits)?.parts[index].clone();
         if docs.is_empty() {
             let why = match (index, &args.valid_data, &args.test_data) {
                 (1, Some(_), _) => "; the run's valid_data took the valid share: evaluate it without --data".to_string(),

@@ -206,21 +206,18 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
-/// The tokenizer `prepare`'s flags ask for; without --tokenizer-type, a
-/// saved tokenizer.json's own.
-fn prepare_spec(a: &PrepareArgs) -> Result<TokenizerSpec> {
+/// The tokenizer `prepare`'s flags ask for; `None` (without
+/// --tokenizer-type, for a tokenizer.json): the file's own.
+fn prepare_spec(a: &PrepareArgs) -> Result<Option<TokenizerSpec>> {
     let model_type = if a.cased { "bert-base-cased" } else { a.tokenizer_model_type.as_str() };
     let kind = match &a.tokenizer_type {
-        Some(name) => TokenizerType::parse(name).ok_or_else(|| {
-            let names: Vec<&str> = TokenizerType::ALL.iter().map(|t| t.name()).collect();
-            anyhow::anyhow!("--tokenizer-type {name}: expected one of {}", names.join(", "))
-        })?,
+        Some(name) => TokenizerType::parse(name).ok_or_else(|| anyhow::anyhow!("--tokenizer-type {name}: expected one of {}", TokenizerType::names()))?,
         None => match a.tokenizer.as_deref().filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file()) {
-            Some(p) => return Ok(GlmTokenizer::load_saved(p)?.spec()),
+            Some(_) => return Ok(None),
             None => TokenizerType::WordPiece,
         },
     };
-    Ok(TokenizerSpec::new(kind, model_type, a.fix_command_token))
+    Ok(Some(TokenizerSpec::new(kind, model_type, a.fix_command_token)))
 }
 
 pub fn samples(a: SamplesArgs) -> Result<()> {

@@ -308,8 +308,7 @@ impl RunConfig {
                     ));
                 }
                 // named by the keys that make it, from where the last of them came
-                let keys = ["lr_decay_style", "lr_decay_iters", "warmup", "lr_decay_ratio"].map(src);
-                let source = keys.iter().find(|s| *s == "--set").or_else(|| keys.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
+                let source = args.source_of(&["lr_decay_style", "lr_decay_iters", "warmup", "lr_decay_ratio"]).to_string();
                 put(
                     "lr schedule",
                     format!(
@@ -507,13 +506,12 @@ impl RunConfig {
         block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
 
         // the original's tokenizer_type, tokenizer_model_type and fix_command_token
-        let spec = crate::data::tokenizer::TokenizerSpec::from_args(a).map_err(|e| match e {
-            Error::Config(m) => Error::Config(m.replacen("\": ", &format!("\" ({}): ", src("tokenizer_type")), 1)),
-            e => e,
+        use crate::data::tokenizer::{TokenizerSpec, TokenizerType};
+        let kind = TokenizerType::parse(&a.tokenizer_type).ok_or_else(|| {
+            Error::Config(format!("tokenizer_type = \"{}\" ({}): expected one of {}", a.tokenizer_type, src("tokenizer_type"), TokenizerType::names()))
         })?;
-        // the three keys' sources: a --set among them first, then a file
-        let sources = ["tokenizer_type", "tokenizer_model_type", "fix_command_token"].map(src);
-        let source = sources.iter().find(|s| *s == "--set").or_else(|| sources.iter().find(|s| *s != "default")).cloned().unwrap_or_else(|| "default".into());
+        let spec = TokenizerSpec::new(kind, &a.tokenizer_model_type, a.fix_command_token);
+        let source = args.source_of(&["tokenizer_type", "tokenizer_model_type", "fix_command_token"]).to_string();
         put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
         let train_data = train_corpus(a)?;
         let valid_data = a.valid_data.as_deref().map(|v| corpus_spec("valid_data", v)).transpose()?;

@@ -21,8 +21,10 @@ pub struct PrepareOptions {
     pub force: bool,
     pub show_progress: bool,
     /// The tokenizer asked for (type, casing, command-token layout); a
-    /// trained one is cached under a name of its own per spec.
-    pub spec: TokenizerSpec,
+    /// trained one is cached under a name of its own per spec. `None`: a
+    /// given `tokenizer.json` is taken as it was saved (its own type and
+    /// layout), and a trained one is the default's.
+    pub spec: Option<TokenizerSpec>,
     /// How the caller's user names the tokenizer option, for hints:
     /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
     pub tokenizer_option: TokenizerOption,
@@ -37,7 +39,7 @@ impl Default for PrepareOptions {
             tokenizer_train_bytes: 512 << 20,
             force: false,
             show_progress: false,
-            spec: TokenizerSpec::default(),
+            spec: Some(TokenizerSpec::default()),
             tokenizer_option: TokenizerOption::Flag,
         }
     }
@@ -67,11 +69,16 @@ impl std::fmt::Display for TokenizerOrigin {
 /// store at `store` (if any) recorded with the same size and mtime are not
 /// read again to compute it.
 pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, opts: &PrepareOptions) -> Result<(GlmTokenizer, TokenizerOrigin)> {
+    let spec = opts.spec.unwrap_or_default();
     if let Some(p) = given {
         if !p.exists() {
-            return Err(Error::invalid(p, format!("tokenizer: no such file or folder; hint: {}", opts.tokenizer_option.hint(opts.spec.kind))));
+            return Err(Error::invalid(p, format!("tokenizer: no such file or folder; hint: {}", opts.tokenizer_option.hint(spec.kind))));
         }
-        return Ok((GlmTokenizer::load(p, &opts.spec)?, TokenizerOrigin::Given(p.to_path_buf())));
+        let tok = match &opts.spec {
+            Some(s) => GlmTokenizer::load(p, s)?,
+            None => GlmTokenizer::load_saved(p)?,
+        };
+        return Ok((tok, TokenizerOrigin::Given(p.to_path_buf())));
     }
     if opts.vocab_size < 64 {
         // the same flag in `prepare` and in training
@@ -81,9 +88,9 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     let fp = CorpusFingerprint::compute_with(files, known.as_ref())?;
     // trained on other texts, another tokenizer: the WuDao reader's has a name of its own
     let reader = if opts.corpus.reader == super::corpus::Reader::WuDao { "-wudao" } else { "" };
-    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{}{reader}.json", &fp.digest[..12], opts.vocab_size, opts.spec.cache_suffix()));
+    let cache = opts.tokenizer_cache.join(format!("tokenizer-{}-v{}{}{reader}.json", &fp.digest[..12], opts.vocab_size, spec.cache_suffix()));
     if cache.is_file() {
-        return Ok((GlmTokenizer::load(&cache, &opts.spec)?, TokenizerOrigin::Cached(cache)));
+        return Ok((GlmTokenizer::load(&cache, &spec)?, TokenizerOrigin::Cached(cache)));
     }
     let mut texts = Vec::new();
     let mut bytes = 0usize;
@@ -98,13 +105,13 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
         return Err(Error::invalid(corpus_name(files), "the corpus holds no documents with text"));
     }
     let t0 = std::time::Instant::now();
-    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress, &opts.spec)?;
+    let tok = GlmTokenizer::train(texts.into_iter(), opts.vocab_size, opts.show_progress, &spec)?;
     std::fs::create_dir_all(&opts.tokenizer_cache).at(&opts.tokenizer_cache)?;
     let cache_name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let tmp = crate::runtime::host::temp_path(&opts.tokenizer_cache, &format!("{cache_name}.tmp-"));
     std::fs::write(&tmp, tok.to_json()?).at(&tmp)?;
     std::fs::rename(&tmp, &cache).at(&cache)?;
-    Ok((tok, TokenizerOrigin::Trained { path: cache, model: opts.spec.kind.trained_model(), text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
+    Ok((tok, TokenizerOrigin::Trained { path: cache, model: spec.kind.trained_model(), text_bytes: bytes, seconds: t0.elapsed().as_secs_f64() }))
 }
 
 /// The store of a run's valid_data or test_data (`which`) beside its

@@ -135,15 +135,15 @@ pub struct DocumentSplit {
 }
 
 /// Splits documents `0..n` as the original: no split when one share is
-/// everything, else `order` (loaded with `load_splits`) or the fixed-seed
-/// shuffle, cut by `shares`.
-pub fn split_documents(n: usize, shares: &[f64; 3], order: Option<Vec<u32>>) -> Result<DocumentSplit> {
+/// everything, else the order `load_splits` names (read only then) or the
+/// fixed-seed shuffle, cut by `shares`.
+pub fn split_documents(n: usize, shares: &[f64; 3], load_splits: Option<&Path>) -> Result<DocumentSplit> {
     if !should_split(shares) {
         let all = (0..u32::try_from(n).map_err(|_| Error::Config(format!("{n} documents: at most {} are supported", u32::MAX)))?).collect();
         return Ok(DocumentSplit { parts: [all, Vec::new(), Vec::new()], order: None });
     }
-    let order = match order {
-        Some(o) => o,
+    let order = match load_splits {
+        Some(p) => load_npy(p, n, "load_splits")?,
         None => numpy_permutation(n, SPLIT_SEED)?,
     };
     Ok(DocumentSplit { parts: cut(&order, shares), order: Some(order) })

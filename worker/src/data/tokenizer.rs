@@ -66,6 +66,11 @@ impl TokenizerType {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
+    /// The three names, for "expected one of".
+    pub fn names() -> String {
+        Self::ALL.map(|t| t.name()).join(", ")
+    }
+
     /// The files `tokenizer_path` names for this type.
     pub fn files(self) -> &'static str {
         match self {
@@ -152,10 +157,8 @@ impl TokenizerSpec {
     /// The spec of configs.json's keys (`tokenizer_type` checked by the
     /// run's configuration).
     pub fn from_args(a: &glm_common::args::Args) -> Result<Self> {
-        let kind = TokenizerType::parse(&a.tokenizer_type).ok_or_else(|| {
-            let names: Vec<&str> = TokenizerType::ALL.iter().map(|t| t.name()).collect();
-            Error::Config(format!("tokenizer_type = \"{}\": expected one of {}", a.tokenizer_type, names.join(", ")))
-        })?;
+        let kind = TokenizerType::parse(&a.tokenizer_type)
+            .ok_or_else(|| Error::Config(format!("tokenizer_type = \"{}\": expected one of {}", a.tokenizer_type, TokenizerType::names())))?;
         Ok(Self::new(kind, &a.tokenizer_model_type, a.fix_command_token))
     }
 
@@ -657,12 +660,6 @@ impl GlmTokenizer {
         self.block.tokenizer_type
     }
 
-    /// The spec this tokenizer answers (its casing is its own normaliser's).
-    pub fn spec(&self) -> TokenizerSpec {
-        let l = self.block.layout;
-        TokenizerSpec { kind: self.block.tokenizer_type, lowercase: true, roberta: l == Layout::Roberta, fix_command_token: l == Layout::SpFixed }
-    }
-
     /// The command tokens, in the original's order.
     pub fn command_tokens(&self) -> &[CommandToken] {
         &self.block.command_tokens
@@ -686,12 +683,9 @@ impl GlmTokenizer {
     /// The text a token stands for (a WordPiece or SentencePiece piece as
     /// written; a byte-level piece decoded), for tables.
     fn piece_text(&self, id: u32) -> Option<String> {
-        if let Some(c) = self.command(id) {
-            return Some(c.token.clone());
-        }
         match self.block.tokenizer_type {
-            TokenizerType::Gpt2Bpe => self.inner.decode(&[id], false).ok(),
-            _ => self.inner.id_to_token(id),
+            TokenizerType::Gpt2Bpe if self.command(id).is_none() => self.inner.decode(&[id], false).ok(),
+            _ => self.id_to_token(id),
         }
     }
 

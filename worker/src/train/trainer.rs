@@ -275,7 +275,7 @@ impl Trainer {
             valid_popts.corpus.text_key = a.eval_text_key.clone().unwrap_or_else(|| a.text_key.clone());
         }
         popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
-        popts.spec = crate::data::tokenizer::TokenizerSpec::from_args(&a)?;
+        popts.spec = Some(crate::data::tokenizer::TokenizerSpec::from_args(&a)?);
         // Rank 0 trains the tokenizer and builds the store; the others wait,
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
@@ -300,11 +300,7 @@ impl Trainer {
         // the store opened is the one this run's tokenizer built (another
         // process may have rebuilt it since it was checked)
         let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "this run's")?);
-        let order = match &a.load_splits {
-            Some(p) if crate::data::split::should_split(&cfg.split) => Some(crate::data::split::load_npy(p, store.num_docs(), "load_splits")?),
-            _ => None,
-        };
-        let split = split_documents(store.num_docs(), &cfg.split, order)?;
+        let split = split_documents(store.num_docs(), &cfg.split, a.load_splits.as_deref())?;
         if par.is_main() {
             save_split_files(&a, &split, &store, &tok)?;
         }
