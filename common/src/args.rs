@@ -75,6 +75,9 @@ pub struct Args {
     /// A fresh run (no `load`) may replace the run already saved in `save`
     /// (its checkpoints, metrics and curve); without it that is refused.
     pub overwrite: bool,
+    /// Seconds a rank may wait inside one collective before it stops the
+    /// job (this program's key; `--collective-timeout` wins over it).
+    pub collective_timeout: f64,
     pub save_interval: u64,
     pub no_save_optim: bool,
     pub no_save_rng: bool,
@@ -178,6 +181,7 @@ impl Default for Args {
             experiment_name: "gpt-345M".into(),
             save: None,
             overwrite: false,
+            collective_timeout: crate::launch::DEFAULT_COLLECTIVE_TIMEOUT_S,
             save_interval: 5000,
             no_save_optim: false,
             no_save_rng: false,
@@ -458,6 +462,13 @@ impl LoadedArgs {
                     if k == "save" { "no checkpoints" } else { "a fresh run" }
                 )));
             }
+        }
+        if !(args.collective_timeout.is_finite() && args.collective_timeout > 0.0) {
+            return Err(Error::Config(format!(
+                "collective_timeout = {} ({}): seconds a collective may wait, a positive number",
+                args.collective_timeout,
+                sources.get("collective_timeout").map(ToString::to_string).unwrap_or_default()
+            )));
         }
         Ok(LoadedArgs { args, sources, ignored })
     }

@@ -16,6 +16,76 @@ pub const ALL_RANKS_OUTPUT: &str = "GLM_ALL_RANKS_OUTPUT";
 /// the job: a stop signal finds the job's workers on a host by it.
 pub const LAUNCH_ID: &str = "GLM_LAUNCH_ID";
 
+/// Set by `glm-launch` for every worker: print a [`Heartbeat`] line to
+/// stdout every this many seconds (the launcher reads them off each rank's
+/// output, and names the ranks that stop making progress).
+pub const HEARTBEAT_VAR: &str = "GLM_HEARTBEAT";
+
+/// Set by `glm-launch` for every worker of an attempt: how many automatic
+/// restarts came before it (0 for the first; torchrun's
+/// `TORCHELASTIC_RESTART_COUNT`).
+pub const RESTART_COUNT_VAR: &str = "GLM_RESTART_COUNT";
+
+/// How long a rank may wait inside one collective before it stops the job
+/// (`--collective-timeout`, configs.json `collective_timeout`): 10 minutes,
+/// PyTorch's NCCL watchdog default.
+pub const DEFAULT_COLLECTIVE_TIMEOUT_S: f64 = 600.0;
+
+/// The exit code of a rank that stopped because a collective passed its
+/// deadline (`timeout(1)`'s code).
+pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
+
+/// What starts a heartbeat line.
+pub const HEARTBEAT_TAG: &str = "glm-heartbeat:";
+
+/// Where a rank is: its iteration (the one it works on; 0 before the first),
+/// its phase (`starting`, `data`, `forward`, `backward`, `optimizer`,
+/// `evaluate`, `save`, ...), and the collective it waits in, if any.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub iteration: u64,
+    pub phase: String,
+    pub waiting: Option<Waiting>,
+}
+
+/// A collective a rank is inside: the operation, the group, and for how long.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub op: String,
+    pub group: String,
+    pub secs: f64,
+}
+
+impl Heartbeat {
+    /// `glm-heartbeat: iteration=12 phase=backward waiting=all_reduce@dp:3.2`
+    pub fn line(&self) -> String {
+        let mut s = format!("{HEARTBEAT_TAG} iteration={} phase={}", self.iteration, self.phase);
+        if let Some(w) = &self.waiting {
+            s.push_str(&format!(" waiting={}@{}:{:.1}", w.op, w.group, w.secs));
+        }
+        s
+    }
+
+    /// The heartbeat a line carries (`None` for any other line).
+    pub fn parse(line: &str) -> Option<Heartbeat> {
+        let rest = line.trim().strip_prefix(HEARTBEAT_TAG)?;
+        let (mut iteration, mut phase, mut waiting) = (None, None, None);
+        for field in rest.split_whitespace() {
+            match field.split_once('=')? {
+                ("iteration", v) => iteration = v.parse().ok(),
+                ("phase", v) => phase = Some(v.to_string()),
+                ("waiting", v) => {
+                    let (op, at) = v.split_once('@')?;
+                    let (group, secs) = at.rsplit_once(':')?;
+                    waiting = Some(Waiting { op: op.into(), group: group.into(), secs: secs.parse().ok()? });
+                }
+                _ => {}
+            }
+        }
+        Some(Heartbeat { iteration: iteration?, phase: phase?, waiting })
+    }
+}
+
 /// Environment variables forwarded from the launcher to every worker: these
 /// prefixes, and the exact names below.
 pub const FORWARDED_PREFIXES: &[&str] = &["NCCL_", "CUDA_", "OMP_", "GLM_", "UCX_", "RUST_", "TORCH_"];
@@ -110,6 +180,18 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn heartbeats_read_back_what_they_write() {
+        let h = Heartbeat { iteration: 12, phase: "backward".into(), waiting: Some(Waiting { op: "all_reduce".into(), group: "dp".into(), secs: 3.25 }) };
+        assert_eq!(h.line(), "glm-heartbeat: iteration=12 phase=backward waiting=all_reduce@dp:3.2");
+        let back = Heartbeat::parse(&h.line()).unwrap();
+        assert_eq!((back.iteration, back.phase.as_str(), back.waiting.unwrap().group), (12, "backward", "dp".to_string()));
+        let idle = Heartbeat { iteration: 0, phase: "starting".into(), waiting: None };
+        assert_eq!(Heartbeat::parse(&idle.line()), Some(idle));
+        assert_eq!(Heartbeat::parse("iteration 3 | loss 2"), None);
+        assert_eq!(Heartbeat::parse("glm-heartbeat: phase=x"), None);
+    }
 
     #[test]
     fn env_files_and_forwarding() {

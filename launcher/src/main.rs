@@ -16,7 +16,10 @@
 //! no libtorch, MPI headers or GPU: it builds and runs on a login node.
 
 mod backend;
+mod job;
 mod preflight;
+mod progress;
+mod restart;
 mod ssh;
 mod supervise;
 
@@ -94,6 +97,23 @@ struct Cli {
     /// Skip the preflight (glm-worker env on every host before the launch)
     #[arg(long)]
     no_preflight: bool,
+    /// Seconds a worker may wait inside one collective before it stops the job, naming the operation (passed to every worker; default: configs.json's collective_timeout, 600); glm-launch also stops a job that makes no progress for longer
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    collective_timeout: Option<f64>,
+    /// After a failure (a rank that exits, is killed or hangs, a host that drops), start the job again from the latest checkpoint, up to N times (torchrun's --max-restarts)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_restarts: usize,
+    /// Elastic shrink: on a restart, leave out the hosts that fail the preflight while at least M remain, keeping the global batch by more gradient accumulation (needs --max-restarts)
+    #[arg(long, value_name = "M")]
+    min_nodes: Option<usize>,
+}
+
+/// A positive number of seconds.
+fn positive_seconds(v: &str) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
+        _ => Err(format!("{v}: expected a positive number of seconds")),
+    }
 }
 
 /// Every spelling of a launcher option after `--`, from `Cli` (its long
@@ -309,45 +329,6 @@ fn detect(program: String, default: backend::Flavor) -> (backend::Flavor, String
     (backend::Flavor::detect(&text).unwrap_or(default), program)
 }
 
-/// The save directory the worker arguments configure, and the free space a
-/// checkpoint needs there: fp32 weights and two Adam moments (12 bytes a
-/// parameter, with some room) twice over, since the previous checkpoint
-/// stays until the new one is installed. `None` without saving, or for a
-/// worker subcommand.
-fn disk_plan(worker_args: &[String]) -> Result<Option<preflight::Disk>> {
-    if worker_args.first().is_some_and(|a| !a.starts_with('-')) {
-        return Ok(None);
-    }
-    let (mut file, mut named, mut sets) = (PathBuf::from("configs/configs.json"), false, Vec::new());
-    let mut it = worker_args.iter();
-    while let Some(a) = it.next() {
-        let value = |flag: &str, it: &mut std::slice::Iter<String>| match a.strip_prefix(&format!("{flag}=")) {
-            Some(v) => Some(v.to_string()),
-            None => (a == flag).then(|| it.next().cloned()).flatten(),
-        };
-        if let Some(v) = value("--args", &mut it) {
-            (file, named) = (PathBuf::from(v), true);
-        } else if let Some(v) = value("--set", &mut it) {
-            sets.push(v);
-        }
-    }
-    // the configs.json ones, as glm-worker splits them
-    let (_, sets) = glm_common::ds::split_sets(&sets)?;
-    let path = file.is_file().then_some(file.as_path());
-    if path.is_none() && named {
-        bail!("{}: no such file (--args)", file.display());
-    }
-    let a = glm_common::args::LoadedArgs::load(path, &sets)?.args;
-    // train_iters = 0 validates the configuration and writes nothing
-    if a.train_iters == 0 {
-        return Ok(None);
-    }
-    let Some(dir) = a.save else { return Ok(None) };
-    let (h, l) = (a.hidden_size as u64, a.num_layers as u64);
-    let params = 12 * l * h * h + (16_000 + 2 * a.max_position_embeddings as u64) * h;
-    Ok(Some(preflight::Disk { dir, need: 2 * 16 * params }))
-}
-
 /// What to do on the first Ctrl-C/SIGTERM when no worker runs on this
 /// machine: SIGTERM every worker of this job (marked by its GLM_LAUNCH_ID)
 /// on every host, over the ssh back end's connections; returns on how many
@@ -439,7 +420,7 @@ fn run(args: &[String]) -> Result<i32> {
     let env = worker_env(&cli)?;
     // ranks staging collectives through host memory may share GPUs
     let gpus_shared = launch::CommBackend::of_job(&env)? == launch::CommBackend::HostStaged;
-    let place = if use_slurm { slurm_placement(&cli)? } else { placement(&cli, gpus_shared)? };
+    let mut place = if use_slurm { slurm_placement(&cli)? } else { placement(&cli, gpus_shared)? };
     let (flavor, program) = match cli.launcher.as_str() {
         "mpirun" | "local" | "ssh" => detect(cli.mpi.clone().unwrap_or_else(|| "mpirun".into()), backend::Flavor::OpenMpi),
         "mpiexec" => detect(cli.mpi.clone().unwrap_or_else(|| "mpiexec".into()), backend::Flavor::Mpich),
@@ -466,8 +447,10 @@ fn run(args: &[String]) -> Result<i32> {
             bail!("--ssh_config {}: no such file", f.display());
         }
     }
-    // every host's address, user, port and keys, before anything runs
-    let targets: Vec<ssh::Target> = if use_ssh { place.hosts.iter().map(|(h, _)| ssh::resolve(h, &ssh_opts)).collect::<Result<_>>()? } else { Vec::new() };
+    // every host's address, user, port and keys, before anything runs (each attempt resolves them again)
+    if use_ssh {
+        place.hosts.iter().try_for_each(|(h, _)| ssh::resolve(h, &ssh_opts).map(|_| ()))?;
+    }
     let agent = if use_ssh {
         let me = std::env::current_exe().context("cannot find glm-launch's own path (the ssh back end's remote-start agent)")?;
         let me = me.display().to_string();
@@ -489,104 +472,306 @@ fn run(args: &[String]) -> Result<i32> {
     if !use_slurm {
         backend::supported(flavor, &place).map_err(anyhow::Error::msg)?;
     }
-    let mut worker = vec![worker_program(&cli)?];
-    worker.extend(worker_args.iter().cloned());
+    let worker_program = worker_program(&cli)?;
     // marks this job's workers (a stop signal finds them by it on every host)
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let launch_id = format!("{secs}-{}-{}", std::process::id(), this_host());
-    let all_local = place.hosts.iter().all(|(h, _)| is_local(h));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let job = backend::Job {
-        placement: &place,
-        worker: &worker,
-        env: &env,
-        // SAFETY: geteuid has no preconditions.
-        as_root: unsafe { libc::geteuid() } == 0,
-        oversubscribe: all_local && place.world_size() > cores,
-        agent: agent.as_deref(),
-        launch_id: Some(&launch_id),
-    };
     let tags = match (use_slurm, flavor) {
         (true, _) => supervise::Tags::Srun,
         (false, backend::Flavor::OpenMpi) => supervise::Tags::OpenMpi,
         (false, backend::Flavor::Mpich) => supervise::Tags::Mpich,
     };
-    let argv = if use_slurm { backend::srun(&program, &job).map_err(anyhow::Error::msg)? } else { backend::command(flavor, &program, &job) };
-    let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
-    println!(
-        "glm-launch: {} worker(s) on {} host(s): {}",
-        place.world_size(),
-        place.hosts.len(),
-        place.hosts.iter().map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("; ")
-    );
-    println!("glm-launch: environment for every worker: {}", env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" "));
-    println!("glm-launch: {}", backend::display(&argv));
-    if cli.dry_run {
-        return Ok(0);
+    // what the launcher reads of the job: the disk a checkpoint needs, the
+    // collective deadline, the save directory, the batch sizes
+    let job = job::Job::read(&worker_args)?;
+    let mut worker_args = worker_args;
+    let timeout = cli.collective_timeout.or(job.as_ref().map(|j| j.args.collective_timeout));
+    if let (Some(t), Some(_)) = (cli.collective_timeout, &job) {
+        worker_args.extend(["--collective-timeout".to_string(), t.to_string()]);
     }
-    if which(&program).is_none() {
-        if use_slurm {
-            bail!("{program}: not found (Slurm's srun; name it with --mpi)");
-        }
-        bail!("{program}: not found (install OpenMPI's mpirun or MPICH's mpiexec on this machine, or name it with --mpi)");
+    let watch = timeout.filter(|_| job.as_ref().is_some_and(|j| j.trains())).map(|t| supervise::Watch::new(std::time::Duration::from_secs_f64(t)));
+    let mut env = env;
+    if let Some(w) = watch {
+        env.push((launch::HEARTBEAT_VAR.into(), format!("{}", w.interval.as_secs_f64())));
     }
-    if !cli.no_preflight {
-        // one process per host (app contexts: rank i is host i), with the
-        // job's environment, every GPU visible
-        let one = Placement { hosts: place.hosts.iter().map(|(h, _)| (h.clone(), vec![0])).collect() };
-        let disk = disk_plan(&worker_args)?;
-        let mut probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from).to_vec();
-        if let Some(d) = &disk {
-            probe.extend(["--disk".to_string(), d.dir.display().to_string()]);
+    let save = job.as_ref().and_then(|j| j.save()).map(Path::to_path_buf);
+    if cli.max_restarts > 0 && save.is_none() {
+        bail!("--max-restarts {} restarts from the latest checkpoint, and the job saves none: set save (--set save=<dir>) and save_interval", cli.max_restarts);
+    }
+    if let Some(m) = cli.min_nodes {
+        if cli.max_restarts == 0 {
+            bail!("--min-nodes {m} shrinks the job on a restart: give --max-restarts too");
         }
-        let wants_cuda =
-            worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-        let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared, disk: disk.as_ref() };
-        let (rows, ok) = if use_ssh {
-            let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
-            preflight::run_ssh(&targets, &local, &probe, &env, &place, &expect)
-        } else if use_slurm {
-            // one task per node, plain (no MPI), labelled by node
-            let mut pre = backend::srun(
-                &program,
-                &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
-            )
-            .map_err(anyhow::Error::msg)?;
-            pre[1] = "--mpi=none".into();
-            preflight::run(&pre, supervise::Tags::Srun, &env, &place, &expect)
-        } else {
-            let pre = backend::command(
-                flavor,
-                &program,
-                &backend::Job { placement: &one, worker: &probe, env: &env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
-            );
-            preflight::run(&pre, tags, &env, &place, &expect)
-        };
-        println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
-        for r in &rows {
-            println!("{r}");
-        }
-        if !ok {
-            bail!("preflight failed (see the table above); nothing was started");
+        if m == 0 || m > place.hosts.len() {
+            bail!("--min-nodes {m}: between 1 and the {} host(s) selected", place.hosts.len());
         }
     }
     let run_dir = cli.run_dir.clone().unwrap_or_else(|| PathBuf::from("glm_runs").join(format!("run-{secs}-{}", std::process::id())));
-    println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());
-    // mpirun's own environment: the workers' and, for the ssh back end, the
-    // agent's settings (not exported to the workers)
-    let mut launcher_env = env.clone();
-    launcher_env.extend(ssh_opts.to_env());
-    // srun (Slurm 22.05+) does not inherit the allocation's --cpus-per-task
-    if let (true, Ok(c), Err(_)) = (use_slurm, std::env::var("SLURM_CPUS_PER_TASK"), std::env::var("SRUN_CPUS_PER_TASK")) {
-        launcher_env.push(("SRUN_CPUS_PER_TASK".into(), c));
+    let ctx = Attempt {
+        cli: &cli,
+        program: &program,
+        flavor,
+        tags,
+        use_ssh,
+        use_slurm,
+        ssh_opts: &ssh_opts,
+        agent: agent.as_deref(),
+        gpus_shared,
+        launch_id: &launch_id,
+        worker_program: &worker_program,
+        disk: job.as_ref().and_then(|j| j.disk()),
+    };
+    // the global batch of the first layout, which an elastic restart keeps
+    let first_batch = match (&job, cli.min_nodes) {
+        (Some(j), Some(_)) if j.trains() => Some(j.batch(place.world_size())?),
+        _ => None,
+    };
+    let tp = job.as_ref().map_or(1, |j| j.args.model_parallel_size.max(1));
+    let (mut attempt, mut previous, mut extra): (usize, Option<supervise::Failure>, Vec<String>) = (0, None, Vec::new());
+    // the record of the restart under way, written once it has started (or shrunk)
+    let mut pending: Option<restart::Record> = None;
+    loop {
+        let mut args_now = worker_args.clone();
+        for s in &extra {
+            args_now.extend(["--set".to_string(), s.clone()]);
+        }
+        let mut env_now = env.clone();
+        env_now.push((launch::RESTART_COUNT_VAR.into(), attempt.to_string()));
+        let attempt_dir = if attempt == 0 { run_dir.clone() } else { run_dir.join(format!("restart-{attempt}")) };
+        let started = std::time::SystemTime::now();
+        let out = match ctx.run(&place, &args_now, &env_now, &attempt_dir, watch, attempt == 0)? {
+            Started::DryRun => return Ok(0),
+            Started::Preflight(failed) => {
+                // a restart on fewer hosts, when the rest are enough
+                let (Some(min), true) = (cli.min_nodes, attempt > 0) else {
+                    bail!("preflight failed (see the table above); nothing was started");
+                };
+                let keep: Vec<(String, Vec<usize>)> = place.hosts.iter().enumerate().filter(|(i, _)| !failed.contains(i)).map(|(_, h)| h.clone()).collect();
+                let dropped: Vec<String> = failed.iter().map(|&i| place.hosts[i].0.clone()).collect();
+                if keep.len() < min {
+                    bail!("preflight failed on {} ({} host(s) left, --min-nodes {min}): not restarted", dropped.join(", "), keep.len());
+                }
+                let shrunk = Placement { hosts: keep };
+                let b = first_batch.context("elastic shrink needs the job's batch sizes")?;
+                let keep_sets = job::keep_batch(b, shrunk.world_size(), tp)?;
+                println!(
+                    "glm-launch: elastic: leaving out {} (failed the preflight); restarting on {} host(s), {} worker(s), the global batch {} kept: {}",
+                    dropped.join(", "),
+                    shrunk.hosts.len(),
+                    shrunk.world_size(),
+                    b.global,
+                    keep_sets.join(" ")
+                );
+                if let Some(r) = pending.take() {
+                    let mut r = r;
+                    r.dropped_hosts = dropped;
+                    r.world = shrunk.world_size();
+                    r.sets.extend(keep_sets.iter().cloned());
+                    r.append(&run_dir)?;
+                }
+                extra.retain(|s| {
+                    !s.starts_with("ds.train_batch_size=")
+                        && !s.starts_with("ds.train_micro_batch_size_per_gpu=")
+                        && !s.starts_with("ds.gradient_accumulation_steps=")
+                });
+                extra.extend(keep_sets);
+                place = shrunk;
+                continue;
+            }
+            Started::Ran(out) => out,
+        };
+        if let Some(r) = pending.take() {
+            r.append(&run_dir)?;
+        }
+        let Some(failure) = out.failure.clone() else {
+            println!(
+                "glm-launch: every worker finished{}",
+                if attempt > 0 { format!(" (after {attempt} restart(s); see {})", run_dir.join("restarts.jsonl").display()) } else { String::new() }
+            );
+            return Ok(0);
+        };
+        if let Some(r) = &out.report {
+            eprintln!("glm-launch: {r}");
+        }
+        if let Some(why) = restart::refuse(&failure, previous.as_ref(), attempt, cli.max_restarts, out.signalled) {
+            if !why.is_empty() {
+                eprintln!("glm-launch: {why}");
+            }
+            return Ok(out.code);
+        }
+        let now = std::time::SystemTime::now();
+        let save = save.as_deref().expect("checked above");
+        let (sets, resumed) = restart::resume_sets(save);
+        let since = restart::latest_checkpoint(save).map_or(started, |(_, t)| t.max(started));
+        attempt += 1;
+        extra.retain(|s| !s.starts_with("load=") && !s.starts_with("overwrite="));
+        extra.extend(sets.iter().cloned());
+        eprintln!(
+            "glm-launch: restart {attempt} of {} after {} ({}): {}",
+            cli.max_restarts,
+            failure.cause,
+            failure.rank.map_or("rank ?".to_string(), |r| format!("rank {r} on {}", failure.host.as_deref().unwrap_or("?"))),
+            match resumed {
+                Some(it) => format!("resuming from checkpoint {it} in {}", save.display()),
+                None => format!("no checkpoint in {} yet: starting again from scratch", save.display()),
+            }
+        );
+        pending = Some(restart::Record {
+            time: restart::unix(now),
+            restart: attempt,
+            cause: failure.cause.clone(),
+            rank: failure.rank,
+            host: failure.host.clone(),
+            iteration: failure.iteration,
+            resumed_from: resumed,
+            lost_s: now.duration_since(since).map_or(0.0, |d| d.as_secs_f64()),
+            dropped_hosts: Vec::new(),
+            world: place.world_size(),
+            sets: extra.clone(),
+        });
+        previous = Some(failure);
     }
-    let stop: Option<Box<dyn Fn() -> usize + Send + Sync>> = if use_ssh { Some(Box::new(ssh_stopper(targets.clone(), launch_id.clone()))) } else { None };
-    let out = supervise::run(&argv, tags, &launcher_env, &ranks, &run_dir, cli.all_ranks_output, stop.as_deref())?;
-    match &out.report {
-        None => println!("glm-launch: every worker finished"),
-        Some(r) => eprintln!("glm-launch: {r}"),
+}
+
+/// What one attempt at starting the job came to.
+enum Started {
+    /// `--dry-run`: printed, nothing started.
+    DryRun,
+    /// The preflight failed on these hosts (their indices); nothing started.
+    Preflight(Vec<usize>),
+    Ran(supervise::Outcome),
+}
+
+/// What every attempt of a job shares.
+struct Attempt<'a> {
+    cli: &'a Cli,
+    program: &'a str,
+    flavor: backend::Flavor,
+    tags: supervise::Tags,
+    use_ssh: bool,
+    use_slurm: bool,
+    ssh_opts: &'a ssh::Options,
+    agent: Option<&'a str>,
+    gpus_shared: bool,
+    launch_id: &'a str,
+    worker_program: &'a str,
+    disk: Option<preflight::Disk>,
+}
+
+impl Attempt<'_> {
+    /// Runs the preflight on `place`, then the job with `worker_args` and
+    /// `env`, logging under `run_dir`; `first` prints the job's command.
+    fn run(
+        &self,
+        place: &Placement,
+        worker_args: &[String],
+        env: &[(String, String)],
+        run_dir: &Path,
+        watch: Option<supervise::Watch>,
+        first: bool,
+    ) -> Result<Started> {
+        let cli = self.cli;
+        let (program, flavor, tags, use_ssh, use_slurm) = (self.program, self.flavor, self.tags, self.use_ssh, self.use_slurm);
+        // every host's address, user, port and keys, before anything runs
+        let targets: Vec<ssh::Target> =
+            if use_ssh { place.hosts.iter().map(|(h, _)| ssh::resolve(h, self.ssh_opts)).collect::<Result<_>>()? } else { Vec::new() };
+        let mut worker = vec![self.worker_program.to_string()];
+        worker.extend(worker_args.iter().cloned());
+        let all_local = place.hosts.iter().all(|(h, _)| is_local(h));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let job = backend::Job {
+            placement: place,
+            worker: &worker,
+            env,
+            // SAFETY: geteuid has no preconditions.
+            as_root: unsafe { libc::geteuid() } == 0,
+            oversubscribe: all_local && place.world_size() > cores,
+            agent: self.agent,
+            launch_id: Some(self.launch_id),
+        };
+        let argv = if use_slurm { backend::srun(program, &job).map_err(anyhow::Error::msg)? } else { backend::command(flavor, program, &job) };
+        let ranks: Vec<String> = place.ranks().iter().map(|(h, _, _)| h.to_string()).collect();
+        println!(
+            "glm-launch: {} worker(s) on {} host(s): {}",
+            place.world_size(),
+            place.hosts.len(),
+            place
+                .hosts
+                .iter()
+                .map(|(h, s)| format!("{h} slots {}", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if first {
+            println!("glm-launch: environment for every worker: {}", env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" "));
+            println!("glm-launch: {}", backend::display(&argv));
+        }
+        if cli.dry_run {
+            return Ok(Started::DryRun);
+        }
+        if which(program).is_none() {
+            if use_slurm {
+                bail!("{program}: not found (Slurm's srun; name it with --mpi)");
+            }
+            bail!("{program}: not found (install OpenMPI's mpirun or MPICH's mpiexec on this machine, or name it with --mpi)");
+        }
+        if !cli.no_preflight {
+            // one process per host (app contexts: rank i is host i), with the
+            // job's environment, every GPU visible
+            let one = Placement { hosts: place.hosts.iter().map(|(h, _)| (h.clone(), vec![0])).collect() };
+            let disk = self.disk.as_ref();
+            let mut probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from).to_vec();
+            if let Some(d) = disk {
+                probe.extend(["--disk".to_string(), d.dir.display().to_string()]);
+            }
+            let wants_cuda =
+                worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
+            let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared: self.gpus_shared, disk };
+            let (rows, ok) = if use_ssh {
+                let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
+                preflight::run_ssh(&targets, &local, &probe, env, place, &expect)
+            } else if use_slurm {
+                // one task per node, plain (no MPI), labelled by node
+                let mut pre = backend::srun(
+                    program,
+                    &backend::Job { placement: &one, worker: &probe, env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
+                )
+                .map_err(anyhow::Error::msg)?;
+                pre[1] = "--mpi=none".into();
+                preflight::run(&pre, supervise::Tags::Srun, env, place, &expect)
+            } else {
+                let pre = backend::command(
+                    flavor,
+                    program,
+                    &backend::Job { placement: &one, worker: &probe, env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
+                );
+                preflight::run(&pre, tags, env, place, &expect)
+            };
+            println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
+            for r in &rows {
+                println!("{r}");
+            }
+            if !ok {
+                // the table's rows after its header, one per host: the verdict ends each
+                let failed = rows.iter().skip(1).enumerate().filter(|(_, r)| !r.trim_end().ends_with(" ok")).map(|(i, _)| i).collect();
+                return Ok(Started::Preflight(failed));
+            }
+        }
+        println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());
+        // mpirun's own environment: the workers' and, for the ssh back end, the
+        // agent's settings (not exported to the workers)
+        let mut launcher_env = env.to_vec();
+        launcher_env.extend(self.ssh_opts.to_env());
+        // srun (Slurm 22.05+) does not inherit the allocation's --cpus-per-task
+        if let (true, Ok(c), Err(_)) = (use_slurm, std::env::var("SLURM_CPUS_PER_TASK"), std::env::var("SRUN_CPUS_PER_TASK")) {
+            launcher_env.push(("SRUN_CPUS_PER_TASK".into(), c));
+        }
+        let stop: Option<Box<dyn Fn() -> usize + Send + Sync>> =
+            if use_ssh { Some(Box::new(ssh_stopper(targets.clone(), self.launch_id.to_string()))) } else { None };
+        let opts = supervise::Options { all_ranks: cli.all_ranks_output, stop_remote: stop.as_deref(), watch };
+        let out = supervise::run(&argv, tags, &launcher_env, &ranks, run_dir, opts)?;
+        Ok(Started::Ran(out))
     }
-    Ok(out.code)
 }
 
 #[cfg(test)]

@@ -13,9 +13,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use glm_common::launch::Heartbeat;
+
+use crate::progress::{Ranks, Stalled};
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static SIGNALS: AtomicI32 = AtomicI32::new(0);
@@ -223,21 +226,64 @@ pub struct Outcome {
     pub code: i32,
     /// What went wrong (none on success).
     pub report: Option<String>,
+    /// What went wrong, for the restart policy (none on success).
+    pub failure: Option<Failure>,
+    /// A stop signal (SIGINT/SIGTERM) reached glm-launch: never restarted.
+    pub signalled: bool,
+}
+
+/// A failed job, as the restart policy reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// "exit code 3", "killed by signal 9 (Killed)", "collective timeout",
+    /// "no progress", "failed".
+    pub cause: String,
+    /// The rank that failed (or held the job up), and its host.
+    pub rank: Option<usize>,
+    pub host: Option<String>,
+    /// The furthest iteration a rank reached (0: none trained).
+    pub iteration: u64,
+}
+
+/// The progress deadline glm-launch watches (from the heartbeats it asks
+/// the workers for).
+#[derive(Clone, Copy, Debug)]
+pub struct Watch {
+    /// The workers' collective timeout.
+    pub timeout: Duration,
+    /// How often each worker sends a heartbeat.
+    pub interval: Duration,
+}
+
+impl Watch {
+    /// For collective timeout `timeout`: a heartbeat every tenth of it
+    /// (between 0.5 and 10 s).
+    pub fn new(timeout: Duration) -> Watch {
+        Watch { timeout, interval: (timeout / 10).clamp(Duration::from_millis(500), Duration::from_secs(10)) }
+    }
+
+    /// How long a job may go without progress before glm-launch stops it:
+    /// the timeout, and time for the workers' own watchdog to act first.
+    pub fn deadline(&self) -> Duration {
+        self.timeout + (self.interval * 3).max(Duration::from_secs(10))
+    }
+}
+
+/// How `run` watches the job.
+pub struct Options<'a> {
+    /// Show every rank's output (else rank 0's, and every rank's errors).
+    pub all_ranks: bool,
+    /// When given, reaches workers on other machines at the first signal
+    /// when none runs on this one (the ssh back end's connections).
+    pub stop_remote: Option<&'a (dyn Fn() -> usize + Send + Sync)>,
+    /// The progress deadline, when the workers send heartbeats.
+    pub watch: Option<Watch>,
 }
 
 /// Runs `argv` (with `env` added to its environment), attributing output
 /// to `hosts[rank]`, logging under `run_dir/logs`.
-/// `stop_remote`, when given, reaches workers on other machines at the first
-/// signal when none runs on this one (the ssh back end's connections).
-pub fn run(
-    argv: &[String],
-    tags: Tags,
-    env: &[(String, String)],
-    hosts: &[String],
-    run_dir: &Path,
-    all_ranks: bool,
-    stop_remote: Option<&(dyn Fn() -> usize + Send + Sync)>,
-) -> Result<Outcome> {
+pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[String], run_dir: &Path, opts: Options) -> Result<Outcome> {
+    let Options { all_ranks, stop_remote, watch } = opts;
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create the run's log directory", logs.display()))?;
     // SAFETY: the handler only stores to atomics.
@@ -262,8 +308,15 @@ pub fn run(
         messages: Vec<String>,
         /// The last error-looking line of each rank.
         last_error: BTreeMap<usize, String>,
+        /// Every rank's last heartbeat.
+        ranks: Ranks,
+        /// The ranks that held the job up, when a rank's collective timed
+        /// out (taken when its message arrived).
+        hang: Option<(usize, Vec<Stalled>)>,
     }
-    let shared = Arc::new(Mutex::new(Shared { files: BTreeMap::new(), messages: Vec::new(), last_error: BTreeMap::new() }));
+    let shared =
+        Arc::new(Mutex::new(Shared { files: BTreeMap::new(), messages: Vec::new(), last_error: BTreeMap::new(), ranks: Ranks::default(), hang: None }));
+    let interval = watch.map_or(Duration::from_secs(10), |w| w.interval);
     let hosts: Arc<Vec<String>> = Arc::new(hosts.to_vec());
     let tag = Path::new(&argv[0]).file_name().map_or_else(|| argv[0].clone(), |n| n.to_string_lossy().into_owned());
     let pump = |stream: Box<dyn std::io::Read + Send>, from_stderr: bool| {
@@ -283,6 +336,16 @@ pub fn run(
                 let raw = raw.trim_end_matches(['\n', '\r']);
                 let line = parse_line(raw, from_stderr, tags);
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(r) = line.rank {
+                    if let Some(hb) = Heartbeat::parse(&line.text).filter(|_| !line.stderr) {
+                        s.ranks.beat(r, hb, Instant::now());
+                        continue;
+                    }
+                    if line.stderr && line.text.contains("collective timeout:") && s.hang.is_none() {
+                        let stalled = s.ranks.stalled(Instant::now(), interval, interval);
+                        s.hang = Some((r, stalled));
+                    }
+                }
                 let name = match line.rank {
                     Some(r) => format!("rank_{r:04}.log"),
                     None => "launcher.log".to_string(),
@@ -323,10 +386,59 @@ pub fn run(
     let t_err = pump(Box::new(child.stderr.take().expect("piped")), true);
     let (mut forwarded, mut killed) = (0, false);
     let pid = child.id() as i32;
+    // glm-launch's own deadline: the job stopped (no rank made progress, or
+    // a rank went silent) and the workers' watchdog did not end it
+    let mut stopped_hung: Option<(Vec<Stalled>, Instant)> = None;
+    let mut warned = false;
     let status = std::thread::scope(|sc| -> Result<std::process::ExitStatus> {
         loop {
             if let Some(st) = child.try_wait()? {
                 return Ok(st);
+            }
+            if let Some(w) = watch {
+                let now = Instant::now();
+                let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let waiting = s.ranks.waiting(now, w.interval);
+                let longest = waiting.iter().filter_map(|(_, h)| h.waiting.as_ref()).map(|x| x.secs).fold(0.0, f64::max);
+                if !warned && longest > w.timeout.as_secs_f64() / 2.0 {
+                    // half the deadline: say who holds the others up
+                    warned = true;
+                    let stalled = s.ranks.stalled(now, w.interval, w.interval);
+                    let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
+                    let (r0, h0) = &waiting[0];
+                    let wt = h0.waiting.as_ref().expect("waiting");
+                    eprintln!(
+                        "glm-launch: warning: {} rank(s) wait in a collective (rank {r0}: {} on group {} for {:.0} s; the deadline is {:.0} s){}",
+                        waiting.len(),
+                        wt.op,
+                        wt.group,
+                        wt.secs,
+                        w.timeout.as_secs_f64(),
+                        if who.is_empty() { String::new() } else { format!("; holding them up: {}", who.join("; ")) }
+                    );
+                } else if longest == 0.0 {
+                    warned = false;
+                }
+                match &stopped_hung {
+                    None if s.ranks.hung(now, w.deadline(), hosts.len()) => {
+                        let stalled = s.ranks.stalled(now, w.interval, w.interval);
+                        let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
+                        eprintln!(
+                            "glm-launch: no progress for {:.0} s ({}): stopping the job",
+                            w.deadline().as_secs_f64(),
+                            if who.is_empty() { "every rank".to_string() } else { who.join("; ") }
+                        );
+                        // SAFETY: signalling our own child.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                        stopped_hung = Some((stalled, now));
+                    }
+                    Some((_, at)) if now.duration_since(*at) > Duration::from_secs(10) && !killed => {
+                        killed = true;
+                        // SAFETY: signalling our own child's process group.
+                        unsafe { libc::killpg(pid, libc::SIGKILL) };
+                    }
+                    _ => {}
+                }
             }
             let n = SIGNALS.load(Ordering::SeqCst);
             if n > forwarded {
@@ -384,28 +496,63 @@ pub fn run(
     })?;
     let _ = (t_out.join(), t_err.join());
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-    if status.success() {
-        return Ok(Outcome { code: 0, report: None });
+    let sig = SIGNAL.load(Ordering::SeqCst);
+    if status.success() && stopped_hung.is_none() {
+        return Ok(Outcome { code: 0, report: None, failure: None, signalled: false });
     }
     let code = status.code().unwrap_or(1).max(1);
-    let sig = SIGNAL.load(Ordering::SeqCst);
-    let report = match failed_rank(&s.messages) {
-        _ if sig != 0 => format!("stopped by signal {sig} (forwarded to every worker)"),
-        Some(f) => {
-            let detail = s.last_error.get(&f.rank).map(|e| format!(": {e}")).unwrap_or_default();
-            format!("rank {} on {} {}{detail}; every other worker was stopped", f.rank, failed_host(&f, &hosts), f.cause)
+    let host_of = |r: usize| hosts.get(r).cloned().unwrap_or_else(|| "?".into());
+    let iteration = s.ranks.max_iteration();
+    let failure = |cause: String, rank: Option<usize>, host: Option<String>| Failure { cause, rank, host, iteration };
+    let (report, failure) = match (failed_rank(&s.messages), &s.hang, &stopped_hung) {
+        _ if sig != 0 => (format!("stopped by signal {sig} (forwarded to every worker)"), failure(format!("signal {sig}"), None, None)),
+        // a hang: the ranks that held the job up, then who noticed
+        (_, _, Some((stalled, _))) => {
+            let who: Vec<String> = stalled.iter().map(|x| x.describe(&host_of(x.rank))).collect();
+            let first = stalled.first().map(|x| x.rank);
+            let report = format!(
+                "the job made no progress for {:.0} s and glm-launch stopped it: {}",
+                watch.map_or(0.0, |w| w.deadline().as_secs_f64()),
+                if who.is_empty() { "no rank named itself".to_string() } else { who.join("; ") }
+            );
+            (report, failure("no progress".into(), first, first.map(host_of)))
         }
-        None => {
+        (_, Some((noticed, stalled)), _) => {
+            let who: Vec<String> = stalled.iter().map(|x| x.describe(&host_of(x.rank))).collect();
+            let first = stalled.first().map(|x| x.rank);
+            let said = s.last_error.get(noticed).map(|e| e.trim_start_matches("glm-worker: error: ").to_string()).unwrap_or_default();
+            let culprit = if who.is_empty() {
+                "no rank stopped sending heartbeats: every rank waited in a collective (a collective called in a different order on some rank)".to_string()
+            } else {
+                who.join("; ")
+            };
+            let report = format!("{culprit}; rank {noticed} on {} stopped the job: {said}", host_of(*noticed));
+            (report, failure("collective timeout".into(), first.or(Some(*noticed)), Some(host_of(first.unwrap_or(*noticed)))))
+        }
+        (Some(f), None, None) => {
+            let detail = s.last_error.get(&f.rank).map(|e| format!(": {e}")).unwrap_or_default();
+            let report = format!("rank {} on {} {}{detail}; every other worker was stopped", f.rank, failed_host(&f, &hosts), f.cause);
+            let host = failed_host(&f, &hosts);
+            (report, failure(f.cause.clone(), Some(f.rank), Some(host)))
+        }
+        (None, None, None) => {
             let ranks: Vec<String> =
                 s.last_error.iter().map(|(r, e)| format!("rank {r} on {} failed: {e}", hosts.get(*r).map_or("?", |h| h.as_str()))).collect();
-            if ranks.is_empty() {
+            let first = s.last_error.keys().next().copied();
+            let report = if ranks.is_empty() {
                 format!("the job failed ({} exited with {code}); see {}", argv[0], logs.display())
             } else {
                 format!("{} ({} exited with {code}); every other worker was stopped", ranks.join("; "), argv[0])
-            }
+            };
+            (report, failure("failed".into(), first, first.map(host_of)))
         }
     };
-    Ok(Outcome { code: if sig != 0 && code == 1 { 128 + sig } else { code }, report: Some(report) })
+    let code = match (&stopped_hung, &s.hang) {
+        _ if sig != 0 && code == 1 => 128 + sig,
+        (Some(_), _) | (_, Some(_)) => glm_common::launch::EXIT_COLLECTIVE_TIMEOUT,
+        _ => code,
+    };
+    Ok(Outcome { code, report: Some(report), failure: Some(failure), signalled: sig != 0 })
 }
 
 #[cfg(test)]

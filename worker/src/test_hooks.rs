@@ -11,6 +11,15 @@
 //!   first element, or with `split` at the first element of a
 //!   tensor-parallel slice it holds. The fp16 overflow path (skip, scaler,
 //!   schedule) and the agreement on it over the world are tested with it.
+//! - `GLM_TEST_FAULT=<action>:<world rank>:<iteration>[:<attempt>]`: that
+//!   rank, at the start of that training iteration, in the attempt with
+//!   that `GLM_RESTART_COUNT` (0 by default: the first; `*` for every
+//!   attempt), does `stop` (SIGSTOP itself: a frozen process), `kill`
+//!   (SIGKILL itself), `exit` (exits with code 3), or `slow=<ms>` (sleeps
+//!   that long at every iteration from there on: a straggler). When
+//!   `GLM_TEST_FAULT_MARK` names a file, the rank creates it first, so a test
+//!   can wait for the fault as an event. The fault-tolerance tests (hangs,
+//!   restarts, elastic shrink, stragglers) drive glm-launch with it.
 
 /// Where `GLM_INJECT_INF_GRAD` puts an inf for this rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,9 +50,86 @@ fn parse_inf_gradient(v: &str, rank: usize) -> Option<InfGradient> {
     mine.then_some(InfGradient { steps: list, in_split_range: at == Some("split") })
 }
 
+/// What `GLM_TEST_FAULT` makes a rank do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    Stop,
+    Kill,
+    Exit,
+    Slow { ms: u64 },
+}
+
+/// `GLM_TEST_FAULT` for this rank and attempt, when it names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub action: FaultAction,
+    pub iteration: u64,
+}
+
+/// `GLM_TEST_FAULT` for world rank `rank`, in this attempt (`GLM_RESTART_COUNT`).
+pub fn fault(rank: usize) -> Option<Fault> {
+    let attempt = std::env::var(glm_common::launch::RESTART_COUNT_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    parse_fault(&std::env::var("GLM_TEST_FAULT").ok()?, rank, attempt)
+}
+
+fn parse_fault(v: &str, rank: usize, attempt: u64) -> Option<Fault> {
+    let mut f = v.split(':').map(str::trim);
+    let (what, who, it, when) = (f.next()?, f.next()?, f.next()?, f.next().unwrap_or("0"));
+    let action = match what.split_once('=') {
+        Some(("slow", ms)) => FaultAction::Slow { ms: ms.parse().ok()? },
+        None if what == "stop" => FaultAction::Stop,
+        None if what == "kill" => FaultAction::Kill,
+        None if what == "exit" => FaultAction::Exit,
+        _ => return None,
+    };
+    let mine = who.parse::<usize>().ok()? == rank && (when == "*" || when.parse::<u64>().ok()? == attempt);
+    mine.then_some(Fault { action, iteration: it.parse().ok()? })
+}
+
+impl Fault {
+    /// Does the fault at iteration `it` (from its iteration on, for `slow`).
+    pub fn at(&self, it: u64) {
+        if it < self.iteration || (it > self.iteration && !matches!(self.action, FaultAction::Slow { .. })) {
+            return;
+        }
+        if it == self.iteration {
+            if let Some(mark) = std::env::var_os("GLM_TEST_FAULT_MARK") {
+                let _ = std::fs::write(mark, format!("{}\n", std::process::id()));
+            }
+        }
+        // SAFETY: signalling this process.
+        match self.action {
+            FaultAction::Stop => unsafe {
+                libc::raise(libc::SIGSTOP);
+            },
+            FaultAction::Kill => unsafe {
+                libc::raise(libc::SIGKILL);
+            },
+            FaultAction::Exit => {
+                eprintln!("glm-worker: error: GLM_TEST_FAULT: exit at iteration {it}");
+                std::process::exit(3)
+            }
+            FaultAction::Slow { ms } => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fault_hook_names_an_action_a_rank_an_iteration_and_an_attempt() {
+        assert_eq!(parse_fault("stop:1:3", 1, 0), Some(Fault { action: FaultAction::Stop, iteration: 3 }));
+        assert_eq!(parse_fault("stop:1:3", 0, 0), None);
+        assert_eq!(parse_fault("stop:1:3", 1, 1), None, "the first attempt only, by default");
+        assert_eq!(parse_fault("kill:2:5:1", 2, 1), Some(Fault { action: FaultAction::Kill, iteration: 5 }));
+        assert_eq!(parse_fault("slow=250:0:1:*", 0, 4), Some(Fault { action: FaultAction::Slow { ms: 250 }, iteration: 1 }));
+        assert_eq!(parse_fault("exit:0:2", 0, 0), Some(Fault { action: FaultAction::Exit, iteration: 2 }));
+        for bad in ["nap:0:1", "slow=x:0:1", "stop:x:1", "stop:0", "stop:0:y"] {
+            assert_eq!(parse_fault(bad, 0, 0), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_inf_gradient_hook_names_ranks_and_steps() {

@@ -40,6 +40,9 @@ pub struct TrainArgs {
     /// List every configuration key that has no effect here (by default: their count)
     #[arg(long)]
     show_ignored: bool,
+    /// Seconds a rank may wait inside one collective before it stops the job, naming the operation (default: configs.json's collective_timeout, 600)
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    collective_timeout: Option<f64>,
 }
 
 /// Trains, then finalises MPI on success. After an error the process exits
@@ -76,6 +79,10 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     let world = glm_worker::comm::mpi::world()?;
     let dims = ParallelDims::new(world.size(), world.rank(), args.args.model_parallel_size)?;
     reports_here(dims.rank);
+    // every collective's deadline (a world of one waits for nobody), and the
+    // heartbeat glm-launch asks for
+    let timeout = t.collective_timeout.unwrap_or(args.args.collective_timeout);
+    glm_worker::runtime::progress::start((dims.world > 1).then(|| std::time::Duration::from_secs_f64(timeout)));
     let cfg = RunConfig::build(ds, args, dims.dp)?;
     println!("effective configuration (value  (source)):");
     for line in cfg.describe(t.show_ignored) {
@@ -120,7 +127,10 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             (Backend::Native, true) => "NCCL for CUDA tensors, MPI for host values",
             (Backend::Native, false) => "MPI",
         };
-        println!("parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports", dims.world, dims.tp, dims.dp);
+        println!(
+            "parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports; a collective waits at most {timeout} s",
+            dims.world, dims.tp, dims.dp
+        );
     }
     let opts = TrainOptions {
         store: t.store.clone(),
@@ -148,5 +158,13 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             println!("train: stopped by signal {sig} after iteration {iteration}{}", if trainer.metrics_dir().is_some() { " (checkpoint saved)" } else { "" });
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
         }
+    }
+}
+
+/// A positive number of seconds.
+fn positive_seconds(v: &str) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
+        _ => Err(format!("{v}: expected a positive number of seconds")),
     }
 }

@@ -98,6 +98,7 @@ impl MpiComm {
     /// Collective: every rank calls it.
     pub fn split(&self, color: usize, key: usize, name: &str) -> Result<MpiComm> {
         let _s = serial();
+        let _w = self.mark("split");
         let c = self.comm.split_by_color_with_key(Color::with_value(color as i32), key as i32).ok_or_else(|| err("split", "empty group"))?;
         Ok(MpiComm::new(c, name))
     }
@@ -106,6 +107,12 @@ impl MpiComm {
     pub fn local(&self) -> MpiComm {
         let _s = serial();
         MpiComm::new(self.comm.split_shared(self.comm.rank()), "node")
+    }
+
+    /// Marks collective `op` of this group for the watchdog while it runs
+    /// (`runtime::progress`).
+    fn mark(&self, op: &'static str) -> crate::runtime::progress::InCollective {
+        crate::runtime::progress::collective(op, &self.name, self.rank, self.size)
     }
 
     fn check_rc(&self, op: &str, call: &str, rc: c_int) -> Result<()> {
@@ -164,6 +171,7 @@ impl Communicator for MpiComm {
         while off < n {
             let len = CHUNK.min(n - off);
             let _s = serial();
+            let _w = self.mark("all_reduce");
             // SAFETY: a contiguous CPU buffer of n elements of the coded type.
             let rc = unsafe { glm_allreduce_inplace(base.add(off * elt).cast(), len as c_int, code, opc, self.comm.as_raw()) };
             self.check_rc("all_reduce", "MPI_Allreduce", rc)?;
@@ -189,6 +197,7 @@ impl Communicator for MpiComm {
         let buf = unsafe { std::slice::from_raw_parts_mut(work.data_ptr() as *mut u8, bytes) };
         {
             let _s = serial();
+            let _w = self.mark("broadcast");
             self.comm.process_at_rank(root as i32).broadcast_into(buf);
         }
         tch::no_grad(|| t.copy_(&work));
@@ -211,6 +220,7 @@ impl Communicator for MpiComm {
             return Err(super::fail("all_gather_into", self, format!("{bytes} bytes per rank: more than one MPI call moves; gather in smaller buckets")));
         }
         let _s = serial();
+        let _w = self.mark("all_gather_into");
         // SAFETY: `out` is a contiguous CPU buffer of size × bytes bytes.
         let rc = unsafe { glm_allgather_inplace(out.data_ptr(), bytes as c_int, self.comm.as_raw()) };
         self.check_rc("all_gather_into", "MPI_Allgather", rc)
@@ -243,6 +253,7 @@ impl Communicator for MpiComm {
         }
         {
             let _s = serial();
+            let _w = self.mark("reduce_scatter_into");
             // SAFETY: contiguous CPU buffers of size × count and count elements of the coded type.
             let rc = unsafe { glm_reduce_scatter_block(send.data_ptr(), recv.data_ptr(), count as c_int, code, self.comm.as_raw()) };
             self.check_rc("reduce_scatter_into", "MPI_Reduce_scatter_block", rc)?;
@@ -255,6 +266,7 @@ impl Communicator for MpiComm {
 
     fn barrier(&self) -> Result<()> {
         let _s = serial();
+        let _w = self.mark("barrier");
         self.comm.barrier();
         Ok(())
     }

@@ -288,6 +288,10 @@ impl NcclComm {
     fn call(&self, what: &str, f: impl FnOnce(&Api, Stream) -> Res) -> Result<()> {
         let api = api()?;
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // NCCL calls return once enqueued; the wait that can hang is the
+        // host's synchronisation later, which glm-launch's progress deadline
+        // covers (see runtime::progress)
+        let _w = crate::runtime::progress::collective(what, &self.name, self.rank, self.size);
         crate::runtime::cuda::set_device(self.device)?;
         let rc = f(api, std::ptr::null_mut());
         // the failure of a call on this communicator names its group and rank

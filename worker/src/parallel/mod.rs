@@ -117,7 +117,10 @@ impl Parallel {
     /// store) or decides alone (the save directory). A failure on rank 0 is
     /// agreed over the world, so every rank stops (with rank 0's reason on
     /// rank 0) instead of waiting for it.
+    /// The others' wait has no collective deadline: rank 0's work may take
+    /// any time.
     pub fn main_first<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _any_time = crate::runtime::progress::unbounded();
         if self.is_main() {
             let r = f();
             self.world_max(i64::from(r.is_err()))?;

@@ -5,6 +5,7 @@
 
 pub mod cuda;
 pub mod host;
+pub mod progress;
 pub mod report;
 pub mod torch;
 pub mod units;

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{Optimizer, StepStats};
 use crate::parallel::Parallel;
+use crate::runtime::progress::{self, Phase};
 
 /// What one step reports.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,7 @@ pub struct StepPlan {
 /// rank's share of micro-batch `m`): `forward_backward`, then the update.
 pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<StepOutput> {
     let loss = forward_backward(model, opt, par, plan, batch)?;
+    progress::set_phase(Phase::Optimizer);
     let stats = opt.step(&mut model.params, plan.lr)?;
     Ok(StepOutput { loss, stats })
 }
@@ -63,7 +65,9 @@ pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, pl
     let mut loss_sum = 0.0;
     for m in 0..accum {
         model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
+        progress::set_phase(Phase::Data);
         let b = batch(m)?;
+        progress::set_phase(Phase::Forward);
         let (sum, _, n) = model.loss_terms(&b, true)?;
         let loss = match norm {
             LossNormalization::GlobalTokens => {
@@ -85,6 +89,7 @@ pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, pl
         let loss = if scale != 1.0 { loss * scale } else { loss };
         // a failure inside backward (a collective of a tensor-parallel region,
         // a recomputed chunk) is an error here, not a panic
+        progress::set_phase(Phase::Backward);
         loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {}", crate::runtime::report::torch_error(&e.to_string()))))?;
         opt.accumulate(&mut model.params)?;
     }

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
 use crate::optim::optimizer::{MemoryBytes, Optimizer};
 use crate::parallel::Parallel;
+use crate::runtime::progress::{self, Phase as Stage};
 
 /// Set by SIGINT/SIGTERM (to its number): finish the current iteration,
 /// checkpoint, exit.
@@ -280,6 +281,7 @@ impl Trainer {
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
         // Several nodes need the store on a shared filesystem.
+        progress::set_phase(Stage::PreparingData);
         let (tok, meta, outcome, valid_built) = par.main_first("preparing the data", || {
             let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
             println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
@@ -347,6 +349,7 @@ impl Trainer {
                 .join(", ")
         );
 
+        progress::set_phase(Stage::Building);
         let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
         let (n, pos) = model.cfg.num_params();
         println!(
@@ -617,8 +620,14 @@ impl Trainer {
         }
         let (mut loss_acc, mut norm_acc, mut n_acc, mut skipped) = (0.0, 0.0, 0u64, 0u64);
         let mut t_log = Instant::now();
+        let fault = crate::test_hooks::fault(self.par.dims.rank);
         while self.iteration < total {
             let it = self.iteration + 1;
+            progress::set_iteration(it);
+            progress::set_phase(Stage::Data);
+            if let Some(f) = &fault {
+                f.at(it);
+            }
             // a runtime fault of the step (the fp16 scaler at its minimum, inf
             // gradients without a scaler, a failed collective) names the iteration
             let (out, lr) = self.step(it).map_err(|e| match e {
@@ -673,13 +682,16 @@ impl Trainer {
                 t_log = Instant::now();
             }
             // every rank stops after the same iteration
+            progress::set_phase(Stage::Log);
             let signal = self.par.world_max(SIGNAL.load(Ordering::SeqCst).into())? as i32;
             let stopping = signal != 0;
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
+                progress::set_phase(Stage::Evaluate);
                 self.evaluate_and_report(&pb)?;
                 t_log = Instant::now();
             }
             if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
+                progress::set_phase(Stage::Save);
                 if let Some(dir) = self.save()? {
                     say(&pb, &format!("checkpoint: saved {}", dir.display()));
                 }
@@ -692,6 +704,7 @@ impl Trainer {
                 return Ok(Outcome::Interrupted { iteration: it, signal });
             }
         }
+        progress::set_phase(Stage::Done);
         if let Some(pb) = &pb {
             pb.finish_and_clear();
         }

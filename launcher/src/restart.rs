@@ -1,0 +1,150 @@
+//! Automatic restart (`--max-restarts N`, torchrun's name) and elastic
+//! shrink (`--min-nodes M`): after a failed job, whether to start it again,
+//! from which checkpoint, and the record of each restart in the run
+//! directory's `restarts.jsonl`.
+//!
+//! The rules:
+//! - a stop signal to glm-launch is never restarted;
+//! - a first attempt that fails before any rank reached its first iteration
+//!   is not restarted (a configuration, data or environment error, which a
+//!   restart would only repeat);
+//! - a failure with the same cause, on the same rank, at the same iteration
+//!   as the failure before it is not restarted again (a fault that the
+//!   checkpoint reproduces: e.g. a rank that always crashes on one batch);
+//! - otherwise, up to N restarts, each from the latest complete checkpoint in
+//!   the save directory (`load=<save>`), or from scratch when there is none
+//!   yet (`overwrite=true`: the failed attempt's metrics go).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+
+use crate::supervise::Failure;
+
+/// The latest complete checkpoint under `save`: its iteration and when it
+/// was installed (the `latest` file names it, and the checkpoint's
+/// directory holds its `state.json`, or one per tensor-parallel part).
+pub fn latest_checkpoint(save: &Path) -> Option<(u64, SystemTime)> {
+    let latest = save.join("latest");
+    let it: u64 = std::fs::read_to_string(&latest).ok()?.trim().parse().ok()?;
+    let dir = save.join(it.to_string());
+    let complete = dir.join("state.json").is_file() || dir.join("mp_rank_00/state.json").is_file();
+    let when = std::fs::metadata(&latest).and_then(|m| m.modified()).ok()?;
+    complete.then_some((it, when))
+}
+
+/// Why a failure is not restarted, or `None` when it is.
+pub fn refuse(failure: &Failure, previous: Option<&Failure>, attempt: usize, max_restarts: usize, signalled: bool) -> Option<String> {
+    if signalled {
+        return Some("stopped by a signal to glm-launch: not restarted".into());
+    }
+    if max_restarts == 0 {
+        return Some(String::new());
+    }
+    if attempt == 0 && failure.iteration == 0 {
+        return Some(
+            "the job failed before its first iteration (a configuration, data or environment error that a restart would repeat): not restarted".into(),
+        );
+    }
+    if let Some(p) = previous {
+        if p.cause == failure.cause && p.rank == failure.rank && p.iteration == failure.iteration {
+            return Some(format!(
+                "the same failure as the attempt before ({}, rank {}, iteration {}): a fault the checkpoint reproduces, not restarted again",
+                failure.cause,
+                failure.rank.map_or("?".into(), |r| r.to_string()),
+                failure.iteration
+            ));
+        }
+    }
+    if attempt >= max_restarts {
+        return Some(format!("{max_restarts} restart(s) used (--max-restarts {max_restarts}): not restarted again"));
+    }
+    None
+}
+
+/// One line of `restarts.jsonl`.
+#[derive(serde::Serialize, Debug)]
+pub struct Record {
+    /// Seconds since the Unix epoch, when the failure was seen.
+    pub time: f64,
+    /// The restart this starts (1 for the first).
+    pub restart: usize,
+    pub cause: String,
+    pub rank: Option<usize>,
+    pub host: Option<String>,
+    /// The furthest iteration a rank had reached.
+    pub iteration: u64,
+    /// The checkpoint iteration the restart resumes from (`null`: from scratch).
+    pub resumed_from: Option<u64>,
+    /// Training time lost: from the later of the checkpoint's installation
+    /// and the failed attempt's start, to the failure.
+    pub lost_s: f64,
+    /// Hosts left out after failing the preflight (elastic shrink).
+    pub dropped_hosts: Vec<String>,
+    /// Workers of the restarted job.
+    pub world: usize,
+    /// `--set`s added to the workers' arguments for this restart.
+    pub sets: Vec<String>,
+}
+
+impl Record {
+    pub fn append(&self, run_dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
+        let p = run_dir.join("restarts.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).with_context(|| format!("{}: cannot open", p.display()))?;
+        writeln!(f, "{}", serde_json::to_string(self)?).with_context(|| format!("{}: cannot write", p.display()))?;
+        Ok(p)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The `--set`s that make a restart resume from `save`'s latest
+/// checkpoint, or start again from scratch there (the failed attempt left
+/// its metrics, which a fresh run would refuse to replace).
+pub fn resume_sets(save: &Path) -> (Vec<String>, Option<u64>) {
+    match latest_checkpoint(save) {
+        Some((it, _)) => (vec![format!("load={}", save.display())], Some(it)),
+        None => (vec!["overwrite=true".to_string()], None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(cause: &str, rank: usize, iteration: u64) -> Failure {
+        Failure { cause: cause.into(), rank: Some(rank), host: None, iteration }
+    }
+
+    #[test]
+    fn the_restart_rules() {
+        let kill = f("killed by signal 9 (Killed)", 1, 3);
+        assert_eq!(refuse(&kill, None, 0, 2, false), None);
+        assert!(refuse(&kill, None, 0, 2, true).unwrap().contains("signal"));
+        assert_eq!(refuse(&kill, None, 0, 0, false), Some(String::new()), "no restarts asked for");
+        assert!(refuse(&f("exit code 1", 0, 0), None, 0, 2, false).unwrap().contains("before its first iteration"));
+        assert_eq!(refuse(&f("exit code 1", 0, 0), Some(&kill), 1, 2, false), None, "a restart that fails early is retried once more");
+        assert!(refuse(&kill, Some(&kill), 1, 5, false).unwrap().contains("the same failure"));
+        assert_eq!(refuse(&f("killed by signal 9 (Killed)", 1, 7), Some(&kill), 1, 5, false), None, "it got further");
+        assert!(refuse(&f("collective timeout", 1, 9), Some(&kill), 2, 2, false).unwrap().contains("2 restart(s) used"));
+    }
+
+    #[test]
+    fn the_latest_complete_checkpoint_is_found() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(latest_checkpoint(d.path()), None);
+        assert_eq!(resume_sets(d.path()), (vec!["overwrite=true".to_string()], None));
+        std::fs::write(d.path().join("latest"), "4\n").unwrap();
+        assert_eq!(latest_checkpoint(d.path()), None, "latest names a checkpoint that is not there");
+        std::fs::create_dir_all(d.path().join("4/mp_rank_00")).unwrap();
+        std::fs::write(d.path().join("4/mp_rank_00/state.json"), "{}").unwrap();
+        assert_eq!(latest_checkpoint(d.path()).map(|(i, _)| i), Some(4));
+        assert_eq!(resume_sets(d.path()), (vec![format!("load={}", d.path().display())], Some(4)));
+    }
+}
