@@ -527,7 +527,7 @@ fn run(args: &[String]) -> Result<i32> {
         _ => None,
     };
     let tp = job.as_ref().map_or(1, |j| j.args.model_parallel_size.max(1));
-    let (mut attempt, mut previous, mut extra): (usize, Option<supervise::Failure>, Vec<String>) = (0, None, Vec::new());
+    let (mut attempt, mut previous, mut extra): (usize, Option<restart::Seen>, Vec<String>) = (0, None, Vec::new());
     // the record of the restart under way, written once it has started (or shrunk)
     let mut pending: Option<restart::Record> = None;
     loop {
@@ -593,7 +593,9 @@ fn run(args: &[String]) -> Result<i32> {
         if let Some(r) = &out.report {
             eprintln!("glm-launch: {r}");
         }
-        if let Some(why) = restart::refuse(&failure, previous.as_ref(), attempt, cli.max_restarts, out.signalled) {
+        let latest = save.as_deref().and_then(restart::latest_checkpoint);
+        let seen = restart::Seen { failure: failure.clone(), checkpoint: latest.map(|(it, _)| it) };
+        if let Some(why) = restart::refuse(&seen, previous.as_ref(), attempt, cli.max_restarts, out.signalled) {
             if !why.is_empty() {
                 eprintln!("glm-launch: {why}");
             }
@@ -629,7 +631,7 @@ fn run(args: &[String]) -> Result<i32> {
             world: place.world_size(),
             sets: extra.clone(),
         });
-        previous = Some(failure);
+        previous = Some(seen);
     }
 }
 

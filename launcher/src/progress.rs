@@ -26,6 +26,13 @@ struct Rank {
     changed_at: Instant,
 }
 
+impl Rank {
+    /// In a phase of unbounded length (no deadline, no blame).
+    fn unbounded(&self) -> bool {
+        UNBOUNDED_PHASES.contains(&self.last.phase.as_str())
+    }
+}
+
 /// Every rank's last heartbeat.
 #[derive(Clone, Debug, Default)]
 pub struct Ranks {
@@ -90,7 +97,7 @@ impl Ranks {
     pub fn waiting(&self, now: Instant, interval: Duration) -> Vec<(usize, Heartbeat)> {
         self.ranks
             .iter()
-            .filter(|(_, r)| r.last.waiting.is_some() && now.saturating_duration_since(r.beat_at) <= interval * 2)
+            .filter(|(_, r)| r.last.waiting.is_some() && now.saturating_duration_since(r.beat_at) <= interval * 2 && !r.unbounded())
             .map(|(k, r)| (*k, r.last.clone()))
             .collect()
     }
@@ -107,7 +114,7 @@ impl Ranks {
                 let stale = now.saturating_duration_since(r.changed_at);
                 let silent = now.saturating_duration_since(r.beat_at);
                 let silent = (silent > interval * 2).then_some(silent.as_secs_f64());
-                (stale >= min && (r.last.waiting.is_none() || silent.is_some())).then(|| Stalled {
+                (stale >= min && (r.last.waiting.is_none() || silent.is_some()) && (!r.unbounded() || silent.is_some())).then(|| Stalled {
                     rank,
                     for_secs: stale.as_secs_f64(),
                     last: r.last.clone(),
@@ -129,7 +136,7 @@ impl Ranks {
         }
         self.ranks.len() >= expected
             && !self.ranks.is_empty()
-            && self.ranks.values().all(|r| now.saturating_duration_since(r.changed_at) > limit && !UNBOUNDED_PHASES.contains(&r.last.phase.as_str()))
+            && self.ranks.values().all(|r| now.saturating_duration_since(r.changed_at) > limit && !r.unbounded())
     }
 }
 
@@ -184,6 +191,7 @@ mod tests {
             r.beat(1, hb(0, "preparing-data", Some(t as f64)), s(t as f64));
         }
         assert!(!r.hung(s(19.5), Duration::from_secs(5), 2), "rank 0 prepares the data for as long as it takes");
+        assert!(r.waiting(s(19.5), Duration::from_secs(1)).is_empty() && r.stalled(s(19.5), Duration::from_secs(1), Duration::from_secs(1)).is_empty());
         let mut r = Ranks::default();
         for t in 0..20 {
             r.beat(0, hb(7, "forward", None), s(t as f64));

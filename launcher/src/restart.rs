@@ -8,9 +8,10 @@
 //! - a first attempt that fails before any rank reached its first iteration
 //!   is not restarted (a configuration, data or environment error, which a
 //!   restart would only repeat);
-//! - a failure with the same cause, on the same rank, at the same iteration
-//!   as the failure before it is not restarted again (a fault that the
-//!   checkpoint reproduces: e.g. a rank that always crashes on one batch);
+//! - a failure with the same cause, on the same rank, as the failure before
+//!   it, with no newer checkpoint saved in between, is not restarted again (a
+//!   fault that the checkpoint reproduces: e.g. a rank that always crashes
+//!   on one batch); a restart that got further and saved goes on;
 //! - otherwise, up to N restarts, each from the latest complete checkpoint in
 //!   the save directory (`load=<save>`), or from scratch when there is none
 //!   yet (`overwrite=true`: the failed attempt's metrics go).
@@ -35,8 +36,17 @@ pub fn latest_checkpoint(save: &Path) -> Option<(u64, SystemTime)> {
     complete.then_some((it, when))
 }
 
-/// Why a failure is not restarted, or `None` when it is.
-pub fn refuse(failure: &Failure, previous: Option<&Failure>, attempt: usize, max_restarts: usize, signalled: bool) -> Option<String> {
+/// A failure and the latest checkpoint when it happened.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub failure: Failure,
+    pub checkpoint: Option<u64>,
+}
+
+/// Why failure `now` (`checkpoint`: the latest checkpoint now) is not
+/// restarted, or `None` when it is; `previous`: the failure before it.
+pub fn refuse(now: &Seen, previous: Option<&Seen>, attempt: usize, max_restarts: usize, signalled: bool) -> Option<String> {
+    let failure = &now.failure;
     if signalled {
         return Some("stopped by a signal to glm-launch: not restarted".into());
     }
@@ -49,12 +59,12 @@ pub fn refuse(failure: &Failure, previous: Option<&Failure>, attempt: usize, max
         );
     }
     if let Some(p) = previous {
-        if p.cause == failure.cause && p.rank == failure.rank && p.iteration == failure.iteration {
+        if p.failure.cause == failure.cause && p.failure.rank == failure.rank && p.checkpoint == now.checkpoint {
             return Some(format!(
-                "the same failure as the attempt before ({}, rank {}, iteration {}): a fault the checkpoint reproduces, not restarted again",
+                "the same failure as the attempt before ({}, rank {}) before any newer checkpoint ({}): a fault the checkpoint reproduces, not restarted again",
                 failure.cause,
                 failure.rank.map_or("?".into(), |r| r.to_string()),
-                failure.iteration
+                now.checkpoint.map_or("none yet".to_string(), |c| format!("the latest is still {c}"))
             ));
         }
     }
@@ -74,7 +84,8 @@ pub struct Record {
     pub cause: String,
     pub rank: Option<usize>,
     pub host: Option<String>,
-    /// The furthest iteration a rank had reached.
+    /// The furthest iteration the ranks' heartbeats had reported (they come
+    /// every heartbeat interval, and at the first iteration).
     pub iteration: u64,
     /// The checkpoint iteration the restart resumes from (`null`: from scratch).
     pub resumed_from: Option<u64>,
@@ -124,15 +135,18 @@ mod tests {
 
     #[test]
     fn the_restart_rules() {
-        let kill = f("killed by signal 9 (Killed)", 1, 3);
+        let seen = |cause: &str, rank: usize, iteration: u64, checkpoint: Option<u64>| Seen { failure: f(cause, rank, iteration), checkpoint };
+        let kill = seen("killed by signal 9 (Killed)", 1, 5, Some(4));
         assert_eq!(refuse(&kill, None, 0, 2, false), None);
         assert!(refuse(&kill, None, 0, 2, true).unwrap().contains("signal"));
         assert_eq!(refuse(&kill, None, 0, 0, false), Some(String::new()), "no restarts asked for");
-        assert!(refuse(&f("exit code 1", 0, 0), None, 0, 2, false).unwrap().contains("before its first iteration"));
-        assert_eq!(refuse(&f("exit code 1", 0, 0), Some(&kill), 1, 2, false), None, "a restart that fails early is retried once more");
+        let early = seen("exit code 1", 0, 0, None);
+        assert!(refuse(&early, None, 0, 2, false).unwrap().contains("before its first iteration"));
+        assert_eq!(refuse(&early, Some(&kill), 1, 2, false), None, "a restart that fails early is retried once more");
         assert!(refuse(&kill, Some(&kill), 1, 5, false).unwrap().contains("the same failure"));
-        assert_eq!(refuse(&f("killed by signal 9 (Killed)", 1, 7), Some(&kill), 1, 5, false), None, "it got further");
-        assert!(refuse(&f("collective timeout", 1, 9), Some(&kill), 2, 2, false).unwrap().contains("2 restart(s) used"));
+        assert_eq!(refuse(&seen("killed by signal 9 (Killed)", 1, 7, Some(6)), Some(&kill), 1, 5, false), None, "it got further and saved");
+        assert_eq!(refuse(&seen("killed by signal 9 (Killed)", 2, 5, Some(4)), Some(&kill), 1, 5, false), None, "another rank");
+        assert!(refuse(&seen("collective timeout", 1, 9, Some(8)), Some(&kill), 2, 2, false).unwrap().contains("2 restart(s) used"));
     }
 
     #[test]

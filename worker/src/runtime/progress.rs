@@ -160,6 +160,19 @@ impl Drop for Unbounded {
     }
 }
 
+/// Set when glm-launch asked for heartbeats.
+static BEATING: AtomicBool = AtomicBool::new(false);
+
+/// Sends a heartbeat now (when glm-launch asked for them), beside the
+/// regular ones: at the first iteration, so glm-launch knows training began
+/// even when a fault follows at once.
+pub fn beat_now() {
+    if BEATING.load(Ordering::Relaxed) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), "{}", heartbeat().line());
+    }
+}
+
 /// This rank's heartbeat now.
 pub fn heartbeat() -> Heartbeat {
     let waiting = INSIDE.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|i| Waiting {
@@ -219,12 +232,11 @@ pub fn start(timeout: Option<Duration>) {
         let every = std::env::var(HEARTBEAT_VAR).ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
         if let Some(secs) = every {
             let every = Duration::from_secs_f64(secs);
+            BEATING.store(true, Ordering::Relaxed);
             std::thread::Builder::new()
                 .name("glm-heartbeat".into())
                 .spawn(move || loop {
-                    use std::io::Write;
-                    let line = heartbeat().line();
-                    let _ = writeln!(std::io::stdout().lock(), "{line}");
+                    beat_now();
                     std::thread::sleep(every);
                 })
                 .expect("start the heartbeat");

@@ -621,10 +621,15 @@ impl Trainer {
         let (mut loss_acc, mut norm_acc, mut n_acc, mut skipped) = (0.0, 0.0, 0u64, 0u64);
         let mut t_log = Instant::now();
         let fault = crate::test_hooks::fault(self.par.dims.rank);
+        let first = self.iteration + 1;
         while self.iteration < total {
             let it = self.iteration + 1;
             progress::set_iteration(it);
             progress::set_phase(Stage::Data);
+            if it == first {
+                // glm-launch learns at once that training began
+                progress::beat_now();
+            }
             if let Some(f) = &fault {
                 f.at(it);
             }
