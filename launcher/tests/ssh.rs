@@ -267,3 +267,104 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains(&format!("iteration {:>7}/{}", it + 1, it + 1)), "resumed at {it}: {out}");
 }
+
+/// The `train` events of `<save>/metrics.jsonl`: (iteration, loss).
+fn losses(save: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(save.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "train")
+        .map(|e| (e["iteration"].as_u64().unwrap(), e["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Faults on the test hosts, with the real worker: a frozen rank on node2
+/// (2 and 4 ranks) is named and ends the job within its deadline; a rank
+/// killed on node2 restarts the job, which finishes; and node2 taken down
+/// mid-run (its sshd and every process in its namespace killed) makes an
+/// elastic job restart on node1 alone, with data-parallel 4 → 2 and twice
+/// the gradient accumulation, training what the uninterrupted run trains.
+#[test]
+fn faults_on_the_test_hosts() {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path().join("hosts.d");
+    let _hosts = Hosts::up(&h, 2);
+    let hostfile = |slots: usize| {
+        let f = d.path().join(format!("hosts.{slots}"));
+        std::fs::write(&f, format!("node1 slots={slots}\nnode2 slots={slots}\n")).unwrap();
+        f.display().to_string()
+    };
+    let (worker, job) = tiny_job(
+        d.path(),
+        r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 2}}"#,
+    );
+    let run = |name: &str, slots: usize, iters: u64, extra: &[&str]| -> Command {
+        let mut c = launch(&h, &["--hostfile", &hostfile(slots)]);
+        c.env_remove("GLM_TEST_FAULT").env_remove("GLM_TEST_FAULT_MARK");
+        c.args(["--worker", &worker.display().to_string(), "--run_dir", &d.path().join(format!("run.{name}")).display().to_string()]).args(extra);
+        c.args(&job).args(["--set", "hidden_dropout=0", "--set", "attention_dropout=0", "--set", "save_interval=2", "--set", &format!("train_iters={iters}")]);
+        c.args(["--set", &format!("save={}", d.path().join(format!("save.{name}")).display())]);
+        c
+    };
+    let wait_for = |file: &Path| {
+        let t0 = Instant::now();
+        while !file.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(240), "{} never appeared", file.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Instant::now()
+    };
+
+    // 1. a frozen rank on node2, of 2 and of 4 ranks
+    for slots in [1usize, 2] {
+        let frozen = 2 * slots - 1;
+        let mark = d.path().join(format!("fired.{slots}"));
+        let mut c = run(&format!("stop{slots}"), slots, 8, &["--collective-timeout", "5"]);
+        c.env("GLM_TEST_FAULT", format!("stop:{frozen}:3")).env("GLM_TEST_FAULT_MARK", &mark);
+        let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let fired = wait_for(&mark);
+        let o = child.wait_with_output().unwrap();
+        let (out, err) = text(&o);
+        assert!(fired.elapsed() < Duration::from_secs(20), "ended {:?} after the fault", fired.elapsed());
+        assert_eq!(o.status.code(), Some(124), "{out}\n{err}");
+        assert!(err.contains(&format!("rank {frozen} on node2: no progress for")), "{err}");
+        let save = d.path().join(format!("save.stop{slots}"));
+        assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "2");
+    }
+
+    // 2. kill -9 on node2: restarted from the latest checkpoint, finished
+    let mut c = run("kill", 2, 6, &["--max-restarts", "1"]);
+    c.env("GLM_TEST_FAULT", "kill:3:3");
+    let o = done(&mut c);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(err.contains("restart 1 of 1 after") && err.contains("resuming from checkpoint 2"), "{err}");
+    assert!(out.contains("[node1:0]  iteration       6/6"), "{out}");
+
+    // 3. elastic: the uninterrupted run at 2 hosts × 2, then the same job
+    // losing node2 after iteration 2's checkpoint
+    let o = done(&mut run("whole", 2, 6, &[]));
+    assert!(o.status.success(), "{}\n{}", text(&o).0, text(&o).1);
+    let whole = losses(&d.path().join("save.whole"));
+    let mark = d.path().join("fired.elastic");
+    let mut c = run("elastic", 2, 6, &["--max-restarts", "1", "--min-nodes", "1", "--collective-timeout", "5"]);
+    c.env("GLM_TEST_FAULT", "stop:2:3").env("GLM_TEST_FAULT_MARK", &mark);
+    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_for(&mark);
+    // node2 goes down: its sshd, OpenMPI's daemon and its workers
+    let down = Command::new("sh").args(["-c", "ip netns pids glmt-node2 | xargs -r kill -9"]).status().unwrap();
+    assert!(down.success());
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("glm-launch: elastic: leaving out node2 (failed the preflight); restarting on 1 host(s), 2 worker(s), the global batch 8 kept"), "{out}");
+    assert!(out.contains("data-parallel 2") && out.contains("[node1:0]  iteration       6/6"), "{out}");
+    let rec = std::fs::read_to_string(d.path().join("run.elastic/restarts.jsonl")).unwrap();
+    assert!(rec.contains("\"dropped_hosts\":[\"node2\"]") && rec.contains("\"world\":2") && rec.contains("ds.gradient_accumulation_steps=2"), "{rec}");
+    let shrunk = losses(&d.path().join("save.elastic"));
+    assert_eq!(shrunk.iter().map(|(i, _)| *i).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>(), "{shrunk:?}");
+    for ((i, a), (_, b)) in whole.iter().zip(&shrunk) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "iteration {i}: {a} uninterrupted, {b} after the shrink");
+    }
+}
