@@ -163,3 +163,26 @@ fn a_killed_rank_restarts_the_job_from_its_latest_checkpoint() {
     assert!(err.contains("no checkpoint in") && err.contains("starting again from scratch"), "{err}");
     assert_eq!(latest(&save), 3);
 }
+
+/// Rank 1 slowed by 300 ms a step (`GLM_TEST_FAULT=slow=300:1:1`): every
+/// log line and metrics event names it the slowest, with its own work per
+/// step (the waits it imposes on rank 0 not counted there).
+#[test]
+fn a_slow_rank_is_named_the_straggler() {
+    let d = tempfile::tempdir().unwrap();
+    let save = d.path().join("save");
+    let mut c = launch(d.path(), 2, &save, &d.path().join("run"), 4, &[]);
+    c.env("GLM_TEST_FAULT", "slow=300:1:1");
+    let o = output_within(&mut c, 300).expect("glm-launch ended");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out.matches(", slowest rank 1").count(), 4, "{out}");
+    for l in std::fs::read_to_string(save.join("metrics.jsonl")).unwrap().lines() {
+        let e: serde_json::Value = serde_json::from_str(l).unwrap();
+        if e["type"] == "train" {
+            let r = &e["ranks"];
+            assert_eq!(r["slowest"], 1, "{e}");
+            assert!(r["max_ms"].as_f64().unwrap() - r["min_ms"].as_f64().unwrap() > 250.0, "{e}");
+        }
+    }
+}

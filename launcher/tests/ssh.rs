@@ -358,7 +358,10 @@ fn faults_on_the_test_hosts() {
     let o = child.wait_with_output().unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("glm-launch: elastic: leaving out node2 (failed the preflight); restarting on 1 host(s), 2 worker(s), the global batch 8 kept"), "{out}");
+    assert!(
+        out.contains("glm-launch: elastic: leaving out node2 (failed the preflight); restarting on 1 host(s), 2 worker(s), the global batch 8 kept"),
+        "{out}"
+    );
     assert!(out.contains("data-parallel 2") && out.contains("[node1:0]  iteration       6/6"), "{out}");
     let rec = std::fs::read_to_string(d.path().join("run.elastic/restarts.jsonl")).unwrap();
     assert!(rec.contains("\"dropped_hosts\":[\"node2\"]") && rec.contains("\"world\":2") && rec.contains("ds.gradient_accumulation_steps=2"), "{rec}");

@@ -143,6 +143,16 @@ impl Parallel {
         Ok(t.int64_value(&[0]))
     }
 
+    /// Every world rank's `v`, in rank order (one small all-gather).
+    pub fn world_gather(&self, v: f64) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(&[v]);
+        let all = match &self.world {
+            Some(c) => c.all_gather(&t)?,
+            None => t,
+        };
+        Ok((0..all.numel() as i64).map(|i| all.double_value(&[i])).collect())
+    }
+
     /// Copies `t` of data-parallel rank 0 to every rank of the group.
     pub fn dp_broadcast(&self, t: &mut Tensor) -> Result<()> {
         match &self.dp {

@@ -139,9 +139,20 @@ pub fn collective(op: &str, group: &str, rank: usize, size: usize) -> InCollecti
 impl Drop for InCollective {
     fn drop(&mut self) {
         if self.outer {
-            *INSIDE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if let Some(i) = INSIDE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                WAITED_NS.fetch_add(i.since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
         }
     }
+}
+
+/// Nanoseconds spent inside collectives so far.
+static WAITED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The time this process has spent inside collectives so far: a step's time
+/// less this is the rank's own work (the straggler report compares it).
+pub fn waited() -> Duration {
+    Duration::from_nanos(WAITED_NS.load(Ordering::Relaxed))
 }
 
 /// Lifts the deadline while alive (waits that depend on work of unbounded

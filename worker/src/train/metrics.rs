@@ -26,6 +26,36 @@ pub struct TrainEvent {
     /// Steps of the interval skipped for gradient overflow (fp16).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped: u64,
+    /// Several ranks: each rank's own work per step (its step time outside
+    /// collectives, where the others' waits do not count), over the world.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<RankSpread>,
+}
+
+/// The spread of a per-rank quantity over the world.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct RankSpread {
+    pub min_ms: f64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    /// The rank with the most.
+    pub slowest: usize,
+}
+
+impl RankSpread {
+    /// The spread of `per_rank` (milliseconds, in rank order); `None` for
+    /// fewer than two ranks.
+    pub fn of(per_rank: &[f64]) -> Option<RankSpread> {
+        if per_rank.len() < 2 {
+            return None;
+        }
+        let mut sorted = per_rank.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+        let slowest = per_rank.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        Some(RankSpread { min_ms: sorted[0], median_ms: median, max_ms: sorted[n - 1], slowest })
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -177,6 +207,14 @@ pub fn rss_mb() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rank_spread_names_the_slowest() {
+        assert_eq!(RankSpread::of(&[40.0]), None);
+        let s = RankSpread::of(&[40.0, 95.0, 41.0, 42.0]).unwrap();
+        assert_eq!(s, RankSpread { min_ms: 40.0, median_ms: 41.5, max_ms: 95.0, slowest: 1 });
+        assert_eq!(RankSpread::of(&[3.0, 1.0, 2.0]).unwrap().median_ms, 2.0);
+    }
 
     #[test]
     fn the_curve_is_drawn_with_the_built_in_font() {

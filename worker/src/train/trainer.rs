@@ -14,7 +14,7 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use super::build::{build, Recipe};
-use super::metrics::{rss_mb, EvalEvent, Metrics, TrainEvent};
+use super::metrics::{rss_mb, EvalEvent, Metrics, RankSpread, TrainEvent};
 use super::save_dir::SaveDirLock;
 use super::step::{train_step, StepOutput, StepPlan};
 use crate::checkpoint::{self, State};
@@ -620,6 +620,8 @@ impl Trainer {
         }
         let (mut loss_acc, mut norm_acc, mut n_acc, mut skipped) = (0.0, 0.0, 0u64, 0u64);
         let mut t_log = Instant::now();
+        // the time inside collectives at t_log: a rank's own work is the rest
+        let mut waited_log = progress::waited();
         let fault = crate::test_hooks::fault(self.par.dims.rank);
         let first = self.iteration + 1;
         while self.iteration < total {
@@ -661,6 +663,10 @@ impl Trainer {
             if it % a.log_interval == 0 || it == total {
                 let secs = t_log.elapsed().as_secs_f64();
                 let ms = secs * 1000.0 / n_acc as f64;
+                // every rank's own work per step (its step time less its waits
+                // in collectives, which a slow rank imposes on the others)
+                let own = (secs - (progress::waited() - waited_log).as_secs_f64()).max(0.0) * 1000.0 / n_acc as f64;
+                let ranks = if self.par.dims.world > 1 { RankSpread::of(&self.par.world_gather(own)?) } else { None };
                 let tps = tokens_per_iter * n_acc as f64 / secs;
                 let e = TrainEvent {
                     iteration: it,
@@ -673,8 +679,12 @@ impl Trainer {
                     mem_mb: rss_mb(),
                     loss_scale: self.opt.scaler().map(|_| out.stats.loss_scale),
                     skipped,
+                    ranks,
                 };
-                let scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
+                let mut scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
+                if let Some(r) = &e.ranks {
+                    scale.push_str(&format!(" | rank work ms min/median/max {:.1}/{:.1}/{:.1}, slowest rank {}", r.min_ms, r.median_ms, r.max_ms, r.slowest));
+                }
                 say(
                     &pb,
                     &format!(
@@ -684,7 +694,7 @@ impl Trainer {
                 );
                 self.metrics.train(&e)?;
                 (loss_acc, norm_acc, n_acc, skipped) = (0.0, 0.0, 0, 0);
-                t_log = Instant::now();
+                (t_log, waited_log) = (Instant::now(), progress::waited());
             }
             // every rank stops after the same iteration
             progress::set_phase(Stage::Log);
@@ -693,14 +703,14 @@ impl Trainer {
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
                 progress::set_phase(Stage::Evaluate);
                 self.evaluate_and_report(&pb)?;
-                t_log = Instant::now();
+                (t_log, waited_log) = (Instant::now(), progress::waited());
             }
             if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
                 progress::set_phase(Stage::Save);
                 if let Some(dir) = self.save()? {
                     say(&pb, &format!("checkpoint: saved {}", dir.display()));
                 }
-                t_log = Instant::now();
+                (t_log, waited_log) = (Instant::now(), progress::waited());
             }
             if stopping {
                 if let Some(pb) = &pb {
