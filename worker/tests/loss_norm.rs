@@ -6,8 +6,9 @@
 //! rank's micro-batches one by one (the summed loss's gradient and its
 //! token count), not through `train::step`:
 //! - `global_tokens` (the default): Σ over ranks and micro-batches of
-//!   ∇sum / (tokens of the global micro-batch · accumulation steps), the
-//!   gradient of one process holding the whole batch;
+//!   ∇sum / (tokens of the whole global batch: every micro-batch of every
+//!   rank), the gradient of one process holding the whole batch in one
+//!   micro-batch;
 //! - `per_rank_mean` (the original's): Σ of ∇sum / (own tokens · dp ·
 //!   accumulation steps), the average over ranks of each rank's mean.
 
@@ -109,17 +110,21 @@ fn each_rule_gives_its_gradient_and_logged_loss() {
     let mut want_per_rank = model.params.grad().zeros_like();
     let mut want_global = model.params.grad().zeros_like();
     let (mut loss_per_rank, mut loss_global) = (0.0, 0.0);
-    for m in 0..ACCUM as u64 {
-        let parts: Vec<(Tensor, f64, f64)> = (0..2).map(|r| summed(&mut model, &batch(r, m))).collect();
-        assert_ne!(parts[0].1, parts[1].1, "the ranks hold different token counts");
-        let global_n: f64 = parts.iter().map(|p| p.1).sum();
-        for (g, n, s) in &parts {
+    let parts: Vec<Vec<(Tensor, f64, f64)>> = (0..ACCUM as u64).map(|m| (0..2).map(|r| summed(&mut model, &batch(r, m))).collect()).collect();
+    let global_n: f64 = parts.iter().flatten().map(|p| p.1).sum();
+    for micro in &parts {
+        assert_ne!(micro[0].1, micro[1].1, "the ranks hold different token counts");
+        for (g, n, s) in micro {
             want_per_rank += g / (n * dp * accum);
-            want_global += g / (global_n * accum);
+            want_global += g / global_n;
             loss_per_rank += s / n / dp / accum;
+            loss_global += s / global_n;
         }
-        loss_global += parts.iter().map(|p| p.2).sum::<f64>() / global_n / accum;
     }
+    // the micro-batches hold different token counts too: normalising each
+    // by its own global count (1 / accumulation steps each) would differ
+    let per_micro: Vec<f64> = parts.iter().map(|micro| micro.iter().map(|p| p.1).sum()).collect();
+    assert_ne!(per_micro[0], per_micro[1], "the micro-batches hold different token counts");
     let reduced = |v: &[(Tensor, f64)]| v.iter().map(|(g, _)| g.shallow_clone()).reduce(|a, b| a + b).unwrap();
     let (got_per_rank, got_global) = (reduced(&per_rank), reduced(&global));
     eprintln!(

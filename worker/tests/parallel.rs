@@ -80,6 +80,100 @@ fn data_parallel_resume_equals_the_uninterrupted_run() {
     assert!(std::fs::read(a.join("6/model.safetensors")).unwrap() == std::fs::read(b.join("6/model.safetensors")).unwrap());
 }
 
+/// The value the effective-configuration report prints for `key`.
+fn reported(out: &str, key: &str) -> String {
+    let line = out.lines().find(|l| l.trim_start().starts_with(&format!("{key} "))).unwrap_or_else(|| panic!("no {key} in the report:\n{out}"));
+    line.split_once('=').map_or("", |(_, v)| v).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Two checkpoints' weights: the largest |a − b| over the largest |b| of
+/// the whole model (as `zero.rs` compares weights), and the tensor where
+/// the difference is largest relative to its own largest weight, with it.
+fn weights_differ(a: &Path, b: &Path) -> (f64, String, f64) {
+    let read = |p: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(p.join("model.safetensors")).unwrap().into_iter().collect()
+    };
+    let (wa, wb) = (read(a), read(b));
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    let (mut diff, mut largest, mut worst) = (0.0f64, 0.0f64, (String::new(), 0.0f64));
+    for (k, t) in &wa {
+        let (d, m) = ((t - &wb[k]).abs().max().double_value(&[]), wb[k].abs().max().double_value(&[]));
+        (diff, largest) = (diff.max(d), largest.max(m));
+        if d / m > worst.1 {
+            worst = (k.clone(), d / m);
+        }
+    }
+    (diff / largest, worst.0, worst.1)
+}
+
+/// Elastic layouts (issue 22): one global batch of 8 factored as
+/// data-parallel 2 × micro-batch 4 (ZeRO stage 2), one process × 2
+/// accumulation steps × micro-batch 4, and one process × micro-batch 8
+/// trains the same (fp32, no dropout): the same samples in the same
+/// blank-infilling modes (a function of the sample index, the mode group
+/// fixed at the first run's global batch) and the loss normalised by the
+/// whole global batch's loss tokens. And the data-parallel run's checkpoint
+/// of iteration 3, resumed on one process from the same DeepSpeed file (2
+/// accumulation steps derived from its batch keys), continues its losses.
+#[test]
+fn every_factoring_of_the_global_batch_trains_the_same_and_resumes_across_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (dp2, acc2, micro8, resumed) = (d.path().join("dp2"), d.path().join("acc2"), d.path().join("micro8"), d.path().join("resumed"));
+    let (micro4_ds, micro8_ds) = (ds(d.path(), "micro4.json", 4, 8), ds(d.path(), "micro8.json", 8, 8));
+    let sets = |save: &Path, extra: &[&str]| -> Vec<String> {
+        ["train_iters=6", "save_interval=3", "eval_batch_size=4"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .chain([format!("save={}", save.display())])
+            .collect()
+    };
+    // the data-parallel run first: its rank 0 prepares the data
+    let zero2 = ["zero_optimization.stage=2", "zero_optimization.reduce_bucket_size=20000", "zero_optimization.allgather_bucket_size=5000"];
+    let out = ok(&run(d.path(), 2, &micro4_ds, &sets(&dp2, &zero2)));
+    assert!(out.contains("world 2 = tensor-parallel 1 × data-parallel 2") && out.contains("stage 2 (optimizer state"), "{out}");
+    assert_eq!(reported(&out, "gradient_accumulation_steps"), "1");
+    let out = ok(&run(d.path(), 0, &micro4_ds, &sets(&acc2, &[])));
+    assert_eq!((reported(&out, "train_micro_batch_size_per_gpu"), reported(&out, "gradient_accumulation_steps")), ("4".into(), "2".into()));
+    let out = ok(&run(d.path(), 0, &micro8_ds, &sets(&micro8, &[])));
+    assert_eq!((reported(&out, "train_micro_batch_size_per_gpu"), reported(&out, "gradient_accumulation_steps")), ("8".into(), "1".into()));
+    let want = losses(&dp2, "train");
+    assert_eq!(want.len(), 6);
+    for (name, other) in [("1 process × 2 accumulation steps × micro-batch 4", &acc2), ("1 process × micro-batch 8", &micro8)] {
+        eprintln!("{name}: train losses {:?} vs data-parallel 2 {want:?}", losses(other, "train"));
+        assert_close(&want, &losses(other, "train"), 1e-6);
+        assert_close(&losses(&dp2, "eval"), &losses(other, "eval"), 1e-6);
+        let (rel, tensor, in_tensor) = weights_differ(&dp2.join("6"), &other.join("6"));
+        match rel {
+            0.0 => eprintln!("{name}: final weights equal data-parallel 2's bit for bit"),
+            _ => eprintln!(
+                "{name}: final weights differ from data-parallel 2's by {rel:.1e} of the largest weight (most in {tensor}: {in_tensor:.1e} of its largest)"
+            ),
+        }
+        assert!(rel <= 1e-6, "{name}: final weights differ by {rel:.1e} relative to the largest weight");
+    }
+    // the checkpoint records the mode group: the first run's global batch
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dp2.join("3/state.json")).unwrap()).unwrap();
+    assert_eq!(state["mode_group"], 8, "{state}");
+    let report = ok(&Command::new(env!("CARGO_BIN_EXE_glm-worker")).args(["checkpoint", "inspect", &dp2.join("3").display().to_string()]).output().unwrap());
+    assert!(report.contains("blank-infilling modes per 8 samples"), "{report}");
+
+    // resumed on one process with the same DeepSpeed file: accumulation 2
+    let out = ok(&run(
+        d.path(),
+        0,
+        &micro4_ds,
+        &["train_iters=6".to_string(), "eval_batch_size=4".into(), format!("load={}", dp2.join("3").display()), format!("save={}", resumed.display())],
+    ));
+    assert!(out.contains("(iteration 3)") && out.contains("optimizer state re-partitioned from data-parallel 2, ZeRO stage 2 to data-parallel 1"), "{out}");
+    assert_eq!(reported(&out, "gradient_accumulation_steps"), "2");
+    let tail: Vec<_> = want.iter().copied().filter(|(i, _)| *i > 3).collect();
+    assert_close(&tail, &losses(&resumed, "train"), 1e-6);
+    let (rel, ..) = weights_differ(&dp2.join("6"), &resumed.join("6"));
+    eprintln!("resumed on 1 process × 2 accumulation steps: final weights differ by {rel:.1e} of the largest weight");
+    assert!(rel <= 1e-6, "resumed: final weights differ by {rel:.1e} relative to the largest weight");
+}
+
 #[test]
 fn invalid_layouts_fail_clearly() {
     let d0 = tempfile::tempdir().unwrap();

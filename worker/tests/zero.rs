@@ -262,6 +262,7 @@ fn state(iteration: u64, dp: usize) -> State {
         format_version: checkpoint::FORMAT_VERSION,
         iteration,
         consumed_samples: 0,
+        mode_group: 0,
         optimizer_step: 0,
         skipped_steps: 0,
         precision: Precision::Fp32,

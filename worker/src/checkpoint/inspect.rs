@@ -54,12 +54,17 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
             let z = state.zero.as_ref();
             lines.push(format!("checkpoint {}", dir.display()));
             lines.push(format!(
-                "  iteration {} (optimizer step {}, {} skipped), {} tokens of training seen at {} samples",
+                "  iteration {} (optimizer step {}, {} skipped), {} tokens of training seen at {} samples; blank-infilling modes per {}",
                 state.iteration,
                 state.optimizer_step,
                 state.skipped_steps,
                 state.consumed_samples * state.args.get("seq_length").and_then(|v| v.as_u64()).unwrap_or(0),
-                state.consumed_samples
+                state.consumed_samples,
+                match state.mode_group(&sp) {
+                    Ok(g) if state.mode_group > 0 => format!("{g} samples"),
+                    Ok(g) => format!("{g} samples (not recorded: the saving run's micro-batch × data-parallel size)"),
+                    Err(e) => format!("? ({e})"),
+                }
             ));
             lines.push(format!(
                 "  layout: tensor-parallel {} × data-parallel {}, ZeRO stage {}{}, precision {} (weights stored in fp32)",

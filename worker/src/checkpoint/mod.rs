@@ -58,6 +58,13 @@ pub struct State {
     /// (seed, iteration), so there is no generator state to save.
     #[serde(default)]
     pub consumed_samples: u64,
+    /// The mode group: training draws the blank-infilling mode of global
+    /// sample i as that of group i / mode_group (`BlockSampler::mode_of`).
+    /// Fixed at a run's start as its global batch (one mode per step) and
+    /// kept by every resumed run, whatever its layout or batch. 0: not
+    /// recorded (a checkpoint from before it was), see `State::mode_group`.
+    #[serde(default)]
+    pub mode_group: u64,
     pub optimizer_step: u64,
     /// Iterations whose update was skipped (fp16 overflow): the
     /// learning-rate schedule stands at `iteration - skipped_steps`.
@@ -92,6 +99,30 @@ pub struct State {
     pub args: serde_json::Value,
     /// file name -> sha256
     pub files: BTreeMap<String, String>,
+}
+
+impl State {
+    /// The mode group the run that saved this trained with: the recorded
+    /// one, else (a checkpoint from before it was recorded) what such runs
+    /// used: one mode per global micro-batch, its micro-batch × data-parallel
+    /// size (the global batch unless it accumulated gradients), from the
+    /// effective DeepSpeed config and configs.json in here. `sp` (the state
+    /// file) names the error.
+    pub fn mode_group(&self, sp: &Path) -> Result<u64> {
+        if self.mode_group > 0 {
+            return Ok(self.mode_group);
+        }
+        let dp = self.dp.max(1); // 0: saved before data parallelism was recorded (one rank then)
+        let arg = |k: &str| self.args.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let (Some(micro), Some(accum)) = (arg("batch_size"), arg("gradient_accumulation_steps")) else {
+            return Err(Error::invalid(sp, "no mode_group, and args lacks batch_size or gradient_accumulation_steps to derive it from"));
+        };
+        // errors name the field ("deepspeed_config: train_batch_size ...") inside the file's
+        let why = |e: Error| Error::invalid(sp, format!("no mode_group, and the saving run's micro-batch cannot be derived: {e}"));
+        let ds = crate::config::ds::DsConfig::from_value(Path::new("deepspeed_config"), &self.deepspeed_config).map_err(why)?;
+        let batch = ds.batch(dp, micro, accum).map_err(why)?;
+        Ok((batch.micro * dp) as u64)
+    }
 }
 
 /// Where every data-parallel rank's shard of the optimizer state lives.
@@ -254,4 +285,40 @@ pub fn part_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
         parts.push(p);
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(v: serde_json::Value) -> State {
+        let mut base = serde_json::json!({
+            "format_version": FORMAT_VERSION, "iteration": 3, "optimizer_step": 3, "has_optimizer": true, "tokenizer_sha256": "x",
+            "files": {},
+            "model": {"vocab_size": 64, "hidden_size": 8, "num_layers": 1, "num_attention_heads": 1, "intermediate_size": 32, "max_position_embeddings": 16,
+                      "layernorm_epsilon": 1e-5, "hidden_dropout": 0.0, "attention_dropout": 0.0, "output_dropout": 0.0, "block_position_encoding": true},
+            "deepspeed_config": {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4},
+            "args": {"batch_size": 8, "gradient_accumulation_steps": 1}, "dp": 2,
+        });
+        for (k, x) in v.as_object().unwrap() {
+            base[k] = x.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn the_mode_group_is_read_or_derived_for_older_checkpoints() {
+        let sp = Path::new("ckpt/3/state.json");
+        // recorded: kept, whatever the saving layout
+        assert_eq!(state(serde_json::json!({"mode_group": 8})).mode_group(sp).unwrap(), 8);
+        // an older checkpoint: its micro-batch (4, accumulation 2) × data-parallel 2
+        assert_eq!(state(serde_json::json!({})).mode_group(sp).unwrap(), 8);
+        // the micro-batch from configs.json's batch_size when the DeepSpeed file has none
+        assert_eq!(state(serde_json::json!({"deepspeed_config": {}, "dp": 1})).mode_group(sp).unwrap(), 8);
+        assert_eq!(state(serde_json::json!({"deepspeed_config": {}, "dp": 0})).mode_group(sp).unwrap(), 8, "dp 0: one rank");
+        let e = state(serde_json::json!({"args": {}})).mode_group(sp).unwrap_err().to_string();
+        assert!(e.contains("ckpt/3/state.json") && e.contains("mode_group") && e.contains("batch_size"), "{e}");
+        let e = state(serde_json::json!({"deepspeed_config": {"train_batch_size": 7}})).mode_group(sp).unwrap_err().to_string();
+        assert!(e.contains("ckpt/3/state.json") && e.contains("mode_group") && e.contains("train_batch_size 7"), "{e}");
+    }
 }

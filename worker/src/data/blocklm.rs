@@ -229,10 +229,31 @@ impl BlockSampler {
         }
     }
 
-    /// The samples `indices` (global sample indices) of global batch `batch`.
+    /// The samples `indices` (global sample indices) of global batch `batch`,
+    /// all in that batch's mode (held-out batches: one mode per evaluation
+    /// batch).
     pub fn batch(&self, batch: u64, indices: Range<u64>) -> Vec<Sample> {
         let mode = self.mode_for_batch(batch);
         indices.map(|i| self.sample(i, mode)).collect()
+    }
+
+    /// The mode of global sample `index` when modes are drawn per *mode
+    /// group* of `group` consecutive sample indices: that of group
+    /// `index / group`. Training fixes `group` at the first run (its global
+    /// batch: one mode per step, as one per micro-batch in the original
+    /// without accumulation) and keeps it on resume, so a sample's mode
+    /// depends on its index alone, not on how a run factors the global
+    /// batch into data-parallel size × accumulation × micro-batch.
+    pub fn mode_of(&self, index: u64, group: u64) -> Mode {
+        self.mode_for_batch(index / group.max(1))
+    }
+
+    /// The training samples `indices` (global sample indices), each in the
+    /// mode of its mode group (`mode_of`): a range that crosses a group
+    /// boundary holds two modes (samples are independent, so a micro-batch
+    /// may mix them).
+    pub fn samples(&self, indices: Range<u64>, group: u64) -> Vec<Sample> {
+        indices.map(|i| self.sample(i, self.mode_of(i, group))).collect()
     }
 
     pub fn sample(&self, index: u64, mode: Mode) -> Sample {
@@ -759,6 +780,28 @@ mod tests {
         }
         let batch = sm.batch(7, 70..80);
         assert!(batch.iter().all(|s| s.mode == sm.mode_for_batch(7)), "one mode per batch");
+    }
+
+    #[test]
+    fn training_modes_follow_the_sample_index_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = store(dir.path(), 50, 5);
+        let sm = sampler(&st, BlockConfig { bert_prob: 0.5, gap_sentence_prob: 0.3, ..cfg(64) });
+        // a group of 8: samples 0..64 are groups 0..8, whatever the ranges asked
+        let whole = sm.samples(0..64, 8);
+        for (i, s) in whole.iter().enumerate() {
+            assert_eq!(s.mode, sm.mode_for_batch(i as u64 / 8), "sample {i}");
+            assert_eq!(s, &sm.sample(i as u64, s.mode));
+        }
+        // the same samples read in micro-batches of 4, 3 (crossing groups) or 16
+        for micro in [4usize, 3, 16] {
+            let pieces: Vec<Sample> = (0..64u64).step_by(micro).flat_map(|s| sm.samples(s..(s + micro as u64).min(64), 8)).collect();
+            assert_eq!(pieces, whole, "read in pieces of {micro}");
+        }
+        // group = the batch's size: the held-out batches' rule
+        assert_eq!(sm.samples(24..32, 8), sm.batch(3, 24..32));
+        // a piece of 16 held two groups of different modes (else the test shows nothing)
+        assert!(whole.chunks(16).any(|c| c[0].mode != c[8].mode), "no piece of 16 mixed two modes");
     }
 
     #[test]

@@ -349,6 +349,13 @@ pub struct Batch {
     pub sep: Tensor,
 }
 
+impl Batch {
+    /// The loss tokens (non-zero `loss_mask` entries): the count `Glm::loss_terms` divides by.
+    pub fn loss_tokens(&self) -> i64 {
+        self.loss_mask.ne(0).sum(Kind::Int64).int64_value(&[])
+    }
+}
+
 /// The declarations of a model: its parameters in `pb`, the indices here.
 struct Decls {
     word_embeddings: usize,

@@ -46,36 +46,49 @@ pub fn train_step(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: St
 /// optimizer's (a sum over the ranks).
 ///
 /// Dropout is seeded from `it_seed` (and the micro-batch index, for
-/// tensor-parallel streams), so a step is a function of its inputs. With
-/// `LossNormalization::GlobalTokens` each micro-step's loss is the summed
-/// cross entropy of this rank's masked tokens divided by the masked-token
-/// count of the whole global micro-batch (all data-parallel ranks), so
-/// summing gradients over the data-parallel group gives exactly the
-/// gradient of one process holding the whole batch; the logged loss is the
-/// global micro-batch's mean. With `PerRankMean` (the original's rule) it
-/// is this rank's own mean divided by the data-parallel size, so the sum
-/// over ranks is the average of the ranks' gradients (DeepSpeed's), and
-/// the logged loss is the mean of the ranks' means. Either way each
-/// micro-batch counts `1 / accum`.
+/// tensor-parallel streams), so a step is a function of its inputs.
+///
+/// With `LossNormalization::GlobalTokens` every micro-step's loss is the
+/// summed cross entropy of this rank's loss tokens divided by the
+/// loss-token count of the whole global batch (every micro-batch of every
+/// data-parallel rank: the step's micro-batches are built first and their
+/// tokens counted, one scalar all-reduce), so the gradient summed over
+/// micro-batches and ranks is exactly the gradient of one process holding
+/// the whole global batch in one micro-batch, however the batch is factored
+/// into data-parallel size × accumulation × micro-batch; the logged loss is
+/// the global batch's token mean (a second scalar all-reduce). With
+/// `PerRankMean` (the original's rule, which depends on the factoring) it
+/// is this rank's micro-batch mean divided by the data-parallel size and
+/// by `accum`, so the sum over ranks is the average of the ranks'
+/// gradients (DeepSpeed's), and the logged loss is the mean over
+/// micro-batches of the mean of the ranks' means.
 pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, plan: StepPlan, batch: &mut dyn FnMut(usize) -> Result<Batch>) -> Result<f64> {
     let StepPlan { it_seed, accum, norm, .. } = plan;
     tch::manual_seed(it_seed);
     let scale = opt.loss_scale();
     let dp = par.dims.dp as f64;
+    progress::set_phase(Phase::Data);
+    let batches = (0..accum).map(batch).collect::<Result<Vec<Batch>>>()?;
+    // global_tokens: the loss tokens of the whole global batch
+    let global_n = match norm {
+        LossNormalization::GlobalTokens => {
+            let own: i64 = batches.iter().map(Batch::loss_tokens).sum();
+            let mut n = Tensor::from_slice(&[own as f64]);
+            par.dp_sum(&mut n)?;
+            n.double_value(&[0]).max(1.0)
+        }
+        LossNormalization::PerRankMean => 0.0,
+    };
     let mut loss_sum = 0.0;
-    for m in 0..accum {
+    for (m, b) in batches.iter().enumerate() {
         model.rng_base.set(it_seed.wrapping_mul(64).wrapping_add(m as i64));
-        progress::set_phase(Phase::Data);
-        let b = batch(m)?;
         progress::set_phase(Phase::Forward);
-        let (sum, _, n) = model.loss_terms(&b, true)?;
+        let (sum, _, n) = model.loss_terms(b, true)?;
         let loss = match norm {
             LossNormalization::GlobalTokens => {
-                let mut stats = Tensor::from_slice(&[n as f64, sum.double_value(&[])]);
-                par.dp_sum(&mut stats)?;
-                let (global_n, global_sum) = (stats.double_value(&[0]).max(1.0), stats.double_value(&[1]));
-                loss_sum += global_sum / global_n;
-                sum / (global_n * accum as f64)
+                // this rank's summed cross entropy, all-reduced for the log after the loop
+                loss_sum += sum.double_value(&[]);
+                sum / global_n
             }
             LossNormalization::PerRankMean => {
                 // a rank without loss tokens contributes 0, as in the original (which divides only by a positive count)
@@ -93,5 +106,12 @@ pub fn forward_backward(model: &mut Glm, opt: &mut Optimizer, par: &Parallel, pl
         loss.f_backward().map_err(|e| Error::Runtime(format!("backward: {}", crate::runtime::report::torch_error(&e.to_string()))))?;
         opt.accumulate(&mut model.params)?;
     }
-    Ok(loss_sum / accum as f64)
+    Ok(match norm {
+        LossNormalization::GlobalTokens => {
+            let mut total = Tensor::from_slice(&[loss_sum]);
+            par.dp_sum(&mut total)?;
+            total.double_value(&[0]) / global_n
+        }
+        LossNormalization::PerRankMean => loss_sum / accum as f64,
+    })
 }

@@ -102,7 +102,7 @@ pub struct HeldOut {
 }
 
 /// `model` on batches 0..`iters` of `sampler` (`batch` samples each; in
-/// `mode`, else the modes drawn as training draws them), the batches shared
+/// `mode`, else one mode per batch, drawn as for training), the batches shared
 /// out over the data-parallel ranks and the sums combined: the summed cross
 /// entropy of every masked token over their count.
 pub fn held_out(
@@ -231,6 +231,11 @@ pub struct Trainer {
     valid: Option<BlockSampler>,
     tokenizer: GlmTokenizer,
     pub iteration: u64,
+    /// Training draws the mode of global sample i as that of group
+    /// i / mode_group (`BlockSampler::mode_of`): this run's global batch
+    /// (one mode per step) when it starts from scratch, the checkpoint's
+    /// when it resumes, so the sample stream does not depend on the layout.
+    mode_group: u64,
     /// Applied updates the learning-rate schedule does not count: those
     /// before a resume with `no_load_lr_scheduler` (the original then
     /// starts a fresh schedule, warmup included).
@@ -376,6 +381,7 @@ impl Trainer {
         }
         let mut iteration = 0;
         let mut schedule_start = 0;
+        let mut mode_group = cfg.batch.global as u64;
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
             // the checkpoint's tensor-parallel layout must be this run's
@@ -456,6 +462,10 @@ impl Trainer {
             };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
             schedule_start = state.schedule_start;
+            mode_group = state.mode_group(&dir.join("state.json"))?;
+            if mode_group != cfg.batch.global as u64 {
+                println!("data: blank-infilling modes drawn per {mode_group} samples, as in the checkpoint (train_batch_size is {})", cfg.batch.global);
+            }
             if a.no_load_lr_scheduler {
                 schedule_start = iteration - opt.skipped_steps();
                 println!(
@@ -474,7 +484,21 @@ impl Trainer {
             opt.set_weights(&mut model.params, &w);
         }
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
-        Ok(Trainer { cfg, model, opt, train, valid, tokenizer: tok, iteration, schedule_start, device: opts.device, metrics, par, _save_dir: save_dir })
+        Ok(Trainer {
+            cfg,
+            model,
+            opt,
+            train,
+            valid,
+            tokenizer: tok,
+            iteration,
+            mode_group,
+            schedule_start,
+            device: opts.device,
+            metrics,
+            par,
+            _save_dir: save_dir,
+        })
     }
 
     /// One optimizer step of iteration `it` (see `train::step`). The
@@ -487,14 +511,17 @@ impl Trainer {
         let it_seed = (a.seed as i64).wrapping_mul(1_000_003).wrapping_add(it as i64);
         let done = (it - 1).saturating_sub(self.opt.skipped_steps()).saturating_sub(self.schedule_start);
         let lr = self.cfg.schedule.lr(done);
-        let (b, device, d, train) = (self.cfg.batch, self.device, self.par.dims, &self.train);
-        // this rank's share of micro-batch m: the global micro-batch is
-        // micro × dp consecutive sample indices, of which data-parallel rank
-        // r reads the r-th run of micro
+        let (b, device, d, train, group) = (self.cfg.batch, self.device, self.par.dims, &self.train, self.mode_group);
+        // this rank's share of micro-batch m: iteration it holds the global
+        // batch's consecutive sample indices from (it - 1) × global, micro
+        // step m the m-th run of micro × dp of them, of which data-parallel
+        // rank r reads the r-th run of micro; each sample in the mode of its
+        // index (mode_group), so any factoring reads the same samples in the
+        // same modes
         let mut next = |m: usize| {
             let batch_index = (it - 1) * b.accum as u64 + m as u64;
             let start = (batch_index * d.dp as u64 + d.dp_rank() as u64) * b.micro as u64;
-            Ok(collate(&train.batch(batch_index, start..start + b.micro as u64), device))
+            Ok(collate(&train.samples(start..start + b.micro as u64, group), device))
         };
         let accum = b.accum;
         let _doing = crate::runtime::report::doing(format!(
@@ -568,6 +595,7 @@ impl Trainer {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
             consumed_samples: self.iteration * self.cfg.batch.global as u64,
+            mode_group: self.mode_group,
             // the optimizer's part (step, skipped steps, precision, loss
             // scaler, ZeRO manifest) is filled in by checkpoint::save
             optimizer_step: 0,
