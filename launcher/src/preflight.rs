@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use glm_common::hostfile::Placement;
+use glm_common::units::human_bytes;
 
 use crate::supervise::{parse_line, Tags};
 
@@ -67,10 +68,6 @@ pub struct Expect<'a> {
     /// (`GLM_COMM_BACKEND=host-staged`), so ranks may share GPUs.
     pub gpus_shared: bool,
     pub disk: Option<&'a Disk>,
-}
-
-fn gb(b: u64) -> String {
-    format!("{:.1} GB", b as f64 / 1e9)
 }
 
 /// Per-rank (= per-host) answers from the preflight's output.
@@ -139,9 +136,9 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
             (Some(_), None) => "?".to_string(),
             (Some(d), Some(f)) => {
                 if f < d.need {
-                    why.push(format!("{} free under {}, a checkpoint needs about {}", gb(f), d.dir.display(), gb(d.need)));
+                    why.push(format!("{} free under {}, a checkpoint needs about {}", human_bytes(f), d.dir.display(), human_bytes(d.need)));
                 }
-                gb(f)
+                human_bytes(f)
             }
         };
         let verdict = if why.is_empty() { "ok".to_string() } else { format!("FAIL: {}", why.join("; ")) };
@@ -261,7 +258,12 @@ mod tests {
         let disk = Disk { dir: "/ckpt".into(), need: 5_000_000_000 };
         let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 2000000000 /ckpt\n", "");
         let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&disk)));
-        assert!(!ok && rows[1].contains("2.0 GB") && rows[1].contains("FAIL: 2.0 GB free under /ckpt, a checkpoint needs about 5.0 GB"), "{rows:?}");
+        assert!(!ok && rows[1].contains("2.00 GB") && rows[1].contains("FAIL: 2.00 GB free under /ckpt, a checkpoint needs about 5.00 GB"), "{rows:?}");
+        // units that fit the sizes: a nearly full small disk is not "0.0 GB free"
+        let small = Disk { dir: "/small".into(), need: 40_512_000 };
+        let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 12000000 /small\n", "");
+        let (rows, _) = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&small)));
+        assert!(rows[1].contains("FAIL: 12.0 MB free under /small, a checkpoint needs about 40.5 MB"), "{rows:?}");
         // srun: stderr is its own stream, so an error is not taken for an answer
         let srun = parse("0: glm-worker: 0.1.0\n", "1: glm-worker: error: libtorch not found\n", Tags::Srun);
         assert_eq!(srun[&0].version.as_deref(), Some("0.1.0"));
