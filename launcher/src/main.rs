@@ -19,6 +19,7 @@ mod backend;
 mod preflight;
 mod ssh;
 mod supervise;
+mod tagged;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

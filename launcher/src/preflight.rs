@@ -154,7 +154,9 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], placement: &Pl
     let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output();
     let (reports, messages, success) = match out {
         Ok(o) => {
-            let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            // whole lines: OpenMPI's tags cut a line a rank wrote in pieces
+            let whole = |b: &[u8]| if tags == Tags::OpenMpi { crate::tagged::Demux::lines(b).join("\n") } else { String::from_utf8_lossy(b).into_owned() };
+            let (stdout, stderr) = (whole(&o.stdout), whole(&o.stderr));
             let msgs: Vec<String> =
                 stdout.lines().chain(stderr.lines()).filter(|l| parse_line(l, true, tags).rank.is_none() && !l.trim().is_empty()).map(String::from).collect();
             (parse(&stdout, &stderr, tags), msgs, o.status.success())

@@ -59,3 +59,41 @@ fn a_small_disk_is_measured_in_units_that_fit() {
     assert!(r.contains(" 12.6 MB "), "the free disk column too: {r}");
     assert!(err.contains("preflight failed (see the table above); nothing was started"), "{err}");
 }
+
+/// A worker's own error of several lines (clap's, for an unknown flag)
+/// reaches the console, the rank's log and the report whole: OpenMPI tags
+/// each chunk a rank writes, and clap writes its first line in pieces, which
+/// came out as `error:[1,0]<stderr>: unexpected argument '[1,0]<stderr>:--bogus-flag...`.
+#[test]
+fn a_workers_error_of_several_lines_is_read_whole() {
+    root();
+    let worker = repo().join("target/release/glm-worker");
+    assert!(worker.is_file(), "{}: build the workspace first (scripts/test.sh does)", worker.display());
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let o = done(
+        launch()
+            .args(["--num_gpus", "2", "--worker", &worker.display().to_string(), "--run_dir", &run.display().to_string()])
+            .args(["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--bogus-flag", "3", "--set", "save=null"]),
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "clap's exit code: {out}{err}");
+    assert!(!out.contains("<stderr>:") && !err.contains("<stderr>:") && !out.contains("<stdout>:"), "no OpenMPI tag inside a line:\n{out}\n{err}");
+    let report: Vec<&str> = err.lines().filter(|l| l.starts_with("glm-launch: rank ")).collect();
+    assert_eq!(report.len(), 1, "{err}");
+    let r = report[0];
+    assert!(
+        (r.starts_with("glm-launch: rank 0 on localhost") || r.starts_with("glm-launch: rank 1 on localhost"))
+            && r.ends_with(": error: unexpected argument '--bogus-flag' found; every other worker was stopped"),
+        "one line naming the rank and host once, with the worker's message: {r}"
+    );
+    // the rank mpirun names (the other one may be stopped before it writes)
+    let rank: usize = r["glm-launch: rank ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(err.lines().any(|l| l == format!("[localhost:{rank}] error: unexpected argument '--bogus-flag' found")), "{err}");
+    let log = std::fs::read_to_string(run.join(format!("logs/rank_{rank:04}.log"))).unwrap();
+    assert!(log.starts_with("error: unexpected argument '--bogus-flag' found\n") && log.contains("\nUsage: glm-worker "), "rank {rank}'s log: {log}");
+    for other in 0..2 {
+        let log = std::fs::read_to_string(run.join(format!("logs/rank_{other:04}.log"))).unwrap_or_default();
+        assert!(!log.contains("<stderr>:"), "rank {other}'s log: {log}");
+    }
+}
