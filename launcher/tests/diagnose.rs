@@ -2,6 +2,7 @@
 //! is said once, in one readable line, on the row (or rank) it belongs to.
 //! Needs root (a small tmpfs in a private mount namespace) and OpenMPI.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
@@ -96,4 +97,120 @@ fn a_workers_error_of_several_lines_is_read_whole() {
         let log = std::fs::read_to_string(run.join(format!("logs/rank_{other:04}.log"))).unwrap_or_default();
         assert!(!log.contains("<stderr>:"), "rank {other}'s log: {log}");
     }
+}
+
+/// A stand-in worker that answers the preflight like glm-worker (and
+/// marks `started` if a worker is ever started).
+fn fake_worker(dir: &Path) -> (PathBuf, PathBuf) {
+    let w = dir.join("worker.sh");
+    let started = dir.join("started");
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\ntouch {}\n",
+            env!("CARGO_PKG_VERSION"),
+            started.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (w, started)
+}
+
+/// One host name that does not resolve fails its own row only: mpirun's
+/// whole preflight job used to fail with it, marking the reachable host NO
+/// as well. Names that do not resolve are found before mpirun runs.
+#[test]
+fn a_host_that_does_not_resolve_fails_its_own_row_only() {
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let (w, started) = fake_worker(d.path());
+    let hosts = d.path().join("hosts");
+    std::fs::write(&hosts, "localhost slots=1\nno-such-host.invalid slots=1\n").unwrap();
+    let o = done(launch().args(["--hostfile", &hosts.display().to_string(), "--worker", &w.display().to_string()]));
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    let good = row(&out, "localhost");
+    assert!(good.contains(" yes ") && good.ends_with(" ok"), "the reachable host is checked and passes: {good}");
+    let bad = row(&out, "no-such-host.invalid");
+    assert!(
+        bad.contains(" NO ")
+            && bad.contains("FAIL: cannot resolve host name no-such-host.invalid: ")
+            && bad.ends_with("(check the hostfile, DNS or /etc/hosts)"),
+        "{bad}"
+    );
+    assert!(!out.contains("the preflight job failed"), "no mpirun boilerplate when the rows say it all: {out}");
+    assert!(err.contains("preflight failed (see the table above); nothing was started") && !started.exists(), "{err}");
+}
+
+/// A host without glm-worker on its PATH is not "unreachable": its row
+/// says glm-worker is not there, the PATH searched, and the two fixes.
+#[test]
+fn a_host_without_glm_worker_says_so_with_the_path_it_searched() {
+    root();
+    let d = tempfile::tempdir().unwrap();
+    // glm-launch alone (no glm-worker beside it), and a PATH without one
+    let alone = d.path().join("glm-launch");
+    std::fs::copy(env!("CARGO_BIN_EXE_glm-launch"), &alone).unwrap();
+    let mpirun = common::which("mpirun").expect("OpenMPI's mpirun on PATH");
+    let path = format!("{}:/bin", mpirun.parent().unwrap().display());
+    let o = done(Command::new(&alone).current_dir(repo()).env("PATH", &path).args(["--num_gpus", "1", "--config", "configs/config_block_tiny.json"]));
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    let r = row(&out, "localhost");
+    assert!(
+        r.contains(" yes ")
+            && r.ends_with(&format!(
+                "FAIL: glm-worker not found on localhost: no glm-worker on its PATH ({path}); install glm-worker there, or pass --worker with its path on localhost"
+            )),
+        "{r}"
+    );
+    assert!(!r.contains("unreachable"), "{r}");
+}
+
+/// The mpirun back end on real hosts (`tests/fixtures/netns_hosts.sh`,
+/// mpirun's ssh pointed at their config through `plm_rsh_agent`): this
+/// machine, node1 (reachable), node2 (its SSH server stopped) and a name
+/// that does not resolve. Each failure is on its own row, said once, and
+/// the reachable hosts are checked and pass: node2 is named from ssh's
+/// message after mpirun's job failed, and the others are asked again
+/// without it.
+#[test]
+fn with_mpirun_each_unreachable_host_fails_its_own_row() {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path().join("hosts.d");
+    let _hosts = common::Hosts::up(&h, 2);
+    // node2's SSH server stops: its connections are refused
+    let pid: i32 = std::fs::read_to_string(h.join("host2/sshd.pid")).unwrap().trim().parse().unwrap();
+    // SAFETY: the fixture's own server.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect("10.213.77.12:2222").is_ok() {
+        assert!(t0.elapsed().as_secs() < 30, "node2's sshd still answers");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (w, started) = fake_worker(d.path());
+    let hosts = d.path().join("hosts");
+    std::fs::write(&hosts, "localhost slots=1\nnode1 slots=1\nnode2 slots=1\nno-such-host.invalid slots=1\n").unwrap();
+    let o = done(
+        launch()
+            .env("OMPI_MCA_plm_rsh_agent", format!("ssh -F {}", h.join("ssh_config").display()))
+            .env("OMPI_MCA_btl_tcp_if_include", "10.213.77.0/24")
+            .env("OMPI_MCA_oob_tcp_if_include", "10.213.77.0/24")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .args(["--hostfile", &hosts.display().to_string(), "--worker", &w.display().to_string()]),
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    for good in ["localhost", "node1"] {
+        let r = row(&out, good);
+        assert!(r.contains(" yes ") && r.ends_with(" ok"), "{good} is checked and passes: {out}");
+    }
+    let r = row(&out, "node2");
+    assert!(r.contains(" NO ") && r.ends_with("FAIL: mpirun's ssh: connect to host 10.213.77.12 port 2222: Connection refused"), "{r}");
+    let r = row(&out, "no-such-host.invalid");
+    assert!(r.contains(" NO ") && r.contains("FAIL: cannot resolve host name no-such-host.invalid: "), "{r}");
+    assert!(!out.contains("the preflight job failed"), "the rows say it all: {out}");
+    assert!(!started.exists(), "nothing started");
 }
