@@ -13,11 +13,15 @@
 //! from ssh's message, and the preflight runs again without it; the probe
 //! around `glm-worker env` says when glm-worker is not there (and which
 //! PATH or path it tried) and exits 0, so one host's failure does not make
-//! mpirun stop the others before they answer.
+//! mpirun stop the others before they answer. Ctrl-C or SIGTERM stops the
+//! preflight's mpirun and everything it started, and glm-launch exits
+//! 128 + the signal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use glm_common::hostfile::Placement;
 use glm_common::units::human_bytes;
@@ -280,6 +284,8 @@ pub type Launch<'a> = dyn Fn(&Placement) -> Result<Vec<String>, String> + 'a;
 /// and whether every host passed (with the launcher's own messages when
 /// its job failed and no row says why).
 pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &Placement, expect: &Expect) -> (Vec<String>, bool) {
+    // a signal stops what the preflight started, and glm-launch
+    let catch = Catch::new();
     let n = placement.hosts.len();
     let mut reports: BTreeMap<usize, Report> = BTreeMap::new();
     // OpenMPI's mpirun reaches other hosts with ssh: a name that does not
@@ -308,7 +314,7 @@ pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &P
                 break;
             }
         };
-        let (stdout, stderr, success) = match run_launcher(&argv, env, tags) {
+        let (stdout, stderr, success) = match run_launcher(&argv, env, tags, &catch) {
             Ok(o) => o,
             Err(e) => {
                 unexplained = Some((argv[0].clone(), vec![format!("cannot start {}: {e}", argv[0])]));
@@ -346,6 +352,10 @@ pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &P
             }
         }
     }
+    if let Some(sig) = catch.caught() {
+        stopped(sig, "the preflight had ended");
+    }
+    drop(catch);
     let (mut rows, ok) = table(placement, &reports, expect);
     if let Some((program, messages)) = &unexplained {
         rows.push(format!("  the preflight job failed; {program}'s messages:"));
@@ -486,19 +496,146 @@ fn blame(messages: &[String], routes: &[Route], placement: &Placement, silent: &
     out
 }
 
-/// Runs the preflight's command and collects its output (whole lines:
-/// OpenMPI's pieces joined).
-fn run_launcher(argv: &[String], env: &[(String, String)], tags: Tags) -> std::io::Result<(String, String, bool)> {
-    let o = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).stdin(Stdio::null()).output()?;
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop(sig: libc::c_int) {
+    STOP.store(sig, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM caught while it lives (the earlier dispositions
+/// come back when it is dropped): the preflight stops what it started.
+struct Catch {
+    old: Vec<(libc::c_int, libc::sighandler_t)>,
+}
+
+impl Catch {
+    fn new() -> Catch {
+        STOP.store(0, Ordering::SeqCst);
+        // SAFETY: the handler only stores to an atomic.
+        let old = [libc::SIGINT, libc::SIGTERM].into_iter().map(|s| (s, unsafe { libc::signal(s, on_stop as *const () as libc::sighandler_t) })).collect();
+        Catch { old }
+    }
+
+    /// The signal caught, if any.
+    fn caught(&self) -> Option<i32> {
+        Some(STOP.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+}
+
+impl Drop for Catch {
+    fn drop(&mut self) {
+        for &(s, h) in &self.old {
+            // SAFETY: restoring the disposition signal() returned.
+            unsafe { libc::signal(s, h) };
+        }
+    }
+}
+
+/// glm-launch stops on a signal during the preflight: nothing was started.
+fn stopped(sig: i32, what: &str) -> ! {
+    use std::io::Write;
+    let name = if sig == libc::SIGINT { "Ctrl-C" } else { "SIGTERM" };
+    let _ = std::io::stdout().flush();
+    eprintln!("glm-launch: {name} during the preflight: {what}; nothing was started");
+    std::process::exit(128 + sig)
+}
+
+/// (state, process group, start time) of a process, from /proc.
+fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((rest.first()?.chars().next()?, rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
+}
+
+/// Stops `child` (the leader of its own process group) and everything it
+/// started: SIGTERM to it (mpirun then stops its ranks and its daemons on
+/// other hosts) and to every process group below it (OpenMPI puts each
+/// local rank in its own); SIGKILL to whatever is left after 5 s.
+fn stop_tree(child: &mut std::process::Child) {
+    let pid = child.id() as i32;
+    // SAFETY: getpgrp has no preconditions.
+    let ours = unsafe { libc::getpgrp() };
+    let below: Vec<(i32, u64)> = crate::supervise::descendants(pid as u32, "").into_iter().filter_map(|p| proc_stat(p).map(|(_, _, t)| (p, t))).collect();
+    let groups: BTreeSet<i32> = below.iter().filter_map(|&(p, _)| proc_stat(p).map(|(_, g, _)| g)).chain([pid]).filter(|&g| g != ours && g > 0).collect();
+    let alive = |(p, t): (i32, u64)| proc_stat(p).is_some_and(|(s, _, start)| start == t && s != 'Z');
+    for &g in &groups {
+        // SAFETY: process groups of processes we started.
+        unsafe { libc::killpg(g, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gone = child.try_wait().ok().flatten().is_some();
+        if gone && !below.iter().any(|&p| alive(p)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            for &g in &groups {
+                // SAFETY: as above.
+                unsafe { libc::killpg(g, libc::SIGKILL) };
+            }
+            for &(p, t) in &below {
+                if alive((p, t)) {
+                    // SAFETY: a process we started (its start time checked).
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the preflight's command in its own process group and collects
+/// its output (whole lines: OpenMPI's pieces joined); a signal stops it
+/// and everything it started, and glm-launch exits.
+fn run_launcher(argv: &[String], env: &[(String, String)], tags: Tags, catch: &Catch) -> std::io::Result<(String, String, bool)> {
+    if let Some(sig) = catch.caught() {
+        stopped(sig, &format!("{} was not started", argv[0]));
+    }
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // a terminal's Ctrl-C reaches glm-launch alone, which stops it
+        .process_group(0)
+        .spawn()?;
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            b
+        })
+    };
+    let out = read(Box::new(child.stdout.take().expect("piped")));
+    let err = read(Box::new(child.stderr.take().expect("piped")));
+    let status = loop {
+        if let Some(sig) = catch.caught() {
+            stop_tree(&mut child);
+            stopped(sig, &format!("stopped {} (pid {}) and everything it started", argv[0], child.id()));
+        }
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    if let Some(sig) = catch.caught() {
+        stopped(sig, &format!("{} had ended", argv[0]));
+    }
     let whole = |b: &[u8]| if tags == Tags::OpenMpi { crate::tagged::Demux::lines(b).join("\n") } else { String::from_utf8_lossy(b).into_owned() };
-    Ok((whole(&o.stdout), whole(&o.stderr), o.status.success()))
+    Ok((whole(&out), whole(&err), status.success()))
 }
 
 /// The `ssh` back end's preflight: every host at once, each over its own
 /// connection (host key checked, logged in), the probe fed as a script
 /// with the job's environment, from the launcher's directory. This
 /// machine (`local[i]`: mpirun starts its workers without SSH) is asked
-/// directly.
+/// directly. A signal ends it (the connections close with glm-launch; the
+/// probes on this machine are stopped).
 pub fn run_ssh(
     targets: &[crate::ssh::Target],
     local: &[bool],
@@ -507,11 +644,15 @@ pub fn run_ssh(
     placement: &Placement,
     expect: &Expect,
 ) -> (Vec<String>, bool) {
+    let catch = Catch::new();
     let cwd = std::env::current_dir().unwrap_or_default();
     let script = crate::ssh::script(env, &cwd, probe);
+    // the probes on this machine (process groups), for a signal to stop
+    let here_pids = std::sync::Mutex::new(Vec::<i32>::new());
     let here = || -> anyhow::Result<(i32, String, String)> {
         use std::io::Write;
-        let mut c = Command::new("sh").arg("-s").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut c = Command::new("sh").arg("-s").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn()?;
+        here_pids.lock().unwrap_or_else(|e| e.into_inner()).push(c.id() as i32);
         c.stdin.take().expect("piped").write_all(script.as_bytes())?;
         let o = c.wait_with_output()?;
         Ok((o.status.code().unwrap_or(255), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
@@ -531,8 +672,21 @@ pub fn run_ssh(
     };
     let reports: BTreeMap<usize, Report> = std::thread::scope(|s| {
         let asks: Vec<_> = targets.iter().enumerate().map(|(i, t)| (i, s.spawn(move || ask((t, local.get(i).copied().unwrap_or(false)))))).collect();
+        while !asks.iter().all(|(_, h)| h.is_finished()) {
+            if let Some(sig) = catch.caught() {
+                for &p in here_pids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    // SAFETY: the process groups of the probes we started.
+                    unsafe { libc::killpg(p, libc::SIGTERM) };
+                }
+                stopped(sig, "the preflight's SSH connections closed");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         asks.into_iter().map(|(i, h)| (i, h.join().unwrap_or_default())).collect()
     });
+    if let Some(sig) = catch.caught() {
+        stopped(sig, "the preflight had ended");
+    }
     table(placement, &reports, expect)
 }
 

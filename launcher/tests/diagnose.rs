@@ -168,6 +168,77 @@ fn a_host_without_glm_worker_says_so_with_the_path_it_searched() {
     assert!(!r.contains("unreachable"), "{r}");
 }
 
+/// (state, parent) of a process; `None` once it is gone (a zombie is gone:
+/// it runs nothing, and no init reaps it in some containers).
+fn alive(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    (rest[0] != "Z").then(|| rest[1].parse().unwrap())
+}
+
+/// Ctrl-C (or SIGTERM) to glm-launch's own pid while the preflight runs
+/// stops the preflight's mpirun and everything it started, and glm-launch
+/// exits 128 + the signal; it used to exit and leave mpirun running.
+#[test]
+fn a_signal_during_the_preflight_stops_its_mpirun() {
+    root();
+    for (sig, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("probe.pid");
+        let started = d.path().join("started");
+        let w = d.path().join("worker.sh");
+        // the preflight's glm-worker env takes as long as the test wants
+        std::fs::write(
+            &w,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = env ]; then echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 600; fi\ntouch {}\n",
+                pid_file.display(),
+                started.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let child = launch()
+            .args(["--num_gpus", "1", "--worker", &w.display().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !pid_file.is_file() {
+            assert!(t0.elapsed().as_secs() < 60, "the preflight never started");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // the probe (exec'd into sleep), its shell, and mpirun above it
+        let probe: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let mut chain = vec![probe];
+        while let Some(parent) = alive(*chain.last().unwrap()) {
+            if parent == child.id() as i32 || parent <= 1 {
+                break;
+            }
+            chain.push(parent);
+        }
+        assert!(chain.len() >= 2, "the probe runs below mpirun: {chain:?}");
+        let signalled = std::time::Instant::now();
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let o = child.wait_with_output().unwrap();
+        let (out, err) = text(&o);
+        assert!(signalled.elapsed().as_secs() < 20, "{name}: glm-launch took {:?} to stop", signalled.elapsed());
+        assert_eq!(o.status.code(), Some(128 + sig), "{name}: {out}{err}");
+        assert!(err.contains(&format!("glm-launch: {name} during the preflight: stopped mpirun (pid ")), "{name}: {err}");
+        assert!(err.contains("and everything it started; nothing was started"), "{name}: {err}");
+        // nothing is left: the processes are gone (their parents reaped or
+        // will reap them; poll with a deadline only for the reaping)
+        let t1 = std::time::Instant::now();
+        while let Some(p) = chain.iter().find(|&&p| alive(p).is_some()) {
+            assert!(t1.elapsed().as_secs() < 10, "{name}: process {p} of the preflight outlived glm-launch ({chain:?})");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(!started.exists(), "{name}: no worker started");
+    }
+}
+
 /// The mpirun back end on real hosts (`tests/fixtures/netns_hosts.sh`,
 /// mpirun's ssh pointed at their config through `plm_rsh_agent`): this
 /// machine, node1 (reachable), node2 (its SSH server stopped) and a name
