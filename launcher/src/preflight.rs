@@ -37,19 +37,20 @@ const PROBE: &str = "glm-launch probe";
 /// the path tried), reports a non-zero exit of the worker, and itself
 /// exits 0.
 pub fn probe(worker: &str, disk: Option<&Disk>) -> Vec<String> {
-    let script = format!(
-        r#"unset CUDA_VISIBLE_DEVICES
-w=$1; shift
-case $w in
-*/*) if [ ! -e "$w" ]; then echo "{PROBE}: missing file: $w"; exit 0; fi
-     if [ -d "$w" ] || [ ! -x "$w" ]; then echo "{PROBE}: not executable: $w"; exit 0; fi ;;
-*) if ! command -v "$w" >/dev/null 2>&1; then echo "{PROBE}: missing on PATH: $w"; echo "{PROBE}: PATH: $PATH"; exit 0; fi ;;
-esac
-"$w" "$@"
-rc=$?
-if [ $rc -ne 0 ]; then echo "{PROBE}: exit: $rc"; fi
-exit 0"#
-    );
+    // one line: every launcher passes it on as one argument
+    let script = [
+        "unset CUDA_VISIBLE_DEVICES".to_string(),
+        "w=$1".into(),
+        "shift".into(),
+        format!(
+            r#"case $w in */*) if [ ! -e "$w" ]; then echo "{PROBE}: missing file: $w"; exit 0; elif [ -d "$w" ] || [ ! -x "$w" ]; then echo "{PROBE}: not executable: $w"; exit 0; fi ;; *) if ! command -v "$w" >/dev/null 2>&1; then echo "{PROBE}: missing on PATH: $w"; echo "{PROBE}: PATH: $PATH"; exit 0; fi ;; esac"#
+        ),
+        r#""$w" "$@""#.into(),
+        "rc=$?".into(),
+        format!(r#"if [ $rc -ne 0 ]; then echo "{PROBE}: exit: $rc"; fi"#),
+        "exit 0".into(),
+    ]
+    .join("; ");
     let mut argv: Vec<String> = vec!["sh".into(), "-c".into(), script, PROBE.replace(' ', "-"), worker.into(), "env".into()];
     if let Some(d) = disk {
         argv.extend(["--disk".to_string(), d.dir.display().to_string()]);
