@@ -8,7 +8,8 @@
 //! - `dims`: the Megatron rank grid and its validation;
 //! - `hostfile`: DeepSpeed/OpenMPI hostfiles and DeepSpeed's slot selection;
 //! - `launch`: the environment contract between `glm-launch` and the workers;
-//! - `text`: reading UTF-8 text files (a byte-order mark dropped, binary input named).
+//! - `text`: reading UTF-8 text files (a byte-order mark dropped, binary input named);
+//! - `units`: bytes and counts as messages print them (three figures).
 
 pub mod args;
 pub mod dims;
@@ -17,5 +18,6 @@ pub mod error;
 pub mod hostfile;
 pub mod launch;
 pub mod text;
+pub mod units;
 
 pub use error::{Error, Result};

@@ -22,6 +22,7 @@ mod progress;
 mod restart;
 mod ssh;
 mod supervise;
+mod tagged;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -720,34 +721,31 @@ impl Attempt<'_> {
         if !cli.no_preflight {
             // one process per host (app contexts: rank i is host i), with the
             // job's environment, every GPU visible
-            let one = Placement { hosts: place.hosts.iter().map(|(h, _)| (h.clone(), vec![0])).collect() };
             let disk = self.disk.as_ref();
-            let mut probe = ["env", "-u", "CUDA_VISIBLE_DEVICES", worker[0].as_str(), "env"].map(String::from).to_vec();
-            if let Some(d) = disk {
-                probe.extend(["--disk".to_string(), d.dir.display().to_string()]);
-            }
+            let probe = preflight::probe(&worker[0], disk);
             let wants_cuda =
                 worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
             let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared: self.gpus_shared, disk };
+            let (as_root, probe) = (job.as_root, &probe);
             let (rows, ok) = if use_ssh {
                 let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
-                preflight::run_ssh(&targets, &local, &probe, env, place, &expect)
+                preflight::run_ssh(&targets, &local, probe, env, place, &expect)
             } else if use_slurm {
                 // one task per node, plain (no MPI), labelled by node
-                let mut pre = backend::srun(
-                    program,
-                    &backend::Job { placement: &one, worker: &probe, env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
-                )
-                .map_err(anyhow::Error::msg)?;
-                pre[1] = "--mpi=none".into();
-                preflight::run(&pre, supervise::Tags::Srun, env, place, &expect)
+                let srun = |one: &Placement| {
+                    let pre = backend::Job { placement: one, worker: probe, env, as_root, oversubscribe: false, agent: None, launch_id: None };
+                    backend::srun(program, &pre).map(|mut a| {
+                        a[1] = "--mpi=none".into();
+                        a
+                    })
+                };
+                preflight::run(&srun, supervise::Tags::Srun, env, place, &expect)
             } else {
-                let pre = backend::command(
-                    flavor,
-                    program,
-                    &backend::Job { placement: &one, worker: &probe, env, as_root: job.as_root, oversubscribe: false, agent: None, launch_id: None },
-                );
-                preflight::run(&pre, tags, env, place, &expect)
+                let mpi = |one: &Placement| {
+                    let pre = backend::Job { placement: one, worker: probe, env, as_root, oversubscribe: false, agent: None, launch_id: None };
+                    Ok(backend::command(flavor, program, &pre))
+                };
+                preflight::run(&mpi, tags, env, place, &expect)
             };
             println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
             for r in &rows {

@@ -382,8 +382,9 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
             }
         })
     };
-    let t_out = pump(Box::new(child.stdout.take().expect("piped")), false);
-    let t_err = pump(Box::new(child.stderr.take().expect("piped")), true);
+    // whole lines: OpenMPI's tags cut a line a rank wrote in pieces
+    let t_out = pump(Box::new(crate::tagged::Reader::new(child.stdout.take().expect("piped"), tags)), false);
+    let t_err = pump(Box::new(crate::tagged::Reader::new(child.stderr.take().expect("piped"), tags)), true);
     let (mut forwarded, mut killed) = (0, false);
     let pid = child.id() as i32;
     // glm-launch's own deadline: the job stopped (no rank made progress, or

@@ -9,36 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{repo, text, tiny_job};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netns_hosts.sh")
-}
-
-/// The test hosts; taken down (servers, namespaces, links) when dropped.
-struct Hosts {
-    dir: PathBuf,
-    _lock: std::fs::File,
-}
-
-impl Hosts {
-    fn up(dir: &Path, n: usize) -> Hosts {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the ssh back-end test builds network namespaces: run it as root (CI does)");
-        assert!(Path::new("/usr/sbin/sshd").is_file(), "/usr/sbin/sshd missing: scripts/setup.sh installs openssh-server");
-        let _lock = common::exclusive("glm-launch-netns-test");
-        let o = Command::new(fixture()).args(["up", &dir.display().to_string(), &n.to_string()]).output().unwrap();
-        let hosts = Hosts { dir: dir.to_path_buf(), _lock };
-        assert!(o.status.success(), "test hosts: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        hosts
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = Command::new(fixture()).args(["down", &self.dir.display().to_string()]).output();
-    }
-}
+use common::{repo, text, tiny_job, Hosts};
 
 /// glm-launch over ssh with this test's hosts, config and network.
 fn launch(h: &Path, extra: &[&str]) -> Command {

@@ -49,6 +49,11 @@ pub fn output_within(cmd: &mut std::process::Command, secs: u64) -> Option<Outpu
     Some(Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() })
 }
 
+/// `program`'s place on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
@@ -80,4 +85,36 @@ pub fn tiny_job(dir: &Path, ds_json: &str) -> (PathBuf, Vec<String>) {
     }
     a.extend(["--set".to_string(), format!("train_data={}", small.display())]);
     (worker, a)
+}
+
+fn netns_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netns_hosts.sh")
+}
+
+/// Test hosts node1..nodeN (`tests/fixtures/netns_hosts.sh`: network
+/// namespaces on a bridge, each with its own hostname and OpenSSH server);
+/// taken down (servers, namespaces, links) when dropped. One set at a time
+/// on the machine (a lock).
+pub struct Hosts {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Hosts {
+    pub fn up(dir: &Path, n: usize) -> Hosts {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the test hosts are network namespaces: run the test as root (CI does)");
+        assert!(Path::new("/usr/sbin/sshd").is_file(), "/usr/sbin/sshd missing: scripts/setup.sh installs openssh-server");
+        let _lock = exclusive("glm-launch-netns-test");
+        let o = std::process::Command::new(netns_fixture()).args(["up", &dir.display().to_string(), &n.to_string()]).output().unwrap();
+        let hosts = Hosts { dir: dir.to_path_buf(), _lock };
+        assert!(o.status.success(), "test hosts: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        hosts
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(netns_fixture()).args(["down", &self.dir.display().to_string()]).output();
+    }
 }
