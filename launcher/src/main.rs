@@ -39,7 +39,7 @@ use glm_common::launch;
     about = "Start glm-worker on every slot of a hostfile as one MPI world, and supervise it",
     // a repeated option: the last one counts, as in DeepSpeed's argparse
     args_override_self = true,
-    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100); after `--`, everything does. Options are spelled with dashes or underscores (--num-gpus, --num_gpus), DeepSpeed's spellings are accepted (-H, -i, -e, --num_accelerators), and a long option may be shortened to any unambiguous prefix (--hostf, --incl), as DeepSpeed's launcher allows."
+    after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100 --collective-timeout 300); after `--`, everything does. glm-launch reads the worker's --collective-timeout (or configs.json's collective_timeout, 600 s) too: it stops a job whose ranks make no progress for longer, naming the ranks that hold the others up. Options are spelled with dashes or underscores (--num-gpus, --num_gpus), DeepSpeed's spellings are accepted (-H, -i, -e, --num_accelerators), and a long option may be shortened to any unambiguous prefix (--hostf, --incl), as DeepSpeed's launcher allows."
 )]
 struct Cli {
     /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
@@ -98,23 +98,12 @@ struct Cli {
     /// Skip the preflight (glm-worker env on every host before the launch)
     #[arg(long)]
     no_preflight: bool,
-    /// Seconds a worker may wait inside one collective before it stops the job, naming the operation (passed to every worker; default: configs.json's collective_timeout, 600); glm-launch also stops a job that makes no progress for longer
-    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
-    collective_timeout: Option<f64>,
     /// After a failure (a rank that exits, is killed or hangs, a host that drops), start the job again from the latest checkpoint, up to N times (torchrun's --max-restarts)
     #[arg(long, value_name = "N", default_value_t = 0)]
     max_restarts: usize,
     /// Elastic shrink: on a restart, leave out the hosts that fail the preflight while at least M remain, keeping the global batch by more gradient accumulation (needs --max-restarts)
     #[arg(long, value_name = "M")]
     min_nodes: Option<usize>,
-}
-
-/// A positive number of seconds.
-fn positive_seconds(v: &str) -> std::result::Result<f64, String> {
-    match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
-        _ => Err(format!("{v}: expected a positive number of seconds")),
-    }
 }
 
 /// Every spelling of a launcher option after `--`, from `Cli` (its long
@@ -484,12 +473,17 @@ fn run(args: &[String]) -> Result<i32> {
     };
     // what the launcher reads of the job: the disk a checkpoint needs, the
     // collective deadline, the save directory, the batch sizes
-    let job = job::Job::read(&worker_args)?;
-    let mut worker_args = worker_args;
-    let timeout = cli.collective_timeout.or(job.as_ref().map(|j| j.args.collective_timeout));
-    if let (Some(t), Some(_)) = (cli.collective_timeout, &job) {
-        worker_args.extend(["--collective-timeout".to_string(), t.to_string()]);
-    }
+    // (a dry run prints the command whatever the worker's arguments say)
+    let job = match job::Job::read(&worker_args) {
+        Err(_) if cli.dry_run => None,
+        j => j?,
+    };
+    // the worker's --collective-timeout (which glm-launch passes on as it is), else configs.json's
+    let timeout = match job::flag_value(&worker_args, "--collective-timeout") {
+        // (a bad value is the worker's to refuse, with its own message)
+        Some(v) => v.parse::<f64>().ok().filter(|t| t.is_finite() && *t > 0.0),
+        None => job.as_ref().map(|j| j.args.collective_timeout),
+    };
     let watch = timeout.filter(|_| job.as_ref().is_some_and(|j| j.trains())).map(|t| supervise::Watch::new(std::time::Duration::from_secs_f64(t)));
     let mut env = env;
     if let Some(w) = watch {
