@@ -30,6 +30,11 @@
 #      CPU parity tests' tolerance). This runs the multi-rank CUDA training
 #      path (TP regions, ZeRO reduce-scatter/all-gather of CUDA buffers, the
 #      agreement on overflow and norms) on one GPU, all but NCCL itself.
+#  10. the collective deadline with CUDA tensors: the same two host-staged
+#      ranks, rank 1 frozen (GLM_TEST_FAULT=stop:1:3), --collective-timeout 10:
+#      rank 0's watchdog stops the job naming the operation. (NCCL's own
+#      non-blocking abort path is not used: see docs/training.md, When things
+#      fail.)
 # Every step runs even if an earlier one failed; the summary lists each
 # step's result and the exit status is non-zero if any failed.
 #
@@ -261,6 +266,27 @@ sys.exit(0 if ok else 1)
 PYEOF
 }
 
+timeout_step() { # the collective deadline on the device: one of two host-staged ranks frozen
+  # NCCL refuses two ranks on one GPU, so the ranks stage their collectives
+  # through host memory over MPI (as step 9), with CUDA tensors: rank 1
+  # stops itself (SIGSTOP) at iteration 3, rank 0 waits in its collective,
+  # and its watchdog must stop the job at the deadline, naming the operation
+  local shape=()
+  [ "$DEV" = cpu ] && shape=(--set num_layers=2 --set hidden_size=64 --set num_attention_heads=2 --set seq_length=64)
+  printf '{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}, "bf16": {"enabled": true}}\n' >"$WORK/timeout.json"
+  local mpi=(env -u OMPI_MCA_pmix -u OMPI_MCA_ess_singleton_isolated "$MPIRUN" -np 2 --oversubscribe --bind-to none
+    -x GLM_COMM_BACKEND=host-staged -x GLM_TEST_FAULT=stop:1:3 -x GLM_TEST_FAULT_MARK="$WORK/timeout.fired")
+  local t0=$SECONDS
+  GLM_COMM_BACKEND=host-staged "${mpi[@]}" "$BIN" --config "$WORK/timeout.json" --args configs/configs_tiny.json --device "$DEV" ${shape[@]+"${shape[@]}"} \
+    --store "$WORK/store" --tokenizer-cache "$WORK/model" --collective-timeout 10 --set train_iters=20 --set log_interval=1 --set eval_interval=0 \
+    --set save=null >"$WORK/timeout.log" 2>&1
+  local rc=$? took=$((SECONDS - t0))
+  grep -h "collective timeout" "$WORK/timeout.log"
+  echo "  mpirun exited $rc after $took s (the fault fired: $([ -f "$WORK/timeout.fired" ] && echo yes || echo no))"
+  [ "$rc" != 0 ] && [ -f "$WORK/timeout.fired" ] && grep -q "collective timeout: .* on group .* past --collective-timeout 10 s" "$WORK/timeout.log" \
+    || { tail -n 20 "$WORK/timeout.log"; return 1; }
+}
+
 step "environment" env_step
 step "NCCL world of one on $DEV (comm-check)" "$BIN" comm-check --device "$DEV" --mib 1,64,512 --iters 20
 step "training on $DEV ($ITERS iterations, checkpoint, resume)" train_step
@@ -271,6 +297,7 @@ step "bf16 training run of configs/config_block_large.json on $DEV$([ "$DEV" = c
 step "generation from the checkpoint (device auto)" generate_step
 step "ZeRO stages 0/1/2 on $DEV (world of one: NCCL group of one)" zero_step
 step "two ranks on one $DEV, collectives staged through host memory: TP=2, DP=2 ZeRO-2, bf16 vs one rank" staged_step
+step "collective deadline on one $DEV: two host-staged ranks, one frozen, --collective-timeout 10" timeout_step
 
 echo; echo "=== summary"
 printf '%s\n' "${RESULTS[@]}"
