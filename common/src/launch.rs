@@ -40,11 +40,14 @@ pub const HEARTBEAT_TAG: &str = "glm-heartbeat:";
 
 /// Where a rank is: its iteration (the one it works on; 0 before the first),
 /// its phase (`starting`, `data`, `forward`, `backward`, `optimizer`,
-/// `evaluate`, `save`, ...), and the collective it waits in, if any.
+/// `evaluate`, `save`, ...), a count of work done (micro-batches, evaluation
+/// batches, collectives: it moves while a long phase makes progress), and
+/// the collective it waits in, if any.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Heartbeat {
     pub iteration: u64,
     pub phase: String,
+    pub ticks: u64,
     pub waiting: Option<Waiting>,
 }
 
@@ -57,9 +60,9 @@ pub struct Waiting {
 }
 
 impl Heartbeat {
-    /// `glm-heartbeat: iteration=12 phase=backward waiting=all_reduce@dp:3.2`
+    /// `glm-heartbeat: iteration=12 phase=backward ticks=345 waiting=all_reduce@dp:3.2`
     pub fn line(&self) -> String {
-        let mut s = format!("{HEARTBEAT_TAG} iteration={} phase={}", self.iteration, self.phase);
+        let mut s = format!("{HEARTBEAT_TAG} iteration={} phase={} ticks={}", self.iteration, self.phase, self.ticks);
         if let Some(w) = &self.waiting {
             s.push_str(&format!(" waiting={}@{}:{:.1}", w.op, w.group, w.secs));
         }
@@ -69,11 +72,12 @@ impl Heartbeat {
     /// The heartbeat a line carries (`None` for any other line).
     pub fn parse(line: &str) -> Option<Heartbeat> {
         let rest = line.trim().strip_prefix(HEARTBEAT_TAG)?;
-        let (mut iteration, mut phase, mut waiting) = (None, None, None);
+        let (mut iteration, mut phase, mut ticks, mut waiting) = (None, None, 0, None);
         for field in rest.split_whitespace() {
             match field.split_once('=')? {
                 ("iteration", v) => iteration = v.parse().ok(),
                 ("phase", v) => phase = Some(v.to_string()),
+                ("ticks", v) => ticks = v.parse().ok()?,
                 ("waiting", v) => {
                     let (op, at) = v.split_once('@')?;
                     let (group, secs) = at.rsplit_once(':')?;
@@ -82,7 +86,7 @@ impl Heartbeat {
                 _ => {}
             }
         }
-        Some(Heartbeat { iteration: iteration?, phase: phase?, waiting })
+        Some(Heartbeat { iteration: iteration?, phase: phase?, ticks, waiting })
     }
 }
 
@@ -183,11 +187,16 @@ mod tests {
 
     #[test]
     fn heartbeats_read_back_what_they_write() {
-        let h = Heartbeat { iteration: 12, phase: "backward".into(), waiting: Some(Waiting { op: "all_reduce".into(), group: "dp".into(), secs: 3.25 }) };
-        assert_eq!(h.line(), "glm-heartbeat: iteration=12 phase=backward waiting=all_reduce@dp:3.2");
+        let h = Heartbeat {
+            iteration: 12,
+            phase: "backward".into(),
+            ticks: 345,
+            waiting: Some(Waiting { op: "all_reduce".into(), group: "dp".into(), secs: 3.25 }),
+        };
+        assert_eq!(h.line(), "glm-heartbeat: iteration=12 phase=backward ticks=345 waiting=all_reduce@dp:3.2");
         let back = Heartbeat::parse(&h.line()).unwrap();
         assert_eq!((back.iteration, back.phase.as_str(), back.waiting.unwrap().group), (12, "backward", "dp".to_string()));
-        let idle = Heartbeat { iteration: 0, phase: "starting".into(), waiting: None };
+        let idle = Heartbeat { iteration: 0, phase: "starting".into(), ticks: 0, waiting: None };
         assert_eq!(Heartbeat::parse(&idle.line()), Some(idle));
         assert_eq!(Heartbeat::parse("iteration 3 | loss 2"), None);
         assert_eq!(Heartbeat::parse("glm-heartbeat: phase=x"), None);

@@ -539,11 +539,17 @@ fn run(args: &[String]) -> Result<i32> {
             Started::Preflight(failed) => {
                 // a restart on fewer hosts, when the rest are enough
                 let (Some(min), true) = (cli.min_nodes, attempt > 0) else {
+                    if let Some(r) = pending.take() {
+                        r.append(&run_dir)?;
+                    }
                     bail!("preflight failed (see the table above); nothing was started");
                 };
                 let keep: Vec<(String, Vec<usize>)> = place.hosts.iter().enumerate().filter(|(i, _)| !failed.contains(i)).map(|(_, h)| h.clone()).collect();
                 let dropped: Vec<String> = failed.iter().map(|&i| place.hosts[i].0.clone()).collect();
                 if keep.len() < min {
+                    if let Some(r) = pending.take() {
+                        r.append(&run_dir)?;
+                    }
                     bail!("preflight failed on {} ({} host(s) left, --min-nodes {min}): not restarted", dropped.join(", "), keep.len());
                 }
                 let shrunk = Placement { hosts: keep };

@@ -2,7 +2,8 @@
 //! (`glm_common::launch::Heartbeat`, one line every few seconds on each
 //! rank's stdout).
 //!
-//! A rank makes progress when its iteration, phase or collective changes. A
+//! A rank makes progress when its iteration, phase, count of work done
+//! (micro-batches, evaluation batches, collectives) or collective changes. A
 //! rank that waits inside a collective is waiting for the others; the ranks
 //! that hold the job up are the others: those that stopped changing while
 //! outside a collective, or that stopped sending heartbeats altogether (a
@@ -68,7 +69,7 @@ impl Ranks {
     pub fn beat(&mut self, rank: usize, hb: Heartbeat, now: Instant) {
         match self.ranks.get_mut(&rank) {
             Some(r) => {
-                let same_place = r.last.iteration == hb.iteration && r.last.phase == hb.phase;
+                let same_place = r.last.iteration == hb.iteration && r.last.phase == hb.phase && r.last.ticks == hb.ticks;
                 let same_wait = match (&r.last.waiting, &hb.waiting) {
                     (None, None) => true,
                     // the same collective, still running (a new one restarts its clock)
@@ -146,7 +147,7 @@ mod tests {
     use glm_common::launch::Waiting;
 
     fn hb(it: u64, phase: &str, wait: Option<f64>) -> Heartbeat {
-        Heartbeat { iteration: it, phase: phase.into(), waiting: wait.map(|secs| Waiting { op: "all_reduce".into(), group: "dp".into(), secs }) }
+        Heartbeat { iteration: it, phase: phase.into(), ticks: 0, waiting: wait.map(|secs| Waiting { op: "all_reduce".into(), group: "dp".into(), secs }) }
     }
 
     #[test]
@@ -197,6 +198,11 @@ mod tests {
             r.beat(0, hb(7, "forward", None), s(t as f64));
         }
         assert!(r.hung(s(19.5), Duration::from_secs(5), 1), "alive but stuck in one phase");
+        let mut r = Ranks::default();
+        for t in 0..20 {
+            r.beat(0, Heartbeat { ticks: t, ..hb(7, "evaluate", None) }, s(t as f64));
+        }
+        assert!(!r.hung(s(19.5), Duration::from_secs(5), 1), "a long evaluation that counts its batches");
         assert!(!r.hung(s(19.5), Duration::from_secs(5), 2), "until every rank has reported");
     }
 }

@@ -251,8 +251,9 @@ fn losses(save: &Path) -> Vec<(u64, f64)> {
 }
 
 /// Faults on the test hosts, with the real worker: a frozen rank on node2
-/// (2 and 4 ranks) is named and ends the job within its deadline; a rank
-/// killed on node2 restarts the job, which finishes; and node2 taken down
+/// (2 and 4 ranks) is named and ends the job within its deadline, and the
+/// checkpoint before it resumes; a rank killed on node2 restarts the job,
+/// which ends bitwise where a run resumed from the same checkpoint ends; and node2 taken down
 /// mid-run (its sshd and every process in its namespace killed) makes an
 /// elastic job restart on node1 alone, with data-parallel 4 → 2 and twice
 /// the gradient accumulation, training what the uninterrupted run trains.
@@ -303,6 +304,12 @@ fn faults_on_the_test_hosts() {
         let save = d.path().join(format!("save.stop{slots}"));
         assert_eq!(std::fs::read_to_string(save.join("latest")).unwrap().trim(), "2");
     }
+    // the last checkpoint before the fault resumes
+    let stopped = d.path().join("save.stop2");
+    let o = done(&mut run("stop2", 2, 4, &["--set", &format!("load={}", stopped.display())]));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("(iteration 2)") && out.contains("[node1:0]  iteration       4/4"), "{out}");
 
     // 2. kill -9 on node2: restarted from the latest checkpoint, finished
     let mut c = run("kill", 2, 6, &["--max-restarts", "1"]);
@@ -312,6 +319,12 @@ fn faults_on_the_test_hosts() {
     assert!(o.status.success(), "{out}\n{err}");
     assert!(err.contains("restart 1 of 1 after") && err.contains("resuming from checkpoint 2"), "{err}");
     assert!(out.contains("[node1:0]  iteration       6/6"), "{out}");
+    // it ends where a run resumed from the same checkpoint without a fault ends (bitwise)
+    let killed = d.path().join("save.kill");
+    let o = done(&mut run("kill-ref", 2, 6, &["--set", &format!("load={}", killed.join("2").display())]));
+    assert!(o.status.success(), "{}\n{}", text(&o).0, text(&o).1);
+    let model = |save: &Path| std::fs::read(save.join("6/model.safetensors")).unwrap();
+    assert!(model(&killed) == model(&d.path().join("save.kill-ref")), "the restarted run's final weights differ from the resumed run's");
 
     // 3. elastic: the uninterrupted run at 2 hosts × 2, then the same job
     // losing node2 after iteration 2's checkpoint

@@ -11,8 +11,8 @@
 //!   first element, or with `split` at the first element of a
 //!   tensor-parallel slice it holds. The fp16 overflow path (skip, scaler,
 //!   schedule) and the agreement on it over the world are tested with it.
-//! - `GLM_TEST_FAULT=<action>:<world rank>:<iteration>[:<attempt>]`: that
-//!   rank, at the start of that training iteration, in the attempt with
+//! - `GLM_TEST_FAULT=<action>:<world rank or *>:<iteration>[:<attempt>]`: that
+//!   rank (every rank with `*`), at the start of that training iteration, in the attempt with
 //!   that `GLM_RESTART_COUNT` (0 by default: the first; `*` for every
 //!   attempt), does `stop` (SIGSTOP itself: a frozen process), `kill`
 //!   (SIGKILL itself), `exit` (exits with code 3), or `slow=<ms>` (sleeps
@@ -82,7 +82,7 @@ fn parse_fault(v: &str, rank: usize, attempt: u64) -> Option<Fault> {
         None if what == "exit" => FaultAction::Exit,
         _ => return None,
     };
-    let mine = who.parse::<usize>().ok()? == rank && (when == "*" || when.parse::<u64>().ok()? == attempt);
+    let mine = (who == "*" || who.parse::<usize>().ok()? == rank) && (when == "*" || when.parse::<u64>().ok()? == attempt);
     mine.then_some(Fault { action, iteration: it.parse().ok()? })
 }
 
@@ -126,6 +126,7 @@ mod tests {
         assert_eq!(parse_fault("kill:2:5:1", 2, 1), Some(Fault { action: FaultAction::Kill, iteration: 5 }));
         assert_eq!(parse_fault("slow=250:0:1:*", 0, 4), Some(Fault { action: FaultAction::Slow { ms: 250 }, iteration: 1 }));
         assert_eq!(parse_fault("exit:0:2", 0, 0), Some(Fault { action: FaultAction::Exit, iteration: 2 }));
+        assert_eq!(parse_fault("stop:*:4", 3, 0), Some(Fault { action: FaultAction::Stop, iteration: 4 }));
         for bad in ["nap:0:1", "slow=x:0:1", "stop:x:1", "stop:0", "stop:0:y"] {
             assert_eq!(parse_fault(bad, 0, 0), None, "{bad}");
         }

@@ -86,6 +86,8 @@ impl Phase {
 }
 
 static ITERATION: AtomicU64 = AtomicU64::new(0);
+/// Work done: micro-batches, evaluation batches, collectives.
+static TICKS: AtomicU64 = AtomicU64::new(0);
 static PHASE: AtomicU8 = AtomicU8::new(0);
 /// Set while the waits have no deadline ([`unbounded`]).
 static UNBOUNDED: AtomicBool = AtomicBool::new(false);
@@ -110,6 +112,13 @@ pub fn set_iteration(it: u64) {
 
 pub fn set_phase(p: Phase) {
     PHASE.store(p as u8, Ordering::Relaxed);
+    tick();
+}
+
+/// Counts a unit of work (a micro-batch, an evaluation batch): a long phase
+/// that makes progress shows it in the heartbeat.
+pub fn tick() {
+    TICKS.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn iteration() -> u64 {
@@ -142,6 +151,7 @@ impl Drop for InCollective {
             if let Some(i) = INSIDE.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 WAITED_NS.fetch_add(i.since.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
+            tick();
         }
     }
 }
@@ -191,7 +201,7 @@ pub fn heartbeat() -> Heartbeat {
         group: i.group.clone(),
         secs: i.since.elapsed().as_secs_f64(),
     });
-    Heartbeat { iteration: iteration(), phase: phase().name().to_string(), waiting }
+    Heartbeat { iteration: iteration(), phase: phase().name().to_string(), ticks: TICKS.load(Ordering::Relaxed), waiting }
 }
 
 /// The message of a collective past its deadline.

@@ -127,6 +127,7 @@ pub fn held_out(
                 Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
             };
             let (sum, c, n) = model.loss_terms(&collate(&samples, device), false)?;
+            progress::tick();
             acc[0] += sum.double_value(&[]);
             acc[1] += c as f64;
             acc[2] += n as f64;
@@ -638,6 +639,7 @@ impl Trainer {
             pb
         });
         if a.eval_interval > 0 {
+            progress::set_phase(Stage::Evaluate);
             if let Some(u) = self.unigram_baseline(200) {
                 say(&pb, &format!("validation unigram baseline | loss {u:.4} | ppl {:.2} (token frequencies of 200 training batches)", u.exp()));
                 self.metrics.baseline(u)?;
