@@ -191,3 +191,26 @@ fn a_slow_rank_is_named_the_straggler() {
         }
     }
 }
+
+/// Every rank frozen at iteration 3 (no collective waits, so no worker's
+/// watchdog acts: as a hung CUDA synchronisation would be): glm-launch's own
+/// deadline (the timeout + 10 s without progress) stops the job and names
+/// the ranks.
+#[test]
+fn a_job_without_progress_is_stopped_by_glm_launch() {
+    let d = tempfile::tempdir().unwrap();
+    let mark = d.path().join("fired");
+    let mut c = launch(d.path(), 2, &d.path().join("save"), &d.path().join("run"), 8, &["--collective-timeout", "3"]);
+    c.env("GLM_TEST_FAULT", "stop:*:3").env("GLM_TEST_FAULT_MARK", &mark);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let fired = wait_for(&mark, 240);
+    let o = child.wait_with_output().unwrap();
+    let took = fired.elapsed();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(124), "{out}\n{err}");
+    assert!(took < Duration::from_secs(3 + 10 + 15), "ended {took:?} after the fault");
+    assert!(err.contains("glm-launch: the job made no progress for 13 s and glm-launch stopped it: "), "{err}");
+    for r in 0..2 {
+        assert!(err.contains(&format!("rank {r} on localhost: no progress for")), "{err}");
+    }
+}
