@@ -595,15 +595,7 @@ fn run_launcher(argv: &[String], env: &[(String, String)], tags: Tags, catch: &C
     if let Some(sig) = catch.caught() {
         stopped(sig, &format!("{} was not started", argv[0]));
     }
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // a terminal's Ctrl-C reaches glm-launch alone, which stops it
-        .process_group(0)
-        .spawn()?;
+    let mut child = crate::supervise::spawn_group(argv, env)?;
     let read = |mut r: Box<dyn std::io::Read + Send>| {
         std::thread::spawn(move || {
             let mut b = Vec::new();

@@ -269,6 +269,20 @@ impl Watch {
     }
 }
 
+/// Starts `argv` with `env` added, its output piped, in its own process
+/// group: a terminal's Ctrl-C reaches glm-launch alone, which decides what
+/// the MPI launcher and the workers get.
+pub fn spawn_group(argv: &[String], env: &[(String, String)]) -> std::io::Result<std::process::Child> {
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+}
+
 /// How `run` watches the job.
 pub struct Options<'a> {
     /// Show every rank's output (else rank 0's, and every rank's errors).
@@ -291,17 +305,7 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // its own process group: a terminal's Ctrl-C reaches glm-launch
-        // alone, which decides what the workers get
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {} (is it installed and on PATH?)", argv[0]))?;
+    let mut child = spawn_group(argv, env).with_context(|| format!("cannot start {} (is it installed and on PATH?)", argv[0]))?;
     struct Shared {
         files: BTreeMap<Option<usize>, std::fs::File>,
         /// The MPI launcher's own messages.
