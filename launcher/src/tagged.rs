@@ -7,12 +7,71 @@
 //! (`error:[1,0]<stderr>: unexpected argument '[1,0]<stderr>:--x...`), and
 //! another rank's chunk may stand in the middle of it. `Demux` splits each
 //! line at every tag and keeps the unfinished piece of each rank until its
-//! newline arrives: out come whole lines, each with its tag once.
+//! newline arrives: out come whole lines, each with its tag once. The tags
+//! of each MPI launcher (OpenMPI, MPICH, srun) and one line's parse are here too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 
-use crate::supervise::Tags;
+/// One line of the MPI launcher's output, attributed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The rank that wrote it; `None` for the MPI launcher's own messages.
+    pub rank: Option<usize>,
+    pub stderr: bool,
+    pub text: String,
+}
+
+/// How the MPI launcher tags each line with its rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tags {
+    /// OpenMPI's `--tag-output`: `[job,rank]<stdout>:text`.
+    OpenMpi,
+    /// MPICH's `-prepend-rank`: `[rank] text`.
+    Mpich,
+    /// srun's `--label`: `rank: text`, the number right-aligned (stdout and
+    /// stderr keep their own streams).
+    Srun,
+}
+
+/// Parses one line of the launcher's output; lines without its tag are the
+/// launcher's own.
+pub fn parse_line(raw: &str, from_stderr: bool, tags: Tags) -> Line {
+    match tags {
+        Tags::OpenMpi | Tags::Mpich => {
+            if let Some((tag, after)) = raw.strip_prefix('[').and_then(|r| r.split_once(']')) {
+                match (tags, tag.split_once(',')) {
+                    // OpenMPI: "1,3" then "<stdout>:" or "<stderr>:"
+                    (Tags::OpenMpi, Some((_, r))) => {
+                        if let Ok(rank) = r.parse::<usize>() {
+                            for (stream, is_err) in [("<stdout>:", false), ("<stderr>:", true)] {
+                                if let Some(text) = after.strip_prefix(stream) {
+                                    return Line { rank: Some(rank), stderr: is_err, text: text.to_string() };
+                                }
+                            }
+                        }
+                    }
+                    (Tags::Mpich, None) => {
+                        if let Ok(rank) = tag.parse::<usize>() {
+                            return Line { rank: Some(rank), stderr: from_stderr, text: after.strip_prefix(' ').unwrap_or(after).to_string() };
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Tags::Srun => {
+            if let Some((num, text)) = raw.trim_start().split_once(": ") {
+                if !num.is_empty() && num.len() <= 7 && num.bytes().all(|b| b.is_ascii_digit()) {
+                    if let Ok(rank) = num.parse::<usize>() {
+                        return Line { rank: Some(rank), stderr: from_stderr, text: text.to_string() };
+                    }
+                }
+            }
+        }
+    }
+    Line { rank: None, stderr: from_stderr, text: raw.to_string() }
+}
 
 /// More than this without a newline is passed on as a line anyway.
 const MAX_PENDING: usize = 1 << 16;
