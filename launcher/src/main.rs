@@ -493,9 +493,23 @@ fn run(args: &[String]) -> Result<i32> {
     if cli.max_restarts > 0 && save.is_none() {
         bail!("--max-restarts {} restarts from the latest checkpoint, and the job saves none: set save (--set save=<dir>) and save_interval", cli.max_restarts);
     }
+    if let (Some(dir), true) = (&save, cli.max_restarts > 0) {
+        if !dir.is_dir() && !dir.parent().is_some_and(|p| p.as_os_str().is_empty() || p.is_dir()) {
+            eprintln!(
+                "glm-launch: warning: --max-restarts resumes from the latest checkpoint in {}, which glm-launch cannot see from here: put it on a filesystem this machine shares with the workers",
+                dir.display()
+            );
+        }
+        if job.as_ref().is_some_and(|j| j.args.no_save_optim) {
+            eprintln!("glm-launch: warning: no_save_optim: a restart resumes the weights only (Adam's moments start again), so it does not continue exactly");
+        }
+    }
     if let Some(m) = cli.min_nodes {
         if cli.max_restarts == 0 {
             bail!("--min-nodes {m} shrinks the job on a restart: give --max-restarts too");
+        }
+        if cli.no_preflight {
+            bail!("--min-nodes {m} leaves out the hosts that fail the preflight: it cannot shrink with --no-preflight");
         }
         if m == 0 || m > place.hosts.len() {
             bail!("--min-nodes {m}: between 1 and the {} host(s) selected", place.hosts.len());
@@ -536,25 +550,46 @@ fn run(args: &[String]) -> Result<i32> {
         let started = std::time::SystemTime::now();
         let out = match ctx.run(&place, &args_now, &env_now, &attempt_dir, watch, attempt == 0)? {
             Started::DryRun => return Ok(0),
-            Started::Preflight(failed) => {
-                // a restart on fewer hosts, when the rest are enough
-                let (Some(min), true) = (cli.min_nodes, attempt > 0) else {
-                    if let Some(r) = pending.take() {
-                        r.append(&run_dir)?;
-                    }
-                    bail!("preflight failed (see the table above); nothing was started");
-                };
-                let keep: Vec<(String, Vec<usize>)> = place.hosts.iter().enumerate().filter(|(i, _)| !failed.contains(i)).map(|(_, h)| h.clone()).collect();
+            Started::Preflight(checked) => {
+                let failed = &checked.failed;
                 let dropped: Vec<String> = failed.iter().map(|&i| place.hosts[i].0.clone()).collect();
-                if keep.len() < min {
-                    if let Some(r) = pending.take() {
-                        r.append(&run_dir)?;
+                let keep: Vec<(String, Vec<usize>)> = place.hosts.iter().enumerate().filter(|(i, _)| !failed.contains(i)).map(|(_, h)| h.clone()).collect();
+                // a restart on fewer hosts, when the rest are enough and
+                // every one of them was checked
+                let why = match (cli.min_nodes, attempt) {
+                    (_, 0) => "nothing was started".to_string(),
+                    (None, _) => format!(
+                        "restart {attempt} was not started (the latest checkpoint stays in {})",
+                        save.as_ref().map_or("?".into(), |s| s.display().to_string())
+                    ),
+                    (Some(_), _) if !checked.unchecked.is_empty() || failed.is_empty() => format!(
+                        "restart {attempt} was not started: the preflight could not check {} (see its messages), so no host can be left out safely",
+                        checked.unchecked.iter().map(|&i| place.hosts[i].0.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                    (Some(min), _) if keep.len() < min => {
+                        format!(
+                            "preflight failed on {} and {} host(s) are left (--min-nodes {min}): restart {attempt} was not started",
+                            dropped.join(", "),
+                            keep.len()
+                        )
                     }
-                    bail!("preflight failed on {} ({} host(s) left, --min-nodes {min}): not restarted", dropped.join(", "), keep.len());
-                }
+                    _ => String::new(),
+                };
                 let shrunk = Placement { hosts: keep };
-                let b = first_batch.context("elastic shrink needs the job's batch sizes")?;
-                let keep_sets = job::keep_batch(b, shrunk.world_size(), tp)?;
+                let shrink = if why.is_empty() {
+                    first_batch.context("elastic shrink needs the job's batch sizes").and_then(|b| job::keep_batch(b, shrunk.world_size(), tp).map(|s| (b, s)))
+                } else {
+                    Err(anyhow::anyhow!("preflight failed (see the table above); {why}"))
+                };
+                let (b, keep_sets) = match shrink {
+                    Ok(x) => x,
+                    Err(e) => {
+                        if let Some(r) = pending.take() {
+                            r.append(&run_dir)?;
+                        }
+                        return Err(e);
+                    }
+                };
                 println!(
                     "glm-launch: elastic: leaving out {} (failed the preflight); restarting on {} host(s), {} worker(s), the global batch {} kept: {}",
                     dropped.join(", "),
@@ -563,13 +598,13 @@ fn run(args: &[String]) -> Result<i32> {
                     b.global,
                     keep_sets.join(" ")
                 );
-                if let Some(r) = pending.take() {
-                    let mut r = r;
-                    r.dropped_hosts = dropped;
-                    r.world = shrunk.world_size();
-                    r.sets.extend(keep_sets.iter().cloned());
-                    r.append(&run_dir)?;
-                }
+                // the restart's record says what was left out (a second
+                // shrink of the same restart adds its own line)
+                let mut r = pending.take().unwrap_or_else(|| restart::Record::shrink(attempt));
+                r.dropped_hosts = dropped;
+                r.world = shrunk.world_size();
+                r.sets.extend(keep_sets.iter().cloned());
+                r.append(&run_dir)?;
                 extra.retain(|s| {
                     !s.starts_with("ds.train_batch_size=")
                         && !s.starts_with("ds.train_micro_batch_size_per_gpu=")
@@ -607,7 +642,7 @@ fn run(args: &[String]) -> Result<i32> {
         let (sets, resumed) = restart::resume_sets(save);
         let since = restart::latest_checkpoint(save).map_or(started, |(_, t)| t.max(started));
         attempt += 1;
-        extra.retain(|s| !s.starts_with("load=") && !s.starts_with("overwrite="));
+        extra.retain(|s| !restart::RESUME_KEYS.iter().any(|k| s.starts_with(k)));
         extra.extend(sets.iter().cloned());
         eprintln!(
             "glm-launch: restart {attempt} of {} after {} ({}): {}",
@@ -616,6 +651,7 @@ fn run(args: &[String]) -> Result<i32> {
             failure.rank.map_or("rank ?".to_string(), |r| format!("rank {r} on {}", failure.host.as_deref().unwrap_or("?"))),
             match resumed {
                 Some(it) => format!("resuming from checkpoint {it} in {}", save.display()),
+                None if sets.is_empty() => format!("no checkpoint glm-launch can see in {}: starting again as the first attempt did", save.display()),
                 None => format!("no checkpoint in {} yet: starting again from scratch", save.display()),
             }
         );
@@ -640,8 +676,8 @@ fn run(args: &[String]) -> Result<i32> {
 enum Started {
     /// `--dry-run`: printed, nothing started.
     DryRun,
-    /// The preflight failed on these hosts (their indices); nothing started.
-    Preflight(Vec<usize>),
+    /// The preflight failed (its verdict per host); nothing started.
+    Preflight(preflight::Table),
     Ran(supervise::Outcome),
 }
 
@@ -727,7 +763,7 @@ impl Attempt<'_> {
                 worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
             let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared: self.gpus_shared, disk };
             let (as_root, probe) = (job.as_root, &probe);
-            let (rows, ok) = if use_ssh {
+            let checked = if use_ssh {
                 let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
                 preflight::run_ssh(&targets, &local, probe, env, place, &expect)
             } else if use_slurm {
@@ -748,13 +784,11 @@ impl Attempt<'_> {
                 preflight::run(&mpi, tags, env, place, &expect)
             };
             println!("glm-launch: preflight: glm-worker env on every host{}", if use_ssh { " (over SSH)" } else { "" });
-            for r in &rows {
+            for r in &checked.rows {
                 println!("{r}");
             }
-            if !ok {
-                // the table's rows after its header, one per host: the verdict ends each
-                let failed = rows.iter().skip(1).enumerate().filter(|(_, r)| !r.trim_end().ends_with(" ok")).map(|(i, _)| i).collect();
-                return Ok(Started::Preflight(failed));
+            if !checked.ok {
+                return Ok(Started::Preflight(checked));
             }
         }
         println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());

@@ -17,11 +17,11 @@
 //! preflight's mpirun and everything it started, and glm-launch exits
 //! 128 + the signal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use glm_common::hostfile::Placement;
 use glm_common::units::human_bytes;
@@ -200,10 +200,24 @@ pub fn parse(stdout: &str, stderr: &str, tags: Tags) -> BTreeMap<usize, Report> 
     out
 }
 
-/// The table's rows (host, verdict per column) and whether all passed.
-pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &Expect) -> (Vec<String>, bool) {
+/// The preflight's verdict: the table, and which hosts failed or were not
+/// checked (indices into the placement).
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    /// The header, one row per host, and any messages below.
+    pub rows: Vec<String>,
+    /// Every host passed (and nothing else failed).
+    pub ok: bool,
+    /// The hosts that failed a check.
+    pub failed: Vec<usize>,
+    /// The hosts the preflight could not ask (its job failed before).
+    pub unchecked: Vec<usize>,
+}
+
+/// The table's rows (host, verdict per column) and the verdict of each host.
+pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &Expect) -> Table {
     let Expect { version, wants_cuda, gpus_shared, disk } = *expect;
-    let mut ok = true;
+    let (mut ok, mut failed, mut unchecked) = (true, Vec::new(), Vec::new());
     let mut rows =
         vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
@@ -271,9 +285,14 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
         };
         let verdict = if why.is_empty() { "ok".to_string() } else { format!("FAIL: {}", why.join("; ")) };
         ok &= why.is_empty();
+        match (why.is_empty(), got.not_checked.is_some() && !got.ran && got.unreachable.is_none()) {
+            (true, _) => {}
+            (false, true) => unchecked.push(i),
+            (false, false) => failed.push(i),
+        }
         rows.push(format!("  {host:<24} {reach:<10} {ver:<16} {torch:<10} {g:<22} {free:<12} {verdict}"));
     }
-    (rows, ok)
+    Table { rows, ok, failed, unchecked }
 }
 
 /// How the preflight's command starts `glm-worker env` on some hosts (one
@@ -284,7 +303,7 @@ pub type Launch<'a> = dyn Fn(&Placement) -> Result<Vec<String>, String> + 'a;
 /// Runs the preflight through the MPI launcher (or srun); returns the table
 /// and whether every host passed (with the launcher's own messages when
 /// its job failed and no row says why).
-pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &Placement, expect: &Expect) -> (Vec<String>, bool) {
+pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &Placement, expect: &Expect) -> Table {
     // a signal stops what the preflight started, and glm-launch
     let catch = Catch::new();
     let n = placement.hosts.len();
@@ -357,12 +376,13 @@ pub fn run(command: &Launch, tags: Tags, env: &[(String, String)], placement: &P
         stopped(sig, "the preflight had ended");
     }
     drop(catch);
-    let (mut rows, ok) = table(placement, &reports, expect);
+    let mut t = table(placement, &reports, expect);
     if let Some((program, messages)) = &unexplained {
-        rows.push(format!("  the preflight job failed; {program}'s messages:"));
-        rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
+        t.rows.push(format!("  the preflight job failed; {program}'s messages:"));
+        t.rows.extend(messages.iter().take(20).map(|m| format!("    {m}")));
+        t.ok = false;
     }
-    (rows, ok && unexplained.is_none())
+    t
 }
 
 /// How mpirun reaches one host.
@@ -541,53 +561,6 @@ fn stopped(sig: i32, what: &str) -> ! {
     std::process::exit(128 + sig)
 }
 
-/// (state, process group, start time) of a process, from /proc.
-fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((rest.first()?.chars().next()?, rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
-}
-
-/// Stops `child` (the leader of its own process group) and everything it
-/// started: SIGTERM to it (mpirun then stops its ranks and its daemons on
-/// other hosts) and to every process group below it (OpenMPI puts each
-/// local rank in its own); SIGKILL to whatever is left after 5 s.
-fn stop_tree(child: &mut std::process::Child) {
-    let pid = child.id() as i32;
-    // SAFETY: getpgrp has no preconditions.
-    let ours = unsafe { libc::getpgrp() };
-    let below: Vec<(i32, u64)> = crate::supervise::descendants(pid as u32, "").into_iter().filter_map(|p| proc_stat(p).map(|(_, _, t)| (p, t))).collect();
-    let groups: BTreeSet<i32> = below.iter().filter_map(|&(p, _)| proc_stat(p).map(|(_, g, _)| g)).chain([pid]).filter(|&g| g != ours && g > 0).collect();
-    let alive = |(p, t): (i32, u64)| proc_stat(p).is_some_and(|(s, _, start)| start == t && s != 'Z');
-    for &g in &groups {
-        // SAFETY: process groups of processes we started.
-        unsafe { libc::killpg(g, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let gone = child.try_wait().ok().flatten().is_some();
-        if gone && !below.iter().any(|&p| alive(p)) {
-            break;
-        }
-        if Instant::now() > deadline {
-            for &g in &groups {
-                // SAFETY: as above.
-                unsafe { libc::killpg(g, libc::SIGKILL) };
-            }
-            for &(p, t) in &below {
-                if alive((p, t)) {
-                    // SAFETY: a process we started (its start time checked).
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs the preflight's command in its own process group and collects
 /// its output (whole lines: OpenMPI's pieces joined); a signal stops it
 /// and everything it started, and glm-launch exits.
@@ -607,7 +580,7 @@ fn run_launcher(argv: &[String], env: &[(String, String)], tags: Tags, catch: &C
     let err = read(Box::new(child.stderr.take().expect("piped")));
     let status = loop {
         if let Some(sig) = catch.caught() {
-            stop_tree(&mut child);
+            crate::supervise::stop_tree(&mut child, Duration::from_secs(5));
             stopped(sig, &format!("stopped {} (pid {}) and everything it started", argv[0], child.id()));
         }
         if let Some(st) = child.try_wait()? {
@@ -629,14 +602,7 @@ fn run_launcher(argv: &[String], env: &[(String, String)], tags: Tags, catch: &C
 /// machine (`local[i]`: mpirun starts its workers without SSH) is asked
 /// directly. A signal ends it (the connections close with glm-launch; the
 /// probes on this machine are stopped).
-pub fn run_ssh(
-    targets: &[crate::ssh::Target],
-    local: &[bool],
-    probe: &[String],
-    env: &[(String, String)],
-    placement: &Placement,
-    expect: &Expect,
-) -> (Vec<String>, bool) {
+pub fn run_ssh(targets: &[crate::ssh::Target], local: &[bool], probe: &[String], env: &[(String, String)], placement: &Placement, expect: &Expect) -> Table {
     let catch = Catch::new();
     let cwd = std::env::current_dir().unwrap_or_default();
     let script = crate::ssh::script(env, &cwd, probe);
@@ -700,8 +666,8 @@ mod tests {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
                    [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
                    [1,2]<stderr>:glm-worker: error: libtorch not found\n[1,2]<stdout>:glm-launch probe: exit: 1\n";
-        let (rows, ok) = table(&placement(), &parse(out, "", Tags::OpenMpi), &expect(false, None));
-        assert!(!ok);
+        let Table { rows, ok, failed, unchecked } = table(&placement(), &parse(out, "", Tags::OpenMpi), &expect(false, None));
+        assert!(!ok && failed == [1, 2] && unchecked.is_empty(), "{failed:?} {unchecked:?}");
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
         assert!(
@@ -711,28 +677,28 @@ mod tests {
         // ranks staging collectives through host memory may share GPUs
         let shared = Expect { gpus_shared: true, ..expect(true, None) };
         let overlapping = Placement { hosts: vec![("a".into(), vec![0, 1]), ("b".into(), vec![1, 2]), ("c".into(), vec![0])] };
-        let (rows, _) = table(&overlapping, &parse(out, "", Tags::OpenMpi), &shared);
+        let rows = table(&overlapping, &parse(out, "", Tags::OpenMpi), &shared).rows;
         assert!(rows[2].contains("2 / 2 shared") && !rows[2].contains("FAIL: slot"), "{rows:?}");
         // ... but not when no selected slot exists (the workers would see no GPU)
         let far = Placement { hosts: vec![("b".into(), vec![2, 3])] };
         let two = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 2\n";
-        let (rows, ok) = table(&far, &parse(two, "", Tags::OpenMpi), &shared);
+        let Table { rows, ok, .. } = table(&far, &parse(two, "", Tags::OpenMpi), &shared);
         assert!(!ok && rows[1].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");
-        let (rows, _) =
-            table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), &expect(false, None));
+        let rows =
+            table(&placement(), &parse("[1,2]<stdout>: glm-worker: 0.0.9\n[1,2]<stdout>: libtorch dir: ?\n", "", Tags::OpenMpi), &expect(false, None)).rows;
         assert!(rows[3].contains("glm-worker 0.0.9, the launcher is 0.1.0") && rows[3].contains("libtorch not found"), "{rows:?}");
         let cpu = "[1,0]<stdout>: glm-worker: 0.1.0\n[1,0]<stdout>: libtorch dir: /t\n[1,0]<stdout>: cuda devices: 0\n";
         let one = Placement { hosts: vec![("a".into(), vec![0])] };
-        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(false, None)).1);
-        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(true, None)).0[1].contains("--device cuda, but the host reports no GPU"));
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(false, None)).ok);
+        assert!(table(&one, &parse(cpu, "", Tags::OpenMpi), &expect(true, None)).rows[1].contains("--device cuda, but the host reports no GPU"));
         let disk = Disk { dir: "/ckpt".into(), need: 5_000_000_000 };
         let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 2000000000 /ckpt\n", "");
-        let (rows, ok) = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&disk)));
+        let Table { rows, ok, .. } = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&disk)));
         assert!(!ok && rows[1].contains("2.00 GB") && rows[1].contains("FAIL: 2.00 GB free under /ckpt, a checkpoint needs about 5.00 GB"), "{rows:?}");
         // units that fit the sizes: a nearly full small disk is not "0.0 GB free"
         let small = Disk { dir: "/small".into(), need: 40_512_000 };
         let rep = Report::from_answer("glm-worker: 0.1.0\nlibtorch dir: /t\ncuda devices: 0\n        free disk: 12000000 /small\n", "");
-        let (rows, _) = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&small)));
+        let rows = table(&one, &BTreeMap::from([(0, rep)]), &expect(false, Some(&small))).rows;
         assert!(rows[1].contains("FAIL: 12.0 MB free under /small, a checkpoint needs about 40.5 MB"), "{rows:?}");
         // srun: stderr is its own stream, so an error is not taken for an answer
         let srun = parse("0: glm-worker: 0.1.0\n", "1: glm-worker: error: libtorch not found\n", Tags::Srun);
@@ -775,12 +741,15 @@ mod tests {
         std::fs::write(&absent, "#!/bin/sh\necho \"glm-worker: 0.1.0 [${CUDA_VISIBLE_DEVICES-unset}] $1 $2 $3\"\n").unwrap();
         let (rep, _) = run(&absent.display().to_string(), "/bin");
         assert_eq!((rep.version.as_deref(), rep.exit, rep.missing), (Some("0.1.0 [unset] env --disk /ckpt dir"), None, None));
-        let table = |rep: Report| table(&Placement { hosts: vec![("n1".into(), vec![0])] }, &BTreeMap::from([(0, rep)]), &expect(false, None)).0[1].clone();
+        let table = |rep: Report| table(&Placement { hosts: vec![("n1".into(), vec![0])] }, &BTreeMap::from([(0, rep)]), &expect(false, None)).rows[1].clone();
         let row = table(Report { ran: true, missing: Some(Missing::File("/opt/glm/glm-worker".into())), ..Default::default() });
         assert!(
             row.contains(" yes ") && row.ends_with("FAIL: glm-worker not found on n1: no file /opt/glm/glm-worker there; pass --worker with its path on n1, or install it at /opt/glm/glm-worker"),
             "{row}"
         );
+        let one = Placement { hosts: vec![("n1".into(), vec![0])] };
+        let t = super::table(&one, &BTreeMap::from([(0, Report { not_checked: Some("x".into()), ..Default::default() })]), &expect(false, None));
+        assert!(t.failed.is_empty() && t.unchecked == [0], "a host not asked is not a failed host");
         let row = table(Report { not_checked: Some("the preflight job failed before it ran there".into()), ..Default::default() });
         assert!(row.contains(" ? ") && row.ends_with("FAIL: not checked: the preflight job failed before it ran there"), "{row}");
     }

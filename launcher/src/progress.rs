@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use glm_common::launch::Heartbeat;
 
-/// Phases whose length has no bound (rank 0 preparing the data while the
-/// others wait for it, start-up): no progress deadline applies there.
-const UNBOUNDED_PHASES: &[&str] = &["starting", "preparing-data"];
+/// Phases whose length has no bound: start-up, rank 0 preparing the data
+/// while the others wait for it, building the model and reading a
+/// checkpoint, writing one: no progress deadline applies there (a frozen
+/// rank still shows, by its silence).
+const UNBOUNDED_PHASES: &[&str] = &["starting", "preparing-data", "building", "save"];
 
 #[derive(Clone, Debug)]
 struct Rank {
@@ -105,8 +107,9 @@ impl Ranks {
 
     /// The ranks that hold the job up at `now`, longest first: those
     /// without progress for at least `min` that are not waiting in a
-    /// collective (or whose heartbeats stopped for more than two
-    /// `interval`s, whatever they last said).
+    /// collective (or whose heartbeats stopped, whatever they last said:
+    /// none for three `interval`s and at least 2 s, so a busy machine's late
+    /// heartbeat blames nobody).
     pub fn stalled(&self, now: Instant, min: Duration, interval: Duration) -> Vec<Stalled> {
         let mut out: Vec<Stalled> = self
             .ranks
@@ -114,7 +117,7 @@ impl Ranks {
             .filter_map(|(&rank, r)| {
                 let stale = now.saturating_duration_since(r.changed_at);
                 let silent = now.saturating_duration_since(r.beat_at);
-                let silent = (silent > interval * 2).then_some(silent.as_secs_f64());
+                let silent = (silent > (interval * 3).max(Duration::from_secs(2))).then_some(silent.as_secs_f64());
                 (stale >= min && (r.last.waiting.is_none() || silent.is_some()) && (!r.unbounded() || silent.is_some())).then(|| Stalled {
                     rank,
                     for_secs: stale.as_secs_f64(),
@@ -184,8 +187,12 @@ mod tests {
         let s = |x: f64| t0 + Duration::from_secs_f64(x);
         let mut r = Ranks::default();
         r.beat(0, hb(1, "backward", Some(0.5)), s(0.0));
-        r.beat(0, hb(1, "backward", Some(0.1)), s(1.0));
-        assert!(r.stalled(s(1.5), Duration::from_secs(1), Duration::from_secs(1)).is_empty(), "a new collective is progress, and it waits");
+        r.beat(0, hb(1, "backward", Some(0.9)), s(4.0));
+        assert!(r.hung(s(6.0), Duration::from_secs(5), 1), "the same collective for 6 s");
+        let mut r = Ranks::default();
+        r.beat(0, hb(1, "backward", Some(0.5)), s(0.0));
+        r.beat(0, hb(1, "backward", Some(0.1)), s(4.0));
+        assert!(!r.hung(s(6.0), Duration::from_secs(5), 1), "a new collective at 4 s is progress");
         let mut r = Ranks::default();
         for t in 0..20 {
             r.beat(0, hb(0, "preparing-data", None), s(t as f64));

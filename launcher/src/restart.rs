@@ -13,8 +13,10 @@
 //!   fault that the checkpoint reproduces: e.g. a rank that always crashes
 //!   on one batch); a restart that got further and saved goes on;
 //! - otherwise, up to N restarts, each from the latest complete checkpoint in
-//!   the save directory (`load=<save>`), or from scratch when there is none
-//!   yet (`overwrite=true`: the failed attempt's metrics go).
+//!   the save directory (`load=<save>`, its optimizer state and schedule
+//!   included), or from scratch when there is none yet (`overwrite=true`,
+//!   where glm-launch sees the directory holds no checkpoint: the failed
+//!   attempt's metrics go; nothing is removed where it cannot see).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -101,6 +103,23 @@ pub struct Record {
 }
 
 impl Record {
+    /// A further shrink within restart `restart` (its preflight failed again).
+    pub fn shrink(restart: usize) -> Record {
+        Record {
+            time: unix(SystemTime::now()),
+            restart,
+            cause: "preflight failed again".into(),
+            rank: None,
+            host: None,
+            iteration: 0,
+            resumed_from: None,
+            lost_s: 0.0,
+            dropped_hosts: Vec::new(),
+            world: 0,
+            sets: Vec::new(),
+        }
+    }
+
     pub fn append(&self, run_dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(run_dir).with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
         let p = run_dir.join("restarts.jsonl");
@@ -115,15 +134,31 @@ pub fn unix(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The `--set`s that make a restart resume from `save`'s latest
-/// checkpoint, or start again from scratch there (the failed attempt left
-/// its metrics, which a fresh run would refuse to replace).
+/// Whether glm-launch sees `save` and it holds no checkpoint at all (no
+/// `latest`, no checkpoint directory): a failed attempt's metrics at most.
+fn holds_no_checkpoint(save: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(save) else { return false };
+    !save.join("latest").exists() && !rd.flatten().any(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) && e.path().is_dir())
+}
+
+/// The `--set`s that make a restart resume from `save`'s latest checkpoint
+/// (with its optimizer state and learning-rate schedule, whatever the first
+/// attempt's `no_load_optim` / `no_load_lr_scheduler` said of the checkpoint
+/// it started from), or start again from scratch: with `overwrite=true`
+/// (the failed attempt left its metrics, which a fresh run would refuse to
+/// replace) only where glm-launch sees the directory and it holds no
+/// checkpoint; where it cannot see it, nothing is added, and the worker
+/// refuses a directory that holds a run rather than anything being removed.
 pub fn resume_sets(save: &Path) -> (Vec<String>, Option<u64>) {
     match latest_checkpoint(save) {
-        Some((it, _)) => (vec![format!("load={}", save.display())], Some(it)),
-        None => (vec!["overwrite=true".to_string()], None),
+        Some((it, _)) => (vec![format!("load={}", save.display()), "no_load_optim=false".into(), "no_load_lr_scheduler=false".into()], Some(it)),
+        None if holds_no_checkpoint(save) => (vec!["overwrite=true".to_string()], None),
+        None => (Vec::new(), None),
     }
 }
+
+/// The keys `resume_sets` may add (a later restart replaces them).
+pub const RESUME_KEYS: &[&str] = &["load=", "overwrite=", "no_load_optim=", "no_load_lr_scheduler="];
 
 #[cfg(test)]
 mod tests {
@@ -154,11 +189,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(latest_checkpoint(d.path()), None);
         assert_eq!(resume_sets(d.path()), (vec!["overwrite=true".to_string()], None));
+        assert_eq!(resume_sets(&d.path().join("unseen")), (vec![], None), "a directory glm-launch cannot see: nothing removed");
         std::fs::write(d.path().join("latest"), "4\n").unwrap();
         assert_eq!(latest_checkpoint(d.path()), None, "latest names a checkpoint that is not there");
+        assert_eq!(resume_sets(d.path()), (vec![], None), "not complete, not empty: nothing removed");
         std::fs::create_dir_all(d.path().join("4/mp_rank_00")).unwrap();
         std::fs::write(d.path().join("4/mp_rank_00/state.json"), "{}").unwrap();
         assert_eq!(latest_checkpoint(d.path()).map(|(i, _)| i), Some(4));
-        assert_eq!(resume_sets(d.path()), (vec![format!("load={}", d.path().display())], Some(4)));
+        let sets = resume_sets(d.path()).0;
+        assert_eq!(sets, [format!("load={}", d.path().display()), "no_load_optim=false".into(), "no_load_lr_scheduler=false".into()]);
+        assert!(sets.iter().all(|s| RESUME_KEYS.iter().any(|k| s.starts_with(k))));
     }
 }

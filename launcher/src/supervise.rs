@@ -6,7 +6,7 @@
 //! checkpoint (a second signal kills the MPI launcher's process group);
 //! when the job fails, the report names the rank, its host and the cause.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -210,6 +210,58 @@ impl Watch {
     }
 }
 
+/// (state, process group, start time) of a process, from /proc.
+pub(crate) fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((rest.first()?.chars().next()?, rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
+}
+
+/// Stops `child` (the leader of its own process group) and everything it
+/// started: SIGTERM to it (mpirun then stops its ranks and its daemons on
+/// other hosts) and to every process group below it (OpenMPI puts each
+/// local rank in its own), each continued first (a frozen rank handles it
+/// only then); SIGKILL to whatever is left after `grace`.
+pub fn stop_tree(child: &mut std::process::Child, grace: Duration) {
+    let pid = child.id() as i32;
+    // SAFETY: getpgrp has no preconditions.
+    let ours = unsafe { libc::getpgrp() };
+    let below: Vec<(i32, u64)> = descendants(pid as u32, "").into_iter().filter_map(|p| proc_stat(p).map(|(_, _, t)| (p, t))).collect();
+    let groups: BTreeSet<i32> = below.iter().filter_map(|&(p, _)| proc_stat(p).map(|(_, g, _)| g)).chain([pid]).filter(|&g| g != ours && g > 0).collect();
+    let alive = |(p, t): (i32, u64)| proc_stat(p).is_some_and(|(s, _, start)| start == t && s != 'Z');
+    for &g in &groups {
+        // SAFETY: process groups of processes we started (a stopped rank
+        // handles SIGTERM only once continued).
+        unsafe {
+            libc::killpg(g, libc::SIGCONT);
+            libc::killpg(g, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let gone = child.try_wait().ok().flatten().is_some();
+        if gone && !below.iter().any(|&p| alive(p)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            for &g in &groups {
+                // SAFETY: as above.
+                unsafe { libc::killpg(g, libc::SIGKILL) };
+            }
+            for &(p, t) in &below {
+                if alive((p, t)) {
+                    // SAFETY: a process we started (its start time checked).
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts `argv` with `env` added, its output piped, in its own process
 /// group: a terminal's Ctrl-C reaches glm-launch alone, which decides what
 /// the MPI launcher and the workers get.
@@ -365,25 +417,19 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
                 } else if longest == 0.0 {
                     warned = false;
                 }
-                match &stopped_hung {
-                    None if s.ranks.hung(now, w.deadline(), hosts.len()) => {
-                        let stalled = s.ranks.stalled(now, w.interval, w.interval);
-                        let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
-                        eprintln!(
-                            "glm-launch: no progress for {:.0} s ({}): stopping the job",
-                            w.deadline().as_secs_f64(),
-                            if who.is_empty() { "every rank".to_string() } else { who.join("; ") }
-                        );
-                        // SAFETY: signalling our own child.
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
-                        stopped_hung = Some((stalled, now));
-                    }
-                    Some((_, at)) if now.duration_since(*at) > Duration::from_secs(10) && !killed => {
-                        killed = true;
-                        // SAFETY: signalling our own child's process group.
-                        unsafe { libc::killpg(pid, libc::SIGKILL) };
-                    }
-                    _ => {}
+                if stopped_hung.is_none() && s.ranks.hung(now, w.deadline(), hosts.len()) {
+                    let stalled = s.ranks.stalled(now, w.interval, w.interval);
+                    let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
+                    eprintln!(
+                        "glm-launch: no progress for {:.0} s ({}): stopping the job",
+                        w.deadline().as_secs_f64(),
+                        if who.is_empty() { "every rank".to_string() } else { who.join("; ") }
+                    );
+                    stopped_hung = Some((stalled, now));
+                    drop(s);
+                    // mpirun and every rank below it (each in its own process
+                    // group), continued, terminated, killed after 5 s
+                    stop_tree(&mut child, Duration::from_secs(5));
                 }
             }
             let n = SIGNALS.load(Ordering::SeqCst);
@@ -402,8 +448,8 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
                         std::thread::sleep(Duration::from_millis(100));
                         unsafe { libc::kill(pid, libc::SIGINT) };
                     } else {
-                        // SAFETY: signalling our own child's process group.
-                        unsafe { libc::killpg(pid, libc::SIGKILL) };
+                        // mpirun's group and every rank's (OpenMPI gives each its own)
+                        stop_tree(&mut child, Duration::ZERO);
                     }
                 } else if n == 1 {
                     // The workers agree on a stop over the whole world (any

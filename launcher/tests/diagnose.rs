@@ -252,7 +252,15 @@ fn with_mpirun_each_unreachable_host_fails_its_own_row() {
     let h = d.path().join("hosts.d");
     let _hosts = common::Hosts::up(&h, 2);
     // node2's SSH server stops: its connections are refused
-    let pid: i32 = std::fs::read_to_string(h.join("host2/sshd.pid")).unwrap().trim().parse().unwrap();
+    // (sshd writes its pid file once it has daemonised: wait for it)
+    let t0 = std::time::Instant::now();
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(h.join("host2/sshd.pid")).ok().and_then(|p| p.trim().parse().ok()) {
+            break p;
+        }
+        assert!(t0.elapsed().as_secs() < 30, "node2's sshd wrote no pid file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     // SAFETY: the fixture's own server.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let t0 = std::time::Instant::now();

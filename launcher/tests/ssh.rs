@@ -294,9 +294,9 @@ fn faults_on_the_test_hosts() {
         let mark = d.path().join(format!("fired.{slots}"));
         let mut c = run(&format!("stop{slots}"), slots, 8, &["--collective-timeout", "5"]);
         c.env("GLM_TEST_FAULT", format!("stop:{frozen}:3")).env("GLM_TEST_FAULT_MARK", &mark);
-        let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let child = common::start(&mut c);
         let fired = wait_for(&mark);
-        let o = child.wait_with_output().unwrap();
+        let o = child.finish();
         let (out, err) = text(&o);
         assert!(fired.elapsed() < Duration::from_secs(20), "ended {:?} after the fault", fired.elapsed());
         assert_eq!(o.status.code(), Some(124), "{out}\n{err}");
@@ -334,12 +334,12 @@ fn faults_on_the_test_hosts() {
     let mark = d.path().join("fired.elastic");
     let mut c = run("elastic", 2, 6, &["--max-restarts", "1", "--min-nodes", "1", "--collective-timeout", "5"]);
     c.env("GLM_TEST_FAULT", "stop:2:3").env("GLM_TEST_FAULT_MARK", &mark);
-    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = common::start(&mut c);
     wait_for(&mark);
     // node2 goes down: its sshd, OpenMPI's daemon and its workers
     let down = Command::new("sh").args(["-c", "ip netns pids glmt-node2 | xargs -r kill -9"]).status().unwrap();
     assert!(down.success());
-    let o = child.wait_with_output().unwrap();
+    let o = child.finish();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(

@@ -118,3 +118,35 @@ impl Drop for Hosts {
         let _ = std::process::Command::new(netns_fixture()).args(["down", &self.dir.display().to_string()]).output();
     }
 }
+
+/// A started command whose output is read as it comes (a full pipe never
+/// holds it up while the test waits for something else).
+pub struct Running {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+/// Starts `cmd` with its stdout and stderr read by threads.
+pub fn start(cmd: &mut std::process::Command) -> Running {
+    use std::io::Read;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            b
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    Running { child, out, err }
+}
+
+impl Running {
+    /// Waits for the end (the test's own deadline is the caller's).
+    pub fn finish(mut self) -> Output {
+        let status = self.child.wait().unwrap();
+        Output { status, stdout: self.out.join().unwrap(), stderr: self.err.join().unwrap() }
+    }
+}

@@ -82,6 +82,10 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     // every collective's deadline (a world of one waits for nobody), and the
     // heartbeat glm-launch asks for
     let timeout = t.collective_timeout.unwrap_or(args.args.collective_timeout);
+    let timeout_source = match (t.collective_timeout, args.source("collective_timeout")) {
+        (Some(_), _) => "--collective-timeout".to_string(),
+        (None, s) => s.to_string(),
+    };
     glm_worker::runtime::progress::start((dims.world > 1).then(|| std::time::Duration::from_secs_f64(timeout)));
     let cfg = RunConfig::build(ds, args, dims.dp)?;
     println!("effective configuration (value  (source)):");
@@ -93,6 +97,9 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     }
     for w in &cfg.warnings {
         println!("warning: {w}");
+    }
+    if dims.world == 1 && timeout_source != "default" {
+        println!("note: collective timeout {timeout} s ({timeout_source}) has no effect in a world of one (no collective waits for another rank)");
     }
     // everything a training start checks, before "configuration is valid"
     let local_rank = glm_worker::comm::mpi::local_rank(&world);
@@ -119,6 +126,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
         println!("train_iters = 0: configuration is valid; nothing to train");
         return Ok(ExitCode::SUCCESS);
     }
+    glm_worker::runtime::progress::set_phase(glm_worker::runtime::progress::Phase::Connecting);
     let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
     if dims.world > 1 {
         use glm_worker::comm::staged::Backend;
@@ -128,7 +136,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             (Backend::Native, false) => "MPI",
         };
         println!(
-            "parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports; a collective waits at most {timeout} s",
+            "parallel: world {} = tensor-parallel {} × data-parallel {} ({backend}); rank 0 reports; a collective waits at most {timeout} s ({timeout_source})",
             dims.world, dims.tp, dims.dp
         );
     }

@@ -222,6 +222,8 @@ impl NcclComm {
             *d = s as c_char;
         }
         let mut comm: CommPtr = std::ptr::null_mut();
+        // blocks until every rank of the group has joined: under the watchdog
+        let _w = crate::runtime::progress::collective("ncclCommInitRank", mpi.name(), mpi.rank(), mpi.size());
         // SAFETY: out-pointer and a by-value id, as declared in nccl.h.
         check(api, unsafe { (api.comm_init_rank)(&mut comm, mpi.size() as c_int, id, mpi.rank() as c_int) }, "ncclCommInitRank", std::ptr::null_mut())?;
         Ok(NcclComm { comm, rank: mpi.rank(), size: mpi.size(), device, failed: AtomicBool::new(false), lock: Mutex::new(()), name: mpi.name().to_string() })

@@ -31,7 +31,8 @@ use glm_common::launch::{Heartbeat, Waiting, EXIT_COLLECTIVE_TIMEOUT, HEARTBEAT_
 #[repr(u8)]
 pub enum Phase {
     Starting = 0,
-    /// Rank 0 trains the tokenizer or builds the token store; the others wait.
+    /// Rank 0 trains the tokenizer or builds the token store; the others wait
+    /// (and rank 0 claims the save directory).
     PreparingData = 1,
     /// Building the model, loading a checkpoint.
     Building = 2,
@@ -46,6 +47,8 @@ pub enum Phase {
     /// Agreeing on the stop, logging.
     Log = 9,
     Done = 10,
+    /// Building the communicators (MPI splits, NCCL's bootstrap).
+    Connecting = 11,
 }
 
 impl Phase {
@@ -62,6 +65,7 @@ impl Phase {
             Phase::Save => "save",
             Phase::Log => "log",
             Phase::Done => "done",
+            Phase::Connecting => "connecting",
         }
     }
 
@@ -78,6 +82,7 @@ impl Phase {
             Phase::Save,
             Phase::Log,
             Phase::Done,
+            Phase::Connecting,
         ]
         .get(v as usize)
         .copied()
@@ -237,14 +242,15 @@ pub fn start(timeout: Option<Duration>) {
                     if let Some(i) = g.as_ref() {
                         let waited = i.since.elapsed();
                         if waited > limit {
-                            let msg = timeout_message(i, waited, limit, iteration(), phase());
+                            let msg = format!("{}\n", timeout_message(i, waited, limit, iteration(), phase()));
                             drop(g);
-                            use std::io::Write;
-                            let _ = writeln!(std::io::stderr(), "{msg}");
-                            let _ = std::io::stdout().flush();
-                            // SAFETY: _exit ends the process without running
-                            // destructors, which could wait on the hung collective.
-                            unsafe { libc::_exit(EXIT_COLLECTIVE_TIMEOUT) };
+                            // SAFETY: a plain write to fd 2 (no lock another
+                            // thread could hold on a full pipe), then _exit: no
+                            // destructor may wait on the hung collective.
+                            unsafe {
+                                libc::write(2, msg.as_ptr().cast(), msg.len());
+                                libc::_exit(EXIT_COLLECTIVE_TIMEOUT);
+                            }
                         }
                     }
                 })
@@ -280,7 +286,7 @@ mod tests {
 
     #[test]
     fn phases_round_trip_and_a_nested_mark_keeps_the_outer_one() {
-        for v in 0..=10u8 {
+        for v in 0..=11u8 {
             assert_eq!(Phase::from_u8(v) as u8, v);
         }
         let outer = collective("all_gather_into", "world", 0, 2);

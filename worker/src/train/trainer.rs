@@ -261,6 +261,7 @@ impl Trainer {
     pub fn new(cfg: RunConfig, opts: TrainOptions, par: Parallel) -> Result<Self> {
         let a = cfg.args.args.clone();
         // before anything is prepared or written: the save directory is this run's
+        progress::set_phase(Stage::PreparingData);
         let save_dir = match &a.save {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
@@ -452,7 +453,11 @@ impl Trainer {
                     ),
                 ));
             }
-            let scaler_note = checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?;
+            // reading a checkpoint takes as long as the disk needs: no collective deadline
+            let scaler_note = {
+                let _any_time = progress::unbounded();
+                checkpoint::load(&dir, &state, &mut model, &mut opt, !a.no_load_optim)?
+            };
             iteration = state.iteration;
             let z = |stage: u8, dp: usize| format!("data-parallel {}, ZeRO stage {stage}", if dp == 0 { "?".to_string() } else { dp.to_string() });
             let (saved, now) = (z(state.zero.as_ref().map_or(0, |z| z.stage), state.dp), z(opt.zero_config().stage, par.dims.dp));
@@ -737,6 +742,10 @@ impl Trainer {
             }
             if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
                 progress::set_phase(Stage::Save);
+                // the others wait while a rank writes, as long as the disk needs:
+                // no collective deadline (a frozen rank still shows: glm-launch
+                // sees its heartbeats stop)
+                let _any_time = progress::unbounded();
                 if let Some(dir) = self.save()? {
                     say(&pb, &format!("checkpoint: saved {}", dir.display()));
                 }
