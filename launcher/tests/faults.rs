@@ -213,4 +213,11 @@ fn a_job_without_progress_is_stopped_by_glm_launch() {
     for r in 0..2 {
         assert!(err.contains(&format!("rank {r} on localhost: no progress for")), "{err}");
     }
+    // nothing is left behind (the last rank to mark the fault)
+    let pid: i32 = std::fs::read_to_string(&mark).unwrap().trim().parse().unwrap();
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "rank {pid} was left behind");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
