@@ -60,6 +60,18 @@ fn losses(save: &Path) -> Vec<(u64, String)> {
     events(save, "train").iter().map(|e| (e["iteration"].as_u64().unwrap(), e["loss"].to_string())).collect()
 }
 
+/// Whether the effective configuration in `out` shows `key` as `value`.
+fn reported(out: &str, key: &str, value: &str) -> bool {
+    out.lines().filter_map(|l| l.split_once(" = ")).any(|(k, v)| k.trim() == key && v == value)
+}
+
+/// Whether the run writing `<save>/metrics.jsonl` has logged iteration
+/// `it` (read while it appends: a line not yet whole is skipped).
+fn logged(save: &Path, it: u64) -> bool {
+    let text = std::fs::read_to_string(save.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|e| e["type"] == "train" && e["iteration"] == it)
+}
+
 fn latest(save: &Path) -> String {
     std::fs::read_to_string(save.join("latest")).unwrap().trim().to_string()
 }
@@ -141,14 +153,14 @@ fn background_saves_write_the_bytes_of_synchronous_ones() {
         vec!["train_iters=6".into(), "save_interval=2".into(), format!("save={}", save.display()), format!("checkpoint.writer.decoupled={decoupled}")]
     };
     let out = ok(&train(d.path(), 0, 0, &run(&sync, false)).output().unwrap());
-    assert!(out.contains("checkpoint.writer.decoupled") && out.contains("false (training waits while the files are written)"), "{out}");
+    assert!(reported(&out, "checkpoint.writer.decoupled", "false (training waits while the files are written)  (--set)"), "{out}");
     let mut cmd = train(d.path(), 0, 0, &run(&bg, true));
     cmd.env("GLM_HOLD_SAVE", &release);
     let mut r = Running::spawn(cmd);
     // iteration 4 trained (its metrics line is written before its save
     // point, where the run waits for iteration 2's save): the buffers have
     // moved twice since iteration 2's snapshot
-    r.wait_for("iteration 4", |_| bg.join("metrics.jsonl").is_file() && losses(&bg).iter().any(|(it, _)| *it == 4));
+    r.wait_for("iteration 4", |_| logged(&bg, 4));
     assert!(!bg.join("2").exists(), "iteration 2's save is held");
     std::fs::write(&release, "").unwrap();
     let (status, out, err) = r.finish();
@@ -194,7 +206,7 @@ fn keep_last_keeps_the_newest_and_never_latest() {
     for it in 1..=3 {
         assert!(out.contains(&format!("checkpoint: keep_last 2: removed {}", save.join(it.to_string()).display())), "{out}");
     }
-    assert!(out.contains("keep_last / save_interval_minutes") && out.contains("2 (older complete checkpoints removed)"), "{out}");
+    assert!(reported(&out, "keep_last", "2 (older complete checkpoints removed)  (--set)"), "{out}");
     complete(&save.join("4"));
     // resumed into the same directory with keep_last 1: latest alone remains
     let mut s = sets(7, 1);
@@ -297,7 +309,7 @@ fn saves_by_the_clock_happen_at_the_same_iteration_on_every_rank() {
     let sets = ["train_iters=4".to_string(), "save_interval=0".into(), "save_interval_minutes=0.000000001".into(), format!("save={}", save.display())];
     let o = train(d.path(), 2, 1, &sets).env("GLM_SAVE_CLOCK_RANK", "1").output().unwrap();
     let out = ok(&o);
-    assert!(out.contains("keep_last / save_interval_minutes") && out.contains("0.000000001 (a save when as long has passed since the last)"), "{out}");
+    assert!(reported(&out, "save_interval_minutes", "0.000000001 (a save when as long has passed since the last)  (--set)"), "{out}");
     // due after every iteration on rank 1's clock: every rank saved 1, 2, 3 (and 4, the end)
     assert_eq!(checkpoints(&save), [1, 2, 3, 4]);
     for it in 1..=4 {

@@ -613,18 +613,20 @@ impl RunConfig {
         // how checkpoints are written, kept and timed
         let background_save = ds.checkpoint_decoupled.unwrap_or(true);
         if a.save.is_some() {
+            // (separate lines: a longer key would widen every aligned line)
             report.push(Entry {
-                key: "keep_last / save_interval_minutes".into(),
-                value: format!(
-                    "{} / {}",
-                    if a.keep_last == 0 { "0 (every checkpoint kept)".to_string() } else { format!("{} (older complete checkpoints removed)", a.keep_last) },
-                    if a.save_interval_minutes == 0.0 {
-                        "0 (no saves by time)".to_string()
-                    } else {
-                        format!("{} (a save when as long has passed since the last)", a.save_interval_minutes)
-                    }
-                ),
-                source: args.source_of(&["keep_last", "save_interval_minutes"]).to_string(),
+                key: "save_interval_minutes".into(),
+                value: if a.save_interval_minutes == 0.0 {
+                    "0 (no saves by time)".to_string()
+                } else {
+                    format!("{} (a save when as long has passed since the last)", a.save_interval_minutes)
+                },
+                source: src("save_interval_minutes"),
+            });
+            report.push(Entry {
+                key: "keep_last".into(),
+                value: if a.keep_last == 0 { "0 (every checkpoint kept)".to_string() } else { format!("{} (older complete checkpoints removed)", a.keep_last) },
+                source: src("keep_last"),
             });
             let (value, source) = match ds.checkpoint_decoupled {
                 Some(true) => ("true (files written in the background while training goes on)".to_string(), ds.source("checkpoint.writer.decoupled")),
