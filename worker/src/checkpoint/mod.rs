@@ -30,6 +30,7 @@ mod load;
 mod merge;
 mod save;
 pub mod saver;
+mod write;
 
 pub use inspect::inspect;
 pub use load::{load, load_for_inference, require_whole};

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{layout_fingerprint, mp_rank_dir, shard_file, tch_err, ShardFile, State, ZeroManifest};
+use super::write::write_safetensors;
+use super::{layout_fingerprint, mp_rank_dir, shard_file, ShardFile, State, ZeroManifest};
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::Glm;
@@ -236,8 +237,7 @@ impl Job {
         if let Some((name, exp_avg, exp_avg_sq)) = self.shard {
             let path = self.tmp.join(name);
             let named = [("exp_avg".to_string(), exp_avg), ("exp_avg_sq".to_string(), exp_avg_sq)];
-            Tensor::write_safetensors(&named, &path).map_err(|e| tch_err(&path, e))?;
-            written.shard = Some(sha256_file(&path)?);
+            written.shard = Some(write_safetensors(&path, &named)?);
         }
         if let Some(p) = self.part {
             written.files = write_part_files(&self.tmp, &p.model, p.optim.as_deref(), &p.tokenizer_json)?;
@@ -425,13 +425,9 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// tokenizer; their sha256 by name.
 fn write_part_files(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str) -> Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
-    let mp = tmp.join("model.safetensors");
-    Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
-    files.insert("model.safetensors".into(), sha256_file(&mp)?);
+    files.insert("model.safetensors".into(), write_safetensors(&tmp.join("model.safetensors"), model)?);
     if let Some(optim) = optim {
-        let op = tmp.join("optim.safetensors");
-        Tensor::write_safetensors(optim, &op).map_err(|e| tch_err(&op, e))?;
-        files.insert("optim.safetensors".into(), sha256_file(&op)?);
+        files.insert("optim.safetensors".into(), write_safetensors(&tmp.join("optim.safetensors"), optim)?);
     }
     let tp = tmp.join("tokenizer.json");
     std::fs::write(&tp, tokenizer_json).at(&tp)?;
