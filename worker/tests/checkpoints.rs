@@ -129,13 +129,25 @@ impl Running {
         }
     }
 
-    /// The rest of the output once the process has ended.
+    /// The rest of the output once the process has ended (a test that
+    /// fails before leaves no process behind: see `Drop`).
     fn finish(mut self) -> (std::process::ExitStatus, String, String) {
         let status = self.child.wait().unwrap();
         self.seen.extend(self.lines.iter());
         let mut err = String::new();
         std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err).unwrap();
         (status, self.seen.join("\n"), err)
+    }
+}
+
+impl Drop for Running {
+    /// A run a failed test leaves (one held by `GLM_HOLD_SAVE` would wait
+    /// for ever) is killed.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
