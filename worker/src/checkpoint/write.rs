@@ -67,6 +67,9 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<St
     out.write_all(header.as_bytes()).at(path)?;
     for (_, _, name, t) in order {
         let len = t.numel() * t.kind().elt_size_in_bytes();
+        if len == 0 {
+            continue;
+        }
         if t.device() == Device::Cpu && t.is_contiguous() {
             // SAFETY: a contiguous host tensor's `len` bytes start at its
             // data pointer (storage offset included), and `t` is borrowed
@@ -119,6 +122,7 @@ mod tests {
             // not contiguous: copied
             ("t".into(), base.narrow(0, 0, 12).view([3, 4]).transpose(0, 1)),
             ("scalar".into(), Tensor::from(2.5f32)),
+            ("empty".into(), Tensor::zeros([0, 3], (Kind::Float, Device::Cpu))),
         ];
         let ours = d.path().join("ours.safetensors");
         let sha = write_safetensors(&ours, &tensors).unwrap();
