@@ -15,19 +15,69 @@
 #   - training tokens/s of the default model on (TP, DP) = (1, 1), (1, 2), (2, 1);
 #   - ZeRO stages 0/1/2 at DP=2 (2 MPI ranks): tokens/s, peak resident memory
 #     of the larger rank, model-state bytes per rank (measured from the
-#     buffers) and bytes each rank sends per step, against the theory.
+#     buffers) and bytes each rank sends per step, against the theory;
+#   - the stall of saving checkpoints: ms per training step without saving,
+#     and saving every other step with the files written inline (training
+#     waits) or in the background, at the default model and at a 108 M
+#     parameter one (also alone: scripts/bench.sh save).
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+ONLY="${1:-all}"
+case "$ONLY" in all | save) ;; *) echo "usage: scripts/bench.sh [save]" >&2; exit 2 ;; esac
 scripts/setup.sh
 source target/torch.env
-PY="${TORCH_PYTHON:-}"
-[ -n "$PY" ] || { echo "bench: the torch in use (LIBTORCH=$LIBTORCH) has no python to run eager PyTorch beside it; point LIBTORCH at a python torch package or unset it" >&2; exit 1; }
 BIN="$ROOT/target/release/glm-worker"
-VOCAB="$ROOT/../shared/seed/vocab.txt"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
+
+# the stall of a checkpoint save: bench-step's training step with a save
+# every other step, written inline or in the background (its time counts:
+# the snapshot, the install, waiting for the writer before the next save
+# and at the end, and the writer's competition for the cores), against
+# the same steps without saving. The three modes alternate, twice.
+bench_save() {
+  local dir="$WORK/saving"
+  mkdir -p "$dir"
+  echo "== checkpoint saving: ms per training step without saving, and saving every other step inline (training waits) or in the background; 2 threads, the three alternating twice"
+  echo "   held_ms_per_save: time the training thread spent per save installed within the timed steps (the copy, the install, any wait for the writer);"
+  echo "   writer_ms_per_save: time the files took to write and checksum; end_wait_ms: the last background save, waited for after the timed steps"
+  local shape
+  for shape in "default model: GLM 4x256, seq 256, micro-batch 8, vocab 16000 (7.3 M parameters); 8 steps after 1 warm-up|--iters 8 --warmup 1 --layers 4 --hidden 256 --heads 4 --seq 256 --batch 8 --vocab 16000" \
+               "GLM 12x768 (GLM-Base's shape), seq 128, micro-batch 1, vocab 30592 (108 M parameters); 6 steps after 1 warm-up|--iters 6 --warmup 1 --layers 12 --hidden 768 --heads 12 --seq 128 --batch 1 --vocab 30592"; do
+    echo "  ${shape%%|*}"
+    local args
+    read -r -a args <<<"${shape#*|}"
+    local round mode line
+    : >"$dir/results"
+    for round in 1 2; do
+      for mode in none inline background; do
+        rm -rf "$dir/save"
+        if [ "$mode" = none ]; then
+          line=$("$BIN" bench-step --threads 2 "${args[@]}")
+        else
+          line=$("$BIN" bench-step --threads 2 "${args[@]}" --save "$dir/save" --save-every 2 --save-writer "$mode")
+        fi
+        echo "    $mode: $line"
+        echo "$mode $(sed 's/.*ms\/it=\([0-9.]*\).*/\1/' <<<"$line") $(sed -n 's/.*held_ms_per_save=\([0-9.]*\).*/\1/p' <<<"$line")" >>"$dir/results"
+      done
+    done
+    awk '{ s[$1] += $2; h[$1] += $3; n[$1]++ } END {
+      b = s["none"] / n["none"]
+      printf "    mean ms/step: no saving %.0f; inline %.0f (held %.0f ms per save); background %.0f (held %.0f ms per save)\n",
+        b, s["inline"] / n["inline"], h["inline"] / n["inline"], s["background"] / n["background"], h["background"] / n["background"]
+    }' "$dir/results"
+  done
+  rm -rf "$dir"
+}
+if [ "$ONLY" = save ]; then
+  bench_save
+  exit 0
+fi
+PY="${TORCH_PYTHON:-}"
+[ -n "$PY" ] || { echo "bench: the torch in use (LIBTORCH=$LIBTORCH) has no python to run eager PyTorch beside it; point LIBTORCH at a python torch package or unset it" >&2; exit 1; }
+VOCAB="$ROOT/../shared/seed/vocab.txt"
 
 "$PY" - "$ROOT/glm_pretrain/data/data.json" "$WORK/big.json" <<'PY'
 import json, sys
@@ -108,3 +158,4 @@ for prec in fp32 bf16; do
     echo "  $(OMP_NUM_THREADS=1 mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS "$BIN" "${ZB[@]}" "${shape[@]}" --precision "$prec" --zero-stage "$z" | tail -n 1)"
   done
 done
+bench_save

@@ -11,6 +11,8 @@
 //!   program handles elsewhere): listed once at start-up.
 //!
 //! A key the original does not have is an error with the closest known key.
+//! This program's own keys (`overwrite`, `save_interval_minutes`,
+//! `keep_last`) are read beside them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +81,14 @@ pub struct Args {
     /// job (this program's key; `--collective-timeout` wins over it).
     pub collective_timeout: f64,
     pub save_interval: u64,
+    /// This program's: a checkpoint also when this many minutes (fractions
+    /// allowed) have passed since the last one began, agreed by every rank;
+    /// 0 = off.
+    pub save_interval_minutes: f64,
+    /// This program's: keep the newest N complete checkpoints in `save`,
+    /// removing older ones once a newer one is installed (never the one
+    /// `latest` names); 0 = keep every one.
+    pub keep_last: usize,
     pub no_save_optim: bool,
     pub no_save_rng: bool,
     pub load: Option<PathBuf>,
@@ -183,6 +193,8 @@ impl Default for Args {
             overwrite: false,
             collective_timeout: crate::launch::DEFAULT_COLLECTIVE_TIMEOUT_S,
             save_interval: 5000,
+            save_interval_minutes: 0.0,
+            keep_last: 0,
             no_save_optim: false,
             no_save_rng: false,
             load: None,

@@ -3,7 +3,8 @@
 //! Read: the batch triple, `gradient_clipping`, `optimizer` (`Adam`/`AdamW`
 //! with `lr`, `betas`, `eps`, `weight_decay`; DeepSpeed's Adam decays weights
 //! decoupled, as AdamW), `scheduler` (`WarmupLR`, `WarmupDecayLR`,
-//! `WarmupCosineLR`), `fp16`, `bf16`, `zero_optimization`, `steps_per_print`.
+//! `WarmupCosineLR`), `fp16`, `bf16`, `zero_optimization`, `steps_per_print`,
+//! `checkpoint.writer.decoupled`.
 //! Errors name the file and the key path (`optimizer.params.betas`).
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,10 @@ pub struct DsConfig {
     pub allgather_bucket_size: Option<u64>,
     /// `zero_optimization.overlap_comm`.
     pub overlap_comm: Option<bool>,
+    /// `checkpoint.writer.decoupled`: checkpoints written while training
+    /// goes on (true) or with training waiting (false); unset, this
+    /// program's default (in the background).
+    pub checkpoint_decoupled: Option<bool>,
     /// `zero_optimization` keys DeepSpeed has that change nothing here
     /// (`contiguous_gradients`, `reduce_scatter`, ...), or that ask for what
     /// this program does not do (offloading).
@@ -114,7 +119,7 @@ const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_si
 const ACCEPTED: &[&str] = &[
     "wall_clock_breakdown", "activation_checkpointing", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
     "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler", "dump_state", "tensorboard", "wandb", "csv_monitor", "comet",
-    "comms_logger", "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "checkpoint", "data_types", "compression_training",
+    "comms_logger", "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "data_types", "compression_training",
     "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training",
     "pipeline", "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting", "use_data_before_expert_parallelism",
     "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage", "fp16_auto_cast",
@@ -156,6 +161,12 @@ const FP16_KEYS: &[&str] = &[
     "enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis", "min_loss_scale", "auto_cast",
     "fp16_master_weights_and_grads",
 ];
+/// DeepSpeed's `checkpoint` block: `writer.decoupled` (DeepSpeed's
+/// decoupled checkpoint engine: the save overlaps training) is read; the
+/// other keys choose DeepSpeed's I/O engines and tag checks and change
+/// nothing here.
+const CHECKPOINT_KEYS: &[&str] = &["tag_validation", "checkpoint_serialization", "load_universal", "use_node_local_storage", "parallel_write", "writer"];
+const CHECKPOINT_WRITER_KEYS: &[&str] = &["type", "decoupled", "io_buffer_size", "io_buffer_double", "show_statistics", "data_parallel", "io_multiplier"];
 const BF16_KEYS: &[&str] = &["enabled", "immediate_grad_update", "check_grad_overflow"];
 const ADAM_KEYS: &[&str] = &["lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam", "fused", "foreach", "capturable"];
 
@@ -209,7 +220,7 @@ pub struct Batch {
 
 const READ: &[&str] = &[
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "steps_per_print", "optimizer", "scheduler",
-    "fp16", "bf16", "bfloat16", "zero_optimization", "loss_normalization",
+    "fp16", "bf16", "bfloat16", "zero_optimization", "loss_normalization", "checkpoint",
 ];
 
 /// Whether `key` is a top-level key of a DeepSpeed file (one DeepSpeed
@@ -552,7 +563,24 @@ impl DsConfig {
                 (stage as u32, buckets[0], buckets[1], overlap, unused)
             }
         };
-        let unused = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
+        let mut unused: Vec<String> = top.keys().filter(|k| !READ.contains(&k.as_str())).cloned().collect();
+        let checkpoint_decoupled = match top.get("checkpoint") {
+            None | Some(Value::Null) => None,
+            Some(b) => {
+                let b = c.obj(b, "checkpoint")?;
+                check_keys(&c, b, "checkpoint.", &[CHECKPOINT_KEYS])?;
+                unused.extend(b.keys().filter(|k| *k != "writer").map(|k| format!("checkpoint.{k}")));
+                match b.get("writer") {
+                    None | Some(Value::Null) => None,
+                    Some(w) => {
+                        let w = c.obj(w, "checkpoint.writer")?;
+                        check_keys(&c, w, "checkpoint.writer.", &[CHECKPOINT_WRITER_KEYS])?;
+                        unused.extend(w.keys().filter(|k| *k != "decoupled").map(|k| format!("checkpoint.writer.{k}")));
+                        c.boolean(w, "decoupled", "checkpoint.writer.decoupled")?
+                    }
+                }
+            }
+        };
         Ok(DsConfig {
             path: path.to_path_buf(),
             raw: v.clone(),
@@ -571,6 +599,7 @@ impl DsConfig {
             reduce_bucket_size,
             allgather_bucket_size,
             overlap_comm,
+            checkpoint_decoupled,
             zero_unused,
             unused,
         })
@@ -692,10 +721,23 @@ mod tests {
             (json!({"bf16": {"enable": true}}), "bf16.enable: unknown key (did you mean \"bf16.enabled\"?)"),
             (json!({"optimizer": {"type": "Adam", "params": {"eps": 0}}}), "optimizer.params.eps: must be positive"),
             (json!({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1}}}), "scheduler.params.warmup_max_lr: must be positive"),
+            (json!({"checkpoint": {"writer": {"decoupld": false}}}), "checkpoint.writer.decoupld: unknown key (did you mean \"checkpoint.writer.decoupled\"?)"),
+            (json!({"checkpoint": {"writer": {"decoupled": "no"}}}), "checkpoint.writer.decoupled: expected true or false"),
+            (json!({"checkpoint": {"tag_validations": "Warn"}}), "checkpoint.tag_validations: unknown key (did you mean \"checkpoint.tag_validation\"?)"),
         ] {
             let e = cfg(v).unwrap_err().to_string();
             assert!(e.starts_with("ds.json: ") && e.contains(want), "want {want:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_checkpoint_block_decides_the_writer_and_lists_the_rest() {
+        assert_eq!(cfg(json!({})).unwrap().checkpoint_decoupled, None);
+        let c = cfg(json!({"checkpoint": {"tag_validation": "Warn", "writer": {"decoupled": false, "type": "fast"}}})).unwrap();
+        assert_eq!(c.checkpoint_decoupled, Some(false));
+        assert_eq!(c.unused, vec!["checkpoint.tag_validation".to_string(), "checkpoint.writer.type".to_string()]);
+        let c = cfg(json!({"checkpoint": {"writer": {"decoupled": true}}})).unwrap();
+        assert_eq!((c.checkpoint_decoupled, c.unused.len()), (Some(true), 0));
     }
 
     #[test]

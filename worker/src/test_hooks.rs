@@ -20,6 +20,17 @@
 //!   `GLM_TEST_FAULT_MARK` names a file, the rank creates it first, so a test
 //!   can wait for the fault as an event. The fault-tolerance tests (hangs,
 //!   restarts, elastic shrink, stragglers) drive glm-launch with it.
+//! - `GLM_INJECT_SAVE_FAILURE=<world rank or *>:<iterations>`: that rank's
+//!   checkpoint writer finds a directory where its first file of those
+//!   iterations' checkpoints goes, so the real write fails with the
+//!   operating system's error naming the path (root ignores read-only
+//!   directories, so tests cannot make a write fail that way).
+//! - `GLM_HOLD_SAVE=<file>`: every checkpoint writer waits, before it writes
+//!   anything, until `<file>` exists: a test holds a save in flight and
+//!   lets it go once it has seen what it wanted (a stop waiting for it).
+//! - `GLM_SAVE_CLOCK_RANK=<world rank>`: `save_interval_minutes` is read on
+//!   that rank's clock only (the others never find a save due by time), so a
+//!   test sees one rank's decision carried to every rank.
 
 /// Where `GLM_INJECT_INF_GRAD` puts an inf for this rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +47,13 @@ pub fn inf_gradient(rank: usize) -> Option<InfGradient> {
 }
 
 fn parse_inf_gradient(v: &str, rank: usize) -> Option<InfGradient> {
+    let (steps, at) = parse_rank_steps(v, rank)?;
+    Some(InfGradient { steps, in_split_range: at == Some("split") })
+}
+
+/// `<world rank or *>:<steps>[:<more>]` for world rank `rank`: the steps
+/// (ascending) and `<more>`, when it names this rank.
+fn parse_rank_steps(v: &str, rank: usize) -> Option<(Vec<u64>, Option<&str>)> {
     let mut f = v.split(':').map(str::trim);
     let (who, steps, at) = (f.next()?, f.next()?, f.next());
     let mut list = Vec::new();
@@ -47,7 +65,24 @@ fn parse_inf_gradient(v: &str, rank: usize) -> Option<InfGradient> {
     }
     list.sort_unstable();
     let mine = who == "*" || who.parse::<usize>().ok()? == rank;
-    mine.then_some(InfGradient { steps: list, in_split_range: at == Some("split") })
+    mine.then_some((list, at))
+}
+
+/// The iterations whose checkpoint `GLM_INJECT_SAVE_FAILURE` makes world
+/// rank `rank`'s writer fail, when it names this rank.
+pub fn save_failure(rank: usize) -> Option<Vec<u64>> {
+    parse_rank_steps(&std::env::var("GLM_INJECT_SAVE_FAILURE").ok()?, rank).map(|(steps, _)| steps)
+}
+
+/// The file `GLM_HOLD_SAVE` makes checkpoint writers wait for.
+pub fn hold_save() -> Option<std::path::PathBuf> {
+    std::env::var_os("GLM_HOLD_SAVE").filter(|v| !v.is_empty()).map(Into::into)
+}
+
+/// Whether world rank `rank` reads `save_interval_minutes` on its clock
+/// (every rank, unless `GLM_SAVE_CLOCK_RANK` names another).
+pub fn save_clock_counts(rank: usize) -> bool {
+    std::env::var("GLM_SAVE_CLOCK_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()).is_none_or(|r| r == rank)
 }
 
 /// What `GLM_TEST_FAULT` makes a rank do.
@@ -141,5 +176,7 @@ mod tests {
         assert_eq!(parse_inf_gradient("*:2-x", 0), None);
         assert_eq!(parse_inf_gradient("x:2", 0), None);
         assert_eq!(parse_inf_gradient("0", 0), None);
+        assert_eq!(parse_rank_steps("*:4,6", 3), Some((vec![4, 6], None)));
+        assert_eq!(parse_rank_steps("1:4", 0), None);
     }
 }

@@ -18,7 +18,9 @@
 //!
 //! `<save>/latest` names the newest complete checkpoint. A part is written
 //! into a temporary directory and renamed when complete; `latest` moves
-//! only after every part is. Every file is verified against its checksum
+//! only after every part is. The files are written inline or by a
+//! background thread from host copies (`save::begin`, `InFlight::finish`);
+//! `saver` decides when a run saves and which checkpoints it keeps. Every file is verified against its checksum
 //! before anything is loaded. A run resumes from any data-parallel size and
 //! ZeRO stage (the moments are re-partitioned); `merge` turns any layout
 //! into one whole-model checkpoint, and `inspect` says what one holds.
@@ -27,11 +29,13 @@ mod inspect;
 mod load;
 mod merge;
 mod save;
+pub mod saver;
+mod write;
 
 pub use inspect::inspect;
 pub use load::{load, load_for_inference, require_whole};
 pub use merge::{merge, split};
-pub use save::{save, write_latest};
+pub use save::{begin, save, write_latest, Finished, InFlight, Progress, Writing};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,12 +1,25 @@
 //! Writing checkpoints: every rank's part of `save`, atomically installed,
 //! and the whole-model directories `merge` and `split` write.
+//!
+//! A save has two halves, both collective and on the training thread, at
+//! the same point on every rank. `begin` gathers the fp32 weights onto
+//! each part's data-parallel rank 0, creates the part's temporary
+//! directory and hands what this rank writes to a writer: inline, or a
+//! background thread holding host copies of the tensors, so training goes
+//! on. `InFlight::finish` waits for this rank's writer, agrees over the
+//! world that every writer succeeded, collects the optimizer shards'
+//! checksums onto each part's writer, writes `state.json`, installs every
+//! part and moves `latest`. Only file writing leaves the training thread;
+//! every collective stays on it, in the same order on every rank.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
-use super::{layout_fingerprint, mp_rank_dir, shard_file, tch_err, ShardFile, State, ZeroManifest};
+use super::write::write_safetensors;
+use super::{layout_fingerprint, mp_rank_dir, shard_file, ShardFile, State, ZeroManifest};
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
 use crate::model::glm::Glm;
@@ -22,18 +35,61 @@ pub fn write_latest(save: &Path, it: u64) -> Result<()> {
     std::fs::rename(&latest_tmp, save.join("latest")).at(save)
 }
 
+/// Where a checkpoint's files are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writing {
+    /// On the calling thread, from the buffers themselves: the caller
+    /// waits for the files.
+    Inline,
+    /// On a background thread, from host copies taken by `begin`: training
+    /// goes on updating its buffers meanwhile.
+    Background,
+}
+
+/// How a rank's writer is doing, as `InFlight::progress` sees it without
+/// waiting. Ordered: the largest over the ranks is the world's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Progress {
+    /// Written (or nothing to write).
+    Written = 0,
+    Writing = 1,
+    Failed = 2,
+}
+
 /// Writes checkpoint `state.iteration` under `save` and points `latest` at
-/// it. Data-parallel rank 0 of every tensor-parallel rank writes its part
-/// (`<it>/`, or `<it>/mp_rank_XX/` with tensor parallelism): the fp32
-/// weights, the tokenizer, `state.json`, and at ZeRO stage 0 the
-/// moments; at stages 1 and 2 every data-parallel rank writes its shard of
-/// the moments into the part (the part's directory must be on a filesystem
-/// all its data-parallel ranks share). Every phase ends with an agreement
-/// over the whole world, so a failure on any rank (a full disk) stops every
-/// rank's save with an error, parts are renamed into place only once every
-/// part is complete, and `latest` moves last. Collective over the world;
-/// returns the part this rank wrote or contributed to.
-pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_state: bool, tokenizer_json: &str, mut state: State) -> Result<PathBuf> {
+/// it, on the calling thread: `begin` with `Writing::Inline`, then
+/// `InFlight::finish`. Collective over the world; returns the part this
+/// rank wrote or contributed to.
+pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_state: bool, tokenizer_json: &str, state: State) -> Result<PathBuf> {
+    Ok(begin(save, model, opt, par, with_state, tokenizer_json, state, Writing::Inline)?.finish(par)?.dir)
+}
+
+/// Starts checkpoint `state.iteration` under `save`. Data-parallel rank 0
+/// of every tensor-parallel rank writes its part (`<it>/`, or
+/// `<it>/mp_rank_XX/` with tensor parallelism): the fp32 weights, the
+/// tokenizer, `state.json`, and at ZeRO stage 0 the moments; at stages 1
+/// and 2 every data-parallel rank writes its shard of the moments into the
+/// part (the part's directory must be on a filesystem all its
+/// data-parallel ranks share).
+///
+/// Collective over the world, on the training thread: the fp32 weights are
+/// gathered onto each part's data-parallel rank 0 and the part's temporary
+/// directory is created (agreed by every rank). The files are then written
+/// as `writing` says: inline before this returns, or by a background
+/// thread from host copies of the tensors, so training may go on. Either
+/// way nothing is installed until `InFlight::finish`.
+#[allow(clippy::too_many_arguments)]
+pub fn begin(
+    save: &Path,
+    model: &Glm,
+    opt: &Optimizer,
+    par: &Parallel,
+    with_state: bool,
+    tokenizer_json: &str,
+    mut state: State,
+    writing: Writing,
+) -> Result<InFlight> {
+    let t0 = Instant::now();
     let it = state.iteration;
     let it_dir = save.join(it.to_string());
     let dir = match &par.tp {
@@ -44,47 +100,52 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
     let partitioned = opt.partitioned() && with_state;
     // the optimizer's own account of its state: this rank's shard of the moments
     let optim = opt.state();
-    let (exp_avg, exp_avg_sq) = (&optim.exp_avg, &optim.exp_avg_sq);
     // the one collective of the data (every data-parallel rank takes part):
     // the fp32 weights onto data-parallel rank 0
     let weights = opt.full_weights(&model.params)?;
     let main = par.dims.dp_rank() == 0;
-    // whether every rank of the world succeeded, agreed by all: a failure on
-    // one rank (a full disk) stops every rank's save instead of leaving the
-    // others waiting
-    let all_ok = |ok: bool| -> Result<bool> { Ok(par.world_max(i64::from(!ok))? == 0) };
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
     // one temporary directory per part, shared by its data-parallel ranks
     let tmp = parent.join(format!(".tmp-{name}"));
-    let cleanup = || {
-        if main {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
+    let mut flight = InFlight {
+        iteration: it,
+        save: save.to_path_buf(),
+        dir,
+        tmp: tmp.clone(),
+        main,
+        rank: par.dims.rank,
+        shards: partitioned.then_some((dp_rank, shards.dp)),
+        state: None,
+        with_state,
+        writing,
+        job: None,
+        held: Duration::ZERO,
+        finished: false,
     };
-    // each phase: this rank's work, then every rank learns whether all succeeded
-    let phase = |r: Result<()>, what: &str| -> Result<()> {
-        if all_ok(r.is_ok())? {
-            return Ok(());
-        }
-        cleanup();
-        Err(r
-            .err()
-            .unwrap_or_else(|| Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to {what} (see its error); nothing was installed"))))
-    };
-    phase(
+    flight.agree(
+        par,
         if main { std::fs::remove_dir_all(&tmp).or(Ok(())).and_then(|_| std::fs::create_dir_all(&tmp)).at(&tmp) } else { Ok(()) },
         "create its part's directory",
     )?;
-    let wrote_shard = if partitioned {
-        let path = tmp.join(shard_file(dp_rank));
-        let named = [("exp_avg".to_string(), exp_avg.shallow_clone()), ("exp_avg_sq".to_string(), exp_avg_sq.shallow_clone())];
-        Tensor::write_safetensors(&named, &path).map_err(|e| tch_err(&path, e))
-    } else {
-        Ok(())
+    // what the writer may hold: with a background writer, nothing training
+    // updates in place (copies of the live buffers, on the host)
+    let keep = |t: Tensor| -> Tensor {
+        match writing {
+            Writing::Inline => t,
+            Writing::Background => tch::no_grad(|| {
+                if t.device() != Device::Cpu {
+                    t.detach().to_device(Device::Cpu)
+                } else if opt.is_live(&model.params, &t) {
+                    t.detach().copy()
+                } else {
+                    t
+                }
+            }),
+        }
     };
-    phase(wrote_shard, "write its optimizer shard")?;
-    let written = if main {
+    let shard = partitioned.then(|| (shard_file(dp_rank), keep(optim.exp_avg.shallow_clone()), keep(optim.exp_avg_sq.shallow_clone())));
+    let part = if main {
         state.optimizer_step = optim.step;
         state.skipped_steps = optim.skipped_steps;
         state.precision = opt.precision();
@@ -96,63 +157,297 @@ pub fn save(save: &Path, model: &Glm, opt: &Optimizer, par: &Parallel, with_stat
             layout: layout_fingerprint(&model.params.infos),
             files: (0..shards.dp).map(|r| ShardFile { file: shard_file(r), dp_rank: r, pieces: shards.pieces(r) }).collect(),
         });
-        let weights = weights.expect("data-parallel rank 0 holds the weights");
-        let named: Vec<(String, Tensor)> = model.params.infos.iter().map(|i| (i.name.clone(), Params::view_of(&weights, i).detach())).collect();
-        let optim: Option<Vec<(String, Tensor)>> = (with_state && !partitioned).then(|| {
+        flight.state = Some(state);
+        let weights = keep(weights.expect("data-parallel rank 0 holds the weights"));
+        let model_files: Vec<(String, Tensor)> = model.params.infos.iter().map(|i| (i.name.clone(), Params::view_of(&weights, i).detach())).collect();
+        let optim_files: Option<Vec<(String, Tensor)>> = (with_state && !partitioned).then(|| {
+            let (exp_avg, exp_avg_sq) = (keep(optim.exp_avg.shallow_clone()), keep(optim.exp_avg_sq.shallow_clone()));
             let mut named = Vec::new();
             for info in &model.params.infos {
-                named.push((format!("exp_avg.{}", info.name), Params::view_of(exp_avg, info)));
-                named.push((format!("exp_avg_sq.{}", info.name), Params::view_of(exp_avg_sq, info)));
+                named.push((format!("exp_avg.{}", info.name), Params::view_of(&exp_avg, info)));
+                named.push((format!("exp_avg_sq.{}", info.name), Params::view_of(&exp_avg_sq, info)));
             }
             named
         });
-        let shard_files: Vec<String> = state.zero.iter().flat_map(|z| z.files.iter().map(|f| f.file.clone())).collect();
-        fill_dir(&tmp, &named, optim.as_deref(), &shard_files, tokenizer_json, state, with_state)
+        Some(PartFiles { model: model_files, optim: optim_files, tokenizer_json: tokenizer_json.to_string() })
     } else {
-        Ok(())
+        None
     };
-    phase(written, "write its part")?;
-    // every part is complete: install them, then point `latest` at them
-    phase(if main { install(&tmp, &dir) } else { Ok(()) }, "install its part")?;
-    let latest = if par.is_main() { write_latest(save, it) } else { Ok(()) };
-    if !all_ok(latest.is_ok())? {
-        return Err(latest.err().unwrap_or_else(|| {
-            Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", save.join("latest").display()))
-        }));
-    }
-    Ok(dir)
+    let job = Job { tmp, iteration: it, rank: par.dims.rank, shard, part };
+    flight.job = Some(match writing {
+        Writing::Inline => JobState::Done(job.run()),
+        Writing::Background => match std::thread::Builder::new().name(format!("checkpoint-{it}")).spawn(move || job.run()) {
+            Ok(h) => JobState::Running(h),
+            Err(e) => JobState::Done((Err(Error::Runtime(format!("could not start the checkpoint writer thread: {e}"))), Duration::ZERO)),
+        },
+    });
+    flight.held = t0.elapsed();
+    Ok(flight)
 }
 
-/// Writes a part's files into `tmp` (the shard files already there):
-/// weights, optimizer state, tokenizer, `state.json` with every file's sha256.
-#[allow(clippy::too_many_arguments)]
-fn fill_dir(
-    tmp: &Path,
-    model: &[(String, Tensor)],
-    optim: Option<&[(String, Tensor)]>,
-    shard_files: &[String],
-    tokenizer_json: &str,
-    mut state: State,
+/// What one rank writes into its part's temporary directory.
+struct Job {
+    tmp: PathBuf,
+    iteration: u64,
+    rank: usize,
+    /// This rank's optimizer shard (ZeRO stages 1 and 2): file name and moments.
+    shard: Option<(String, Tensor, Tensor)>,
+    /// The part's files (data-parallel rank 0 of the part).
+    part: Option<PartFiles>,
+}
+
+struct PartFiles {
+    model: Vec<(String, Tensor)>,
+    optim: Option<Vec<(String, Tensor)>>,
+    tokenizer_json: String,
+}
+
+/// The checksums of what a rank's writer wrote.
+#[derive(Default)]
+struct Written {
+    /// The part's files (its data-parallel rank 0): name -> sha256.
+    files: BTreeMap<String, String>,
+    /// This rank's optimizer shard's sha256.
+    shard: Option<String>,
+}
+
+impl Job {
+    /// Writes and checksums this rank's files; also how long it took.
+    fn run(self) -> (Result<Written>, Duration) {
+        let t0 = Instant::now();
+        let r = self.write();
+        (r, t0.elapsed())
+    }
+
+    fn write(self) -> Result<Written> {
+        if let Some(release) = crate::test_hooks::hold_save() {
+            while !release.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut written = Written::default();
+        let first = match (&self.shard, &self.part) {
+            (Some((name, ..)), _) => Some(self.tmp.join(name)),
+            (None, Some(_)) => Some(self.tmp.join("model.safetensors")),
+            (None, None) => None,
+        };
+        if let Some(first) = first.filter(|_| crate::test_hooks::save_failure(self.rank).is_some_and(|its| its.contains(&self.iteration))) {
+            std::fs::create_dir_all(&first).at(&first)?;
+        }
+        if let Some((name, exp_avg, exp_avg_sq)) = self.shard {
+            let path = self.tmp.join(name);
+            let named = [("exp_avg".to_string(), exp_avg), ("exp_avg_sq".to_string(), exp_avg_sq)];
+            written.shard = Some(write_safetensors(&path, &named)?);
+        }
+        if let Some(p) = self.part {
+            written.files = write_part_files(&self.tmp, &p.model, p.optim.as_deref(), &p.tokenizer_json)?;
+        }
+        Ok(written)
+    }
+}
+
+enum JobState {
+    Running(std::thread::JoinHandle<(Result<Written>, Duration)>),
+    Done((Result<Written>, Duration)),
+}
+
+/// A checkpoint `begin` started: its files written (inline) or being
+/// written (in the background). `finish` installs it; dropped unfinished
+/// (the run failed elsewhere), it waits for its writer and removes its
+/// temporary directory.
+pub struct InFlight {
+    iteration: u64,
+    save: PathBuf,
+    dir: PathBuf,
+    tmp: PathBuf,
+    /// Data-parallel rank 0 of its part: writes the part's files and
+    /// `state.json`, and installs the part.
+    main: bool,
+    /// World rank, for messages.
+    rank: usize,
+    /// This rank's index among its part's data-parallel ranks and their
+    /// number, when each writes an optimizer shard whose checksum the
+    /// part's `state.json` lists.
+    shards: Option<(usize, usize)>,
+    /// The part's `state.json` but for the checksums (on `main`).
+    state: Option<State>,
     with_state: bool,
-) -> Result<()> {
-    state.files = BTreeMap::new();
-    let mp = tmp.join("model.safetensors");
-    Tensor::write_safetensors(model, &mp).map_err(|e| tch_err(&mp, e))?;
-    state.files.insert("model.safetensors".into(), sha256_file(&mp)?);
+    writing: Writing,
+    job: Option<JobState>,
+    /// Time the calling thread spent in `begin` (and then `finish`).
+    held: Duration,
+    finished: bool,
+}
+
+/// A checkpoint installed by `InFlight::finish`.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub iteration: u64,
+    /// The part this rank wrote or contributed to.
+    pub dir: PathBuf,
+    pub writing: Writing,
+    /// Time the training thread spent on it (`begin` and `finish`, the wait
+    /// for the writer included).
+    pub held: Duration,
+    /// Time this rank's writer took.
+    pub wrote: Duration,
+}
+
+impl InFlight {
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    /// How this rank's writer is doing, without waiting for it.
+    pub fn progress(&mut self) -> Progress {
+        if let Some(JobState::Running(h)) = &self.job {
+            if !h.is_finished() {
+                return Progress::Writing;
+            }
+        }
+        match &self.wait().0 {
+            Ok(_) => Progress::Written,
+            Err(_) => Progress::Failed,
+        }
+    }
+
+    /// Waits for this rank's writer.
+    fn wait(&mut self) -> &(Result<Written>, Duration) {
+        if matches!(self.job, Some(JobState::Running(_))) {
+            let Some(JobState::Running(h)) = self.job.take() else { unreachable!() };
+            let done = h.join().unwrap_or_else(|p| {
+                (Err(Error::Runtime(format!("the checkpoint writer failed: {}", crate::runtime::report::panic_summary(p.as_ref())))), Duration::ZERO)
+            });
+            self.job = Some(JobState::Done(done));
+        }
+        match &self.job {
+            Some(JobState::Done(d)) => d,
+            _ => unreachable!("a job is set by begin"),
+        }
+    }
+
+    /// Waits for this rank's writer, then, agreed over the world phase by
+    /// phase (so a failure on any rank stops every rank's save with an
+    /// error, and the failing rank's names itself and the path): gathers
+    /// the optimizer shards' checksums onto each part's data-parallel rank
+    /// 0, writes `state.json`, renames every part into place, and points
+    /// `latest` at the checkpoint. Collective over the world, on the
+    /// training thread, at the same point on every rank. On failure nothing
+    /// is installed and `latest` still names the previous checkpoint.
+    pub fn finish(mut self, par: &Parallel) -> Result<Finished> {
+        let t0 = Instant::now();
+        let (written, wrote) = {
+            let (r, d) = self.wait();
+            (r.as_ref().map(|w| (w.files.clone(), w.shard.clone())).map_err(|e| Error::Runtime(e.to_string())), *d)
+        };
+        let (mut files, shard) = self.agree(par, written, "write its files")?;
+        // every optimizer shard's checksum onto its part's writer
+        if let Some((r, n)) = self.shards {
+            let mut t = Tensor::zeros([n as i64, 32], (Kind::Int64, Device::Cpu));
+            if let Some(bytes) = shard.as_deref().and_then(unhex) {
+                t.get(r as i64).copy_(&Tensor::from_slice(&bytes.iter().map(|&b| i64::from(b)).collect::<Vec<_>>()));
+            }
+            par.dp_sum(&mut t)?;
+            if self.main {
+                for q in 0..n {
+                    let row: Vec<i64> = Vec::<i64>::try_from(t.get(q as i64)).unwrap_or_default();
+                    files.insert(shard_file(q), row.iter().map(|b| format!("{:02x}", *b as u8)).collect());
+                }
+            }
+        }
+        let state = self.state.take();
+        let stated = match state {
+            Some(st) if self.main => write_state(&self.tmp, st, files, self.with_state),
+            _ => Ok(()),
+        };
+        self.agree(par, stated, "write its state.json")?;
+        // every part is complete: install them, then point `latest` at them
+        let installed = if self.main { install(&self.tmp, &self.dir) } else { Ok(()) };
+        self.agree(par, installed, "install its part")?;
+        let latest = if par.is_main() { write_latest(&self.save, self.iteration) } else { Ok(()) };
+        self.finished = true;
+        if par.world_max(i64::from(latest.is_err()))? != 0 {
+            let it = self.iteration;
+            return Err(latest.err().unwrap_or_else(|| {
+                Error::Runtime(format!("checkpoint of iteration {it}: rank 0 could not update {} (see its error)", self.save.join("latest").display()))
+            }));
+        }
+        Ok(Finished { iteration: self.iteration, dir: self.dir.clone(), writing: self.writing, held: self.held + t0.elapsed(), wrote })
+    }
+
+    /// This rank's result `r` of a phase, agreed over the world: every rank
+    /// goes on only when every rank succeeded; otherwise the temporary
+    /// directory goes, and each rank returns an error (the failing one its
+    /// own, naming its rank, the others that another rank failed).
+    fn agree<T>(&mut self, par: &Parallel, r: Result<T>, what: &str) -> Result<T> {
+        let ok = r.is_ok();
+        if par.world_max(i64::from(!ok))? == 0 {
+            return r;
+        }
+        self.cleanup();
+        let it = self.iteration;
+        let previous = match std::fs::read_to_string(self.save.join("latest")) {
+            Ok(l) => format!("; latest still names iteration {}", l.trim()),
+            Err(_) => String::new(),
+        };
+        Err(match r {
+            Err(e) => Error::Runtime(format!("checkpoint of iteration {it}: rank {} could not {what}: {e}; nothing was installed{previous}", self.rank)),
+            Ok(_) => Error::Runtime(format!("checkpoint of iteration {it}: another rank failed to {what} (see its error); nothing was installed{previous}")),
+        })
+    }
+
+    /// Waits for this rank's writer and removes the part's temporary directory.
+    fn cleanup(&mut self) {
+        self.finished = true;
+        if self.job.is_some() {
+            self.wait();
+        }
+        if self.main {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cleanup();
+        }
+    }
+}
+
+/// The bytes of a lowercase hex string.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
+/// Writes a part's files into `tmp`: weights, optimizer state when given,
+/// tokenizer; their sha256 by name.
+fn write_part_files(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    files.insert("model.safetensors".into(), write_safetensors(&tmp.join("model.safetensors"), model)?);
     if let Some(optim) = optim {
-        let op = tmp.join("optim.safetensors");
-        Tensor::write_safetensors(optim, &op).map_err(|e| tch_err(&op, e))?;
-        state.files.insert("optim.safetensors".into(), sha256_file(&op)?);
+        files.insert("optim.safetensors".into(), write_safetensors(&tmp.join("optim.safetensors"), optim)?);
     }
-    for f in shard_files {
-        state.files.insert(f.clone(), sha256_file(&tmp.join(f))?);
-    }
-    state.has_optimizer = with_state;
     let tp = tmp.join("tokenizer.json");
     std::fs::write(&tp, tokenizer_json).at(&tp)?;
-    state.files.insert("tokenizer.json".into(), sha256_file(&tp)?);
+    files.insert("tokenizer.json".into(), sha256_file(&tp)?);
+    Ok(files)
+}
+
+/// Writes `state.json` into `tmp`, listing `files` (name -> sha256).
+fn write_state(tmp: &Path, mut state: State, files: BTreeMap<String, String>, with_state: bool) -> Result<()> {
+    state.files = files;
+    state.has_optimizer = with_state;
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)
+}
+
+/// Writes a part's files into `tmp`: weights, optimizer state, tokenizer,
+/// `state.json` with every file's sha256.
+fn fill_dir(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(String, Tensor)]>, tokenizer_json: &str, state: State, with_state: bool) -> Result<()> {
+    let files = write_part_files(tmp, model, optim, tokenizer_json)?;
+    write_state(tmp, state, files, with_state)
 }
 
 /// Renames the complete part `tmp` to `dir`. An older `dir` (the same
@@ -186,7 +481,7 @@ pub(super) fn write_dir(dir: &Path, model: &[(String, Tensor)], optim: Option<&[
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).at(&tmp)?;
-    let result = fill_dir(&tmp, model, optim, &[], tokenizer_json, state, optim.is_some()).and_then(|_| install(&tmp, dir));
+    let result = fill_dir(&tmp, model, optim, tokenizer_json, state, optim.is_some()).and_then(|_| install(&tmp, dir));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -59,6 +59,21 @@ pub struct BenchArgs {
     /// ZeRO's allgather_bucket_size (elements)
     #[arg(long, default_value_t = 500_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     allgather_bucket_size: i64,
+    /// Save a checkpoint into this directory every --save-every timed steps,
+    /// as training does: its time on the training thread counts in ms/it
+    /// (held_ms_per_save: per save installed within the timed steps); a
+    /// background save still in flight after them is waited for untimed (end_wait_ms)
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
+    /// Steps between checkpoints (with --save)
+    #[arg(long, default_value_t = 1, value_parser = at_least(1))]
+    save_every: usize,
+    /// How checkpoint files are written: background (training goes on) or inline (training waits)
+    #[arg(long, default_value = "background", value_parser = ["background", "inline"])]
+    save_writer: String,
+    /// Checkpoints kept in --save (keep_last)
+    #[arg(long, default_value_t = 2, value_parser = at_least(1))]
+    keep_last: usize,
 }
 
 /// One training step per iteration on a fixed synthetic batch (Part A = first
@@ -124,6 +139,39 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         block_position_ids: b.block_position_ids.shallow_clone(),
         sep: b.sep.shallow_clone(),
     };
+    use glm_worker::checkpoint::{saver::Saver, saver::SaverConfig, Progress, Writing};
+    let writing = if a.save_writer == "inline" { Writing::Inline } else { Writing::Background };
+    let mut saver = a.save.as_ref().map(|dir| {
+        let cfg = SaverConfig { writing, keep_last: a.keep_last, every: None, with_state: true };
+        Saver::new(dir, cfg, dims.rank)
+    });
+    let state = |it: u64| glm_worker::checkpoint::State {
+        format_version: glm_worker::checkpoint::FORMAT_VERSION,
+        iteration: it,
+        consumed_samples: 0,
+        mode_group: 0,
+        optimizer_step: 0,
+        skipped_steps: 0,
+        schedule_start: 0,
+        precision: Default::default(),
+        loss_scaler: None,
+        model: cfg.clone(),
+        tp: 1,
+        dp: dims.dp,
+        zero: None,
+        has_optimizer: false,
+        tokenizer_sha256: "bench-step: synthetic tokens".into(),
+        deepspeed_config: serde_json::Value::Null,
+        args: serde_json::Value::Null,
+        files: Default::default(),
+    };
+    // saves installed, and the seconds the training thread and the writers spent on them
+    let mut tally = (0usize, 0.0f64, 0.0f64);
+    let count = |tally: &mut (usize, f64, f64), s: Option<glm_worker::checkpoint::saver::Saved>| {
+        if let Some(s) = s {
+            *tally = (tally.0 + 1, tally.1 + s.finished.held.as_secs_f64(), tally.2 + s.finished.wrote.as_secs_f64());
+        }
+    };
     let (mut times, mut skipped, mut sent0) = (Vec::new(), 0, 0);
     for i in 0..a.warmup + a.iters {
         if i == a.warmup {
@@ -139,10 +187,34 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         if let tch::Device::Cuda(d) = device {
             tch::Cuda::synchronize(d as i64);
         }
+        // the trainer's save point: the checkpoint in flight installed once
+        // written or before the next begins, one begun every save_every
+        // timed steps (inline: written there)
+        if let Some(sv) = saver.as_mut().filter(|_| i >= a.warmup) {
+            let agreed = Saver::agree(Some(&mut *sv), &par, 0)?;
+            let due = (i + 1 - a.warmup) % a.save_every == 0;
+            if sv.in_flight().is_some() && (due || agreed.writer != Progress::Writing) {
+                count(&mut tally, sv.finish(&par, agreed.writer, &|_| {})?);
+            }
+            if due {
+                sv.begin(&model, &opt, &par, "{}", state((i + 1 - a.warmup) as u64))?;
+            }
+            if writing == Writing::Inline {
+                count(&mut tally, sv.finish(&par, Progress::Written, &|_| {})?);
+            }
+        }
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    // a background save still in flight after the timed steps would have
+    // overlapped the steps after them: waited for here, outside the timing
+    let (in_loop, in_loop_held) = (tally.0, tally.1);
+    let t_end = std::time::Instant::now();
+    if let Some(sv) = saver.as_mut() {
+        count(&mut tally, sv.finish(&par, Progress::Writing, &|_| {})?);
+    }
+    let end_wait = t_end.elapsed().as_secs_f64();
     let sent_per_step = (par.bytes_sent() - sent0) as f64 / a.iters.max(1) as f64;
     let sec = times.iter().sum::<f64>() / times.len() as f64;
     let tps = (a.batch * a.seq * dims.dp) as f64 / sec;
@@ -163,9 +235,22 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     } else {
         String::new()
     };
+    let (saves, wrote) = (tally.0, tally.2);
+    let saving = if a.save.is_some() {
+        format!(
+            " save_every={} writer={} saves={saves} held_ms_per_save={:.1} writer_ms_per_save={:.1} end_wait_ms={:.0}",
+            a.save_every,
+            a.save_writer,
+            in_loop_held * 1e3 / in_loop.max(1) as f64,
+            wrote * 1e3 / saves.max(1) as f64,
+            end_wait * 1e3
+        )
+    } else {
+        String::new()
+    };
     if dims.rank == 0 {
         println!(
-            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{}",
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{saving}{}",
             device,
             a.threads,
             precision.name(),
@@ -176,7 +261,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
         );
     }
-    drop((opt, model, par, world));
+    drop((saver, opt, model, par, world));
     glm_worker::comm::mpi::finalize();
     Ok(())
 }

@@ -52,6 +52,10 @@ pub struct RunConfig {
     pub attention_scale: f64,
     /// Layers per recomputed chunk; 0 = activation checkpointing off.
     pub checkpoint_num_layers: usize,
+    /// Checkpoint files written by a background thread while training goes
+    /// on (`checkpoint.writer.decoupled`, true unless the DeepSpeed file
+    /// says false), else with training waiting.
+    pub background_save: bool,
     pub report: Vec<Entry>,
     /// Things the user must know: unsupported-yet settings that fall back.
     pub warnings: Vec<String>,
@@ -502,6 +506,13 @@ impl RunConfig {
         if a.train_iters > 0 && a.log_interval == 0 {
             return Err(Error::Config(format!("log_interval ({}): must be positive", src("log_interval"))));
         }
+        if !(a.save_interval_minutes >= 0.0 && a.save_interval_minutes.is_finite()) {
+            return Err(Error::Config(format!(
+                "save_interval_minutes = {} ({}): must be >= 0 and finite (fractions allowed; 0 = no saves by time)",
+                a.save_interval_minutes,
+                src("save_interval_minutes")
+            )));
+        }
         let block = block_config(a);
         block.validate().map_err(|e| Error::Config(format!("{e} (blank-infilling settings)")))?;
 
@@ -599,6 +610,43 @@ impl RunConfig {
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
         }
+        // how checkpoints are written, kept and timed
+        let background_save = ds.checkpoint_decoupled.unwrap_or(true);
+        if a.save.is_some() {
+            // (separate lines: a longer key would widen every aligned line)
+            report.push(Entry {
+                key: "save_interval_minutes".into(),
+                value: if a.save_interval_minutes == 0.0 {
+                    "0 (no saves by time)".to_string()
+                } else {
+                    format!("{} (a save when as long has passed since the last)", a.save_interval_minutes)
+                },
+                source: src("save_interval_minutes"),
+            });
+            report.push(Entry {
+                key: "keep_last".into(),
+                value: if a.keep_last == 0 { "0 (every checkpoint kept)".to_string() } else { format!("{} (older complete checkpoints removed)", a.keep_last) },
+                source: src("keep_last"),
+            });
+            let (value, source) = match ds.checkpoint_decoupled {
+                Some(true) => ("true (files written in the background while training goes on)".to_string(), ds.source("checkpoint.writer.decoupled")),
+                Some(false) => ("false (training waits while the files are written)".to_string(), ds.source("checkpoint.writer.decoupled")),
+                None => {
+                    ("true (files written in the background while training goes on; the default here, DeepSpeed's is false)".to_string(), "default".to_string())
+                }
+            };
+            report.push(Entry { key: "checkpoint.writer.decoupled".into(), value, source });
+        } else {
+            for (key, given) in [("keep_last", a.keep_last != 0), ("save_interval_minutes", a.save_interval_minutes != 0.0)] {
+                if given {
+                    warnings.push(format!("{key} ({}) has no effect: save is null (no checkpoints)", src(key)));
+                }
+            }
+            if ds.checkpoint_decoupled.is_some() {
+                warnings
+                    .push(format!("checkpoint.writer.decoupled ({}) has no effect: save is null (no checkpoints)", ds.source("checkpoint.writer.decoupled")));
+            }
+        }
         // the other keys read, where they differ from the original's default
         // (what they do in this run said beside them)
         let d = glm_common::args::Args::default();
@@ -683,6 +731,7 @@ impl RunConfig {
             fp32_embedding,
             attention_scale,
             checkpoint_num_layers,
+            background_save,
             args,
             batch,
             lr,

@@ -621,6 +621,15 @@ impl Optimizer {
         self.gather_shards(m).map(|full| full.filter(|_| main))
     }
 
+    /// Whether `t` shares memory with a buffer training updates in place
+    /// (the parameters' flat buffer, the masters, the moments): what
+    /// `full_weights` and `state` hand out mostly does, and a checkpoint
+    /// written while training goes on must copy it first.
+    pub fn is_live(&self, params: &Params, t: &Tensor) -> bool {
+        let live = [Some(params.flat()), self.master.as_ref(), Some(&self.adam.exp_avg), Some(&self.adam.exp_avg_sq)];
+        live.into_iter().flatten().any(|b| b.data_ptr() == t.data_ptr())
+    }
+
     /// The whole buffer of a shard-laid-out fp32 tensor `t` (weights or a
     /// moment), gathered over the data-parallel group unit by unit; on
     /// rank 0 only. Collective.

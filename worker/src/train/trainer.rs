@@ -17,7 +17,8 @@ use super::build::{build, Recipe};
 use super::metrics::{rss_mb, EvalEvent, Metrics, RankSpread, TrainEvent};
 use super::save_dir::SaveDirLock;
 use super::step::{train_step, StepOutput, StepPlan};
-use crate::checkpoint::{self, State};
+use crate::checkpoint::saver::{Saver, SaverConfig};
+use crate::checkpoint::{self, Progress, State, Writing};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
 use crate::data::prepare::{beside_store, corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
@@ -246,6 +247,8 @@ pub struct Trainer {
     par: Parallel,
     /// This run's hold on its save directory (see `train::save_dir`).
     _save_dir: Option<SaveDirLock>,
+    /// Its checkpoints: the one in flight, the clock, `keep_last`.
+    saver: Option<Saver>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -490,6 +493,15 @@ impl Trainer {
             opt.set_weights(&mut model.params, &w);
         }
         let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
+        let saver = cfg.save_dir().map(|dir| {
+            let cfg = SaverConfig {
+                writing: if cfg.background_save { Writing::Background } else { Writing::Inline },
+                keep_last: a.keep_last,
+                every: (a.save_interval_minutes > 0.0).then(|| std::time::Duration::from_secs_f64(a.save_interval_minutes * 60.0)),
+                with_state: !a.no_save_optim,
+            };
+            Saver::new(dir, cfg, par.dims.rank)
+        });
         Ok(Trainer {
             cfg,
             model,
@@ -504,6 +516,7 @@ impl Trainer {
             metrics,
             par,
             _save_dir: save_dir,
+            saver,
         })
     }
 
@@ -591,19 +604,16 @@ impl Trainer {
         Some(nll / n.max(1) as f64)
     }
 
-    /// Writes a checkpoint (`checkpoint::save`: one part per tensor-parallel
-    /// rank, optimizer shards from every data-parallel rank under ZeRO).
-    /// Every rank must call it. Returns the part this rank reports.
-    fn save(&self) -> Result<Option<PathBuf>> {
-        let a = &self.cfg.args.args;
-        let dir = self.cfg.save_dir().expect("save configured");
-        let state = State {
+    /// The checkpoint state of this iteration (the optimizer's part is
+    /// filled in by `checkpoint::begin`).
+    fn checkpoint_state(&self) -> State {
+        State {
             format_version: checkpoint::FORMAT_VERSION,
             iteration: self.iteration,
             consumed_samples: self.iteration * self.cfg.batch.global as u64,
             mode_group: self.mode_group,
             // the optimizer's part (step, skipped steps, precision, loss
-            // scaler, ZeRO manifest) is filled in by checkpoint::save
+            // scaler, ZeRO manifest) is filled in by checkpoint::begin
             optimizer_step: 0,
             skipped_steps: 0,
             schedule_start: self.schedule_start,
@@ -616,12 +626,66 @@ impl Trainer {
             has_optimizer: false,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
             deepspeed_config: self.cfg.ds.raw.clone(),
-            args: serde_json::to_value(a).expect("args serialise"),
+            args: serde_json::to_value(&self.cfg.args.args).expect("args serialise"),
             files: Default::default(),
-        };
-        let written = checkpoint::save(dir, &self.model, &self.opt, &self.par, !a.no_save_optim, &self.tokenizer.to_json()?, state)?;
-        // one line per part: data-parallel rank 0 of each tensor-parallel rank reports
-        Ok((self.par.dims.dp_rank() == 0).then_some(written))
+        }
+    }
+
+    /// After an iteration, with `save` set: installs the checkpoint in flight
+    /// once every rank's writer is done (`writer`, agreed), or before the
+    /// next begins (at most one in flight); begins one when `due`; and, on
+    /// the `last` iteration or a stop, waits for it. Every rank calls it at
+    /// the same iteration with the same arguments (the checkpoint's parts
+    /// and shards come from every rank, and each half is collective).
+    /// Whether anything was saved or begun.
+    fn save_point(&mut self, due: bool, last: bool, writer: Progress, pb: &Option<indicatif::ProgressBar>) -> Result<bool> {
+        let Some(saver) = self.saver.as_mut() else { return Ok(false) };
+        let mut acted = false;
+        if due || (saver.in_flight().is_some() && writer != Progress::Writing) {
+            progress::set_phase(Stage::Save);
+        }
+        // the others wait while a rank writes, as long as the disk needs: no
+        // collective deadline (a frozen rank still shows: glm-launch sees
+        // its heartbeats stop)
+        let _any_time = progress::unbounded();
+        if saver.in_flight().is_some() && (due || writer != Progress::Writing) {
+            let saved = saver.finish(&self.par, writer, &|l| say(pb, l))?;
+            self.report_saved(saved, pb);
+            acted = true;
+        }
+        if due {
+            let (state, tokenizer) = (self.checkpoint_state(), self.tokenizer.to_json()?);
+            let saver = self.saver.as_mut().expect("save configured");
+            saver.begin(&self.model, &self.opt, &self.par, &tokenizer, state)?;
+            if last || saver.config().writing == Writing::Inline {
+                let saved = saver.finish(&self.par, Progress::Written, &|l| say(pb, l))?;
+                self.report_saved(saved, pb);
+            }
+            acted = true;
+        }
+        Ok(acted)
+    }
+
+    /// One line per installed part (data-parallel rank 0 of each
+    /// tensor-parallel rank reports), and what `keep_last` removed.
+    fn report_saved(&self, saved: Option<checkpoint::saver::Saved>, pb: &Option<indicatif::ProgressBar>) {
+        let Some(s) = saved else { return };
+        let f = &s.finished;
+        if self.par.dims.dp_rank() == 0 {
+            let how = match f.writing {
+                Writing::Background => {
+                    format!("training held {:.0} ms; files written in the background in {:.2} s", f.held.as_secs_f64() * 1e3, f.wrote.as_secs_f64())
+                }
+                Writing::Inline => format!("training held {:.0} ms", f.held.as_secs_f64() * 1e3),
+            };
+            say(pb, &format!("checkpoint: saved {} ({how})", f.dir.display()));
+        }
+        for r in &s.removed {
+            say(pb, &format!("checkpoint: keep_last {}: removed {}", self.cfg.args.args.keep_last, r.display()));
+        }
+        if let Some(w) = &s.remove_failed {
+            say(pb, &format!("warning: {w}"));
+        }
     }
 
     /// Runs iterations up to `train_iters`.
@@ -652,6 +716,9 @@ impl Trainer {
         }
         if self.iteration == 0 && a.eval_interval > 0 {
             self.evaluate_and_report(&pb)?;
+        }
+        if let Some(s) = self.saver.as_mut() {
+            s.restart_clock();
         }
         let (mut loss_acc, mut norm_acc, mut n_acc, mut skipped) = (0.0, 0.0, 0u64, 0u64);
         let mut t_log = Instant::now();
@@ -731,24 +798,18 @@ impl Trainer {
                 (loss_acc, norm_acc, n_acc, skipped) = (0.0, 0.0, 0, 0);
                 (t_log, waited_log) = (Instant::now(), progress::waited());
             }
-            // every rank stops after the same iteration
             progress::set_phase(Stage::Log);
-            let signal = self.par.world_max(SIGNAL.load(Ordering::SeqCst).into())? as i32;
-            let stopping = signal != 0;
+            // every rank stops after the same iteration, saves by the clock
+            // at the same iteration, and learns how the checkpoint in flight is doing
+            let agreed = Saver::agree(self.saver.as_mut(), &self.par, SIGNAL.load(Ordering::SeqCst))?;
+            let (signal, stopping) = (agreed.signal, agreed.signal != 0);
             if a.eval_interval > 0 && (it % a.eval_interval == 0 || it == total) {
                 progress::set_phase(Stage::Evaluate);
                 self.evaluate_and_report(&pb)?;
                 (t_log, waited_log) = (Instant::now(), progress::waited());
             }
-            if self.cfg.save_dir().is_some() && ((a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping) {
-                progress::set_phase(Stage::Save);
-                // the others wait while a rank writes, as long as the disk needs:
-                // no collective deadline (a frozen rank still shows: glm-launch
-                // sees its heartbeats stop)
-                let _any_time = progress::unbounded();
-                if let Some(dir) = self.save()? {
-                    say(&pb, &format!("checkpoint: saved {}", dir.display()));
-                }
+            let due = (a.save_interval > 0 && it % a.save_interval == 0) || it == total || stopping || agreed.clock;
+            if self.save_point(due, it == total || stopping, agreed.writer, &pb)? {
                 (t_log, waited_log) = (Instant::now(), progress::waited());
             }
             if stopping {
@@ -790,11 +851,34 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
     let (n, pos) = cfg.model_config(padded_vocab_size(vocab, a.make_vocab_size_divisible_by, dims.tp)).num_params();
     let per_rank = ((n + pos) / dims.tp) as i64;
     let states = MemoryBytes::theory(per_rank, cfg.precision, dims.dp, cfg.zero.stage).total();
+    // a checkpoint written in the background holds host copies of what it
+    // writes: on a part's data-parallel rank 0 the fp32 weights, and the
+    // moments it writes (whole at stage 0, its shard at stages 1 and 2)
+    let snapshot = if a.save.is_some() && cfg.background_save {
+        let moments = if a.no_save_optim {
+            0
+        } else if cfg.zero.stage == 0 {
+            8 * per_rank
+        } else {
+            8 * per_rank / dims.dp as i64
+        };
+        (4 * per_rank + moments) as u64
+    } else {
+        0
+    };
     let share = machine / local_ranks.max(1) as u64;
-    if states > share {
+    if states + snapshot > share {
         use crate::runtime::units::{human_bytes, human_count};
+        let with_snapshot = if snapshot > 0 {
+            format!(
+                ", plus {} of host copies while a checkpoint is written in the background (--set checkpoint.writer.decoupled=false saves without them)",
+                human_bytes(snapshot)
+            )
+        } else {
+            String::new()
+        };
         return Err(Error::Config(format!(
-            "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}), \
+            "the model does not fit: its parameters, gradients and optimizer state need about {} per rank ({} parameters per rank, {}, ZeRO stage {} over data-parallel {}){with_snapshot}, \
              and this machine has {} of RAM and swap for {} rank(s): {} each{}",
             human_bytes(states),
             human_count(per_rank as u64),
