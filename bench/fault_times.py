@@ -95,15 +95,15 @@ def main():
     rows = []
     local = lambda n: ["--launcher", "local", "--num_gpus", str(n)]
     cases = [
-        ("SIGSTOP of rank 1 of 2 (frozen)", local(2) + ["--collective-timeout", to], {"GLM_TEST_FAULT": "stop:1:3"}),
-        ("SIGSTOP of rank 3 of 4 (frozen)", local(4) + ["--collective-timeout", to], {"GLM_TEST_FAULT": "stop:3:3"}),
-        ("SIGSTOP of rank 1 of 2, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "stop:1:3"}),
-        ("kill -9 of rank 1 of 2, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "kill:1:3"}),
-        ("rank 0 exits 3, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "exit:0:3"}),
+        ("SIGSTOP of rank 1 of 2 (frozen)", local(2) + ["--collective-timeout", to], {"GLM_TEST_FAULT": "stop:1:5"}),
+        ("SIGSTOP of rank 3 of 4 (frozen)", local(4) + ["--collective-timeout", to], {"GLM_TEST_FAULT": "stop:3:5"}),
+        ("SIGSTOP of rank 1 of 2, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "stop:1:5"}),
+        ("kill -9 of rank 1 of 2, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "kill:1:5"}),
+        ("rank 0 exits 3, --max-restarts 1", local(2) + ["--collective-timeout", to, "--max-restarts", "1"], {"GLM_TEST_FAULT": "exit:0:5"}),
     ]
     for name, la, env in cases:
         with tempfile.TemporaryDirectory() as d:
-            ended, resumed, total, rc, _ = run(name, la, env, d, 6)
+            ended, resumed, total, rc, _ = run(name, la, env, d, 8)
             rows.append((name, ended, resumed, total, rc))
     if a.ssh:
         with tempfile.TemporaryDirectory() as d:
@@ -115,17 +115,17 @@ def main():
                 env0 = {"HOME": os.path.join(h, "home"), "OMPI_MCA_btl_tcp_if_include": "10.213.77.0/24", "OMPI_MCA_oob_tcp_if_include": "10.213.77.0/24"}
                 ssh = ["--launcher", "ssh", "--hostfile", os.path.join(d, "hosts"), "--ssh_config", os.path.join(h, "ssh_config"), "--collective-timeout", to]
                 for name, la, env, down in [
-                    ("SIGSTOP of rank 3 of 4 on node2 (ssh)", ssh, {"GLM_TEST_FAULT": "stop:3:3"}, False),
-                    ("kill -9 of rank 3 on node2 (ssh), --max-restarts 1", ssh + ["--max-restarts", "1"], {"GLM_TEST_FAULT": "kill:3:3"}, False),
-                    ("node2 down (ssh), --max-restarts 1 --min-nodes 1", ssh + ["--max-restarts", "1", "--min-nodes", "1"], {"GLM_TEST_FAULT": "stop:2:3"}, True),
+                    ("SIGSTOP of rank 3 of 4 on node2 (ssh)", ssh, {"GLM_TEST_FAULT": "stop:3:5"}, False),
+                    ("kill -9 of rank 3 on node2 (ssh), --max-restarts 1", ssh + ["--max-restarts", "1"], {"GLM_TEST_FAULT": "kill:3:5"}, False),
+                    ("node2 down (ssh), --max-restarts 1 --min-nodes 1", ssh + ["--max-restarts", "1", "--min-nodes", "1"], {"GLM_TEST_FAULT": "stop:2:5"}, True),
                 ]:
                     with tempfile.TemporaryDirectory() as jd:
                         kill = (lambda: subprocess.run("ip netns pids glmt-node2 | xargs -r kill -9", shell=True)) if down else None
-                        ended, resumed, total, rc, _ = run(name, la, dict(env0, **env), jd, 6, kill)
+                        ended, resumed, total, rc, _ = run(name, la, dict(env0, **env), jd, 8, kill)
                         rows.append((name, ended, resumed, total, rc))
             finally:
                 subprocess.run([FIXTURE, "down", h], capture_output=True)
-    print(f"collective timeout {a.timeout} s; times from the fault (tiny model, 6 iterations, a checkpoint every 2)\n")
+    print(f"collective timeout {a.timeout} s; times from the fault (tiny model, 8 iterations, a checkpoint every 2, the fault at iteration 5)\n")
     print("| fault | job stopped / attempt ended | restart's first resumed iteration | glm-launch exited | exit code |")
     print("|---|---|---|---|---|")
     for name, ended, resumed, total, rc in rows:

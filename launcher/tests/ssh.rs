@@ -293,7 +293,7 @@ fn faults_on_the_test_hosts() {
         let frozen = 2 * slots - 1;
         let mark = d.path().join(format!("fired.{slots}"));
         let mut c = run(&format!("stop{slots}"), slots, 8, &["--collective-timeout", "5"]);
-        c.env("GLM_TEST_FAULT", format!("stop:{frozen}:3")).env("GLM_TEST_FAULT_MARK", &mark);
+        c.env("GLM_TEST_FAULT", format!("stop:{frozen}:5")).env("GLM_TEST_FAULT_MARK", &mark);
         let child = common::start(&mut c);
         let fired = wait_for(&mark);
         let o = child.finish();
@@ -313,7 +313,7 @@ fn faults_on_the_test_hosts() {
 
     // 2. kill -9 on node2: restarted from the latest checkpoint, finished
     let mut c = run("kill", 2, 6, &["--max-restarts", "1"]);
-    c.env("GLM_TEST_FAULT", "kill:3:3");
+    c.env("GLM_TEST_FAULT", "kill:3:5");
     let o = done(&mut c);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
@@ -333,7 +333,7 @@ fn faults_on_the_test_hosts() {
     let whole = losses(&d.path().join("save.whole"));
     let mark = d.path().join("fired.elastic");
     let mut c = run("elastic", 2, 6, &["--max-restarts", "1", "--min-nodes", "1", "--collective-timeout", "5"]);
-    c.env("GLM_TEST_FAULT", "stop:2:3").env("GLM_TEST_FAULT_MARK", &mark);
+    c.env("GLM_TEST_FAULT", "stop:2:5").env("GLM_TEST_FAULT_MARK", &mark);
     let child = common::start(&mut c);
     wait_for(&mark);
     // node2 goes down: its sshd, OpenMPI's daemon and its workers
