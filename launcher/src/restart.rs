@@ -135,10 +135,13 @@ pub fn unix(t: SystemTime) -> f64 {
 }
 
 /// Whether glm-launch sees `save` and it holds no checkpoint at all (no
-/// `latest`, no checkpoint directory): a failed attempt's metrics at most.
+/// `latest`, no checkpoint directory with a `state.json`, as the worker
+/// counts them; an unfinished tensor-parallel save's `<it>/.tmp-mp_rank_XX`
+/// is none): a failed attempt's metrics at most.
 fn holds_no_checkpoint(save: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir(save) else { return false };
-    !save.join("latest").exists() && !rd.flatten().any(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) && e.path().is_dir())
+    let is_checkpoint = |p: &Path| p.join("state.json").is_file() || p.join("mp_rank_00/state.json").is_file();
+    !save.join("latest").exists() && !rd.flatten().any(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) && is_checkpoint(&e.path()))
 }
 
 /// The `--set`s that make a restart resume from `save`'s latest checkpoint
@@ -190,6 +193,8 @@ mod tests {
         assert_eq!(latest_checkpoint(d.path()), None);
         assert_eq!(resume_sets(d.path()), (vec!["overwrite=true".to_string()], None));
         assert_eq!(resume_sets(&d.path().join("unseen")), (vec![], None), "a directory glm-launch cannot see: nothing removed");
+        std::fs::create_dir_all(d.path().join("2/.tmp-mp_rank_00")).unwrap();
+        assert_eq!(resume_sets(d.path()).0, ["overwrite=true"], "an unfinished tensor-parallel save is no checkpoint");
         std::fs::write(d.path().join("latest"), "4\n").unwrap();
         assert_eq!(latest_checkpoint(d.path()), None, "latest names a checkpoint that is not there");
         assert_eq!(resume_sets(d.path()), (vec![], None), "not complete, not empty: nothing removed");

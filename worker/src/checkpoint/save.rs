@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::write::write_safetensors;
+use super::write::{sync_dir, write_safetensors, write_synced};
 use super::{layout_fingerprint, mp_rank_dir, shard_file, ShardFile, State, ZeroManifest};
 use crate::data::store::sha256_file;
 use crate::error::{Error, IoContext, Result};
@@ -31,8 +31,11 @@ use crate::parallel::Parallel;
 /// part of the checkpoint is complete.
 pub fn write_latest(save: &Path, it: u64) -> Result<()> {
     let latest_tmp = save.join(format!(".latest.tmp-{}", std::process::id()));
-    std::fs::write(&latest_tmp, format!("{it}\n")).at(&latest_tmp)?;
-    std::fs::rename(&latest_tmp, save.join("latest")).at(save)
+    write_synced(&latest_tmp, format!("{it}\n").as_bytes())?;
+    std::fs::rename(&latest_tmp, save.join("latest")).at(save)?;
+    // `latest` names the new checkpoint on the disk before keep_last may
+    // remove an older one
+    sync_dir(save)
 }
 
 /// Where a checkpoint's files are written.
@@ -430,7 +433,7 @@ fn write_part_files(tmp: &Path, model: &[(String, Tensor)], optim: Option<&[(Str
         files.insert("optim.safetensors".into(), write_safetensors(&tmp.join("optim.safetensors"), optim)?);
     }
     let tp = tmp.join("tokenizer.json");
-    std::fs::write(&tp, tokenizer_json).at(&tp)?;
+    write_synced(&tp, tokenizer_json.as_bytes())?;
     files.insert("tokenizer.json".into(), sha256_file(&tp)?);
     Ok(files)
 }
@@ -440,7 +443,9 @@ fn write_state(tmp: &Path, mut state: State, files: BTreeMap<String, String>, wi
     state.files = files;
     state.has_optimizer = with_state;
     let sp = tmp.join("state.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&state).expect("state serialises")).at(&sp)
+    write_synced(&sp, serde_json::to_string_pretty(&state).expect("state serialises").as_bytes())?;
+    // every file of the part is on the disk, and the directory's entries
+    sync_dir(tmp)
 }
 
 /// Writes a part's files into `tmp`: weights, optimizer state, tokenizer,
@@ -461,6 +466,9 @@ fn install(tmp: &Path, dir: &Path) -> Result<()> {
         std::fs::rename(dir, &old).at(dir)?;
     }
     std::fs::rename(tmp, dir).at(dir)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
     if had_old {
         let _ = std::fs::remove_dir_all(&old);
     }

@@ -82,8 +82,25 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<St
             out.write_all(&bytes).at(path)?;
         }
     }
-    out.inner.flush().at(path)?;
-    Ok(crate::data::tokenizer::hex(&out.sha.finalize()))
+    let Hashing { inner, sha } = out;
+    // on the disk before anything names it (an error only the close or the
+    // sync reports is an error here, not a checksum of bytes never stored)
+    let file = inner.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().at(path)?;
+    Ok(crate::data::tokenizer::hex(&sha.finalize()))
+}
+
+/// Writes `bytes` to `path` and waits until they are on the disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).at(path)?;
+    f.write_all(bytes).at(path)?;
+    f.sync_all().at(path)
+}
+
+/// Waits until `dir`'s entries (files created or renamed in it) are on the
+/// disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 /// A writer that hashes what passes through it.

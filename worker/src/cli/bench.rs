@@ -81,6 +81,12 @@ pub struct BenchArgs {
 /// through the trainer's own step (`train::step::train_step`).
 pub fn bench_step(a: BenchArgs) -> Result<()> {
     tch::set_num_threads(a.threads);
+    if let Some(dir) = a.save.as_ref().filter(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some())) {
+        anyhow::bail!(
+            "--save {}: not empty; bench-step writes synthetic checkpoints (1, 2, ...) there and prunes them, which would replace or remove what the directory holds: give a new or empty directory",
+            dir.display()
+        );
+    }
     // under mpirun: data parallelism over every rank, one batch per rank
     let world = glm_worker::comm::mpi::world()?;
     let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;

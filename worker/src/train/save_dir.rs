@@ -119,12 +119,42 @@ fn claim_here(save: &Path, load: Option<&Path>, overwrite: bool) -> Result<SaveD
             r.at(e)?;
         }
     }
+    sweep_temporaries(save)?;
     let host = crate::runtime::host::hostname();
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let cmd: Vec<String> = std::env::args().collect();
     f.set_len(0).at(&path)?;
     writeln!(f, "pid {} on {} since unix time {secs}: {}", std::process::id(), host, cmd.join(" ")).at(&path)?;
     Ok(SaveDirLock { _file: Some(f) })
+}
+
+/// Removes what an earlier run's unfinished saves left in `save` (it held
+/// the lock, which is ours now, so none of it is in use): `.tmp-<it>`,
+/// `.old-<it>` and `.deleting-<it>` directories, and a tensor-parallel
+/// checkpoint's `<it>/.tmp-mp_rank_XX` parts (with `<it>` itself when
+/// nothing else is in it). A process killed mid-save (SIGKILL, the
+/// collective watchdog's exit) cleans up nothing itself.
+fn sweep_temporaries(save: &Path) -> Result<()> {
+    let is_temp = |n: &str| [".tmp-", ".old-", ".deleting-"].iter().any(|p| n.starts_with(p));
+    for e in std::fs::read_dir(save).at(save)?.flatten() {
+        let (name, p) = (e.file_name().to_string_lossy().into_owned(), e.path());
+        if !p.is_dir() {
+            continue;
+        }
+        if is_temp(&name) {
+            std::fs::remove_dir_all(&p).at(&p)?;
+        } else if name.bytes().all(|b| b.is_ascii_digit()) {
+            let parts: Vec<PathBuf> = std::fs::read_dir(&p).at(&p)?.flatten().map(|x| x.path()).collect();
+            let temps: Vec<&PathBuf> = parts.iter().filter(|x| x.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-mp_rank_"))).collect();
+            for t in &temps {
+                std::fs::remove_dir_all(t).at(t)?;
+            }
+            if !temps.is_empty() && temps.len() == parts.len() {
+                std::fs::remove_dir(&p).at(&p)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Claims `save` for this run: rank 0 locks and checks it, and every rank
@@ -142,6 +172,32 @@ pub fn claim(save: &Path, load: Option<&Path>, overwrite: bool, par: &Parallel) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_earlier_runs_unfinished_saves_are_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        for dir in [".tmp-8", ".old-6", ".deleting-4", "10/.tmp-mp_rank_00", "12/mp_rank_00", "12/.tmp-mp_rank_01", "notes"] {
+            std::fs::create_dir_all(s.join(dir)).unwrap();
+        }
+        std::fs::write(s.join("12/mp_rank_00/state.json"), "{}").unwrap();
+        sweep_temporaries(s).unwrap();
+        let mut left: Vec<String> = walk(s);
+        left.sort();
+        assert_eq!(left, ["12", "12/mp_rank_00", "12/mp_rank_00/state.json", "notes"]);
+    }
+
+    fn walk(d: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+            if p.is_dir() {
+                out.extend(walk(&p).into_iter().map(|c| format!("{}/{c}", p.file_name().unwrap().to_string_lossy())));
+            }
+        }
+        out
+    }
 
     #[test]
     fn what_counts_as_an_earlier_run() {

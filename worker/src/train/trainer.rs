@@ -244,11 +244,13 @@ pub struct Trainer {
     schedule_start: u64,
     device: Device,
     metrics: Metrics,
+    /// Its checkpoints: the one in flight, the clock, `keep_last`. Before
+    /// the lock and the groups: fields drop in order, and a writer still in
+    /// flight must finish while the run holds its directory.
+    saver: Option<Saver>,
     par: Parallel,
     /// This run's hold on its save directory (see `train::save_dir`).
     _save_dir: Option<SaveDirLock>,
-    /// Its checkpoints: the one in flight, the clock, `keep_last`.
-    saver: Option<Saver>,
 }
 
 fn say(pb: &Option<indicatif::ProgressBar>, line: &str) {
@@ -497,7 +499,8 @@ impl Trainer {
             let cfg = SaverConfig {
                 writing: if cfg.background_save { Writing::Background } else { Writing::Inline },
                 keep_last: a.keep_last,
-                every: (a.save_interval_minutes > 0.0).then(|| std::time::Duration::from_secs_f64(a.save_interval_minutes * 60.0)),
+                every: (a.save_interval_minutes > 0.0)
+                    .then(|| std::time::Duration::try_from_secs_f64(a.save_interval_minutes * 60.0).unwrap_or(std::time::Duration::MAX)),
                 with_state: !a.no_save_optim,
             };
             Saver::new(dir, cfg, par.dims.rank)
