@@ -38,6 +38,17 @@ pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
 /// What starts a heartbeat line.
 pub const HEARTBEAT_TAG: &str = "glm-heartbeat:";
 
+/// The phases a heartbeat names, in the order of the worker's
+/// `runtime::progress::Phase`.
+pub const PHASES: [&str; 12] =
+    ["starting", "preparing-data", "building", "data", "forward", "backward", "optimizer", "evaluate", "save", "log", "done", "connecting"];
+
+/// The phases of unbounded length, where glm-launch sets no progress
+/// deadline (a frozen rank still shows there, by its silence): start-up,
+/// rank 0 preparing the data while the others wait for it, building the
+/// model and reading a checkpoint, writing one.
+pub const UNBOUNDED_PHASES: [&str; 4] = ["starting", "preparing-data", "building", "save"];
+
 /// Where a rank is: its iteration (the one it works on; 0 before the first),
 /// its phase (`starting`, `data`, `forward`, `backward`, `optimizer`,
 /// `evaluate`, `save`, ...), a count of work done (micro-batches, evaluation
@@ -184,6 +195,11 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn every_unbounded_phase_is_a_phase() {
+        assert!(UNBOUNDED_PHASES.iter().all(|p| PHASES.contains(p)));
+    }
 
     #[test]
     fn heartbeats_read_back_what_they_write() {

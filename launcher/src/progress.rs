@@ -12,13 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use glm_common::launch::Heartbeat;
-
-/// Phases whose length has no bound: start-up, rank 0 preparing the data
-/// while the others wait for it, building the model and reading a
-/// checkpoint, writing one: no progress deadline applies there (a frozen
-/// rank still shows, by its silence).
-const UNBOUNDED_PHASES: &[&str] = &["starting", "preparing-data", "building", "save"];
+use glm_common::launch::{Heartbeat, UNBOUNDED_PHASES};
 
 #[derive(Clone, Debug)]
 struct Rank {

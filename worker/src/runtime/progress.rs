@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use glm_common::launch::{Heartbeat, Waiting, EXIT_COLLECTIVE_TIMEOUT, HEARTBEAT_VAR};
+use glm_common::launch::{Heartbeat, Waiting, EXIT_COLLECTIVE_TIMEOUT, HEARTBEAT_VAR, PHASES};
 
 /// What the loop is doing. The names are the heartbeat's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,41 +52,9 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Its name in heartbeats and messages (`glm_common::launch::PHASES`).
     pub fn name(self) -> &'static str {
-        match self {
-            Phase::Starting => "starting",
-            Phase::PreparingData => "preparing-data",
-            Phase::Building => "building",
-            Phase::Data => "data",
-            Phase::Forward => "forward",
-            Phase::Backward => "backward",
-            Phase::Optimizer => "optimizer",
-            Phase::Evaluate => "evaluate",
-            Phase::Save => "save",
-            Phase::Log => "log",
-            Phase::Done => "done",
-            Phase::Connecting => "connecting",
-        }
-    }
-
-    fn from_u8(v: u8) -> Phase {
-        [
-            Phase::Starting,
-            Phase::PreparingData,
-            Phase::Building,
-            Phase::Data,
-            Phase::Forward,
-            Phase::Backward,
-            Phase::Optimizer,
-            Phase::Evaluate,
-            Phase::Save,
-            Phase::Log,
-            Phase::Done,
-            Phase::Connecting,
-        ]
-        .get(v as usize)
-        .copied()
-        .unwrap_or(Phase::Starting)
+        PHASES[self as usize]
     }
 }
 
@@ -130,8 +98,9 @@ pub fn iteration() -> u64 {
     ITERATION.load(Ordering::Relaxed)
 }
 
-pub fn phase() -> Phase {
-    Phase::from_u8(PHASE.load(Ordering::Relaxed))
+/// The name of the phase the loop is in.
+pub fn phase() -> &'static str {
+    PHASES.get(PHASE.load(Ordering::Relaxed) as usize).copied().unwrap_or(PHASES[0])
 }
 
 /// Marks a collective for as long as it lives.
@@ -206,12 +175,12 @@ pub fn heartbeat() -> Heartbeat {
         group: i.group.clone(),
         secs: i.since.elapsed().as_secs_f64(),
     });
-    Heartbeat { iteration: iteration(), phase: phase().name().to_string(), ticks: TICKS.load(Ordering::Relaxed), waiting }
+    Heartbeat { iteration: iteration(), phase: phase().to_string(), ticks: TICKS.load(Ordering::Relaxed), waiting }
 }
 
 /// The message of a collective past its deadline.
-fn timeout_message(i: &Inside, waited: Duration, limit: Duration, it: u64, phase: Phase) -> String {
-    let at = if it == 0 { format!("before the first iteration ({})", phase.name()) } else { format!("at iteration {it} ({})", phase.name()) };
+fn timeout_message(i: &Inside, waited: Duration, limit: Duration, it: u64, phase: &str) -> String {
+    let at = if it == 0 { format!("before the first iteration ({phase})") } else { format!("at iteration {it} ({phase})") };
     format!(
         "glm-worker: error: collective timeout: {} on group {} (rank {} of {}) waited {:.0} s {at}, past --collective-timeout {:.0} s; \
          another rank of the group stopped making progress (hung, stopped or unreachable): stopping this rank, which stops the job",
@@ -278,17 +247,20 @@ mod tests {
     #[test]
     fn the_timeout_message_names_the_operation_group_rank_and_iteration() {
         let i = Inside { op: "all_reduce".into(), group: "dp".into(), rank: 1, size: 4, since: Instant::now() };
-        let m = timeout_message(&i, Duration::from_secs(31), Duration::from_secs(30), 1234, Phase::Backward);
+        let m = timeout_message(&i, Duration::from_secs(31), Duration::from_secs(30), 1234, Phase::Backward.name());
         assert!(m.contains("all_reduce on group dp (rank 1 of 4) waited 31 s at iteration 1234 (backward), past --collective-timeout 30 s"), "{m}");
-        let m = timeout_message(&i, Duration::from_secs(31), Duration::from_secs(30), 0, Phase::Building);
+        let m = timeout_message(&i, Duration::from_secs(31), Duration::from_secs(30), 0, Phase::Building.name());
         assert!(m.contains("before the first iteration (building)"), "{m}");
     }
 
     #[test]
-    fn phases_round_trip_and_a_nested_mark_keeps_the_outer_one() {
-        for v in 0..=11u8 {
-            assert_eq!(Phase::from_u8(v) as u8, v);
-        }
+    fn phases_are_named_and_a_nested_mark_keeps_the_outer_one() {
+        // one name per phase, each its own
+        use Phase::*;
+        let all = [Starting, PreparingData, Building, Data, Forward, Backward, Optimizer, Evaluate, Save, Log, Done, Connecting];
+        let names: Vec<&str> = all.iter().map(|p| p.name()).collect();
+        assert_eq!(names, PHASES);
+        assert_eq!((Backward.name(), Connecting.name()), ("backward", "connecting"));
         let outer = collective("all_gather_into", "world", 0, 2);
         {
             let _inner = collective("all_reduce", "dp", 0, 2);
