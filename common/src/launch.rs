@@ -35,6 +35,14 @@ pub const DEFAULT_COLLECTIVE_TIMEOUT_S: f64 = 600.0;
 /// deadline (`timeout(1)`'s code).
 pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
 
+/// Whether `dir` holds a checkpoint the worker can load: its `state.json`,
+/// or tensor-parallel parts with the first part's (`mp_rank_00/state.json`).
+/// The worker's loader, its save-directory check and glm-launch's restart
+/// (which resumes what the worker will load) all ask this.
+pub fn is_checkpoint_dir(dir: &Path) -> bool {
+    dir.join("state.json").is_file() || dir.join("mp_rank_00").join("state.json").is_file()
+}
+
 /// What starts a heartbeat line.
 pub const HEARTBEAT_TAG: &str = "glm-heartbeat:";
 

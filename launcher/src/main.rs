@@ -639,8 +639,9 @@ fn run(args: &[String]) -> Result<i32> {
         }
         let now = std::time::SystemTime::now();
         let save = save.as_deref().expect("checked above");
-        let (sets, resumed) = restart::resume_sets(save);
-        let since = restart::latest_checkpoint(save).map_or(started, |(_, t)| t.max(started));
+        // the checkpoint read once: what the rules saw is what the restart resumes
+        let (sets, resumed) = restart::resume_sets(save, seen.checkpoint);
+        let since = latest.map_or(started, |(_, t)| t.max(started));
         attempt += 1;
         extra.retain(|s| !restart::RESUME_KEYS.iter().any(|k| s.starts_with(k)));
         extra.extend(sets.iter().cloned());

@@ -24,6 +24,8 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 
+use glm_common::launch::is_checkpoint_dir;
+
 use crate::supervise::Failure;
 
 /// The latest complete checkpoint under `save`: its iteration and when it
@@ -32,8 +34,7 @@ use crate::supervise::Failure;
 pub fn latest_checkpoint(save: &Path) -> Option<(u64, SystemTime)> {
     let latest = save.join("latest");
     let it: u64 = std::fs::read_to_string(&latest).ok()?.trim().parse().ok()?;
-    let dir = save.join(it.to_string());
-    let complete = dir.join("state.json").is_file() || dir.join("mp_rank_00/state.json").is_file();
+    let complete = is_checkpoint_dir(&save.join(it.to_string()));
     let when = std::fs::metadata(&latest).and_then(|m| m.modified()).ok()?;
     complete.then_some((it, when))
 }
@@ -140,11 +141,11 @@ pub fn unix(t: SystemTime) -> f64 {
 /// is none): a failed attempt's metrics at most.
 fn holds_no_checkpoint(save: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir(save) else { return false };
-    let is_checkpoint = |p: &Path| p.join("state.json").is_file() || p.join("mp_rank_00/state.json").is_file();
-    !save.join("latest").exists() && !rd.flatten().any(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) && is_checkpoint(&e.path()))
+    !save.join("latest").exists() && !rd.flatten().any(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) && is_checkpoint_dir(&e.path()))
 }
 
 /// The `--set`s that make a restart resume from `save`'s latest checkpoint
+/// (`latest`: what [`latest_checkpoint`] found there when the failure was seen)
 /// (with its optimizer state and learning-rate schedule, whatever the first
 /// attempt's `no_load_optim` / `no_load_lr_scheduler` said of the checkpoint
 /// it started from), or start again from scratch: with `overwrite=true`
@@ -152,9 +153,9 @@ fn holds_no_checkpoint(save: &Path) -> bool {
 /// replace) only where glm-launch sees the directory and it holds no
 /// checkpoint; where it cannot see it, nothing is added, and the worker
 /// refuses a directory that holds a run rather than anything being removed.
-pub fn resume_sets(save: &Path) -> (Vec<String>, Option<u64>) {
-    match latest_checkpoint(save) {
-        Some((it, _)) => (vec![format!("load={}", save.display()), "no_load_optim=false".into(), "no_load_lr_scheduler=false".into()], Some(it)),
+pub fn resume_sets(save: &Path, latest: Option<u64>) -> (Vec<String>, Option<u64>) {
+    match latest {
+        Some(it) => (vec![format!("load={}", save.display()), "no_load_optim=false".into(), "no_load_lr_scheduler=false".into()], Some(it)),
         None if holds_no_checkpoint(save) => (vec!["overwrite=true".to_string()], None),
         None => (Vec::new(), None),
     }
@@ -187,21 +188,25 @@ mod tests {
         assert!(refuse(&seen("collective timeout", 1, 9, Some(8)), Some(&kill), 2, 2, false).unwrap().contains("2 restart(s) used"));
     }
 
+    fn latest(save: &Path) -> Option<u64> {
+        latest_checkpoint(save).map(|(it, _)| it)
+    }
+
     #[test]
     fn the_latest_complete_checkpoint_is_found() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(latest_checkpoint(d.path()), None);
-        assert_eq!(resume_sets(d.path()), (vec!["overwrite=true".to_string()], None));
-        assert_eq!(resume_sets(&d.path().join("unseen")), (vec![], None), "a directory glm-launch cannot see: nothing removed");
+        assert_eq!(resume_sets(d.path(), latest(d.path())), (vec!["overwrite=true".to_string()], None));
+        assert_eq!(resume_sets(&d.path().join("unseen"), None), (vec![], None), "a directory glm-launch cannot see: nothing removed");
         std::fs::create_dir_all(d.path().join("2/.tmp-mp_rank_00")).unwrap();
-        assert_eq!(resume_sets(d.path()).0, ["overwrite=true"], "an unfinished tensor-parallel save is no checkpoint");
+        assert_eq!(resume_sets(d.path(), latest(d.path())).0, ["overwrite=true"], "an unfinished tensor-parallel save is no checkpoint");
         std::fs::write(d.path().join("latest"), "4\n").unwrap();
         assert_eq!(latest_checkpoint(d.path()), None, "latest names a checkpoint that is not there");
-        assert_eq!(resume_sets(d.path()), (vec![], None), "not complete, not empty: nothing removed");
+        assert_eq!(resume_sets(d.path(), latest(d.path())), (vec![], None), "not complete, not empty: nothing removed");
         std::fs::create_dir_all(d.path().join("4/mp_rank_00")).unwrap();
         std::fs::write(d.path().join("4/mp_rank_00/state.json"), "{}").unwrap();
         assert_eq!(latest_checkpoint(d.path()).map(|(i, _)| i), Some(4));
-        let sets = resume_sets(d.path()).0;
+        let sets = resume_sets(d.path(), latest(d.path())).0;
         assert_eq!(sets, [format!("load={}", d.path().display()), "no_load_optim=false".into(), "no_load_lr_scheduler=false".into()]);
         assert!(sets.iter().all(|s| RESUME_KEYS.iter().any(|k| s.starts_with(k))));
     }

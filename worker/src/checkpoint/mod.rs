@@ -189,7 +189,7 @@ pub fn layout_fingerprint(infos: &[ParamInfo]) -> String {
 /// `state.json` (or tensor-parallel parts `mp_rank_XX/`), else the iteration
 /// named by `load/latest`.
 pub fn resolve(load: &Path) -> Result<PathBuf> {
-    if load.join("state.json").is_file() || load.join(mp_rank_dir(0)).join("state.json").is_file() {
+    if glm_common::launch::is_checkpoint_dir(load) {
         return Ok(load.to_path_buf());
     }
     let latest = load.join("latest");

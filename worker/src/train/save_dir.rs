@@ -44,8 +44,7 @@ fn earlier_run(dir: &Path) -> Result<(Option<String>, Vec<PathBuf>)> {
         let e = e.at(dir)?;
         let name = e.file_name().to_string_lossy().into_owned();
         let p = e.path();
-        let is_checkpoint =
-            name.bytes().all(|b| b.is_ascii_digit()) && p.is_dir() && (p.join("state.json").is_file() || p.join("mp_rank_00/state.json").is_file());
+        let is_checkpoint = name.bytes().all(|b| b.is_ascii_digit()) && glm_common::launch::is_checkpoint_dir(&p);
         if is_checkpoint {
             checkpoints = true;
         }
