@@ -60,6 +60,12 @@ impl Stalled {
     }
 }
 
+/// Each of `stalled` described (its host from `hosts`, by rank), joined
+/// with "; "; empty when none.
+pub fn describe_all(stalled: &[Stalled], hosts: &[String]) -> String {
+    stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect::<Vec<_>>().join("; ")
+}
+
 impl Ranks {
     /// Takes in rank `rank`'s heartbeat, arrived at `now`.
     pub fn beat(&mut self, rank: usize, hb: Heartbeat, now: Instant) {
@@ -169,6 +175,10 @@ mod tests {
             st[0].describe("node2"),
             "rank 1 on node2: no progress for 8 s (last: iteration 3, data); no heartbeat for 8 s: frozen, or its host stopped answering"
         );
+        let hosts: Vec<String> = ["node1", "node2"].map(String::from).to_vec();
+        assert_eq!(describe_all(&st, &hosts), st[0].describe("node2"));
+        assert_eq!(describe_all(&st, &hosts[..1]), st[0].describe("?"), "a rank beyond the placement");
+        assert_eq!(describe_all(&[], &hosts), "");
         assert_eq!(r.waiting(s(9.5), Duration::from_secs(1)).len(), 3);
         assert_eq!(r.max_iteration(), 3);
         assert!(r.hung(s(9.5), Duration::from_secs(5), 4), "rank 1 silent for 8.5 s");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use glm_common::launch::Heartbeat;
 
-use crate::progress::{Ranks, Stalled};
+use crate::progress::{describe_all, Ranks, Stalled};
 pub use crate::tagged::{parse_line, Tags};
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -401,8 +401,7 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
                 if !warned && longest > w.timeout.as_secs_f64() / 2.0 {
                     // half the deadline: say who holds the others up
                     warned = true;
-                    let stalled = s.ranks.stalled(now, w.interval, w.interval);
-                    let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
+                    let who = describe_all(&s.ranks.stalled(now, w.interval, w.interval), &hosts);
                     let (r0, h0) = &waiting[0];
                     let wt = h0.waiting.as_ref().expect("waiting");
                     eprintln!(
@@ -412,18 +411,18 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
                         wt.group,
                         wt.secs,
                         w.timeout.as_secs_f64(),
-                        if who.is_empty() { String::new() } else { format!("; holding them up: {}", who.join("; ")) }
+                        if who.is_empty() { String::new() } else { format!("; holding them up: {who}") }
                     );
                 } else if longest == 0.0 {
                     warned = false;
                 }
                 if stopped_hung.is_none() && s.ranks.hung(now, w.deadline(), hosts.len()) {
                     let stalled = s.ranks.stalled(now, w.interval, w.interval);
-                    let who: Vec<String> = stalled.iter().map(|x| x.describe(hosts.get(x.rank).map_or("?", |h| h.as_str()))).collect();
+                    let who = describe_all(&stalled, &hosts);
                     eprintln!(
                         "glm-launch: no progress for {:.0} s ({}): stopping the job",
                         w.deadline().as_secs_f64(),
-                        if who.is_empty() { "every rank".to_string() } else { who.join("; ") }
+                        if who.is_empty() { "every rank" } else { who.as_str() }
                     );
                     stopped_hung = Some((stalled, now));
                     drop(s);
@@ -500,31 +499,31 @@ pub fn run(argv: &[String], tags: Tags, env: &[(String, String)], hosts: &[Strin
         _ if sig != 0 => (format!("stopped by signal {sig} (forwarded to every worker)"), failure(format!("signal {sig}"), None, None)),
         // a hang: the ranks that held the job up, then who noticed
         (_, _, Some((stalled, _))) => {
-            let who: Vec<String> = stalled.iter().map(|x| x.describe(&host_of(x.rank))).collect();
+            let who = describe_all(stalled, &hosts);
             let first = stalled.first().map(|x| x.rank);
             let report = format!(
                 "the job made no progress for {:.0} s and glm-launch stopped it: {}",
                 watch.map_or(0.0, |w| w.deadline().as_secs_f64()),
-                if who.is_empty() { "no rank named itself".to_string() } else { who.join("; ") }
+                if who.is_empty() { "no rank named itself" } else { who.as_str() }
             );
             (report, failure("no progress".into(), first, first.map(host_of)))
         }
         (_, Some((noticed, stalled)), _) => {
-            let who: Vec<String> = stalled.iter().map(|x| x.describe(&host_of(x.rank))).collect();
+            let who = describe_all(stalled, &hosts);
             let first = stalled.first().map(|x| x.rank);
             let said = s.last_error.get(noticed).map(|e| e.trim_start_matches("glm-worker: error: ").to_string()).unwrap_or_default();
             let culprit = if who.is_empty() {
-                "no rank stopped sending heartbeats: every rank waited in a collective (a collective called in a different order on some rank)".to_string()
+                "no rank stopped sending heartbeats: every rank waited in a collective (a collective called in a different order on some rank)"
             } else {
-                who.join("; ")
+                who.as_str()
             };
             let report = format!("{culprit}; rank {noticed} on {} stopped the job: {said}", host_of(*noticed));
             (report, failure("collective timeout".into(), first.or(Some(*noticed)), Some(host_of(first.unwrap_or(*noticed)))))
         }
         (Some(f), None, None) => {
             let detail = s.last_error.get(&f.rank).map(|e| format!(": {e}")).unwrap_or_default();
-            let report = format!("rank {} on {} {}{detail}; every other worker was stopped", f.rank, failed_host(&f, &hosts), f.cause);
             let host = failed_host(&f, &hosts);
+            let report = format!("rank {} on {host} {}{detail}; every other worker was stopped", f.rank, f.cause);
             (report, failure(f.cause.clone(), Some(f.rank), Some(host)))
         }
         (None, None, None) => {
