@@ -98,6 +98,9 @@ impl Job {
     }
 }
 
+/// The DeepSpeed keys `keep_batch` sets (a later shrink replaces them).
+pub const BATCH_KEYS: [&str; 3] = ["ds.train_batch_size", "ds.train_micro_batch_size_per_gpu", "ds.gradient_accumulation_steps"];
+
 /// The worker `--set`s that keep global batch `b` (taken on another world
 /// size) on `world` ranks with tensor-parallel size `tp`: the same
 /// micro-batch and more (or fewer) accumulation steps. An error lists the
@@ -120,11 +123,7 @@ pub fn keep_batch(b: Batch, world: usize, tp: usize) -> Result<Vec<String>> {
             fits.join(", ")
         );
     }
-    Ok(vec![
-        format!("ds.train_batch_size={}", b.global),
-        format!("ds.train_micro_batch_size_per_gpu={}", b.micro),
-        format!("ds.gradient_accumulation_steps={}", b.global / per_step),
-    ])
+    Ok(BATCH_KEYS.iter().zip([b.global, b.micro, b.global / per_step]).map(|(k, v)| format!("{k}={v}")).collect())
 }
 
 #[cfg(test)]

@@ -605,11 +605,7 @@ fn run(args: &[String]) -> Result<i32> {
                 r.world = shrunk.world_size();
                 r.sets.extend(keep_sets.iter().cloned());
                 r.append(&run_dir)?;
-                extra.retain(|s| {
-                    !s.starts_with("ds.train_batch_size=")
-                        && !s.starts_with("ds.train_micro_batch_size_per_gpu=")
-                        && !s.starts_with("ds.gradient_accumulation_steps=")
-                });
+                extra.retain(|s| !job::BATCH_KEYS.iter().any(|k| s.split_once('=').is_some_and(|(key, _)| key == *k)));
                 extra.extend(keep_sets);
                 place = shrunk;
                 continue;
