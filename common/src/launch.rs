@@ -31,6 +31,15 @@ pub const RESTART_COUNT_VAR: &str = "GLM_RESTART_COUNT";
 /// PyTorch's NCCL watchdog default.
 pub const DEFAULT_COLLECTIVE_TIMEOUT_S: f64 = 600.0;
 
+/// A `--collective-timeout` value: a positive number of seconds (the
+/// worker's parser; glm-launch reads the same flag).
+pub fn positive_seconds(v: &str) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
+        _ => Err(format!("{v}: expected a positive number of seconds")),
+    }
+}
+
 /// The exit code of a rank that stopped because a collective passed its
 /// deadline (`timeout(1)`'s code).
 pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;

@@ -481,7 +481,7 @@ fn run(args: &[String]) -> Result<i32> {
     // the worker's --collective-timeout (which glm-launch passes on as it is), else configs.json's
     let timeout = match job::flag_value(&worker_args, "--collective-timeout") {
         // (a bad value is the worker's to refuse, with its own message)
-        Some(v) => v.parse::<f64>().ok().filter(|t| t.is_finite() && *t > 0.0),
+        Some(v) => launch::positive_seconds(&v).ok(),
         None => job.as_ref().map(|j| j.args.collective_timeout),
     };
     let watch = timeout.filter(|_| job.as_ref().is_some_and(|j| j.trains())).map(|t| supervise::Watch::new(std::time::Duration::from_secs_f64(t)));

@@ -41,7 +41,7 @@ pub struct TrainArgs {
     #[arg(long)]
     show_ignored: bool,
     /// Seconds a rank may wait inside one collective before it stops the job, naming the operation (default: configs.json's collective_timeout, 600)
-    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = glm_common::launch::positive_seconds)]
     collective_timeout: Option<f64>,
 }
 
@@ -166,13 +166,5 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
             println!("train: stopped by signal {sig} after iteration {iteration}{}", if trainer.metrics_dir().is_some() { " (checkpoint saved)" } else { "" });
             Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
         }
-    }
-}
-
-/// A positive number of seconds.
-fn positive_seconds(v: &str) -> std::result::Result<f64, String> {
-    match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
-        _ => Err(format!("{v}: expected a positive number of seconds")),
     }
 }

@@ -265,7 +265,8 @@ impl Trainer {
     /// `load` when configured.
     pub fn new(cfg: RunConfig, opts: TrainOptions, par: Parallel) -> Result<Self> {
         let a = cfg.args.args.clone();
-        // before anything is prepared or written: the save directory is this run's
+        // before anything is prepared or written: the save directory is this
+        // run's (rank 0 claims it, then prepares the data, while the others wait)
         progress::set_phase(Stage::PreparingData);
         let save_dir = match &a.save {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
@@ -293,7 +294,6 @@ impl Trainer {
         // then find both up to date. (Two ranks training tokenizers at once
         // could end with different token ids: training is not deterministic.)
         // Several nodes need the store on a shared filesystem.
-        progress::set_phase(Stage::PreparingData);
         let (tok, meta, outcome, valid_built) = par.main_first("preparing the data", || {
             let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
             println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
