@@ -9,7 +9,8 @@
 //! - `hostfile`: DeepSpeed/OpenMPI hostfiles and DeepSpeed's slot selection;
 //! - `launch`: the environment contract between `glm-launch` and the workers;
 //! - `text`: reading UTF-8 text files (a byte-order mark dropped, binary input named);
-//! - `units`: bytes and counts as messages print them (three figures).
+//! - `units`: bytes and counts as messages print them (three figures);
+//! - `plan`: memory and speed of a job before it runs, and device profiles.
 
 pub mod args;
 pub mod dims;
@@ -17,6 +18,7 @@ pub mod ds;
 pub mod error;
 pub mod hostfile;
 pub mod launch;
+pub mod plan;
 pub mod text;
 pub mod units;
 

@@ -1,0 +1,144 @@
+//! A device profile: what one rank of a machine achieves, measured by
+//! `glm-worker bench-step --profile-out` and read by the planner
+//! (`glm-launch plan --profile`). JSON, versioned; every rate is what a
+//! training step sees (forward and backward kernels, this build of
+//! libtorch, this thread count), not a datasheet peak.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The `format` field of a profile file.
+pub const PROFILE_FORMAT: &str = "glm-profile";
+/// The profile format this code writes and reads.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// Element types the planner distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::Fp32 => 4,
+            Dtype::Bf16 | Dtype::Fp16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp16 => "fp16",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Dtype> {
+        match s {
+            "fp32" => Some(Dtype::Fp32),
+            "bf16" => Some(Dtype::Bf16),
+            "fp16" => Some(Dtype::Fp16),
+            _ => None,
+        }
+    }
+}
+
+/// One timed matrix multiply `(m × k) · (k × n)`: `tflops` = 2·m·n·k / time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gemm {
+    pub dtype: Dtype,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub tflops: f64,
+}
+
+/// Attention forward + backward as the model runs it
+/// (`scaled_dot_product_attention` under a boolean mask): `tflops` counts
+/// 4·b·a·s²·d forward and twice that backward (the recomputation of a fused
+/// kernel's backward not counted).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attention {
+    pub dtype: Dtype,
+    pub batch: u64,
+    pub heads: u64,
+    pub seq: u64,
+    pub head_dim: u64,
+    /// With attention dropout (which may choose another kernel).
+    pub dropout: bool,
+    pub tflops: f64,
+    /// Bytes the forward kept for backward, per (batch × heads × seq²):
+    /// about 0 for a fused kernel, several for the unfused one (scores,
+    /// probabilities, dropout mask). Absent: not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_bytes_per_score: Option<f64>,
+}
+
+/// A collective's bus bandwidth over `ranks` ranks (NCCL-tests' convention:
+/// an all-reduce moves 2(p−1)/p of its bytes per rank).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Collective {
+    pub op: String,
+    pub ranks: u64,
+    pub bytes: u64,
+    pub bus_gbps: f64,
+}
+
+/// What one rank of a machine achieves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub format: String,
+    pub version: u32,
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// The device's name (CPU model or GPU name).
+    pub device: String,
+    /// Intra-op threads the measurements used (CPU).
+    pub threads: u64,
+    /// Memory one rank may use: the GPU's memory, or the host's physical
+    /// memory divided by the ranks it will hold (CPU).
+    pub memory_bytes: u64,
+    /// Memory a rank holds before the model: the process with libtorch
+    /// initialised (CPU resident set), or the CUDA context and allocator
+    /// (GPU).
+    pub baseline_bytes: u64,
+    pub gemm: Vec<Gemm>,
+    pub attention: Vec<Attention>,
+    /// Elementwise kernels' effective bandwidth (bytes read + written per
+    /// second) per dtype, in GB/s: LayerNorm, GeLU, dropout, residuals and
+    /// AdamW are bound by it.
+    pub elementwise_gbps: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    pub collectives: Vec<Collective>,
+    /// How it was measured.
+    #[serde(default)]
+    pub command: String,
+    #[serde(default)]
+    pub created: String,
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Profile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e} (a profile from glm-worker bench-step --profile-out)", path.display())))?;
+        let p: Profile = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}:{}:{}: not a device profile: {e}", path.display(), e.line(), e.column())))?;
+        if p.format != PROFILE_FORMAT {
+            return Err(Error::Config(format!("{}: format \"{}\", expected \"{PROFILE_FORMAT}\"", path.display(), p.format)));
+        }
+        if p.version != PROFILE_VERSION {
+            return Err(Error::Config(format!(
+                "{}: profile version {}, this build reads version {PROFILE_VERSION}: measure again with glm-worker bench-step --profile-out",
+                path.display(),
+                p.version
+            )));
+        }
+        if p.gemm.is_empty() {
+            return Err(Error::Config(format!("{}: no gemm measurements", path.display())));
+        }
+        Ok(p)
+    }
+}
