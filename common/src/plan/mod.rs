@@ -1,5 +1,419 @@
 //! The planner: per-rank memory and step time of a training job, from its
 //! configuration, the cluster and a device description, without libtorch
-//! (`glm-launch plan`, and glm-launch's preflight check).
+//! (`glm-launch plan`, and glm-launch's preflight check). docs/scale.md
+//! derives the formulas and shows worked plans.
+//!
+//! - `model`: the shape, parameters per rank (exact), FLOPs;
+//! - `memory`: model states (exact, buffer by buffer), buckets,
+//!   activations and transients (estimates);
+//! - `speed`: compute, elementwise, optimizer and communication time;
+//! - `device`: the built-in GPU table, and a measured `profile`.
 
+pub mod device;
+pub mod memory;
+pub mod model;
 pub mod profile;
+pub mod speed;
+
+use serde::Serialize;
+
+use device::Device;
+use memory::{Activations, Dropouts, States};
+use model::Shape;
+use profile::Dtype;
+use speed::Speed;
+
+/// How one job is laid out over its ranks: what the search varies.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Layout {
+    pub tp: u64,
+    pub dp: u64,
+    pub zero: u8,
+    pub micro: u64,
+    pub accum: u64,
+    /// Layers per checkpointed chunk (0: no activation checkpointing).
+    pub checkpoint_layers: u64,
+    pub dtype: Dtype,
+    /// ZeRO's reduce_bucket_size and allgather_bucket_size (elements).
+    pub reduce_bucket: u64,
+    pub allgather_bucket: u64,
+}
+
+/// The machines: `nodes` × `per_node` ranks, tensor-parallel groups inside
+/// a node (Megatron's order), data-parallel groups across nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Cluster {
+    pub nodes: u64,
+    pub per_node: u64,
+}
+
+impl Cluster {
+    pub fn world(&self) -> u64 {
+        self.nodes * self.per_node
+    }
+    fn tp_bus_gbps(&self, d: &Device) -> f64 {
+        d.intra_bus_gbps
+    }
+    /// A data-parallel group crosses nodes when there are several and the
+    /// tensor-parallel groups leave more than one rank per node to it.
+    fn dp_bus_gbps(&self, d: &Device, _tp: u64) -> f64 {
+        if self.nodes > 1 {
+            d.inter_bus_gbps
+        } else {
+            d.intra_bus_gbps
+        }
+    }
+}
+
+/// What a plan needs of the job apart from its layout.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Job {
+    /// The tokenizer's ids before padding, and the padding rule
+    /// (make_vocab_size_divisible_by; under tensor parallelism the vocabulary
+    /// is padded to a multiple of it and of the size).
+    pub vocab: u64,
+    pub divisible_by: u64,
+    pub hidden: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub ffn: u64,
+    pub max_position_embeddings: u64,
+    pub block_position: bool,
+    pub seq: u64,
+    /// Sequences per optimizer step, over every data-parallel rank.
+    pub global_batch: u64,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub fp32_layernorm: bool,
+    /// Loss positions as a share of the sequence (GLM's Part B), at most.
+    pub loss_fraction: f64,
+    pub train_iters: u64,
+    /// Host copies of a checkpoint written in the background (bytes per
+    /// parameter of a rank's part: fp32 weights, and moments when saved).
+    pub snapshot: Option<Snapshot>,
+}
+
+/// What a background checkpoint copies to host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub with_optimizer: bool,
+}
+
+impl Job {
+    /// The shape at tensor-parallel size `tp` (the vocabulary padded for it).
+    pub fn shape(&self, tp: u64) -> Shape {
+        let m = lcm(self.divisible_by.max(1), tp);
+        Shape {
+            vocab: self.vocab.div_ceil(m) * m,
+            hidden: self.hidden,
+            layers: self.layers,
+            heads: self.heads,
+            ffn: self.ffn,
+            max_position_embeddings: self.max_position_embeddings,
+            block_position: self.block_position,
+            seq: self.seq,
+        }
+    }
+
+    fn dropouts(&self) -> Dropouts {
+        Dropouts { hidden: self.hidden_dropout, attention: self.attention_dropout, fp32_layernorm: self.fp32_layernorm }
+    }
+
+    /// Why `tp` cannot split this model, if it cannot.
+    pub fn split_error(&self, tp: u64) -> Option<String> {
+        let t = tp as usize;
+        crate::dims::check_split(t, self.hidden as usize, self.heads as usize, self.ffn as usize).err()
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    a / gcd(a, b) * b
+}
+
+/// Memory of one rank: the breakdown and the total against the device.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Memory {
+    pub states: StatesOut,
+    /// ZeRO's gradient buckets in flight (stage 2: the buckets held during
+    /// backward and a reduce-scatter's output; stage 1: one unit's output).
+    pub buckets: f64,
+    pub activations: ActivationsOut,
+    /// The process before the model (CUDA context, libtorch), and the
+    /// allocator's fragmentation.
+    pub baseline: f64,
+    pub fragmentation: f64,
+    /// Host copies of a checkpoint being written in the background (device
+    /// memory on CPU, host memory on GPUs: not in `peak` there).
+    pub snapshot: f64,
+    /// The training step's peak.
+    pub peak: f64,
+    pub device: f64,
+    /// A resume at another data-parallel size reads this rank's part of the
+    /// checkpoint's fp32 weights and moments whole before re-partitioning.
+    pub resume_transient: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StatesOut {
+    pub params: u64,
+    pub grads: u64,
+    pub master: u64,
+    pub moments: u64,
+    /// What glm-worker prints as "optimizer state" (masters + moments).
+    pub optimizer: u64,
+    pub total: u64,
+}
+
+impl From<States> for StatesOut {
+    fn from(s: States) -> Self {
+        StatesOut { params: s.params, grads: s.grads, master: s.master, moments: s.moments, optimizer: s.optimizer(), total: s.total() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ActivationsOut {
+    pub per_layer: f64,
+    pub layers_full: f64,
+    pub layers_kept: f64,
+    pub head: f64,
+    pub mask: f64,
+    pub transient: f64,
+    /// Unfused attention (libtorch's CPU path with attention dropout).
+    pub unfused_attention: bool,
+}
+
+/// The plan of one layout.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub layout: Layout,
+    pub cluster: Cluster,
+    pub params_total: u64,
+    pub params_per_rank: u64,
+    pub padded_vocab: u64,
+    pub loss_tokens: f64,
+    pub memory: Memory,
+    pub fits: bool,
+    pub speed: Speed,
+    pub model_flops_per_token: f64,
+    /// Seconds to train_iters.
+    pub time_to_train_s: f64,
+}
+
+/// The plan of `layout` for `job` on `dev`.
+pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
+    let s = job.shape(l.tp);
+    let loss_tokens = (job.loss_fraction * s.seq as f64).ceil() * l.micro as f64;
+    let kernel = dev.kernel(job.attention_dropout, l.dtype);
+    let st = memory::states(&s, l);
+    let a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts());
+    let e = l.dtype.bytes() as f64;
+    let unit = memory::unit(&s, l) as f64;
+    let buckets = match (l.zero, l.dp) {
+        (_, 1) | (0, _) => 0.0,
+        (1, d) => 4.0 * unit / d as f64,
+        (_, d) => 2.0 * unit * e + unit * e / d as f64,
+    };
+    let padded = s.padded_per_rank(l.tp, l.dp) as f64;
+    let snapshot = match job.snapshot {
+        Some(sn) => {
+            let moments = if !sn.with_optimizer {
+                0.0
+            } else if l.zero == 0 {
+                8.0 * padded
+            } else {
+                8.0 * padded / l.dp as f64
+            };
+            4.0 * padded + moments
+        }
+        None => 0.0,
+    };
+    let dynamic = a.kept() + a.transient;
+    let fragmentation = dynamic * dev.fragmentation;
+    let baseline = dev.baseline_bytes as f64;
+    let host_snapshot = if dev.cuda { 0.0 } else { snapshot };
+    let peak = baseline + st.total() as f64 + buckets + dynamic + fragmentation + host_snapshot;
+    let memory = Memory {
+        states: st.into(),
+        buckets,
+        activations: ActivationsOut {
+            per_layer: a.per_layer,
+            layers_full: a.layers_full,
+            layers_kept: a.layers_kept,
+            head: a.head,
+            mask: a.mask,
+            transient: a.transient,
+            unfused_attention: matches!(kernel, memory::Kernel::Unfused { .. }),
+        },
+        baseline,
+        fragmentation,
+        snapshot,
+        peak,
+        device: dev.memory_bytes as f64,
+        resume_transient: 12.0 * padded,
+    };
+    let sp = speed::step(&s, l, dev, c, loss_tokens, job.attention_dropout, kernel);
+    Plan {
+        layout: *l,
+        cluster: *c,
+        params_total: s.params_total(),
+        params_per_rank: s.params_per_rank(l.tp),
+        padded_vocab: s.vocab,
+        loss_tokens,
+        fits: peak <= dev.memory_bytes as f64,
+        memory,
+        model_flops_per_token: s.model_flops_per_token(),
+        time_to_train_s: sp.step_s * job.train_iters as f64,
+        speed: sp,
+    }
+}
+
+/// Every layout of the cluster's ranks that keeps `job.global_batch`:
+/// tensor-parallel sizes inside a node that split the model, ZeRO stages
+/// 0-2 (1-2 only with data parallelism), every micro-batch that divides
+/// the batch, checkpointing off or every layer. `base` gives the dtype and
+/// buckets. Sorted: layouts that fit first, fastest first.
+pub fn search(job: &Job, base: &Layout, dev: &Device, c: &Cluster) -> Vec<Plan> {
+    let world = c.world();
+    let mut out = Vec::new();
+    for tp in (1..=c.per_node.min(world)).filter(|t| world % t == 0 && c.per_node % t == 0) {
+        if job.split_error(tp).is_some() || job.divisible_by % tp != 0 {
+            continue;
+        }
+        let dp = world / tp;
+        if job.global_batch % dp != 0 {
+            continue;
+        }
+        let per_rank = job.global_batch / dp;
+        for micro in (1..=per_rank).filter(|m| per_rank % m == 0) {
+            for zero in 0..=2u8 {
+                if zero > 0 && dp == 1 {
+                    continue;
+                }
+                for ck in [0, 1] {
+                    let l = Layout { tp, dp, zero, micro, accum: per_rank / micro, checkpoint_layers: ck, ..*base };
+                    out.push(plan(job, &l, dev, c));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| b.fits.cmp(&a.fits).then(b.speed.tokens_per_s.total_cmp(&a.speed.tokens_per_s)).then(a.memory.peak.total_cmp(&b.memory.peak)));
+    out
+}
+
+/// The worker `--set`s that select layout `l`.
+pub fn sets(l: &Layout) -> Vec<String> {
+    let mut v = vec![
+        format!("model_parallel_size={}", l.tp),
+        format!("ds.zero_optimization.stage={}", l.zero),
+        format!("ds.train_micro_batch_size_per_gpu={}", l.micro),
+        format!("ds.gradient_accumulation_steps={}", l.accum),
+        format!("ds.train_batch_size={}", l.micro * l.accum * l.dp),
+        format!("checkpoint_activations={}", l.checkpoint_layers > 0),
+    ];
+    if l.checkpoint_layers > 0 {
+        v.push(format!("checkpoint_num_layers={}", l.checkpoint_layers));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use device::gpu;
+
+    fn job() -> Job {
+        Job {
+            vocab: 30522,
+            divisible_by: 128,
+            hidden: 1024,
+            layers: 24,
+            heads: 16,
+            ffn: 4096,
+            max_position_embeddings: 512,
+            block_position: true,
+            seq: 512,
+            global_batch: 128,
+            hidden_dropout: 0.1,
+            attention_dropout: 0.1,
+            fp32_layernorm: false,
+            loss_fraction: 0.5,
+            train_iters: 1000,
+            snapshot: None,
+        }
+    }
+
+    fn base() -> Layout {
+        Layout {
+            tp: 1,
+            dp: 8,
+            zero: 1,
+            micro: 16,
+            accum: 1,
+            checkpoint_layers: 0,
+            dtype: Dtype::Bf16,
+            reduce_bucket: 500_000_000,
+            allgather_bucket: 500_000_000,
+        }
+    }
+
+    #[test]
+    fn vocabulary_padding() {
+        assert_eq!(job().shape(1).vocab, 30592);
+        assert_eq!(Job { divisible_by: 1, vocab: 1001, ..job() }.shape(4).vocab, 1004);
+    }
+
+    /// The search keeps the global batch, only fits before misfits, and
+    /// its first layout is the fastest that fits.
+    #[test]
+    fn search_keeps_the_batch_and_ranks_by_speed() {
+        let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
+        let c = Cluster { nodes: 1, per_node: 8 };
+        let all = search(&job(), &base(), &dev, &c);
+        assert!(all.len() > 20);
+        for p in &all {
+            assert_eq!(p.layout.micro * p.layout.accum * p.layout.dp, 128);
+            assert_eq!(p.layout.tp * p.layout.dp, 8);
+        }
+        let fits: Vec<&Plan> = all.iter().take_while(|p| p.fits).collect();
+        assert!(!fits.is_empty() && fits.windows(2).all(|w| w[0].speed.tokens_per_s >= w[1].speed.tokens_per_s));
+        assert!(all[fits.len()..].iter().all(|p| !p.fits));
+        // heads 16 split over 1, 2, 4, 8: all four sizes appear
+        let tps: std::collections::BTreeSet<u64> = all.iter().map(|p| p.layout.tp).collect();
+        assert_eq!(tps.into_iter().collect::<Vec<_>>(), vec![1, 2, 4, 8]);
+    }
+
+    /// A model whose states alone exceed the device does not fit, and
+    /// checkpointing lowers the activations kept.
+    #[test]
+    fn fit_and_checkpointing() {
+        let dev = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
+        let c = Cluster { nodes: 1, per_node: 1 };
+        let big = Job { hidden: 12288, layers: 70, heads: 96, ffn: 4 * 12288, seq: 2048, global_batch: 1, ..job() };
+        let l = Layout { dp: 1, zero: 0, micro: 1, ..base() };
+        assert!(!plan(&big, &l, &dev, &c).fits);
+        let small = plan(&job(), &Layout { dp: 1, zero: 0, micro: 1, ..base() }, &dev, &c);
+        let ck = plan(&job(), &Layout { dp: 1, zero: 0, micro: 1, checkpoint_layers: 1, ..base() }, &dev, &c);
+        assert!(small.fits && ck.memory.activations.layers_kept < small.memory.activations.layers_kept / 5.0);
+        assert!(ck.speed.step_s > small.speed.step_s);
+    }
+
+    #[test]
+    fn sets_select_the_layout() {
+        let s = sets(&Layout { tp: 2, dp: 4, zero: 2, micro: 8, accum: 4, checkpoint_layers: 1, ..base() });
+        assert_eq!(
+            s,
+            [
+                "model_parallel_size=2", "ds.zero_optimization.stage=2", "ds.train_micro_batch_size_per_gpu=8", "ds.gradient_accumulation_steps=4",
+                "ds.train_batch_size=128", "checkpoint_activations=true", "checkpoint_num_layers=1"
+            ]
+        );
+    }
+}

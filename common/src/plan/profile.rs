@@ -124,8 +124,10 @@ pub struct Profile {
 
 impl Profile {
     pub fn load(path: &Path) -> Result<Profile> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e} (a profile from glm-worker bench-step --profile-out)", path.display())))?;
-        let p: Profile = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}:{}:{}: not a device profile: {e}", path.display(), e.line(), e.column())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e} (a profile from glm-worker bench-step --profile-out)", path.display())))?;
+        let p: Profile =
+            serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}:{}:{}: not a device profile: {e}", path.display(), e.line(), e.column())))?;
         if p.format != PROFILE_FORMAT {
             return Err(Error::Config(format!("{}: format \"{}\", expected \"{PROFILE_FORMAT}\"", path.display(), p.format)));
         }

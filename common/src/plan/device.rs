@@ -1,0 +1,289 @@
+//! What a device achieves: a built-in table of data-centre GPUs (datasheet
+//! peaks and link bandwidths, each overridable), or a measured profile
+//! (`glm-worker bench-step --profile-out`), which wins where it has a
+//! figure.
+
+use super::profile::{Dtype, Profile};
+
+/// A GPU's datasheet figures (dense, no sparsity).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gpu {
+    /// The name `--gpu` takes.
+    pub key: &'static str,
+    pub name: &'static str,
+    pub memory_gb: f64,
+    /// bf16/fp16 tensor-core peak, TFLOP/s.
+    pub tflops_16: f64,
+    /// TF32 tensor-core peak (fp32 matmuls with TF32 allowed).
+    pub tflops_tf32: f64,
+    /// fp32 without tensor cores (libtorch's default for fp32 matmuls).
+    pub tflops_fp32: f64,
+    /// Memory bandwidth, GB/s.
+    pub hbm_gbps: f64,
+    /// NVLink (or PCIe) bandwidth per GPU and direction, GB/s.
+    pub intra_gbps: f64,
+    /// Network bandwidth per GPU and direction between nodes, GB/s.
+    pub inter_gbps: f64,
+}
+
+/// The built-in devices: NVIDIA's datasheets; network as in the reference
+/// systems (DGX A100: 8 × 200 Gb/s HDR, DGX H100/H200: 8 × 400 Gb/s NDR,
+/// one NIC per GPU; PCIe servers: one 200 Gb/s NIC per GPU).
+pub const GPUS: &[Gpu] = &[
+    Gpu {
+        key: "a100-40gb",
+        name: "A100 SXM 40GB",
+        memory_gb: 40.0,
+        tflops_16: 312.0,
+        tflops_tf32: 156.0,
+        tflops_fp32: 19.5,
+        hbm_gbps: 1555.0,
+        intra_gbps: 300.0,
+        inter_gbps: 25.0,
+    },
+    Gpu {
+        key: "a100-80gb",
+        name: "A100 SXM 80GB",
+        memory_gb: 80.0,
+        tflops_16: 312.0,
+        tflops_tf32: 156.0,
+        tflops_fp32: 19.5,
+        hbm_gbps: 2039.0,
+        intra_gbps: 300.0,
+        inter_gbps: 25.0,
+    },
+    Gpu {
+        key: "h100-sxm",
+        name: "H100 SXM 80GB",
+        memory_gb: 80.0,
+        tflops_16: 989.0,
+        tflops_tf32: 494.0,
+        tflops_fp32: 67.0,
+        hbm_gbps: 3350.0,
+        intra_gbps: 450.0,
+        inter_gbps: 50.0,
+    },
+    Gpu {
+        key: "h100-pcie",
+        name: "H100 PCIe 80GB",
+        memory_gb: 80.0,
+        tflops_16: 756.0,
+        tflops_tf32: 378.0,
+        tflops_fp32: 51.0,
+        hbm_gbps: 2000.0,
+        intra_gbps: 64.0,
+        inter_gbps: 25.0,
+    },
+    Gpu {
+        key: "h200",
+        name: "H200 SXM 141GB",
+        memory_gb: 141.0,
+        tflops_16: 989.0,
+        tflops_tf32: 494.0,
+        tflops_fp32: 67.0,
+        hbm_gbps: 4800.0,
+        intra_gbps: 450.0,
+        inter_gbps: 50.0,
+    },
+];
+
+/// The keys `--gpu` accepts.
+pub fn gpu_keys() -> String {
+    GPUS.iter().map(|g| g.key).collect::<Vec<_>>().join(", ")
+}
+
+/// The table entry `key` names (case and `-`/`_` insensitive).
+pub fn gpu(key: &str) -> Option<&'static Gpu> {
+    let k = key.to_ascii_lowercase().replace('_', "-");
+    GPUS.iter().find(|g| g.key == k)
+}
+
+/// Fractions of a datasheet peak a step's kernels reach, for a table
+/// device: the H200 measurements in docs/gpu_check_h200.log (bf16 GEMMs at
+/// GLM-Large's shapes 568-685 of 989 TFLOP/s; eager attention and
+/// elementwise kernels far below).
+pub const GEMM_EFFICIENCY: f64 = 0.62;
+pub const ATTENTION_EFFICIENCY: f64 = 0.30;
+pub const ELEMENTWISE_EFFICIENCY: f64 = 0.55;
+pub const BUS_EFFICIENCY: f64 = 0.80;
+/// A CUDA rank's memory before the model: context, libtorch's kernels,
+/// NCCL's buffers.
+pub const CUDA_BASELINE_BYTES: u64 = 1_200_000_000;
+/// The caching allocator's rounding and fragmentation on top of what is
+/// live (a fraction of activations and transients).
+pub const CUDA_FRAGMENTATION: f64 = 0.10;
+
+/// The device a plan is for: a table GPU with overrides, or a profile.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub name: String,
+    pub cuda: bool,
+    pub memory_bytes: u64,
+    pub baseline_bytes: u64,
+    /// Peak (or best measured) matmul TFLOP/s per dtype: MFU's denominator.
+    pub peak_tflops: [f64; 3],
+    pub hbm_gbps: f64,
+    /// Bus bandwidth of collectives inside a node and between nodes.
+    pub intra_bus_gbps: f64,
+    pub inter_bus_gbps: f64,
+    pub fragmentation: f64,
+    pub profile: Option<Profile>,
+    /// TF32 matmuls for fp32 (libtorch's default is off).
+    pub tf32: bool,
+}
+
+fn slot(d: Dtype) -> usize {
+    match d {
+        Dtype::Fp32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::Fp16 => 2,
+    }
+}
+
+impl Device {
+    pub fn from_gpu(g: &Gpu, tf32: bool) -> Device {
+        let fp32 = if tf32 { g.tflops_tf32 } else { g.tflops_fp32 };
+        Device {
+            name: g.name.to_string(),
+            cuda: true,
+            memory_bytes: (g.memory_gb * 1e9) as u64,
+            baseline_bytes: CUDA_BASELINE_BYTES,
+            peak_tflops: [fp32, g.tflops_16, g.tflops_16],
+            hbm_gbps: g.hbm_gbps,
+            intra_bus_gbps: g.intra_gbps * BUS_EFFICIENCY,
+            inter_bus_gbps: g.inter_gbps * BUS_EFFICIENCY,
+            fragmentation: CUDA_FRAGMENTATION,
+            profile: None,
+            tf32,
+        }
+    }
+
+    pub fn from_profile(p: Profile) -> Device {
+        let cuda = p.kind == "cuda";
+        let best = |d: Dtype| p.gemm.iter().filter(|g| g.dtype == d).map(|g| g.tflops).fold(0.0, f64::max);
+        let bus = p.collectives.iter().filter(|c| c.op == "all_reduce").map(|c| c.bus_gbps).fold(0.0, f64::max);
+        let ew = p.elementwise_gbps.get("fp32").copied().unwrap_or(0.0);
+        Device {
+            name: format!("{} ({} profile, {} thread(s))", p.device, p.kind, p.threads),
+            cuda,
+            memory_bytes: p.memory_bytes,
+            baseline_bytes: p.baseline_bytes,
+            peak_tflops: [best(Dtype::Fp32), best(Dtype::Bf16), best(Dtype::Fp16)],
+            hbm_gbps: ew,
+            intra_bus_gbps: bus,
+            inter_bus_gbps: bus,
+            fragmentation: if cuda { CUDA_FRAGMENTATION } else { 0.0 },
+            profile: Some(p),
+            tf32: false,
+        }
+    }
+
+    pub fn peak(&self, d: Dtype) -> f64 {
+        let p = self.peak_tflops[slot(d)];
+        if p > 0.0 {
+            p
+        } else {
+            self.peak_tflops[0]
+        }
+    }
+
+    /// TFLOP/s of an `(m × k)·(k × n)` matmul: the profile's measurement of
+    /// the nearest shape in this dtype (nearest in log-size per dimension),
+    /// else the peak × `GEMM_EFFICIENCY`, less for a small shape (a matmul
+    /// with a dimension under 1024 keeps fewer units busy).
+    pub fn gemm_tflops(&self, d: Dtype, m: u64, n: u64, k: u64) -> f64 {
+        if let Some(p) = &self.profile {
+            let dist =
+                |g: &super::profile::Gemm| [(g.m, m), (g.n, n), (g.k, k)].iter().map(|&(a, b)| (a.max(1) as f64 / b.max(1) as f64).ln().abs()).sum::<f64>();
+            if let Some(g) = p.gemm.iter().filter(|g| g.dtype == d && g.tflops > 0.0).min_by(|a, b| dist(a).total_cmp(&dist(b))) {
+                return g.tflops;
+            }
+        }
+        let small = (m.min(n).min(k) as f64 / 1024.0).min(1.0).sqrt();
+        self.peak(d) * GEMM_EFFICIENCY * small.max(0.1)
+    }
+
+    /// TFLOP/s of the attention's forward and backward at `(b, a, s, d)`:
+    /// the profile's nearest measurement (same dtype and dropout), else
+    /// the peak × `ATTENTION_EFFICIENCY`.
+    pub fn attention_tflops(&self, dt: Dtype, dropout: bool, b: u64, a: u64, s: u64, hd: u64) -> f64 {
+        if let Some(p) = &self.profile {
+            let size = |x: f64| x.ln();
+            let want = size((b * a * s * s * hd) as f64);
+            let near = p.attention.iter().filter(|x| x.dtype == dt && x.dropout == dropout && x.tflops > 0.0).min_by(|x, y| {
+                (size((x.batch * x.heads * x.seq * x.seq * x.head_dim) as f64) - want)
+                    .abs()
+                    .total_cmp(&(size((y.batch * y.heads * y.seq * y.seq * y.head_dim) as f64) - want).abs())
+            });
+            if let Some(x) = near {
+                return x.tflops;
+            }
+        }
+        self.peak(dt) * ATTENTION_EFFICIENCY
+    }
+
+    /// Effective bandwidth of elementwise kernels in `d`, GB/s.
+    pub fn elementwise_gbps(&self, d: Dtype) -> f64 {
+        if let Some(p) = &self.profile {
+            if let Some(v) = p.elementwise_gbps.get(d.name()).or(p.elementwise_gbps.get("fp32")) {
+                return *v;
+            }
+        }
+        self.hbm_gbps * ELEMENTWISE_EFFICIENCY
+    }
+
+    /// The attention kernel the worker gets here (`memory::Kernel`): CUDA's
+    /// are fused under any mask and dropout; libtorch's CPU flash kernel
+    /// takes no dropout, so with attention dropout the unfused path runs,
+    /// in fp32 for 16-bit inputs.
+    pub fn kernel(&self, attention_dropout: f64, d: Dtype) -> super::memory::Kernel {
+        if self.cuda || attention_dropout == 0.0 {
+            super::memory::Kernel::Fused
+        } else {
+            super::memory::Kernel::Unfused { bytes: d.bytes().max(4) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::profile::{Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
+
+    #[test]
+    fn table_lookups() {
+        assert_eq!(gpu("H100_SXM").unwrap().tflops_16, 989.0);
+        assert!(gpu("v100").is_none());
+        let d = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
+        assert_eq!(d.peak(Dtype::Fp32), 19.5);
+        assert_eq!(d.gemm_tflops(Dtype::Bf16, 8192, 4096, 1024), 312.0 * GEMM_EFFICIENCY);
+        assert_eq!(d.gemm_tflops(Dtype::Bf16, 8192, 4096, 256), 312.0 * GEMM_EFFICIENCY * 0.5);
+    }
+
+    #[test]
+    fn profile_picks_the_nearest_shape() {
+        let g = |m, n, k, t| Gemm { dtype: Dtype::Fp32, m, n, k, tflops: t };
+        let p = Profile {
+            format: PROFILE_FORMAT.into(),
+            version: PROFILE_VERSION,
+            kind: "cpu".into(),
+            device: "test".into(),
+            threads: 1,
+            memory_bytes: 1 << 30,
+            baseline_bytes: 1 << 28,
+            gemm: vec![g(256, 256, 256, 0.05), g(2048, 768, 256, 0.08), g(2048, 256, 1024, 0.07)],
+            attention: vec![],
+            elementwise_gbps: [("fp32".to_string(), 5.0)].into(),
+            collectives: vec![],
+            command: String::new(),
+            created: String::new(),
+        };
+        let d = Device::from_profile(p);
+        assert_eq!(d.gemm_tflops(Dtype::Fp32, 2048, 768, 256), 0.08);
+        assert_eq!(d.gemm_tflops(Dtype::Fp32, 4096, 256, 1024), 0.07);
+        assert_eq!(d.peak(Dtype::Fp32), 0.08);
+        // no bf16 measured: the fp32 best, discounted as a table device would be
+        assert_eq!(d.gemm_tflops(Dtype::Bf16, 300, 300, 300), 0.08 * GEMM_EFFICIENCY * (300.0f64 / 1024.0).sqrt());
+        assert_eq!(d.elementwise_gbps(Dtype::Bf16), 5.0);
+    }
+}

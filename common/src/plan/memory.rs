@@ -1,0 +1,219 @@
+//! Memory one rank needs: model states exactly as glm-worker allocates
+//! them, and estimates of the rest (buckets, activations, transients).
+
+use super::model::Shape;
+use super::profile::Dtype;
+use super::Layout;
+
+/// Model-state bytes of one rank, buffer by buffer as glm-worker's
+/// optimizer keeps them (`Optimizer::memory`): exact, not a theory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct States {
+    /// The flat parameter buffer in the compute dtype.
+    pub params: u64,
+    /// Gradients: the compute-dtype buffer (stages 0-1), the fp32
+    /// accumulator of mixed precision (stages 0-1), the fp32 shard gradient
+    /// (stages 1-2).
+    pub grads: u64,
+    /// fp32 master weights of this rank's shard (bf16/fp16).
+    pub master: u64,
+    /// AdamW's two fp32 moments of this rank's shard.
+    pub moments: u64,
+}
+
+impl States {
+    pub fn total(&self) -> u64 {
+        self.params + self.grads + self.master + self.moments
+    }
+    /// What glm-worker calls optimizer state: masters and moments.
+    pub fn optimizer(&self) -> u64 {
+        self.master + self.moments
+    }
+}
+
+/// The model states of one rank of `layout`.
+pub fn states(s: &Shape, l: &Layout) -> States {
+    let padded = s.padded_per_rank(l.tp, l.dp);
+    let e = l.dtype.bytes();
+    let mixed = l.dtype != Dtype::Fp32;
+    // the optimizer partitions over data-parallel ranks only at stages 1-2
+    let shard = if l.zero > 0 { padded / l.dp } else { padded };
+    let grads = match l.zero {
+        0 => padded * e + if mixed { 4 * padded } else { 0 },
+        1 => padded * e + if mixed { 4 * padded } else { 0 } + 4 * shard,
+        // the compute-dtype buffer released: buckets feed the fp32 shard
+        _ => 4 * shard,
+    };
+    States { params: padded * e, grads, master: if mixed { 4 * shard } else { 0 }, moments: 8 * shard }
+}
+
+/// Elements of a ZeRO unit (a reduce-scatter bucket), as the worker cuts
+/// the flat buffer: `reduce_bucket_size` rounded down to a multiple of
+/// 64·dp, at least one such multiple, at most the buffer.
+pub fn unit(s: &Shape, l: &Layout) -> u64 {
+    let padded = s.padded_per_rank(l.tp, l.dp);
+    let q = 64 * l.dp;
+    (l.reduce_bucket / q * q).max(q).min(padded.max(q))
+}
+
+/// Which attention kernel the model's `scaled_dot_product_attention` (a
+/// boolean mask) gets: a fused one keeps O(s) per head for backward; the
+/// unfused one (libtorch's CPU path with attention dropout) keeps the
+/// scores, their softmax and the dropout mask, O(s²), in fp32 for 16-bit
+/// inputs on CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Fused,
+    Unfused { bytes: u64 },
+}
+
+/// Activation bytes of one micro-batch of `b` sequences on one rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Activations {
+    /// One layer's saved tensors.
+    pub per_layer: f64,
+    /// Every layer's, without checkpointing.
+    pub layers_full: f64,
+    /// What the layers keep with this layout's checkpointing (chunk inputs,
+    /// and one recomputed chunk's during backward).
+    pub layers_kept: f64,
+    /// The embeddings' dropout mask, the final LayerNorm's input, the loss
+    /// positions' hidden states and their log-softmax.
+    pub head: f64,
+    /// The (b, 1, s, s) boolean attention mask every layer shares.
+    pub mask: f64,
+    /// The largest transient on top: the logits at the loss (forward:
+    /// compute-dtype logits and their fp32 copy; backward: two fp32
+    /// gradients of the log-softmax), or one layer's backward (the gradient
+    /// of the residual stream and of the widest intermediate; the unfused
+    /// kernel's score gradients).
+    pub transient: f64,
+}
+
+impl Activations {
+    pub fn kept(&self) -> f64 {
+        self.layers_kept + self.head + self.mask
+    }
+}
+
+/// The activations of one micro-batch, derived for GLM's layer as the
+/// worker runs it (docs/scale.md, "Activations"). Per layer, with
+/// t = s·b·h elements, e bytes an element, p the tensor-parallel size:
+/// the two LayerNorms' inputs and outputs 4·t·e and the two dropout masks
+/// 2·t bytes (replicated: they are on every tensor-parallel rank), and
+/// split over p: the attention's query, key, value and output 4·t·e (fused
+/// kernel), the projection's contiguous input t·e, the GeLU's input and
+/// output 8·t·e. Korthikanti et al. 2022 count 34·t bytes + 5·a·s²·b in
+/// 16-bit: the unfused attention's scores; here a fused kernel keeps none,
+/// the output is kept twice (kernel output and the transposed copy the
+/// projection saves), and the query/key scaling is folded.
+pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kernel, c: &Dropouts) -> Activations {
+    let e = l.dtype.bytes() as f64;
+    let p = l.tp as f64;
+    let t = (s.seq * b * s.hidden) as f64;
+    let scores = (b * s.heads * s.seq * s.seq) as f64 / p;
+    // LayerNorm inputs in fp32 copies when fp32_layernorm runs 16-bit
+    let ln_in = if c.fp32_layernorm && e < 4.0 { 4.0 } else { e };
+    let masks = if c.hidden > 0.0 { 2.0 } else { 0.0 };
+    let replicated = t * (2.0 * ln_in + 2.0 * e + masks);
+    let (attention, score_grads) = match kernel {
+        Kernel::Fused => (4.0 * t * e / p, 0.0),
+        Kernel::Unfused { bytes: ea } => {
+            let ea = ea as f64;
+            let kept = if c.attention > 0.0 { 2.0 * ea + 1.0 } else { ea };
+            (3.0 * t * ea / p + scores * kept, 2.0 * scores * ea)
+        }
+    };
+    let split = attention + t * e / p + 8.0 * t * e / p;
+    let per_layer = replicated + split;
+    let layers_full = per_layer * s.layers as f64;
+    let layers_kept = match l.checkpoint_layers {
+        0 => layers_full,
+        n => (s.layers.div_ceil(n)) as f64 * t * e + n.min(s.layers) as f64 * per_layer,
+    };
+    let vocab = s.vocab as f64 / p;
+    let emb_mask = if c.hidden > 0.0 { t } else { 0.0 };
+    let head = emb_mask + t * e + loss_tokens * s.hidden as f64 * e + loss_tokens * vocab * 4.0;
+    let logits = loss_tokens * vocab * 8.0;
+    let layer_bwd = t * e * (2.0 + 8.0 / p) + score_grads;
+    Activations { per_layer, layers_full, layers_kept, head, mask: (b * s.seq * s.seq) as f64, transient: logits.max(layer_bwd) }
+}
+
+/// The dropout probabilities and LayerNorm precision activations depend on.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropouts {
+    pub hidden: f64,
+    pub attention: f64,
+    pub fp32_layernorm: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> Shape {
+        Shape { vocab: 1024, hidden: 64, layers: 4, heads: 4, ffn: 256, max_position_embeddings: 64, block_position: true, seq: 64 }
+    }
+
+    fn layout(dtype: Dtype, zero: u8, dp: u64) -> Layout {
+        Layout { tp: 1, dp, zero, micro: 2, accum: 1, checkpoint_layers: 0, dtype, reduce_bucket: 500_000_000, allgather_bucket: 500_000_000 }
+    }
+
+    /// The README's measured ZeRO rows (GLM 4×256, vocab 16000, DP 2):
+    /// fp32 117.1 / 102.5 / 73.2 MB, bf16 146.4 / 117.1 / 73.2 MB.
+    #[test]
+    fn states_match_the_measured_buffers() {
+        let s = Shape { vocab: 16000, hidden: 256, layers: 4, heads: 4, ffn: 1024, max_position_embeddings: 128, block_position: true, seq: 128 };
+        let mb = |d, z| (states(&s, &layout(d, z, 2)).total() as f64 / 1e5).round() / 10.0;
+        assert_eq!([mb(Dtype::Fp32, 0), mb(Dtype::Fp32, 1), mb(Dtype::Fp32, 2)], [117.1, 102.5, 73.2]);
+        assert_eq!([mb(Dtype::Bf16, 0), mb(Dtype::Bf16, 1), mb(Dtype::Bf16, 2)], [146.4, 117.1, 73.2]);
+    }
+
+    /// By hand for n = padded elements, dp 2: fp32 stage 0 is 4n params +
+    /// 4n grads + 8n moments; bf16 stage 2 is 2n params + 4n/2 shard grads
+    /// + 4n/2 masters + 8n/2 moments.
+    #[test]
+    fn states_by_hand() {
+        let s = shape();
+        let n = s.padded_per_rank(1, 2);
+        assert_eq!(states(&s, &layout(Dtype::Fp32, 0, 2)), States { params: 4 * n, grads: 4 * n, master: 0, moments: 8 * n });
+        assert_eq!(states(&s, &layout(Dtype::Bf16, 2, 2)), States { params: 2 * n, grads: 2 * n, master: 2 * n, moments: 4 * n });
+        assert_eq!(states(&s, &layout(Dtype::Fp16, 1, 2)), States { params: 2 * n, grads: 2 * n + 4 * n + 2 * n, master: 2 * n, moments: 4 * n });
+    }
+
+    /// t = s·b·h = 64·2·64 = 8192: a fused fp32 layer keeps 4·4t (LayerNorms)
+    /// + 2t (masks) + 13·4t (split) = 70t bytes; checkpointing every layer
+    /// keeps 4 chunk inputs (4t each) and one layer.
+    #[test]
+    fn activations_by_hand() {
+        let s = shape();
+        let d = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false };
+        let a = activations(&s, &layout(Dtype::Fp32, 0, 1), 2, 64.0, Kernel::Fused, &d);
+        let t = 8192.0;
+        assert_eq!(a.per_layer, 70.0 * t);
+        assert_eq!(a.layers_full, 4.0 * 70.0 * t);
+        assert_eq!(a.mask, 2.0 * 64.0 * 64.0);
+        let ck = activations(&s, &Layout { checkpoint_layers: 1, ..layout(Dtype::Fp32, 0, 1) }, 2, 64.0, Kernel::Fused, &d);
+        assert_eq!(ck.layers_kept, 4.0 * 4.0 * t + 70.0 * t);
+        // unfused with dropout: scores b·a·s² = 32768 kept as 4 + 1 + 4 bytes
+        // instead of the fused output's 4t
+        let u = activations(&s, &layout(Dtype::Fp32, 0, 1), 2, 64.0, Kernel::Unfused { bytes: 4 }, &d);
+        assert_eq!(u.per_layer, 70.0 * t - 4.0 * t + 9.0 * 32768.0);
+        // bf16: 2-byte elements, 1-byte masks
+        let h = activations(&s, &layout(Dtype::Bf16, 0, 1), 2, 64.0, Kernel::Fused, &d);
+        assert_eq!(h.per_layer, (4.0 * 2.0 + 2.0 + 13.0 * 2.0) * t);
+        // logits at 64 loss positions: log-softmax kept (4 bytes × vocab), 8 transient
+        assert_eq!(a.head, t + 4.0 * t + 64.0 * 64.0 * 4.0 + 64.0 * 1024.0 * 4.0);
+        assert_eq!(a.transient, (64.0 * 1024.0 * 8.0f64).max(t * 4.0 * 10.0));
+    }
+
+    #[test]
+    fn units_as_the_worker_cuts_them() {
+        let s = shape();
+        let l = Layout { reduce_bucket: 1000, ..layout(Dtype::Fp32, 2, 2) };
+        assert_eq!(unit(&s, &l), 896);
+        let l = Layout { reduce_bucket: 10, ..layout(Dtype::Fp32, 2, 2) };
+        assert_eq!(unit(&s, &l), 128);
+        assert_eq!(unit(&s, &layout(Dtype::Fp32, 2, 2)), s.padded_per_rank(1, 2));
+    }
+}
