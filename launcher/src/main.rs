@@ -17,6 +17,7 @@
 
 mod backend;
 mod job;
+mod plan;
 mod preflight;
 mod progress;
 mod restart;
@@ -95,9 +96,12 @@ struct Cli {
     /// Print what would run, and nothing else
     #[arg(long)]
     dry_run: bool,
-    /// Skip the preflight (glm-worker env on every host before the launch)
+    /// Skip the preflight (glm-worker env on every host before the launch; it includes the plan check)
     #[arg(long)]
     no_preflight: bool,
+    /// Start the job even when its plan says it does not fit the selected devices' memory
+    #[arg(long)]
+    no_plan_check: bool,
     /// After a failure (a rank that exits, is killed or hangs, a host that drops), start the job again from the latest checkpoint, up to N times (torchrun's --max-restarts)
     #[arg(long, value_name = "N", default_value_t = 0)]
     max_restarts: usize,
@@ -394,7 +398,8 @@ fn main() -> ExitCode {
         // OpenMPI's remote-start agent (plm_rsh_agent) for the ssh back end
         return ExitCode::from(ssh::agent_main(&args[1..]).clamp(0, 255) as u8);
     }
-    match run(&args) {
+    let result = if args.first().is_some_and(|a| a == "plan") { plan::main(&args[1..]) } else { run(&args) };
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("glm-launch: error: {e:#}");
@@ -786,6 +791,13 @@ impl Attempt<'_> {
             }
             if !checked.ok {
                 return Ok(Started::Preflight(checked));
+            }
+            // the plan of the job as it is about to start, against the
+            // memory the hosts reported
+            if let (false, Some(mem)) = (cli.no_plan_check, checked.memory_per_rank) {
+                if let Some(j) = job::Job::read(worker_args)?.filter(job::Job::trains) {
+                    println!("{}", plan::check(&j, worker_args, place, wants_cuda, mem)?);
+                }
             }
         }
         println!("glm-launch: per-rank logs in {}", run_dir.join("logs").display());

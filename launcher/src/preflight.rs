@@ -89,6 +89,9 @@ pub struct Report {
     pub gpus: Option<usize>,
     /// Free bytes under the save directory (when one is configured).
     pub free_disk: Option<u64>,
+    /// RAM and swap, and the first GPU's memory (bytes).
+    pub host_memory: Option<u64>,
+    pub gpu_memory: Option<u64>,
     /// What the host wrote to stderr, as one message (its lines joined).
     pub error: Option<String>,
     /// The probe ran there (it wrote something).
@@ -133,6 +136,8 @@ impl Report {
             "libtorch dir" => self.libtorch = Some(v),
             "cuda devices" => self.gpus = v.parse().ok(),
             "free disk" => self.free_disk = v.split_whitespace().next().and_then(|b| b.parse().ok()),
+            "host memory" => self.host_memory = v.parse().ok(),
+            "gpu memory" => self.gpu_memory = v.parse().ok(),
             _ => {}
         }
     }
@@ -212,12 +217,17 @@ pub struct Table {
     pub failed: Vec<usize>,
     /// The hosts the preflight could not ask (its job failed before).
     pub unchecked: Vec<usize>,
+    /// The memory a rank has on the host that offers the least: a GPU's,
+    /// or (CPU ranks) the host's RAM and swap shared by its slots; `None`
+    /// when a host did not say.
+    pub memory_per_rank: Option<u64>,
 }
 
 /// The table's rows (host, verdict per column) and the verdict of each host.
 pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &Expect) -> Table {
     let Expect { version, wants_cuda, gpus_shared, disk } = *expect;
     let (mut ok, mut failed, mut unchecked) = (true, Vec::new(), Vec::new());
+    let mut memory: Option<Option<u64>> = None;
     let mut rows =
         vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
@@ -253,6 +263,12 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
             why.push("libtorch not found".into());
         }
         let gpus = rep.and_then(|r| r.gpus);
+        let per_rank = rep.and_then(|r| if wants_cuda { r.gpu_memory } else { r.host_memory.map(|m| m / slots.len().max(1) as u64) });
+        memory = Some(match (memory, per_rank) {
+            (None, m) => m,
+            (Some(Some(a)), Some(b)) => Some(a.min(b)),
+            _ => None,
+        });
         let top = slots.iter().max().copied().unwrap_or(0);
         let g = match gpus {
             Some(0) => {
@@ -292,7 +308,7 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
         }
         rows.push(format!("  {host:<24} {reach:<10} {ver:<16} {torch:<10} {g:<22} {free:<12} {verdict}"));
     }
-    Table { rows, ok, failed, unchecked }
+    Table { rows, ok, failed, unchecked, memory_per_rank: memory.flatten() }
 }
 
 /// How the preflight's command starts `glm-worker env` on some hosts (one
@@ -666,7 +682,7 @@ mod tests {
         let out = "[1,0]<stdout>:        glm-worker: 0.1.0\n[1,0]<stdout>:      libtorch dir: /t\n[1,0]<stdout>:      cuda devices: 8\n\
                    [1,1]<stdout>:        glm-worker: 0.1.0\n[1,1]<stdout>:      libtorch dir: /t\n[1,1]<stdout>:      cuda devices: 2\n\
                    [1,2]<stderr>:glm-worker: error: libtorch not found\n[1,2]<stdout>:glm-launch probe: exit: 1\n";
-        let Table { rows, ok, failed, unchecked } = table(&placement(), &parse(out, "", Tags::OpenMpi), &expect(false, None));
+        let Table { rows, ok, failed, unchecked, .. } = table(&placement(), &parse(out, "", Tags::OpenMpi), &expect(false, None));
         assert!(!ok && failed == [1, 2] && unchecked.is_empty(), "{failed:?} {unchecked:?}");
         assert!(rows[1].contains("8 / 2") && rows[1].ends_with("ok"), "{rows:?}");
         assert!(rows[2].contains("FAIL: slot 3 selected but the host has 2 GPU(s)"), "{rows:?}");

@@ -303,3 +303,47 @@ fn sigterm_to_the_launcher_leaves_a_checkpoint_that_resumes() {
     let (out, err) = text(&o);
     assert!(o.status.success() && out.contains(&format!("(iteration {it})")), "{out}\n{err}");
 }
+
+/// The preflight's plan check: a job whose plan does not fit the memory
+/// the hosts report is refused before any worker starts, with the
+/// breakdown and a layout that fits; one that fits starts (the plan's line
+/// printed); `--no-plan-check` starts the refused one anyway.
+#[test]
+fn the_plan_check_refuses_a_job_that_cannot_fit_and_starts_one_that_can() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().join("worker.sh");
+    let marker = d.path().join("started");
+    // 4 GB of RAM on this "host": 2 GB for each of its two CPU ranks
+    std::fs::write(
+        &w,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; echo 'host memory: 4000000000'; exit 0; fi\ntouch {}\n",
+            env!("CARGO_PKG_VERSION"),
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ws = w.display().to_string();
+    let job = ["--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "save=null", "--set", "train_iters=10"];
+    // GLM 4 × 256: fits in 2 GB
+    let o = launch().args(["--launcher", "local", "--num_gpus", "2", "--worker", &ws]).args(job).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("glm-launch: plan: peak ") && out.contains("per rank of 2.00 GB (tp 1 × dp 2, ZeRO stage 0, micro-batch 8"), "{out}");
+    assert!(marker.exists(), "the job started");
+    std::fs::remove_file(&marker).unwrap();
+    // 24 layers × 2048 (1.2 G parameters, about 19 GB of fp32 model states): refused
+    let big = ["--set", "num_layers=24", "--set", "hidden_size=2048", "--set", "num_attention_heads=16"];
+    let o = launch().args(["--launcher", "local", "--num_gpus", "2", "--worker", &ws]).args(job).args(big).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(err.contains("the job does not fit: about ") && err.contains("and the selected hosts offer 2.00 GB per rank"), "{err}");
+    assert!(err.contains("model states per rank (exact): parameters ") && err.contains("DOES NOT FIT"), "{err}");
+    assert!(err.contains("HINT: no layout of 2 rank(s) fits") || err.contains("HINT: this layout fits"), "{err}");
+    assert!(err.contains("--no-plan-check starts the job anyway"), "{err}");
+    assert!(!marker.exists(), "nothing started");
+    let o = launch().args(["--launcher", "local", "--num_gpus", "2", "--no-plan-check", "--worker", &ws]).args(job).args(big).output().unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(marker.exists(), "--no-plan-check started it");
+}

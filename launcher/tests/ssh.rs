@@ -37,7 +37,7 @@ fn fake_worker(dir: &Path) -> PathBuf {
     std::fs::write(
         &w,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; exit 0; fi\n\
+            "#!/bin/sh\nif [ \"$1\" = env ]; then echo 'glm-worker: {}'; echo 'libtorch dir: /x'; echo 'cuda devices: 0'; echo 'host memory: 16000000000'; exit 0; fi\n\
              echo \"rank $OMPI_COMM_WORLD_RANK on $(uname -n)\"\necho $$ > {}/pid.$OMPI_COMM_WORLD_RANK\n[ \"$1\" = sleep ] && exec sleep 60\nexit 0\n",
             env!("CARGO_PKG_VERSION"),
             dir.display()
@@ -140,7 +140,21 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(out.contains("node1 (10.213.77.11:2299): cannot connect: Connection refused"), "{out}");
     assert!(!d.path().join("pid.0").exists(), "nothing started");
 
-    // 5. keys from ssh-agent, with no identity file anywhere
+    // 5. the plan check: 8 GB a rank on every host (16 GB, 2 slots); a
+    // model of 4.8 G parameters is refused before anything starts
+    let big = [
+        "--config", "configs/config_block_tiny.json", "--args", "configs/configs_tiny.json", "--set", "save=null", "--set", "num_layers=24", "--set",
+        "hidden_size=4096", "--set", "num_attention_heads=32",
+    ];
+    let o = done(launch(&h, &["--worker", &ws]).args(big));
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(err.contains("the job does not fit") && err.contains("the selected hosts offer 8.00 GB per rank"), "{err}");
+    assert!(!d.path().join("pid.0").exists(), "nothing started");
+    let o = done(launch(&h, &["--worker", &ws]).args(&big[..6]));
+    assert!(o.status.success() && text(&o).0.contains("glm-launch: plan: peak "), "{:?}", text(&o));
+
+    // 6. keys from ssh-agent, with no identity file anywhere
     let no_key = h.join("ssh_config.agent");
     let cfg = std::fs::read_to_string(h.join("ssh_config")).unwrap();
     std::fs::write(&no_key, cfg.lines().filter(|l| !l.contains("IdentityFile")).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
@@ -165,7 +179,7 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(added.status.success(), "ssh-add: {}", String::from_utf8_lossy(&added.stderr));
     assert!(o.status.success(), "login with the agent's key: {:?}", text(&o));
 
-    // 6. a worker killed on one host stops every other one, named
+    // 7. a worker killed on one host stops every other one, named
     for r in 0..4 {
         let _ = std::fs::remove_file(d.path().join(format!("pid.{r}")));
     }
@@ -191,7 +205,7 @@ fn ssh_back_end_on_two_test_hosts() {
     assert!(!o.status.success(), "{out}{err}");
     assert!(err.contains("glm-launch: rank 3 on node2 killed by signal 9"), "{err}");
 
-    // 7. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
+    // 8. real training: 2 hosts × 2 slots of glm-worker as one MPI world;
     // SIGTERM to glm-launch (no worker on this machine) reaches the workers
     // over SSH, which save a checkpoint that resumes
     let (worker, job) = tiny_job(

@@ -194,6 +194,7 @@ pub struct ActivationsOut {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Plan {
     pub layout: Layout,
+    pub shape: Shape,
     pub cluster: Cluster,
     pub params_total: u64,
     pub params_per_rank: u64,
@@ -262,6 +263,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     let sp = speed::step(&s, l, dev, c, loss_tokens, job.attention_dropout, kernel);
     Plan {
         layout: *l,
+        shape: s,
         cluster: *c,
         params_total: s.params_total(),
         params_per_rank: s.params_per_rank(l.tp),

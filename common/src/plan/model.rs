@@ -8,7 +8,7 @@
 pub const PAD_PER_DP_RANK: u64 = 64;
 
 /// GLM's shape as the worker builds it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Shape {
     /// The padded vocabulary (rows of the word embeddings).
     pub vocab: u64,

@@ -39,6 +39,16 @@ fn describe() -> Vec<(String, String)> {
         ("cuda available".into(), tch::Cuda::is_available().to_string()),
         ("cuda devices".into(), tch::Cuda::device_count().to_string()),
     ];
+    // the memory glm-launch's plan check measures a job against: RAM and
+    // swap (CPU ranks share it), and the first GPU's
+    if let Some(m) = host::host_memory_bytes() {
+        out.push(("host memory".into(), m.to_string()));
+    }
+    if tch::Cuda::device_count() > 0 {
+        if let Some(m) = glm_worker::runtime::cuda::memory_total() {
+            out.push(("gpu memory".into(), m.to_string()));
+        }
+    }
     out.push((
         "nccl".into(),
         match glm_worker::comm::nccl::describe() {

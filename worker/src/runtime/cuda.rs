@@ -50,6 +50,16 @@ type CudaMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> std::ffi::
 /// `cudaMemGetInfo` sees it: libtorch's caching allocator keeps what it
 /// reserved, so after a run this includes its high-water mark).
 pub fn memory_in_use() -> Option<u64> {
+    mem_get_info().map(|(free, total)| total - free)
+}
+
+/// Bytes of device memory the current CUDA device has in all.
+pub fn memory_total() -> Option<u64> {
+    mem_get_info().map(|(_, total)| total)
+}
+
+/// `cudaMemGetInfo`: (free, total) bytes of the current device.
+fn mem_get_info() -> Option<(u64, u64)> {
     super::torch::load_cuda();
     let this = libloading::os::unix::Library::this();
     // SAFETY: the symbol has this C signature in every CUDA runtime.
@@ -57,5 +67,5 @@ pub fn memory_in_use() -> Option<u64> {
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: plain CUDA runtime call writing two integers.
     let rc = unsafe { f(&mut free, &mut total) };
-    (rc == 0).then(|| (total - free) as u64)
+    (rc == 0).then_some((free as u64, total as u64))
 }
