@@ -181,9 +181,9 @@ mod tests {
         assert_eq!(states(&s, &layout(Dtype::Fp16, 1, 2)), States { params: 2 * n, grads: 2 * n + 4 * n + 2 * n, master: 2 * n, moments: 4 * n });
     }
 
-    /// t = s·b·h = 64·2·64 = 8192: a fused fp32 layer keeps 4·4t (LayerNorms)
-    /// + 2t (masks) + 13·4t (split) = 70t bytes; checkpointing every layer
-    /// keeps 4 chunk inputs (4t each) and one layer.
+    /// t = s·b·h = 64·2·64 = 8192: a fused fp32 layer keeps 4·4t bytes of
+    /// LayerNorms, 2t of masks and 13·4t split, 70t in all; checkpointing
+    /// every layer keeps 4 chunk inputs (4t each) and one layer.
     #[test]
     fn activations_by_hand() {
         let s = shape();
