@@ -77,6 +77,9 @@ struct PlanCli {
     /// Loss positions as a share of the sequence (default: the largest GLM's blank-infilling modes give)
     #[arg(long)]
     loss_fraction: Option<f64>,
+    /// Pipeline-parallel stages, as an analysis only (glm-worker has no pipeline parallelism): the layers split over N stages, 1F1B
+    #[arg(long, default_value_t = 1)]
+    pp: u64,
     /// Layouts of the search to show
     #[arg(long, default_value_t = 8)]
     top: usize,
@@ -116,7 +119,11 @@ pub fn main(args: &[String]) -> Result<i32> {
         Some(v) => (v, "--vocab".to_string()),
         None => vocab(&job, &worker_args),
     };
-    let (pj, layout) = planned(&job, cluster.world(), vocab.0, cli.loss_fraction)?;
+    if cli.pp == 0 || cluster.world() % cli.pp != 0 {
+        bail!("--pp {}: must divide the {} rank(s)", cli.pp, cluster.world());
+    }
+    let (pj, mut layout) = planned(&job, cluster.world() / cli.pp, vocab.0, cli.loss_fraction)?;
+    layout.pp = cli.pp;
     let p = planner::plan(&pj, &layout, &device, &cluster);
     let found = if cli.no_search { Vec::new() } else { planner::search(&pj, &layout, &device, &cluster) };
     if cli.json {
@@ -158,6 +165,7 @@ pub fn main(args: &[String]) -> Result<i32> {
         }
         match found.first().filter(|b| b.fits) {
             Some(b) if b.layout == layout => println!("the configured layout is the best found"),
+            Some(b) if b.layout.pp > 1 => println!("best: {} (pipeline parallelism: an analysis, glm-worker cannot run it)", describe(&b.layout)),
             Some(b) => {
                 let sets: Vec<String> = planner::sets(&b.layout).iter().map(|s| format!("--set {s}")).collect();
                 println!(
@@ -170,7 +178,7 @@ pub fn main(args: &[String]) -> Result<i32> {
             None => println!("no layout of {} rank(s) fits {} per rank: more ranks, or a smaller model", cluster.world(), human_bytes(device.memory_bytes)),
         }
     }
-    Ok(if p.fits { 0 } else { 1 })
+    Ok(0)
 }
 
 fn cluster(cli: &PlanCli) -> Result<Cluster> {
@@ -303,6 +311,7 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
     let zero = ds.map_or(0, |d| d.zero_stage) as u8;
     let layout = Layout {
         tp,
+        pp: 1,
         dp: world / tp,
         zero,
         micro: batch.micro as u64,
@@ -317,8 +326,9 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
 
 fn describe(l: &Layout) -> String {
     format!(
-        "tp {} × dp {}, ZeRO stage {}, micro-batch {} × accumulation {}, {}, activation checkpointing {}",
+        "tp {}{} × dp {}, ZeRO stage {}, micro-batch {} × accumulation {}, {}, activation checkpointing {}",
         l.tp,
+        if l.pp > 1 { format!(" × pp {}", l.pp) } else { String::new() },
         l.dp,
         l.zero,
         l.micro,

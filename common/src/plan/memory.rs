@@ -156,7 +156,7 @@ mod tests {
     }
 
     fn layout(dtype: Dtype, zero: u8, dp: u64) -> Layout {
-        Layout { tp: 1, dp, zero, micro: 2, accum: 1, checkpoint_layers: 0, dtype, reduce_bucket: 500_000_000, allgather_bucket: 500_000_000 }
+        Layout { tp: 1, pp: 1, dp, zero, micro: 2, accum: 1, checkpoint_layers: 0, dtype, reduce_bucket: 500_000_000, allgather_bucket: 500_000_000 }
     }
 
     /// The README's measured ZeRO rows (GLM 4×256, vocab 16000, DP 2):

@@ -27,6 +27,9 @@ use speed::Speed;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Layout {
     pub tp: u64,
+    /// Pipeline stages: an analysis only (glm-worker has no pipeline
+    /// parallelism): the layers split over `pp` stages, 1F1B scheduling.
+    pub pp: u64,
     pub dp: u64,
     pub zero: u8,
     pub micro: u64,
@@ -210,11 +213,20 @@ pub struct Plan {
 
 /// The plan of `layout` for `job` on `dev`.
 pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
-    let s = job.shape(l.tp);
+    let full = job.shape(l.tp);
+    // a pipeline stage: its share of the layers, and (the first stage, the
+    // largest) the embeddings
+    let s = Shape { layers: full.layers.div_ceil(l.pp.max(1)), ..full };
     let loss_tokens = (job.loss_fraction * s.seq as f64).ceil() * l.micro as f64;
     let kernel = dev.kernel(job.attention_dropout, l.dtype);
     let st = memory::states(&s, l);
-    let a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts());
+    let mut a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts());
+    if l.pp > 1 {
+        // 1F1B: the first stage holds `pp` micro-batches in flight
+        let inflight = l.pp.min(l.accum.max(1)) as f64;
+        a.layers_full *= inflight;
+        a.layers_kept *= inflight;
+    }
     let e = l.dtype.bytes() as f64;
     let unit = memory::unit(&s, l) as f64;
     let buckets = match (l.zero, l.dp) {
@@ -260,18 +272,18 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         device: dev.memory_bytes as f64,
         resume_transient: 12.0 * padded,
     };
-    let sp = speed::step(&s, l, dev, c, loss_tokens, job.attention_dropout, kernel);
+    let sp = speed::step(&s, &full, l, dev, c, loss_tokens, job.attention_dropout, kernel);
     Plan {
         layout: *l,
         shape: s,
         cluster: *c,
-        params_total: s.params_total(),
+        params_total: full.params_total(),
         params_per_rank: s.params_per_rank(l.tp),
         padded_vocab: s.vocab,
         loss_tokens,
         fits: peak <= dev.memory_bytes as f64,
         memory,
-        model_flops_per_token: s.model_flops_per_token(),
+        model_flops_per_token: full.model_flops_per_token(),
         time_to_train_s: sp.step_s * job.train_iters as f64,
         speed: sp,
     }
@@ -284,12 +296,13 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
 /// buckets. Sorted: layouts that fit first, fastest first.
 pub fn search(job: &Job, base: &Layout, dev: &Device, c: &Cluster) -> Vec<Plan> {
     let world = c.world();
+    let pp = base.pp.max(1);
     let mut out = Vec::new();
-    for tp in (1..=c.per_node.min(world)).filter(|t| world % t == 0 && c.per_node % t == 0) {
+    for tp in (1..=c.per_node.min(world)).filter(|t| world % (t * pp) == 0 && c.per_node % t == 0) {
         if job.split_error(tp).is_some() || job.divisible_by % tp != 0 {
             continue;
         }
-        let dp = world / tp;
+        let dp = world / tp / pp;
         if job.global_batch % dp != 0 {
             continue;
         }
@@ -355,6 +368,7 @@ mod tests {
     fn base() -> Layout {
         Layout {
             tp: 1,
+            pp: 1,
             dp: 8,
             zero: 1,
             micro: 16,
@@ -382,7 +396,7 @@ mod tests {
         assert!(all.len() > 20);
         for p in &all {
             assert_eq!(p.layout.micro * p.layout.accum * p.layout.dp, 128);
-            assert_eq!(p.layout.tp * p.layout.dp, 8);
+            assert_eq!(p.layout.tp * p.layout.pp * p.layout.dp, 8);
         }
         let fits: Vec<&Plan> = all.iter().take_while(|p| p.fits).collect();
         assert!(!fits.is_empty() && fits.windows(2).all(|w| w[0].speed.tokens_per_s >= w[1].speed.tokens_per_s));
@@ -407,9 +421,31 @@ mod tests {
         assert!(ck.speed.step_s > small.speed.step_s);
     }
 
+    /// Pipeline stages (analysis): each rank holds its stage's layers
+    /// (here 3 of 24, plus the embeddings on the first stage), the first
+    /// stage keeps `pp` micro-batches in flight (as many activations as the
+    /// whole model's one micro-batch), and the step pays the 1F1B bubble
+    /// (accum + pp − 1 slots).
+    #[test]
+    fn pipeline_stages() {
+        let dev = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
+        let c = Cluster { nodes: 1, per_node: 8 };
+        // no loss positions: the logits (the last stage's) out of the comparison
+        let j = Job { loss_fraction: 0.0, ..job() };
+        let one = plan(&j, &Layout { dp: 1, zero: 0, micro: 1, accum: 16, ..base() }, &dev, &Cluster { nodes: 1, per_node: 1 });
+        let eight = plan(&j, &Layout { pp: 8, dp: 1, zero: 0, micro: 1, accum: 16, ..base() }, &dev, &c);
+        let s = job().shape(1);
+        let stage = Shape { layers: 3, ..s };
+        assert_eq!(eight.params_per_rank, stage.params_per_rank(1));
+        assert!((eight.memory.activations.layers_full - one.memory.activations.layers_full).abs() < 1.0);
+        let slots = (16.0 + 8.0 - 1.0) / 16.0;
+        let bubble = eight.speed.gemm_s / (one.speed.gemm_s / 8.0);
+        assert!((bubble - slots).abs() < 1e-9, "{bubble} vs {slots}");
+    }
+
     #[test]
     fn sets_select_the_layout() {
-        let s = sets(&Layout { tp: 2, dp: 4, zero: 2, micro: 8, accum: 4, checkpoint_layers: 1, ..base() });
+        let s = sets(&Layout { tp: 2, pp: 1, dp: 4, zero: 2, micro: 8, accum: 4, checkpoint_layers: 1, ..base() });
         assert_eq!(
             s,
             [

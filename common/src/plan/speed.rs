@@ -44,8 +44,10 @@ pub struct Speed {
 }
 
 /// The step of `l` on `dev` for a micro-batch with `loss_tokens` loss
-/// positions (per sequence × micro), on a cluster of `c`.
-pub fn step(s: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss_tokens: f64, attention_dropout: f64, kernel: Kernel) -> Speed {
+/// positions, on a cluster of `c`: `s` is one pipeline stage of the model
+/// `full` (the whole model without pipeline parallelism).
+#[allow(clippy::too_many_arguments)]
+pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss_tokens: f64, attention_dropout: f64, kernel: Kernel) -> Speed {
     let d = l.dtype;
     let e = d.bytes() as f64;
     let p = l.tp as f64;
@@ -123,18 +125,20 @@ pub fn step(s: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss_tokens: f64, 
     let tp_comm_s = tp_bytes / (c.tp_bus_gbps(dev) * 1e9) + tp_calls * COLLECTIVE_LATENCY_S;
     let dp_comm_s = dp_bytes / (c.dp_bus_gbps(dev, l.tp) * 1e9) + dp_calls * COLLECTIVE_LATENCY_S;
     let micro_s = gemm_s + attention_s + elementwise_s;
-    let compute = micro_s * l.accum as f64 + optimizer_s;
-    let step_s = compute + tp_comm_s + dp_comm_s;
+    // 1F1B: accum micro-batches through pp stages take accum + pp − 1 slots
+    let slots = (l.accum + l.pp.max(1) - 1) as f64;
+    let compute = micro_s * slots + optimizer_s;
+    let step_s = compute + tp_comm_s * slots / l.accum as f64 + dp_comm_s;
     // overlap hides the reduction behind the last micro-batch's backward (⅔ of it)
-    let step_overlap_s = compute + tp_comm_s + (dp_comm_s - micro_s * 2.0 / 3.0).max(0.0);
-    let world = (l.tp * l.dp) as f64;
+    let step_overlap_s = compute + tp_comm_s * slots / l.accum as f64 + (dp_comm_s - micro_s * 2.0 / 3.0).max(0.0);
+    let world = (l.tp * l.pp.max(1) * l.dp) as f64;
     let tokens_per_s = (l.micro * l.accum * l.dp * s.seq) as f64 / step_s;
-    let mfu = s.model_flops_per_token() * tokens_per_s / (world * dev.peak(d) * 1e12);
+    let mfu = full.model_flops_per_token() * tokens_per_s / (world * dev.peak(d) * 1e12);
     Speed {
         executed_flops: w.total() * l.accum as f64,
-        gemm_s: gemm_s * l.accum as f64,
-        attention_s: attention_s * l.accum as f64,
-        elementwise_s: elementwise_s * l.accum as f64,
+        gemm_s: gemm_s * slots,
+        attention_s: attention_s * slots,
+        elementwise_s: elementwise_s * slots,
         optimizer_s,
         tp_bytes,
         dp_bytes,
@@ -157,7 +161,7 @@ mod tests {
     }
 
     fn layout(zero: u8, dtype: Dtype) -> Layout {
-        Layout { tp: 1, dp: 2, zero, micro: 4, accum: 1, checkpoint_layers: 0, dtype, reduce_bucket: 2_000_000, allgather_bucket: 500_000_000 }
+        Layout { tp: 1, pp: 1, dp: 2, zero, micro: 4, accum: 1, checkpoint_layers: 0, dtype, reduce_bucket: 2_000_000, allgather_bucket: 500_000_000 }
     }
 
     /// The bytes each rank sends per step, as the README measured them at
@@ -167,7 +171,7 @@ mod tests {
     fn data_parallel_bytes_match_the_measured() {
         let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
         let c = Cluster { nodes: 1, per_node: 2 };
-        let mb = |z, d| (step(&shape(), &layout(z, d), &dev, &c, 256.0, 0.1, Kernel::Fused).dp_bytes / 1e4).round() / 100.0;
+        let mb = |z, d| (step(&shape(), &shape(), &layout(z, d), &dev, &c, 256.0, 0.1, Kernel::Fused).dp_bytes / 1e4).round() / 100.0;
         assert_eq!([mb(0, Dtype::Fp32), mb(1, Dtype::Fp32), mb(2, Dtype::Fp32)], [29.29, 29.29, 29.29]);
         assert_eq!([mb(0, Dtype::Bf16), mb(1, Dtype::Bf16), mb(2, Dtype::Bf16)], [29.29, 21.96, 14.64]);
     }
@@ -180,7 +184,7 @@ mod tests {
         let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
         let c = Cluster { nodes: 1, per_node: 2 };
         let l = Layout { tp: 2, dp: 1, ..layout(0, Dtype::Fp32) };
-        let sp = step(&shape(), &l, &dev, &c, 256.0, 0.1, Kernel::Fused);
+        let sp = step(&shape(), &shape(), &l, &dev, &c, 256.0, 0.1, Kernel::Fused);
         let t = 4.0 * 128.0 * 256.0;
         assert_eq!(sp.tp_bytes, 17.0 * 4.0 * t + 256.0 * 256.0 * 4.0);
         assert_eq!(sp.dp_bytes, 0.0);
@@ -196,7 +200,7 @@ mod tests {
         let c = Cluster { nodes: 1, per_node: 1 };
         let s = Shape { vocab: 30592, hidden: 1024, layers: 24, heads: 16, ffn: 4096, max_position_embeddings: 512, block_position: true, seq: 512 };
         let l = Layout { tp: 1, dp: 1, micro: 16, ..layout(0, Dtype::Bf16) };
-        let sp = step(&s, &l, &dev, &c, 4096.0, 0.1, Kernel::Fused);
+        let sp = step(&s, &s, &l, &dev, &c, 4096.0, 0.1, Kernel::Fused);
         assert!(sp.executed_flops / sp.step_s < 989e12 * crate::plan::device::GEMM_EFFICIENCY);
         assert!(sp.mfu > 0.1 && sp.mfu < 0.62, "{}", sp.mfu);
     }
