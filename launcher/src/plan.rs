@@ -422,10 +422,11 @@ fn speed(p: &Plan, d: &Device, j: &planner::Job) -> Vec<String> {
             p.model_flops_per_token
         ),
         format!(
-            "time per step: matmuls {} + attention {} + elementwise {} + optimizer {} + tensor-parallel comm {} ({}) + data-parallel comm {} ({}) = {}; {} with the data-parallel reduction overlapped",
+            "time per step: matmuls {} + attention {} + elementwise {} + kernel launches {} + optimizer {} + tensor-parallel comm {} ({}) + data-parallel comm {} ({}) = {}; {} with the data-parallel reduction overlapped",
             ms(s.gemm_s),
             ms(s.attention_s),
             ms(s.elementwise_s),
+            ms(s.launch_s),
             ms(s.optimizer_s),
             ms(s.tp_comm_s),
             human_bytes(s.tp_bytes as u64),

@@ -99,16 +99,29 @@ pub fn gpu(key: &str) -> Option<&'static Gpu> {
 }
 
 /// Fractions of a datasheet peak a step's kernels reach, for a table
-/// device: the H200 measurements in docs/gpu_check_h200.log (bf16 GEMMs at
-/// GLM-Large's shapes 568-685 of 989 TFLOP/s; eager attention and
-/// elementwise kernels far below).
+/// device, from the H200 measurements (docs/gpu_check_h200.log and the
+/// issue that opened the GPU work): bf16 tensor-core GEMMs at GLM-Large's
+/// shapes reached 568-685 of 989 TFLOP/s; the fp32 GLM-Base step ran at
+/// 38 TFLOP/s executed of 67, GEMMs most of it; eager attention and
+/// elementwise kernels far below.
 pub const GEMM_EFFICIENCY: f64 = 0.62;
+pub const FP32_GEMM_EFFICIENCY: f64 = 0.75;
 pub const ATTENTION_EFFICIENCY: f64 = 0.30;
 pub const ELEMENTWISE_EFFICIENCY: f64 = 0.55;
 pub const BUS_EFFICIENCY: f64 = 0.80;
-/// A CUDA rank's memory before the model: context, libtorch's kernels,
-/// NCCL's buffers.
-pub const CUDA_BASELINE_BYTES: u64 = 1_200_000_000;
+/// A CUDA rank's memory before the model: the context and libtorch's
+/// kernels (the H200's default run used 1.26 GB at its peak, about 0.5 GB
+/// of it the run's own tensors); NCCL's buffers add `NCCL_BYTES` when
+/// there are several ranks.
+pub const CUDA_BASELINE_BYTES: u64 = 800_000_000;
+pub const NCCL_BYTES: u64 = 300_000_000;
+/// Kernels an eager layer launches, forward and backward (LayerNorms,
+/// matmuls, bias, GeLU, dropout, residuals, attention, their gradients),
+/// and the head, loss and optimizer's; each costs the host `LAUNCH_S`
+/// whatever its size: what bounds a step of small kernels.
+pub const KERNELS_PER_LAYER: f64 = 75.0;
+pub const KERNELS_OUTSIDE_LAYERS: f64 = 60.0;
+pub const LAUNCH_S: f64 = 8e-6;
 /// The caching allocator's rounding and fragmentation on top of what is
 /// live (a fraction of activations and transients).
 pub const CUDA_FRAGMENTATION: f64 = 0.10;
@@ -200,7 +213,8 @@ impl Device {
             }
         }
         let small = (m.min(n).min(k) as f64 / 1024.0).min(1.0).sqrt();
-        self.peak(d) * GEMM_EFFICIENCY * small.max(0.1)
+        let eff = if d == Dtype::Fp32 && !self.tf32 { FP32_GEMM_EFFICIENCY } else { GEMM_EFFICIENCY };
+        self.peak(d) * eff * small.max(0.1)
     }
 
     /// TFLOP/s of the attention's forward and backward at `(b, a, s, d)`:
@@ -256,6 +270,7 @@ mod tests {
         assert!(gpu("v100").is_none());
         let d = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
         assert_eq!(d.peak(Dtype::Fp32), 19.5);
+        assert_eq!(d.gemm_tflops(Dtype::Fp32, 8192, 4096, 1024), 19.5 * FP32_GEMM_EFFICIENCY);
         assert_eq!(d.gemm_tflops(Dtype::Bf16, 8192, 4096, 1024), 312.0 * GEMM_EFFICIENCY);
         assert_eq!(d.gemm_tflops(Dtype::Bf16, 8192, 4096, 256), 312.0 * GEMM_EFFICIENCY * 0.5);
     }
@@ -284,6 +299,7 @@ mod tests {
         assert_eq!(d.peak(Dtype::Fp32), 0.08);
         // no bf16 measured: the fp32 best, discounted as a table device would be
         assert_eq!(d.gemm_tflops(Dtype::Bf16, 300, 300, 300), 0.08 * GEMM_EFFICIENCY * (300.0f64 / 1024.0).sqrt());
+        assert_eq!(d.gemm_tflops(Dtype::Fp32, 300, 300, 300), 0.05);
         assert_eq!(d.elementwise_gbps(Dtype::Bf16), 5.0);
     }
 }

@@ -250,7 +250,9 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     };
     let dynamic = a.kept() + a.transient;
     let fragmentation = dynamic * dev.fragmentation;
-    let baseline = dev.baseline_bytes as f64;
+    // NCCL's buffers on every rank of a multi-rank GPU job (a profile's baseline is one process's)
+    let nccl = if dev.cuda && dev.profile.is_none() && c.world() > 1 { device::NCCL_BYTES } else { 0 };
+    let baseline = (dev.baseline_bytes + nccl) as f64;
     let host_snapshot = if dev.cuda { 0.0 } else { snapshot };
     let peak = baseline + st.total() as f64 + buckets + dynamic + fragmentation + host_snapshot;
     let memory = Memory {

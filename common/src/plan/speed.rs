@@ -27,6 +27,8 @@ pub struct Speed {
     pub elementwise_s: f64,
     /// Clipping, AdamW and the copy back to the compute dtype.
     pub optimizer_s: f64,
+    /// The host's cost of launching every kernel (eager execution).
+    pub launch_s: f64,
     /// Bytes this rank sends per step, tensor-parallel and data-parallel.
     pub tp_bytes: f64,
     pub dp_bytes: f64,
@@ -124,7 +126,10 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     };
     let tp_comm_s = tp_bytes / (c.tp_bus_gbps(dev) * 1e9) + tp_calls * COLLECTIVE_LATENCY_S;
     let dp_comm_s = dp_bytes / (c.dp_bus_gbps(dev, l.tp) * 1e9) + dp_calls * COLLECTIVE_LATENCY_S;
-    let micro_s = gemm_s + attention_s + elementwise_s;
+    // every kernel's launch, however small (recomputed layers launch their forward again)
+    let kernels = super::device::KERNELS_PER_LAYER * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 3.0);
+    let launch_s = (kernels + super::device::KERNELS_OUTSIDE_LAYERS) * super::device::LAUNCH_S;
+    let micro_s = gemm_s + attention_s + elementwise_s + launch_s;
     // 1F1B: accum micro-batches through pp stages take accum + pp − 1 slots
     let slots = (l.accum + l.pp.max(1) - 1) as f64;
     let compute = micro_s * slots + optimizer_s;
@@ -140,6 +145,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
         attention_s: attention_s * slots,
         elementwise_s: elementwise_s * slots,
         optimizer_s,
+        launch_s: launch_s * slots,
         tp_bytes,
         dp_bytes,
         tp_comm_s,
