@@ -295,7 +295,8 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
 /// tensor-parallel sizes inside a node that split the model, ZeRO stages
 /// 0-2 (1-2 only with data parallelism), every micro-batch that divides
 /// the batch, checkpointing off or every layer. `base` gives the dtype and
-/// buckets. Sorted: layouts that fit first, fastest first.
+/// buckets. Sorted: layouts that fit, fastest first; then those that do
+/// not, the nearest to fitting first.
 pub fn search(job: &Job, base: &Layout, dev: &Device, c: &Cluster) -> Vec<Plan> {
     let world = c.world();
     let pp = base.pp.max(1);
@@ -321,7 +322,14 @@ pub fn search(job: &Job, base: &Layout, dev: &Device, c: &Cluster) -> Vec<Plan> 
             }
         }
     }
-    out.sort_by(|a, b| b.fits.cmp(&a.fits).then(b.speed.tokens_per_s.total_cmp(&a.speed.tokens_per_s)).then(a.memory.peak.total_cmp(&b.memory.peak)));
+    // those that fit, fastest first; then the rest, nearest to fitting first
+    out.sort_by(|a, b| {
+        b.fits.cmp(&a.fits).then(if a.fits {
+            b.speed.tokens_per_s.total_cmp(&a.speed.tokens_per_s).then(a.memory.peak.total_cmp(&b.memory.peak))
+        } else {
+            a.memory.peak.total_cmp(&b.memory.peak)
+        })
+    });
     out
 }
 
