@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// Checkpoints kept in --save (keep_last)
     #[arg(long, default_value_t = 2, value_parser = at_least(1))]
     keep_last: usize,
+    /// Tensor-parallel size: under mpirun, groups of N consecutive ranks
+    /// split the model (heads, hidden, 4h and vocab must divide by N) and
+    /// see the same batch; data parallelism over world/N groups
+    #[arg(long, default_value_t = 1, value_parser = at_least(1))]
+    tp: usize,
 }
 
 /// One training step per iteration on a fixed synthetic batch (Part A = first
@@ -87,9 +92,16 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             dir.display()
         );
     }
-    // under mpirun: data parallelism over every rank, one batch per rank
+    // under mpirun: tensor parallelism over groups of --tp consecutive
+    // ranks, data parallelism over the groups, one batch per group
     let world = glm_worker::comm::mpi::world()?;
-    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
+    let tp = a.tp;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), tp).map_err(|_| {
+        anyhow::anyhow!("--tp {tp}: {} rank(s) do not form groups of {tp} (run under mpirun -np <a multiple of {tp}>)", world.size())
+    })?;
+    let layout = format!("(world {} = tp {tp} × dp {})", dims.world, dims.dp);
+    glm_worker::parallel::dims::check_split(tp, a.hidden, a.heads, 4 * a.hidden).map_err(|e| anyhow::anyhow!("--tp {tp}: {e} {layout}"))?;
+    anyhow::ensure!(a.vocab % tp == 0, "--tp {tp}: --vocab {} is not divisible by model_parallel_size {tp} {layout}", a.vocab);
     let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
@@ -123,7 +135,8 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     let (mut model, mut opt) = build(&recipe, &par, device)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
-    let mut rng = glm_worker::rng::Rng::new(7 + dims.rank as u64);
+    // the ranks of one tensor-parallel group see the same batch
+    let mut rng = glm_worker::rng::Rng::new(7 + dims.dp_rank() as u64);
     let mut rand = |n: i64| -> Tensor {
         let v: Vec<i64> = (0..n).map(|_| 10 + rng.below(a.vocab as u64 - 10) as i64).collect();
         Tensor::from_slice(&v).view([b, s]).to(device)
@@ -162,7 +175,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         precision: Default::default(),
         loss_scaler: None,
         model: cfg.clone(),
-        tp: 1,
+        tp: dims.tp,
         dp: dims.dp,
         zero: None,
         has_optimizer: false,
@@ -232,8 +245,9 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             _ => "?".into(), // cudaMemGetInfo not found
         }
     } else {
-        // the largest over the ranks
-        format!("{:.0}", par.world_max(glm_worker::runtime::host::peak_rss_bytes() as i64)? as f64 / 1e6)
+        // the largest over the ranks, then rank 0's own
+        let own = glm_worker::runtime::host::peak_rss_bytes();
+        format!("{:.0} peak_rss_rank0_mb={:.0}", par.world_max(own as i64)? as f64 / 1e6, own as f64 / 1e6)
     };
     let states = opt.memory(&model.params);
     let zero = if dims.world > 1 || a.zero_stage > 0 {
@@ -256,13 +270,17 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     };
     if dims.rank == 0 {
         println!(
-            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{saving}{}",
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak} tp={} dp={} model_states_bytes={} bucket_peak_bytes={}{zero}{saving}{}",
             device,
             a.threads,
             precision.name(),
             u8::from(a.checkpoint_activations),
             tps * cfg.flops_per_token(a.seq) / 1e12,
             sec * 1000.0,
+            dims.tp,
+            dims.dp,
+            states.total(),
+            states.bucket_peak,
             // fp16 steps skipped for overflow inside the timed window (no optimizer update)
             if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
         );
