@@ -79,6 +79,16 @@ pub struct BenchArgs {
     /// see the same batch; data parallelism over world/N groups
     #[arg(long, default_value_t = 1, value_parser = at_least(1))]
     tp: usize,
+    /// After the timed steps, measure this device and write its profile
+    /// (JSON, glm_common::plan::profile, for the planner) here: GEMMs of
+    /// the bench model's own shapes (m = batch×seq tokens, split by --tp)
+    /// and squares 256-2048 (skipped: those over 4× the model's largest
+    /// GEMM dimension, so a tiny model profiles in seconds, and those
+    /// predicted to take over 1 s a call, e.g. emulated 16-bit on a CPU),
+    /// attention forward+backward, GeLU bandwidth, and an all-reduce of
+    /// 64 MB over the world under mpirun (rank 0 measures and writes)
+    #[arg(long)]
+    profile_out: Option<std::path::PathBuf>,
 }
 
 /// One training step per iteration on a fixed synthetic batch (Part A = first
@@ -92,16 +102,21 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             dir.display()
         );
     }
+    if let Some(out) = &a.profile_out {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(dir.is_dir(), "--profile-out {}: no directory {}", out.display(), dir.display());
+    }
     // under mpirun: tensor parallelism over groups of --tp consecutive
     // ranks, data parallelism over the groups, one batch per group
     let world = glm_worker::comm::mpi::world()?;
     let tp = a.tp;
-    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), tp).map_err(|_| {
-        anyhow::anyhow!("--tp {tp}: {} rank(s) do not form groups of {tp} (run under mpirun -np <a multiple of {tp}>)", world.size())
-    })?;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), tp)
+        .map_err(|_| anyhow::anyhow!("--tp {tp}: {} rank(s) do not form groups of {tp} (run under mpirun -np <a multiple of {tp}>)", world.size()))?;
     let layout = format!("(world {} = tp {tp} × dp {})", dims.world, dims.dp);
     glm_worker::parallel::dims::check_split(tp, a.hidden, a.heads, 4 * a.hidden).map_err(|e| anyhow::anyhow!("--tp {tp}: {e} {layout}"))?;
     anyhow::ensure!(a.vocab % tp == 0, "--tp {tp}: --vocab {} is not divisible by model_parallel_size {tp} {layout}", a.vocab);
+    // ranks on this host (the share of its memory a rank may use; collective without a launcher's word)
+    let local_size = if a.profile_out.is_some() { glm_worker::comm::mpi::local_size(&world) } else { 1 };
     let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
@@ -124,6 +139,12 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             glm_worker::runtime::cuda::memory_in_use()
         }
         _ => None,
+    };
+    // the process's resident memory with libtorch initialised, before the
+    // model (the profile's CPU baseline)
+    let rss_before_model = {
+        let _ = Tensor::ones([4], (tch::Kind::Float, tch::Device::Cpu)).sum(tch::Kind::Float).double_value(&[]);
+        glm_worker::runtime::host::current_rss_bytes()
     };
     let par = Parallel::build(&world, dims, device)?;
     // the seed configs' AdamW (as bench/glm_torch.py), clipping at 1
@@ -285,7 +306,34 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
         );
     }
-    drop((saver, opt, model, par, world));
+    // the model and its optimizer freed: the measurements have the device
+    drop((saver, opt, model, batch));
+    if let Some(out) = &a.profile_out {
+        let shape = crate::profile::Shape {
+            batch: b,
+            seq: s,
+            hidden: a.hidden as i64,
+            heads: a.heads as i64,
+            ffn: 4 * a.hidden as i64,
+            vocab: a.vocab as i64,
+            tp: a.tp as i64,
+            dropout: a.dropout,
+        };
+        let host = match device {
+            tch::Device::Cuda(_) => crate::profile::Host {
+                threads: a.threads as u64,
+                memory_bytes: glm_worker::runtime::cuda::memory_total().unwrap_or(0),
+                baseline_bytes: baseline.unwrap_or(0),
+            },
+            _ => crate::profile::Host {
+                threads: a.threads as u64,
+                memory_bytes: glm_worker::runtime::host::physical_memory_bytes().unwrap_or(0) / local_size.max(1) as u64,
+                baseline_bytes: rss_before_model,
+            },
+        };
+        crate::profile::measure(out, &par, device, &shape, &host)?;
+    }
+    drop((par, world));
     glm_worker::comm::mpi::finalize();
     Ok(())
 }
