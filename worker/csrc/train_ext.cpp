@@ -17,6 +17,9 @@
 // - glm_fused_adamw: libtorch's multi-tensor AdamW kernel (`_fused_adamw_`,
 //   what torch.optim.AdamW(fused=True) runs) over lists of flat ranges.
 //
+// - glm_cuda_allocated_bytes: the CUDA caching allocator's bytes in use
+//   (what the device profile's attention measurement reads).
+//
 // - glm_torch_version / glm_cpu_capability: the libtorch version and the CPU
 //   kernel family ATen dispatches to (DEFAULT, AVX2, AVX512, ...: what
 //   torch.backends.cpu.get_cpu_capability() says), which decide the exact
@@ -26,6 +29,7 @@
 // handed to Rust is owned by Rust afterwards, every one returned from Rust is
 // owned (and freed) here; C++ exceptions never cross into Rust.
 #include <ATen/Context.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <ATen/Version.h>
 #include <torch/version.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -171,6 +175,18 @@ void glm_cpu_capability(char* buf, int32_t len) {
     size_t n = std::min(s.size(), static_cast<size_t>(len - 1));
     s.copy(buf, n);
     buf[n] = 0;
+}
+
+// Bytes the CUDA caching allocator has handed out on device `index` and not
+// taken back (torch.cuda.memory_allocated), or -1 where there is no CUDA
+// allocator (a CPU-only libtorch, no device).
+int64_t glm_cuda_allocated_bytes(int32_t index) {
+    try {
+        auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(index));
+        return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+    } catch (...) {
+        return -1;
+    }
 }
 
 // Installs the gradient hook of `param` (replacing any), taking ownership of

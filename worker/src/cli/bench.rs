@@ -74,6 +74,21 @@ pub struct BenchArgs {
     /// Checkpoints kept in --save (keep_last)
     #[arg(long, default_value_t = 2, value_parser = at_least(1))]
     keep_last: usize,
+    /// Tensor-parallel size: under mpirun, groups of N consecutive ranks
+    /// split the model (heads, hidden, 4h and vocab must divide by N) and
+    /// see the same batch; data parallelism over world/N groups
+    #[arg(long, default_value_t = 1, value_parser = at_least(1))]
+    tp: usize,
+    /// After the timed steps, measure this device and write its profile
+    /// (JSON, glm_common::plan::profile, for the planner) here: GEMMs of
+    /// the bench model's own shapes (m = batch×seq tokens, split by --tp)
+    /// and squares 256-2048 (skipped: those over 4× the model's largest
+    /// GEMM dimension, so a tiny model profiles in seconds, and those
+    /// predicted to take over 1 s a call, e.g. emulated 16-bit on a CPU),
+    /// attention forward+backward, GeLU bandwidth, and an all-reduce of
+    /// 64 MB over the world under mpirun (rank 0 measures and writes)
+    #[arg(long)]
+    profile_out: Option<std::path::PathBuf>,
 }
 
 /// One training step per iteration on a fixed synthetic batch (Part A = first
@@ -87,9 +102,21 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             dir.display()
         );
     }
-    // under mpirun: data parallelism over every rank, one batch per rank
+    if let Some(out) = &a.profile_out {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(dir.is_dir(), "--profile-out {}: no directory {}", out.display(), dir.display());
+    }
+    // under mpirun: tensor parallelism over groups of --tp consecutive
+    // ranks, data parallelism over the groups, one batch per group
     let world = glm_worker::comm::mpi::world()?;
-    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), 1)?;
+    let tp = a.tp;
+    let dims = glm_worker::parallel::dims::ParallelDims::new(world.size(), world.rank(), tp)
+        .map_err(|_| anyhow::anyhow!("--tp {tp}: {} rank(s) do not form groups of {tp} (run under mpirun -np <a multiple of {tp}>)", world.size()))?;
+    let layout = format!("(world {} = tp {tp} × dp {})", dims.world, dims.dp);
+    glm_worker::parallel::dims::check_split(tp, a.hidden, a.heads, 4 * a.hidden).map_err(|e| anyhow::anyhow!("--tp {tp}: {e} {layout}"))?;
+    anyhow::ensure!(a.vocab % tp == 0, "--tp {tp}: --vocab {} is not divisible by model_parallel_size {tp} {layout}", a.vocab);
+    // ranks on this host (the share of its memory a rank may use; collective without a launcher's word)
+    let local_size = if a.profile_out.is_some() { glm_worker::comm::mpi::local_size(&world) } else { 1 };
     let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
@@ -113,6 +140,12 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         }
         _ => None,
     };
+    // the process's resident memory with libtorch initialised, before the
+    // model (the profile's CPU baseline)
+    let rss_before_model = {
+        let _ = Tensor::ones([4], (tch::Kind::Float, tch::Device::Cpu)).sum(tch::Kind::Float).double_value(&[]);
+        glm_worker::runtime::host::current_rss_bytes()
+    };
     let par = Parallel::build(&world, dims, device)?;
     // the seed configs' AdamW (as bench/glm_torch.py), clipping at 1
     let zero = ZeroConfig { stage: a.zero_stage, reduce_bucket_size: a.reduce_bucket_size, allgather_bucket_size: a.allgather_bucket_size, overlap_comm: true };
@@ -123,7 +156,8 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     let (mut model, mut opt) = build(&recipe, &par, device)?;
     let (b, s) = (a.batch as i64, a.seq as i64);
     let half = s / 2;
-    let mut rng = glm_worker::rng::Rng::new(7 + dims.rank as u64);
+    // the ranks of one tensor-parallel group see the same batch
+    let mut rng = glm_worker::rng::Rng::new(7 + dims.dp_rank() as u64);
     let mut rand = |n: i64| -> Tensor {
         let v: Vec<i64> = (0..n).map(|_| 10 + rng.below(a.vocab as u64 - 10) as i64).collect();
         Tensor::from_slice(&v).view([b, s]).to(device)
@@ -162,7 +196,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         precision: Default::default(),
         loss_scaler: None,
         model: cfg.clone(),
-        tp: 1,
+        tp: dims.tp,
         dp: dims.dp,
         zero: None,
         has_optimizer: false,
@@ -232,8 +266,9 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             _ => "?".into(), // cudaMemGetInfo not found
         }
     } else {
-        // the largest over the ranks
-        format!("{:.0}", par.world_max(glm_worker::runtime::host::peak_rss_bytes() as i64)? as f64 / 1e6)
+        // the largest over the ranks, then rank 0's own
+        let own = glm_worker::runtime::host::peak_rss_bytes();
+        format!("{:.0} peak_rss_rank0_mb={:.0}", par.world_max(own as i64)? as f64 / 1e6, own as f64 / 1e6)
     };
     let states = opt.memory(&model.params);
     let zero = if dims.world > 1 || a.zero_stage > 0 {
@@ -256,18 +291,49 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     };
     if dims.rank == 0 {
         println!(
-            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak}{zero}{saving}{}",
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak} tp={} dp={} model_states_bytes={} bucket_peak_bytes={}{zero}{saving}{}",
             device,
             a.threads,
             precision.name(),
             u8::from(a.checkpoint_activations),
             tps * cfg.flops_per_token(a.seq) / 1e12,
             sec * 1000.0,
+            dims.tp,
+            dims.dp,
+            states.total(),
+            states.bucket_peak,
             // fp16 steps skipped for overflow inside the timed window (no optimizer update)
             if skipped > 0 { format!(" skipped={skipped}") } else { String::new() }
         );
     }
-    drop((saver, opt, model, par, world));
+    // the model and its optimizer freed: the measurements have the device
+    drop((saver, opt, model, batch));
+    if let Some(out) = &a.profile_out {
+        let shape = crate::profile::Shape {
+            batch: b,
+            seq: s,
+            hidden: a.hidden as i64,
+            heads: a.heads as i64,
+            ffn: 4 * a.hidden as i64,
+            vocab: a.vocab as i64,
+            tp: a.tp as i64,
+            dropout: a.dropout,
+        };
+        let host = match device {
+            tch::Device::Cuda(_) => crate::profile::Host {
+                threads: a.threads as u64,
+                memory_bytes: glm_worker::runtime::cuda::memory_total().unwrap_or(0),
+                baseline_bytes: baseline.unwrap_or(0),
+            },
+            _ => crate::profile::Host {
+                threads: a.threads as u64,
+                memory_bytes: glm_worker::runtime::host::physical_memory_bytes().unwrap_or(0) / local_size.max(1) as u64,
+                baseline_bytes: rss_before_model,
+            },
+        };
+        crate::profile::measure(out, &par, device, &shape, &host)?;
+    }
+    drop((par, world));
     glm_worker::comm::mpi::finalize();
     Ok(())
 }

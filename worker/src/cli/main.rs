@@ -10,6 +10,7 @@ mod data;
 mod env;
 mod eval;
 mod output;
+mod profile;
 mod rank;
 mod train;
 

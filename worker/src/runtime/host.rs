@@ -57,6 +57,21 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some((kb("MemTotal:")? + kb("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
+/// This machine's physical memory (bytes): `MemTotal` of `/proc/meminfo`.
+pub fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024)
+}
+
+/// The process's resident memory now (bytes): `/proc/self/statm`'s
+/// resident pages × the page size (0 where it cannot be read).
+pub fn current_rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm").ok().and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
 /// The process's peak resident memory so far (bytes).
 pub fn peak_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -101,6 +116,12 @@ pub fn cpu_identity() -> String {
     } else {
         format!("implementer {} part {} variant {}: {name}", get("CPU implementer"), get("CPU part"), get("CPU variant"))
     }
+}
+
+/// The processor's marketing name (`model name` of /proc/cpuinfo), else its
+/// architecture.
+pub fn cpu_model_name() -> String {
+    cpuinfo("model name").filter(|n| !n.is_empty()).unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// The processor's instruction-set extensions among `KERNEL_ISA`.
