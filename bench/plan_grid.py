@@ -3,7 +3,7 @@
 model states, peak memory and step time next to glm-worker bench-step's
 measurements of the same layouts, side by side.
 
-    python3 bench/plan_grid.py [--iters 4] [--profile FILE] [--markdown]
+    python3 bench/plan_grid.py [--iters 8] [--profile FILE] [--mmap] [--only I ...]
 
 First it measures this machine's profile (glm-worker bench-step
 --profile-out, one thread: every run of the grid gives each rank one
@@ -49,9 +49,16 @@ GRID = [
 ]
 
 
+MMAP = False
+
+
 def env():
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if MMAP:
+        # every allocation of 64 kB or more its own mapping, returned at once:
+        # the resident set is what is alive, without the heap's retention
+        e["MALLOC_MMAP_THRESHOLD_"] = "65536"
     return e
 
 
@@ -101,23 +108,33 @@ def plan(shape, prec, tp, dp, zero, micro, ckpt, profile):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--profile")
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--mmap", action="store_true", help="run the steps with MALLOC_MMAP_THRESHOLD_=65536 (what is alive, without glibc's heap retention)")
+    ap.add_argument("--only", type=int, nargs="*", help="grid rows to run (0-based)")
     a = ap.parse_args()
+    global MMAP
+    MMAP = a.mmap
     tmp = tempfile.mkdtemp()
     profile = a.profile
     if profile is None:
         profile = os.path.join(tmp, "profile.json")
-        # the default shape's GEMMs at micro-batch 8 and the square sizes
-        out = subprocess.run([WORKER] + bench_args("default", "fp32", 1, 8, False, 2) + ["--profile-out", profile], cwd=ROOT, env=env(),
-                             capture_output=True, text=True)
+        # the default shape's GEMMs at micro-batch 8 and the square sizes;
+        # two ranks, for the all-reduce's bandwidth (measured with glibc's
+        # default allocator)
+        mmap, MMAP = MMAP, False
+        out = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", WORKER]
+                             + bench_args("default", "fp32", 1, 8, False, 2) + ["--profile-out", profile],
+                             cwd=ROOT, env=env(), capture_output=True, text=True)
+        MMAP = mmap
         if out.returncode != 0:
             sys.exit(f"profile failed:\n{out.stdout}\n{out.stderr}")
         print(f"profile: {profile}", file=sys.stderr)
     rows = []
     worst = {"mem": (0, None), "time": (0, None)}
-    for g in GRID:
+    for i, g in enumerate(GRID):
+        if a.only and i not in a.only:
+            continue
         shape, prec, tp, dp, zero, micro, ckpt = g
         m = measure(shape, prec, tp, dp, zero, micro, ckpt, a.iters)
         p = plan(shape, prec, tp, dp, zero, micro, ckpt, profile)

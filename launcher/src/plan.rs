@@ -115,6 +115,13 @@ pub fn main(args: &[String]) -> Result<i32> {
     let job = Job::read(&worker_args)?.context("no job")?;
     let cluster = cluster(&cli)?;
     let device = device(&cli)?;
+    if cluster.world() > 1 && device.intra_bus_gbps <= 0.0 {
+        bail!(
+            "--profile {}: measured by one process, it has no collective bandwidth, and the cluster has {} ranks: measure it under mpirun -np 2 (mpirun -np 2 glm-worker bench-step --profile-out FILE)",
+            cli.profile.as_ref().map_or(String::new(), |p| p.display().to_string()),
+            cluster.world()
+        );
+    }
     let vocab = match cli.vocab {
         Some(v) => (v, "--vocab".to_string()),
         None => vocab(&job, &worker_args),
@@ -395,7 +402,7 @@ pub fn breakdown(p: &Plan) -> Vec<String> {
     ));
     v.push(format!("largest transient on top: {} (the logits at the loss, or one layer's backward)", b(a.transient)));
     v.push(format!(
-        "baseline {} (the process before the model) + fragmentation {}{}",
+        "baseline {} (the process before the model) + allocator overhead {}{}",
         b(m.baseline),
         b(m.fragmentation),
         if m.snapshot > 0.0 { format!(" + background checkpoint copies {} (host memory)", b(m.snapshot)) } else { String::new() }
@@ -502,6 +509,8 @@ fn cpu_device() -> Device {
         intra_bus_gbps: 5.0,
         inter_bus_gbps: 1.0,
         fragmentation: 0.0,
+        step_init_bytes: glm_common::plan::device::CPU_STEP_INIT_BYTES,
+        heap_retention: glm_common::plan::device::CPU_HEAP_RETENTION,
         profile: None,
         tf32: false,
     }

@@ -126,6 +126,18 @@ pub const LAUNCH_S: f64 = 8e-6;
 /// live (a fraction of activations and transients).
 pub const CUDA_FRAGMENTATION: f64 = 0.10;
 
+/// A CPU rank under glibc's allocator (a `cpu` profile), beyond the
+/// profile's baseline: libtorch's first training step initialises about
+/// this much more (the autograd engine, oneDNN's primitives and kernels),
+/// and the heap keeps what the gradients' temporaries took (autograd
+/// computes every parameter's gradient afresh before adding it in; glibc
+/// retains the freed memory), about this fraction of the model states.
+/// Fitted on this project's CPU grid (docs/scale.md): what is alive is
+/// planned within 12% there without them (`MALLOC_MMAP_THRESHOLD_=65536`
+/// returns freed memory at once), and glibc's retention added 50-270 MB.
+pub const CPU_STEP_INIT_BYTES: u64 = 100_000_000;
+pub const CPU_HEAP_RETENTION: f64 = 0.3;
+
 /// The device a plan is for: a table GPU with overrides, or a profile.
 #[derive(Clone, Debug)]
 pub struct Device {
@@ -140,6 +152,10 @@ pub struct Device {
     pub intra_bus_gbps: f64,
     pub inter_bus_gbps: f64,
     pub fragmentation: f64,
+    /// Allocator overhead of a CPU rank: fixed bytes, and a fraction of
+    /// the model states (`CPU_STEP_INIT_BYTES`, `CPU_HEAP_RETENTION`).
+    pub step_init_bytes: u64,
+    pub heap_retention: f64,
     pub profile: Option<Profile>,
     /// TF32 matmuls for fp32 (libtorch's default is off).
     pub tf32: bool,
@@ -166,6 +182,8 @@ impl Device {
             intra_bus_gbps: g.intra_gbps * BUS_EFFICIENCY,
             inter_bus_gbps: g.inter_gbps * BUS_EFFICIENCY,
             fragmentation: CUDA_FRAGMENTATION,
+            step_init_bytes: 0,
+            heap_retention: 0.0,
             profile: None,
             tf32,
         }
@@ -186,6 +204,8 @@ impl Device {
             intra_bus_gbps: bus,
             inter_bus_gbps: bus,
             fragmentation: if cuda { CUDA_FRAGMENTATION } else { 0.0 },
+            step_init_bytes: if cuda { 0 } else { CPU_STEP_INIT_BYTES },
+            heap_retention: if cuda { 0.0 } else { CPU_HEAP_RETENTION },
             profile: Some(p),
             tf32: false,
         }
@@ -246,6 +266,16 @@ impl Device {
         self.hbm_gbps * ELEMENTWISE_EFFICIENCY
     }
 
+    /// The profile's measured elementwise costs in `d`, if it has them.
+    pub fn elementwise_ns(&self, d: Dtype) -> Option<super::profile::ElementwiseNs> {
+        self.profile.as_ref()?.elementwise_ns.get(d.name()).copied()
+    }
+
+    /// The profile's measured optimizer cost per shard element, if any.
+    pub fn optimizer_ns(&self) -> Option<f64> {
+        self.profile.as_ref()?.optimizer_ns
+    }
+
     /// The attention kernel the worker gets here (`memory::Kernel`): CUDA's
     /// are fused under any mask and dropout; libtorch's CPU flash kernel
     /// takes no dropout, so with attention dropout the unfused path runs,
@@ -289,6 +319,8 @@ mod tests {
             gemm: vec![g(256, 256, 256, 0.05), g(2048, 768, 256, 0.08), g(2048, 256, 1024, 0.07)],
             attention: vec![],
             elementwise_gbps: [("fp32".to_string(), 5.0)].into(),
+            elementwise_ns: Default::default(),
+            optimizer_ns: None,
             collectives: vec![],
             command: String::new(),
             created: String::new(),

@@ -84,7 +84,8 @@ pub struct Activations {
     pub mask: f64,
     /// The largest transient on top: the logits at the loss (forward:
     /// compute-dtype logits and their fp32 copy; backward: two fp32
-    /// gradients of the log-softmax), or one layer's backward (the gradient
+    /// gradients of the log-softmax and the output matrix's gradient), or
+    /// one layer's backward (the gradient
     /// of the residual stream and of the widest intermediate; the unfused
     /// kernel's score gradients).
     pub transient: f64,
@@ -134,7 +135,9 @@ pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kern
     let vocab = s.vocab as f64 / p;
     let emb_mask = if c.hidden > 0.0 { t } else { 0.0 };
     let head = emb_mask + t * e + loss_tokens * s.hidden as f64 * e + loss_tokens * vocab * 4.0;
-    let logits = loss_tokens * vocab * 8.0;
+    // at the loss: two fp32 gradients of the log-softmax and the tied
+    // output matrix's weight gradient (V/p × h, before it is accumulated)
+    let logits = loss_tokens * vocab * 8.0 + vocab * s.hidden as f64 * e;
     let layer_bwd = t * e * (2.0 + 8.0 / p) + score_grads;
     Activations { per_layer, layers_full, layers_kept, head, mask: (b * s.seq * s.seq) as f64, transient: logits.max(layer_bwd) }
 }
@@ -204,7 +207,7 @@ mod tests {
         assert_eq!(h.per_layer, (4.0 * 2.0 + 2.0 + 13.0 * 2.0) * t);
         // logits at 64 loss positions: log-softmax kept (4 bytes × vocab), 8 transient
         assert_eq!(a.head, t + 4.0 * t + 64.0 * 64.0 * 4.0 + 64.0 * 1024.0 * 4.0);
-        assert_eq!(a.transient, (64.0 * 1024.0 * 8.0f64).max(t * 4.0 * 10.0));
+        assert_eq!(a.transient, (64.0 * 1024.0 * 8.0 + 1024.0 * 64.0 * 4.0f64).max(t * 4.0 * 10.0));
     }
 
     #[test]

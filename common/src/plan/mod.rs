@@ -150,7 +150,8 @@ pub struct Memory {
     pub buckets: f64,
     pub activations: ActivationsOut,
     /// The process before the model (CUDA context, libtorch), and the
-    /// allocator's fragmentation.
+    /// allocator's overhead (CUDA: the caching allocator's fragmentation;
+    /// CPU: libtorch's first-step initialisation and glibc's retention).
     pub baseline: f64,
     pub fragmentation: f64,
     /// Host copies of a checkpoint being written in the background (device
@@ -249,7 +250,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         None => 0.0,
     };
     let dynamic = a.kept() + a.transient;
-    let fragmentation = dynamic * dev.fragmentation;
+    let fragmentation = dynamic * dev.fragmentation + dev.step_init_bytes as f64 + dev.heap_retention * st.total() as f64;
     // NCCL's buffers on every rank of a multi-rank GPU job (a profile's baseline is one process's)
     let nccl = if dev.cuda && dev.profile.is_none() && c.world() > 1 { device::NCCL_BYTES } else { 0 };
     let baseline = (dev.baseline_bytes + nccl) as f64;
@@ -274,7 +275,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         device: dev.memory_bytes as f64,
         resume_transient: 12.0 * padded,
     };
-    let sp = speed::step(&s, &full, l, dev, c, loss_tokens, job.attention_dropout, kernel);
+    let sp = speed::step(&s, &full, l, dev, c, loss_tokens, &job.dropouts(), kernel);
     Plan {
         layout: *l,
         shape: s,

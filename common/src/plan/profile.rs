@@ -48,7 +48,9 @@ impl Dtype {
     }
 }
 
-/// One timed matrix multiply `(m × k) · (k × n)`: `tflops` = 2·m·n·k / time.
+/// A linear layer's matrix products at `(m × k) · (k × n)`: the forward,
+/// the input's gradient `(m × n) · (n × k)` and the weight's
+/// `(k × m) · (m × n)`; `tflops` = 3 · 2·m·n·k / their time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Gemm {
     pub dtype: Dtype,
@@ -77,6 +79,17 @@ pub struct Attention {
     /// probabilities, dropout mask). Absent: not measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_bytes_per_score: Option<f64>,
+}
+
+/// Nanoseconds per element of the kernels around a layer's matmuls,
+/// forward and backward (`add`: forward only, one output element).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ElementwiseNs {
+    pub layer_norm: f64,
+    pub gelu: f64,
+    pub dropout: f64,
+    pub add: f64,
+    pub log_softmax: f64,
 }
 
 /// A collective's bus bandwidth over `ranks` ranks (NCCL-tests' convention:
@@ -113,6 +126,15 @@ pub struct Profile {
     /// second) per dtype, in GB/s: LayerNorm, GeLU, dropout, residuals and
     /// AdamW are bound by it.
     pub elementwise_gbps: std::collections::BTreeMap<String, f64>,
+    /// The layer's elementwise kernels, per dtype: nanoseconds per element,
+    /// forward and backward, at the model's activation size (on a CPU they
+    /// are compute-bound, so bytes over a bandwidth mispredict them).
+    #[serde(default)]
+    pub elementwise_ns: std::collections::BTreeMap<String, ElementwiseNs>,
+    /// The optimizer step per fp32 element of a rank's shard, nanoseconds:
+    /// glm-worker's AdamW, the gradient's squared norm, the gradient zeroed.
+    #[serde(default)]
+    pub optimizer_ns: Option<f64>,
     #[serde(default)]
     pub collectives: Vec<Collective>,
     /// How it was measured.

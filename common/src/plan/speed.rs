@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::device::Device;
-use super::memory::Kernel;
+use super::memory::{Dropouts, Kernel};
 use super::model::{micro_batch_work, Shape};
 use super::profile::Dtype;
 use super::{Cluster, Layout};
@@ -49,7 +49,7 @@ pub struct Speed {
 /// positions, on a cluster of `c`: `s` is one pipeline stage of the model
 /// `full` (the whole model without pipeline parallelism).
 #[allow(clippy::too_many_arguments)]
-pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss_tokens: f64, attention_dropout: f64, kernel: Kernel) -> Speed {
+pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss_tokens: f64, drop: &Dropouts, kernel: Kernel) -> Speed {
     let d = l.dtype;
     let e = d.bytes() as f64;
     let p = l.tp as f64;
@@ -70,7 +70,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     if loss_tokens > 0.0 {
         gemm_s += w.logits / (dev.gemm_tflops(d, loss_tokens.round() as u64, s.vocab / l.tp, h) * 1e12);
     }
-    let attention_s = w.attention / (dev.attention_tflops(d, attention_dropout > 0.0, b, s.heads / l.tp, s.seq, h / s.heads) * 1e12);
+    let attention_s = w.attention / (dev.attention_tflops(d, drop.attention > 0.0, b, s.heads / l.tp, s.seq, h / s.heads) * 1e12);
     // elementwise traffic: per layer forward 17·t·e replicated (two
     // LayerNorms, two dropouts, two residual adds, reading and writing),
     // 10·t·e split (the GeLU, the attention output's transposed copy);
@@ -88,14 +88,37 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     // stages 0-1 in 16-bit add each micro-batch's gradients into the fp32 accumulator
     let accumulate = if mixed && l.zero < 2 { padded * (e + 8.0) } else { 0.0 };
     let micro_bytes = fwd * passes * s.layers as f64 + logit_bytes + accumulate;
-    let elementwise_s = micro_bytes / (dev.elementwise_gbps(d) * 1e9);
+    let elementwise_s = match dev.elementwise_ns(d) {
+        // measured per kernel (a CPU profile): per layer two LayerNorms,
+        // two dropouts, the GeLU over the MLP's width, and the adds (the
+        // residuals forward and backward, the transposed copy, the biases'
+        // gradients: 6t + 9t/p elements); recomputation repeats the
+        // forward's share; the embeddings' adds and dropout, the
+        // loss's log-softmax, the fp32 gradient accumulation
+        Some(ns) => {
+            let dropout = if drop.hidden > 0.0 { ns.dropout } else { 0.0 };
+            let layer = t * (2.0 * ns.layer_norm + 2.0 * dropout + 4.0 / p * ns.gelu + (6.0 + 9.0 / p) * ns.add);
+            // (the forward's share is about half: dropout's random draw and
+            // the LayerNorm's statistics happen there)
+            let layers = layer * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 2.0);
+            let head = t * (3.0 * ns.add + dropout) + loss_tokens * (s.vocab / l.tp) as f64 * ns.log_softmax;
+            let acc = if mixed && l.zero < 2 { 2.0 * padded * ns.add } else { 0.0 };
+            (layers + head + acc) * 1e-9
+        }
+        None => micro_bytes / (dev.elementwise_gbps(d) * 1e9),
+    };
     // the optimizer over this rank's shard: AdamW reads and writes weights
     // and moments, reads the gradient (28 bytes), the norm and clipping
     // pass over the gradient (12), the copy back to the compute dtype;
     // the gradients zeroed
     let shard = if l.zero > 0 { padded / l.dp as f64 } else { padded };
     let opt_bytes = shard * (40.0 + if mixed { 4.0 + e } else { 0.0 }) + padded * e * 2.0;
-    let optimizer_s = opt_bytes / (dev.elementwise_gbps(Dtype::Fp32) * 1e9);
+    let optimizer_s = match (dev.optimizer_ns(), dev.elementwise_ns(d)) {
+        // measured: AdamW, the norm and the zeroing per shard element, and
+        // the copy back to the compute dtype
+        (Some(o), Some(ns)) => (shard * o + if mixed { padded * ns.add } else { 0.0 }) * 1e-9,
+        _ => opt_bytes / (dev.elementwise_gbps(Dtype::Fp32) * 1e9),
+    };
     // tensor parallelism, per micro-batch: per layer two all-reduces of
     // the row-parallel outputs forward, two of the column-parallel inputs'
     // gradients backward (again forward when recomputed), the embedding's
@@ -124,8 +147,9 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     } else {
         (0.0, 0.0)
     };
-    let tp_comm_s = tp_bytes / (c.tp_bus_gbps(dev) * 1e9) + tp_calls * COLLECTIVE_LATENCY_S;
-    let dp_comm_s = dp_bytes / (c.dp_bus_gbps(dev, l.tp) * 1e9) + dp_calls * COLLECTIVE_LATENCY_S;
+    let over = |bytes: f64, gbps: f64| if bytes > 0.0 { bytes / (gbps * 1e9) } else { 0.0 };
+    let tp_comm_s = over(tp_bytes, c.tp_bus_gbps(dev)) + tp_calls * COLLECTIVE_LATENCY_S;
+    let dp_comm_s = over(dp_bytes, c.dp_bus_gbps(dev, l.tp)) + dp_calls * COLLECTIVE_LATENCY_S;
     // every kernel's launch, however small (recomputed layers launch their forward again)
     let kernels = super::device::KERNELS_PER_LAYER * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 3.0);
     let launch_s = (kernels + super::device::KERNELS_OUTSIDE_LAYERS) * super::device::LAUNCH_S;
@@ -162,6 +186,8 @@ mod tests {
     use super::*;
     use crate::plan::device::{gpu, Device};
 
+    const DROP: Dropouts = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false };
+
     fn shape() -> Shape {
         Shape { vocab: 16000, hidden: 256, layers: 4, heads: 4, ffn: 1024, max_position_embeddings: 128, block_position: true, seq: 128 }
     }
@@ -177,7 +203,7 @@ mod tests {
     fn data_parallel_bytes_match_the_measured() {
         let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
         let c = Cluster { nodes: 1, per_node: 2 };
-        let mb = |z, d| (step(&shape(), &shape(), &layout(z, d), &dev, &c, 256.0, 0.1, Kernel::Fused).dp_bytes / 1e4).round() / 100.0;
+        let mb = |z, d| (step(&shape(), &shape(), &layout(z, d), &dev, &c, 256.0, &DROP, Kernel::Fused).dp_bytes / 1e4).round() / 100.0;
         assert_eq!([mb(0, Dtype::Fp32), mb(1, Dtype::Fp32), mb(2, Dtype::Fp32)], [29.29, 29.29, 29.29]);
         assert_eq!([mb(0, Dtype::Bf16), mb(1, Dtype::Bf16), mb(2, Dtype::Bf16)], [29.29, 21.96, 14.64]);
     }
@@ -190,7 +216,7 @@ mod tests {
         let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
         let c = Cluster { nodes: 1, per_node: 2 };
         let l = Layout { tp: 2, dp: 1, ..layout(0, Dtype::Fp32) };
-        let sp = step(&shape(), &shape(), &l, &dev, &c, 256.0, 0.1, Kernel::Fused);
+        let sp = step(&shape(), &shape(), &l, &dev, &c, 256.0, &DROP, Kernel::Fused);
         let t = 4.0 * 128.0 * 256.0;
         assert_eq!(sp.tp_bytes, 17.0 * 4.0 * t + 256.0 * 256.0 * 4.0);
         assert_eq!(sp.dp_bytes, 0.0);
@@ -206,7 +232,7 @@ mod tests {
         let c = Cluster { nodes: 1, per_node: 1 };
         let s = Shape { vocab: 30592, hidden: 1024, layers: 24, heads: 16, ffn: 4096, max_position_embeddings: 512, block_position: true, seq: 512 };
         let l = Layout { tp: 1, dp: 1, micro: 16, ..layout(0, Dtype::Bf16) };
-        let sp = step(&s, &s, &l, &dev, &c, 4096.0, 0.1, Kernel::Fused);
+        let sp = step(&s, &s, &l, &dev, &c, 4096.0, &DROP, Kernel::Fused);
         assert!(sp.executed_flops / sp.step_s < 989e12 * crate::plan::device::GEMM_EFFICIENCY);
         assert!(sp.mfu > 0.1 && sp.mfu < 0.62, "{}", sp.mfu);
     }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use glm_common::plan::profile::{Attention, Collective, Dtype, Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
+use glm_common::plan::profile::{Attention, Collective, Dtype, ElementwiseNs, Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
 use glm_worker::comm::ReduceOp;
 use glm_worker::parallel::Parallel;
 
@@ -119,12 +119,17 @@ pub fn measure(out: &Path, par: &Parallel, device: Device, sh: &Shape, host: &Ho
                 if !seen.insert((m, n, k)) {
                     return None;
                 }
+                // a linear layer's three products: forward, the input's
+                // gradient and the weight's (their layouts differ in speed)
                 let a = Tensor::randn([m, k], (kind(d), device));
                 let b = Tensor::randn([k, n], (kind(d), device));
+                let g = Tensor::randn([m, n], (kind(d), device));
                 let sec = seconds_per_call(device, &mut || {
                     let _ = a.matmul(&b);
+                    let _ = g.matmul(&b.tr());
+                    let _ = a.tr().matmul(&g);
                 });
-                gemm.push(Gemm { dtype: d, m: m as u64, n: n as u64, k: k as u64, tflops: 2.0 * (m * n * k) as f64 / sec / 1e12 });
+                gemm.push(Gemm { dtype: d, m: m as u64, n: n as u64, k: k as u64, tflops: 6.0 * (m * n * k) as f64 / sec / 1e12 });
                 Some(sec)
             };
             for shape in model_shapes.iter().copied() {
@@ -164,6 +169,8 @@ pub fn measure(out: &Path, par: &Parallel, device: Device, sh: &Shape, host: &Ho
             elementwise_gbps.insert(d.name().to_string(), bytes / sec / 1e9);
         }
     }
+    let elementwise_ns = dtypes.iter().map(|&d| (d.name().to_string(), elementwise(device, sh, d))).collect();
+    let optimizer_ns = Some(optimizer(device));
     let device_name = match device {
         Device::Cuda(i) => glm_worker::runtime::cuda::device_name(i).unwrap_or_else(|| format!("cuda:{i}")),
         _ => glm_worker::runtime::host::cpu_model_name(),
@@ -179,6 +186,8 @@ pub fn measure(out: &Path, par: &Parallel, device: Device, sh: &Shape, host: &Ho
         gemm,
         attention,
         elementwise_gbps,
+        elementwise_ns,
+        optimizer_ns,
         collectives,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         created: utc_now(),
@@ -220,6 +229,78 @@ fn collectives(par: &Parallel, device: Device) -> Result<Vec<Collective>> {
     let sec = s[s.len() / 2];
     let bus = 2.0 * (p - 1) as f64 / p as f64 * COLLECTIVE_BYTES as f64 / sec / 1e9;
     Ok(vec![Collective { op: "all_reduce".into(), ranks: p as u64, bytes: COLLECTIVE_BYTES as u64, bus_gbps: bus }])
+}
+
+/// Elements of a layer's activation the elementwise costs are measured at.
+fn rows(sh: &Shape) -> i64 {
+    sh.batch * sh.seq
+}
+
+/// Nanoseconds per element of `op` forward and backward on a fresh
+/// `[rows, cols]` input: the backward's upstream gradient enters through a
+/// product with a fixed tensor and a sum, whose own cost (measured on the
+/// input alone) is taken off.
+fn fwd_bwd_ns(device: Device, d: Dtype, rows: i64, cols: i64, op: &dyn Fn(&Tensor) -> Tensor) -> f64 {
+    let x = Tensor::randn([rows, cols], (kind(d), device)).set_requires_grad(true);
+    let g = Tensor::randn([rows, cols], (kind(d), device));
+    let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+        seconds_per_call(device, &mut || {
+            let y = f(&x);
+            (y * &g).sum(kind(d)).backward();
+            let _ = x.grad().zero_();
+        })
+    };
+    let with = run(op);
+    let without = run(&|t: &Tensor| t.shallow_clone());
+    (with - without).max(0.0) / (rows * cols) as f64 * 1e9
+}
+
+/// The layer's elementwise kernels in `d` at the bench model's sizes:
+/// LayerNorm over the hidden size, GeLU over the MLP's width, dropout at
+/// the bench's rate (0.1 when it has none), an add, and the log-softmax of
+/// the logits at the loss positions.
+fn elementwise(device: Device, sh: &Shape, d: Dtype) -> ElementwiseNs {
+    let (r, h) = (rows(sh), sh.hidden);
+    let w = Tensor::ones([h], (kind(d), device));
+    let b = Tensor::zeros([h], (kind(d), device));
+    let p = if sh.dropout > 0.0 { sh.dropout } else { 0.1 };
+    let add = {
+        let _g = tch::no_grad_guard();
+        let (x, y) = (Tensor::randn([r, h], (kind(d), device)), Tensor::randn([r, h], (kind(d), device)));
+        seconds_per_call(device, &mut || {
+            let _ = &x + &y;
+        }) / (r * h) as f64
+            * 1e9
+    };
+    ElementwiseNs {
+        layer_norm: fwd_bwd_ns(device, d, r, h, &|x| x.layer_norm([h], Some(&w), Some(&b), 1e-5, true)),
+        gelu: fwd_bwd_ns(device, d, r, sh.ffn / sh.tp, &|x| x.gelu("tanh")),
+        dropout: fwd_bwd_ns(device, d, r, h, &|x| x.dropout(p, true)),
+        add,
+        log_softmax: fwd_bwd_ns(device, d, (r / 2).max(1), sh.vocab / sh.tp, &|x| x.log_softmax(-1, Kind::Float)),
+    }
+}
+
+/// Elements of the buffer the optimizer step is timed on (fp32: 32 MB, past
+/// the caches, as a rank's shard is).
+const OPTIMIZER_NUMEL: i64 = 8 << 20;
+
+/// Nanoseconds per element of glm-worker's AdamW update, the gradient's
+/// squared norm and the gradient zeroed, on an fp32 buffer.
+fn optimizer(device: Device) -> f64 {
+    use glm_worker::optim::adamw::{AdamW, AdamWConfig};
+    let n = OPTIMIZER_NUMEL;
+    let mut flat = Tensor::randn([n], (Kind::Float, device));
+    let mut adam = AdamW::new(AdamWConfig::GLM, &flat);
+    let mut grad = Tensor::randn([n], (Kind::Float, device));
+    let sec = seconds_per_call(device, &mut || {
+        tch::no_grad(|| {
+            let _ = grad.square().sum(Kind::Double);
+            adam.update(&mut flat, &[(0, n)], &mut grad, 1e-4);
+            let _ = grad.zero_();
+        });
+    });
+    sec / n as f64 * 1e9
 }
 
 /// `scaled_dot_product_attention` forward and backward (of the output's
