@@ -140,6 +140,9 @@ def main():
         p = plan(shape, prec, tp, dp, zero, micro, ckpt, profile)
         states_m, states_p = int(m["model_states_bytes"]), p["memory"]["states"]["total"]
         peak_m, peak_p = float(m["peak_rss_rank0_mb"]), p["memory"]["peak"] / 1e6
+        if MMAP:
+            # against what is alive: the plan without its allocator overhead
+            peak_p -= p["memory"]["fragmentation"] / 1e6
         ms_m, ms_p = float(m["ms/it"]), p["speed"]["step_s"] * 1e3
         dmem, dtime = peak_p / peak_m - 1, ms_p / ms_m - 1
         name = f"{shape} {prec} tp{tp} dp{dp} z{zero} mb{micro}{' ckpt' if ckpt else ''}"

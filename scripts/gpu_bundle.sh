@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu_check.sh needs on a GPU machine that has CUDA and
 # torch 2.11 but neither this project's build nor OpenMPI:
-#   <out>/bin/    glm-worker, glm-worker-core (release build)
+#   <out>/bin/    glm-worker, glm-worker-core, glm-launch (release build; glm-launch for the plan step)
 #   <out>/mpi/    the OpenMPI 4.1 runtime libraries they link against, its
 #                 component plugins (a singleton world needs no mpirun), and
 #                 mpirun (bin/mpirun, with PMIx's plugins in lib/pmix and
@@ -17,7 +17,7 @@ scripts/setup.sh
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/mpi/lib" "$OUT/mpi/bin" "$OUT/mpi/etc" "$OUT/data"
-cp target/release/glm-worker target/release/glm-worker-core "$OUT/bin/"
+cp target/release/glm-worker target/release/glm-worker-core target/release/glm-launch "$OUT/bin/"
 cp glm_pretrain/data/data.json "$OUT/data/"
 
 # the non-system, non-torch libraries glm-worker-core and OpenMPI's plugins load

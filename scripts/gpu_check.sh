@@ -193,6 +193,37 @@ train_bf16_step() { # the real trainer, bf16 via dotted --set keys over the Deep
   ! grep -q 'trains in fp32' "$WORK/bf16.log" || { echo "gpu_check: the run fell back to fp32"; return 1; }
 }
 
+plan_step() { # the planner against this device: its profile, and the table entry, vs the measured step
+  local shape=(--layers 24 --hidden 1024 --heads 16 --seq 512 --batch 16 --vocab 30592) sets=()
+  if [ "$DEV" = cpu ]; then shape=(--layers 2 --hidden 64 --heads 2 --seq 64 --batch 2 --vocab 512)
+  elif [ -n "$QUICK" ]; then shape=(--layers 4 --hidden 256 --heads 4 --seq 256 --batch 8 --vocab 16000); fi
+  local launch="$BIN_DIR/glm-launch"
+  [ -x "$launch" ] || launch=target/release/glm-launch
+  [ -x "$launch" ] || { echo "gpu_check: no glm-launch beside glm-worker (scripts/gpu_bundle.sh packs it)"; return 1; }
+  local line
+  line=$("$BIN" bench-step --device "$DEV" --precision bf16 --iters 10 --warmup 3 "${shape[@]}" --profile-out "$WORK/profile.json") || return 1
+  echo "$line"
+  # the same shape for the planner: configs_tiny.json's keys over the bench's sizes
+  sets=(--set num_layers="${shape[1]}" --set hidden_size="${shape[3]}" --set num_attention_heads="${shape[5]}"
+    --set seq_length="${shape[7]}" --set max_position_embeddings="${shape[7]}" --set ds.train_micro_batch_size_per_gpu="${shape[9]}"
+    --set ds.gradient_accumulation_steps=1 --set ds.train_batch_size="${shape[9]}" --set ds.bf16.enabled=true --set save=null
+    --set checkpoint_activations=false --set hidden_dropout=0.1 --set attention_dropout=0.1)
+  local common=(--vocab "${shape[11]}" --loss-fraction 0.5 --config configs/config_block_tiny.json --args configs/configs_tiny.json --no-search "${sets[@]}")
+  echo "-- plan from this device's profile"
+  "$launch" plan --profile "$WORK/profile.json" "${common[@]}" | grep -E "model states|peak per|time per|tokens/s" || return 1
+  local gpu=""
+  if [ "$DEV" != cpu ]; then
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+      *H200*) gpu=h200 ;; *H100*PCIe*) gpu=h100-pcie ;; *H100*) gpu=h100-sxm ;; *A100*80GB*) gpu=a100-80gb ;; *A100*) gpu=a100-40gb ;;
+    esac
+  fi
+  if [ -n "$gpu" ]; then
+    echo "-- plan from the table entry $gpu"
+    "$launch" plan --gpu "$gpu" "${common[@]}" | grep -E "peak per|time per|tokens/s" || return 1
+  fi
+  echo "-- measured: ms/it=$(field ms/it "$line") peak_mem_mb=$(field peak_mem_mb "$line") model_states_bytes=$(field model_states_bytes "$line")"
+}
+
 generate_step() {
   "$BIN" generate --load "$WORK/ckpt" --text "天下[MASK]，莫柔弱于水。" --max-tokens 16
 }
@@ -294,6 +325,7 @@ step "training step vs eager PyTorch on $DEV" bench_step
 SHAPE="GLM-Large shape"; [ -n "$QUICK" ] && SHAPE="default shape (quick)"; [ "$DEV" = cpu ] && SHAPE="tiny CPU shape"
 step "mixed precision at $SHAPE vs eager PyTorch autocast on $DEV" mixed_step
 step "bf16 training run of configs/config_block_large.json on $DEV$([ "$DEV" = cpu ] && echo ", tiny model")" train_bf16_step
+step "the planner vs the measured bf16 step on $DEV (profile and table entry)" plan_step
 step "generation from the checkpoint (device auto)" generate_step
 step "ZeRO stages 0/1/2 on $DEV (world of one: NCCL group of one)" zero_step
 step "two ranks on one $DEV, collectives staged through host memory: TP=2, DP=2 ZeRO-2, bf16 vs one rank" staged_step

@@ -417,6 +417,12 @@ pub fn breakdown(p: &Plan) -> Vec<String> {
     v
 }
 
+/// `v` to three significant figures (989, 67.0, 0.218).
+fn figures(v: f64) -> String {
+    let digits = if v >= 99.95 { 0 } else { (2 - v.abs().max(1e-9).log10().floor() as i32).clamp(0, 6) as usize };
+    format!("{v:.digits$}")
+}
+
 fn speed(p: &Plan, d: &Device, j: &planner::Job) -> Vec<String> {
     let s = &p.speed;
     let ms = |x: f64| format!("{:.1} ms", x * 1e3);
@@ -446,7 +452,7 @@ fn speed(p: &Plan, d: &Device, j: &planner::Job) -> Vec<String> {
             "{:.0} tokens/s, MFU {:.1}% of {} TFLOP/s {} per rank; {} steps (train_iters) in {:.1} h",
             s.tokens_per_s,
             s.mfu * 100.0,
-            d.peak(p.layout.dtype),
+            figures(d.peak(p.layout.dtype)),
             p.layout.dtype.name(),
             j.train_iters,
             hours
@@ -519,3 +525,11 @@ fn cpu_device() -> Device {
 /// The resident set of a glm-worker process with libtorch loaded, before
 /// the model (bench-step's profile measures it per machine).
 pub const CPU_BASELINE_BYTES: u64 = 300_000_000;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn three_figures() {
+        assert_eq!([super::figures(989.0), super::figures(67.0), super::figures(0.21752), super::figures(19.5)], ["989", "67.0", "0.218", "19.5"]);
+    }
+}
