@@ -19,13 +19,16 @@
 #   - the stall of saving checkpoints: ms per training step without saving,
 #     and saving every other step with the files written inline (training
 #     waits) or in the background, at the default model and at a 108 M
-#     parameter one (also alone: scripts/bench.sh save).
+#     parameter one (also alone: scripts/bench.sh save);
+#   - the planner against measured runs (glm-launch plan --profile vs
+#     glm-worker bench-step on 14 layouts: bench/plan_grid.py; also alone:
+#     scripts/bench.sh plan).
 # Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 ONLY="${1:-all}"
-case "$ONLY" in all | save) ;; *) echo "usage: scripts/bench.sh [save]" >&2; exit 2 ;; esac
+case "$ONLY" in all | save | plan) ;; *) echo "usage: scripts/bench.sh [save|plan]" >&2; exit 2 ;; esac
 scripts/setup.sh
 source target/torch.env
 BIN="$ROOT/target/release/glm-worker"
@@ -73,6 +76,14 @@ bench_save() {
 }
 if [ "$ONLY" = save ]; then
   bench_save
+  exit 0
+fi
+bench_plan() {
+  echo; echo "== the planner against measured runs (bench/plan_grid.py; 2 ranks a layout at most, one thread each)"
+  python3 "$ROOT/bench/plan_grid.py"
+}
+if [ "$ONLY" = plan ]; then
+  bench_plan
   exit 0
 fi
 PY="${TORCH_PYTHON:-}"
@@ -159,3 +170,4 @@ for prec in fp32 bf16; do
   done
 done
 bench_save
+bench_plan
