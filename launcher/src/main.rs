@@ -43,21 +43,8 @@ use glm_common::launch;
     after_help = "Every argument that is not an option above goes to glm-worker (e.g. --config configs/config_block_tiny.json --args configs/configs_tiny.json --set train_iters=100 --collective-timeout 300); after `--`, everything does. glm-launch reads the worker's --collective-timeout (or configs.json's collective_timeout, 600 s) too: it stops a job whose ranks make no progress for longer, naming the ranks that hold the others up. Options are spelled with dashes or underscores (--num-gpus, --num_gpus), DeepSpeed's spellings are accepted (-H, -i, -e, --num_accelerators), and a long option may be shortened to any unambiguous prefix (--hostf, --incl), as DeepSpeed's launcher allows."
 )]
 struct Cli {
-    /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
-    #[arg(short = 'H', long)]
-    hostfile: Option<PathBuf>,
-    /// Hosts/slots to use: NAME[:SLOT[,SLOT...]][@NAME...] (a host named twice gets the union of its slots)
-    #[arg(short = 'i', long)]
-    include: Option<String>,
-    /// Hosts/slots to leave out (same syntax)
-    #[arg(short = 'e', long)]
-    exclude: Option<String>,
-    /// Use the first N hosts (not with --include/--exclude)
-    #[arg(long)]
-    num_nodes: Option<usize>,
-    /// Use slots 0..N of each host (without a hostfile: N workers on this machine; not with --include/--exclude)
-    #[arg(long, visible_alias = "num-accelerators")]
-    num_gpus: Option<usize>,
+    #[command(flatten)]
+    hosts: Hosts,
     /// mpirun (OpenMPI), mpiexec (MPICH/Hydra), ssh (OpenMPI's mpirun starting its daemons through glm-launch's own SSH connections), slurm (one srun step inside a Slurm allocation, on its nodes), or local (this machine only)
     #[arg(long, default_value = "mpirun")]
     launcher: String,
@@ -108,6 +95,48 @@ struct Cli {
     /// Elastic shrink: on a restart, leave out the hosts that fail the preflight while at least M remain, keeping the global batch by more gradient accumulation (needs --max-restarts)
     #[arg(long, value_name = "M")]
     min_nodes: Option<usize>,
+}
+
+/// The hosts and slots of a job: a hostfile and DeepSpeed's selection
+/// (glm-launch's and glm-launch plan's).
+#[derive(clap::Args, Debug)]
+pub(crate) struct Hosts {
+    /// DeepSpeed/OpenMPI hostfile (`<host> slots=<n>`); without one, this machine
+    #[arg(short = 'H', long)]
+    hostfile: Option<PathBuf>,
+    /// Hosts/slots to use: NAME[:SLOT[,SLOT...]][@NAME...] (a host named twice gets the union of its slots)
+    #[arg(short = 'i', long)]
+    include: Option<String>,
+    /// Hosts/slots to leave out (same syntax)
+    #[arg(short = 'e', long)]
+    exclude: Option<String>,
+    /// Use the first N hosts (not with --include/--exclude)
+    #[arg(long)]
+    num_nodes: Option<usize>,
+    /// Use slots 0..N of each host (without a hostfile: N workers on this machine; not with --include/--exclude)
+    #[arg(long, visible_alias = "num-accelerators")]
+    num_gpus: Option<usize>,
+}
+
+impl Hosts {
+    fn selection(&self) -> Selection {
+        Selection { include: self.include.clone(), exclude: self.exclude.clone(), num_nodes: self.num_nodes, num_gpus: self.num_gpus }
+    }
+
+    /// The hosts and slots a hostfile gives, under the selection; `None`
+    /// without a hostfile.
+    pub(crate) fn hostfile_placement(&self) -> Result<Option<Placement>> {
+        let Some(f) = &self.hostfile else { return Ok(None) };
+        let sel = self.selection();
+        sel.check()?;
+        let pool: Vec<(String, usize)> = Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect();
+        Ok(Some(select(&pool, &sel)?))
+    }
+
+    /// Whether any selection flag is given.
+    pub(crate) fn selecting(&self) -> bool {
+        self.include.is_some() || self.exclude.is_some() || self.num_nodes.is_some() || self.num_gpus.is_some()
+    }
 }
 
 /// Every spelling of a launcher option after `--`, from `Cli` (its long
@@ -279,32 +308,32 @@ fn worker_env(cli: &Cli) -> Result<Vec<(String, String)>> {
 /// The hosts and slots of the job; without a hostfile this machine's GPUs,
 /// or more with `gpus_shared` and `--num_gpus`.
 fn placement(cli: &Cli, gpus_shared: bool) -> Result<Placement> {
-    let sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
+    let hosts = &cli.hosts;
     // DeepSpeed's rules on the flags as given, with a hostfile or without
+    if let Some(p) = hosts.hostfile_placement()? {
+        return Ok(p);
+    }
+    let sel = hosts.selection();
     sel.check()?;
-    let Some(f) = &cli.hostfile else {
-        // this machine: its GPUs — those CUDA_VISIBLE_DEVICES names, as
-        // DeepSpeed does — or --num_gpus CPU workers (1 by default)
-        let visible: Option<Vec<usize>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|v| v.split(',').map(|d| d.trim().parse().ok()).collect());
-        let gpus = local_gpus();
-        let n = match (gpus, cli.num_gpus) {
-            (0, n) => n.unwrap_or(1),
-            (g, Some(k)) if gpus_shared && k > g => k,
-            (g, _) => g,
-        };
-        if n == 0 {
-            bail!("--num_gpus 0: nothing to run");
-        }
-        let pool = vec![("localhost".to_string(), n)];
-        if let (Some(v), true, None, None) = (&visible, gpus > 0, sel.include(), sel.exclude()) {
-            // the visible GPUs, then --num_nodes/--num_gpus among them
-            let include = format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","));
-            let visible = select(&pool, &Selection { include: Some(include), ..Default::default() })?;
-            return Ok(limit(visible, cli.num_nodes, cli.num_gpus)?);
-        }
-        return Ok(select(&pool, &sel)?);
+    // this machine: its GPUs — those CUDA_VISIBLE_DEVICES names, as
+    // DeepSpeed does — or --num_gpus CPU workers (1 by default)
+    let visible: Option<Vec<usize>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|v| v.split(',').map(|d| d.trim().parse().ok()).collect());
+    let gpus = local_gpus();
+    let n = match (gpus, hosts.num_gpus) {
+        (0, n) => n.unwrap_or(1),
+        (g, Some(k)) if gpus_shared && k > g => k,
+        (g, _) => g,
     };
-    let pool: Vec<(String, usize)> = Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect();
+    if n == 0 {
+        bail!("--num_gpus 0: nothing to run");
+    }
+    let pool = vec![("localhost".to_string(), n)];
+    if let (Some(v), true, None, None) = (&visible, gpus > 0, sel.include(), sel.exclude()) {
+        // the visible GPUs, then --num_nodes/--num_gpus among them
+        let include = format!("localhost:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","));
+        let visible = select(&pool, &Selection { include: Some(include), ..Default::default() })?;
+        return Ok(limit(visible, hosts.num_nodes, hosts.num_gpus)?);
+    }
     Ok(select(&pool, &sel)?)
 }
 
@@ -362,7 +391,7 @@ fn slurm_placement(cli: &Cli) -> Result<Placement> {
     let Some(job) = std::env::var("SLURM_JOB_ID").ok().filter(|j| !j.is_empty()) else {
         bail!("--launcher slurm runs inside a Slurm allocation, and there is none here (SLURM_JOB_ID unset): submit a batch job (sbatch scripts/pretrain.sbatch), or run glm-launch --launcher slurm inside salloc");
     };
-    if cli.hostfile.is_some() || cli.include.is_some() || cli.exclude.is_some() {
+    if cli.hosts.hostfile.is_some() || cli.hosts.include.is_some() || cli.hosts.exclude.is_some() {
         bail!("--launcher slurm: allocation {job} decides the hosts; --hostfile/--include/--exclude do not apply (use --num_nodes / --num_gpus, or ask sbatch/salloc for other nodes)");
     }
     let list = std::env::var("SLURM_JOB_NODELIST").or_else(|_| std::env::var("SLURM_NODELIST")).context("SLURM_JOB_NODELIST is unset inside the allocation")?;
@@ -370,7 +399,7 @@ fn slurm_placement(cli: &Cli) -> Result<Placement> {
     anyhow::ensure!(out.status.success(), "scontrol show hostnames {list}: {}", String::from_utf8_lossy(&out.stderr).trim());
     let mut nodes: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
     anyhow::ensure!(!nodes.is_empty(), "allocation {job} lists no node ({list})");
-    if let Some(n) = cli.num_nodes {
+    if let Some(n) = cli.hosts.num_nodes {
         anyhow::ensure!(n >= 1 && n <= nodes.len(), "--num_nodes {n}: allocation {job} has {} node(s)", nodes.len());
         nodes.truncate(n);
     }
@@ -384,7 +413,7 @@ fn slurm_placement(cli: &Cli) -> Result<Placement> {
             None => vec![p.parse().unwrap_or(0)],
         })
         .collect();
-    let per_node = match cli.num_gpus {
+    let per_node = match cli.hosts.num_gpus {
         Some(0) => bail!("--num_gpus 0: nothing to run"),
         Some(g) => g,
         None => per_node_env.iter().take(nodes.len()).copied().min().filter(|&k| k > 0).unwrap_or(1),
@@ -864,7 +893,8 @@ mod tests {
             ("--master_a 10.0.0.1", "--master-addr=10.0.0.1"),
             ("--dry", "--dry-run"),
             ("--all-r", "--all-ranks-output"),
-            ("--no_p", "--no-preflight"),
+            ("--no_pr", "--no-preflight"),
+            ("--no_pl", "--no-plan-check"),
             ("--ssh_a", "--ssh-accept-new-host-keys"),
             ("--w ./w", "--worker=./w"),
             ("--he", "--help"),
@@ -879,6 +909,7 @@ mod tests {
             ("--num 2", "ambiguous option: --num could match --num_nodes, --num_gpus, --num_accelerators"),
             ("--num_ 2", "ambiguous option: --num_ could match --num_nodes, --num_gpus, --num_accelerators"),
             ("--h x", "ambiguous option: --h could match --hostfile, --help"),
+            ("--no_p", "ambiguous option: --no_p could match --no_preflight, --no_plan_check"),
             ("--ssh x", "ambiguous option: --ssh could match --ssh_config, --ssh_user"),
             ("--master=x", "ambiguous option: --master could match --master_addr, --master_port"),
             ("-i", "-i (--include) needs a value"),
@@ -903,10 +934,10 @@ mod tests {
     fn clap_reads_what_split_args_hands_it() {
         let (mine, _) = split_args(&words("-H hosts -i a:0 --incl b:1 --num_accelerators 3 --no_pre --dry")).unwrap();
         let cli = Cli::try_parse_from(&mine).unwrap();
-        assert_eq!(cli.hostfile, Some(PathBuf::from("hosts")));
-        assert_eq!(cli.include.as_deref(), Some("b:1"));
-        assert_eq!(cli.num_gpus, Some(3));
-        assert!(cli.no_preflight && cli.dry_run && cli.exclude.is_none());
+        assert_eq!(cli.hosts.hostfile, Some(PathBuf::from("hosts")));
+        assert_eq!(cli.hosts.include.as_deref(), Some("b:1"));
+        assert_eq!(cli.hosts.num_gpus, Some(3));
+        assert!(cli.no_preflight && cli.dry_run && cli.hosts.exclude.is_none());
         // a value that starts with a dash stays a value
         let (mine, _) = split_args(&words("--run_dir -odd")).unwrap();
         assert_eq!(Cli::try_parse_from(&mine).unwrap().run_dir, Some(PathBuf::from("-odd")));

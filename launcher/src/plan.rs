@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use glm_common::hostfile::{Placement, Selection};
+use glm_common::hostfile::Placement;
 use glm_common::plan::device::{gpu, gpu_keys, Device};
 use glm_common::plan::profile::{Dtype, Profile};
 use glm_common::plan::{self as planner, Cluster, Layout, Plan};
@@ -33,17 +33,9 @@ struct PlanCli {
     /// The token store glm-worker would use (its vocabulary size is the model's)
     #[arg(long)]
     store: Option<PathBuf>,
-    /// DeepSpeed/OpenMPI hostfile: its hosts and slots are the cluster
-    #[arg(short = 'H', long)]
-    hostfile: Option<PathBuf>,
-    #[arg(short = 'i', long)]
-    include: Option<String>,
-    #[arg(short = 'e', long)]
-    exclude: Option<String>,
-    #[arg(long)]
-    num_nodes: Option<usize>,
-    #[arg(long)]
-    num_gpus: Option<usize>,
+    /// The cluster: a hostfile's hosts and slots, selected as glm-launch selects them
+    #[command(flatten)]
+    hosts: crate::Hosts,
     /// Nodes of the cluster (without a hostfile)
     #[arg(long)]
     nodes: Option<u64>,
@@ -189,19 +181,14 @@ pub fn main(args: &[String]) -> Result<i32> {
 }
 
 fn cluster(cli: &PlanCli) -> Result<Cluster> {
-    let selecting = cli.include.is_some() || cli.exclude.is_some() || cli.num_nodes.is_some() || cli.num_gpus.is_some();
-    match (&cli.hostfile, cli.nodes, cli.gpus_per_node) {
+    let from_file = cli.hosts.hostfile_placement()?;
+    if from_file.is_none() && cli.hosts.selecting() {
+        bail!("--include, --exclude, --num_nodes and --num_gpus select from a --hostfile");
+    }
+    match (from_file, cli.nodes, cli.gpus_per_node) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!("--hostfile or --nodes/--gpus-per-node, not both"),
-        (Some(f), None, None) => {
-            let sel = Selection { include: cli.include.clone(), exclude: cli.exclude.clone(), num_nodes: cli.num_nodes, num_gpus: cli.num_gpus };
-            sel.check()?;
-            let pool: Vec<(String, usize)> = glm_common::hostfile::Hostfile::load(f)?.hosts.into_iter().map(|h| (h.name, h.slots)).collect();
-            Ok(of_placement(&glm_common::hostfile::select(&pool, &sel)?))
-        }
+        (Some(p), None, None) => Ok(of_placement(&p)),
         (None, n, g) => {
-            if selecting {
-                bail!("--include, --exclude, --num_nodes and --num_gpus select from a --hostfile");
-            }
             let (n, g) = (n.unwrap_or(1), g.unwrap_or(1));
             if n == 0 || g == 0 {
                 bail!("--nodes {n} --gpus-per-node {g}: both must be at least 1");
@@ -298,15 +285,17 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
     });
     let background = ds.and_then(|d| d.checkpoint_decoupled) != Some(false);
     let pj = planner::Job {
-        vocab,
+        model: glm_common::plan::model::Shape {
+            vocab,
+            hidden: a.hidden_size as u64,
+            layers: a.num_layers as u64,
+            heads: a.num_attention_heads as u64,
+            ffn: a.intermediate_size.unwrap_or(4 * a.hidden_size) as u64,
+            max_position_embeddings: a.max_position_embeddings as u64,
+            block_position: !a.no_block_position,
+            seq: a.seq_length as u64,
+        },
         divisible_by: a.make_vocab_size_divisible_by as u64,
-        hidden: a.hidden_size as u64,
-        layers: a.num_layers as u64,
-        heads: a.num_attention_heads as u64,
-        ffn: a.intermediate_size.unwrap_or(4 * a.hidden_size) as u64,
-        max_position_embeddings: a.max_position_embeddings as u64,
-        block_position: !a.no_block_position,
-        seq: a.seq_length as u64,
         global_batch: batch.global as u64,
         hidden_dropout: a.hidden_dropout,
         attention_dropout: a.attention_dropout,
@@ -348,11 +337,11 @@ fn describe(l: &Layout) -> String {
 fn header(j: &planner::Job, d: &Device, c: &Cluster, vocab: &(u64, String)) -> String {
     format!(
         "plan: GLM {} layers × hidden {} ({} heads, ffn {}), seq {}, vocabulary {} from {}; global batch {}; {} node(s) × {} rank(s) of {} ({} each)",
-        j.layers,
-        j.hidden,
-        j.heads,
-        j.ffn,
-        j.seq,
+        j.model.layers,
+        j.model.hidden,
+        j.model.heads,
+        j.model.ffn,
+        j.model.seq,
         vocab.0,
         vocab.1,
         j.global_batch,
@@ -386,8 +375,12 @@ pub fn breakdown(p: &Plan) -> Vec<String> {
             b(s.total as f64)
         ),
     ];
-    if m.buckets > 0.0 {
-        v.push(format!("ZeRO gradient buckets in flight: {}", b(m.buckets)));
+    if m.buckets > 0.0 || m.gather_scratch > 0.0 {
+        v.push(format!(
+            "ZeRO buffers: gradient buckets in flight during backward {}, the parameters' all-gather scratch after the update {}",
+            b(m.buckets),
+            b(m.gather_scratch)
+        ));
     }
     v.push(format!(
         "activations per micro-batch ({} loss positions, {} attention): {} a layer, {} for all {} layers{}; head and loss {}; attention mask {}",
@@ -396,7 +389,11 @@ pub fn breakdown(p: &Plan) -> Vec<String> {
         b(a.per_layer),
         b(a.layers_full),
         p.shape.layers,
-        if p.layout.checkpoint_layers > 0 { format!(", {} kept with checkpointing", b(a.layers_kept)) } else { String::new() },
+        if p.layout.checkpoint_layers > 0 {
+            format!(", {} kept with checkpointing", b(a.layers_kept))
+        } else {
+            format!(" ({} with checkpointing every layer)", b(a.layers_checkpointed))
+        },
         b(a.head),
         b(a.mask)
     ));

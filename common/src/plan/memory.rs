@@ -56,6 +56,22 @@ pub fn unit(s: &Shape, l: &Layout) -> u64 {
     (l.reduce_bucket / q * q).max(q).min(padded.max(q))
 }
 
+/// The scratch buffer of ZeRO's parameter all-gather after the update
+/// (stages 1-2): a unit's runs are gathered `allgather_bucket_size / dp`
+/// elements a rank at a time through a buffer of `allgather_bucket_size`
+/// elements when a rank's run is longer, straight into place otherwise.
+pub fn gather_scratch(s: &Shape, l: &Layout) -> u64 {
+    if l.zero == 0 || l.dp == 1 {
+        return 0;
+    }
+    let chunk = (l.allgather_bucket / l.dp).max(1);
+    if chunk >= unit(s, l) / l.dp {
+        0
+    } else {
+        chunk * l.dp * l.dtype.bytes()
+    }
+}
+
 /// Which attention kernel the model's `scaled_dot_product_attention` (a
 /// boolean mask) gets: a fused one keeps O(s) per head for backward; the
 /// unfused one (libtorch's CPU path with attention dropout) keeps the
@@ -68,7 +84,7 @@ pub enum Kernel {
 }
 
 /// Activation bytes of one micro-batch of `b` sequences on one rank.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Activations {
     /// One layer's saved tensors.
     pub per_layer: f64,
@@ -77,6 +93,9 @@ pub struct Activations {
     /// What the layers keep with this layout's checkpointing (chunk inputs,
     /// and one recomputed chunk's during backward).
     pub layers_kept: f64,
+    /// What they would keep checkpointing every layer (the layout's own
+    /// chunks when it checkpoints).
+    pub layers_checkpointed: f64,
     /// The embeddings' dropout mask, the final LayerNorm's input, the loss
     /// positions' hidden states and their log-softmax.
     pub head: f64,
@@ -89,6 +108,8 @@ pub struct Activations {
     /// of the residual stream and of the widest intermediate; the unfused
     /// kernel's score gradients).
     pub transient: f64,
+    /// The unfused attention kernel ran (libtorch's CPU path with attention dropout).
+    pub unfused_attention: bool,
 }
 
 impl Activations {
@@ -128,9 +149,10 @@ pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kern
     let split = attention + t * e / p + 8.0 * t * e / p;
     let per_layer = replicated + split;
     let layers_full = per_layer * s.layers as f64;
-    let layers_kept = match l.checkpoint_layers {
-        0 => layers_full,
-        n => (s.layers.div_ceil(n)) as f64 * t * e + n.min(s.layers) as f64 * per_layer,
+    let chunked = |n: u64| s.layers.div_ceil(n) as f64 * t * e + n.min(s.layers) as f64 * per_layer;
+    let (layers_kept, layers_checkpointed) = match l.checkpoint_layers {
+        0 => (layers_full, chunked(1)),
+        n => (chunked(n), chunked(n)),
     };
     let vocab = s.vocab as f64 / p;
     let emb_mask = if c.hidden > 0.0 { t } else { 0.0 };
@@ -139,7 +161,16 @@ pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kern
     // output matrix's weight gradient (V/p × h, before it is accumulated)
     let logits = loss_tokens * vocab * 8.0 + vocab * s.hidden as f64 * e;
     let layer_bwd = t * e * (2.0 + 8.0 / p) + score_grads;
-    Activations { per_layer, layers_full, layers_kept, head, mask: (b * s.seq * s.seq) as f64, transient: logits.max(layer_bwd) }
+    Activations {
+        per_layer,
+        layers_full,
+        layers_kept,
+        layers_checkpointed,
+        head,
+        mask: (b * s.seq * s.seq) as f64,
+        transient: logits.max(layer_bwd),
+        unfused_attention: matches!(kernel, Kernel::Unfused { .. }),
+    }
 }
 
 /// The dropout probabilities and LayerNorm precision activations depend on.
@@ -198,6 +229,7 @@ mod tests {
         assert_eq!(a.mask, 2.0 * 64.0 * 64.0);
         let ck = activations(&s, &Layout { checkpoint_layers: 1, ..layout(Dtype::Fp32, 0, 1) }, 2, 64.0, Kernel::Fused, &d);
         assert_eq!(ck.layers_kept, 4.0 * 4.0 * t + 70.0 * t);
+        assert_eq!(a.layers_checkpointed, ck.layers_kept);
         // unfused with dropout: scores b·a·s² = 32768 kept as 4 + 1 + 4 bytes
         // instead of the fused output's 4t
         let u = activations(&s, &layout(Dtype::Fp32, 0, 1), 2, 64.0, Kernel::Unfused { bytes: 4 }, &d);
@@ -218,5 +250,9 @@ mod tests {
         let l = Layout { reduce_bucket: 10, ..layout(Dtype::Fp32, 2, 2) };
         assert_eq!(unit(&s, &l), 128);
         assert_eq!(unit(&s, &layout(Dtype::Fp32, 2, 2)), s.padded_per_rank(1, 2));
+        // all-gather: in place while a rank's run fits the chunk, else through dp × chunk
+        assert_eq!(gather_scratch(&s, &layout(Dtype::Fp32, 2, 2)), 0);
+        let l = Layout { allgather_bucket: 100, ..layout(Dtype::Bf16, 2, 2) };
+        assert_eq!(gather_scratch(&s, &l), 100 * 2);
     }
 }

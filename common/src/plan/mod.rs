@@ -71,18 +71,12 @@ impl Cluster {
 /// What a plan needs of the job apart from its layout.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Job {
-    /// The tokenizer's ids before padding, and the padding rule
-    /// (make_vocab_size_divisible_by; under tensor parallelism the vocabulary
-    /// is padded to a multiple of it and of the size).
-    pub vocab: u64,
+    /// The model, its vocabulary the tokenizer's ids before padding.
+    pub model: Shape,
+    /// The padding rule (make_vocab_size_divisible_by; under tensor
+    /// parallelism the vocabulary is padded to a multiple of it and of the
+    /// size).
     pub divisible_by: u64,
-    pub hidden: u64,
-    pub layers: u64,
-    pub heads: u64,
-    pub ffn: u64,
-    pub max_position_embeddings: u64,
-    pub block_position: bool,
-    pub seq: u64,
     /// Sequences per optimizer step, over every data-parallel rank.
     pub global_batch: u64,
     pub hidden_dropout: f64,
@@ -106,16 +100,7 @@ impl Job {
     /// The shape at tensor-parallel size `tp` (the vocabulary padded for it).
     pub fn shape(&self, tp: u64) -> Shape {
         let m = lcm(self.divisible_by.max(1), tp);
-        Shape {
-            vocab: self.vocab.div_ceil(m) * m,
-            hidden: self.hidden,
-            layers: self.layers,
-            heads: self.heads,
-            ffn: self.ffn,
-            max_position_embeddings: self.max_position_embeddings,
-            block_position: self.block_position,
-            seq: self.seq,
-        }
+        Shape { vocab: self.model.vocab.div_ceil(m) * m, ..self.model }
     }
 
     fn dropouts(&self) -> Dropouts {
@@ -125,7 +110,7 @@ impl Job {
     /// Why `tp` cannot split this model, if it cannot.
     pub fn split_error(&self, tp: u64) -> Option<String> {
         let t = tp as usize;
-        crate::dims::check_split(t, self.hidden as usize, self.heads as usize, self.ffn as usize).err()
+        crate::dims::check_split(t, self.model.hidden as usize, self.model.heads as usize, self.model.ffn as usize).err()
     }
 }
 
@@ -148,7 +133,10 @@ pub struct Memory {
     /// ZeRO's gradient buckets in flight (stage 2: the buckets held during
     /// backward and a reduce-scatter's output; stage 1: one unit's output).
     pub buckets: f64,
-    pub activations: ActivationsOut,
+    /// ZeRO's all-gather scratch after the update (when activations are
+    /// gone: it raises the peak only if larger than they are).
+    pub gather_scratch: f64,
+    pub activations: Activations,
     /// The process before the model (CUDA context, libtorch), and the
     /// allocator's overhead (CUDA: the caching allocator's fragmentation;
     /// CPU: libtorch's first-step initialisation and glibc's retention).
@@ -180,18 +168,6 @@ impl From<States> for StatesOut {
     fn from(s: States) -> Self {
         StatesOut { params: s.params, grads: s.grads, master: s.master, moments: s.moments, optimizer: s.optimizer(), total: s.total() }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct ActivationsOut {
-    pub per_layer: f64,
-    pub layers_full: f64,
-    pub layers_kept: f64,
-    pub head: f64,
-    pub mask: f64,
-    pub transient: f64,
-    /// Unfused attention (libtorch's CPU path with attention dropout).
-    pub unfused_attention: bool,
 }
 
 /// The plan of one layout.
@@ -227,6 +203,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         let inflight = l.pp.min(l.accum.max(1)) as f64;
         a.layers_full *= inflight;
         a.layers_kept *= inflight;
+        a.layers_checkpointed *= inflight;
     }
     let e = l.dtype.bytes() as f64;
     let unit = memory::unit(&s, l) as f64;
@@ -255,19 +232,13 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     let nccl = if dev.cuda && dev.profile.is_none() && c.world() > 1 { device::NCCL_BYTES } else { 0 };
     let baseline = (dev.baseline_bytes + nccl) as f64;
     let host_snapshot = if dev.cuda { 0.0 } else { snapshot };
-    let peak = baseline + st.total() as f64 + buckets + dynamic + fragmentation + host_snapshot;
+    let gather = memory::gather_scratch(&s, l) as f64;
+    let peak = baseline + st.total() as f64 + (buckets + dynamic).max(gather) + fragmentation + host_snapshot;
     let memory = Memory {
         states: st.into(),
         buckets,
-        activations: ActivationsOut {
-            per_layer: a.per_layer,
-            layers_full: a.layers_full,
-            layers_kept: a.layers_kept,
-            head: a.head,
-            mask: a.mask,
-            transient: a.transient,
-            unfused_attention: matches!(kernel, memory::Kernel::Unfused { .. }),
-        },
+        gather_scratch: gather,
+        activations: a,
         baseline,
         fragmentation,
         snapshot,
@@ -357,15 +328,8 @@ mod tests {
 
     fn job() -> Job {
         Job {
-            vocab: 30522,
+            model: Shape { vocab: 30522, hidden: 1024, layers: 24, heads: 16, ffn: 4096, max_position_embeddings: 512, block_position: true, seq: 512 },
             divisible_by: 128,
-            hidden: 1024,
-            layers: 24,
-            heads: 16,
-            ffn: 4096,
-            max_position_embeddings: 512,
-            block_position: true,
-            seq: 512,
             global_batch: 128,
             hidden_dropout: 0.1,
             attention_dropout: 0.1,
@@ -394,7 +358,8 @@ mod tests {
     #[test]
     fn vocabulary_padding() {
         assert_eq!(job().shape(1).vocab, 30592);
-        assert_eq!(Job { divisible_by: 1, vocab: 1001, ..job() }.shape(4).vocab, 1004);
+        let j = job();
+        assert_eq!(Job { divisible_by: 1, model: Shape { vocab: 1001, ..j.model }, ..j }.shape(4).vocab, 1004);
     }
 
     /// The search keeps the global batch, only fits before misfits, and
@@ -423,7 +388,8 @@ mod tests {
     fn fit_and_checkpointing() {
         let dev = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
         let c = Cluster { nodes: 1, per_node: 1 };
-        let big = Job { hidden: 12288, layers: 70, heads: 96, ffn: 4 * 12288, seq: 2048, global_batch: 1, ..job() };
+        let j = job();
+        let big = Job { model: Shape { hidden: 12288, layers: 70, heads: 96, ffn: 4 * 12288, seq: 2048, ..j.model }, global_batch: 1, ..j };
         let l = Layout { dp: 1, zero: 0, micro: 1, ..base() };
         assert!(!plan(&big, &l, &dev, &c).fits);
         let small = plan(&job(), &Layout { dp: 1, zero: 0, micro: 1, ..base() }, &dev, &c);

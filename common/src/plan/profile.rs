@@ -90,6 +90,11 @@ pub struct ElementwiseNs {
     pub dropout: f64,
     pub add: f64,
     pub log_softmax: f64,
+    /// An in-place add over a buffer past the caches (8M elements): the
+    /// passes over whole parameter-sized buffers (gradients added into the
+    /// flat buffer, the fp32 accumulator, the copy back to 16 bits).
+    #[serde(default)]
+    pub add_large: f64,
 }
 
 /// A collective's bus bandwidth over `ranks` ranks (NCCL-tests' convention:

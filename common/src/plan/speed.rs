@@ -94,7 +94,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
         // residuals forward and backward, the transposed copy, the biases'
         // gradients: 6t + 9t/p elements); recomputation repeats the
         // forward's share; the embeddings' adds and dropout, the
-        // loss's log-softmax, the fp32 gradient accumulation
+        // loss's log-softmax, the gradients' accumulation
         Some(ns) => {
             let dropout = if drop.hidden > 0.0 { ns.dropout } else { 0.0 };
             let layer = t * (2.0 * ns.layer_norm + 2.0 * dropout + 4.0 / p * ns.gelu + (6.0 + 9.0 / p) * ns.add);
@@ -102,7 +102,10 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
             // the LayerNorm's statistics happen there)
             let layers = layer * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 2.0);
             let head = t * (3.0 * ns.add + dropout) + loss_tokens * (s.vocab / l.tp) as f64 * ns.log_softmax;
-            let acc = if mixed && l.zero < 2 { 2.0 * padded * ns.add } else { 0.0 };
+            // every parameter's gradient added into the flat buffer (or a
+            // stage-2 bucket), and in 16 bits into the fp32 accumulator too
+            let large = if ns.add_large > 0.0 { ns.add_large } else { ns.add };
+            let acc = padded * large * if mixed && l.zero < 2 { 3.0 } else { 1.0 };
             (layers + head + acc) * 1e-9
         }
         None => micro_bytes / (dev.elementwise_gbps(d) * 1e9),
@@ -116,7 +119,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     let optimizer_s = match (dev.optimizer_ns(), dev.elementwise_ns(d)) {
         // measured: AdamW, the norm and the zeroing per shard element, and
         // the copy back to the compute dtype
-        (Some(o), Some(ns)) => (shard * o + if mixed { padded * ns.add } else { 0.0 }) * 1e-9,
+        (Some(o), Some(ns)) => (shard * o + if mixed { padded * if ns.add_large > 0.0 { ns.add_large } else { ns.add } } else { 0.0 }) * 1e-9,
         _ => opt_bytes / (dev.elementwise_gbps(Dtype::Fp32) * 1e9),
     };
     // tensor parallelism, per micro-batch: per layer two all-reduces of
@@ -222,6 +225,44 @@ mod tests {
         assert_eq!(sp.dp_bytes, 0.0);
         assert!(sp.step_overlap_s <= sp.step_s);
         assert!(sp.mfu > 0.0 && sp.mfu < 1.0, "{}", sp.mfu);
+    }
+
+    /// A profile's measured costs, by hand: per layer t·(2·LN + 2·dropout +
+    /// 4/p·GeLU + (6 + 9/p)·add) ns with t = 4·128·256 elements, the head's
+    /// 3t adds and a dropout plus 256 loss positions × 16000 log-softmax,
+    /// the gradients' pass over the padded buffer; the optimizer's ns per
+    /// shard element.
+    #[test]
+    fn measured_elementwise_and_optimizer_costs() {
+        use crate::plan::profile::{ElementwiseNs, Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
+        let ns = ElementwiseNs { layer_norm: 1.0, gelu: 2.0, dropout: 3.0, add: 0.5, log_softmax: 4.0, add_large: 0.25 };
+        let p = Profile {
+            format: PROFILE_FORMAT.into(),
+            version: PROFILE_VERSION,
+            kind: "cpu".into(),
+            device: "test".into(),
+            threads: 1,
+            memory_bytes: 1 << 34,
+            baseline_bytes: 0,
+            gemm: vec![Gemm { dtype: Dtype::Fp32, m: 512, n: 512, k: 512, tflops: 0.1 }],
+            attention: vec![],
+            elementwise_gbps: Default::default(),
+            elementwise_ns: [("fp32".to_string(), ns)].into(),
+            optimizer_ns: Some(2.0),
+            collectives: vec![],
+            command: String::new(),
+            created: String::new(),
+        };
+        let dev = Device::from_profile(p);
+        let c = Cluster { nodes: 1, per_node: 1 };
+        let l = Layout { dp: 1, ..layout(0, Dtype::Fp32) };
+        let sp = step(&shape(), &shape(), &l, &dev, &c, 256.0, &DROP, Kernel::Fused);
+        let t = 4.0 * 128.0 * 256.0;
+        let layer = t * (2.0 * 1.0 + 2.0 * 3.0 + 4.0 * 2.0 + 15.0 * 0.5);
+        let padded = shape().padded_per_rank(1, 1) as f64;
+        let want = (4.0 * layer + t * (3.0 * 0.5 + 3.0) + 256.0 * 16000.0 * 4.0 + padded * 0.25) * 1e-9;
+        assert!((sp.elementwise_s - want).abs() < 1e-12, "{} vs {want}", sp.elementwise_s);
+        assert!((sp.optimizer_s - padded * 2.0 * 1e-9).abs() < 1e-12);
     }
 
     /// On a table device with everything large, time ≈ executed FLOPs at

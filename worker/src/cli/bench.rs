@@ -257,6 +257,12 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     let end_wait = t_end.elapsed().as_secs_f64();
     let sent_per_step = (par.bytes_sent() - sent0) as f64 / a.iters.max(1) as f64;
     let sec = times.iter().sum::<f64>() / times.len() as f64;
+    // the median step too: on a shared machine one disturbed step moves the mean
+    let median = {
+        let mut t = times.clone();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
     let tps = (a.batch * a.seq * dims.dp) as f64 / sec;
     // CUDA: device memory the run added (the caching allocator's high-water
     // mark); CPU: the process's peak resident memory
@@ -291,13 +297,14 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     };
     if dims.rank == 0 {
         println!(
-            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} peak_mem_mb={peak} tp={} dp={} model_states_bytes={} bucket_peak_bytes={}{zero}{saving}{}",
+            "rust device={:?} threads={} precision={} ckpt={} tokens/s={tps:.0} tflops={:.4} ms/it={:.1} ms_median={:.1} peak_mem_mb={peak} tp={} dp={} model_states_bytes={} bucket_peak_bytes={}{zero}{saving}{}",
             device,
             a.threads,
             precision.name(),
             u8::from(a.checkpoint_activations),
             tps * cfg.flops_per_token(a.seq) / 1e12,
             sec * 1000.0,
+            median * 1000.0,
             dims.tp,
             dims.dp,
             states.total(),

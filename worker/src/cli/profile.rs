@@ -272,7 +272,17 @@ fn elementwise(device: Device, sh: &Shape, d: Dtype) -> ElementwiseNs {
         }) / (r * h) as f64
             * 1e9
     };
+    let add_large = {
+        let _g = tch::no_grad_guard();
+        let n = OPTIMIZER_NUMEL;
+        let (mut x, y) = (Tensor::randn([n], (kind(d), device)), Tensor::randn([n], (kind(d), device)));
+        seconds_per_call(device, &mut || {
+            let _ = x.g_add_(&y);
+        }) / n as f64
+            * 1e9
+    };
     ElementwiseNs {
+        add_large,
         layer_norm: fwd_bwd_ns(device, d, r, h, &|x| x.layer_norm([h], Some(&w), Some(&b), 1e-5, true)),
         gelu: fwd_bwd_ns(device, d, r, sh.ffn / sh.tp, &|x| x.gelu("tanh")),
         dropout: fwd_bwd_ns(device, d, r, h, &|x| x.dropout(p, true)),
