@@ -49,6 +49,18 @@ impl ParallelDims {
     }
 }
 
+/// Whether a model of these sizes can be built at all (the worker's and
+/// the planner's check): positive sizes, heads that divide the hidden size.
+pub fn check_sizes(hidden: usize, layers: usize, heads: usize) -> std::result::Result<(), String> {
+    if hidden == 0 || layers == 0 || heads == 0 {
+        return Err("hidden_size, num_layers and num_attention_heads must be positive".into());
+    }
+    if hidden % heads != 0 {
+        return Err(format!("hidden_size {hidden} is not divisible by num_attention_heads {heads}"));
+    }
+    Ok(())
+}
+
 /// Whether a model of these sizes splits evenly over `tp` ranks; the
 /// message names the first size that does not.
 pub fn check_split(tp: usize, hidden: usize, heads: usize, ffn: usize) -> std::result::Result<(), String> {

@@ -582,7 +582,17 @@ fn run(args: &[String]) -> Result<i32> {
         env_now.push((launch::RESTART_COUNT_VAR.into(), attempt.to_string()));
         let attempt_dir = if attempt == 0 { run_dir.clone() } else { run_dir.join(format!("restart-{attempt}")) };
         let started = std::time::SystemTime::now();
-        let out = match ctx.run(&place, &args_now, &env_now, &attempt_dir, watch, attempt == 0)? {
+        let attempted = match ctx.run(&place, &args_now, &env_now, &attempt_dir, watch, attempt == 0) {
+            Ok(s) => s,
+            Err(e) => {
+                // a restart refused before it started (its plan no longer fits) keeps its record
+                if let Some(r) = pending.take() {
+                    r.append(&run_dir)?;
+                }
+                return Err(e);
+            }
+        };
+        let out = match attempted {
             Started::DryRun => return Ok(0),
             Started::Preflight(checked) => {
                 let failed = &checked.failed;
@@ -792,7 +802,8 @@ impl Attempt<'_> {
             let probe = preflight::probe(&worker[0], disk);
             let wants_cuda =
                 worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-            let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, gpus_shared: self.gpus_shared, disk };
+            let cpu_only = job::flag_value(worker_args, "--device").is_some_and(|d| d == "cpu");
+            let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, cpu_only, gpus_shared: self.gpus_shared, disk };
             let (as_root, probe) = (job.as_root, &probe);
             let checked = if use_ssh {
                 let local: Vec<bool> = place.hosts.iter().map(|(h, _)| is_local(h)).collect();
@@ -823,9 +834,10 @@ impl Attempt<'_> {
             }
             // the plan of the job as it is about to start, against the
             // memory the hosts reported
-            if let (false, Some(mem)) = (cli.no_plan_check, checked.memory_per_rank) {
-                if let Some(j) = job::Job::read(worker_args)?.filter(job::Job::trains) {
-                    println!("{}", plan::check(&j, worker_args, place, wants_cuda, mem)?);
+            if let Some(j) = job::Job::read(worker_args)?.filter(|j| j.trains() && !cli.no_plan_check) {
+                match checked.memory_per_rank {
+                    Some(mem) => println!("{}", plan::check(&j, worker_args, place, checked.on_gpus, mem)?),
+                    None => println!("glm-launch: plan: not checked (a host did not report its memory: an older glm-worker?)"),
                 }
             }
         }

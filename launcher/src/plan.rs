@@ -86,8 +86,16 @@ struct PlanCli {
 /// `glm-launch plan ARGS`.
 pub fn main(args: &[String]) -> Result<i32> {
     let mut argv = vec!["glm-launch plan".to_string()];
-    argv.extend(args.iter().cloned());
+    // options spelled with underscores too (--num_nodes, --gpus_per_node), as glm-launch's own
+    argv.extend(args.iter().map(|a| match a.strip_prefix("--") {
+        Some(body) => {
+            let (name, value) = body.split_once('=').map_or((body, None), |(n, v)| (n, Some(v)));
+            format!("--{}{}", name.replace('_', "-"), value.map(|v| format!("={v}")).unwrap_or_default())
+        }
+        None => a.clone(),
+    }));
     let cli = PlanCli::parse_from(argv);
+    cli.refuse_ignored()?;
     let mut worker_args = Vec::new();
     if let Some(c) = &cli.config {
         if !c.is_file() {
@@ -109,24 +117,39 @@ pub fn main(args: &[String]) -> Result<i32> {
     let device = device(&cli)?;
     if cluster.world() > 1 && device.intra_bus_gbps <= 0.0 {
         bail!(
-            "--profile {}: measured by one process, it has no collective bandwidth, and the cluster has {} ranks: measure it under mpirun -np 2 (mpirun -np 2 glm-worker bench-step --profile-out FILE)",
+            "--profile {}: measured by one process, it has no collective bandwidth, and the cluster has {} ranks: measure it under mpirun (mpirun -np 2 glm-worker bench-step --profile-out FILE), or give --intra-gbps",
             cli.profile.as_ref().map_or(String::new(), |p| p.display().to_string()),
             cluster.world()
         );
     }
+    if cluster.nodes > 1 && cli.profile.is_some() && cli.inter_gbps.is_none() {
+        bail!("--profile measures one machine, and the cluster has {} nodes: give the network's bus bandwidth per rank with --inter-gbps", cluster.nodes);
+    }
     let vocab = match cli.vocab {
         Some(v) => (v, "--vocab".to_string()),
-        None => vocab(&job, &worker_args),
+        None => vocab(&job, &worker_args)?,
     };
     if cli.pp == 0 || cluster.world() % cli.pp != 0 {
-        bail!("--pp {}: must divide the {} rank(s)", cli.pp, cluster.world());
+        bail!("--pp {}: must divide the cluster's {} rank(s)", cli.pp, cluster.world());
+    }
+    if cli.pp > job.args.num_layers as u64 {
+        bail!("--pp {}: more pipeline stages than the model's {} layers", cli.pp, job.args.num_layers);
     }
     let (pj, mut layout) = planned(&job, cluster.world() / cli.pp, vocab.0, cli.loss_fraction)?;
     layout.pp = cli.pp;
     let p = planner::plan(&pj, &layout, &device, &cluster);
     let found = if cli.no_search { Vec::new() } else { planner::search(&pj, &layout, &device, &cluster) };
     if cli.json {
-        let v = serde_json::json!({ "device": device.name, "vocab": vocab.0, "plan": p, "best": found.first() });
+        // versioned: scripts read it (bench/plan_grid.py); "best" only when a layout fits
+        let v = serde_json::json!({
+            "format": "glm-plan",
+            "version": 1,
+            "device": device.name,
+            "vocab": vocab.0,
+            "vocab_source": vocab.1,
+            "plan": p,
+            "best": found.first().filter(|b| b.fits),
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
@@ -180,6 +203,41 @@ pub fn main(args: &[String]) -> Result<i32> {
     Ok(0)
 }
 
+impl PlanCli {
+    /// Refuses flags that would do nothing here, and numbers that are no
+    /// sizes or rates.
+    fn refuse_ignored(&self) -> Result<()> {
+        let profile = self.profile.is_some();
+        let one_node = self.nodes.unwrap_or(1) == 1 && self.hosts.hostfile_placement().ok().flatten().is_none_or(|p| p.hosts.len() == 1);
+        for (given, why) in [
+            (self.tf32 && profile, "--tf32 is a table device's setting: a profile measured its own fp32 matmuls"),
+            (self.peak_tflops.is_some() && profile, "--peak-tflops is a table device's setting: a profile's rates are measured"),
+            (self.top != 8 && (self.json || self.no_search), "--top sets how many layouts of the search to show: not with --json or --no-search"),
+            (self.store.is_some() && self.vocab.is_some(), "--store is read for its vocabulary size, which --vocab gives"),
+            (self.inter_gbps.is_some() && one_node, "--inter-gbps is the bandwidth between nodes, and the cluster has one"),
+        ] {
+            if given {
+                bail!("{why}");
+            }
+        }
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => bail!("{name} {x}: must be a positive number"),
+            _ => Ok(()),
+        };
+        positive("--memory-gb", self.memory_gb)?;
+        positive("--peak-tflops", self.peak_tflops)?;
+        positive("--intra-gbps", self.intra_gbps)?;
+        positive("--inter-gbps", self.inter_gbps)?;
+        if let Some(f) = self.loss_fraction.filter(|f| !(f.is_finite() && *f > 0.0 && *f <= 1.0)) {
+            bail!("--loss-fraction {f}: the share of a sequence's positions that are loss positions, in (0, 1]");
+        }
+        if self.vocab == Some(0) {
+            bail!("--vocab 0: the tokenizer's ids must be positive");
+        }
+        Ok(())
+    }
+}
+
 fn cluster(cli: &PlanCli) -> Result<Cluster> {
     let from_file = cli.hosts.hostfile_placement()?;
     if from_file.is_none() && cli.hosts.selecting() {
@@ -187,11 +245,20 @@ fn cluster(cli: &PlanCli) -> Result<Cluster> {
     }
     match (from_file, cli.nodes, cli.gpus_per_node) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!("--hostfile or --nodes/--gpus-per-node, not both"),
-        (Some(p), None, None) => Ok(of_placement(&p)),
+        (Some(p), None, None) => {
+            let slots: std::collections::BTreeSet<usize> = p.hosts.iter().map(|(_, s)| s.len()).collect();
+            if slots.len() > 1 {
+                bail!(
+                    "the selected hosts have different numbers of slots ({}): the plan assumes alike nodes; select alike ones (--include, --num_gpus) or plan with --nodes/--gpus-per-node",
+                    p.hosts.iter().map(|(h, s)| format!("{h} {}", s.len())).collect::<Vec<_>>().join(", ")
+                );
+            }
+            Ok(of_placement(&p))
+        }
         (None, n, g) => {
             let (n, g) = (n.unwrap_or(1), g.unwrap_or(1));
-            if n == 0 || g == 0 {
-                bail!("--nodes {n} --gpus-per-node {g}: both must be at least 1");
+            if n == 0 || g == 0 || n.checked_mul(g).is_none_or(|w| w > 1 << 24) {
+                bail!("--nodes {n} --gpus-per-node {g}: both at least 1, and at most 16M ranks in all");
             }
             Ok(Cluster { nodes: n, per_node: g })
         }
@@ -232,23 +299,30 @@ fn device(cli: &PlanCli) -> Result<Device> {
 /// token store's (`--store`, or the default one), else a BERT vocab.txt's
 /// lines, else the size of a tokenizer trained on the corpus
 /// (`--vocab-size`, 16000).
-pub fn vocab(job: &Job, worker_args: &[String]) -> (u64, String) {
+pub fn vocab(job: &Job, worker_args: &[String]) -> Result<(u64, String)> {
     let store = PathBuf::from(flag_value(worker_args, "--store").unwrap_or_else(|| "glm_pretrain/data/store".into()));
     let meta = store.join("meta.json");
-    if let Some(v) = std::fs::read_to_string(&meta).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["vocab_size"].as_u64())
-    {
-        return (v, format!("the token store {}", meta.display()));
+    let stored = std::fs::read_to_string(&meta).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["vocab_size"].as_u64());
+    if let Some(v) = stored {
+        return Ok((v, format!("the token store {}", meta.display())));
     }
-    if let Some(p) = &job.args.tokenizer_path {
-        let file = if p.is_dir() { p.join("vocab.txt") } else { p.clone() };
-        if file.file_name().is_some_and(|n| n == "vocab.txt") {
-            if let Ok(t) = std::fs::read_to_string(&file) {
-                return (t.lines().filter(|l| !l.is_empty()).count() as u64, format!("{} (its lines; command tokens may add a few)", file.display()));
+    match &job.args.tokenizer_path {
+        Some(p) => {
+            let file = if p.is_dir() { p.join("vocab.txt") } else { p.clone() };
+            match std::fs::read_to_string(&file).ok().filter(|_| file.file_name().is_some_and(|n| n == "vocab.txt")) {
+                Some(t) => Ok((t.lines().filter(|l| !l.is_empty()).count() as u64, format!("{} (its lines; command tokens may add a few)", file.display()))),
+                None => bail!(
+                    "the vocabulary size of tokenizer_path {} is not known without loading it, and there is no token store at {}: give it with --vocab (glm-worker prepare prints it)",
+                    p.display(),
+                    store.display()
+                ),
             }
         }
+        None => {
+            let n = flag_value(worker_args, "--vocab-size").and_then(|v| v.parse().ok()).unwrap_or(16000);
+            Ok((n, "the size of a tokenizer trained on the corpus (glm-worker's --vocab-size)".into()))
+        }
     }
-    let n = flag_value(worker_args, "--vocab-size").and_then(|v| v.parse().ok()).unwrap_or(16000);
-    (n, "a tokenizer trained on the corpus (--vocab-size)".into())
 }
 
 /// The planner's view of `job` on `world` ranks: the model, batch and
@@ -258,6 +332,16 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
     let tp = a.model_parallel_size.max(1) as u64;
     if world % tp != 0 {
         bail!("model_parallel_size {tp} does not divide the {world} rank(s)");
+    }
+    // what glm-worker refuses, refused here in its words
+    glm_common::dims::check_sizes(a.hidden_size, a.num_layers, a.num_attention_heads).map_err(anyhow::Error::msg)?;
+    let ffn = a.intermediate_size.unwrap_or(4 * a.hidden_size);
+    if ffn == 0 {
+        bail!("intermediate_size 0: must be positive");
+    }
+    glm_common::dims::check_split(tp as usize, a.hidden_size, a.num_attention_heads, ffn).map_err(anyhow::Error::msg)?;
+    if a.seq_length == 0 || a.seq_length > a.max_position_embeddings {
+        bail!("seq_length {} exceeds max_position_embeddings {} (or is 0)", a.seq_length, a.max_position_embeddings);
     }
     let batch = job.batch(world as usize)?;
     let ds = job.ds.as_ref();
@@ -290,7 +374,7 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
             hidden: a.hidden_size as u64,
             layers: a.num_layers as u64,
             heads: a.num_attention_heads as u64,
-            ffn: a.intermediate_size.unwrap_or(4 * a.hidden_size) as u64,
+            ffn: ffn as u64,
             max_position_embeddings: a.max_position_embeddings as u64,
             block_position: !a.no_block_position,
             seq: a.seq_length as u64,
@@ -300,6 +384,7 @@ pub fn planned(job: &Job, world: u64, vocab: u64, loss_fraction: Option<f64>) ->
         hidden_dropout: a.hidden_dropout,
         attention_dropout: a.attention_dropout,
         fp32_layernorm: a.fp32_layernorm,
+        attention_scale: a.attention_scale,
         loss_fraction: f,
         train_iters: a.train_iters,
         snapshot: (a.save.is_some() && background).then_some(planner::Snapshot { with_optimizer: !a.no_save_optim }),
@@ -462,19 +547,20 @@ fn speed(p: &Plan, d: &Device, j: &planner::Job) -> Vec<String> {
 /// `Err` holds the refusal with the breakdown.
 pub fn check(job: &Job, worker_args: &[String], place: &Placement, cuda: bool, memory_per_rank: u64) -> Result<String> {
     let c = of_placement(place);
+    // only memory decides here: a table GPU's figures for the rest
     let mut dev = if cuda { Device::from_gpu(gpu("h100-sxm").expect("in the table"), false) } else { cpu_device() };
     dev.name = if cuda { "GPU".into() } else { "CPU".into() };
     dev.memory_bytes = memory_per_rank;
-    let vocab = vocab(job, worker_args);
+    let vocab = vocab(job, worker_args)?;
     let (pj, l) = planned(job, place.world_size() as u64, vocab.0, None)?;
     let p = planner::plan(&pj, &l, &dev, &c);
     let summary = format!(
-        "glm-launch: plan: peak {} per rank of {} ({}; model states {}, activations {} per micro-batch)",
+        "glm-launch: plan: peak {} per rank of {} ({}; model states {}, activations kept {} a micro-batch)",
         human_bytes(p.memory.peak as u64),
         human_bytes(memory_per_rank),
         describe(&l),
         human_bytes(p.memory.states.total),
-        human_bytes(p.memory.activations.layers_kept as u64)
+        human_bytes(p.memory.activations.kept() as u64)
     );
     if p.fits {
         return Ok(summary);
@@ -486,14 +572,17 @@ pub fn check(job: &Job, worker_args: &[String], place: &Placement, cuda: bool, m
         human_bytes(memory_per_rank)
     )];
     msg.extend(breakdown(&p).into_iter().map(|l| format!("  {l}")));
-    let found = planner::search(&pj, &l, &dev, &c);
+    // the search assumes alike nodes: with uneven ones it would plan another world
+    let even = place.hosts.iter().all(|(_, s)| s.len() as u64 == c.per_node);
+    let found = if even { planner::search(&pj, &l, &dev, &c) } else { Vec::new() };
     match found.first().filter(|b| b.fits) {
         Some(b) => msg.push(format!(
             "HINT: this layout fits ({} per rank): {}",
             human_bytes(b.memory.peak as u64),
             planner::sets(&b.layout).iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ")
         )),
-        None => msg.push(format!("HINT: no layout of {} rank(s) fits: more ranks, or a smaller model", place.world_size())),
+        None if even => msg.push(format!("HINT: no layout of {} rank(s) fits: more ranks, or a smaller model", place.world_size())),
+        None => msg.push("HINT: more memory per rank (more ranks, ZeRO stage 2, activation checkpointing), or a smaller model".into()),
     }
     msg.push("(glm-launch plan shows the whole plan; --no-plan-check starts the job anyway)".into());
     bail!("{}", msg.join("\n"))
@@ -512,6 +601,8 @@ fn cpu_device() -> Device {
         intra_bus_gbps: 5.0,
         inter_bus_gbps: 1.0,
         fragmentation: 0.0,
+        // the preflight divides the host's memory by its slots itself
+        shared_by_node: false,
         step_init_bytes: glm_common::plan::device::CPU_STEP_INIT_BYTES,
         heap_retention: glm_common::plan::device::CPU_HEAP_RETENTION,
         profile: None,
@@ -525,6 +616,31 @@ pub const CPU_BASELINE_BYTES: u64 = 300_000_000;
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// glm-worker's rule (`RunConfig::precision`): the DeepSpeed file's
+    /// bf16, else its fp16 block's `enabled`, else configs.json's fp16.
+    #[test]
+    fn precision_as_the_worker_decides_it() {
+        let d = tempfile::tempdir().unwrap();
+        let args = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/configs_tiny.json");
+        let case = |ds: &str, sets: &[&str]| -> Dtype {
+            let f = d.path().join("ds.json");
+            std::fs::write(&f, ds).unwrap();
+            let mut w: Vec<String> = vec!["--config".into(), f.display().to_string(), "--args".into(), args.into(), "--set".into(), "save=null".into()];
+            for s in sets {
+                w.extend(["--set".to_string(), s.to_string()]);
+            }
+            let job = Job::read(&w).unwrap().unwrap();
+            planned(&job, 1, 16000, None).unwrap().1.dtype
+        };
+        assert_eq!(case(r#"{"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": true}}"#, &[]), Dtype::Bf16);
+        assert_eq!(case(r#"{"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": true}}"#, &[]), Dtype::Fp16);
+        assert_eq!(case(r#"{"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": false}}"#, &["fp16=true"]), Dtype::Fp32);
+        assert_eq!(case(r#"{"train_micro_batch_size_per_gpu": 2}"#, &["fp16=true"]), Dtype::Fp16);
+        assert_eq!(case(r#"{"train_micro_batch_size_per_gpu": 2}"#, &[]), Dtype::Fp32);
+    }
+
     #[test]
     fn three_figures() {
         assert_eq!([super::figures(989.0), super::figures(67.0), super::figures(0.21752), super::figures(19.5)], ["989", "67.0", "0.218", "19.5"]);

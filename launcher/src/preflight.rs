@@ -177,6 +177,8 @@ pub struct Disk {
 pub struct Expect<'a> {
     pub version: &'a str,
     pub wants_cuda: bool,
+    /// The job runs on CPUs even where there are GPUs (`--device cpu`).
+    pub cpu_only: bool,
     /// The job stages collectives through host memory
     /// (`GLM_COMM_BACKEND=host-staged`), so ranks may share GPUs.
     pub gpus_shared: bool,
@@ -217,17 +219,20 @@ pub struct Table {
     pub failed: Vec<usize>,
     /// The hosts the preflight could not ask (its job failed before).
     pub unchecked: Vec<usize>,
-    /// The memory a rank has on the host that offers the least: a GPU's,
-    /// or (CPU ranks) the host's RAM and swap shared by its slots; `None`
-    /// when a host did not say.
+    /// The memory a rank has on the host that offers the least: a GPU's
+    /// (shared by the ranks staging through host memory on one), or (CPU
+    /// ranks) the host's RAM and swap shared by its slots; `None` when a
+    /// host did not say.
     pub memory_per_rank: Option<u64>,
+    /// The job runs on GPUs (on at least one host).
+    pub on_gpus: bool,
 }
 
 /// The table's rows (host, verdict per column) and the verdict of each host.
 pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &Expect) -> Table {
-    let Expect { version, wants_cuda, gpus_shared, disk } = *expect;
+    let Expect { version, wants_cuda, cpu_only, gpus_shared, disk } = *expect;
     let (mut ok, mut failed, mut unchecked) = (true, Vec::new(), Vec::new());
-    let mut memory: Option<Option<u64>> = None;
+    let (mut memory, mut on_gpus): (Option<Option<u64>>, bool) = (None, false);
     let mut rows =
         vec![format!("  {:<24} {:<10} {:<16} {:<10} {:<22} {:<12} result", "host", "reachable", "glm-worker", "libtorch", "GPUs / slots", "free disk")];
     for (i, (host, slots)) in placement.hosts.iter().enumerate() {
@@ -263,7 +268,16 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
             why.push("libtorch not found".into());
         }
         let gpus = rep.and_then(|r| r.gpus);
-        let per_rank = rep.and_then(|r| if wants_cuda { r.gpu_memory } else { r.host_memory.map(|m| m / slots.len().max(1) as u64) });
+        // the memory a rank of this host has: a GPU's where the job runs on
+        // its GPUs (--device cuda, or auto and the host has some; ranks
+        // staging through host memory may share one), else the host's
+        // shared by its slots
+        let on_gpu = !cpu_only && gpus.unwrap_or(0) > 0;
+        let per_rank = rep.and_then(|r| match on_gpu {
+            true => r.gpu_memory.map(|m| m / (slots.len() as u64).div_ceil(gpus.unwrap_or(1).max(1) as u64).max(1)),
+            false => r.host_memory.map(|m| m / slots.len().max(1) as u64),
+        });
+        on_gpus |= on_gpu;
         memory = Some(match (memory, per_rank) {
             (None, m) => m,
             (Some(Some(a)), Some(b)) => Some(a.min(b)),
@@ -308,7 +322,7 @@ pub fn table(placement: &Placement, reports: &BTreeMap<usize, Report>, expect: &
         }
         rows.push(format!("  {host:<24} {reach:<10} {ver:<16} {torch:<10} {g:<22} {free:<12} {verdict}"));
     }
-    Table { rows, ok, failed, unchecked, memory_per_rank: memory.flatten() }
+    Table { rows, ok, failed, unchecked, memory_per_rank: memory.flatten(), on_gpus }
 }
 
 /// How the preflight's command starts `glm-worker env` on some hosts (one
@@ -670,7 +684,7 @@ mod tests {
     use super::*;
 
     fn expect(wants_cuda: bool, disk: Option<&Disk>) -> Expect<'_> {
-        Expect { version: "0.1.0", wants_cuda, gpus_shared: false, disk }
+        Expect { version: "0.1.0", wants_cuda, cpu_only: false, gpus_shared: false, disk }
     }
 
     fn placement() -> Placement {

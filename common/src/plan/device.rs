@@ -11,7 +11,8 @@ pub struct Gpu {
     /// The name `--gpu` takes.
     pub key: &'static str,
     pub name: &'static str,
-    pub memory_gb: f64,
+    /// Memory in MiB, as nvidia-smi and `cudaMemGetInfo` report it.
+    pub memory_mib: u64,
     /// bf16/fp16 tensor-core peak, TFLOP/s.
     pub tflops_16: f64,
     /// TF32 tensor-core peak (fp32 matmuls with TF32 allowed).
@@ -33,7 +34,7 @@ pub const GPUS: &[Gpu] = &[
     Gpu {
         key: "a100-40gb",
         name: "A100 SXM 40GB",
-        memory_gb: 40.0,
+        memory_mib: 40960,
         tflops_16: 312.0,
         tflops_tf32: 156.0,
         tflops_fp32: 19.5,
@@ -44,7 +45,7 @@ pub const GPUS: &[Gpu] = &[
     Gpu {
         key: "a100-80gb",
         name: "A100 SXM 80GB",
-        memory_gb: 80.0,
+        memory_mib: 81920,
         tflops_16: 312.0,
         tflops_tf32: 156.0,
         tflops_fp32: 19.5,
@@ -55,7 +56,7 @@ pub const GPUS: &[Gpu] = &[
     Gpu {
         key: "h100-sxm",
         name: "H100 SXM 80GB",
-        memory_gb: 80.0,
+        memory_mib: 81559,
         tflops_16: 989.0,
         tflops_tf32: 494.0,
         tflops_fp32: 67.0,
@@ -66,7 +67,7 @@ pub const GPUS: &[Gpu] = &[
     Gpu {
         key: "h100-pcie",
         name: "H100 PCIe 80GB",
-        memory_gb: 80.0,
+        memory_mib: 81559,
         tflops_16: 756.0,
         tflops_tf32: 378.0,
         tflops_fp32: 51.0,
@@ -77,7 +78,7 @@ pub const GPUS: &[Gpu] = &[
     Gpu {
         key: "h200",
         name: "H200 SXM 141GB",
-        memory_gb: 141.0,
+        memory_mib: 143771,
         tflops_16: 989.0,
         tflops_tf32: 494.0,
         tflops_fp32: 67.0,
@@ -152,6 +153,8 @@ pub struct Device {
     pub intra_bus_gbps: f64,
     pub inter_bus_gbps: f64,
     pub fragmentation: f64,
+    /// `memory_bytes` is a host's, shared by the ranks on it (a CPU profile).
+    pub shared_by_node: bool,
     /// Allocator overhead of a CPU rank: fixed bytes, and a fraction of
     /// the model states (`CPU_STEP_INIT_BYTES`, `CPU_HEAP_RETENTION`).
     pub step_init_bytes: u64,
@@ -175,13 +178,14 @@ impl Device {
         Device {
             name: g.name.to_string(),
             cuda: true,
-            memory_bytes: (g.memory_gb * 1e9) as u64,
+            memory_bytes: g.memory_mib << 20,
             baseline_bytes: CUDA_BASELINE_BYTES,
             peak_tflops: [fp32, g.tflops_16, g.tflops_16],
             hbm_gbps: g.hbm_gbps,
             intra_bus_gbps: g.intra_gbps * BUS_EFFICIENCY,
             inter_bus_gbps: g.inter_gbps * BUS_EFFICIENCY,
             fragmentation: CUDA_FRAGMENTATION,
+            shared_by_node: false,
             step_init_bytes: 0,
             heap_retention: 0.0,
             profile: None,
@@ -204,6 +208,7 @@ impl Device {
             intra_bus_gbps: bus,
             inter_bus_gbps: bus,
             fragmentation: if cuda { CUDA_FRAGMENTATION } else { 0.0 },
+            shared_by_node: !cuda,
             step_init_bytes: if cuda { 0 } else { CPU_STEP_INIT_BYTES },
             heap_retention: if cuda { 0.0 } else { CPU_HEAP_RETENTION },
             profile: Some(p),
@@ -276,16 +281,9 @@ impl Device {
         self.profile.as_ref()?.optimizer_ns
     }
 
-    /// The attention kernel the worker gets here (`memory::Kernel`): CUDA's
-    /// are fused under any mask and dropout; libtorch's CPU flash kernel
-    /// takes no dropout, so with attention dropout the unfused path runs,
-    /// in fp32 for 16-bit inputs.
+    /// The attention kernel the worker gets here (`memory::Kernel::of`).
     pub fn kernel(&self, attention_dropout: f64, d: Dtype) -> super::memory::Kernel {
-        if self.cuda || attention_dropout == 0.0 {
-            super::memory::Kernel::Fused
-        } else {
-            super::memory::Kernel::Unfused { bytes: d.bytes().max(4) }
-        }
+        super::memory::Kernel::of(self.cuda, attention_dropout, d)
     }
 }
 

@@ -56,6 +56,23 @@ pub fn unit(s: &Shape, l: &Layout) -> u64 {
     (l.reduce_bucket / q * q).max(q).min(padded.max(q))
 }
 
+/// ZeRO's gradient buffers in flight during backward: stage 2 holds the
+/// buckets of at most two units at once (a parameter's gradient can span
+/// a unit's end; one when the buffer is one unit) in the compute dtype, and
+/// with data parallelism a reduce-scatter's output of a unit's run; stage
+/// 1 reduce-scatters each fp32 unit into a run-sized output.
+pub fn buckets(s: &Shape, l: &Layout) -> f64 {
+    let (u, e) = (unit(s, l) as f64, l.dtype.bytes() as f64);
+    let units = (s.padded_per_rank(l.tp, l.dp) as f64 / u).ceil();
+    let d = l.dp as f64;
+    match l.zero {
+        0 => 0.0,
+        1 if l.dp == 1 => 0.0,
+        1 => 4.0 * u / d,
+        _ => units.min(2.0) * u * e + if l.dp > 1 { u * e / d } else { 0.0 },
+    }
+}
+
 /// The scratch buffer of ZeRO's parameter all-gather after the update
 /// (stages 1-2): a unit's runs are gathered `allgather_bucket_size / dp`
 /// elements a rank at a time through a buffer of `allgather_bucket_size`
@@ -83,6 +100,20 @@ pub enum Kernel {
     Unfused { bytes: u64 },
 }
 
+impl Kernel {
+    /// The kernel glm-worker's attention gets: CUDA's are fused under any
+    /// mask and dropout; libtorch's CPU flash kernel takes no dropout, so
+    /// with attention dropout the unfused path runs, in fp32 for 16-bit
+    /// inputs.
+    pub fn of(cuda: bool, attention_dropout: f64, d: Dtype) -> Kernel {
+        if cuda || attention_dropout == 0.0 {
+            Kernel::Fused
+        } else {
+            Kernel::Unfused { bytes: d.bytes().max(4) }
+        }
+    }
+}
+
 /// Activation bytes of one micro-batch of `b` sequences on one rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Activations {
@@ -101,12 +132,11 @@ pub struct Activations {
     pub head: f64,
     /// The (b, 1, s, s) boolean attention mask every layer shares.
     pub mask: f64,
-    /// The largest transient on top: the logits at the loss (forward:
-    /// compute-dtype logits and their fp32 copy; backward: two fp32
-    /// gradients of the log-softmax and the output matrix's gradient), or
-    /// one layer's backward (the gradient
-    /// of the residual stream and of the widest intermediate; the unfused
-    /// kernel's score gradients).
+    /// The largest transient on top: at the loss two fp32 gradients of the
+    /// log-softmax and the tied output matrix's gradient; in a layer's
+    /// backward the residual's and the widest intermediate's gradients (the
+    /// unfused kernel's score gradients) with that matrix gradient still
+    /// waiting; at the embedding's backward that gradient twice.
     pub transient: f64,
     /// The unfused attention kernel ran (libtorch's CPU path with attention dropout).
     pub unfused_attention: bool,
@@ -120,33 +150,45 @@ impl Activations {
 
 /// The activations of one micro-batch, derived for GLM's layer as the
 /// worker runs it (docs/scale.md, "Activations"). Per layer, with
-/// t = s·b·h elements, e bytes an element, p the tensor-parallel size:
-/// the two LayerNorms' inputs and outputs 4·t·e and the two dropout masks
-/// 2·t bytes (replicated: they are on every tensor-parallel rank), and
-/// split over p: the attention's query, key, value and output 4·t·e (fused
-/// kernel), the projection's contiguous input t·e, the GeLU's input and
-/// output 8·t·e. Korthikanti et al. 2022 count 34·t bytes + 5·a·s²·b in
-/// 16-bit: the unfused attention's scores; here a fused kernel keeps none,
-/// the output is kept twice (kernel output and the transposed copy the
-/// projection saves), and the query/key scaling is folded.
-pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kernel, c: &Dropouts) -> Activations {
+/// t = s·b·h elements, e bytes an element, p the tensor-parallel size,
+/// f/h the MLP's width: the two LayerNorms' inputs and outputs 4·t·e and
+/// the two dropout masks (1 byte an element on CUDA, e on a CPU;
+/// replicated: on every tensor-parallel rank), and split over p: the
+/// attention's query, key, value and output 4·t·e (fused kernel) and its
+/// mask as an additive bias (b·s²·e), the projection's contiguous input
+/// t·e, the GeLU's input and output 2·(f/h)·t·e. Korthikanti et al. 2022
+/// count 34·t bytes + 5·a·s²·b in 16-bit: the unfused attention's scores;
+/// a fused kernel keeps none, and the output is kept twice here (kernel
+/// output and the transposed copy the projection saves). `cuda`: the
+/// device's dropout keeps 1-byte masks.
+pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kernel, c: &Dropouts, cuda: bool) -> Activations {
     let e = l.dtype.bytes() as f64;
     let p = l.tp as f64;
     let t = (s.seq * b * s.hidden) as f64;
+    // the MLP's width in units of the hidden size (4 unless intermediate_size says otherwise)
+    let w = s.ffn as f64 / s.hidden as f64;
     let scores = (b * s.heads * s.seq * s.seq) as f64 / p;
     // LayerNorm inputs in fp32 copies when fp32_layernorm runs 16-bit
     let ln_in = if c.fp32_layernorm && e < 4.0 { 4.0 } else { e };
-    let masks = if c.hidden > 0.0 { 2.0 } else { 0.0 };
+    // a dropout keeps its mask: 1 byte from CUDA's fused kernel, a noise
+    // tensor of the input's dtype from libtorch's CPU path
+    let mask = if cuda { 1.0 } else { e };
+    let masks = if c.hidden > 0.0 { 2.0 * mask } else { 0.0 };
     let replicated = t * (2.0 * ln_in + 2.0 * e + masks);
+    // scaled copies of the query and key keep the whole qkv alive too
+    let scaled = if c.attention_scale > 1.0 { 2.0 * t * e / p } else { 0.0 };
     let (attention, score_grads) = match kernel {
-        Kernel::Fused => (4.0 * t * e / p, 0.0),
+        // query, key, value, output; the boolean mask becomes an additive
+        // bias of the compute dtype, which the fused kernel keeps
+        Kernel::Fused => (4.0 * t * e / p + (b * s.seq * s.seq) as f64 * e + scaled, 0.0),
         Kernel::Unfused { bytes: ea } => {
             let ea = ea as f64;
-            let kept = if c.attention > 0.0 { 2.0 * ea + 1.0 } else { ea };
+            // softmax; with dropout its noise tensor and the dropped probabilities
+            let kept = if c.attention > 0.0 { 3.0 * ea } else { ea };
             (3.0 * t * ea / p + scores * kept, 2.0 * scores * ea)
         }
     };
-    let split = attention + t * e / p + 8.0 * t * e / p;
+    let split = attention + t * e / p + 2.0 * w * t * e / p;
     let per_layer = replicated + split;
     let layers_full = per_layer * s.layers as f64;
     let chunked = |n: u64| s.layers.div_ceil(n) as f64 * t * e + n.min(s.layers) as f64 * per_layer;
@@ -155,12 +197,15 @@ pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kern
         n => (chunked(n), chunked(n)),
     };
     let vocab = s.vocab as f64 / p;
-    let emb_mask = if c.hidden > 0.0 { t } else { 0.0 };
+    let emb_mask = if c.hidden > 0.0 { t * mask } else { 0.0 };
     let head = emb_mask + t * e + loss_tokens * s.hidden as f64 * e + loss_tokens * vocab * 4.0;
-    // at the loss: two fp32 gradients of the log-softmax and the tied
-    // output matrix's weight gradient (V/p × h, before it is accumulated)
-    let logits = loss_tokens * vocab * 8.0 + vocab * s.hidden as f64 * e;
-    let layer_bwd = t * e * (2.0 + 8.0 / p) + score_grads;
+    // the tied output matrix's gradient (V/p × h) from the loss waits for
+    // the embedding's through the whole backward, which then adds its own
+    let tied = vocab * s.hidden as f64 * e;
+    // at the loss: two fp32 gradients of the log-softmax and that gradient
+    let logits = loss_tokens * vocab * 8.0 + tied;
+    // a layer's backward: the residual's gradient and the widest intermediate's
+    let layer_bwd = t * e * (2.0 + 2.0 * w / p) + score_grads + tied;
     Activations {
         per_layer,
         layers_full,
@@ -168,17 +213,21 @@ pub fn activations(s: &Shape, l: &Layout, b: u64, loss_tokens: f64, kernel: Kern
         layers_checkpointed,
         head,
         mask: (b * s.seq * s.seq) as f64,
-        transient: logits.max(layer_bwd),
+        transient: logits.max(layer_bwd).max(2.0 * tied),
         unfused_attention: matches!(kernel, Kernel::Unfused { .. }),
     }
 }
 
-/// The dropout probabilities and LayerNorm precision activations depend on.
+/// What of the run's numerics activations depend on: dropout
+/// probabilities, LayerNorm precision, the attention's scaling.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Dropouts {
     pub hidden: f64,
     pub attention: f64,
     pub fp32_layernorm: bool,
+    /// configs.json's `attention_scale` (above 1: the query and key are
+    /// scaled into copies of their own).
+    pub attention_scale: f64,
 }
 
 #[cfg(test)]
@@ -215,31 +264,80 @@ mod tests {
         assert_eq!(states(&s, &layout(Dtype::Fp16, 1, 2)), States { params: 2 * n, grads: 2 * n + 4 * n + 2 * n, master: 2 * n, moments: 4 * n });
     }
 
-    /// t = s·b·h = 64·2·64 = 8192: a fused fp32 layer keeps 4·4t bytes of
-    /// LayerNorms, 2t of masks and 13·4t split, 70t in all; checkpointing
+    /// ZeRO asked for without data parallelism partitions over one rank
+    /// (the worker's optimizer then has dp = 1); under tensor parallelism
+    /// the states are the rank's part's.
+    #[test]
+    fn states_without_data_parallelism_and_under_tensor_parallelism() {
+        let s = shape();
+        let one = s.padded_per_rank(1, 1);
+        assert_eq!(states(&s, &layout(Dtype::Bf16, 1, 1)), States { params: 2 * one, grads: 2 * one + 4 * one + 4 * one, master: 4 * one, moments: 8 * one });
+        assert_eq!(states(&s, &layout(Dtype::Fp32, 2, 1)), States { params: 4 * one, grads: 4 * one, master: 0, moments: 8 * one });
+        let l = Layout { tp: 2, ..layout(Dtype::Bf16, 2, 2) };
+        let n = s.padded_per_rank(2, 2);
+        assert!(n < s.padded_per_rank(1, 2) && n % 128 == 0);
+        assert_eq!(states(&s, &l), States { params: 2 * n, grads: 2 * n, master: 2 * n, moments: 4 * n });
+    }
+
+    /// t = s·b·h = 64·2·64 = 8192 (the MLP 4h wide). A fused fp32 layer on
+    /// a CPU keeps 4·4t bytes of LayerNorms, 2·4t of dropout noise, 13·4t
+    /// split and the mask's additive bias b·s²·4 = 32768 bytes: 78t + 32768;
+    /// on CUDA the dropout masks are 1 byte (72t + 32768). Checkpointing
     /// every layer keeps 4 chunk inputs (4t each) and one layer.
     #[test]
     fn activations_by_hand() {
         let s = shape();
-        let d = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false };
-        let a = activations(&s, &layout(Dtype::Fp32, 0, 1), 2, 64.0, Kernel::Fused, &d);
+        let d = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false, attention_scale: 1.0 };
+        let fp32 = layout(Dtype::Fp32, 0, 1);
+        let a = activations(&s, &fp32, 2, 64.0, Kernel::Fused, &d, false);
         let t = 8192.0;
-        assert_eq!(a.per_layer, 70.0 * t);
-        assert_eq!(a.layers_full, 4.0 * 70.0 * t);
+        let bias = 2.0 * 64.0 * 64.0 * 4.0;
+        assert_eq!(a.per_layer, 78.0 * t + bias);
+        assert_eq!(a.layers_full, 4.0 * a.per_layer);
         assert_eq!(a.mask, 2.0 * 64.0 * 64.0);
-        let ck = activations(&s, &Layout { checkpoint_layers: 1, ..layout(Dtype::Fp32, 0, 1) }, 2, 64.0, Kernel::Fused, &d);
-        assert_eq!(ck.layers_kept, 4.0 * 4.0 * t + 70.0 * t);
+        let gpu = activations(&s, &fp32, 2, 64.0, Kernel::Fused, &d, true);
+        assert_eq!(gpu.per_layer, 72.0 * t + bias);
+        let ck = activations(&s, &Layout { checkpoint_layers: 1, ..fp32 }, 2, 64.0, Kernel::Fused, &d, false);
+        assert_eq!(ck.layers_kept, 4.0 * 4.0 * t + a.per_layer);
         assert_eq!(a.layers_checkpointed, ck.layers_kept);
-        // unfused with dropout: scores b·a·s² = 32768 kept as 4 + 1 + 4 bytes
-        // instead of the fused output's 4t
-        let u = activations(&s, &layout(Dtype::Fp32, 0, 1), 2, 64.0, Kernel::Unfused { bytes: 4 }, &d);
-        assert_eq!(u.per_layer, 70.0 * t - 4.0 * t + 9.0 * 32768.0);
-        // bf16: 2-byte elements, 1-byte masks
-        let h = activations(&s, &layout(Dtype::Bf16, 0, 1), 2, 64.0, Kernel::Fused, &d);
-        assert_eq!(h.per_layer, (4.0 * 2.0 + 2.0 + 13.0 * 2.0) * t);
-        // logits at 64 loss positions: log-softmax kept (4 bytes × vocab), 8 transient
-        assert_eq!(a.head, t + 4.0 * t + 64.0 * 64.0 * 4.0 + 64.0 * 1024.0 * 4.0);
-        assert_eq!(a.transient, (64.0 * 1024.0 * 8.0 + 1024.0 * 64.0 * 4.0f64).max(t * 4.0 * 10.0));
+        // unfused with dropout (CPU): query, key, value 3·4t instead of the
+        // fused 4·4t and the bias; scores b·a·s² = 32768 kept as softmax,
+        // noise and dropped probabilities, 4 bytes each
+        let u = activations(&s, &fp32, 2, 64.0, Kernel::Unfused { bytes: 4 }, &d, false);
+        assert_eq!(u.per_layer, 78.0 * t - 4.0 * t + 12.0 * 32768.0);
+        // bf16 on CUDA: 2-byte elements, 1-byte masks, a 2-byte bias
+        let h = activations(&s, &layout(Dtype::Bf16, 0, 1), 2, 64.0, Kernel::Fused, &d, true);
+        assert_eq!(h.per_layer, (4.0 * 2.0 + 2.0 + 13.0 * 2.0) * t + bias / 2.0);
+        // attention_scale > 1: the scaled query and key on top
+        let sc = activations(&s, &fp32, 2, 64.0, Kernel::Fused, &Dropouts { attention_scale: 2.0, ..d }, false);
+        assert_eq!(sc.per_layer, a.per_layer + 2.0 * 4.0 * t);
+        // an MLP 2h wide: GeLU's input and output 2·2·4t instead of 2·4·4t
+        let narrow = activations(&Shape { ffn: 128, ..s }, &fp32, 2, 64.0, Kernel::Fused, &d, false);
+        assert_eq!(narrow.per_layer, a.per_layer - 4.0 * 4.0 * t);
+        // the head: the embedding's dropout noise (4t), the final LayerNorm's
+        // input, 64 loss positions' hidden states and log-softmax
+        assert_eq!(a.head, 4.0 * t + 4.0 * t + 64.0 * 64.0 * 4.0 + 64.0 * 1024.0 * 4.0);
+        // transient: the tied matrix's gradient (1024 × 64 × 4) with the
+        // loss's two fp32 gradients, or with a layer's backward
+        let tied = 1024.0 * 64.0 * 4.0;
+        assert_eq!(a.transient, (64.0 * 1024.0 * 8.0 + tied).max(t * 4.0 * 10.0 + tied));
+    }
+
+    /// Stage 2's buckets: at most two units open at once (one while the
+    /// buffer is one unit) and a reduce-scatter's output when there are
+    /// ranks to reduce over; stage 1 one unit's fp32 output.
+    #[test]
+    fn buckets_by_hand() {
+        let s = shape();
+        let n = s.padded_per_rank(1, 2);
+        assert_eq!(buckets(&s, &layout(Dtype::Bf16, 2, 2)), (n * 2 + n * 2 / 2) as f64);
+        let l = Layout { reduce_bucket: 1000, ..layout(Dtype::Bf16, 2, 2) };
+        assert_eq!(buckets(&s, &l), (2 * 896 * 2 + 896 * 2 / 2) as f64);
+        let one = s.padded_per_rank(1, 1);
+        assert_eq!(buckets(&s, &layout(Dtype::Fp32, 2, 1)), (one * 4) as f64);
+        assert_eq!(buckets(&s, &layout(Dtype::Fp32, 1, 2)), (n * 4 / 2) as f64);
+        assert_eq!(buckets(&s, &layout(Dtype::Fp32, 1, 1)), 0.0);
+        assert_eq!(buckets(&s, &layout(Dtype::Fp32, 0, 2)), 0.0);
     }
 
     #[test]

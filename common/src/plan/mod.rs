@@ -57,9 +57,9 @@ impl Cluster {
     fn tp_bus_gbps(&self, d: &Device) -> f64 {
         d.intra_bus_gbps
     }
-    /// A data-parallel group crosses nodes when there are several and the
-    /// tensor-parallel groups leave more than one rank per node to it.
-    fn dp_bus_gbps(&self, d: &Device, _tp: u64) -> f64 {
+    /// Data-parallel groups cross nodes when there are several (tensor
+    /// parallelism stays inside a node).
+    fn dp_bus_gbps(&self, d: &Device) -> f64 {
         if self.nodes > 1 {
             d.inter_bus_gbps
         } else {
@@ -82,6 +82,7 @@ pub struct Job {
     pub hidden_dropout: f64,
     pub attention_dropout: f64,
     pub fp32_layernorm: bool,
+    pub attention_scale: f64,
     /// Loss positions as a share of the sequence (GLM's Part B), at most.
     pub loss_fraction: f64,
     pub train_iters: u64,
@@ -104,7 +105,7 @@ impl Job {
     }
 
     fn dropouts(&self) -> Dropouts {
-        Dropouts { hidden: self.hidden_dropout, attention: self.attention_dropout, fp32_layernorm: self.fp32_layernorm }
+        Dropouts { hidden: self.hidden_dropout, attention: self.attention_dropout, fp32_layernorm: self.fp32_layernorm, attention_scale: self.attention_scale }
     }
 
     /// Why `tp` cannot split this model, if it cannot.
@@ -197,21 +198,19 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     let loss_tokens = (job.loss_fraction * s.seq as f64).ceil() * l.micro as f64;
     let kernel = dev.kernel(job.attention_dropout, l.dtype);
     let st = memory::states(&s, l);
-    let mut a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts());
+    let mut a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts(), dev.cuda);
     if l.pp > 1 {
-        // 1F1B: the first stage holds `pp` micro-batches in flight
+        // 1F1B: the first stage holds `pp` micro-batches in flight, each
+        // with its activations (with checkpointing: its chunk inputs; one
+        // chunk is recomputed at a time)
         let inflight = l.pp.min(l.accum.max(1)) as f64;
+        let recomputed = |c: u64| c.min(s.layers) as f64 * a.per_layer;
+        let ck = if l.checkpoint_layers > 0 { l.checkpoint_layers } else { 1 };
         a.layers_full *= inflight;
-        a.layers_kept *= inflight;
-        a.layers_checkpointed *= inflight;
+        a.layers_checkpointed = (a.layers_checkpointed - recomputed(ck)) * inflight + recomputed(ck);
+        a.layers_kept = if l.checkpoint_layers > 0 { a.layers_checkpointed } else { a.layers_full };
     }
-    let e = l.dtype.bytes() as f64;
-    let unit = memory::unit(&s, l) as f64;
-    let buckets = match (l.zero, l.dp) {
-        (_, 1) | (0, _) => 0.0,
-        (1, d) => 4.0 * unit / d as f64,
-        (_, d) => 2.0 * unit * e + unit * e / d as f64,
-    };
+    let buckets = memory::buckets(&s, l);
     let padded = s.padded_per_rank(l.tp, l.dp) as f64;
     let snapshot = match job.snapshot {
         Some(sn) => {
@@ -234,6 +233,8 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     let host_snapshot = if dev.cuda { 0.0 } else { snapshot };
     let gather = memory::gather_scratch(&s, l) as f64;
     let peak = baseline + st.total() as f64 + (buckets + dynamic).max(gather) + fragmentation + host_snapshot;
+    // a CPU host's memory is shared by the ranks it holds
+    let device_memory = if dev.shared_by_node { dev.memory_bytes as f64 / c.per_node as f64 } else { dev.memory_bytes as f64 };
     let memory = Memory {
         states: st.into(),
         buckets,
@@ -243,7 +244,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         fragmentation,
         snapshot,
         peak,
-        device: dev.memory_bytes as f64,
+        device: device_memory,
         resume_transient: 12.0 * padded,
     };
     let sp = speed::step(&s, &full, l, dev, c, loss_tokens, &job.dropouts(), kernel);
@@ -255,7 +256,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
         params_per_rank: s.params_per_rank(l.tp),
         padded_vocab: s.vocab,
         loss_tokens,
-        fits: peak <= dev.memory_bytes as f64,
+        fits: peak <= device_memory,
         memory,
         model_flops_per_token: full.model_flops_per_token(),
         time_to_train_s: sp.step_s * job.train_iters as f64,
@@ -274,7 +275,7 @@ pub fn search(job: &Job, base: &Layout, dev: &Device, c: &Cluster) -> Vec<Plan> 
     let pp = base.pp.max(1);
     let mut out = Vec::new();
     for tp in (1..=c.per_node.min(world)).filter(|t| world % (t * pp) == 0 && c.per_node % t == 0) {
-        if job.split_error(tp).is_some() || job.divisible_by % tp != 0 {
+        if job.split_error(tp).is_some() {
             continue;
         }
         let dp = world / tp / pp;
@@ -334,6 +335,7 @@ mod tests {
             hidden_dropout: 0.1,
             attention_dropout: 0.1,
             fp32_layernorm: false,
+            attention_scale: 1.0,
             loss_fraction: 0.5,
             train_iters: 1000,
             snapshot: None,
@@ -418,6 +420,25 @@ mod tests {
         let slots = (16.0 + 8.0 - 1.0) / 16.0;
         let bubble = eight.speed.gemm_s / (one.speed.gemm_s / 8.0);
         assert!((bubble - slots).abs() < 1e-9, "{bubble} vs {slots}");
+    }
+
+    /// The peak is the sum of its parts: baseline (with NCCL's buffers for
+    /// several ranks), model states, buckets and activations (or the
+    /// all-gather's scratch, whichever is larger) and the allocator's share.
+    #[test]
+    fn peak_is_the_sum_of_its_parts() {
+        let dev = Device::from_gpu(gpu("h100-sxm").unwrap(), false);
+        let c = Cluster { nodes: 1, per_node: 8 };
+        let l = Layout { zero: 2, ..base() };
+        let p = plan(&job(), &l, &dev, &c);
+        let m = &p.memory;
+        let a = &m.activations;
+        assert_eq!(m.baseline, (device::CUDA_BASELINE_BYTES + device::NCCL_BYTES) as f64);
+        assert_eq!(m.fragmentation, (a.kept() + a.transient) * device::CUDA_FRAGMENTATION);
+        let sum = m.baseline + m.states.total as f64 + (m.buckets + a.kept() + a.transient).max(m.gather_scratch) + m.fragmentation;
+        assert!((m.peak - sum).abs() < 1.0, "{} vs {sum}", m.peak);
+        assert_eq!(m.buckets, memory::buckets(&job().shape(1), &l));
+        assert!(m.buckets > 0.0 && m.device == (81559u64 << 20) as f64);
     }
 
     #[test]

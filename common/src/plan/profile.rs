@@ -118,8 +118,8 @@ pub struct Profile {
     pub device: String,
     /// Intra-op threads the measurements used (CPU).
     pub threads: u64,
-    /// Memory one rank may use: the GPU's memory, or the host's physical
-    /// memory divided by the ranks it will hold (CPU).
+    /// The device's memory: a GPU's, or the host's RAM and swap (CPU ranks
+    /// share it: the planner divides it by the ranks a node holds).
     pub memory_bytes: u64,
     /// Memory a rank holds before the model: the process with libtorch
     /// initialised (CPU resident set), or the CUDA context and allocator
@@ -165,9 +165,44 @@ impl Profile {
                 p.version
             )));
         }
-        if p.gemm.is_empty() {
-            return Err(Error::Config(format!("{}: no gemm measurements", path.display())));
+        if let Some(why) = p.invalid() {
+            return Err(Error::Config(format!("{}: {why} (measure it again with glm-worker bench-step --profile-out)", path.display())));
         }
         Ok(p)
+    }
+
+    /// What makes the profile unusable: no GEMM measured, or a figure that
+    /// is not a positive number (a rate, a memory size) or is negative (a
+    /// cost).
+    pub fn invalid(&self) -> Option<String> {
+        let pos = |v: f64| v.is_finite() && v > 0.0;
+        if self.gemm.is_empty() {
+            return Some("no gemm measurements".into());
+        }
+        if let Some(g) = self.gemm.iter().find(|g| !pos(g.tflops) || g.m == 0 || g.n == 0 || g.k == 0) {
+            return Some(format!("gemm {} ({}, {}, {}): {} TFLOP/s", g.dtype.name(), g.m, g.n, g.k, g.tflops));
+        }
+        if let Some(a) = self.attention.iter().find(|a| !pos(a.tflops)) {
+            return Some(format!("attention {}: {} TFLOP/s", a.dtype.name(), a.tflops));
+        }
+        if let Some((k, v)) = self.elementwise_gbps.iter().find(|(_, v)| !pos(**v)) {
+            return Some(format!("elementwise_gbps.{k}: {v}"));
+        }
+        for (k, ns) in &self.elementwise_ns {
+            let all = [ns.layer_norm, ns.gelu, ns.dropout, ns.add, ns.log_softmax, ns.add_large];
+            if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Some(format!("elementwise_ns.{k}: {ns:?}"));
+            }
+        }
+        if self.optimizer_ns.is_some_and(|v| !pos(v)) {
+            return Some(format!("optimizer_ns: {:?}", self.optimizer_ns));
+        }
+        if let Some(c) = self.collectives.iter().find(|c| !pos(c.bus_gbps)) {
+            return Some(format!("collective {}: {} GB/s", c.op, c.bus_gbps));
+        }
+        if self.memory_bytes == 0 || self.baseline_bytes >= self.memory_bytes {
+            return Some(format!("memory_bytes {} and baseline_bytes {}: the baseline must be below the memory", self.memory_bytes, self.baseline_bytes));
+        }
+        None
     }
 }

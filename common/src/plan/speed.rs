@@ -77,7 +77,9 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     // backward twice that; the unfused attention's mask, softmax and
     // dropout over the scores; the loss's fp32 logits
     let t = (m * h) as f64;
-    let mut fwd = 17.0 * t * e + 10.0 * t * e / p;
+    // the MLP's width in units of h (4 unless intermediate_size says otherwise)
+    let wf = f as f64 / h as f64;
+    let mut fwd = 17.0 * t * e + (2.0 + 2.0 * wf) * t * e / p;
     if let Kernel::Unfused { bytes } = kernel {
         let scores = (b * s.heads * s.seq * s.seq) as f64 / p;
         fwd += (8.0 * bytes as f64 + 1.0) * scores;
@@ -97,7 +99,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
         // loss's log-softmax, the gradients' accumulation
         Some(ns) => {
             let dropout = if drop.hidden > 0.0 { ns.dropout } else { 0.0 };
-            let layer = t * (2.0 * ns.layer_norm + 2.0 * dropout + 4.0 / p * ns.gelu + (6.0 + 9.0 / p) * ns.add);
+            let layer = t * (2.0 * ns.layer_norm + 2.0 * dropout + wf / p * ns.gelu + (6.0 + (5.0 + wf) / p) * ns.add);
             // (the forward's share is about half: dropout's random draw and
             // the LayerNorm's statistics happen there)
             let layers = layer * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 2.0);
@@ -152,7 +154,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     };
     let over = |bytes: f64, gbps: f64| if bytes > 0.0 { bytes / (gbps * 1e9) } else { 0.0 };
     let tp_comm_s = over(tp_bytes, c.tp_bus_gbps(dev)) + tp_calls * COLLECTIVE_LATENCY_S;
-    let dp_comm_s = over(dp_bytes, c.dp_bus_gbps(dev, l.tp)) + dp_calls * COLLECTIVE_LATENCY_S;
+    let dp_comm_s = over(dp_bytes, c.dp_bus_gbps(dev)) + dp_calls * COLLECTIVE_LATENCY_S;
     // every kernel's launch, however small (recomputed layers launch their forward again)
     let kernels = super::device::KERNELS_PER_LAYER * s.layers as f64 * (1.0 + recomputed as f64 / s.layers as f64 / 3.0);
     let launch_s = (kernels + super::device::KERNELS_OUTSIDE_LAYERS) * super::device::LAUNCH_S;
@@ -189,7 +191,7 @@ mod tests {
     use super::*;
     use crate::plan::device::{gpu, Device};
 
-    const DROP: Dropouts = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false };
+    const DROP: Dropouts = Dropouts { hidden: 0.1, attention: 0.1, fp32_layernorm: false, attention_scale: 1.0 };
 
     fn shape() -> Shape {
         Shape { vocab: 16000, hidden: 256, layers: 4, heads: 4, ffn: 1024, max_position_embeddings: 128, block_position: true, seq: 128 }

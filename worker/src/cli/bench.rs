@@ -115,8 +115,6 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
     let layout = format!("(world {} = tp {tp} × dp {})", dims.world, dims.dp);
     glm_worker::parallel::dims::check_split(tp, a.hidden, a.heads, 4 * a.hidden).map_err(|e| anyhow::anyhow!("--tp {tp}: {e} {layout}"))?;
     anyhow::ensure!(a.vocab % tp == 0, "--tp {tp}: --vocab {} is not divisible by model_parallel_size {tp} {layout}", a.vocab);
-    // ranks on this host (the share of its memory a rank may use; collective without a launcher's word)
-    let local_size = if a.profile_out.is_some() { glm_worker::comm::mpi::local_size(&world) } else { 1 };
     let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let precision = Precision::parse(&a.precision).ok_or_else(|| anyhow::anyhow!("--precision {}: expected fp32, bf16 or fp16", a.precision))?;
     let cfg = GlmConfig {
@@ -334,7 +332,9 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
             },
             _ => crate::profile::Host {
                 threads: a.threads as u64,
-                memory_bytes: glm_worker::runtime::host::physical_memory_bytes().unwrap_or(0) / local_size.max(1) as u64,
+                // the host's RAM and swap, as glm-worker env reports it (the
+                // planner divides it by the ranks a node holds)
+                memory_bytes: glm_worker::runtime::host::host_memory_bytes().unwrap_or(0),
                 baseline_bytes: rss_before_model,
             },
         };

@@ -31,7 +31,7 @@ pub struct Shape {
 /// What the caller measured before the model existed.
 pub struct Host {
     pub threads: u64,
-    /// Memory one rank may use (see `Profile::memory_bytes`).
+    /// The device's memory: a GPU's, or the host's RAM and swap (see `Profile::memory_bytes`).
     pub memory_bytes: u64,
     pub baseline_bytes: u64,
 }

@@ -295,18 +295,6 @@ pub fn live_terminal(stream: &impl std::io::IsTerminal) -> bool {
     stream.is_terminal() && !under_launcher()
 }
 
-/// The number of ranks on this node: from the launcher's environment when
-/// it says, else the size of the group of processes sharing this node
-/// (then collective: every rank calls it).
-pub fn local_size(world: &MpiComm) -> usize {
-    for var in ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE"] {
-        if let Some(n) = std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&n: &usize| n > 0) {
-            return n;
-        }
-    }
-    world.local().size()
-}
-
 /// The process's local rank: from the launcher's environment when it says,
 /// else the rank among the processes sharing this node.
 pub fn local_rank(world: &MpiComm) -> usize {

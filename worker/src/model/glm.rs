@@ -51,12 +51,7 @@ pub struct GlmConfig {
 impl GlmConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.hidden_size == 0 || self.num_layers == 0 || self.num_attention_heads == 0 {
-            return bad("hidden_size, num_layers and num_attention_heads must be positive".into());
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
-        }
+        glm_common::dims::check_sizes(self.hidden_size, self.num_layers, self.num_attention_heads).map_err(Error::Config)?;
         for (k, p) in [("hidden_dropout", self.hidden_dropout), ("attention_dropout", self.attention_dropout), ("output_dropout", self.output_dropout)] {
             if !(0.0..1.0).contains(&p) {
                 return bad(format!("{k} = {p}: must lie in [0, 1)"));
@@ -560,25 +555,51 @@ impl Glm {
         hidden.matmul(&self.word_embeddings.tr())
     }
 
-    /// Bytes of activations one micro-batch of `b × s` keeps for backward,
-    /// without and with this model's checkpointing: Korthikanti et al.'s
-    /// estimate `s·b·h·(34 + 5·a·s/h)` bytes per layer in 16-bit (twice the
-    /// 2-byte terms in fp32), and per checkpointed chunk only its input plus,
-    /// during backward, one chunk's worth.
+    /// Bytes of activations one micro-batch of `b × s` keeps for backward in
+    /// its layers, without and with this model's checkpointing: the
+    /// planner's derivation for this layer (`glm_common::plan::memory`,
+    /// docs/scale.md), which `glm-launch plan` uses too.
     pub fn activation_bytes(&self, b: usize, s: usize) -> (f64, f64) {
-        let (h, a, l) = (self.cfg.hidden_size as f64, self.cfg.num_attention_heads as f64, self.cfg.num_layers as f64);
-        let tp = self.tp.as_ref().map_or(1.0, |g| g.size as f64);
-        let (b, s) = (b as f64, s as f64);
-        let width = self.params.kind().elt_size_in_bytes() as f64 / 2.0;
-        // 16-bit: 10 sbh replicated + 24 sbh split, masks of 1 byte (5as² split as 2 + 2 + 1)
-        let per_layer = s * b * h * (10.0 * width + 24.0 * width / tp) + s * s * b * a * (4.0 * width + 1.0) / tp;
-        let full = l * per_layer;
-        let n = self.checkpoint_num_layers;
-        if n == 0 {
-            return (full, full);
-        }
-        let chunks = (l / n as f64).ceil();
-        (full, chunks * s * b * h * 2.0 * width + n as f64 * per_layer)
+        use glm_common::plan::{memory, model::Shape, profile::Dtype, Layout};
+        let cfg = &self.cfg;
+        let shape = Shape {
+            vocab: cfg.vocab_size as u64,
+            hidden: cfg.hidden_size as u64,
+            layers: cfg.num_layers as u64,
+            heads: cfg.num_attention_heads as u64,
+            ffn: cfg.intermediate_size as u64,
+            max_position_embeddings: cfg.max_position_embeddings as u64,
+            block_position: cfg.block_position_encoding,
+            seq: s as u64,
+        };
+        let dtype = match self.params.kind() {
+            Kind::BFloat16 => Dtype::Bf16,
+            Kind::Half => Dtype::Fp16,
+            _ => Dtype::Fp32,
+        };
+        let tp = self.tp.as_ref().map_or(1, |g| g.size as u64);
+        let layout = Layout {
+            tp,
+            pp: 1,
+            dp: 1,
+            zero: 0,
+            micro: b as u64,
+            accum: 1,
+            checkpoint_layers: self.checkpoint_num_layers as u64,
+            dtype,
+            reduce_bucket: 1,
+            allgather_bucket: 1,
+        };
+        let cuda = self.params.device().is_cuda();
+        let kernel = memory::Kernel::of(cuda, cfg.attention_dropout, dtype);
+        let numerics = memory::Dropouts {
+            hidden: cfg.hidden_dropout,
+            attention: cfg.attention_dropout,
+            fp32_layernorm: self.final_layernorm.fp32,
+            attention_scale: self.attention_scale,
+        };
+        let a = memory::activations(&shape, &layout, b as u64, 0.0, kernel, &numerics, cuda);
+        (a.layers_full, a.layers_kept)
     }
 
     /// Loss over the Part B targets of `batch` (mean over masked tokens), the

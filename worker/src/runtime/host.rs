@@ -57,12 +57,6 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some((kb("MemTotal:")? + kb("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
-/// This machine's physical memory (bytes): `MemTotal` of `/proc/meminfo`.
-pub fn physical_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024)
-}
-
 /// The process's resident memory now (bytes): `/proc/self/statm`'s
 /// resident pages × the page size (0 where it cannot be read).
 pub fn current_rss_bytes() -> u64 {

@@ -56,7 +56,7 @@ impl Recipe {
 
 /// The flat parameter buffers are padded to a multiple of this many
 /// elements per data-parallel rank, so ZeRO splits them evenly.
-pub const PAD_PER_DP_RANK: i64 = 64;
+pub const PAD_PER_DP_RANK: i64 = glm_common::plan::model::PAD_PER_DP_RANK as i64;
 
 /// The model of this rank's slice of `par` (its tensor-parallel part), in
 /// the dtype of the recipe's precision, on `device`, and its optimizer
