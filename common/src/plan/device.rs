@@ -133,11 +133,12 @@ pub const CUDA_FRAGMENTATION: f64 = 0.10;
 /// and the heap keeps what the gradients' temporaries took (autograd
 /// computes every parameter's gradient afresh before adding it in; glibc
 /// retains the freed memory), about this fraction of the model states.
-/// Fitted on this project's CPU grid (docs/scale.md): what is alive is
-/// planned within 12% there without them (`MALLOC_MMAP_THRESHOLD_=65536`
-/// returns freed memory at once), and glibc's retention added 50-270 MB.
-pub const CPU_STEP_INIT_BYTES: u64 = 100_000_000;
-pub const CPU_HEAP_RETENTION: f64 = 0.3;
+/// Fitted (least squares) on a run of this project's CPU grid
+/// (bench/plan_grid.py, docs/scale.md): what is alive is planned within 12%
+/// there without them (`MALLOC_MMAP_THRESHOLD_=65536` returns freed memory
+/// at once), and glibc's retention added 75-270 MB.
+pub const CPU_STEP_INIT_BYTES: u64 = 110_000_000;
+pub const CPU_HEAP_RETENTION: f64 = 0.28;
 
 /// The device a plan is for: a table GPU with overrides, or a profile.
 #[derive(Clone, Debug)]
