@@ -370,10 +370,17 @@ fn write_atomically(path: &Path, profile: &Profile) -> Result<()> {
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     let text = serde_json::to_string_pretty(profile)? + "\n";
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("--profile-out: {}", tmp.display()))?;
-    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("--profile-out: writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("--profile-out: renaming {} to {}", tmp.display(), path.display()))?;
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("--profile-out: {}", tmp.display()))?;
+        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("--profile-out: writing {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, path).with_context(|| format!("--profile-out: renaming {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        // nothing half-written left behind
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     if let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
         // the rename itself durable (best effort: not every file system syncs a directory)
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
