@@ -291,7 +291,7 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::profile::{Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
+    use crate::plan::profile::{Gemm, Profile};
 
     #[test]
     fn table_lookups() {
@@ -308,21 +308,9 @@ mod tests {
     fn profile_picks_the_nearest_shape() {
         let g = |m, n, k, t| Gemm { dtype: Dtype::Fp32, m, n, k, tflops: t };
         let p = Profile {
-            format: PROFILE_FORMAT.into(),
-            version: PROFILE_VERSION,
-            kind: "cpu".into(),
-            device: "test".into(),
-            threads: 1,
-            memory_bytes: 1 << 30,
-            baseline_bytes: 1 << 28,
-            gemm: vec![g(256, 256, 256, 0.05), g(2048, 768, 256, 0.08), g(2048, 256, 1024, 0.07)],
-            attention: vec![],
             elementwise_gbps: [("fp32".to_string(), 5.0)].into(),
-            elementwise_ns: Default::default(),
-            optimizer_ns: None,
-            collectives: vec![],
-            command: String::new(),
-            created: String::new(),
+            memory_bytes: 1 << 30,
+            ..Profile::for_tests(vec![g(256, 256, 256, 0.05), g(2048, 768, 256, 0.08), g(2048, 256, 1024, 0.07)])
         };
         let d = Device::from_profile(p);
         assert_eq!(d.gemm_tflops(Dtype::Fp32, 2048, 768, 256), 0.08);

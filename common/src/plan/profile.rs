@@ -206,3 +206,28 @@ impl Profile {
         None
     }
 }
+
+#[cfg(test)]
+impl Profile {
+    /// A CPU profile of one thread with these GEMM measurements and nothing
+    /// else, for tests to fill in.
+    pub(crate) fn for_tests(gemm: Vec<Gemm>) -> Profile {
+        Profile {
+            format: PROFILE_FORMAT.into(),
+            version: PROFILE_VERSION,
+            kind: "cpu".into(),
+            device: "test".into(),
+            threads: 1,
+            memory_bytes: 1 << 34,
+            baseline_bytes: 1 << 28,
+            gemm,
+            attention: vec![],
+            elementwise_gbps: Default::default(),
+            elementwise_ns: Default::default(),
+            optimizer_ns: None,
+            collectives: vec![],
+            command: String::new(),
+            created: String::new(),
+        }
+    }
+}

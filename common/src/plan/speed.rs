@@ -236,24 +236,13 @@ mod tests {
     /// shard element.
     #[test]
     fn measured_elementwise_and_optimizer_costs() {
-        use crate::plan::profile::{ElementwiseNs, Gemm, Profile, PROFILE_FORMAT, PROFILE_VERSION};
+        use crate::plan::profile::{ElementwiseNs, Gemm, Profile};
         let ns = ElementwiseNs { layer_norm: 1.0, gelu: 2.0, dropout: 3.0, add: 0.5, log_softmax: 4.0, add_large: 0.25 };
         let p = Profile {
-            format: PROFILE_FORMAT.into(),
-            version: PROFILE_VERSION,
-            kind: "cpu".into(),
-            device: "test".into(),
-            threads: 1,
-            memory_bytes: 1 << 34,
-            baseline_bytes: 0,
-            gemm: vec![Gemm { dtype: Dtype::Fp32, m: 512, n: 512, k: 512, tflops: 0.1 }],
-            attention: vec![],
-            elementwise_gbps: Default::default(),
             elementwise_ns: [("fp32".to_string(), ns)].into(),
             optimizer_ns: Some(2.0),
-            collectives: vec![],
-            command: String::new(),
-            created: String::new(),
+            baseline_bytes: 0,
+            ..Profile::for_tests(vec![Gemm { dtype: Dtype::Fp32, m: 512, n: 512, k: 512, tflops: 0.1 }])
         };
         let dev = Device::from_profile(p);
         let c = Cluster { nodes: 1, per_node: 1 };
