@@ -88,11 +88,23 @@ fn seconds_per_call(device: Device, f: &mut dyn FnMut()) -> f64 {
 }
 
 /// The GEMM shapes `(m, n, k)` measured: the model's own (m = the batch's
-/// tokens; the logits at the loss positions, the second half) and the
-/// squares up to 4× its largest dimension, without repeats.
+/// tokens, a quarter and a sixteenth of them; the logits at the loss
+/// positions, half of those) and the squares up to 4× its largest
+/// dimension, without repeats.
 fn gemm_shapes(sh: &Shape) -> (Vec<(i64, i64, i64)>, Vec<i64>) {
-    let (m, h, t) = (sh.batch * sh.seq, sh.hidden, sh.tp);
-    let model = vec![(m, 3 * h / t, h), (m, h, h / t), (m, sh.ffn / t, h), (m, h, sh.ffn / t), (sh.batch * sh.seq / 2, sh.vocab / t, h)];
+    let (h, t) = (sh.hidden, sh.tp);
+    // the tokens of the batch, and of a quarter and a sixteenth of it (at
+    // least 16): smaller micro-batches and fewer loss positions run the
+    // same matmuls with a shorter side, where a matmul's packing and
+    // blocking cost more per FLOP
+    let mut model = Vec::new();
+    for div in [1, 4, 16] {
+        let m = sh.batch * sh.seq / div;
+        if div > 1 && m < 16 {
+            continue;
+        }
+        model.extend([(m, 3 * h / t, h), (m, h, h / t), (m, sh.ffn / t, h), (m, h, sh.ffn / t), ((m / 2).max(1), sh.vocab / t, h)]);
+    }
     let largest = model.iter().map(|&(m, n, k)| m.max(n).max(k)).max().unwrap_or(0);
     let squares = SQUARES.iter().copied().filter(|&s| s <= 4 * largest).collect();
     (model, squares)
