@@ -27,7 +27,7 @@ use crate::config::ds::DsConfig;
 use crate::config::run::{block_config, corpus_spec, files_of, train_corpus};
 use crate::data::blocklm::{BlockSampler, Mode};
 use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
-use crate::data::prepare::{beside_store, ensure_store, PrepareOptions};
+use crate::data::prepare::{beside_store, ensure_store, PrepareOptions, StoreGuard};
 use crate::data::split::{get_split, split_documents};
 use crate::data::store::TokenStore;
 use crate::data::tokenizer::GlmTokenizer;
@@ -59,8 +59,10 @@ pub struct EvalOptions {
     pub split: Split,
     pub iters: Option<u64>,
     pub batch: Option<usize>,
-    /// The token store (built or reused as training does).
+    /// The token store (built when missing, reused when it matches).
     pub store: PathBuf,
+    /// Replace a store built for another corpus or tokenizer (else refused).
+    pub rebuild: bool,
     pub device: Device,
 }
 
@@ -115,6 +117,9 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
             reader: corpus.reader,
             ..CorpusOptions::default()
         },
+        // eval builds a missing store and refreshes its own, but replaces one
+        // built for another corpus or tokenizer only when told to
+        guard: (!opts.rebuild).then_some(StoreGuard { command: "eval", store_option: "--store", rebuild_flag: "--rebuild" }),
         ..PrepareOptions::default()
     };
     // rank 0 builds or refreshes the store; the others find it ready

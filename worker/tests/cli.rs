@@ -123,10 +123,19 @@ fn prepare_trains_reuses_and_detects_changes() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("rebuilt") && stdout(&o).contains("corpus changed"), "{}", stdout(&o));
 
-    // a different tokenizer: detected through its hash
+    // a different tokenizer: detected through its hash; a store built for
+    // another tokenizer is not replaced (it may be a training run's) unless
+    // --force says so
     let vocab = seed("vocab.txt").display().to_string();
     let o = prepare(&corpus, &out, &cache, &["--tokenizer", &vocab]);
-    assert!(stdout(&o).contains("tokenizer changed"), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("this token store does not match what prepare needs: it was built with another tokenizer") && e.contains("--force to replace this one"),
+        "{e}"
+    );
+    let o = prepare(&corpus, &out, &cache, &["--tokenizer", &vocab, "--force"]);
+    assert!(o.status.success() && stdout(&o).contains("rebuilt"), "{}{}", stdout(&o), stderr(&o));
     assert_only(d.path(), &["data.json", "store", "model"]);
 
     // a damaged store is rebuilt, not reused

@@ -280,6 +280,24 @@ fn eval_reproduces_the_runs_validation_per_mode() {
         let (a, b) = (line(&out, mode), line(&two, mode));
         assert!((a[0] - b[0]).abs() < 1e-4 && a[3] == b[3], "{mode}: one rank {a:?}, two ranks {b:?}");
     }
+    // another corpus pointed at the run's own store: refused, the store kept
+    // (re-tokenizing would replace a training run's store behind its back)
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(repo().join("glm_pretrain/data/data.json")).unwrap()).unwrap();
+    let other = r.p("other.json");
+    std::fs::write(&other, serde_json::to_string(&docs[docs.len() - 60..]).unwrap()).unwrap();
+    let other = other.display().to_string();
+    let meta = std::fs::read(r.dir.path().join("store/meta.json")).unwrap();
+    let o = r.worker(&["eval", "--load", &loads, "--store", &store, "--data", &other, "--device", "cpu", "--iters", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("this token store does not match what eval needs: it was built from another corpus"), "{e}");
+    assert!(e.contains("give it a store of its own (--store <new dir>), or --rebuild to replace this one"), "{e}");
+    assert_eq!(std::fs::read(r.dir.path().join("store/meta.json")).unwrap(), meta, "the run's store untouched");
+    // a store of its own, or --rebuild, evaluates it
+    let own = r.p("other-store").display().to_string();
+    let out = ok(&r.worker(&["eval", "--load", &loads, "--store", &own, "--data", &other, "--device", "cpu", "--iters", "1"]));
+    assert!(out.contains("valid split"), "{out}");
+    let out = ok(&r.worker(&["eval", "--load", &loads, "--store", &store, "--data", &other, "--device", "cpu", "--iters", "1", "--rebuild"]));
+    assert!(out.contains("valid split"), "{out}");
     for (args, want) in [(vec!["--split", "train"], "--split train: expected valid or test"), (vec!["--iters", "0"], "--iters 0: must be positive")] {
         let mut a = vec!["eval", "--load", &loads, "--store", &store];
         a.extend(args);

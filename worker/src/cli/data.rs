@@ -71,7 +71,7 @@ pub struct PrepareArgs {
     /// At most this many MB of text are used to train a tokenizer
     #[arg(long, default_value_t = 512)]
     tokenizer_train_mb: usize,
-    /// Rebuild the store even when it is up to date
+    /// Rebuild the store even when it is up to date, and replace one built for another corpus or tokenizer (which prepare otherwise refuses to)
     #[arg(long)]
     force: bool,
     /// Train/valid/test weights to report the split with (as configs.json's split; the
@@ -150,6 +150,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         force: a.force,
         show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
         spec: prepare_spec(&a)?,
+        guard: Some(glm_worker::data::prepare::StoreGuard { command: "prepare", store_option: "--out", rebuild_flag: "--force" }),
         ..PrepareOptions::default()
     };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();

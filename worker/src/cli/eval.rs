@@ -32,6 +32,9 @@ pub struct EvalArgs {
     /// a run's valid_data/test_data are read from <store>-valid / <store>-test
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Replace the token store when it was built for another corpus or tokenizer (without it eval refuses: the store may be a training run's)
+    #[arg(long)]
+    rebuild: bool,
     /// cpu, cuda, or auto
     #[arg(long, default_value = "auto")]
     device: String,
@@ -73,7 +76,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let device = if dims.world > 1 { rank_device(&a.device, glm_worker::comm::mpi::local_rank(&world))? } else { device(&a.device)? };
     let par = glm_worker::parallel::Parallel::build(&world, dims, device)?;
     let store = a.store.clone().unwrap_or_else(|| default_store(a.data.as_deref()));
-    let opts = EvalOptions { load: a.load.clone(), data: a.data.clone(), split, iters: a.iters, batch: a.batch_size, store, device };
+    let opts = EvalOptions { load: a.load.clone(), data: a.data.clone(), split, iters: a.iters, batch: a.batch_size, store, rebuild: a.rebuild, device };
     let e = evaluate(&opts, &par)?;
     println!(
         "eval: {} (iteration {}), {} split: {} documents, {} batch(es) of {} per mode{}",

@@ -28,6 +28,19 @@ pub struct PrepareOptions {
     /// How the caller's user names the tokenizer option, for hints:
     /// `prepare`'s `--tokenizer` or training's `tokenizer_path`.
     pub tokenizer_option: TokenizerOption,
+    /// A command that must not replace a store built for another corpus or
+    /// tokenizer (`None`: training, which owns its store and rebuilds it).
+    pub guard: Option<StoreGuard>,
+}
+
+/// How a command that does not own a store names its way out of replacing
+/// one: its command, the option that gives it a store of its own, and the
+/// flag that replaces the store anyway.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreGuard {
+    pub command: &'static str,
+    pub store_option: &'static str,
+    pub rebuild_flag: &'static str,
 }
 
 impl Default for PrepareOptions {
@@ -41,6 +54,7 @@ impl Default for PrepareOptions {
             show_progress: false,
             spec: Some(TokenizerSpec::default()),
             tokenizer_option: TokenizerOption::Flag,
+            guard: None,
         }
     }
 }
@@ -143,6 +157,15 @@ pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &Pr
     let why = store::staleness(out, files, tok, &opts.corpus)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));
+    }
+    if let (Some(g), Some(whose)) = (opts.guard.filter(|_| !opts.force), why.as_ref().and(store::foreign(out, files, tok))) {
+        return Err(Error::invalid(
+            out,
+            format!(
+                "this token store does not match what {} needs: {whose}; {} does not replace a store it did not build (it may be a training run's): give it a store of its own ({} <new dir>), or {} to replace this one",
+                g.command, g.command, g.store_option, g.rebuild_flag
+            ),
+        ));
     }
     let reason = if opts.force { Some("--force".to_string()) } else { why.filter(|_| out.exists()) };
     let (meta, report) = build_store(files, &opts.corpus, tok, out, progress)?;

@@ -521,6 +521,27 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, corpus: &Cor
     Ok(None)
 }
 
+/// Why the store at `dir` belongs to another corpus or tokenizer than
+/// `files` read by `tok` (`None`: it is theirs, stale or not, or there is
+/// nothing readable there to lose). A command that did not build it must
+/// not replace it: it may be a training run's, hours to build again.
+pub fn foreign(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Option<String> {
+    let meta = read_meta(dir).ok()?;
+    if meta.tokenizer_type != tok.tokenizer_type() || !tok.answers_to(&meta.tokenizer_sha256) {
+        let sha = meta.tokenizer_sha256.get(..12).unwrap_or(&meta.tokenizer_sha256);
+        return Some(format!("it was built with another tokenizer (a {} tokenizer, sha256 {sha}...)", meta.tokenizer_type));
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let theirs: Vec<PathBuf> = meta.corpus.files.iter().map(|f| canon(&f.path)).collect();
+    let ours: Vec<PathBuf> = files.iter().map(|p| canon(p)).collect();
+    if theirs != ours {
+        let names: Vec<String> = meta.corpus.files.iter().take(3).map(|f| f.path.display().to_string()).collect();
+        let more = if meta.corpus.files.len() > 3 { format!(" and {} more", meta.corpus.files.len() - 3) } else { String::new() };
+        return Some(format!("it was built from another corpus ({}{more})", names.join(", ")));
+    }
+    None
+}
+
 /// A read-only, memory-mapped token store.
 pub struct TokenStore {
     pub meta: StoreMeta,
