@@ -267,18 +267,23 @@ fn a_store_knows_its_tokenizer_type() {
     let meta = |k: &str| -> Value { serde_json::from_str::<Value>(&std::fs::read_to_string(Path::new(&store).join("meta.json")).unwrap()).unwrap()[k].clone() };
     assert_eq!(meta("tokenizer_type"), "BertWordPieceTokenizer");
     let sp_model = r.join("sp_unigram.model").display().to_string();
-    let out = prepare(&["--tokenizer-type", "ChineseSPTokenizer", "--tokenizer", &sp_model]);
-    assert!(out.contains("rebuilt") && out.contains("the store was built with a BertWordPieceTokenizer tokenizer, this one is a ChineseSPTokenizer"), "{out}");
+    // a store of another tokenizer type is not replaced without --force
+    let o = worker().args(args(&["--tokenizer-type", "ChineseSPTokenizer", "--tokenizer", &sp_model])).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("it was built with another tokenizer (a BertWordPieceTokenizer tokenizer") && e.contains("--force"), "{e}");
+    assert_eq!(meta("tokenizer_type"), "BertWordPieceTokenizer");
+    let out = prepare(&["--tokenizer-type", "ChineseSPTokenizer", "--tokenizer", &sp_model, "--force"]);
+    assert!(out.contains("rebuilt"), "{out}");
     assert_eq!(meta("tokenizer_type"), "ChineseSPTokenizer");
     // the store's own tokenizer.json rebuilds it without naming the type again
     let saved = Path::new(&store).join("tokenizer.json").display().to_string();
     let out = prepare(&["--tokenizer", &saved]);
     assert!(out.contains("is up to date"), "{out}");
     // a tokenizer trained on the corpus for each type, cached under its own name
-    prepare(&["--tokenizer-type", "GPT2BPETokenizer"]);
+    prepare(&["--tokenizer-type", "GPT2BPETokenizer", "--force"]);
     let e = String::from_utf8_lossy(&worker().args(args(&["--tokenizer-type", "ChineseSPTokenizer"])).output().unwrap().stderr).into_owned();
     assert!(e.contains("a unigram model keeps a piece for every character of the corpus, and it has more than the vocabulary size 300"), "{e}");
-    prepare(&["--tokenizer-type", "ChineseSPTokenizer", "--fix-command-token", "--vocab-size", "3000"]);
+    prepare(&["--tokenizer-type", "ChineseSPTokenizer", "--fix-command-token", "--vocab-size", "3000", "--force"]);
     let names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     for end in ["-v300.json", "-v300-gpt2bpe.json", "-v3000-chinesesp-fixed.json"] {
         assert!(names.len() == 3 && names.iter().any(|n| n.ends_with(end)), "{end}: {names:?}");
