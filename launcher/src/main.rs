@@ -800,9 +800,9 @@ impl Attempt<'_> {
             // job's environment, every GPU visible
             let disk = self.disk.as_ref();
             let probe = preflight::probe(&worker[0], disk);
-            let wants_cuda =
-                worker_args.windows(2).any(|w| w[0] == "--device" && w[1].starts_with("cuda")) || worker_args.iter().any(|a| a.starts_with("--device=cuda"));
-            let cpu_only = job::flag_value(worker_args, "--device").is_some_and(|d| d == "cpu");
+            let device = job::flag_value(worker_args, "--device");
+            let wants_cuda = device.as_deref().is_some_and(|d| d.starts_with("cuda"));
+            let cpu_only = device.as_deref() == Some("cpu");
             let expect = preflight::Expect { version: env!("CARGO_PKG_VERSION"), wants_cuda, cpu_only, gpus_shared: self.gpus_shared, disk };
             let (as_root, probe) = (job.as_root, &probe);
             let checked = if use_ssh {

@@ -281,11 +281,6 @@ impl Device {
     pub fn optimizer_ns(&self) -> Option<f64> {
         self.profile.as_ref()?.optimizer_ns
     }
-
-    /// The attention kernel the worker gets here (`memory::Kernel::of`).
-    pub fn kernel(&self, attention_dropout: f64, d: Dtype) -> super::memory::Kernel {
-        super::memory::Kernel::of(self.cuda, attention_dropout, d)
-    }
 }
 
 #[cfg(test)]

@@ -73,6 +73,19 @@ pub fn buckets(s: &Shape, l: &Layout) -> f64 {
     }
 }
 
+/// Host bytes a checkpoint written in the background copies on a rank of
+/// `elements` parameters: the fp32 weights, and the Adam moments it saves
+/// (whole at ZeRO stage 0, its shard over `dp` ranks at stages 1 and 2).
+/// glm-worker's own start-up check and the planner both count it so.
+pub fn snapshot_bytes(elements: u64, zero: u8, dp: u64, with_optimizer: bool) -> u64 {
+    let moments = match (with_optimizer, zero) {
+        (false, _) => 0,
+        (true, 0) => 8 * elements,
+        (true, _) => 8 * elements / dp.max(1),
+    };
+    4 * elements + moments
+}
+
 /// The scratch buffer of ZeRO's parameter all-gather after the update
 /// (stages 1-2): a unit's runs are gathered `allgather_bucket_size / dp`
 /// elements a rank at a time through a buffer of `allgather_bucket_size`

@@ -196,7 +196,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     // largest) the embeddings
     let s = Shape { layers: full.layers.div_ceil(l.pp.max(1)), ..full };
     let loss_tokens = (job.loss_fraction * s.seq as f64).ceil() * l.micro as f64;
-    let kernel = dev.kernel(job.attention_dropout, l.dtype);
+    let kernel = memory::Kernel::of(dev.cuda, job.attention_dropout, l.dtype);
     let st = memory::states(&s, l);
     let mut a: Activations = memory::activations(&s, l, l.micro, loss_tokens, kernel, &job.dropouts(), dev.cuda);
     if l.pp > 1 {
@@ -212,19 +212,7 @@ pub fn plan(job: &Job, l: &Layout, dev: &Device, c: &Cluster) -> Plan {
     }
     let buckets = memory::buckets(&s, l);
     let padded = s.padded_per_rank(l.tp, l.dp) as f64;
-    let snapshot = match job.snapshot {
-        Some(sn) => {
-            let moments = if !sn.with_optimizer {
-                0.0
-            } else if l.zero == 0 {
-                8.0 * padded
-            } else {
-                8.0 * padded / l.dp as f64
-            };
-            4.0 * padded + moments
-        }
-        None => 0.0,
-    };
+    let snapshot = job.snapshot.map_or(0.0, |sn| memory::snapshot_bytes(padded as u64, l.zero, l.dp, sn.with_optimizer) as f64);
     let dynamic = a.kept() + a.transient;
     let fragmentation = dynamic * dev.fragmentation + dev.step_init_bytes as f64 + dev.heap_retention * st.total() as f64;
     // NCCL's buffers on every rank of a multi-rank GPU job (a profile's baseline is one process's)

@@ -97,6 +97,18 @@ pub struct ElementwiseNs {
     pub add_large: f64,
 }
 
+impl ElementwiseNs {
+    /// The cost of a pass over a whole parameter-sized buffer: the
+    /// out-of-cache add, or the add where a profile has none.
+    pub fn large_add(&self) -> f64 {
+        if self.add_large > 0.0 {
+            self.add_large
+        } else {
+            self.add
+        }
+    }
+}
+
 /// A collective's bus bandwidth over `ranks` ranks (NCCL-tests' convention:
 /// an all-reduce moves 2(p−1)/p of its bytes per rank).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

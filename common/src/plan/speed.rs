@@ -73,9 +73,10 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     let attention_s = w.attention / (dev.attention_tflops(d, drop.attention > 0.0, b, s.heads / l.tp, s.seq, h / s.heads) * 1e12);
     // elementwise traffic: per layer forward 17·t·e replicated (two
     // LayerNorms, two dropouts, two residual adds, reading and writing),
-    // 10·t·e split (the GeLU, the attention output's transposed copy);
-    // backward twice that; the unfused attention's mask, softmax and
-    // dropout over the scores; the loss's fp32 logits
+    // (2 + 2f/h)·t·e split (the GeLU over the MLP's width, the attention
+    // output's transposed copy); backward twice that; the unfused
+    // attention's mask, softmax and dropout over the scores; the loss's
+    // fp32 logits
     let t = (m * h) as f64;
     // the MLP's width in units of h (4 unless intermediate_size says otherwise)
     let wf = f as f64 / h as f64;
@@ -94,7 +95,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
         // measured per kernel (a CPU profile): per layer two LayerNorms,
         // two dropouts, the GeLU over the MLP's width, and the adds (the
         // residuals forward and backward, the transposed copy, the biases'
-        // gradients: 6t + 9t/p elements); recomputation repeats the
+        // gradients: 6t + (5 + f/h)·t/p elements); recomputation repeats the
         // forward's share; the embeddings' adds and dropout, the
         // loss's log-softmax, the gradients' accumulation
         Some(ns) => {
@@ -106,8 +107,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
             let head = t * (3.0 * ns.add + dropout) + loss_tokens * (s.vocab / l.tp) as f64 * ns.log_softmax;
             // every parameter's gradient added into the flat buffer (or a
             // stage-2 bucket), and in 16 bits into the fp32 accumulator too
-            let large = if ns.add_large > 0.0 { ns.add_large } else { ns.add };
-            let acc = padded * large * if mixed && l.zero < 2 { 3.0 } else { 1.0 };
+            let acc = padded * ns.large_add() * if mixed && l.zero < 2 { 3.0 } else { 1.0 };
             (layers + head + acc) * 1e-9
         }
         None => micro_bytes / (dev.elementwise_gbps(d) * 1e9),
@@ -121,7 +121,7 @@ pub fn step(s: &Shape, full: &Shape, l: &Layout, dev: &Device, c: &Cluster, loss
     let optimizer_s = match (dev.optimizer_ns(), dev.elementwise_ns(d)) {
         // measured: AdamW, the norm and the zeroing per shard element, and
         // the copy back to the compute dtype
-        (Some(o), Some(ns)) => (shard * o + if mixed { padded * if ns.add_large > 0.0 { ns.add_large } else { ns.add } } else { 0.0 }) * 1e-9,
+        (Some(o), Some(ns)) => (shard * o + if mixed { padded * ns.large_add() } else { 0.0 }) * 1e-9,
         _ => opt_bytes / (dev.elementwise_gbps(Dtype::Fp32) * 1e9),
     };
     // tensor parallelism, per micro-batch: per layer two all-reduces of

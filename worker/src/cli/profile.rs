@@ -276,23 +276,17 @@ fn elementwise(device: Device, sh: &Shape, d: Dtype) -> ElementwiseNs {
     let w = Tensor::ones([h], (kind(d), device));
     let b = Tensor::zeros([h], (kind(d), device));
     let p = if sh.dropout > 0.0 { sh.dropout } else { 0.1 };
-    let add = {
+    // an add at the activation's size (into a new tensor, as a residual),
+    // and in place over a buffer past the caches (as gradients are added)
+    let add_ns = |numel: i64, in_place: bool| {
         let _g = tch::no_grad_guard();
-        let (x, y) = (Tensor::randn([r, h], (kind(d), device)), Tensor::randn([r, h], (kind(d), device)));
+        let (mut x, y) = (Tensor::randn([numel], (kind(d), device)), Tensor::randn([numel], (kind(d), device)));
         seconds_per_call(device, &mut || {
-            let _ = &x + &y;
-        }) / (r * h) as f64
+            let _ = if in_place { x.g_add_(&y) } else { &x + &y };
+        }) / numel as f64
             * 1e9
     };
-    let add_large = {
-        let _g = tch::no_grad_guard();
-        let n = OPTIMIZER_NUMEL;
-        let (mut x, y) = (Tensor::randn([n], (kind(d), device)), Tensor::randn([n], (kind(d), device)));
-        seconds_per_call(device, &mut || {
-            let _ = x.g_add_(&y);
-        }) / n as f64
-            * 1e9
-    };
+    let (add, add_large) = (add_ns(r * h, false), add_ns(OPTIMIZER_NUMEL, true));
     ElementwiseNs {
         add_large,
         layer_norm: fwd_bwd_ns(device, d, r, h, &|x| x.layer_norm([h], Some(&w), Some(&b), 1e-5, true)),

@@ -858,14 +858,7 @@ pub fn check_memory(cfg: &RunConfig, dims: crate::parallel::dims::ParallelDims, 
     // writes: on a part's data-parallel rank 0 the fp32 weights, and the
     // moments it writes (whole at stage 0, its shard at stages 1 and 2)
     let snapshot = if a.save.is_some() && cfg.background_save {
-        let moments = if a.no_save_optim {
-            0
-        } else if cfg.zero.stage == 0 {
-            8 * per_rank
-        } else {
-            8 * per_rank / dims.dp as i64
-        };
-        (4 * per_rank + moments) as u64
+        glm_common::plan::memory::snapshot_bytes(per_rank as u64, cfg.zero.stage, dims.dp as u64, !a.no_save_optim)
     } else {
         0
     };
