@@ -435,6 +435,11 @@ impl LoadedArgs {
                 typed.insert(k.into(), Value::Array(vec![Value::String(s)]));
             }
         }
+        // a mixture's weights may be JSON numbers: [0.3, "wiki", 0.7, "news"]
+        if let Some(Value::Array(items)) = typed.get("train_data").cloned() {
+            let items = items.into_iter().map(|v| if let Value::Number(n) = v { Value::String(n.to_string()) } else { v }).collect();
+            typed.insert("train_data".into(), Value::Array(items));
+        }
         let args: Args = serde_json::from_value(Value::Object(typed.clone())).map_err(|e| {
             // serde names the type, not the key: find the key that fails alone
             let culprit = typed.iter().find(|(k, v)| {

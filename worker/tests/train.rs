@@ -574,3 +574,73 @@ fn valid_and_test_data_and_the_split_files() {
     assert!(e.contains("test split: 40 documents"), "{e}");
     assert!(r.p("store-test").join("meta.json").is_file());
 }
+
+/// A weighted mixture (Megatron's `--data-path 2 a 3 b`): each corpus gets
+/// a store of its own, samples follow the weights exactly (Megatron's
+/// blending rule), metrics report samples, tokens and epochs per corpus,
+/// validation each corpus and the weighted mix, a resume continues the same
+/// sequence bit for bit, and bad weights are one-line errors naming the entry.
+#[test]
+fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() {
+    let r = Run::new();
+    // a small corpus (a few epochs in this run) and the 600-record one
+    common::corpus_slice(&r.p("a.json"), 8);
+    let mix = format!("train_data=[2, \"{}\", 3, \"{}\"]", r.p("a.json").display(), r.p("corpus.json").display());
+    let (a, b) = (r.p("mix-a"), r.p("mix-b"));
+    let common = [mix.clone(), "train_iters=10".into(), "eval_interval=5".into(), "save_interval=4".into()];
+    let out = ok(&r.train(&[&common[..], &[format!("save={}", a.display())]].concat()));
+    assert!(out.contains("mixture of 2: 2 ") && out.contains("(\"a\", 40.0%)") && out.contains("(\"corpus\", 60.0%)"), "{out}");
+    assert!(out.contains("data: built store of a (40.0%)") && out.contains("data: built store of corpus (60.0%)"), "{out}");
+    assert!(r.p("store-mix1-a/meta.json").is_file() && r.p("store-mix2-corpus/meta.json").is_file());
+    // 10 iterations of 8 samples: exactly 32 and 48
+    let train = events(&a, "train");
+    let last = &train.last().unwrap()["corpora"];
+    assert_eq!((last[0]["name"].as_str(), last[0]["samples"].as_u64(), last[0]["tokens"].as_u64()), (Some("a"), Some(32), Some(32 * 64)));
+    assert_eq!((last[1]["name"].as_str(), last[1]["samples"].as_u64()), (Some("corpus"), Some(48)));
+    let epochs = last[0]["epochs"].as_f64().unwrap();
+    assert!(epochs > 1.0, "the small corpus should pass an epoch in this run ({epochs})");
+    assert!(out.contains("data: a begins epoch 2 at iteration"), "{out}");
+    assert!(out.contains("| epochs a "), "{out}");
+    // validation: each corpus, and the mix as their weighted mean
+    let evals = events(&a, "eval");
+    assert_eq!(evals.iter().map(|e| e["iteration"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 5, 10]);
+    for e in &evals {
+        let c = e["corpora"].as_array().unwrap();
+        assert_eq!(c.iter().map(|c| c["name"].as_str().unwrap()).collect::<Vec<_>>(), vec!["a", "corpus"]);
+        let mean = c.iter().map(|c| c["weight"].as_f64().unwrap() * c["loss"].as_f64().unwrap()).sum::<f64>();
+        assert!((mean - e["loss"].as_f64().unwrap()).abs() < 1e-9, "{e}");
+    }
+    assert!(out.contains("validation at iteration 5 | a (40.0%) | loss"), "{out}");
+    // a resume continues the same sequence, bit for bit
+    let resumed = ok(&r.train(&[&common[..], &[format!("save={}", b.display()), format!("load={}", a.join("4").display())]].concat()));
+    assert!(resumed.contains("data: store of a (40.0%)"), "the stores are reused: {resumed}");
+    let after = |d: &Path, kind: &str, keys: &[&str]| -> Vec<String> {
+        let picked = |e: &serde_json::Value| keys.iter().map(|k| e[*k].to_string()).collect::<Vec<_>>().join(" ");
+        events(d, kind).iter().filter(|e| e["iteration"].as_u64().unwrap() > 4).map(picked).collect()
+    };
+    let la = after(&a, "train", &["iteration", "loss", "grad_norm", "corpora"]);
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, after(&b, "train", &["iteration", "loss", "grad_norm", "corpora"]), "the sequence after resuming");
+    assert_eq!(after(&a, "eval", &["iteration", "loss", "corpora"]), after(&b, "eval", &["iteration", "loss", "corpora"]));
+    assert!(std::fs::read(a.join("10/model.safetensors")).unwrap() == std::fs::read(b.join("10/model.safetensors")).unwrap(), "final weights differ");
+
+    // bad mixtures: one line naming the entry, before anything is built
+    let (ap, cp) = (r.p("a.json").display().to_string(), r.p("corpus.json").display().to_string());
+    for (set, want) in [
+        (format!("train_data=[0, \"{ap}\", 1, \"{cp}\"]"), format!("weight 0 of \"{ap}\" (entry 1): a zero weight")),
+        (format!("train_data=[-1, \"{ap}\", 1, \"{cp}\"]"), format!("weight -1 of \"{ap}\" (entry 1): weights must be positive")),
+        (format!("train_data=[1, \"{ap}\", \"x\", \"{cp}\"]"), "\"x\" (entry 3) stands where a weight should".into()),
+        (format!("train_data=1 {ap} 2"), "weight 2 (entry 3) names no corpus".into()),
+        (
+            format!("train_data=[1, \"{ap}\", 1, \"{}\"]", r.p("missing.json").display()),
+            format!("{}: train_data: no such file or folder", r.p("missing.json").display()),
+        ),
+        (format!("train_data=[1, \"{ap}\", 1, \"{cp}\"]"), "save_splits (--set): train_data is a mixture".into()),
+    ] {
+        let extra = if want.starts_with("save_splits") { vec![set.clone(), format!("save_splits={}", r.p("s").display())] } else { vec![set.clone()] };
+        let o = r.train(&[&extra[..], &["train_iters=1".to_string()]].concat());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(&want), "{set}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{set}: {e}");
+    }
+}

@@ -115,7 +115,7 @@ fn train_run(t: TrainArgs) -> Result<ExitCode> {
     }
     let a = &cfg.args.args;
     if a.train_iters == 0 {
-        for d in &cfg.train_data.roots {
+        for d in cfg.train_data.roots() {
             if !d.exists() {
                 println!("note: train_data {} does not exist yet (training needs it; {})", d.display(), glm_worker::config::run::missing_corpus_hint(d));
             }

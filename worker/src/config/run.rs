@@ -10,6 +10,7 @@ use super::args::LoadedArgs;
 use super::ds::{Batch, DsConfig, SchedulerCfg};
 use crate::data::blocklm::BlockConfig;
 use crate::data::corpus::{parse_entry, CorpusSpec, Reader};
+use crate::data::mixture::TrainData;
 use crate::error::{Error, Result};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::optimizer::Precision;
@@ -34,8 +35,9 @@ pub struct RunConfig {
     pub schedule: Schedule,
     pub block: BlockConfig,
     /// Corpus files or folders and their reader (train_data, with "wudao"
-    /// meaning the default corpus and `wudao:<path>` the WuDao reader).
-    pub train_data: CorpusSpec,
+    /// meaning the default corpus and `wudao:<path>` the WuDao reader), or
+    /// a weighted mixture of corpora.
+    pub train_data: TrainData,
     /// valid_data and test_data, read as train_data.
     pub valid_data: Option<CorpusSpec>,
     pub test_data: Option<CorpusSpec>,
@@ -524,7 +526,22 @@ impl RunConfig {
         let spec = TokenizerSpec::new(kind, &a.tokenizer_model_type, a.fix_command_token);
         let source = args.source_of(&["tokenizer_type", "tokenizer_model_type", "fix_command_token"]).to_string();
         put("tokenizer_type", spec.describe(&a.tokenizer_model_type), source);
-        let train_data = train_corpus(a)?;
+        let train_data = train_data_of(a).map_err(|e| match e {
+            Error::Config(m) => Error::Config(m.replacen("train_data: ", &format!("train_data ({}): ", src("train_data")), 1)),
+            e => e,
+        })?;
+        if let TrainData::Mixture(_) = &train_data {
+            // one index order names one corpus's documents
+            for (k, p) in [("load_splits", &a.load_splits), ("save_splits", &a.save_splits)] {
+                if p.is_some() {
+                    return Err(Error::Config(format!(
+                        "{k} ({}): train_data is a mixture, and {k} holds one corpus's document order; each corpus of a mixture is split on its own with the fixed seed {}: set {k} to null",
+                        src(k),
+                        crate::data::split::SPLIT_SEED
+                    )));
+                }
+            }
+        }
         let valid_data = a.valid_data.as_deref().map(|v| corpus_spec("valid_data", v)).transpose()?;
         let test_data = a.test_data.as_deref().map(|v| corpus_spec("test_data", v)).transpose()?;
         let split = crate::data::split::get_split(&a.split, valid_data.is_some(), test_data.is_some()).map_err(|e| match e {
@@ -586,7 +603,7 @@ impl RunConfig {
             ("attention_dropout", a.attention_dropout.to_string()),
             ("train_iters", a.train_iters.to_string()),
             ("seed", a.seed.to_string()),
-            ("train_data", format!("{:?}", train_data.entries())),
+            ("train_data", train_data.describe()),
             ("split", describe_split(&a.split, &split)),
             ("valid_data", valid_data.as_ref().map_or("(none: the valid split of train_data)".into(), |v| format!("{:?}", v.entries()))),
             ("test_data", test_data.as_ref().map_or("(none: the test split of train_data)".into(), |v| format!("{:?}", v.entries()))),
@@ -920,6 +937,14 @@ fn describe_split(given: &str, shares: &[f64; 3]) -> String {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     };
     format!("{given} (train {} / valid {} / test {}; {how})", share(shares[0]), share(shares[1]), share(shares[2]))
+}
+
+/// `train_data`: one corpus (none: the default corpus) or a weighted mixture.
+pub fn train_data_of(a: &super::args::Args) -> Result<TrainData> {
+    if a.train_data.is_empty() {
+        return train_corpus(a).map(TrainData::Corpus);
+    }
+    crate::data::mixture::parse_train_data("train_data", &a.train_data, corpus_spec)
 }
 
 /// `train_data` (none: the default corpus), as `corpus_spec` reads it.

@@ -147,6 +147,24 @@ impl BlockConfig {
     }
 
     /// Mean of the span-length distribution actually sampled from.
+    /// The mode of global batch `batch`: from `(seed, batch)` alone.
+    pub fn mode_for_batch(&self, batch: u64) -> Mode {
+        let r = Rng::derive(self.seed, STREAM_MODE, batch).f64();
+        if r < self.bert_prob {
+            Mode::Span
+        } else if r < self.bert_prob + self.gap_sentence_prob {
+            Mode::Sentence
+        } else {
+            Mode::Generation
+        }
+    }
+
+    /// The mode of global sample `index` in mode groups of `group` samples
+    /// (see `BlockSampler::mode_of`).
+    pub fn mode_of(&self, index: u64, group: u64) -> Mode {
+        self.mode_for_batch(index / group.max(1))
+    }
+
     pub fn mean_span_length(&self) -> f64 {
         let cdf = self.span_length_cdf();
         let mut prev = 0.0;
@@ -219,14 +237,7 @@ impl BlockSampler {
 
     /// The mode of global batch `batch`.
     pub fn mode_for_batch(&self, batch: u64) -> Mode {
-        let r = Rng::derive(self.cfg.seed, STREAM_MODE, batch).f64();
-        if r < self.cfg.bert_prob {
-            Mode::Span
-        } else if r < self.cfg.bert_prob + self.cfg.gap_sentence_prob {
-            Mode::Sentence
-        } else {
-            Mode::Generation
-        }
+        self.cfg.mode_for_batch(batch)
     }
 
     /// The samples `indices` (global sample indices) of global batch `batch`,
@@ -245,7 +256,7 @@ impl BlockSampler {
     /// depends on its index alone, not on how a run factors the global
     /// batch into data-parallel size × accumulation × micro-batch.
     pub fn mode_of(&self, index: u64, group: u64) -> Mode {
-        self.mode_for_batch(index / group.max(1))
+        self.cfg.mode_of(index, group)
     }
 
     /// The training samples `indices` (global sample indices), each in the

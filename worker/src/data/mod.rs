@@ -3,6 +3,7 @@
 pub mod blocklm;
 pub mod corpus;
 pub mod fortunes;
+pub mod mixture;
 pub mod prepare;
 pub mod sentencepiece;
 pub mod split;

@@ -30,6 +30,34 @@ pub struct TrainEvent {
     /// collectives, where the others' waits do not count), over the world.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranks: Option<RankSpread>,
+    /// What each training corpus has given so far (one entry without a
+    /// mixture).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub corpora: Vec<CorpusUse>,
+}
+
+/// Samples, tokens and epochs a training corpus has given after an
+/// iteration: tokens are samples × seq_length (what the model reads), epochs
+/// those tokens over the tokens of the corpus's training documents
+/// (documents are drawn by length, with replacement).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct CorpusUse {
+    pub name: String,
+    pub samples: u64,
+    pub tokens: u64,
+    pub epochs: f64,
+}
+
+/// One corpus's validation result.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct CorpusEval {
+    pub name: String,
+    /// Its share of the mix (the weights of the validated corpora, normalised).
+    pub weight: f64,
+    pub loss: f64,
+    pub ppl: f64,
+    pub accuracy: f64,
+    pub tokens: i64,
 }
 
 /// The spread of a per-rank quantity over the world.
@@ -69,6 +97,10 @@ pub struct EvalEvent {
     pub ppl: f64,
     pub accuracy: f64,
     pub tokens: i64,
+    /// A mixture: each corpus's result (the fields above are their weighted
+    /// mean, tokens their sum).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub corpora: Vec<CorpusEval>,
 }
 
 pub struct Metrics {
@@ -225,7 +257,7 @@ mod tests {
         for (it, loss) in [(5, 9.5), (10, 8.8), (15, 8.1)] {
             m.train.push((it, loss));
         }
-        m.eval(&EvalEvent { iteration: 10, loss: 9.1, ppl: 9.1f64.exp(), accuracy: 0.1, tokens: 100 }).unwrap();
+        m.eval(&EvalEvent { iteration: 10, loss: 9.1, ppl: 9.1f64.exp(), accuracy: 0.1, tokens: 100, corpora: Vec::new() }).unwrap();
         let png = std::fs::read(d.path().join("loss.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         // width and height from the IHDR chunk

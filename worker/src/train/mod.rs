@@ -2,6 +2,7 @@
 //! loop, evaluation, metrics.
 
 pub mod build;
+pub mod data;
 pub mod metrics;
 pub mod save_dir;
 pub mod step;

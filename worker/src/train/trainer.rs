@@ -8,22 +8,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, Tensor};
 
 use super::build::{build, Recipe};
-use super::metrics::{rss_mb, EvalEvent, Metrics, RankSpread, TrainEvent};
+use super::data::ValidSet;
+use super::metrics::{rss_mb, CorpusEval, CorpusUse, EvalEvent, Metrics, RankSpread, TrainEvent};
 use super::save_dir::SaveDirLock;
 use super::step::{train_step, StepOutput, StepPlan};
 use crate::checkpoint::saver::{Saver, SaverConfig};
 use crate::checkpoint::{self, Progress, State, Writing};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Sample};
-use crate::data::prepare::{beside_store, corpus_name, ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
-use crate::data::split::split_documents;
-use crate::data::store::TokenStore;
+use crate::data::mixture::Source;
+use crate::data::prepare::PrepareOptions;
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
 use crate::model::glm::{Batch, Glm};
@@ -180,57 +179,15 @@ pub fn collate(samples: &[Sample], device: Device) -> Batch {
     }
 }
 
-/// The line about a store that training built or reused.
-fn report_store(what: &str, dir: &Path, files: &[PathBuf], meta: &crate::data::store::StoreMeta, outcome: StoreOutcome) {
-    let mut unk = meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default();
-    if meta.reader == crate::data::corpus::Reader::WuDao {
-        unk.push_str(&format!("; WuDao reader: {} records of at most {} characters dropped", meta.short_records, crate::data::corpus::WUDAO_MIN_CHARS));
-    }
-    match outcome {
-        StoreOutcome::Reused => println!("data: {what} {} ({} documents, {} tokens{unk})", dir.display(), meta.documents, meta.tokens),
-        StoreOutcome::Built { report, reason } => println!(
-            "data: built {what} {} from {}{} ({} documents, {} tokens{unk}, {:.1} s)",
-            dir.display(),
-            corpus_name(files).display(),
-            reason.map(|r| format!(" ({r})")).unwrap_or_default(),
-            meta.documents,
-            meta.tokens,
-            report.seconds
-        ),
-    }
-}
-
-/// What save_splits and save_test_data ask for (rank 0): the split's index
-/// order as `.npy`, the test split's documents decoded one a line — as the
-/// original writes them, and only when the documents are split (and, for
-/// save_splits, not loaded).
-fn save_split_files(a: &crate::config::args::Args, split: &crate::data::split::DocumentSplit, store: &TokenStore, tok: &GlmTokenizer) -> Result<()> {
-    let Some(order) = &split.order else { return Ok(()) };
-    if let (Some(p), None) = (&a.save_splits, &a.load_splits) {
-        let written = crate::data::split::save_npy(p, order)?;
-        println!("data: save_splits: the split's index order ({} documents) written to {}", order.len(), written.display());
-    }
-    if let Some(p) = &a.save_test_data {
-        let mut text = String::new();
-        for &d in &split.parts[2] {
-            text.push_str(&tok.decode(&store.doc(d as usize), false));
-            text.push('\n');
-        }
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
-        println!("data: save_test_data: {} test documents written to {}", split.parts[2].len(), p.display());
-    }
-    Ok(())
-}
-
 pub struct Trainer {
     pub cfg: RunConfig,
     pub model: Glm,
     pub opt: Optimizer,
-    train: BlockSampler,
-    valid: Option<BlockSampler>,
+    train: Source,
+    /// The valid split of each corpus (or valid_data); empty: none.
+    valid: Vec<ValidSet>,
+    /// Tokens of each training corpus's train split, for epochs.
+    train_tokens: Vec<u64>,
     tokenizer: GlmTokenizer,
     pub iteration: u64,
     /// Training draws the mode of global sample i as that of group
@@ -272,94 +229,7 @@ impl Trainer {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
         };
-        let files = crate::config::run::files_of("train_data", &cfg.train_data.roots)?;
-        // valid_data validates from a store of its own; test_data is checked
-        // here, evaluated by `glm-worker eval --split test`
-        let valid_files = cfg.valid_data.as_ref().map(|v| crate::config::run::files_of("valid_data", &v.roots)).transpose()?;
-        if let Some(t) = &cfg.test_data {
-            crate::config::run::files_of("test_data", &t.roots)?;
-        }
-        let valid_store = beside_store(&opts.store, "valid");
-        let mut popts = opts.prepare.clone();
-        popts.corpus.text_key = a.text_key.clone();
-        popts.corpus.reader = cfg.train_data.reader;
-        let mut valid_popts = popts.clone();
-        if let Some(v) = &cfg.valid_data {
-            valid_popts.corpus.reader = v.reader;
-            valid_popts.corpus.text_key = a.eval_text_key.clone().unwrap_or_else(|| a.text_key.clone());
-        }
-        popts.tokenizer_option = crate::data::prepare::TokenizerOption::ConfigKey;
-        popts.spec = Some(crate::data::tokenizer::TokenizerSpec::from_args(&a)?);
-        // Rank 0 trains the tokenizer and builds the store; the others wait,
-        // then find both up to date. (Two ranks training tokenizers at once
-        // could end with different token ids: training is not deterministic.)
-        // Several nodes need the store on a shared filesystem.
-        let (tok, meta, outcome, valid_built) = par.main_first("preparing the data", || {
-            let (tok, origin) = obtain_tokenizer(&files, a.tokenizer_path.as_deref(), &opts.store, &popts)?;
-            println!("data: tokenizer {origin}: {} ids", tok.vocab_size());
-            let (meta, outcome) = ensure_store(&files, &tok, &opts.store, &popts, &|_| {})?;
-            let valid = match &valid_files {
-                Some(vf) => Some(ensure_store(vf, &tok, &valid_store, &valid_popts, &|_| {})?),
-                None => None,
-            };
-            Ok((tok, meta, outcome, valid))
-        })?;
-        report_store("store", &opts.store, &files, &meta, outcome);
-        if let Some(w) = meta.unknown_warning(crate::data::prepare::TokenizerOption::ConfigKey) {
-            println!("warning: {w}");
-        }
-        if let (Some((vmeta, voutcome)), Some(vf)) = (valid_built, &valid_files) {
-            report_store("valid_data store", &valid_store, vf, &vmeta, voutcome);
-        }
-        // the store opened is the one this run's tokenizer built (another
-        // process may have rebuilt it since it was checked)
-        let store = Arc::new(TokenStore::open_for(&opts.store, &tok, "this run's")?);
-        let split = split_documents(store.num_docs(), &cfg.split, a.load_splits.as_deref())?;
-        if par.is_main() {
-            save_split_files(&a, &split, &store, &tok)?;
-        }
-        let splits = split.parts;
-        if splits[0].is_empty() {
-            return Err(Error::Config(format!(
-                "split \"{}\" ({}): the train split of {} documents is empty",
-                a.split,
-                cfg.args.source("split"),
-                store.num_docs()
-            )));
-        }
-        let sentence_end = tok.sentence_end_table().to_vec();
-        let train = BlockSampler::new(store.clone(), splits[0].clone(), cfg.block.clone(), sentence_end.clone())?;
-        let mut vb = cfg.block.clone();
-        vb.seed ^= VALID_SEED;
-        let valid = if valid_files.is_some() {
-            // the original's eval datasets are not split: every document, in order
-            let vstore = Arc::new(TokenStore::open_for(&valid_store, &tok, "this run's")?);
-            let docs = (0..vstore.num_docs() as u32).collect();
-            println!("data: valid_data: {} documents validate ({})", vstore.num_docs(), valid_store.display());
-            Some(BlockSampler::new(vstore, docs, vb, sentence_end)?)
-        } else {
-            match splits.get(1).filter(|v| !v.is_empty()) {
-                Some(v) => Some(BlockSampler::new(store.clone(), v.clone(), vb, sentence_end)?),
-                None => None,
-            }
-        };
-        println!(
-            "data: split {}: {}",
-            a.split,
-            splits
-                .iter()
-                .zip(["train", "valid", "test"])
-                .map(|(s, n)| {
-                    let instead = match n {
-                        "valid" if cfg.valid_data.is_some() => " (valid_data validates)",
-                        "test" if cfg.test_data.is_some() => " (test_data is the test set: glm-worker eval --split test)",
-                        _ => "",
-                    };
-                    format!("{n} {} documents{instead}", s.len())
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let super::data::RunData { tok, train, valid, train_tokens } = super::data::prepare(&cfg, &opts, &par)?;
 
         progress::set_phase(Stage::Building);
         let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
@@ -511,6 +381,7 @@ impl Trainer {
             opt,
             train,
             valid,
+            train_tokens,
             tokenizer: tok,
             iteration,
             mode_group,
@@ -555,18 +426,67 @@ impl Trainer {
     }
 
     /// Validation loss, perplexity and masked-token accuracy over
-    /// `eval_iters` fixed batches of the valid split.
+    /// `eval_iters` fixed batches of the valid split; a mixture's over
+    /// `eval_iters` batches of each corpus's valid split, and the mix as
+    /// the weighted mean of the corpora's (what the blend scores in
+    /// expectation).
     pub fn evaluate(&self) -> Result<Option<EvalEvent>> {
-        let Some(valid) = self.valid.as_ref() else { return Ok(None) };
-        let h = held_out(&self.model, valid, None, self.cfg.args.args.eval_iters, self.cfg.eval_batch, self.device, &self.par)?;
-        Ok(Some(EvalEvent { iteration: self.iteration, loss: h.loss, ppl: h.loss.exp(), accuracy: h.accuracy, tokens: h.tokens as i64 }))
+        if self.valid.is_empty() {
+            return Ok(None);
+        }
+        let mut corpora = Vec::new();
+        for v in &self.valid {
+            let h = held_out(&self.model, &v.sampler, None, self.cfg.args.args.eval_iters, self.cfg.eval_batch, self.device, &self.par)?;
+            corpora.push((v, h));
+        }
+        if let [(_, h)] = corpora.as_slice() {
+            return Ok(Some(EvalEvent {
+                iteration: self.iteration,
+                loss: h.loss,
+                ppl: h.loss.exp(),
+                accuracy: h.accuracy,
+                tokens: h.tokens as i64,
+                corpora: Vec::new(),
+            }));
+        }
+        let total: f64 = corpora.iter().map(|(v, _)| v.weight).sum();
+        let mean = |f: &dyn Fn(&HeldOut) -> f64| corpora.iter().map(|(v, h)| v.weight * f(h)).sum::<f64>() / total;
+        let (loss, accuracy) = (mean(&|h| h.loss), mean(&|h| h.accuracy));
+        let each = corpora
+            .iter()
+            .map(|(v, h)| CorpusEval {
+                name: v.name.clone(),
+                weight: v.weight / total,
+                loss: h.loss,
+                ppl: h.loss.exp(),
+                accuracy: h.accuracy,
+                tokens: h.tokens as i64,
+            })
+            .collect();
+        let tokens = corpora.iter().map(|(_, h)| h.tokens as i64).sum();
+        Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy, tokens, corpora: each }))
     }
 
     /// Evaluates (when there is a valid split), prints the result and
     /// records it in the metrics.
     fn evaluate_and_report(&mut self, pb: &Option<indicatif::ProgressBar>) -> Result<()> {
         if let Some(e) = self.evaluate()? {
-            say(pb, &format!("validation at iteration {} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.iteration, e.loss, e.ppl, e.accuracy));
+            let mix = if e.corpora.is_empty() { "" } else { " | mix (weighted mean)" };
+            say(pb, &format!("validation at iteration {}{mix} | loss {:.4} | ppl {:.2} | accuracy {:.4}", e.iteration, e.loss, e.ppl, e.accuracy));
+            for c in &e.corpora {
+                say(
+                    pb,
+                    &format!(
+                        "validation at iteration {} | {} ({:.1}%) | loss {:.4} | ppl {:.2} | accuracy {:.4}",
+                        e.iteration,
+                        c.name,
+                        c.weight * 100.0,
+                        c.loss,
+                        c.ppl,
+                        c.accuracy
+                    ),
+                );
+            }
             self.metrics.eval(&e)?;
         }
         Ok(())
@@ -575,9 +495,12 @@ impl Trainer {
     /// Cross-entropy on the validation targets of a unigram model fitted
     /// (add-one smoothed) to the targets of the first `fit_batches` training
     /// batches: the loss a model that knows only token frequencies reaches,
-    /// measured exactly as `evaluate` measures the model.
+    /// measured exactly as `evaluate` measures the model (a mixture: the
+    /// weighted mean over its corpora's valid splits).
     pub fn unigram_baseline(&self, fit_batches: u64) -> Option<f64> {
-        let valid = self.valid.as_ref()?;
+        if self.valid.is_empty() {
+            return None;
+        }
         let v = self.model.cfg.vocab_size;
         let mut counts = vec![1.0f64; v];
         let mut total = v as f64;
@@ -592,19 +515,39 @@ impl Trainer {
                 }
             }
         }
-        let (mut nll, mut n) = (0.0, 0u64);
         let eb = self.cfg.eval_batch as u64;
-        for i in 0..self.cfg.args.args.eval_iters {
-            for s in valid.batch(i, i * eb..(i + 1) * eb) {
-                for (t, m) in s.targets.iter().zip(&s.loss_mask) {
-                    if *m == 1 {
-                        nll -= (counts[*t as usize] / total).ln();
-                        n += 1;
+        let (mut sum, mut weights) = (0.0, 0.0);
+        for set in &self.valid {
+            let (mut nll, mut n) = (0.0, 0u64);
+            for i in 0..self.cfg.args.args.eval_iters {
+                for s in set.sampler.batch(i, i * eb..(i + 1) * eb) {
+                    for (t, m) in s.targets.iter().zip(&s.loss_mask) {
+                        if *m == 1 {
+                            nll -= (counts[*t as usize] / total).ln();
+                            n += 1;
+                        }
                     }
                 }
             }
+            sum += set.weight * nll / n.max(1) as f64;
+            weights += set.weight;
         }
-        Some(nll / n.max(1) as f64)
+        Some(sum / weights)
+    }
+
+    /// Samples, tokens and epochs each training corpus has had after
+    /// `iteration` (tokens: samples × seq_length; epochs: over the tokens of
+    /// its training documents).
+    pub fn corpus_use(&self, iteration: u64) -> Vec<CorpusUse> {
+        let samples = self.train.consumed(iteration * self.cfg.batch.global as u64);
+        let seq = self.cfg.args.args.seq_length as u64;
+        self.train
+            .parts
+            .iter()
+            .zip(samples)
+            .zip(&self.train_tokens)
+            .map(|(((name, _), n), t)| CorpusUse { name: name.clone(), samples: n, tokens: n * seq, epochs: (n * seq) as f64 / (*t).max(1) as f64 })
+            .collect()
     }
 
     /// The checkpoint state of this iteration (the optimizer's part is
@@ -729,6 +672,7 @@ impl Trainer {
         let mut waited_log = progress::waited();
         let fault = crate::test_hooks::fault(self.par.dims.rank);
         let first = self.iteration + 1;
+        let mut used = self.corpus_use(self.iteration);
         while self.iteration < total {
             let it = self.iteration + 1;
             progress::set_iteration(it);
@@ -751,6 +695,24 @@ impl Trainer {
                 return Err(Error::Runtime(format!("loss became {loss} at iteration {it}; lower lr or check the data")));
             }
             self.iteration = it;
+            // documents are drawn with replacement: a corpus "runs out" when
+            // the tokens drawn from it pass another multiple of its size
+            let now = self.corpus_use(it);
+            for ((c, before), tokens) in now.iter().zip(&used).zip(&self.train_tokens) {
+                if c.epochs.floor() > before.epochs.floor() {
+                    say(
+                        &pb,
+                        &format!(
+                            "data: {} begins epoch {} at iteration {it} ({:.3} M tokens drawn from it; its training documents hold {:.3} M)",
+                            c.name,
+                            c.epochs.floor() as u64 + 1,
+                            c.tokens as f64 / 1e6,
+                            *tokens as f64 / 1e6
+                        ),
+                    );
+                }
+            }
+            used = now;
             loss_acc += loss;
             n_acc += 1;
             if out.stats.skipped {
@@ -785,8 +747,13 @@ impl Trainer {
                     loss_scale: self.opt.scaler().map(|_| out.stats.loss_scale),
                     skipped,
                     ranks,
+                    corpora: used.clone(),
                 };
                 let mut scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
+                if self.train.is_mixture() {
+                    let each: Vec<String> = used.iter().map(|c| format!("{} {:.3}", c.name, c.epochs)).collect();
+                    scale.push_str(&format!(" | epochs {}", each.join(", ")));
+                }
                 if let Some(r) = &e.ranks {
                     scale.push_str(&format!(" | rank work ms min/median/max {:.1}/{:.1}/{:.1}, slowest rank {}", r.min_ms, r.median_ms, r.max_ms, r.slowest));
                 }
