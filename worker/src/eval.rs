@@ -24,9 +24,10 @@ use tch::Device;
 use crate::checkpoint;
 use crate::config::args::Args;
 use crate::config::ds::DsConfig;
-use crate::config::run::{block_config, corpus_spec, files_of, train_corpus};
+use crate::config::run::{block_config, corpus_spec, files_of, train_data_of};
 use crate::data::blocklm::{BlockSampler, Mode};
 use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
+use crate::data::mixture::{component_seed, component_store, TrainData};
 use crate::data::prepare::{beside_store, ensure_store, PrepareOptions, StoreGuard};
 use crate::data::split::{get_split, split_documents};
 use crate::data::store::TokenStore;
@@ -83,6 +84,18 @@ pub struct Evaluated {
     pub documents: usize,
     pub batches: u64,
     pub batch: usize,
+    /// Per mode; a mixture's: the weighted mean of its corpora's.
+    pub results: Vec<ModeResult>,
+    /// A mixture's corpora, each evaluated on its own split (empty: one corpus).
+    pub corpora: Vec<EvaluatedCorpus>,
+}
+
+/// One corpus of a mixture, evaluated.
+pub struct EvaluatedCorpus {
+    pub name: String,
+    /// Its weight in the mixture (normalised).
+    pub weight: f64,
+    pub documents: usize,
     pub results: Vec<ModeResult>,
 }
 
@@ -101,19 +114,121 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     // the run's valid_data / test_data: all their documents, from a store of their own
     let key = if index == 1 { "valid_data" } else { "test_data" };
     let own = own.filter(|_| opts.data.is_none()).map(|v| corpus_spec(key, v)).transpose()?;
-    let (key, corpus, store_dir) = match (&own, &opts.data) {
-        (Some(c), _) => (key, c.clone(), beside_store(&opts.store, name)),
+    // what to evaluate: the run's valid_data / test_data, --data, or the
+    // run's train_data (each corpus of a mixture, with its own store and seed)
+    let base_seed = block_config(&args).seed;
+    let targets: Vec<Target> = match (&own, &opts.data) {
+        (Some(c), _) => vec![Target { name: key.into(), weight: 1.0, key, corpus: c.clone(), store: beside_store(&opts.store, name), seed: base_seed }],
         (None, Some(d)) => {
             let (root, reader) = parse_entry(&d.to_string_lossy());
-            ("--data", CorpusSpec { roots: vec![root], reader }, opts.store.clone())
+            vec![Target {
+                name: "--data".into(),
+                weight: 1.0,
+                key: "--data",
+                corpus: CorpusSpec { roots: vec![root], reader },
+                store: opts.store.clone(),
+                seed: base_seed,
+            }]
         }
-        (None, None) => ("train_data", train_corpus(&args)?, opts.store.clone()),
+        (None, None) => match train_data_of(&args)? {
+            TrainData::Corpus(c) => {
+                vec![Target { name: "train_data".into(), weight: 1.0, key: "train_data", corpus: c, store: opts.store.clone(), seed: base_seed }]
+            }
+            TrainData::Mixture(m) => m
+                .into_iter()
+                .enumerate()
+                .map(|(k, c)| Target {
+                    store: component_store(&opts.store, k, &c.name),
+                    name: c.name,
+                    weight: c.weight,
+                    key: "train_data",
+                    corpus: c.spec,
+                    seed: component_seed(base_seed, k),
+                })
+                .collect(),
+        },
     };
+    let ds = DsConfig::from_value(&dir.join("state.json"), &state.deepspeed_config)?;
+    let batch = opts.batch.or(args.eval_batch_size).or(ds.micro_batch).unwrap_or(args.batch_size);
+    let iters = opts.iters.unwrap_or(args.eval_iters).max(1);
+    if batch == 0 {
+        return Err(Error::Config("--batch-size 0: must be positive".into()));
+    }
+    let mut parts = Vec::new();
+    for t in &targets {
+        let Some(sampler) = target_sampler(t, opts, par, &args, &tok, own.is_some(), index, name, targets.len() > 1)? else {
+            println!("eval: {}: its {name} split is empty (too few documents), so it is not evaluated", t.name);
+            continue;
+        };
+        let mut results = Vec::new();
+        for (label, mode) in [("mixed", None), ("span", Some(Mode::Span)), ("sentence", Some(Mode::Sentence)), ("generation", Some(Mode::Generation))] {
+            let h = held_out(&model, &sampler.0, mode, iters, batch, opts.device, par)?;
+            results.push(ModeResult { mode: label, loss: h.loss, ppl: h.loss.exp(), accuracy: h.accuracy, tokens: h.tokens });
+        }
+        parts.push(EvaluatedCorpus { name: t.name.clone(), weight: t.weight, documents: sampler.1, results });
+    }
+    // a mixture's figure: the weighted mean of its corpora's, per mode
+    let total: f64 = parts.iter().map(|p| p.weight).sum();
+    for p in &mut parts {
+        p.weight /= total;
+    }
+    let results = if parts.len() == 1 {
+        parts[0].results.clone()
+    } else {
+        (0..parts[0].results.len())
+            .map(|i| {
+                let mean = |f: &dyn Fn(&ModeResult) -> f64| parts.iter().map(|p| p.weight * f(&p.results[i])).sum::<f64>();
+                let loss = mean(&|r| r.loss);
+                ModeResult {
+                    mode: parts[0].results[i].mode,
+                    loss,
+                    ppl: loss.exp(),
+                    accuracy: mean(&|r| r.accuracy),
+                    tokens: parts.iter().map(|p| p.results[i].tokens).sum(),
+                }
+            })
+            .collect()
+    };
+    let documents = parts.iter().map(|p| p.documents).sum();
+    if parts.len() == 1 {
+        parts.clear();
+    }
+    Ok(Evaluated { checkpoint: dir, iteration: state.iteration, documents, batches: iters, batch, results, corpora: parts })
+}
+
+/// A corpus to evaluate, with its store and the sample seed training gave it.
+struct Target {
+    name: String,
+    weight: f64,
+    /// How messages name where it came from (train_data, valid_data, --data).
+    key: &'static str,
+    corpus: CorpusSpec,
+    store: PathBuf,
+    seed: u64,
+}
+
+/// The held-out sampler of `t` (and its document count): its store built or
+/// reused, its documents split as the run split them. An empty split is an
+/// error, or `None` for a corpus of a mixture (`in_mixture`: training did
+/// not validate it either).
+#[allow(clippy::too_many_arguments)]
+fn target_sampler(
+    t: &Target,
+    opts: &EvalOptions,
+    par: &Parallel,
+    args: &Args,
+    tok: &GlmTokenizer,
+    own: bool,
+    index: usize,
+    name: &str,
+    in_mixture: bool,
+) -> Result<Option<(BlockSampler, usize)>> {
+    let (key, corpus, store_dir) = (t.key, &t.corpus, &t.store);
     let (roots, files) = (&corpus.roots, files_of(key, &corpus.roots)?);
     let popts = PrepareOptions {
         // the run's own evaluation corpora read eval_text_key, as the original's
         corpus: CorpusOptions {
-            text_key: if own.is_some() { args.eval_text_key.clone().unwrap_or_else(|| args.text_key.clone()) } else { args.text_key.clone() },
+            text_key: if own { args.eval_text_key.clone().unwrap_or_else(|| args.text_key.clone()) } else { args.text_key.clone() },
             reader: corpus.reader,
             ..CorpusOptions::default()
         },
@@ -123,15 +238,18 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
         ..PrepareOptions::default()
     };
     // rank 0 builds or refreshes the store; the others find it ready
-    let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, &tok, &store_dir, &popts, &|_| {}))?;
-    let store = Arc::new(TokenStore::open_for(&store_dir, &tok, "the checkpoint's")?);
-    let docs = if own.is_some() {
+    let (meta, _) = par.main_first("preparing the data", || ensure_store(&files, tok, store_dir, &popts, &|_| {}))?;
+    let store = Arc::new(TokenStore::open_for(store_dir, tok, "the checkpoint's")?);
+    let docs = if own {
         (0..store.num_docs() as u32).collect()
     } else {
         let shares = get_split(&args.split, args.valid_data.is_some(), args.test_data.is_some())?;
         // the run's own order (load_splits) applies to the run's own corpus
         let load_splits = args.load_splits.as_deref().filter(|_| opts.data.is_none());
         let docs = split_documents(store.num_docs(), &shares, load_splits)?.parts[index].clone();
+        if docs.is_empty() && in_mixture {
+            return Ok(None);
+        }
         if docs.is_empty() {
             let why = match (index, &args.valid_data, &args.test_data) {
                 (1, Some(_), _) => "; the run's valid_data took the valid share: evaluate it without --data".to_string(),
@@ -147,24 +265,14 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
         }
         docs
     };
-    let mut block = block_config(&args);
-    block.seed ^= match opts.split {
-        Split::Valid => VALID_SEED,
-        Split::Test => VALID_SEED.rotate_left(17),
-    };
-    let sampler = BlockSampler::new(store.clone(), docs.clone(), block, tok.sentence_end_table().to_vec())?;
-    let ds = DsConfig::from_value(&dir.join("state.json"), &state.deepspeed_config)?;
-    let batch = opts.batch.or(args.eval_batch_size).or(ds.micro_batch).unwrap_or(args.batch_size);
-    let iters = opts.iters.unwrap_or(args.eval_iters).max(1);
-    if batch == 0 {
-        return Err(Error::Config("--batch-size 0: must be positive".into()));
-    }
-    let mut results = Vec::new();
-    for (label, mode) in [("mixed", None), ("span", Some(Mode::Span)), ("sentence", Some(Mode::Sentence)), ("generation", Some(Mode::Generation))] {
-        let h = held_out(&model, &sampler, mode, iters, batch, opts.device, par)?;
-        results.push(ModeResult { mode: label, loss: h.loss, ppl: h.loss.exp(), accuracy: h.accuracy, tokens: h.tokens });
-    }
-    Ok(Evaluated { checkpoint: dir, iteration: state.iteration, documents: docs.len(), batches: iters, batch, results })
+    let mut block = block_config(args);
+    block.seed = t.seed
+        ^ match opts.split {
+            Split::Valid => VALID_SEED,
+            Split::Test => VALID_SEED.rotate_left(17),
+        };
+    let n = docs.len();
+    Ok(Some((BlockSampler::new(store.clone(), docs, block, tok.sentence_end_table().to_vec())?, n)))
 }
 
 /// The default store: the training store for the run's own corpus, a

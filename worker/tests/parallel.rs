@@ -460,3 +460,32 @@ fn zero_stage_two_under_mpirun_matches_stage_zero_and_reshards_on_resume() {
 fn one_process_ds(dir: &Path) -> PathBuf {
     ds(dir, "ds_one.json", 4, 4)
 }
+
+/// A weighted mixture reads the same sequence at any data-parallel size: a
+/// run on 2 ranks, resumed on one process (2 accumulation steps) from its
+/// iteration-3 checkpoint, continues its losses and each corpus's samples.
+#[test]
+fn a_mixture_resumed_at_another_data_parallel_size_continues_the_sequence() {
+    let d = tempfile::tempdir().unwrap();
+    common::corpus_slice(&d.path().join("corpus.json"), 300);
+    common::corpus_slice(&d.path().join("small.json"), 40);
+    let (dp2, resumed) = (d.path().join("dp2"), d.path().join("resumed"));
+    let micro4 = ds(d.path(), "micro4.json", 4, 8);
+    let mix = format!("train_data=1 {} 3 {}", d.path().join("small.json").display(), d.path().join("corpus.json").display());
+    let sets = |extra: &[String]| -> Vec<String> {
+        [mix.clone(), "train_iters=6".into(), "save_interval=3".into(), "eval_batch_size=4".into()].into_iter().chain(extra.iter().cloned()).collect()
+    };
+    let out = ok(&run(d.path(), 2, &micro4, &sets(&[format!("save={}", dp2.display())])));
+    assert!(out.contains("world 2 = tensor-parallel 1 × data-parallel 2") && out.contains("mixture of 2"), "{out}");
+    let out = ok(&run(d.path(), 0, &micro4, &sets(&[format!("load={}", dp2.join("3").display()), format!("save={}", resumed.display())])));
+    assert!(out.contains("(iteration 3)"), "{out}");
+    let want: Vec<_> = losses(&dp2, "train").into_iter().filter(|(i, _)| *i > 3).collect();
+    assert_eq!(want.len(), 3);
+    assert_close(&want, &losses(&resumed, "train"), 1e-6);
+    assert_close(&losses(&dp2, "eval").into_iter().filter(|(i, _)| *i > 3).collect::<Vec<_>>(), &losses(&resumed, "eval"), 1e-6);
+    let used = |dir: &Path| -> Vec<String> {
+        common::events(dir, "train").iter().filter(|e| e["iteration"].as_u64().unwrap() > 3).map(|e| e["corpora"].to_string()).collect()
+    };
+    assert_eq!(used(&dp2), used(&resumed));
+    assert!(used(&resumed).last().unwrap().contains("\"samples\":12") && used(&resumed).last().unwrap().contains("\"samples\":36"), "{:?}", used(&resumed));
+}

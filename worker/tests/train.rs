@@ -623,6 +623,16 @@ fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() 
     assert_eq!(la, after(&b, "train", &["iteration", "loss", "grad_norm", "corpora"]), "the sequence after resuming");
     assert_eq!(after(&a, "eval", &["iteration", "loss", "corpora"]), after(&b, "eval", &["iteration", "loss", "corpora"]));
     assert!(std::fs::read(a.join("10/model.safetensors")).unwrap() == std::fs::read(b.join("10/model.safetensors")).unwrap(), "final weights differ");
+    // glm-worker eval of the checkpoint: each corpus, and the mix the run logged
+    let store = r.p("store").display().to_string();
+    let e = ok(&r.worker(&["eval", "--load", &a.display().to_string(), "--store", &store, "--device", "cpu"]));
+    assert!(
+        e.contains("the mixture (each figure the weighted mean") && e.contains("a (40.0% of the mixture;") && e.contains("corpus (60.0% of the mixture;"),
+        "{e}"
+    );
+    let mixed: f64 = e.lines().find(|l| l.starts_with("mixed")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let logged = evals.last().unwrap()["loss"].as_f64().unwrap();
+    assert!((mixed - logged).abs() < 1e-4, "eval's mix {mixed} is the run's validation loss {logged}");
 
     // bad mixtures: one line naming the entry, before anything is built
     let (ap, cp) = (r.p("a.json").display().to_string(), r.p("corpus.json").display().to_string());

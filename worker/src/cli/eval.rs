@@ -88,9 +88,19 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         e.batch,
         if dims.world > 1 { format!(", shared over {} ranks", dims.world) } else { String::new() }
     );
-    println!("{:<12} {:>10} {:>12} {:>10} {:>10}", "mode", "loss", "perplexity", "accuracy", "tokens");
-    for r in &e.results {
-        println!("{:<12} {:>10.4} {:>12.2} {:>10.4} {:>10}", r.mode, r.loss, r.ppl, r.accuracy, r.tokens);
+    let table = |results: &[glm_worker::eval::ModeResult]| {
+        println!("{:<12} {:>10} {:>12} {:>10} {:>10}", "mode", "loss", "perplexity", "accuracy", "tokens");
+        for r in results {
+            println!("{:<12} {:>10.4} {:>12.2} {:>10.4} {:>10}", r.mode, r.loss, r.ppl, r.accuracy, r.tokens);
+        }
+    };
+    if !e.corpora.is_empty() {
+        println!("the mixture (each figure the weighted mean of its corpora's):");
+    }
+    table(&e.results);
+    for c in &e.corpora {
+        println!("{} ({:.1}% of the mixture; {} documents):", c.name, c.weight * 100.0, c.documents);
+        table(&c.results);
     }
     println!("(token-weighted averages over the masked tokens; \"mixed\" draws the modes as training does)");
     Ok(())
