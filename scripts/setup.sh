@@ -11,7 +11,7 @@
 #      target/torch.env, which the other scripts source.
 #   3. LIBTORCH=<that directory> cargo build --release
 #   4. the default corpus glm_pretrain/data/data.json (from fortunes-zh)
-#   5. with --test: the Python references in .venv: the tokenizers
+#   5. with --test: the Python references in .venv (tensorboard's reader too): the tokenizers
 #      (sentencepiece, tokenizers), which tests/tokenizers.rs compares ids
 #      with, and numpy, whose shuffle tests/split.rs compares the split with
 set -euo pipefail
@@ -75,9 +75,10 @@ if [ ! -s glm_pretrain/data/data.json ]; then
 fi
 
 # 5. the references the tests compare with (pinned): the tokenizers (their ids are the
-#    reference) and numpy (the original's split shuffle is its legacy RandomState)
-REFERENCE_PACKAGES=(sentencepiece==0.2.1 tokenizers==0.22.1 numpy==2.4.6)
-have='import sentencepiece as s, tokenizers as t, numpy as n; assert (s.__version__, t.__version__, n.__version__) == ("0.2.1", "0.22.1", "2.4.6")'
+#    reference), numpy (the original's split shuffle is its legacy RandomState) and
+#    tensorboard (its own event reader reads the runs' event files)
+REFERENCE_PACKAGES=(sentencepiece==0.2.1 tokenizers==0.22.1 numpy==2.4.6 tensorboard==2.21.0)
+have='import sentencepiece as s, tokenizers as t, numpy as n, tensorboard as b; assert (s.__version__, t.__version__, n.__version__, b.__version__) == ("0.2.1", "0.22.1", "2.4.6", "2.21.0")'
 if [ "${1:-}" = --test ] && ! "$VENV/bin/python" -c "$have" 2>/dev/null; then
   say "installing the reference packages into .venv: ${REFERENCE_PACKAGES[*]}"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

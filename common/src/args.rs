@@ -73,6 +73,9 @@ pub struct Args {
     pub eval_iters: u64,
     pub eval_batch_size: Option<usize>,
     pub experiment_name: String,
+    /// TensorBoard events go to `<summary_dir>/runs/<experiment_name>` (the
+    /// original's `get_log_dir`); "" writes none here.
+    pub summary_dir: String,
     pub save: Option<PathBuf>,
     /// A fresh run (no `load`) may replace the run already saved in `save`
     /// (its checkpoints, metrics and curve); without it that is refused.
@@ -189,6 +192,7 @@ impl Default for Args {
             eval_iters: 100,
             eval_batch_size: None,
             experiment_name: "gpt-345M".into(),
+            summary_dir: String::new(),
             save: None,
             overwrite: false,
             collective_timeout: crate::launch::DEFAULT_COLLECTIVE_TIMEOUT_S,
@@ -283,14 +287,14 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Keys of the original that do not matter to this program.
 const IRRELEVANT: &[&str] = &[
-    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "summary_dir", "save_epoch",
-    "no_deepspeed_load", "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq",
-    "overlapping_eval", "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "data_dir", "input_data_sizes_file",
-    "delim", "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize", "cache_dir",
-    "use_tfrecords", "max_preds_per_seq", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id",
-    "few_superglue", "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func",
-    "tune_prefix_layers", "prompt_init", "mask_pad_token", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size",
-    "dynamic_loss_scale", "master_ip", "master_port", "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
+    "vocab_size", "deep_init", "fp32_tokentypes", "fp32_allreduce", "deepspeed_activation_checkpointing", "epochs", "save_epoch", "no_deepspeed_load",
+    "distributed_backend", "DDP_impl", "local_rank", "block_lm", "eval_epoch", "eval_seq_length", "eval_max_preds_per_seq", "overlapping_eval",
+    "length_penalty", "no_repeat_ngram_size", "min_tgt_length", "select_topk", "blank_maskratio", "data_dir", "input_data_sizes_file", "delim",
+    "no_lazy_loader", "half_lazy_loader", "loader_scatter", "loose_json", "presplit_sentences", "num_workers", "no_pre_tokenize", "cache_dir", "use_tfrecords",
+    "max_preds_per_seq", "multi_seq_length", "multi_batch_size", "pool_token", "cloze_eval", "multi_token", "adapet", "pattern_id", "few_superglue",
+    "eval_valid", "validation_metric", "src_seq_length", "tgt_seq_length", "wsc_negative", "no_validation", "prompt_func", "tune_prefix_layers", "prompt_init",
+    "mask_pad_token", "deepspeed_config", "deepscale_config", "deepspeed_mpi", "cuda", "rank", "world_size", "dynamic_loss_scale", "master_ip", "master_port",
+    "eod_token", "persist_state", "lazy", "transpose", "data_set_type", "samples_per_shard",
 ];
 
 /// Where a value came from.

@@ -102,6 +102,9 @@ pub struct DsConfig {
     /// goes on (true) or with training waiting (false); unset, this
     /// program's default (in the background).
     pub checkpoint_decoupled: Option<bool>,
+    /// The `tensorboard` block, when `enabled`: DeepSpeed's monitor writes
+    /// TensorBoard events to `output_path/job_name`.
+    pub tensorboard: Option<TensorboardCfg>,
     /// `zero_optimization` keys DeepSpeed has that change nothing here
     /// (`contiguous_gradients`, `reduce_scatter`, ...), or that ask for what
     /// this program does not do (offloading).
@@ -109,6 +112,24 @@ pub struct DsConfig {
     /// Top-level keys DeepSpeed has that this program does not read.
     pub unused: Vec<String>,
 }
+
+/// DeepSpeed's `tensorboard` monitor block (enabled).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorboardCfg {
+    /// `output_path` (DeepSpeed's default: "", the working directory).
+    pub output_path: PathBuf,
+    /// `job_name` (DeepSpeed's default: "DeepSpeedJobName").
+    pub job_name: String,
+}
+
+impl TensorboardCfg {
+    /// Where DeepSpeed writes: `os.path.join(output_path, job_name)`.
+    pub fn log_dir(&self) -> PathBuf {
+        self.output_path.join(&self.job_name)
+    }
+}
+
+const TENSORBOARD_KEYS: &[&str] = &["enabled", "output_path", "job_name"];
 
 /// The `zero_optimization` keys this program acts on.
 const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm"];
@@ -118,11 +139,11 @@ const ZERO_READ: &[&str] = &["stage", "reduce_bucket_size", "allgather_bucket_si
 /// Any other key is an error with the nearest known one suggested.
 const ACCEPTED: &[&str] = &[
     "wall_clock_breakdown", "activation_checkpointing", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
-    "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler", "dump_state", "tensorboard", "wandb", "csv_monitor", "comet",
-    "comms_logger", "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "data_types", "compression_training",
-    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training",
-    "pipeline", "disable_allgather", "timers", "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting", "use_data_before_expert_parallelism",
-    "dataloader_drop_last", "load_universal_checkpoint", "use_node_local_storage", "fp16_auto_cast",
+    "seq_parallel_communication_data_type", "amp", "aio", "sparse_attention", "flops_profiler", "dump_state", "wandb", "csv_monitor", "comet", "comms_logger",
+    "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "data_types", "compression_training", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "memory_breakdown", "eigenvalue", "progressive_layer_drop", "quantize_training", "pipeline", "disable_allgather", "timers",
+    "hybrid_engine", "nebula", "weight_quantization", "graph_harvesting", "use_data_before_expert_parallelism", "dataloader_drop_last",
+    "load_universal_checkpoint", "use_node_local_storage", "fp16_auto_cast",
 ];
 const ZERO_ACCEPTED: &[&str] = &[
     "contiguous_gradients",
@@ -220,7 +241,7 @@ pub struct Batch {
 
 const READ: &[&str] = &[
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "steps_per_print", "optimizer", "scheduler",
-    "fp16", "bf16", "bfloat16", "zero_optimization", "loss_normalization", "checkpoint",
+    "fp16", "bf16", "bfloat16", "zero_optimization", "loss_normalization", "checkpoint", "tensorboard",
 ];
 
 /// Whether `key` is a top-level key of a DeepSpeed file (one DeepSpeed
@@ -581,8 +602,28 @@ impl DsConfig {
                 }
             }
         };
+        let tensorboard = match top.get("tensorboard") {
+            None | Some(Value::Null) => None,
+            Some(b) => {
+                let b = c.obj(b, "tensorboard")?;
+                check_keys(&c, b, "tensorboard.", &[TENSORBOARD_KEYS])?;
+                let text = |key: &str, default: &str| -> Result<String> {
+                    match b.get(key) {
+                        None | Some(Value::Null) => Ok(default.to_string()),
+                        Some(Value::String(s)) => Ok(s.clone()),
+                        Some(v) => Err(c.err(&format!("tensorboard.{key}"), format!("expected a string, found {v}"))),
+                    }
+                };
+                let (output_path, job_name) = (text("output_path", "")?, text("job_name", "DeepSpeedJobName")?);
+                if job_name.is_empty() {
+                    return Err(c.err("tensorboard.job_name", "must name the run's directory (DeepSpeed writes to output_path/job_name)"));
+                }
+                c.boolean(b, "enabled", "tensorboard.enabled")?.unwrap_or(false).then(|| TensorboardCfg { output_path: PathBuf::from(output_path), job_name })
+            }
+        };
         Ok(DsConfig {
             path: path.to_path_buf(),
+            tensorboard,
             raw: v.clone(),
             train_batch_size,
             micro_batch,

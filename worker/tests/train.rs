@@ -654,3 +654,90 @@ fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() 
         assert_eq!(e.trim().lines().count(), 1, "{set}: {e}");
     }
 }
+
+/// The TensorBoard events of `dir`, as the tensorboard package reads them.
+fn tensorboard_events(dir: &Path) -> serde_json::Value {
+    let python = repo().join(".venv/bin/python");
+    let o =
+        Command::new(&python).arg(repo().join("worker/tests/tensorboard_reader.py")).arg(dir).output().unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    assert!(o.status.success(), "tensorboard_reader.py failed (scripts/setup.sh --test installs tensorboard):\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// summary_dir (the original's tags against the iteration) and DeepSpeed's
+/// tensorboard block (Train/Samples/... against samples) hold the scalars of
+/// metrics.jsonl, MFU included, and the configuration as text; a resumed run
+/// appends to the same directories without duplicate steps.
+#[test]
+fn tensorboard_holds_the_metrics_and_a_resume_appends_without_duplicates() {
+    let r = Run::new();
+    let (a, b, tb, ds_tb) = (r.p("a"), r.p("b"), r.p("summary"), r.p("ds-tb"));
+    let common = [
+        "train_iters=10".to_string(),
+        "eval_interval=5".into(),
+        "save_interval=4".into(),
+        format!("summary_dir={}", tb.display()),
+        "tensorboard.enabled=true".into(),
+        format!("tensorboard.output_path={}", ds_tb.display()),
+        "tensorboard.job_name=job".into(),
+    ];
+    let out = ok(&r.train(&[&common[..], &[format!("save={}", a.display())]].concat()));
+    let glm_dir = tb.join("runs/glm-tiny");
+    assert!(out.contains(&format!("tensorboard: events in {}", glm_dir.display())) && out.contains("mfu: model FLOPs"), "{out}");
+    assert!(out.contains("| MFU "), "{out}");
+    // iteration 8 ran in run a, then a resume from its iteration-4 checkpoint (into another save)
+    let resumed = ok(&r.train(&[&common[..], &[format!("save={}", b.display()), format!("load={}", a.join("4").display())]].concat()));
+    assert!(resumed.contains("(iteration 4)"), "{resumed}");
+    let train: Vec<serde_json::Value> = events(&a, "train").into_iter().filter(|e| e["iteration"].as_u64().unwrap() <= 4).chain(events(&b, "train")).collect();
+    let evals: Vec<serde_json::Value> = events(&a, "eval").into_iter().filter(|e| e["iteration"].as_u64().unwrap() <= 4).chain(events(&b, "eval")).collect();
+    assert_eq!(train.len(), 10);
+    let glm = tensorboard_events(&glm_dir);
+    let ds = tensorboard_events(&ds_tb.join("job"));
+    for (got, prefix, per) in [(&glm, "Train/", 1u64), (&ds, "Train/Samples/", 8)] {
+        let series = |name: &str| -> Vec<(u64, f64)> {
+            got["scalars"][format!("{prefix}{name}")]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {prefix}{name} in {}", got["scalars"].as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(", ")))
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        };
+        // each metric of every train event once, at its step, as float32
+        for (name, key) in [
+            ("train_loss", "loss"),
+            ("lr", "lr"),
+            ("elapsed_time", "ms_per_iter"),
+            ("grad_norm", "grad_norm"),
+            ("tokens_per_s", "tokens_per_s"),
+            ("tflops", "tflops"),
+            ("mfu", "mfu"),
+            ("mem_mb", "mem_mb"),
+        ] {
+            let want: Vec<(u64, f64)> = train.iter().map(|e| (e["iteration"].as_u64().unwrap() * per, e[key].as_f64().unwrap() as f32 as f64)).collect();
+            assert_eq!(series(name), want, "{prefix}{name}");
+        }
+        let epochs: Vec<(u64, f64)> =
+            train.iter().map(|e| (e["iteration"].as_u64().unwrap() * per, e["corpora"][0]["epochs"].as_f64().unwrap() as f32 as f64)).collect();
+        assert_eq!(series("epochs/train_data"), epochs);
+        for (name, key) in [("valid_loss", "loss"), ("valid_ppl", "ppl"), ("valid_accuracy", "accuracy")] {
+            let want: Vec<(u64, f64)> = evals.iter().map(|e| (e["iteration"].as_u64().unwrap() * per, e[key].as_f64().unwrap() as f32 as f64)).collect();
+            assert_eq!(series(name), want, "{prefix}{name}");
+        }
+        // per mode, under the original's names (bert: span, sent: sentence, gpt: generation)
+        for e in &evals {
+            for m in e["modes"].as_array().unwrap() {
+                let n = match m["mode"].as_str().unwrap() {
+                    "span" => "bert",
+                    "sentence" => "sent",
+                    _ => "gpt",
+                };
+                let step = e["iteration"].as_u64().unwrap() * per;
+                assert!(series(&format!("valid_{n}_loss")).contains(&(step, m["loss"].as_f64().unwrap() as f32 as f64)), "{n} at {step}");
+            }
+        }
+        assert_eq!(series("valid_unigram_loss").len(), 1);
+        let text = got["texts"]["config/text_summary"].as_array().unwrap();
+        assert_eq!(text.iter().map(|t| t[0].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 4 * per], "the configuration at each start");
+        assert!(text[0][1].as_str().unwrap().contains("| train_iters | 10 |"), "{}", text[0][1]);
+    }
+}

@@ -99,6 +99,31 @@ pub fn gpu(key: &str) -> Option<&'static Gpu> {
     GPUS.iter().find(|g| g.key == k)
 }
 
+/// The table entry of a GPU the CUDA driver names ("NVIDIA H100 80GB
+/// HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", "NVIDIA H200"), if
+/// the table has it. PCIe A100s have the SXM parts' peaks.
+pub fn gpu_for_name(name: &str) -> Option<&'static Gpu> {
+    let n = name.to_ascii_uppercase();
+    let key = if n.contains("H200") {
+        "h200"
+    } else if n.contains("H100") {
+        if n.contains("PCIE") {
+            "h100-pcie"
+        } else {
+            "h100-sxm"
+        }
+    } else if n.contains("A100") {
+        if n.contains("80G") {
+            "a100-80gb"
+        } else {
+            "a100-40gb"
+        }
+    } else {
+        return None;
+    };
+    gpu(key)
+}
+
 /// Fractions of a datasheet peak a step's kernels reach, for a table
 /// device, from the H200 measurements (docs/gpu_check_h200.log and the
 /// issue that opened the GPU work): bf16 tensor-core GEMMs at GLM-Large's
@@ -292,6 +317,16 @@ mod tests {
     fn table_lookups() {
         assert_eq!(gpu("H100_SXM").unwrap().tflops_16, 989.0);
         assert!(gpu("v100").is_none());
+        for (name, key) in [
+            ("NVIDIA H100 80GB HBM3", Some("h100-sxm")),
+            ("NVIDIA H100 PCIe", Some("h100-pcie")),
+            ("NVIDIA H200", Some("h200")),
+            ("NVIDIA A100-SXM4-40GB", Some("a100-40gb")),
+            ("NVIDIA A100 80GB PCIe", Some("a100-80gb")),
+            ("Tesla V100-SXM2-16GB", None),
+        ] {
+            assert_eq!(gpu_for_name(name).map(|g| g.key), key, "{name}");
+        }
         let d = Device::from_gpu(gpu("a100-40gb").unwrap(), false);
         assert_eq!(d.peak(Dtype::Fp32), 19.5);
         assert_eq!(d.gemm_tflops(Dtype::Fp32, 8192, 4096, 1024), 19.5 * FP32_GEMM_EFFICIENCY);

@@ -81,6 +81,13 @@ fn differences(args: &LoadedArgs) -> Vec<String> {
             if a.new_save_directory { "; new_save_directory = true changes nothing here" } else { "" }
         ));
     }
+    // (given: the original's configs.json files have it, "")
+    if a.summary_dir.is_empty() && given("summary_dir") && a.train_iters > 0 {
+        notes.push(format!(
+            "summary_dir \"\" ({}): no TensorBoard files are written (metrics.jsonl and loss.png in save hold the run's numbers); the original writes runs/<experiment_name> under the working directory even then: set summary_dir (\".\" for that place) to write them",
+            src("summary_dir")
+        ));
+    }
     if a.no_save_optim {
         notes.push(format!(
             "no_save_optim = true ({}): checkpoints leave out the optimizer state (a resume starts Adam's moments afresh); the original's DeepSpeed path saves it regardless",
@@ -622,10 +629,25 @@ impl RunConfig {
                 ),
             ),
             ("load", a.load.as_ref().map_or("(none)".into(), |p| p.display().to_string())),
+            (
+                "summary_dir",
+                if a.summary_dir.is_empty() {
+                    "\"\" (no TensorBoard files)".to_string()
+                } else {
+                    format!("{} (TensorBoard: {})", a.summary_dir, Path::new(&a.summary_dir).join("runs").join(&a.experiment_name).display())
+                },
+            ),
         ] {
             let key = k.split(' ').next().unwrap();
             let s = args.source(key);
             report.push(Entry { key: k.into(), value: v, source: s.to_string() });
+        }
+        if let Some(tb) = &ds.tensorboard {
+            report.push(Entry {
+                key: "tensorboard".into(),
+                value: format!("{} (DeepSpeed's monitor: Train/Samples/... against samples)", tb.log_dir().display()),
+                source: ds.source("tensorboard").to_string(),
+            });
         }
         // how checkpoints are written, kept and timed
         let background_save = ds.checkpoint_decoupled.unwrap_or(true);
@@ -1073,12 +1095,12 @@ mod tests {
         let sets = [
             "save=/tmp/x", "no_save_optim=true", "no_load_rng=true", "shuffle=true", "make_vocab_size_divisible_by=100", "model_parallel_size=8",
             "num_attention_heads=16", "intermediate_size=100", "layernorm_epsilon=1e-6", "train_iters=2000", "lr_decay_iters=1000", "lr_decay_style=linear",
-            "warmup=0",
+            "warmup=0", "summary_dir=",
         ];
         let c = build(ds, r#"{"experiment_name": "blocklm-blank"}"#, &sets).unwrap();
         for key in [
             "experiment_name \"blocklm-blank\"", "no_save_optim", "no_load_rng", "shuffle", "make_vocab_size_divisible_by = 100", "intermediate_size = 100",
-            "layernorm_epsilon",
+            "layernorm_epsilon", "summary_dir \"\"",
         ] {
             assert_eq!(c.notes.iter().filter(|n| n.starts_with(key)).count(), 1, "{key}: {:?}", c.notes);
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use serde::Serialize;
 
+use super::tensorboard::{Style, Writer};
 use crate::error::{Error, IoContext, Result};
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -19,6 +20,9 @@ pub struct TrainEvent {
     pub ms_per_iter: f64,
     pub tokens_per_s: f64,
     pub tflops: f64,
+    /// Model FLOPs utilisation (`train::mfu`), where the device's peak is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     pub mem_mb: f64,
     /// The fp16 loss scale of the interval's last step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +105,35 @@ pub struct EvalEvent {
     /// mean, tokens their sum).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub corpora: Vec<CorpusEval>,
+    /// The same batches by blank-infilling mode (each batch has one), as
+    /// the original's valid_bert_loss / valid_sent_loss / valid_gpt_loss (a
+    /// mixture: the weighted mean of its corpora's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modes: Vec<ModeEval>,
+}
+
+/// Validation of the batches of one mode.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct ModeEval {
+    /// span, sentence or generation.
+    pub mode: String,
+    pub loss: f64,
+    pub ppl: f64,
+    pub accuracy: f64,
+    pub tokens: i64,
+}
+
+impl ModeEval {
+    /// The original's TensorBoard name of the mode's loss: bert (span),
+    /// sent (sentence), gpt (generation).
+    pub fn original_name(&self) -> &str {
+        match self.mode.as_str() {
+            "span" => "bert",
+            "sentence" => "sent",
+            "generation" => "gpt",
+            m => m,
+        }
+    }
 }
 
 pub struct Metrics {
@@ -108,6 +141,12 @@ pub struct Metrics {
     train: Vec<(u64, f64)>,
     valid: Vec<(u64, f64)>,
     baseline: Option<f64>,
+    /// TensorBoard directories (rank 0), and samples per iteration (the
+    /// step axis of DeepSpeed's).
+    tensorboard: Vec<Writer>,
+    samples_per_iter: u64,
+    /// This run starts at iteration 0 (a resume has its step-0 events).
+    fresh: bool,
 }
 
 /// Registers the font the plot's text is drawn with: one compiled into the
@@ -127,7 +166,15 @@ impl Metrics {
     /// events of `metrics.jsonl` up to `resume_from` are kept and plotted, so
     /// a resumed run continues the same file and curve.
     pub fn new(dir: Option<&Path>, resume_from: u64) -> Result<Self> {
-        let mut m = Metrics { dir: dir.map(Path::to_path_buf), train: Vec::new(), valid: Vec::new(), baseline: None };
+        let mut m = Metrics {
+            dir: dir.map(Path::to_path_buf),
+            train: Vec::new(),
+            valid: Vec::new(),
+            baseline: None,
+            tensorboard: Vec::new(),
+            samples_per_iter: 1,
+            fresh: resume_from == 0,
+        };
         if let Some(d) = dir {
             std::fs::create_dir_all(d).at(d)?;
             let p = d.join("metrics.jsonl");
@@ -165,20 +212,94 @@ impl Metrics {
         writeln!(f, "{v}").at(&p)
     }
 
+    /// Also writes every event to these TensorBoard directories; `samples_per_iter`
+    /// (the global batch) gives DeepSpeed's step axis.
+    pub fn with_tensorboard(&mut self, writers: Vec<Writer>, samples_per_iter: u64) {
+        self.tensorboard = writers;
+        self.samples_per_iter = samples_per_iter;
+    }
+
+    /// Where TensorBoard events go.
+    pub fn tensorboard_dirs(&self) -> Vec<&Path> {
+        self.tensorboard.iter().map(|w| w.dir.as_path()).collect()
+    }
+
+    /// `values` at `iteration` in every TensorBoard directory.
+    fn scalars(&mut self, iteration: u64, values: &[(String, f64)]) -> Result<()> {
+        let per = self.samples_per_iter;
+        for w in &mut self.tensorboard {
+            let step = match w.style {
+                Style::Glm => iteration,
+                Style::DeepSpeed => iteration * per,
+            };
+            w.scalars(step as i64, values)?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as text, at `iteration` (the run's start).
+    pub fn config_text(&mut self, iteration: u64, text: &str) -> Result<()> {
+        let per = self.samples_per_iter;
+        for w in &mut self.tensorboard {
+            let step = if w.style == Style::Glm { iteration } else { iteration * per };
+            w.text(step as i64, "config", text)?;
+        }
+        Ok(())
+    }
+
     pub fn train(&mut self, e: &TrainEvent) -> Result<()> {
         self.train.push((e.iteration, e.loss));
-        self.append("train", e)
+        self.append("train", e)?;
+        if self.tensorboard.is_empty() {
+            return Ok(());
+        }
+        // the original's tags (lr, train_loss, elapsed_time in ms per iteration), then the rest
+        let mut v: Vec<(String, f64)> = vec![("lr".into(), e.lr), ("train_loss".into(), e.loss), ("elapsed_time".into(), e.ms_per_iter)];
+        v.extend([("grad_norm".into(), e.grad_norm), ("skipped_steps".into(), e.skipped as f64)]);
+        if let Some(s) = e.loss_scale {
+            v.push(("loss_scale".into(), s));
+        }
+        v.extend([("tokens_per_s".into(), e.tokens_per_s), ("tflops".into(), e.tflops), ("mem_mb".into(), e.mem_mb)]);
+        if let Some(m) = e.mfu {
+            v.push(("mfu".into(), m));
+        }
+        for c in &e.corpora {
+            v.extend([
+                (format!("samples/{}", c.name), c.samples as f64),
+                (format!("tokens/{}", c.name), c.tokens as f64),
+                (format!("epochs/{}", c.name), c.epochs),
+            ]);
+        }
+        self.scalars(e.iteration, &v)
     }
 
     /// The unigram baseline of the validation loss, drawn as a flat line.
     pub fn baseline(&mut self, loss: f64) -> Result<()> {
         self.baseline = Some(loss);
+        if self.fresh {
+            self.scalars(0, &[("valid_unigram_loss".into(), loss)])?;
+        }
         self.append("baseline", &serde_json::json!({ "iteration": 0, "unigram_loss": loss }))
     }
 
     pub fn eval(&mut self, e: &EvalEvent) -> Result<()> {
         self.valid.push((e.iteration, e.loss));
         self.append("eval", e)?;
+        if !self.tensorboard.is_empty() {
+            let mut v: Vec<(String, f64)> = vec![("valid_loss".into(), e.loss), ("valid_ppl".into(), e.ppl), ("valid_accuracy".into(), e.accuracy)];
+            for m in &e.modes {
+                let n = m.original_name();
+                v.extend([(format!("valid_{n}_loss"), m.loss), (format!("valid_{n}_ppl"), m.ppl), (format!("valid_{n}_accuracy"), m.accuracy)]);
+            }
+            for c in &e.corpora {
+                v.extend([
+                    (format!("valid_loss/{}", c.name), c.loss),
+                    (format!("valid_ppl/{}", c.name), c.ppl),
+                    (format!("valid_accuracy/{}", c.name), c.accuracy),
+                ]);
+            }
+            self.scalars(e.iteration, &v)?;
+        }
         self.plot()
     }
 
@@ -257,7 +378,7 @@ mod tests {
         for (it, loss) in [(5, 9.5), (10, 8.8), (15, 8.1)] {
             m.train.push((it, loss));
         }
-        m.eval(&EvalEvent { iteration: 10, loss: 9.1, ppl: 9.1f64.exp(), accuracy: 0.1, tokens: 100, corpora: Vec::new() }).unwrap();
+        m.eval(&EvalEvent { iteration: 10, loss: 9.1, ppl: 9.1f64.exp(), accuracy: 0.1, tokens: 100, corpora: Vec::new(), modes: Vec::new() }).unwrap();
         let png = std::fs::read(d.path().join("loss.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         // width and height from the IHDR chunk

@@ -4,6 +4,8 @@
 pub mod build;
 pub mod data;
 pub mod metrics;
+pub mod mfu;
 pub mod save_dir;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;

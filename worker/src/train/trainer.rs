@@ -14,13 +14,14 @@ use tch::{Device, Tensor};
 
 use super::build::{build, Recipe};
 use super::data::ValidSet;
-use super::metrics::{rss_mb, CorpusEval, CorpusUse, EvalEvent, Metrics, RankSpread, TrainEvent};
+use super::metrics::{rss_mb, CorpusEval, CorpusUse, EvalEvent, Metrics, ModeEval, RankSpread, TrainEvent};
 use super::save_dir::SaveDirLock;
 use super::step::{train_step, StepOutput, StepPlan};
+use super::tensorboard;
 use crate::checkpoint::saver::{Saver, SaverConfig};
 use crate::checkpoint::{self, Progress, State, Writing};
 use crate::config::run::RunConfig;
-use crate::data::blocklm::{BlockSampler, Sample};
+use crate::data::blocklm::{BlockSampler, Mode, Sample};
 use crate::data::mixture::Source;
 use crate::data::prepare::PrepareOptions;
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
@@ -93,9 +94,21 @@ pub fn install_signal_handlers(phase: Phase) {
 }
 
 /// Loss and masked-token accuracy over held-out samples.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HeldOut {
     /// Token-weighted mean cross entropy.
+    pub loss: f64,
+    pub accuracy: f64,
+    pub tokens: u64,
+    /// Drawn as training draws modes: the batches of each mode that came up
+    /// (span, sentence, generation).
+    pub modes: Vec<ModeHeldOut>,
+}
+
+/// The held-out batches of one blank-infilling mode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeHeldOut {
+    pub mode: Mode,
     pub loss: f64,
     pub accuracy: f64,
     pub tokens: u64,
@@ -117,27 +130,38 @@ pub fn held_out(
     let d = par.dims;
     let what = mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "mixed".into());
     let _doing = crate::runtime::report::doing(format!("evaluating held-out data ({what} samples, batch {batch})"));
-    // [nll, correct, count]
-    let mut acc = [0.0f64; 3];
+    const MODES: [Mode; 3] = [Mode::Span, Mode::Sentence, Mode::Generation];
+    // [nll, correct, count] in all, then per mode
+    let mut acc = [0.0f64; 12];
     tch::no_grad(|| -> Result<()> {
         for i in (0..iters).filter(|i| i % d.dp as u64 == d.dp_rank() as u64) {
             let range = i * batch as u64..(i + 1) * batch as u64;
+            let m = mode.unwrap_or_else(|| sampler.mode_for_batch(i));
             let samples = match mode {
                 None => sampler.batch(i, range),
                 Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
             };
             let (sum, c, n) = model.loss_terms(&collate(&samples, device), false)?;
             progress::tick();
-            acc[0] += sum.double_value(&[]);
-            acc[1] += c as f64;
-            acc[2] += n as f64;
+            let sum = sum.double_value(&[]);
+            let k = 3 + 3 * MODES.iter().position(|x| *x == m).expect("a mode");
+            for base in [0, k] {
+                acc[base] += sum;
+                acc[base + 1] += c as f64;
+                acc[base + 2] += n as f64;
+            }
         }
         Ok(())
     })?;
     let mut t = Tensor::from_slice(&acc);
     par.dp_sum(&mut t)?;
-    let (nll, correct, count) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]).max(1.0));
-    Ok(HeldOut { loss: nll / count, accuracy: correct / count, tokens: count as u64 })
+    let v: Vec<f64> = (0..12).map(|i| t.double_value(&[i])).collect();
+    let (nll, correct, count) = (v[0], v[1], v[2].max(1.0));
+    let modes = (0..3)
+        .filter(|k| v[5 + 3 * k] > 0.0)
+        .map(|k| ModeHeldOut { mode: MODES[k], loss: v[3 + 3 * k] / v[5 + 3 * k], accuracy: v[4 + 3 * k] / v[5 + 3 * k], tokens: v[5 + 3 * k] as u64 })
+        .collect();
+    Ok(HeldOut { loss: nll / count, accuracy: correct / count, tokens: count as u64, modes })
 }
 
 /// Options that are not part of the two config files.
@@ -188,6 +212,8 @@ pub struct Trainer {
     valid: Vec<ValidSet>,
     /// Tokens of each training corpus's train split, for epochs.
     train_tokens: Vec<u64>,
+    /// One rank's peak FLOP/s, for MFU (`train::mfu`).
+    peak: Option<super::mfu::Peak>,
     tokenizer: GlmTokenizer,
     pub iteration: u64,
     /// Training draws the mode of global sample i as that of group
@@ -364,7 +390,32 @@ impl Trainer {
             par.dp_broadcast(&mut w)?;
             opt.set_weights(&mut model.params, &w);
         }
-        let metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
+        let mut metrics = Metrics::new(cfg.save_dir().filter(|_| par.is_main()), iteration)?;
+        if par.is_main() {
+            let global = cfg.batch.global as u64;
+            let mut writers = Vec::new();
+            if !a.summary_dir.is_empty() {
+                // the original's get_log_dir: <summary_dir>/runs/<experiment_name>
+                let dir = Path::new(&a.summary_dir).join("runs").join(&a.experiment_name);
+                writers.push(tensorboard::Writer::open(&dir, tensorboard::Style::Glm, iteration as i64)?);
+            }
+            if let Some(tb) = &cfg.ds.tensorboard {
+                writers.push(tensorboard::Writer::open(&tb.log_dir(), tensorboard::Style::DeepSpeed, (iteration * global) as i64)?);
+            }
+            metrics.with_tensorboard(writers, global);
+            for w in metrics.tensorboard_dirs() {
+                println!("tensorboard: events in {} (tensorboard --logdir {})", w.display(), w.display());
+            }
+            let mut text = String::from("| key | value | from |\n|---|---|---|\n");
+            for e in &cfg.report {
+                text.push_str(&format!("| {} | {} | {} |\n", e.key, e.value.replace('|', "\\|"), e.source));
+            }
+            metrics.config_text(iteration, &text)?;
+        }
+        let peak = super::mfu::peak(opts.device, cfg.precision);
+        if let Some(p) = &peak {
+            println!("mfu: model FLOPs (6·N + 12·L·h·s per token, recomputation not counted) per second over {} per rank", p.source);
+        }
         let saver = cfg.save_dir().map(|dir| {
             let cfg = SaverConfig {
                 writing: if cfg.background_save { Writing::Background } else { Writing::Inline },
@@ -382,6 +433,7 @@ impl Trainer {
             train,
             valid,
             train_tokens,
+            peak,
             tokenizer: tok,
             iteration,
             mode_group,
@@ -439,17 +491,24 @@ impl Trainer {
             let h = held_out(&self.model, &v.sampler, None, self.cfg.args.args.eval_iters, self.cfg.eval_batch, self.device, &self.par)?;
             corpora.push((v, h));
         }
-        if let [(_, h)] = corpora.as_slice() {
-            return Ok(Some(EvalEvent {
-                iteration: self.iteration,
-                loss: h.loss,
-                ppl: h.loss.exp(),
-                accuracy: h.accuracy,
-                tokens: h.tokens as i64,
-                corpora: Vec::new(),
-            }));
-        }
         let total: f64 = corpora.iter().map(|(v, _)| v.weight).sum();
+        // per mode: the weighted mean over the corpora whose batches had it
+        let modes: Vec<ModeEval> = [Mode::Span, Mode::Sentence, Mode::Generation]
+            .iter()
+            .filter_map(|m| {
+                let of: Vec<(f64, &ModeHeldOut)> = corpora.iter().filter_map(|(v, h)| h.modes.iter().find(|x| x.mode == *m).map(|x| (v.weight, x))).collect();
+                let w: f64 = of.iter().map(|x| x.0).sum();
+                (w > 0.0).then(|| {
+                    let loss = of.iter().map(|(wk, x)| wk * x.loss).sum::<f64>() / w;
+                    let accuracy = of.iter().map(|(wk, x)| wk * x.accuracy).sum::<f64>() / w;
+                    ModeEval { mode: format!("{m:?}").to_lowercase(), loss, ppl: loss.exp(), accuracy, tokens: of.iter().map(|x| x.1.tokens as i64).sum() }
+                })
+            })
+            .collect();
+        if let [(_, h)] = corpora.as_slice() {
+            let (loss, accuracy, tokens) = (h.loss, h.accuracy, h.tokens as i64);
+            return Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy, tokens, corpora: Vec::new(), modes }));
+        }
         let mean = |f: &dyn Fn(&HeldOut) -> f64| corpora.iter().map(|(v, h)| v.weight * f(h)).sum::<f64>() / total;
         let (loss, accuracy) = (mean(&|h| h.loss), mean(&|h| h.accuracy));
         let each = corpora
@@ -464,7 +523,7 @@ impl Trainer {
             })
             .collect();
         let tokens = corpora.iter().map(|(_, h)| h.tokens as i64).sum();
-        Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy, tokens, corpora: each }))
+        Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy, tokens, corpora: each, modes }))
     }
 
     /// Evaluates (when there is a valid split), prints the result and
@@ -743,13 +802,15 @@ impl Trainer {
                     ms_per_iter: ms,
                     tokens_per_s: tps,
                     tflops: tps * flops_per_token / 1e12,
+                    mfu: self.peak.as_ref().map(|p| tps * flops_per_token / (p.flops * self.par.dims.world as f64)),
                     mem_mb: rss_mb(),
                     loss_scale: self.opt.scaler().map(|_| out.stats.loss_scale),
                     skipped,
                     ranks,
                     corpora: used.clone(),
                 };
-                let mut scale = e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default();
+                let mut scale = e.mfu.map(|m| format!(" | MFU {:.1}%", m * 100.0)).unwrap_or_default();
+                scale.push_str(&e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default());
                 if self.train.is_mixture() {
                     let each: Vec<String> = used.iter().map(|c| format!("{} {:.3}", c.name, c.epochs)).collect();
                     scale.push_str(&format!(" | epochs {}", each.join(", ")));
