@@ -203,8 +203,8 @@ impl Blend {
         let x = (i as f64).max(1.0);
         let mut best = 0;
         let mut err = self.weights[0] * x - counts[0] as f64;
-        for k in 1..self.weights.len() {
-            let e = self.weights[k] * x - counts[k] as f64;
+        for (k, (w, n)) in self.weights.iter().zip(counts).enumerate().skip(1) {
+            let e = w * x - *n as f64;
             if e > err {
                 best = k;
                 err = e;
