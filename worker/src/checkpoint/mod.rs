@@ -28,8 +28,10 @@
 mod inspect;
 mod load;
 mod merge;
+pub mod pickle;
 mod save;
 pub mod saver;
+pub mod torchfile;
 mod write;
 
 pub use inspect::inspect;
