@@ -126,6 +126,7 @@ pub fn held_out(
                 None => sampler.batch(i, range),
                 Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
             };
+            crate::test_hooks::record_eval_batch(&what.to_lowercase(), &samples);
             let (sum, c, n) = model.loss_terms(&collate(&samples, device), false)?;
             progress::tick();
             acc[0] += sum.double_value(&[]);
