@@ -267,6 +267,12 @@ fn what_cannot_be_imported_is_refused_naming_the_file_and_nothing_is_written() {
         &out,
         &[&file(&dir, 0), "hidden_size = 256 (configs_tiny.json), but the checkpoint's args have hidden_size = 64"],
     );
+    // a tokenizer_model_type that reads text otherwise (cased); an equivalent one is taken below
+    refused(
+        import(&t, &dir, &out, &["--set", "tokenizer_model_type=bert-base-cased"]),
+        &out,
+        &[&file(&dir, 0), "tokenizer_model_type bert-base-cased (cased)) is not the checkpoint's"],
+    );
     let dir = case("no-args", &["--no-args"]);
     refused(
         import(&t, &dir, &out, &tiny_args),
@@ -286,8 +292,8 @@ fn what_cannot_be_imported_is_refused_naming_the_file_and_nothing_is_written() {
     let dir = d.path().join("large-vocab");
     write_original(&dir, t.rows + 128, &[]);
     refused(import(&t, &dir, &out, &[]), &out, &[&tok, "more than padding to a multiple of 128"]);
-    // and the good one imports
-    ok(&import(&t, &d.path().join("good"), &out, &[]));
+    // and the good one imports (bert-large-uncased reads text as the checkpoint's bert-base-uncased)
+    ok(&import(&t, &d.path().join("good"), &out, &["--set", "tokenizer_model_type=bert-large-uncased"]));
     // not over an existing checkpoint
     let o = import(&t, &d.path().join("good"), &out, &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));

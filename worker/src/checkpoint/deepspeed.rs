@@ -60,10 +60,11 @@ pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
 const OURS: &str = "glm_pretrain_rs";
 
 /// Keys of the model's shape and of what token ids mean: a value the user
-/// gives must agree with the checkpoint's.
+/// gives must agree with the checkpoint's (`tokenizer_model_type` and
+/// `fix_command_token` in what they change: casing and command ids).
 const MODEL_KEYS: &[&str] = &[
     "num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "layernorm_epsilon", "no_block_position",
-    "tokenizer_type", "tokenizer_model_type", "fix_command_token",
+    "tokenizer_type",
 ];
 
 /// Keys of the original's arguments that are not taken: paths on the
@@ -403,6 +404,23 @@ fn configure(o: &ImportOptions, ckpt: Option<&(Map<String, Value>, bool)>, facts
     }
     let fin = layered(&derived)?;
     let a = fin.args;
+    // the user's tokenizer_model_type / fix_command_token read text as the checkpoint's do
+    if let Some((attrs, _)) = ckpt {
+        let spec = TokenizerSpec::from_args(&a)?;
+        let model_type = attrs.get("tokenizer_model_type").and_then(Value::as_str).unwrap_or(&a.tokenizer_model_type);
+        let fix = attrs.get("fix_command_token").and_then(Value::as_bool).unwrap_or(a.fix_command_token);
+        let theirs = TokenizerSpec::new(spec.kind, model_type, fix);
+        if (theirs.layout(), theirs.lowercase) != (spec.layout(), spec.lowercase) {
+            return Err(Error::invalid(
+                file,
+                format!(
+                    "the configuration's tokenizer ({}) is not the checkpoint's ({}): tokenizer_model_type / fix_command_token differ where it matters",
+                    spec.describe(&a.tokenizer_model_type),
+                    theirs.describe(model_type)
+                ),
+            ));
+        }
+    }
     let m = crate::config::run::model_of(&a, facts.vocab);
     m.validate()?;
     notes.push(format!(
