@@ -596,13 +596,14 @@ pub fn import(o: &ImportOptions) -> Result<Imported> {
                 kinds.push(k);
             }
         }
-        let read = part.file.read_tensors(&refs)?;
-        pieces.push(read.into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float))).collect());
+        pieces.push(part.file.read_tensors(&refs, Some(Kind::Float))?.into_iter().collect());
     }
+    // each tensor's pieces go as it is merged (a model is held once, and one tensor twice)
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (name, partition, _) in &merged {
-        let ps: Vec<&Tensor> = pieces.iter().map(|m| &m[name]).collect();
-        named.push((name.clone(), merge_pieces(*partition, &ps).contiguous()));
+        let ps: Vec<Tensor> = pieces.iter_mut().map(|m| m.remove(name).expect("every part has every name (merged_shapes)")).collect();
+        let whole = if ps.len() == 1 { ps.into_iter().next().expect("one") } else { merge_pieces(*partition, &ps.iter().collect::<Vec<_>>()) };
+        named.push((name.clone(), whole.contiguous()));
     }
     drop(pieces);
     let widened = kinds.iter().any(|k| *k != "fp32");

@@ -172,10 +172,11 @@ impl TorchFile {
         Ok(TensorRef { key, kind, storage_type: sname.to_string(), storage_numel, offset, size, stride })
     }
 
-    /// Reads `refs` (name, tensor) as tensors of their own dtype,
-    /// contiguous; a storage several share is read once, and dropped after
-    /// its last tensor.
-    pub fn read_tensors(&mut self, refs: &[(String, TensorRef)]) -> Result<Vec<(String, Tensor)>> {
+    /// Reads `refs` (name, tensor) as contiguous tensors of their own dtype,
+    /// or converted to `kind` one by one as read (so a file's weights are
+    /// never held in both); a storage several share is read once, and
+    /// dropped after its last tensor.
+    pub fn read_tensors(&mut self, refs: &[(String, TensorRef)], kind: Option<Kind>) -> Result<Vec<(String, Tensor)>> {
         let mut users: HashMap<&str, usize> = HashMap::new();
         for (_, r) in refs {
             *users.entry(r.key.as_str()).or_default() += 1;
@@ -199,7 +200,14 @@ impl TorchFile {
             let t = storage.as_strided(r.size.as_slice(), r.stride.as_slice(), r.offset);
             // its own memory: not a view keeping a larger shared storage alive
             let whole = r.offset == 0 && t.numel() as i64 == r.storage_numel && t.is_contiguous();
-            out.push((name.clone(), if whole { t } else { t.contiguous().copy() }));
+            let t = if whole { t } else { t.contiguous().copy() };
+            out.push((
+                name.clone(),
+                match kind {
+                    Some(k) => t.to_kind(k),
+                    None => t,
+                },
+            ));
         }
         Ok(out)
     }
@@ -371,7 +379,7 @@ mod tests {
                 (name, r)
             })
             .collect();
-        let back = f.read_tensors(&refs).unwrap();
+        let back = f.read_tensors(&refs, None).unwrap();
         assert_eq!(back.len(), tensors.len());
         for ((n, t), (m, u)) in tensors.iter().zip(&back) {
             assert_eq!(n, m);
