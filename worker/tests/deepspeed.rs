@@ -156,9 +156,14 @@ fn the_originals_files_import_and_evaluate_as_pytorch_computes_them() {
             serde_json::from_str(&reference(&["loss", "--ckpt", &original.display().to_string(), "--batches", &batches.display().to_string()])).unwrap();
         assert_same_losses(&ours, &theirs, what);
     }
-    // training goes on from the file's iteration, with a fresh optimizer
+    // training goes on from the file's iteration, with a fresh optimizer,
+    // with the --sets the import printed
+    let printed = ok(&import(&t, &b, &d.path().join("imported-again"), &[]));
+    let hint = printed.split("to train: ").nth(1).and_then(|h| h.split(" (its tokenizer").next()).unwrap_or_else(|| panic!("no hint: {printed}"));
+    let mut sets: Vec<String> = hint.split_whitespace().filter(|w| *w != "--set").map(String::from).collect();
+    assert!(sets.iter().any(|s| s.starts_with("load=")) && sets.iter().any(|s| s.starts_with("tokenizer_path=")), "{hint}");
+    sets.extend([format!("save={}", d.path().join("more").display()), "train_iters=5002".into(), "eval_interval=0".into()]);
     let ds = common::repo().join("configs/config_block_tiny.json");
-    let sets = [format!("load={}", ib.display()), format!("save={}", d.path().join("more").display()), "train_iters=5002".into(), "eval_interval=0".into()];
     let out = ok(&common::tiny_command(d.path(), 0, &ds, &sets).output().unwrap());
     assert!(out.contains("(iteration 5000)") && out.contains("without optimizer state: AdamW starts afresh"), "{out}");
     let its: Vec<u64> = common::events(&d.path().join("more"), "train").iter().map(|e| e["iteration"].as_u64().unwrap()).collect();

@@ -130,9 +130,11 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
                 println!("  {n}");
             }
             let word = glm_common::text::shell_word(&out.display().to_string());
+            let tok = glm_common::text::shell_word(&done.dir.join("tokenizer.json").display().to_string());
             let pad = done.divisible_by.map(|d| format!(" --set make_vocab_size_divisible_by={d}")).unwrap_or_default();
             println!(
-                "checkpoint: no optimizer state: a run from it starts AdamW afresh at iteration {}; to train: --set load={word}{pad} (add --set no_load_lr_scheduler=true to restart the learning-rate schedule there); to evaluate: glm-worker eval --load {word}",
+                "checkpoint: no optimizer state: a run from it starts AdamW afresh at iteration {}; to train: --set load={word} --set tokenizer_path={tok}{pad} \
+                 (its tokenizer; add --set no_load_lr_scheduler=true to restart the learning-rate schedule there); to evaluate: glm-worker eval --load {word}",
                 s.iteration + 1
             );
         }
