@@ -302,4 +302,10 @@ fn what_cannot_be_imported_is_refused_naming_the_file_and_nothing_is_written() {
     // not over an existing checkpoint
     let o = import(&t, &d.path().join("good"), &out, &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
+    // a release checkpoint starts at 0, as the original starts it; one file may be named alone
+    let dir = case("release", &["--tag", "release"]);
+    let o = ok(&import(&t, &dir, &d.path().join("released"), &[]));
+    assert!(o.contains("(iteration 0)") && o.contains("tag release"), "{o}");
+    let o = ok(&import(&t, &dir.join("release/mp_rank_00_model_states.pt"), &d.path().join("one-file"), &["--iteration", "7"]));
+    assert!(o.contains("(iteration 7)"), "{o}");
 }
