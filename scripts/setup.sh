@@ -14,6 +14,9 @@
 #   5. with --test: the Python references in .venv (tensorboard's reader too): the tokenizers
 #      (sentencepiece, tokenizers), which tests/tokenizers.rs compares ids
 #      with, and numpy, whose shuffle tests/split.rs compares the split with
+#   6. with --test: PyTorch in .venv when its python has none (torch is
+#      installed there in step 2 unless another torch was found):
+#      tests/deepspeed.rs writes and reads the original's checkpoints with it
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -83,4 +86,12 @@ if [ "${1:-}" = --test ] && ! "$VENV/bin/python" -c "$have" 2>/dev/null; then
   say "installing the reference packages into .venv: ${REFERENCE_PACKAGES[*]}"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REFERENCE_PACKAGES[@]}"
+fi
+
+# 6. the tests' PyTorch (tests/deepspeed.rs: torch.save / torch.load of the
+#    original's DeepSpeed checkpoints, bench/glm_torch.py's loss on them)
+if [ "${1:-}" = --test ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  say "installing torch==$TORCH_VERSION into .venv (the tests' PyTorch reference; a large download)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
 fi

@@ -31,6 +31,11 @@
 //! - `GLM_SAVE_CLOCK_RANK=<world rank>`: `save_interval_minutes` is read on
 //!   that rank's clock only (the others never find a save due by time), so a
 //!   test sees one rank's decision carried to every rank.
+//! - `GLM_EVAL_BATCHES=<file>`: held-out evaluation (`glm-worker eval`,
+//!   validation) appends every batch it evaluates to `<file>`, one JSON line
+//!   each (its mode, tokens, targets, positions, block positions, loss mask,
+//!   sep), so a test computes the same loss on them with another
+//!   implementation (PyTorch).
 
 /// Where `GLM_INJECT_INF_GRAD` puts an inf for this rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +82,27 @@ pub fn save_failure(rank: usize) -> Option<Vec<u64>> {
 /// The file `GLM_HOLD_SAVE` makes checkpoint writers wait for.
 pub fn hold_save() -> Option<std::path::PathBuf> {
     std::env::var_os("GLM_HOLD_SAVE").filter(|v| !v.is_empty()).map(Into::into)
+}
+
+/// Appends `samples`, evaluated in `mode` ("mixed", "span", ...), to the
+/// file `GLM_EVAL_BATCHES` names, when it names one.
+pub fn record_eval_batch(mode: &str, samples: &[crate::data::blocklm::Sample]) {
+    let Some(path) = std::env::var_os("GLM_EVAL_BATCHES").filter(|v| !v.is_empty()) else { return };
+    let rows = |f: &dyn Fn(&crate::data::blocklm::Sample) -> Vec<u64>| samples.iter().map(f).collect::<Vec<_>>();
+    let line = serde_json::json!({
+        "mode": mode,
+        "tokens": rows(&|s| s.tokens.iter().map(|&t| t as u64).collect()),
+        "targets": rows(&|s| s.targets.iter().map(|&t| t as u64).collect()),
+        "position_ids": rows(&|s| s.position_ids.iter().map(|&t| t as u64).collect()),
+        "block_position_ids": rows(&|s| s.block_position_ids.iter().map(|&t| t as u64).collect()),
+        "loss_mask": rows(&|s| s.loss_mask.iter().map(|&t| t as u64).collect()),
+        "sep": samples.iter().map(|s| s.sep).collect::<Vec<_>>(),
+    });
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!("GLM_EVAL_BATCHES={}: {e}", std::path::Path::new(&path).display());
+    }
 }
 
 /// Whether world rank `rank` reads `save_interval_minutes` on its clock

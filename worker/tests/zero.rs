@@ -272,6 +272,7 @@ fn state(iteration: u64, dp: usize) -> State {
         dp,
         zero: None,
         has_optimizer: false,
+        imported_from: None,
         tokenizer_sha256: "synthetic".into(),
         deepspeed_config: serde_json::json!({}),
         args: serde_json::json!({}),

@@ -61,6 +61,7 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
                 state.consumed_samples * state.args.get("seq_length").and_then(|v| v.as_u64()).unwrap_or(0),
                 state.consumed_samples,
                 match state.mode_group(&sp) {
+                    _ if state.imported_from.is_some() && state.mode_group == 0 => "the global batch of the run that trains from it (imported)".into(),
                     Ok(g) if state.mode_group > 0 => format!("{g} samples"),
                     Ok(g) => format!("{g} samples (not recorded: the saving run's micro-batch × data-parallel size)"),
                     Err(e) => format!("? ({e})"),
@@ -84,6 +85,9 @@ pub fn inspect(path: &Path, tensors: bool) -> Result<(Vec<String>, bool)> {
                 m.vocab_size,
                 if state.has_optimizer { "saved" } else { "not saved" }
             ));
+            if let Some(from) = &state.imported_from {
+                lines.push(format!("  imported from {from}"));
+            }
             if state.zero.is_some() && state.dp != state.zero.as_ref().map_or(0, |z| z.shards.dp) {
                 problems.push(format!(
                     "state.json says data-parallel {} but the manifest has {} shards",

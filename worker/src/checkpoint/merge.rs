@@ -24,7 +24,7 @@ fn read_model(dir: &Path) -> Result<(State, BTreeMap<String, Tensor>, String)> {
 }
 
 /// One whole tensor from its tensor-parallel pieces (rank order).
-fn merge_pieces(partition: Partition, pieces: &[&Tensor]) -> Tensor {
+pub(super) fn merge_pieces(partition: Partition, pieces: &[&Tensor]) -> Tensor {
     match partition {
         Partition::Whole => pieces[0].shallow_clone(),
         Partition::Rows => Tensor::cat(pieces, 0),
@@ -38,12 +38,19 @@ fn merge_pieces(partition: Partition, pieces: &[&Tensor]) -> Tensor {
     }
 }
 
-/// Merges checkpoint `dir`, saved with any layout (tensor-parallel parts,
-/// ZeRO shards), into one whole-model checkpoint at `out`: the fp32
-/// weights, and with `with_optimizer` the whole AdamW state by parameter
-/// name (stage 0's format, which any layout resumes from). Returns the
-/// number of tensor-parallel parts and the merged state.
-pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, State)> {
+/// A checkpoint of any tensor-parallel layout read as one whole model.
+pub(super) struct Whole {
+    /// Each part's directory and state (verified), in rank order.
+    pub dirs: Vec<std::path::PathBuf>,
+    pub states: Vec<State>,
+    /// The whole fp32 weights by name, in part 0's (sorted) order.
+    pub named: Vec<(String, Tensor)>,
+    pub tokenizer_json: String,
+}
+
+/// Reads every part of checkpoint `dir` and merges their weights into the
+/// whole model's.
+pub(super) fn read_whole(dir: &Path) -> Result<Whole> {
     let dirs = part_dirs(dir)?;
     let parts: Vec<(State, BTreeMap<String, Tensor>, String)> = dirs.iter().map(|d| read_model(d)).collect::<Result<_>>()?;
     let n = parts.len();
@@ -67,9 +74,24 @@ pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, Sta
             .collect::<Result<_>>()?;
         named.push((name.clone(), merge_pieces(partition, &pieces)));
     }
+    let tokenizer_json = tok.clone();
+    let states = parts.into_iter().map(|(s, _, _)| s).collect();
+    Ok(Whole { dirs, states, named, tokenizer_json })
+}
+
+/// Merges checkpoint `dir`, saved with any layout (tensor-parallel parts,
+/// ZeRO shards), into one whole-model checkpoint at `out`: the fp32
+/// weights, and with `with_optimizer` the whole AdamW state by parameter
+/// name (stage 0's format, which any layout resumes from). Returns the
+/// number of tensor-parallel parts and the merged state.
+pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, State)> {
+    let Whole { dirs, states, named, tokenizer_json: tok } = read_whole(dir)?;
+    let n = dirs.len();
+    let state0 = &states[0];
+    let table = partitions(&state0.model);
     let optim = if with_optimizer {
         let mut moments = Vec::new();
-        for (r, ((s, _, _), d)) in parts.iter().zip(&dirs).enumerate() {
+        for (r, (s, d)) in states.iter().zip(&dirs).enumerate() {
             if !s.has_optimizer {
                 return Err(Error::invalid(d.join("state.json"), "saved without optimizer state (no_save_optim): nothing to merge with --with-optimizer"));
             }
@@ -95,19 +117,13 @@ pub fn merge(dir: &Path, out: &Path, with_optimizer: bool) -> Result<(usize, Sta
     let mut state = state0.clone();
     state.tp = 1;
     state.zero = None;
-    write_dir(out, &named, optim.as_deref(), tok, state.clone())?;
+    write_dir(out, &named, optim.as_deref(), &tok, state.clone())?;
     state.has_optimizer = with_optimizer;
     Ok((n, state))
 }
 
-/// Splits a whole-model checkpoint `dir` into `n` tensor-parallel parts
-/// `<out>/mp_rank_XX/` (weights only); returns the checkpoint's state.
-pub fn split(dir: &Path, n: usize, out: &Path) -> Result<State> {
-    let (state, tensors, tok) = read_model(dir)?;
-    if n < 1 {
-        return Err(Error::Config("--tp must be at least 1".into()));
-    }
-    let m = &state.model;
+/// The model of checkpoint `dir` splits over `n` tensor-parallel ranks.
+pub(super) fn splittable(dir: &Path, m: &crate::model::glm::GlmConfig, n: usize) -> Result<()> {
     for (what, v) in [
         ("vocab_size", m.vocab_size),
         ("hidden_size", m.hidden_size),
@@ -118,6 +134,18 @@ pub fn split(dir: &Path, n: usize, out: &Path) -> Result<State> {
             return Err(Error::invalid(dir, format!("{what} {v} is not divisible by {n} tensor-parallel ranks")));
         }
     }
+    Ok(())
+}
+
+/// Splits a whole-model checkpoint `dir` into `n` tensor-parallel parts
+/// `<out>/mp_rank_XX/` (weights only); returns the checkpoint's state.
+pub fn split(dir: &Path, n: usize, out: &Path) -> Result<State> {
+    let (state, tensors, tok) = read_model(dir)?;
+    if n < 1 {
+        return Err(Error::Config("--tp must be at least 1".into()));
+    }
+    let m = &state.model;
+    splittable(dir, m, n)?;
     if out.exists() {
         return Err(Error::invalid(out, "exists; refusing to overwrite (choose a new --out)"));
     }

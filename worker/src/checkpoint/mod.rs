@@ -25,11 +25,14 @@
 //! ZeRO stage (the moments are re-partitioned); `merge` turns any layout
 //! into one whole-model checkpoint, and `inspect` says what one holds.
 
+pub mod deepspeed;
 mod inspect;
 mod load;
 mod merge;
+pub mod pickle;
 mod save;
 pub mod saver;
+pub mod torchfile;
 mod write;
 
 pub use inspect::inspect;
@@ -96,6 +99,12 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero: Option<ZeroManifest>,
     pub has_optimizer: bool,
+    /// Where the weights came from when another program trained them
+    /// (`checkpoint import`), in words. A run from such a checkpoint starts
+    /// a fresh optimizer and draws blank-infilling modes per its own
+    /// global batch (there is no data stream of this program's to go on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<String>,
     /// The store's tokenizer hash: what the token ids mean.
     pub tokenizer_sha256: String,
     /// Effective configuration, for the record: DeepSpeed JSON and configs.json.

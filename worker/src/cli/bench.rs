@@ -198,6 +198,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         dp: dims.dp,
         zero: None,
         has_optimizer: false,
+        imported_from: None,
         tokenizer_sha256: "bench-step: synthetic tokens".into(),
         deepspeed_config: serde_json::Value::Null,
         args: serde_json::Value::Null,

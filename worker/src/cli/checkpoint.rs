@@ -1,5 +1,6 @@
-//! `checkpoint merge | split | inspect`: one checkpoint layout into another,
-//! and what a checkpoint holds.
+//! `checkpoint merge | split | inspect | import | export`: one checkpoint
+//! layout into another, what a checkpoint holds, and the original's
+//! DeepSpeed checkpoints in and out.
 
 use std::path::PathBuf;
 
@@ -36,6 +37,50 @@ pub enum CheckpointCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A checkpoint of the original (THUDM's GLM under DeepSpeed, <save>/<iteration>/mp_rank_XX_model_states.pt) -> this program's, to train from (load=) or evaluate; weights only
+    Import {
+        /// The DeepSpeed checkpoint: its save directory (latest_checkpointed_iteration.txt names the iteration), an iteration directory, or one mp_rank_XX_model_states.pt
+        #[arg(long)]
+        from: PathBuf,
+        /// The save directory written (<out>/<iteration>/ and <out>/latest); must not exist
+        #[arg(long)]
+        out: PathBuf,
+        /// The tokenizer the checkpoint was trained with, of tokenizer_type (vocab.txt, a SentencePiece .model, GPT-2's vocab.json, a tokenizer.json); default configs.json's tokenizer_path, else a tokenizer.json beside the weights
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// configs.json: the configuration recorded with the checkpoint (what the checkpoint's own args do not say; a model key must agree with them)
+        #[arg(long = "args")]
+        args_file: Option<PathBuf>,
+        /// Override a key of configs.json (--set num_attention_heads=16)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// A DeepSpeed JSON recorded with the checkpoint (the batch eval uses by default)
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The checkpoint's iteration (default: the file's, where the original resumes; 0 for a release checkpoint)
+        #[arg(long)]
+        iteration: Option<u64>,
+    },
+    /// This program's checkpoint (any layout) -> the original's: --format deepspeed writes <out>/<iteration>/mp_rank_XX_model_states.pt (fp32 weights under 'module') and <out>/latest_checkpointed_iteration.txt
+    Export {
+        /// Checkpoint directory, or a save dir (its latest)
+        #[arg(long)]
+        load: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The directory written; must not exist
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor-parallel files to write, split as the original's change_mp.py splits
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// THUDM's GLM under DeepSpeed (PyTorch files)
+    Deepspeed,
 }
 
 pub fn run(cmd: CheckpointCmd) -> Result<()> {
@@ -72,6 +117,39 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
                 .unwrap_or_default();
             println!(
                 "checkpoint: to train on them: --set model_parallel_size={tp} --set load={}{pad} (on a multiple of {tp} ranks)",
+                glm_common::text::shell_word(&out.display().to_string())
+            );
+        }
+        CheckpointCmd::Import { from, out, tokenizer, args_file, sets, config, iteration } => {
+            use glm_worker::checkpoint::deepspeed::{import, ImportOptions};
+            let o = ImportOptions { from, out: out.clone(), tokenizer, args_file, sets, ds_config: config, iteration };
+            let done = import(&o)?;
+            let s = &done.state;
+            println!("checkpoint: imported into {} (iteration {})", done.dir.display(), s.iteration);
+            for n in &done.notes {
+                println!("  {n}");
+            }
+            let word = glm_common::text::shell_word(&out.display().to_string());
+            let tok = glm_common::text::shell_word(&done.dir.join("tokenizer.json").display().to_string());
+            let pad = done.divisible_by.map(|d| format!(" --set make_vocab_size_divisible_by={d}")).unwrap_or_default();
+            println!(
+                "checkpoint: no optimizer state: a run from it starts AdamW afresh at iteration {}; to train: --set load={word} --set tokenizer_path={tok}{pad} \
+                 (its tokenizer; add --set no_load_lr_scheduler=true to restart the learning-rate schedule there); to evaluate: glm-worker eval --load {word}",
+                s.iteration + 1
+            );
+        }
+        CheckpointCmd::Export { load, format: ExportFormat::Deepspeed, out, tp } => {
+            let done = glm_worker::checkpoint::deepspeed::export(&load, &out, tp)?;
+            println!(
+                "checkpoint: exported {} (iteration {}) in DeepSpeed's layout: {} file(s) {} .. (fp32 weights under 'module'), {}",
+                done.from.display(),
+                done.iteration,
+                done.files.len(),
+                done.files[0].display(),
+                out.join(glm_worker::checkpoint::deepspeed::TRACKER).display()
+            );
+            println!(
+                "checkpoint: the original loads it with model.load_state_dict(torch.load(file)['module']), or resumes from it with --load {} --no-load-optim (no optimizer state in it)",
                 glm_common::text::shell_word(&out.display().to_string())
             );
         }

@@ -51,7 +51,7 @@ enum Cmd {
     Generate(eval::GenerateArgs),
     /// Loss, perplexity and masked-token accuracy of a checkpoint on held-out data, per mode (alone or under mpirun)
     Eval(eval::EvalArgs),
-    /// Inspect a checkpoint, merge tensor-parallel parts and ZeRO shards into one, or split one into parts
+    /// Inspect a checkpoint, merge tensor-parallel parts and ZeRO shards into one, split one into parts, import or export the original's DeepSpeed checkpoints
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCmd),
     /// Time the training step on a synthetic batch (the benchmark of scripts/bench.sh)

@@ -1002,7 +1002,7 @@ pub fn corpus_spec(key: &str, entries: &[String]) -> Result<CorpusSpec> {
 }
 
 /// The model `a` describes, with `vocab_size` embedding rows.
-fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmConfig {
+pub fn model_of(a: &super::args::Args, vocab_size: usize) -> crate::model::glm::GlmConfig {
     crate::model::glm::GlmConfig {
         vocab_size,
         hidden_size: a.hidden_size,

@@ -141,6 +141,7 @@ pub fn held_out(
                 None => sampler.batch(i, range),
                 Some(m) => range.map(|j| sampler.sample(j, m)).collect(),
             };
+            crate::test_hooks::record_eval_batch(&what.to_lowercase(), &samples);
             let (sum, c, n) = model.loss_terms(&collate(&samples, device), false)?;
             progress::tick();
             let sum = sum.double_value(&[]);
@@ -368,8 +369,21 @@ impl Trainer {
                 String::new()
             };
             println!("checkpoint: resumed from {} (iteration {iteration}){reshard}", dir.display());
+            match (&state.imported_from, state.has_optimizer && !a.no_load_optim) {
+                (Some(from), _) => println!(
+                    "checkpoint: imported weights ({from}) without optimizer state: AdamW starts afresh (zero moments, bias correction from its first step), as the original with no_load_optim"
+                ),
+                (None, false) => println!(
+                    "checkpoint: {}: AdamW starts afresh (zero moments, bias correction from its first step)",
+                    if a.no_load_optim { "no_load_optim" } else { "saved without optimizer state" }
+                ),
+                (None, true) => {}
+            }
             schedule_start = state.schedule_start;
-            mode_group = state.mode_group(&dir.join("state.json"))?;
+            // an imported checkpoint has no data stream of this program's to
+            // go on: the run draws modes per its own global batch
+            mode_group =
+                if state.imported_from.is_some() && state.mode_group == 0 { cfg.batch.global as u64 } else { state.mode_group(&dir.join("state.json"))? };
             if mode_group != cfg.batch.global as u64 {
                 println!("data: blank-infilling modes drawn per {mode_group} samples, as in the checkpoint (train_batch_size is {})", cfg.batch.global);
             }
@@ -629,6 +643,7 @@ impl Trainer {
             dp: self.par.dims.dp,
             zero: None,
             has_optimizer: false,
+            imported_from: None,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
             deepspeed_config: self.cfg.ds.raw.clone(),
             args: serde_json::to_value(&self.cfg.args.args).expect("args serialise"),
