@@ -27,7 +27,7 @@ use crate::config::ds::DsConfig;
 use crate::config::run::{block_config, corpus_spec, files_of, train_data_of};
 use crate::data::blocklm::{BlockSampler, Mode};
 use crate::data::corpus::{parse_entry, CorpusOptions, CorpusSpec};
-use crate::data::mixture::{component_seed, component_store, TrainData};
+use crate::data::mixture::{component_seed, component_store, weighted_mean, TrainData};
 use crate::data::prepare::{beside_store, ensure_store, PrepareOptions, StoreGuard};
 use crate::data::split::{get_split, split_documents};
 use crate::data::store::TokenStore;
@@ -167,6 +167,12 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
         }
         parts.push(EvaluatedCorpus { name: t.name.clone(), weight: t.weight, documents: sampler.1, results });
     }
+    if parts.is_empty() {
+        return Err(Error::Config(format!(
+            "the {name} split of every corpus of train_data is empty (split \"{}\"): evaluate another split, or a corpus with --data",
+            args.split
+        )));
+    }
     // a mixture's figure: the weighted mean of its corpora's, per mode
     let total: f64 = parts.iter().map(|p| p.weight).sum();
     for p in &mut parts {
@@ -177,7 +183,7 @@ pub fn evaluate(opts: &EvalOptions, par: &Parallel) -> Result<Evaluated> {
     } else {
         (0..parts[0].results.len())
             .map(|i| {
-                let mean = |f: &dyn Fn(&ModeResult) -> f64| parts.iter().map(|p| p.weight * f(&p.results[i])).sum::<f64>();
+                let mean = |f: &dyn Fn(&ModeResult) -> f64| weighted_mean(parts.iter().map(|p| (p.weight, f(&p.results[i]))));
                 let loss = mean(&|r| r.loss);
                 ModeResult {
                     mode: parts[0].results[i].mode,

@@ -587,7 +587,7 @@ fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() 
     common::corpus_slice(&r.p("a.json"), 8);
     let mix = format!("train_data=[2, \"{}\", 3, \"{}\"]", r.p("a.json").display(), r.p("corpus.json").display());
     let (a, b) = (r.p("mix-a"), r.p("mix-b"));
-    let common = [mix.clone(), "train_iters=10".into(), "eval_interval=5".into(), "save_interval=4".into()];
+    let common = [mix.clone(), "train_iters=10".into(), "eval_interval=5".into(), "save_interval=4".into(), format!("summary_dir={}", r.p("tb").display())];
     let out = ok(&r.train(&[&common[..], &[format!("save={}", a.display())]].concat()));
     assert!(out.contains("mixture of 2: 2 ") && out.contains("(\"a\", 40.0%)") && out.contains("(\"corpus\", 60.0%)"), "{out}");
     assert!(out.contains("data: built store of a (40.0%)") && out.contains("data: built store of corpus (60.0%)"), "{out}");
@@ -623,6 +623,13 @@ fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() 
     assert_eq!(la, after(&b, "train", &["iteration", "loss", "grad_norm", "corpora"]), "the sequence after resuming");
     assert_eq!(after(&a, "eval", &["iteration", "loss", "corpora"]), after(&b, "eval", &["iteration", "loss", "corpora"]));
     assert!(std::fs::read(a.join("10/model.safetensors")).unwrap() == std::fs::read(b.join("10/model.safetensors")).unwrap(), "final weights differ");
+    // TensorBoard has each corpus's samples, tokens, epochs and validation, once a step
+    let tb = tensorboard_events(&r.p("tb/runs/glm-tiny"));
+    let series = |tag: &str| -> Vec<(u64, f64)> { tb["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag}")).iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect() };
+    assert_eq!(series("Train/samples/a").last(), Some(&(10, 32.0)));
+    assert_eq!(series("Train/samples/corpus").iter().map(|p| p.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>());
+    let at10 = &evals.last().unwrap()["corpora"][1];
+    assert_eq!(series("Train/valid_loss/corpus").last(), Some(&(10, at10["loss"].as_f64().unwrap() as f32 as f64)));
     // glm-worker eval of the checkpoint: each corpus, and the mix the run logged
     let store = r.p("store").display().to_string();
     let e = ok(&r.worker(&["eval", "--load", &a.display().to_string(), "--store", &store, "--device", "cpu"]));

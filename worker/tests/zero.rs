@@ -273,6 +273,7 @@ fn state(iteration: u64, dp: usize) -> State {
         zero: None,
         has_optimizer: false,
         imported_from: None,
+        first_sample: 0,
         tokenizer_sha256: "synthetic".into(),
         deepspeed_config: serde_json::json!({}),
         args: serde_json::json!({}),

@@ -104,6 +104,10 @@ pub fn gpu(key: &str) -> Option<&'static Gpu> {
 /// the table has it. PCIe A100s have the SXM parts' peaks.
 pub fn gpu_for_name(name: &str) -> Option<&'static Gpu> {
     let n = name.to_ascii_uppercase();
+    // parts with other peaks than the table's (H100 NVL, the export models H800/A800, ...)
+    if n.contains("NVL") {
+        return None;
+    }
     let key = if n.contains("H200") {
         "h200"
     } else if n.contains("H100") {
@@ -324,6 +328,8 @@ mod tests {
             ("NVIDIA A100-SXM4-40GB", Some("a100-40gb")),
             ("NVIDIA A100 80GB PCIe", Some("a100-80gb")),
             ("Tesla V100-SXM2-16GB", None),
+            ("NVIDIA H100 NVL", None),
+            ("NVIDIA H800", None),
         ] {
             assert_eq!(gpu_for_name(name).map(|g| g.key), key, "{name}");
         }

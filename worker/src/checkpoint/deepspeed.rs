@@ -646,6 +646,7 @@ pub fn import(o: &ImportOptions) -> Result<Imported> {
         zero: None,
         has_optimizer: false,
         imported_from: Some(source),
+        first_sample: 0,
         tokenizer_sha256: tok.sha256.clone(),
         deepspeed_config: ds_raw,
         args: serde_json::to_value(&args).expect("args serialise"),

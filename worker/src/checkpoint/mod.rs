@@ -55,6 +55,10 @@ use crate::optim::zero::{Piece, Shards};
 
 pub const FORMAT_VERSION: u32 = 1;
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
     pub format_version: u32,
@@ -105,6 +109,12 @@ pub struct State {
     /// global batch (there is no data stream of this program's to go on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported_from: Option<String>,
+    /// The global sample at which this program's data stream began: a run
+    /// from an imported checkpoint starts at its iteration × global batch,
+    /// and the samples, tokens and epochs it reports per corpus count from
+    /// there (0: from the first sample).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_sample: u64,
     /// The store's tokenizer hash: what the token ids mean.
     pub tokenizer_sha256: String,
     /// Effective configuration, for the record: DeepSpeed JSON and configs.json.

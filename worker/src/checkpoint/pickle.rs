@@ -538,13 +538,6 @@ impl Pickle {
         }
     }
 
-    pub fn bool(&self, id: Id) -> Option<bool> {
-        match &self.nodes[id] {
-            Node::Bool(b) => Some(*b),
-            _ => None,
-        }
-    }
-
     /// The items of a tuple or list.
     pub fn seq(&self, id: Id) -> Option<&[Id]> {
         match &self.nodes[id] {

@@ -162,7 +162,11 @@ impl TorchFile {
         }
         // the last element's index must lie in the storage
         if size.iter().all(|&s| s > 0) {
-            let last = offset + size.iter().zip(&stride).map(|(s, t)| (s - 1) * t).sum::<i64>();
+            // checked: a damaged file's numbers must not wrap past the test
+            let last = size.iter().zip(&stride).try_fold(offset, |acc, (s, t)| (s - 1).checked_mul(*t).and_then(|x| acc.checked_add(x)));
+            let Some(last) = last else {
+                return Err(bad(format!("size {size:?}, stride {stride:?}, offset {offset}: beyond any storage (the file is damaged)")));
+            };
             if last >= storage_numel {
                 return Err(bad(format!(
                     "size {size:?}, stride {stride:?}, offset {offset} reach element {last} of a storage of {storage_numel}: the file is damaged"
@@ -197,7 +201,9 @@ impl TorchFile {
             if *n == 0 {
                 cache.remove(&r.key);
             }
-            let t = storage.as_strided(r.size.as_slice(), r.stride.as_slice(), r.offset);
+            let t = storage
+                .f_as_strided(r.size.as_slice(), r.stride.as_slice(), r.offset)
+                .map_err(|e| Error::invalid(&self.path, format!("{name}: size {:?}, stride {:?}, offset {}: {e}", r.size, r.stride, r.offset)))?;
             // its own memory: not a view keeping a larger shared storage alive
             let whole = r.offset == 0 && t.numel() as i64 == r.storage_numel && t.is_contiguous();
             let t = if whole { t } else { t.contiguous().copy() };

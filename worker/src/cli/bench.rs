@@ -199,6 +199,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         zero: None,
         has_optimizer: false,
         imported_from: None,
+        first_sample: 0,
         tokenizer_sha256: "bench-step: synthetic tokens".into(),
         deepspeed_config: serde_json::Value::Null,
         args: serde_json::Value::Null,

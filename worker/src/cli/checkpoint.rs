@@ -149,7 +149,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<()> {
                 out.join(glm_worker::checkpoint::deepspeed::TRACKER).display()
             );
             println!(
-                "checkpoint: the original loads it with model.load_state_dict(torch.load(file)['module']), or resumes from it with --load {} --no-load-optim (no optimizer state in it)",
+                "checkpoint: the original loads it with model.load_state_dict(torch.load(file)['module']), or resumes from it with --load {} --no-load-optim --no-load-rng (no optimizer or random state in it)",
                 glm_common::text::shell_word(&out.display().to_string())
             );
         }

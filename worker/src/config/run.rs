@@ -558,7 +558,7 @@ impl RunConfig {
         // "wudao" is the default corpus read by the default reader, not the original's WuDao reader
         let named: Vec<&str> = [("train_data", Some(&a.train_data)), ("valid_data", a.valid_data.as_ref()), ("test_data", a.test_data.as_ref())]
             .into_iter()
-            .filter(|(_, v)| v.is_some_and(|v| v.iter().any(|e| e == "wudao")))
+            .filter(|(_, v)| v.is_some_and(|v| v.iter().any(|e| e.split_whitespace().any(|t| t == "wudao"))))
             .map(|(k, _)| k)
             .collect();
         if !named.is_empty() {

@@ -146,7 +146,6 @@ impl BlockConfig {
         cdf
     }
 
-    /// Mean of the span-length distribution actually sampled from.
     /// The mode of global batch `batch`: from `(seed, batch)` alone.
     pub fn mode_for_batch(&self, batch: u64) -> Mode {
         let r = Rng::derive(self.seed, STREAM_MODE, batch).f64();
@@ -165,6 +164,7 @@ impl BlockConfig {
         self.mode_for_batch(index / group.max(1))
     }
 
+    /// Mean of the span-length distribution actually sampled from.
     pub fn mean_span_length(&self) -> f64 {
         let cdf = self.span_length_cdf();
         let mut prev = 0.0;

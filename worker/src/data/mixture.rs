@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::blocklm::{BlockConfig, BlockSampler, Mode, Sample};
-use super::corpus::{parse_entry, CorpusSpec, Reader};
+use super::corpus::{CorpusSpec, Reader};
 use crate::error::{Error, Result};
 
 /// One corpus of a mixture.
@@ -78,8 +78,21 @@ enum Token<'a> {
     Corpus(&'a str),
 }
 
+/// `s` as a weight: a decimal number (digits, `.`, an exponent, a sign),
+/// unless a file or folder has that name (the original's plain lists may
+/// name folders `2023`, `2024`; `./2024` is a path in any case).
 fn number(s: &str) -> Option<f64> {
-    s.trim().parse::<f64>().ok()
+    number_unless(s, |t| Path::new(t).exists())
+}
+
+/// `number`, with `is_path` saying whether a file or folder has that name.
+fn number_unless(s: &str, is_path: impl Fn(&str) -> bool) -> Option<f64> {
+    let t = s.trim();
+    let numeric = t.chars().any(|c| c.is_ascii_digit()) && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'));
+    if !numeric || is_path(t) {
+        return None;
+    }
+    t.parse::<f64>().ok()
 }
 
 /// Reads `train_data`'s entries (`key` names the key in errors). Weights and
@@ -92,8 +105,8 @@ pub fn parse_train_data(key: &str, entries: &[String], corpus: impl Fn(&str, &[S
     let mut tokens = Vec::new();
     for e in entries {
         let first = e.split_whitespace().next().unwrap_or("");
-        if number(e).is_some() {
-            tokens.push(Token::Weight(e.trim(), number(e).unwrap()));
+        if let Some(w) = number(e) {
+            tokens.push(Token::Weight(e.trim(), w));
         } else if number(first).is_some() && e.trim() != first {
             for t in e.split_whitespace() {
                 tokens.push(number(t).map_or(Token::Corpus(t), |w| Token::Weight(t, w)));
@@ -179,6 +192,13 @@ pub fn component_store(store: &Path, k: usize, name: &str) -> PathBuf {
 /// documents and spans independently).
 pub fn component_seed(seed: u64, k: usize) -> u64 {
     seed ^ 0x4D49_5845_0000_0000u64.wrapping_add((k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The weighted mean of `values` `(weight, value)` (a mixture's figure from
+/// its corpora's).
+pub fn weighted_mean(values: impl IntoIterator<Item = (f64, f64)> + Clone) -> f64 {
+    let total: f64 = values.clone().into_iter().map(|(w, _)| w).sum();
+    values.into_iter().map(|(w, v)| w * v).sum::<f64>() / total
 }
 
 /// Megatron's blending rule over `weights` (normalised), with the counts
@@ -308,12 +328,6 @@ impl Source {
     }
 }
 
-/// A `train_data` entry given to a mixture: its path and reader.
-pub fn entry_spec(entry: &str) -> CorpusSpec {
-    let (root, reader) = parse_entry(entry);
-    CorpusSpec { roots: vec![root], reader }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +357,11 @@ mod tests {
         // no weights: the original's list, one corpus; one weighted corpus is one corpus
         assert_eq!(parse(&["a", "b"]).unwrap(), TrainData::Corpus(spec("", &["a".into(), "b".into()]).unwrap()));
         assert_eq!(parse(&["2", "a"]).unwrap(), TrainData::Corpus(spec("", &["a".into()]).unwrap()));
+        // a number that names a file or folder is a path (the original's plain
+        // list of folders 2023, 2024); "nan" and "inf" are not numbers here
+        assert_eq!((number_unless("2023", |_| true), number_unless("2023", |_| false)), (None, Some(2023.0)));
+        assert_eq!((number_unless(" 0.3 ", |_| false), number_unless("1e-2", |_| false)), (Some(0.3), Some(0.01)));
+        assert_eq!((number_unless("nan", |_| false), number_unless("inf", |_| false), number_unless("./2024", |_| false)), (None, None, None));
         // the same name from two folders stays two names
         let TrainData::Mixture(m) = parse(&["1", "x/c.txt", "1", "y/c.txt"]).unwrap() else { panic!() };
         assert_eq!((m[0].name.as_str(), m[1].name.as_str()), ("c", "c-2"));
@@ -359,7 +378,8 @@ mod tests {
             (&["wiki", "0.3", "news"][..], "\"wiki\" (entry 1) stands where a weight should"),
             (&["0.3", "0.7", "news"][..], "weight 0.3 (entry 1) is followed by another number (0.7)"),
             (&["0.5", "wiki", "0.5", "wiki"][..], "\"wiki\" is listed twice"),
-            (&["NaN", "wiki", "1", "news"][..], "weight NaN of \"wiki\" (entry 1): weights must be positive"),
+            (&["NaN", "wiki", "1", "news"][..], "\"NaN\" (entry 1) stands where a weight should"),
+            (&["1e999", "wiki", "1", "news"][..], "weight 1e999 of \"wiki\" (entry 1): weights must be positive"),
         ] {
             let msg = parse(e).unwrap_err().to_string();
             assert!(msg.contains(want) && msg.contains("train_data: ") && !msg.contains('\n'), "{e:?}: {msg}");

@@ -145,6 +145,8 @@ pub struct Metrics {
     /// step axis of DeepSpeed's).
     tensorboard: Vec<Writer>,
     samples_per_iter: u64,
+    /// (iteration, samples trained on) when this run started.
+    start: (u64, u64),
     /// This run starts at iteration 0 (a resume has its step-0 events).
     fresh: bool,
 }
@@ -173,6 +175,7 @@ impl Metrics {
             baseline: None,
             tensorboard: Vec::new(),
             samples_per_iter: 1,
+            start: (0, 0),
             fresh: resume_from == 0,
         };
         if let Some(d) = dir {
@@ -212,11 +215,22 @@ impl Metrics {
         writeln!(f, "{v}").at(&p)
     }
 
-    /// Also writes every event to these TensorBoard directories; `samples_per_iter`
-    /// (the global batch) gives DeepSpeed's step axis.
-    pub fn with_tensorboard(&mut self, writers: Vec<Writer>, samples_per_iter: u64) {
+    /// Also writes every event to these TensorBoard directories. DeepSpeed's
+    /// step axis counts samples: `start_samples` when the run starts at
+    /// `start_iteration`, then `samples_per_iter` (the global batch) an
+    /// iteration.
+    pub fn with_tensorboard(&mut self, writers: Vec<Writer>, samples_per_iter: u64, start_iteration: u64, start_samples: u64) {
         self.tensorboard = writers;
         self.samples_per_iter = samples_per_iter;
+        self.start = (start_iteration, start_samples);
+    }
+
+    /// The step of `iteration` in `style`'s axis.
+    fn step(&self, style: Style, iteration: u64) -> i64 {
+        match style {
+            Style::Glm => iteration as i64,
+            Style::DeepSpeed => (self.start.1 + iteration.saturating_sub(self.start.0) * self.samples_per_iter) as i64,
+        }
     }
 
     /// Where TensorBoard events go.
@@ -226,23 +240,18 @@ impl Metrics {
 
     /// `values` at `iteration` in every TensorBoard directory.
     fn scalars(&mut self, iteration: u64, values: &[(String, f64)]) -> Result<()> {
-        let per = self.samples_per_iter;
-        for w in &mut self.tensorboard {
-            let step = match w.style {
-                Style::Glm => iteration,
-                Style::DeepSpeed => iteration * per,
-            };
-            w.scalars(step as i64, values)?;
+        let steps: Vec<i64> = self.tensorboard.iter().map(|w| self.step(w.style, iteration)).collect();
+        for (w, step) in self.tensorboard.iter_mut().zip(steps) {
+            w.scalars(step, values)?;
         }
         Ok(())
     }
 
     /// The effective configuration as text, at `iteration` (the run's start).
     pub fn config_text(&mut self, iteration: u64, text: &str) -> Result<()> {
-        let per = self.samples_per_iter;
-        for w in &mut self.tensorboard {
-            let step = if w.style == Style::Glm { iteration } else { iteration * per };
-            w.text(step as i64, "config", text)?;
+        let steps: Vec<i64> = self.tensorboard.iter().map(|w| self.step(w.style, iteration)).collect();
+        for (w, step) in self.tensorboard.iter_mut().zip(steps) {
+            w.text(step, "config", text)?;
         }
         Ok(())
     }
@@ -262,6 +271,14 @@ impl Metrics {
         v.extend([("tokens_per_s".into(), e.tokens_per_s), ("tflops".into(), e.tflops), ("mem_mb".into(), e.mem_mb)]);
         if let Some(m) = e.mfu {
             v.push(("mfu".into(), m));
+        }
+        if let Some(r) = &e.ranks {
+            v.extend([
+                ("rank_ms_min".into(), r.min_ms),
+                ("rank_ms_median".into(), r.median_ms),
+                ("rank_ms_max".into(), r.max_ms),
+                ("slowest_rank".into(), r.slowest as f64),
+            ]);
         }
         for c in &e.corpora {
             v.extend([

@@ -12,9 +12,12 @@
 //!
 //! A resumed run continues the same directory without duplicate steps:
 //! the events after the resume point that an earlier run wrote (it went on
-//! past its last checkpoint) are removed from its files, as the original's
-//! `purge_step` hides them; a fresh run (iteration 0) starts the record
-//! afresh, as `metrics.jsonl` does.
+//! past its last checkpoint), and the configuration text an earlier start
+//! from the same point wrote, are removed from its files (the original's
+//! tensorboardX `purge_step` hides them from TensorBoard instead). A fresh
+//! run into a directory with events of an earlier run is refused, as a
+//! fresh run into a used save directory is, unless `overwrite` (which
+//! removes them). A record cut short by a crash ends its file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -108,25 +111,26 @@ fn record(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The records of an event file, checked; `Err` names what is wrong.
-fn read_records(bytes: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
+/// The records of an event file, checked; `Err` names what is wrong. A
+/// record cut short at the end (a writer killed mid-write) ends the file, as
+/// TensorFlow's reader takes it; the second value says there was one.
+fn read_records(bytes: &[u8]) -> std::result::Result<(Vec<&[u8]>, bool), String> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let head = bytes.get(at..at + 12).ok_or("truncated record header")?;
+        let Some(head) = bytes.get(at..at + 12) else { return Ok((out, true)) };
         let len = u64::from_le_bytes(head[..8].try_into().unwrap()) as usize;
         if masked_crc(&head[..8]) != u32::from_le_bytes(head[8..12].try_into().unwrap()) {
             return Err(format!("bad length checksum at byte {at}"));
         }
-        let data = bytes.get(at + 12..at + 12 + len).ok_or("truncated record")?;
-        let crc = bytes.get(at + 12 + len..at + 16 + len).ok_or("truncated record checksum")?;
+        let (Some(data), Some(crc)) = (bytes.get(at + 12..at + 12 + len), bytes.get(at + 12 + len..at + 16 + len)) else { return Ok((out, true)) };
         if masked_crc(data) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err(format!("bad data checksum at byte {at}"));
         }
         out.push(data);
         at += 16 + len;
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// Whose tag names and step axis a directory follows.
@@ -147,6 +151,9 @@ pub struct Writer {
     path: PathBuf,
 }
 
+/// The name a file being rewritten goes by (not an event file's).
+const TMP_PREFIX: &str = ".resume-tmp.";
+
 fn is_event_file(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("events.out.tfevents."))
 }
@@ -157,32 +164,51 @@ fn now() -> f64 {
 
 impl Writer {
     /// Opens `dir` for a run resuming after step `resume_from` (0: a fresh
-    /// run): earlier files lose their events past it (a fresh run: the
-    /// files go), and a new file starts.
-    pub fn open(dir: &Path, style: Style, resume_from: i64) -> Result<Writer> {
+    /// run): earlier files lose their events past it and the configuration
+    /// text at it (a fresh run: files of an earlier run are refused, `how`
+    /// saying what to do, or removed with `overwrite`), and a new file starts.
+    pub fn open(dir: &Path, style: Style, resume_from: i64, overwrite: bool, how: &str) -> Result<Writer> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let mut old: Vec<PathBuf> = std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_event_file(p)).collect();
-        old.sort();
-        for p in &old {
-            if resume_from == 0 {
-                std::fs::remove_file(p).at(p)?;
-                continue;
+        let mut old = Vec::new();
+        for e in std::fs::read_dir(dir).at(dir)? {
+            let p = e.at(dir)?.path();
+            if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(TMP_PREFIX)) {
+                // a rewrite that a crash interrupted: the original is intact
+                std::fs::remove_file(&p).at(&p)?;
+            } else if is_event_file(&p) {
+                old.push(p);
             }
+        }
+        old.sort();
+        if resume_from == 0 && !old.is_empty() {
+            if !overwrite {
+                return Err(Error::invalid(
+                    dir,
+                    format!("holds TensorBoard events of an earlier run ({} file(s)) and this run starts afresh: {how}", old.len()),
+                ));
+            }
+            for p in &old {
+                std::fs::remove_file(p).at(p)?;
+            }
+        }
+        for p in old.iter().filter(|_| resume_from > 0) {
             let bytes = std::fs::read(p).at(p)?;
-            let records = read_records(&bytes)
+            let (records, cut) = read_records(&bytes)
                 .map_err(|e| Error::invalid(p, format!("not a readable TensorBoard event file ({e}); move it out of {}", dir.display())))?;
             let mut kept = Vec::with_capacity(bytes.len());
-            let mut dropped = false;
+            let mut dropped = cut;
             for r in records {
                 let e = Event::decode(r).map_err(|e| Error::invalid(p, format!("not a TensorBoard event ({e})")))?;
-                if e.step > resume_from && e.file_version.is_none() {
+                let text = e.summary.as_ref().is_some_and(|s| s.value.iter().any(|v| v.tensor.is_some()));
+                if e.file_version.is_none() && (e.step > resume_from || (text && e.step >= resume_from)) {
                     dropped = true;
                 } else {
                     kept.extend_from_slice(&record(r));
                 }
             }
             if dropped {
-                let tmp = p.with_extension("tmp-resume");
+                let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
                 std::fs::write(&tmp, &kept).at(&tmp)?;
                 std::fs::rename(&tmp, p).at(p)?;
             }
@@ -237,37 +263,67 @@ impl Writer {
 mod tests {
     use super::*;
 
+    fn steps(p: &Path) -> Vec<i64> {
+        read_records(&std::fs::read(p).unwrap())
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|r| Event::decode(r).unwrap())
+            .filter(|e| e.summary.is_some())
+            .map(|e| e.step)
+            .collect()
+    }
+
     #[test]
     fn records_round_trip_and_a_resume_drops_later_steps() {
         // TensorFlow's masked CRC of the empty string and of "a" (crc32c 0 and 0xc1d04330)
         assert_eq!(masked_crc(b""), 0xa282_ead8);
         assert_eq!(masked_crc(b"a"), 0xc1d0_4330u32.rotate_right(15).wrapping_add(0xa282_ead8));
         let d = tempfile::tempdir().unwrap();
-        let mut w = Writer::open(d.path(), Style::Glm, 0).unwrap();
+        let mut w = Writer::open(d.path(), Style::Glm, 0, false, "").unwrap();
+        w.text(0, "config", "first start").unwrap();
         for s in 1..=5 {
             w.scalars(s, &[("train_loss".into(), 10.0 - s as f64)]).unwrap();
         }
         let first = w.path.clone();
         drop(w);
-        let steps = |p: &Path| -> Vec<i64> {
-            read_records(&std::fs::read(p).unwrap())
-                .unwrap()
-                .into_iter()
-                .map(|r| Event::decode(r).unwrap())
-                .filter(|e| e.summary.is_some())
-                .map(|e| e.step)
-                .collect()
-        };
-        assert_eq!(steps(&first), vec![1, 2, 3, 4, 5]);
-        let w = Writer::open(d.path(), Style::Glm, 3).unwrap();
-        assert_eq!(steps(&first), vec![1, 2, 3]);
-        assert_ne!(w.path, first);
+        assert_eq!(steps(&first), vec![0, 1, 2, 3, 4, 5]);
+        // resumed from 3, twice: steps past 3 go, and the configuration an earlier start from 3 wrote
+        let mut w = Writer::open(d.path(), Style::Glm, 3, false, "").unwrap();
+        w.text(3, "config", "second start").unwrap();
+        let second = w.path.clone();
         drop(w);
-        // a fresh run starts afresh
-        let w = Writer::open(d.path(), Style::DeepSpeed, 0).unwrap();
+        assert_eq!(steps(&first), vec![0, 1, 2, 3]);
+        let _w = Writer::open(d.path(), Style::Glm, 3, false, "").unwrap();
+        assert_eq!((steps(&first), steps(&second)), (vec![0, 1, 2, 3], vec![]));
+        // a fresh run is refused, then replaces them with overwrite
+        let e = Writer::open(d.path(), Style::Glm, 0, false, "say overwrite=true").err().unwrap().to_string();
+        assert!(e.contains("holds TensorBoard events of an earlier run (3 file(s))") && e.contains("say overwrite=true"), "{e}");
+        let w = Writer::open(d.path(), Style::DeepSpeed, 0, true, "").unwrap();
         assert!(!first.exists() && w.tag("lr") == "Train/Samples/lr");
         let mut bad = record(b"x");
         bad[12] ^= 1;
         assert!(read_records(&bad).is_err());
+    }
+
+    #[test]
+    fn a_record_cut_short_ends_the_file_and_a_resume_drops_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(d.path(), Style::Glm, 0, false, "").unwrap();
+        for s in 1..=4 {
+            w.scalars(s, &[("train_loss".into(), s as f64)]).unwrap();
+        }
+        let p = w.path.clone();
+        drop(w);
+        // killed mid-write: the last record loses its tail
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        assert_eq!(steps(&p), vec![1, 2, 3]);
+        let _w = Writer::open(d.path(), Style::Glm, 2, false, "").unwrap();
+        assert_eq!(steps(&p), vec![1, 2]);
+        // a leftover rewrite is not an event file and goes
+        std::fs::write(d.path().join(format!("{TMP_PREFIX}x")), b"junk").unwrap();
+        let _w = Writer::open(d.path(), Style::Glm, 2, false, "").unwrap();
+        assert!(!d.path().join(format!("{TMP_PREFIX}x")).exists());
     }
 }

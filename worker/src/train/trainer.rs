@@ -22,7 +22,7 @@ use crate::checkpoint::saver::{Saver, SaverConfig};
 use crate::checkpoint::{self, Progress, State, Writing};
 use crate::config::run::RunConfig;
 use crate::data::blocklm::{BlockSampler, Mode, Sample};
-use crate::data::mixture::Source;
+use crate::data::mixture::{weighted_mean, Source};
 use crate::data::prepare::PrepareOptions;
 use crate::data::tokenizer::{padded_vocab_size, GlmTokenizer};
 use crate::error::{Error, Result};
@@ -213,6 +213,9 @@ pub struct Trainer {
     valid: Vec<ValidSet>,
     /// Tokens of each training corpus's train split, for epochs.
     train_tokens: Vec<u64>,
+    /// The global sample this program's data stream began at (see
+    /// `State::first_sample`).
+    first_sample: u64,
     /// One rank's peak FLOP/s, for MFU (`train::mfu`).
     peak: Option<super::mfu::Peak>,
     tokenizer: GlmTokenizer,
@@ -286,6 +289,9 @@ impl Trainer {
         let mut iteration = 0;
         let mut schedule_start = 0;
         let mut mode_group = cfg.batch.global as u64;
+        // where this program's data stream began, and the samples trained on
+        // when this run starts (the step axis of DeepSpeed's TensorBoard)
+        let (mut first_sample, mut consumed_at_start) = (0u64, 0u64);
         if let Some(load) = &a.load {
             let mut dir = checkpoint::resolve(load)?;
             // the checkpoint's tensor-parallel layout must be this run's
@@ -380,6 +386,8 @@ impl Trainer {
                 (None, true) => {}
             }
             schedule_start = state.schedule_start;
+            first_sample = if state.imported_from.is_some() { iteration * cfg.batch.global as u64 } else { state.first_sample };
+            consumed_at_start = if state.consumed_samples > 0 { state.consumed_samples } else { iteration * cfg.batch.global as u64 };
             // an imported checkpoint has no data stream of this program's to
             // go on: the run draws modes per its own global batch
             mode_group =
@@ -408,15 +416,31 @@ impl Trainer {
         if par.is_main() {
             let global = cfg.batch.global as u64;
             let mut writers = Vec::new();
-            if !a.summary_dir.is_empty() {
+            let glm_dir = (!a.summary_dir.is_empty()).then(|| Path::new(&a.summary_dir).join("runs").join(&a.experiment_name));
+            if let (Some(g), Some(tb)) = (&glm_dir, &cfg.ds.tensorboard) {
+                let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+                if same(g) == same(&tb.log_dir()) {
+                    return Err(Error::Config(format!(
+                        "summary_dir and the DeepSpeed file's tensorboard block both name {}: the original's events (against iterations) and DeepSpeed's (against samples) need directories of their own",
+                        g.display()
+                    )));
+                }
+            }
+            let how = |key: &str| format!("set experiment_name (or {key}) to another name, resume the run (load=), or overwrite=true to replace them");
+            if let Some(dir) = &glm_dir {
                 // the original's get_log_dir: <summary_dir>/runs/<experiment_name>
-                let dir = Path::new(&a.summary_dir).join("runs").join(&a.experiment_name);
-                writers.push(tensorboard::Writer::open(&dir, tensorboard::Style::Glm, iteration as i64)?);
+                writers.push(tensorboard::Writer::open(dir, tensorboard::Style::Glm, iteration as i64, a.overwrite, &how("summary_dir"))?);
             }
             if let Some(tb) = &cfg.ds.tensorboard {
-                writers.push(tensorboard::Writer::open(&tb.log_dir(), tensorboard::Style::DeepSpeed, (iteration * global) as i64)?);
+                writers.push(tensorboard::Writer::open(
+                    &tb.log_dir(),
+                    tensorboard::Style::DeepSpeed,
+                    consumed_at_start as i64,
+                    a.overwrite,
+                    &how("tensorboard.job_name"),
+                )?);
             }
-            metrics.with_tensorboard(writers, global);
+            metrics.with_tensorboard(writers, global, iteration, consumed_at_start);
             for w in metrics.tensorboard_dirs() {
                 println!("tensorboard: events in {} (tensorboard --logdir {})", w.display(), w.display());
             }
@@ -447,6 +471,7 @@ impl Trainer {
             train,
             valid,
             train_tokens,
+            first_sample,
             peak,
             tokenizer: tok,
             iteration,
@@ -511,10 +536,9 @@ impl Trainer {
             .iter()
             .filter_map(|m| {
                 let of: Vec<(f64, &ModeHeldOut)> = corpora.iter().filter_map(|(v, h)| h.modes.iter().find(|x| x.mode == *m).map(|x| (v.weight, x))).collect();
-                let w: f64 = of.iter().map(|x| x.0).sum();
-                (w > 0.0).then(|| {
-                    let loss = of.iter().map(|(wk, x)| wk * x.loss).sum::<f64>() / w;
-                    let accuracy = of.iter().map(|(wk, x)| wk * x.accuracy).sum::<f64>() / w;
+                (!of.is_empty()).then(|| {
+                    let loss = weighted_mean(of.iter().map(|(w, x)| (*w, x.loss)));
+                    let accuracy = weighted_mean(of.iter().map(|(w, x)| (*w, x.accuracy)));
                     ModeEval { mode: format!("{m:?}").to_lowercase(), loss, ppl: loss.exp(), accuracy, tokens: of.iter().map(|x| x.1.tokens as i64).sum() }
                 })
             })
@@ -523,8 +547,8 @@ impl Trainer {
             let (loss, accuracy, tokens) = (h.loss, h.accuracy, h.tokens as i64);
             return Ok(Some(EvalEvent { iteration: self.iteration, loss, ppl: loss.exp(), accuracy, tokens, corpora: Vec::new(), modes }));
         }
-        let mean = |f: &dyn Fn(&HeldOut) -> f64| corpora.iter().map(|(v, h)| v.weight * f(h)).sum::<f64>() / total;
-        let (loss, accuracy) = (mean(&|h| h.loss), mean(&|h| h.accuracy));
+        let (loss, accuracy) =
+            (weighted_mean(corpora.iter().map(|(v, h)| (v.weight, h.loss))), weighted_mean(corpora.iter().map(|(v, h)| (v.weight, h.accuracy))));
         let each = corpora
             .iter()
             .map(|(v, h)| CorpusEval {
@@ -612,7 +636,8 @@ impl Trainer {
     /// `iteration` (tokens: samples × seq_length; epochs: over the tokens of
     /// its training documents).
     pub fn corpus_use(&self, iteration: u64) -> Vec<CorpusUse> {
-        let samples = self.train.consumed(iteration * self.cfg.batch.global as u64);
+        let (now, first) = (self.train.consumed(iteration * self.cfg.batch.global as u64), self.train.consumed(self.first_sample));
+        let samples: Vec<u64> = now.iter().zip(&first).map(|(n, f)| n.saturating_sub(*f)).collect();
         let seq = self.cfg.args.args.seq_length as u64;
         self.train
             .parts
@@ -644,6 +669,7 @@ impl Trainer {
             zero: None,
             has_optimizer: false,
             imported_from: None,
+            first_sample: self.first_sample,
             tokenizer_sha256: self.tokenizer.sha256.clone(),
             deepspeed_config: self.cfg.ds.raw.clone(),
             args: serde_json::to_value(&self.cfg.args.args).expect("args serialise"),
@@ -827,7 +853,7 @@ impl Trainer {
                 let mut scale = e.mfu.map(|m| format!(" | MFU {:.1}%", m * 100.0)).unwrap_or_default();
                 scale.push_str(&e.loss_scale.map(|s| format!(" | loss scale {s} | skipped {}", e.skipped)).unwrap_or_default());
                 if self.train.is_mixture() {
-                    let each: Vec<String> = used.iter().map(|c| format!("{} {:.3}", c.name, c.epochs)).collect();
+                    let each: Vec<String> = used.iter().map(|c| format!("{} {:.3} ({:.2} M tokens)", c.name, c.epochs, c.tokens as f64 / 1e6)).collect();
                     scale.push_str(&format!(" | epochs {}", each.join(", ")));
                 }
                 if let Some(r) = &e.ranks {
