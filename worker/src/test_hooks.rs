@@ -31,6 +31,10 @@
 //! - `GLM_SAVE_CLOCK_RANK=<world rank>`: `save_interval_minutes` is read on
 //!   that rank's clock only (the others never find a save due by time), so a
 //!   test sees one rank's decision carried to every rank.
+//! - `GLM_TEST_PREPARE_KILL=<K>`: building a token store, the process
+//!   SIGKILLs itself once it has finished its K-th shard (a kill mid-prepare:
+//!   other workers' shards in the making are lost, finished ones kept), so a
+//!   test can check that a rerun continues to the same store.
 
 /// Where `GLM_INJECT_INF_GRAD` puts an inf for this rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +87,11 @@ pub fn hold_save() -> Option<std::path::PathBuf> {
 /// (every rank, unless `GLM_SAVE_CLOCK_RANK` names another).
 pub fn save_clock_counts(rank: usize) -> bool {
     std::env::var("GLM_SAVE_CLOCK_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()).is_none_or(|r| r == rank)
+}
+
+/// After how many finished shards `GLM_TEST_PREPARE_KILL` kills the process.
+pub fn prepare_kill_after() -> Option<usize> {
+    std::env::var("GLM_TEST_PREPARE_KILL").ok()?.trim().parse().ok().filter(|&k| k > 0)
 }
 
 /// What `GLM_TEST_FAULT` makes a rank do.
