@@ -272,7 +272,7 @@ fn rate(r: &BuildReport) -> String {
         if r.shard_size == 0 { "all the".to_string() } else { human_bytes(r.shard_size) },
         r.workers,
         if r.workers == 1 { "" } else { "s" },
-        mb(glm_worker::runtime::host::peak_rss_bytes())
+        mb(glm_worker::runtime::host::peak_rss_of_this_program())
     )
 }
 
