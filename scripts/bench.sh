@@ -22,13 +22,20 @@
 #     parameter one (also alone: scripts/bench.sh save);
 #   - the planner against measured runs (glm-launch plan --profile vs
 #     glm-worker bench-step on 14 layouts: bench/plan_grid.py; also alone:
-#     scripts/bench.sh plan).
-# Corpus: the default corpus repeated 8 times (about 17 MB of JSON).
+#     scripts/bench.sh plan);
+#   - prepare at scale (bench/prepare_bench.py; also alone: scripts/bench.sh
+#     prepare): a JSON Lines corpus drawn from the default corpus and this
+#     machine's Debian text, prepared with the seed's vocab.txt and with a
+#     trained WordPiece at 1 and 2 workers against the tokenizers library's
+#     batch encoding of the same text in Python at 1 and 2 threads (MB/s,
+#     tokens/s, peak memory), then peak memory at every size with 2 workers.
+#     Sizes in GB: GLM_BENCH_PREPARE_GB (0.5,1,2 alone; 0.25 in `all`).
+# Corpus (the other data lines): the default corpus repeated 8 times (about 17 MB of JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 ONLY="${1:-all}"
-case "$ONLY" in all | save | plan) ;; *) echo "usage: scripts/bench.sh [save|plan]" >&2; exit 2 ;; esac
+case "$ONLY" in all | save | plan | prepare) ;; *) echo "usage: scripts/bench.sh [save|plan|prepare]" >&2; exit 2 ;; esac
 scripts/setup.sh
 source target/torch.env
 BIN="$ROOT/target/release/glm-worker"
@@ -86,6 +93,19 @@ if [ "$ONLY" = plan ]; then
   bench_plan
   exit 0
 fi
+# prepare at scale against the tokenizers library (its Python package, in .venv)
+bench_prepare() {
+  local sizes="$1"
+  echo; echo "== prepare at scale: corpora of $sizes GB (bench/prepare_bench.py)"
+  local py="$ROOT/.venv/bin/python"
+  "$py" -c 'import tokenizers' 2>/dev/null || { echo "bench: prepare's comparison needs the tokenizers package in .venv: scripts/setup.sh --test" >&2; return 1; }
+  "$py" "$ROOT/bench/prepare_bench.py" --bin "$BIN" --vocab "$ROOT/../shared/seed/vocab.txt" --sizes "$sizes" --work "$WORK/prepare"
+  rm -rf "$WORK/prepare"
+}
+if [ "$ONLY" = prepare ]; then
+  bench_prepare "${GLM_BENCH_PREPARE_GB:-0.5,1,2}"
+  exit 0
+fi
 PY="${TORCH_PYTHON:-}"
 [ -n "$PY" ] || { echo "bench: the torch in use (LIBTORCH=$LIBTORCH) has no python to run eager PyTorch beside it; point LIBTORCH at a python torch package or unset it" >&2; exit 1; }
 VOCAB="$ROOT/../shared/seed/vocab.txt"
@@ -101,10 +121,10 @@ echo "bench: corpus $(du -h "$WORK/big.json" | cut -f1) ($(nproc) cores)"
 rate() { grep -E "tokenized|trained WordPiece" | sed 's/^prepare: /  /'; }
 echo "== prepare, WordPiece trained on the corpus (training time shown separately)"
 "$BIN" prepare --data "$WORK/big.json" --out "$WORK/s1" --tokenizer-cache "$WORK/model" | rate
-echo "== prepare, seed vocab.txt (bert-base-chinese), all cores"
+echo "== prepare, seed vocab.txt (bert-base-chinese), one worker per core (a JSON array is one shard: its encoding uses every core)"
 "$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --tokenizer "$VOCAB" | rate
-echo "== prepare, seed vocab.txt, one thread"
-RAYON_NUM_THREADS=1 "$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --tokenizer "$VOCAB" --force | rate
+echo "== prepare, seed vocab.txt, one worker"
+"$BIN" prepare --data "$WORK/big.json" --out "$WORK/s2" --tokenizer "$VOCAB" --force --workers 1 | rate
 echo "== sample construction, seq_length 512, task_mask"
 for mode in span sentence generation; do
   "$BIN" samples --store "$WORK/s2" --count 50000 --seq-length 512 --mode "$mode" --task-mask --summary | head -1 | sed 's/^samples: /  /'
@@ -171,3 +191,4 @@ for prec in fp32 bf16; do
 done
 bench_save
 bench_plan
+bench_prepare "${GLM_BENCH_PREPARE_GB:-0.25}"

@@ -36,6 +36,10 @@
 //!   each (its mode, tokens, targets, positions, block positions, loss mask,
 //!   sep), so a test computes the same loss on them with another
 //!   implementation (PyTorch).
+//! - `GLM_TEST_PREPARE_KILL=<K>`: building a token store, the process
+//!   SIGKILLs itself once it has finished its K-th shard (a kill mid-prepare:
+//!   other workers' shards in the making are lost, finished ones kept), so a
+//!   test can check that a rerun continues to the same store.
 
 /// Where `GLM_INJECT_INF_GRAD` puts an inf for this rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +113,11 @@ pub fn record_eval_batch(mode: &str, samples: &[crate::data::blocklm::Sample]) {
 /// (every rank, unless `GLM_SAVE_CLOCK_RANK` names another).
 pub fn save_clock_counts(rank: usize) -> bool {
     std::env::var("GLM_SAVE_CLOCK_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()).is_none_or(|r| r == rank)
+}
+
+/// After how many finished shards `GLM_TEST_PREPARE_KILL` kills the process.
+pub fn prepare_kill_after() -> Option<usize> {
+    std::env::var("GLM_TEST_PREPARE_KILL").ok()?.trim().parse().ok().filter(|&k| k > 0)
 }
 
 /// What `GLM_TEST_FAULT` makes a rank do.

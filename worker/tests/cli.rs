@@ -104,7 +104,7 @@ fn prepare_trains_reuses_and_detects_changes() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     assert!(s.contains("trained WordPiece") && s.contains("4 documents"), "{s}");
-    for f in ["tokens.bin", "index.bin", "meta.json", "tokenizer.json"] {
+    for f in ["shard-00000.tokens.bin", "shard-00000.index.bin", "meta.json", "tokenizer.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "tokenizer cached");
@@ -139,7 +139,7 @@ fn prepare_trains_reuses_and_detects_changes() {
     assert_only(d.path(), &["data.json", "store", "model"]);
 
     // a damaged store is rebuilt, not reused
-    let tokens = out.join("tokens.bin");
+    let tokens = out.join("shard-00000.tokens.bin");
     let len = std::fs::metadata(&tokens).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&tokens).unwrap().set_len(len - 2).unwrap();
     let o = prepare(&corpus, &out, &cache, &["--tokenizer", &vocab]);

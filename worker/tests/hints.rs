@@ -342,17 +342,17 @@ fn store_hints_run() {
         ok(between(&e, "rebuild it: ", "\n"));
         ok(&samples);
     };
-    let tokens = d.path().join("store/tokens.bin");
+    let tokens = d.path().join("store/shard-00000.tokens.bin");
     rebuilds(&|| {
         let mut b = std::fs::read(&tokens).unwrap();
         b[..8].copy_from_slice(b"XXXXXXXX");
         std::fs::write(&tokens, b).unwrap();
     });
-    rebuilds(&|| std::fs::remove_file(d.path().join("store/index.bin")).unwrap());
+    rebuilds(&|| std::fs::remove_file(d.path().join("store/shard-00000.index.bin")).unwrap());
     let meta = d.path().join("store/meta.json");
     rebuilds(&|| {
         let m = std::fs::read_to_string(&meta).unwrap();
-        std::fs::write(&meta, m.replace("\"format_version\": 1,", "\"format_version\": 99,")).unwrap();
+        std::fs::write(&meta, m.replace("\"format_version\": 2,", "\"format_version\": 99,")).unwrap();
     });
     std::fs::copy(d.path().join("other/tokenizer.json"), d.path().join("store/tokenizer.json")).unwrap();
     let e = fails(&samples);

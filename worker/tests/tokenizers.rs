@@ -94,6 +94,9 @@ fn ids_equal_the_reference_implementations_per_type() {
         for (c, got) in cases.iter().zip(&batch) {
             let want = ids(&c[model]);
             assert_eq!(tok.encode(c["text"].as_str().unwrap()).unwrap(), *got, "{model}: one text and a batch agree");
+            let mut one = Vec::new();
+            tok.encode_into(c["text"].as_str().unwrap(), &mut one).unwrap();
+            assert_eq!(one, *got, "{model}: prepare's encoder (on its thread, no Encoding) and a batch agree");
             if *got != want {
                 if *model == "sp_unigram" && tie(&want, got) {
                     ties += 1;

@@ -317,10 +317,10 @@ fn a_signal_during_preparation_stops_at_once() {
     std::fs::write(r.p("big.json"), serde_json::to_string(&big).unwrap()).unwrap();
     let save = r.p("run");
     let args = common::tiny_train_args(r.dir.path(), &r.p("ds.json"), &r.p("big.json"), 16000, &["train_iters=5".into(), format!("save={}", save.display())]);
-    // the signal lands while the token store is being built: its temporary exists
+    // the signal lands while the token store is being built: its work directory exists
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm-worker"));
     cmd.current_dir(repo()).args(&args);
-    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store.tmp-"));
+    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store.partial"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(took.as_secs_f64() < 5.0, "stopped after {took:?}");
@@ -338,7 +338,7 @@ fn a_signal_during_preparation_stops_at_once() {
         "--vocab-size",
         "16000",
     ]);
-    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store-by-prepare.tmp-"));
+    let (o, took) = interrupt_when(cmd, || has_entry(r.dir.path(), ".store-by-prepare.partial"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(took.as_secs_f64() < 5.0, "stopped after {took:?}");

@@ -9,11 +9,12 @@ use anyhow::Result;
 use clap::ValueEnum;
 
 use glm_worker::data::blocklm::{BlockConfig, BlockSampler, Mode};
+use glm_worker::data::build::{human_bytes, partial_dir, ShardSize, Slice};
 use glm_worker::data::corpus::{corpus_files, parse_entry, CorpusOptions, Reader};
 use glm_worker::data::fortunes;
-use glm_worker::data::prepare::{ensure_store, obtain_tokenizer, PrepareOptions, StoreOutcome};
+use glm_worker::data::prepare::{ensure_store, join_store, obtain_tokenizer, prepare_slice, PrepareOptions, SliceOutcome, StoreOutcome};
 use glm_worker::data::split::{get_split, split_documents, SPLIT_SEED};
-use glm_worker::data::store::{self, TokenStore};
+use glm_worker::data::store::{self, BuildReport, TokenStore};
 use glm_worker::data::tokenizer::{padded_vocab_size, GlmTokenizer, TokenizerSpec, TokenizerType};
 
 use crate::output::{mb, progress_bar};
@@ -32,8 +33,8 @@ pub struct MakeCorpusArgs {
 pub struct PrepareArgs {
     /// Corpus file or folder (.json array, .jsonl, or text); wudao:<file or folder> reads it
     /// with the original's WuDao reader (JSON records, title + " " + content, over 100 characters)
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "join")]
+    data: Option<PathBuf>,
     /// The tokenizer's files (BertWordPieceTokenizer: vocab.txt; GPT2BPETokenizer: vocab.json +
     /// merges.txt or their folder; ChineseSPTokenizer: a .model) or a tokenizer.json;
     /// omitted: train one on the corpus
@@ -81,6 +82,21 @@ pub struct PrepareArgs {
     /// make_vocab_size_divisible_by, to report the model's padded vocabulary
     #[arg(long, default_value_t = 128)]
     make_vocab_size_divisible_by: usize,
+    /// Threads that read and tokenize, each a shard at a time [default: one per core]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Input bytes per shard of the store: auto (about 64 shards, 4 MiB to 1 GiB each),
+    /// a size such as 256M or 1G, or 0 (one shard)
+    #[arg(long, default_value = "auto")]
+    shard_size: String,
+    /// Tokenize only slice I of N (0 <= I < N: the shards I, I+N, I+2N, ...) into the partial
+    /// build beside --out, for several processes or nodes sharing the file system; then --join
+    #[arg(long, value_name = "I/N")]
+    slice: Option<String>,
+    /// Install the store from the partial build its slices made, once every slice is done
+    /// (no tokens are copied); --data, when given, must be the slices' corpus
+    #[arg(long)]
+    join: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,8 +156,16 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     glm_worker::train::trainer::install_signal_handlers(glm_worker::train::trainer::Phase::Preparation);
     // Check every argument before doing work, so a typo costs nothing.
     let shares = get_split(&a.split, false, false)?;
-    let (data, reader) = parse_entry(&a.data.to_string_lossy());
-    let files = corpus_files(&data)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = match a.workers {
+        Some(0) => anyhow::bail!("--workers 0: must be at least 1 (omit it for one per core, {cores} here)"),
+        Some(n) => n,
+        None => 0,
+    };
+    let shard_size = ShardSize::parse(&a.shard_size)
+        .map_err(|e| anyhow::anyhow!("--shard-size {}: {e}; expected auto, 0 (one shard), a number of bytes or a size such as 256M or 1G", a.shard_size))?;
+    let slice = a.slice.as_deref().map(|s| Slice::parse(s).map_err(|e| anyhow::anyhow!("--slice {s}: {e}"))).transpose()?;
+    let reader = a.data.as_ref().map_or(Reader::Default, |d| parse_entry(&d.to_string_lossy()).1);
     let opts = PrepareOptions {
         corpus: CorpusOptions { text_key: a.text_key.clone(), skip_malformed: a.skip_malformed, reader },
         vocab_size: a.vocab_size,
@@ -151,8 +175,22 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         show_progress: glm_worker::comm::mpi::live_terminal(&std::io::stderr()),
         spec: prepare_spec(&a)?,
         guard: Some(glm_worker::data::prepare::StoreGuard { command: "prepare", store_option: "--out", rebuild_flag: "--force" }),
+        workers,
+        shard_size,
         ..PrepareOptions::default()
     };
+    if a.join {
+        anyhow::ensure!(slice.is_none(), "--join with --slice: the slices tokenize (--slice i/n, one run each), then one --join installs the store");
+        let ignored: Vec<&str> =
+            [(a.tokenizer.is_some(), "--tokenizer"), (a.workers.is_some(), "--workers"), (!a.shard_size.eq_ignore_ascii_case("auto"), "--shard-size")]
+                .into_iter()
+                .filter_map(|(given, flag)| given.then_some(flag))
+                .collect();
+        anyhow::ensure!(ignored.is_empty(), "{} with --join: the store is what the slices tokenized; give these to the slices", ignored.join(", "));
+        return join(&a, &opts, &shares);
+    }
+    let (data, reader) = parse_entry(&a.data.as_ref().expect("clap requires --data without --join").to_string_lossy());
+    let files = corpus_files(&data)?;
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     println!("prepare: corpus {} ({} file{}, {:.2} MB, {reader})", data.display(), files.len(), if files.len() == 1 { "" } else { "s" }, mb(total_bytes));
     let (tok, origin) = obtain_tokenizer(&files, a.tokenizer.as_deref(), &a.out, &opts)?;
@@ -164,6 +202,29 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         &tok.sha256[..16]
     );
     let pb = progress_bar(total_bytes, "tokenizing");
+    if let Some(slice) = slice {
+        let outcome = prepare_slice(&files, &tok, &a.out, slice, &opts, &|done| pb.set_position(done))?;
+        pb.finish_and_clear();
+        match outcome {
+            SliceOutcome::UpToDate => println!("prepare: store {} is up to date (same corpus and tokenizer); slice {slice} has nothing to do", a.out.display()),
+            SliceOutcome::Done { report, done, total } => {
+                if let Some(note) = &report.discarded {
+                    println!("prepare: {note}");
+                }
+                println!("prepare: slice {slice}: {}", rate(&report));
+                let next = if done == total {
+                    format!(
+                        "every shard is done: install the store with glm-worker prepare --out {} --join",
+                        glm_common::text::shell_word(&a.out.display().to_string())
+                    )
+                } else {
+                    "the other slices' are to do, then prepare --join installs the store".into()
+                };
+                println!("prepare: {done} of {total} shards done in {}; {next}", partial_dir(&a.out).display());
+            }
+        }
+        return Ok(());
+    }
     let (meta, outcome) = ensure_store(&files, &tok, &a.out, &opts, &|done| pb.set_position(done))?;
     pb.finish_and_clear();
     match outcome {
@@ -172,38 +233,88 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
             if let Some(why) = reason {
                 println!("prepare: rebuilt {}: {why}", a.out.display());
             }
-            let short = if reader == Reader::WuDao {
-                format!(", {} of at most {} characters dropped by the WuDao reader", report.stats.short, glm_worker::data::corpus::WUDAO_MIN_CHARS)
-            } else {
-                String::new()
-            };
-            println!(
-                "prepare: {} documents ({} empty, {} skipped{short}, {} without tokens), {} tokens ({:.1} per document{})",
-                meta.documents,
-                report.stats.empty,
-                report.stats.skipped,
-                report.documents_without_tokens,
-                meta.tokens,
-                meta.tokens as f64 / meta.documents as f64,
-                meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default()
-            );
-            println!(
-                "prepare: tokenized {:.2} MB of text in {:.2} s = {:.2} MB/s, {:.0} tokens/s",
-                mb(meta.text_bytes),
-                report.seconds,
-                mb(meta.text_bytes) / report.seconds,
-                meta.tokens as f64 / report.seconds
-            );
+            report_build(&report, &meta, reader);
         }
     }
+    report_store(&a, &meta, &shares)
+}
+
+/// `prepare --join`: installs the store the slices made.
+fn join(a: &PrepareArgs, opts: &PrepareOptions, shares: &[f64; 3]) -> Result<()> {
+    let files = match &a.data {
+        Some(d) => Some(corpus_files(&parse_entry(&d.to_string_lossy()).0)?),
+        None => None,
+    };
+    let work = partial_dir(&a.out);
+    anyhow::ensure!(
+        work.join("plan.json").is_file(),
+        "--join: no partial build of {} to join ({} does not exist or holds no plan): run prepare --slice i/n first",
+        a.out.display(),
+        work.display()
+    );
+    let (meta, report) = join_store(&a.out, files.as_deref(), opts).map_err(|e| anyhow::anyhow!("--join: {e}"))?;
+    println!("prepare: joined the {} shards of {} into {} (renamed, no tokens copied)", report.shards, work.display(), a.out.display());
+    report_build(&report, &meta, meta.reader);
+    report_store(a, &meta, shares)
+}
+
+/// "tokenized 12.00 MB of text in 1.20 s = ..., 3 of 8 shards, 2 workers, ...".
+fn rate(r: &BuildReport) -> String {
+    let secs = r.seconds.max(1e-9);
+    format!(
+        "tokenized {:.2} MB of text in {:.2} s = {:.2} MB/s, {:.0} tokens/s ({} of {} shards of {} input, {} worker{}, peak resident memory {:.0} MB)",
+        mb(r.text_bytes),
+        r.seconds,
+        mb(r.text_bytes) / secs,
+        r.tokens as f64 / secs,
+        r.shards_built,
+        r.shards,
+        if r.shard_size == 0 { "all the".to_string() } else { human_bytes(r.shard_size) },
+        r.workers,
+        if r.workers == 1 { "" } else { "s" },
+        mb(glm_worker::runtime::host::peak_rss_of_this_program())
+    )
+}
+
+/// The lines of a built store: documents, tokens, and this run's rate.
+fn report_build(report: &BuildReport, meta: &store::StoreMeta, reader: Reader) {
+    if let Some(note) = &report.discarded {
+        println!("prepare: {note}");
+    }
+    if report.shards_built < report.shards {
+        println!("prepare: {} of {} shards were done before (an interrupted run or slices) and are kept", report.shards - report.shards_built, report.shards);
+    }
+    let short = if reader == Reader::WuDao {
+        format!(", {} of at most {} characters dropped by the WuDao reader", report.stats.short, glm_worker::data::corpus::WUDAO_MIN_CHARS)
+    } else {
+        String::new()
+    };
+    println!(
+        "prepare: {} documents ({} empty, {} skipped{short}, {} without tokens), {} tokens ({:.1} per document{})",
+        meta.documents,
+        report.stats.empty,
+        report.stats.skipped,
+        report.documents_without_tokens,
+        meta.tokens,
+        meta.tokens as f64 / meta.documents as f64,
+        meta.unknown_share().map(|u| format!(", {:.2}% [UNK]", u * 100.0)).unwrap_or_default()
+    );
+    if report.shards_built > 0 {
+        println!("prepare: {}", rate(report));
+    }
+}
+
+/// The closing lines: the [UNK] warning, the split, the store.
+fn report_store(a: &PrepareArgs, meta: &store::StoreMeta, shares: &[f64; 3]) -> Result<()> {
     if let Some(w) = meta.unknown_warning(glm_worker::data::prepare::TokenizerOption::Flag) {
         println!("warning: {w}");
     }
-    let splits = split_documents(meta.documents as usize, &shares, None)?.parts;
+    let splits = split_documents(meta.documents as usize, shares, None)?.parts;
     let names = ["train", "valid", "test"];
     let parts: Vec<String> = splits.iter().zip(names).map(|(s, n)| format!("{n} {}", s.len())).collect();
     println!("prepare: split {} (the original's shuffle, seed {SPLIT_SEED}): {} documents", a.split, parts.join(", "));
-    println!("prepare: store {} ({} ids of {} bytes, {} documents)", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
+    let shards = if meta.shards.len() > 1 { format!(" in {} shards", meta.shards.len()) } else { String::new() };
+    println!("prepare: store {} ({} ids of {} bytes, {} documents{shards})", a.out.display(), meta.tokens, meta.bytes_per_token, meta.documents);
     Ok(())
 }
 

@@ -22,9 +22,11 @@
 //! skipped instead (a JSON array's syntax errors cannot be skipped: after one
 //! the rest of the array has no reliable structure).
 
+use std::cell::Cell;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde_json::Value;
 
@@ -173,9 +175,12 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The characters `standardize_punctuation` replaces.
+const CURLY: [char; 5] = ['\u{201c}', '\u{201d}', '\u{2018}', '\u{2019}', '\u{2013}'];
+
 /// The original's `punctuation_standardization`.
 pub fn standardize_punctuation(s: &str) -> String {
-    if !s.contains(['\u{201c}', '\u{201d}', '\u{2018}', '\u{2019}', '\u{2013}']) {
+    if !s.contains(CURLY) {
         return s.to_string();
     }
     s.chars()
@@ -188,38 +193,84 @@ pub fn standardize_punctuation(s: &str) -> String {
         .collect()
 }
 
+/// Whether a file can be cut into spans that are read separately (see
+/// `read_span`): JSON Lines and the default reader's text, by lines. A JSON
+/// array (and every file the WuDao reader reads as JSON) is read whole.
+pub fn splittable(path: &Path, reader: Reader) -> bool {
+    matches!((reader, Format::of(path)), (_, Format::JsonLines) | (Reader::Default, Format::Text))
+}
+
 /// Reads every document of `files` in order, handing each to `sink` together
 /// with the number of input bytes consumed so far in the current file (for
 /// progress). Returns what was read.
 pub fn read_corpus(files: &[PathBuf], opts: &CorpusOptions, mut sink: impl FnMut(String, u64) -> Result<()>) -> Result<ReadStats> {
+    read_corpus_while(files, opts, |text, pos| sink(text, pos).map(|()| true))
+}
+
+/// As `read_corpus`, until `sink` returns `false` (then nothing more is read).
+pub fn read_corpus_while(files: &[PathBuf], opts: &CorpusOptions, mut sink: impl FnMut(String, u64) -> Result<bool>) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
     for f in files {
-        let mut emit = |text: String, pos: u64| -> Result<()> {
-            let text = match opts.reader {
-                Reader::Default => standardize_punctuation(text.trim()),
-                // the original's `len(text) > 100`: characters, the text as built
-                Reader::WuDao if text.chars().count() > WUDAO_MIN_CHARS => text,
-                Reader::WuDao => {
-                    stats.short += 1;
-                    return Ok(());
-                }
-            };
-            if text.is_empty() {
-                stats.empty += 1;
-                return Ok(());
-            }
-            stats.documents += 1;
-            stats.text_bytes += text.len() as u64;
-            sink(text, pos)
-        };
-        let skipped = match (opts.reader, Format::of(f)) {
-            (_, Format::JsonLines) => read_json_lines(f, opts, &mut emit)?,
-            (Reader::WuDao, _) | (_, Format::JsonArray) => read_json_array(f, opts, &mut emit)?,
-            (Reader::Default, Format::Text) => read_text(f, &mut emit)?,
-        };
-        stats.skipped += skipped;
+        if !read_span(f, 0, u64::MAX, opts, &mut stats, &mut sink)? {
+            break;
+        }
     }
     Ok(stats)
+}
+
+/// Reads the documents of `path` whose records start in its bytes
+/// `[start, end)` — a JSON Lines record where its line starts, a text
+/// document where its first line starts; a record that starts there is read
+/// to its end, past `end` if need be — and hands each to `sink` (with the
+/// file offset reached), counting in `stats`. A file that is not
+/// `splittable` is read whole by the span that starts at 0 (and by no
+/// other). Cutting a file at any offsets and reading the spans in order
+/// gives the documents of reading it whole, in the same order. Returns
+/// `false` when `sink` asked to stop.
+pub fn read_span(
+    path: &Path,
+    start: u64,
+    end: u64,
+    opts: &CorpusOptions,
+    stats: &mut ReadStats,
+    sink: &mut dyn FnMut(String, u64) -> Result<bool>,
+) -> Result<bool> {
+    let mut emit = |text: String, pos: u64| -> Result<bool> {
+        let text = match opts.reader {
+            Reader::Default => standardize_trimmed(text),
+            // the original's `len(text) > 100`: characters, the text as built
+            Reader::WuDao if text.chars().count() > WUDAO_MIN_CHARS => text,
+            Reader::WuDao => {
+                stats.short += 1;
+                return Ok(true);
+            }
+        };
+        if text.is_empty() {
+            stats.empty += 1;
+            return Ok(true);
+        }
+        stats.documents += 1;
+        stats.text_bytes += text.len() as u64;
+        sink(text, pos)
+    };
+    let (skipped, go_on) = match (opts.reader, Format::of(path)) {
+        (_, Format::JsonLines) => read_json_lines(path, start, end, opts, &mut emit)?,
+        (Reader::WuDao, _) | (_, Format::JsonArray) if start == 0 => read_json_array(path, opts, &mut emit)?,
+        (Reader::WuDao, _) | (_, Format::JsonArray) => (0, true),
+        (Reader::Default, Format::Text) => (0, read_text(path, start, end, &mut emit)?),
+    };
+    stats.skipped += skipped;
+    Ok(go_on)
+}
+
+/// `standardize_punctuation` of the trimmed text, reusing its buffer when
+/// nothing changes.
+fn standardize_trimmed(text: String) -> String {
+    let trimmed = text.trim();
+    if trimmed.len() == text.len() && !text.contains(CURLY) {
+        return text;
+    }
+    standardize_punctuation(trimmed)
 }
 
 /// Python's `str.strip()`: Unicode whitespace, plus the four ASCII
@@ -297,16 +348,160 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-use glm_common::text::line_col;
+/// The lines of a file from the first one that starts at or after a given
+/// offset (a line starts at offset 0 or after a `\n`), each with the file
+/// offset where it starts.
+struct Lines<'p> {
+    path: &'p Path,
+    reader: BufReader<File>,
+    /// File offset of the next line.
+    pos: u64,
+    /// Where the first line starts, and how many lines were read since.
+    first: u64,
+    read: usize,
+    /// Newlines before `first`, counted when an error needs a line number.
+    before: Cell<Option<usize>>,
+    /// The last line read, with its `\n`.
+    line: Vec<u8>,
+    /// A byte-order mark skipped at the start: part of line 1, which starts at 0.
+    mark: u64,
+}
 
-/// `path` opened for reading lines, past a UTF-8 byte-order mark; a file
-/// that is not UTF-8 text (binary, compressed, UTF-16) is refused by name.
-fn open_text(path: &Path) -> Result<BufReader<File>> {
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
-    let head = reader.fill_buf().at(path)?;
-    let skip = glm_common::text::sniff(path, head)?;
-    reader.consume(skip);
-    Ok(reader)
+impl<'p> Lines<'p> {
+    /// At 0 the file is checked to be text and its byte-order mark skipped
+    /// (`sniff`); elsewhere the rest of a line that started before `start` is
+    /// skipped (it belongs to the span where it starts).
+    fn open(path: &'p Path, start: u64) -> Result<Self> {
+        let mut file = File::open(path).at(path)?;
+        let mut mark = 0;
+        let (reader, pos) = if start == 0 {
+            let mut reader = BufReader::with_capacity(1 << 20, file);
+            let head = reader.fill_buf().at(path)?;
+            let skip = glm_common::text::sniff(path, head)?;
+            reader.consume(skip);
+            mark = skip as u64;
+            (reader, 0)
+        } else {
+            file.seek(SeekFrom::Start(start - 1)).at(path)?;
+            let mut reader = BufReader::with_capacity(1 << 20, file);
+            // from the byte before `start`: only a `\n` there makes `start` a line start
+            let n = reader.skip_until(b'\n').at(path)?;
+            (reader, start - 1 + n as u64)
+        };
+        Ok(Lines { path, reader, pos, first: pos, read: 0, before: Cell::new(None), line: Vec::new(), mark })
+    }
+
+    /// Reads the next line into `line`: its start offset, `None` at the end.
+    fn next(&mut self) -> Result<Option<u64>> {
+        self.line.clear();
+        let n = self.reader.read_until(b'\n', &mut self.line).at(self.path)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let at = self.pos;
+        self.pos += n as u64 + std::mem::take(&mut self.mark);
+        self.read += 1;
+        Ok(Some(at))
+    }
+
+    /// The line number (1-based) of the last line read in the file: only
+    /// for errors, since a span that starts inside the file counts the lines
+    /// before it by reading them.
+    fn lineno(&self) -> Result<usize> {
+        let before = match self.before.get() {
+            Some(n) => n,
+            None => {
+                let n = newlines_before(self.path, self.first)?;
+                self.before.set(Some(n));
+                n
+            }
+        };
+        Ok(before + self.read)
+    }
+}
+
+/// The number of `\n` in the first `upto` bytes of `path`.
+fn newlines_before(path: &Path, upto: u64) -> Result<usize> {
+    let mut f = File::open(path).at(path)?.take(upto);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut buf).at(path)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        n += memchr::memchr_iter(b'\n', &buf[..k]).count();
+    }
+}
+
+/// 1-based (line, column in characters) of byte `offset` of `path`'s text
+/// that starts at byte `skip` (past a byte-order mark), as
+/// `glm_common::text::line_col` gives them, reading the file up to there.
+fn line_col_at(path: &Path, skip: u64, offset: u64) -> Result<(usize, usize)> {
+    let mut f = File::open(path).at(path)?;
+    f.seek(SeekFrom::Start(skip)).at(path)?;
+    let mut f = f.take(offset);
+    let mut buf = vec![0u8; 1 << 20];
+    let chars = |b: &[u8]| b.iter().filter(|&&x| x & 0xC0 != 0x80).count();
+    let (mut line, mut col) = (1, 1);
+    loop {
+        let k = f.read(&mut buf).at(path)?;
+        if k == 0 {
+            return Ok((line, col));
+        }
+        let chunk = &buf[..k];
+        match memchr::memrchr(b'\n', chunk) {
+            Some(i) => {
+                line += memchr::memchr_iter(b'\n', chunk).count();
+                col = 1 + chars(&chunk[i + 1..]);
+            }
+            None => col += chars(chunk),
+        }
+    }
+}
+
+/// Whitespace to `str::trim` among ASCII bytes.
+fn ascii_space(b: u8) -> bool {
+    matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ')
+}
+
+/// Whether the line that ends just before `at` (a line start, `at > 0`:
+/// the byte before it is that line's `\n`) is blank, as the text reader
+/// judges lines (a line that is not UTF-8 is not blank). Read backwards,
+/// stopping at the first ASCII byte that is not whitespace.
+fn previous_line_blank(path: &Path, at: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).at(path)?;
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut hi = at - 1;
+    let starts_file = loop {
+        if hi == 0 {
+            break true;
+        }
+        let lo = hi.saturating_sub(64 << 10);
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        f.read_exact_at(&mut buf, lo).at(path)?;
+        let (part, done) = match memchr::memrchr(b'\n', &buf) {
+            Some(i) => (buf[i + 1..].to_vec(), true),
+            None => (buf, false),
+        };
+        if part.iter().any(|&b| b.is_ascii() && !ascii_space(b)) {
+            return Ok(false);
+        }
+        chunks.push(part);
+        if done {
+            break false;
+        }
+        hi = lo;
+    };
+    let line: Vec<u8> = chunks.into_iter().rev().flatten().collect();
+    let line = if starts_file { line.strip_prefix(glm_common::text::BOM).unwrap_or(&line) } else { &line };
+    Ok(blank(line))
+}
+
+/// A blank line (UTF-8, nothing but whitespace).
+fn blank(line: &[u8]) -> bool {
+    std::str::from_utf8(line).is_ok_and(|t| t.trim().is_empty())
 }
 
 /// The error for a line that is not UTF-8: where, and which byte.
@@ -315,72 +510,208 @@ fn not_utf8(path: &Path, lineno: usize, line: &[u8], e: std::str::Utf8Error) -> 
     Error::parse(path, lineno, col, format!("not UTF-8 (byte 0x{:02X}); corpora must be UTF-8 text (see docs/corpus.md)", line[e.valid_up_to()]))
 }
 
-fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
-    let file = File::open(path).at(path)?;
-    let len = file.metadata().at(path)?.len();
-    if len == 0 {
-        return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)"));
+/// The first byte of `path` from `from` on that is not ASCII whitespace,
+/// and its offset.
+fn first_non_space(path: &Path, from: u64) -> Result<Option<(u64, u8)>> {
+    let mut f = File::open(path).at(path)?;
+    f.seek(SeekFrom::Start(from)).at(path)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    loop {
+        let k = f.read(&mut buf).at(path)?;
+        if k == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = buf[..k].iter().position(|b| !b.is_ascii_whitespace()) {
+            return Ok(Some((at + i as u64, buf[i])));
+        }
+        at += k as u64;
     }
-    // SAFETY: the map is read-only and dropped before returning; a corpus
-    // file truncated underneath us is a user error we cannot guard against.
-    let map = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    let skip = glm_common::text::sniff(path, &map)?;
-    let buf: &[u8] = &map[skip..];
-    let first = buf.iter().position(|b| !b.is_ascii_whitespace());
-    let first = match first {
-        None => return Err(Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)")),
-        Some(i) => i,
-    };
-    let wudao_records = opts.reader == Reader::WuDao && buf[first] == b'{';
-    if buf[first] != b'[' && !wudao_records {
-        let (l, c) = line_col(buf, first);
-        let hint = if buf[first] == b'{' {
+}
+
+/// A reader that counts the bytes read through it (serde_json's reader
+/// takes them one at a time, so the count is where it stands).
+struct Counted<R> {
+    inner: R,
+    n: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.set(self.n.get() + k as u64);
+        Ok(k)
+    }
+}
+
+/// The records of a JSON array as serde_json streams them: each is parsed,
+/// turned into text and handed on before the next is read, so memory holds
+/// one record at a time however large the file.
+struct Elements<'a> {
+    path: &'a Path,
+    opts: &'a CorpusOptions,
+    emit: &'a mut dyn FnMut(String, u64) -> Result<bool>,
+    /// Where the text starts (past a byte-order mark), and the bytes that
+    /// serde_json has read since.
+    skip: u64,
+    read: Rc<Cell<u64>>,
+    index: usize,
+    skipped: u64,
+    /// Why reading stopped early: our error, or `None` with `stopped` when
+    /// the sink asked to stop.
+    failure: Option<Error>,
+    stopped: bool,
+}
+
+impl Elements<'_> {
+    fn element(&mut self, raw: &serde_json::value::RawValue) -> Result<bool> {
+        let text = raw.get();
+        // serde_json has read the record, and one byte past a number (to see that it ended)
+        let number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+        let offset = self.read.get() - text.len() as u64 - u64::from(number);
+        let i = self.index;
+        self.index += 1;
+        let v: Value = serde_json::from_str(text).expect("RawValue re-parses");
+        match text_of(&v, self.opts) {
+            Ok(t) => (self.emit)(t, self.skip + offset),
+            Err(msg) if self.opts.skip_malformed => {
+                if log::log_enabled!(log::Level::Debug) {
+                    let (l, c) = line_col_at(self.path, self.skip, offset)?;
+                    log::debug!("{}:{l}:{c}: skipped record {i}: {msg}", self.path.display());
+                }
+                self.skipped += 1;
+                Ok(true)
+            }
+            Err(msg) => {
+                let (l, c) = line_col_at(self.path, self.skip, offset)?;
+                Err(Error::parse(self.path, l, c, format!("record {i}: {msg}")))
+            }
+        }
+    }
+}
+
+/// Visits the array of records (`Ok(true)`), or `null` in place of
+/// WuDao's `RECORDS` (`Ok(false)`).
+struct Array<'s, 'a>(&'s mut Elements<'a>);
+
+impl<'de> serde::de::Visitor<'de> for Array<'_, '_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of records")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<bool, A::Error> {
+        use serde::de::Error as _;
+        while let Some(raw) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+            match self.0.element(&raw) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.0.stopped = true;
+                    return Err(A::Error::custom("stopped"));
+                }
+                Err(e) => {
+                    self.0.failure = Some(e);
+                    return Err(A::Error::custom("failed"));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_none<E>(self) -> std::result::Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Array<'_, '_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+/// WuDao's files: `{"RECORDS": [{"title": ..., "content": ...}, ...]}`;
+/// whether there was a `RECORDS` array.
+struct Records<'s, 'a>(&'s mut Elements<'a>);
+
+impl<'de> serde::de::Visitor<'de> for Records<'_, '_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with a \"RECORDS\" array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<bool, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != "RECORDS" {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else if found.is_some() {
+                return Err(serde::de::Error::duplicate_field("RECORDS"));
+            } else {
+                found = Some(map.next_value_seed(Array(&mut *self.0))?);
+            }
+        }
+        Ok(found == Some(true))
+    }
+}
+
+fn read_json_array(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<bool>) -> Result<(u64, bool)> {
+    let empty = || Error::parse(path, 1, 1, "empty file: expected a JSON array of objects (see docs/corpus.md)");
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).at(path)?);
+    let head = reader.fill_buf().at(path)?;
+    if head.is_empty() {
+        return Err(empty());
+    }
+    let skip = glm_common::text::sniff(path, head)?;
+    reader.consume(skip);
+    let skip = skip as u64;
+    let Some((first_at, first)) = first_non_space(path, skip)? else { return Err(empty()) };
+    let wudao_records = opts.reader == Reader::WuDao && first == b'{';
+    if first != b'[' && !wudao_records {
+        let (l, c) = line_col_at(path, skip, first_at - skip)?;
+        let hint = if first == b'{' {
             " (a fragment of objects without the enclosing `[` `]`? wrap it in brackets, \
              or name it .jsonl with one object per line)"
         } else {
             ""
         };
-        return Err(Error::parse(
-            path,
-            l,
-            c,
-            format!("expected `[` starting a JSON array of objects, found `{}`{hint}; see docs/corpus.md", buf[first] as char),
-        ));
+        return Err(Error::parse(path, l, c, format!("expected `[` starting a JSON array of objects, found `{}`{hint}; see docs/corpus.md", first as char)));
     }
-    let malformed = |e: serde_json::Error| Error::parse(path, e.line(), e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e)));
-    let items: Vec<&serde_json::value::RawValue> = if wudao_records {
-        // WuDao's files: {"RECORDS": [{"title": ..., "content": ...}, ...]}
-        #[derive(serde::Deserialize)]
-        struct Records<'a> {
-            #[serde(rename = "RECORDS", borrow)]
-            records: Option<Vec<&'a serde_json::value::RawValue>>,
-        }
-        let r: Records = serde_json::from_slice(buf).map_err(malformed)?;
-        r.records.ok_or_else(|| {
-            let (l, c) = line_col(buf, first);
-            Error::parse(path, l, c, "expected a JSON array of records or an object with a \"RECORDS\" array (the WuDao reader, wudao:)")
-        })?
+    let read = Rc::new(Cell::new(0));
+    let mut de = serde_json::Deserializer::from_reader(Counted { inner: reader, n: read.clone() });
+    let mut elements = Elements { path, opts, emit, skip, read, index: 0, skipped: 0, failure: None, stopped: false };
+    let parsed = if wudao_records {
+        serde::Deserializer::deserialize_map(&mut de, Records(&mut elements))
     } else {
-        serde_json::from_slice(buf).map_err(malformed)?
+        serde::Deserializer::deserialize_seq(&mut de, Array(&mut elements))
     };
-    let mut skipped = 0;
-    for (i, raw) in items.iter().enumerate() {
-        let offset = raw.get().as_ptr() as usize - buf.as_ptr() as usize;
-        let v: Value = serde_json::from_str(raw.get()).expect("RawValue re-parses");
-        match text_of(&v, opts) {
-            Ok(t) => emit(t, offset as u64)?,
-            Err(msg) if opts.skip_malformed => {
-                let (l, c) = line_col(buf, offset);
-                log::debug!("{}:{l}:{c}: skipped record {i}: {msg}", path.display());
-                skipped += 1;
-            }
-            Err(msg) => {
-                let (l, c) = line_col(buf, offset);
-                return Err(Error::parse(path, l, c, format!("record {i}: {msg}")));
-            }
-        }
+    if let Some(e) = elements.failure.take() {
+        return Err(e);
     }
-    Ok(skipped)
+    if elements.stopped {
+        return Ok((elements.skipped, false));
+    }
+    let malformed = |e: serde_json::Error| match e.io_error_kind() {
+        Some(_) => Error::io(path, e.into()),
+        None => Error::parse(path, e.line(), e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))),
+    };
+    if !parsed.map_err(malformed)? {
+        let (l, c) = line_col_at(path, skip, first_at - skip)?;
+        return Err(Error::parse(path, l, c, "expected a JSON array of records or an object with a \"RECORDS\" array (the WuDao reader, wudao:)"));
+    }
+    de.end().map_err(malformed)?;
+    Ok((elements.skipped, true))
 }
 
 /// serde_json appends " at line L column C"; we print the position up front.
@@ -392,25 +723,20 @@ fn strip_pos(e: &serde_json::Error) -> String {
     }
 }
 
-fn read_json_lines(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
-    let mut reader = open_text(path)?;
-    let mut line = Vec::new();
-    let (mut lineno, mut pos, mut skipped) = (0usize, 0u64, 0u64);
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line).at(path)?;
-        if n == 0 {
+fn read_json_lines(path: &Path, start: u64, end: u64, opts: &CorpusOptions, emit: &mut dyn FnMut(String, u64) -> Result<bool>) -> Result<(u64, bool)> {
+    let mut lines = Lines::open(path, start)?;
+    let mut skipped = 0;
+    while let Some(at) = lines.next()? {
+        if at >= end {
             break;
         }
-        lineno += 1;
-        pos += n as u64;
-        let text = match std::str::from_utf8(&line) {
+        let text = match std::str::from_utf8(&lines.line) {
             Ok(t) => t,
             Err(_) if opts.skip_malformed => {
                 skipped += 1;
                 continue;
             }
-            Err(e) => return Err(not_utf8(path, lineno, &line, e)),
+            Err(e) => return Err(not_utf8(path, lines.lineno()?, &lines.line, e)),
         };
         if text.trim().is_empty() {
             continue;
@@ -419,40 +745,53 @@ fn read_json_lines(path: &Path, opts: &CorpusOptions, emit: &mut dyn FnMut(Strin
             .map_err(|e| (e.column(), format!("malformed JSON: {} (see docs/corpus.md)", strip_pos(&e))))
             .and_then(|v| text_of(&v, opts).map_err(|m| (1, m)));
         match parsed {
-            Ok(t) => emit(t, pos)?,
+            Ok(t) => {
+                if !emit(t, lines.pos)? {
+                    return Ok((skipped, false));
+                }
+            }
             Err(_) if opts.skip_malformed => skipped += 1,
-            Err((col, msg)) => return Err(Error::parse(path, lineno, col, msg)),
+            Err((col, msg)) => return Err(Error::parse(path, lines.lineno()?, col, msg)),
         }
     }
-    Ok(skipped)
+    Ok((skipped, true))
 }
 
-fn read_text(path: &Path, emit: &mut dyn FnMut(String, u64) -> Result<()>) -> Result<u64> {
-    let mut reader = open_text(path)?;
-    let mut line = Vec::new();
+/// Text: a document is a maximal block of non-blank lines, and belongs to
+/// the span where its first line starts. A span that starts inside one
+/// (the line before its first line is not blank) leaves it to the span
+/// where it began.
+fn read_text(path: &Path, start: u64, end: u64, emit: &mut dyn FnMut(String, u64) -> Result<bool>) -> Result<bool> {
+    let mut lines = Lines::open(path, start)?;
+    if lines.pos >= end {
+        return Ok(true);
+    }
+    let mut foreign = start > 0 && !previous_line_blank(path, lines.pos)?;
     let mut doc = String::new();
-    let (mut lineno, mut pos) = (0usize, 0u64);
-    loop {
-        line.clear();
-        let n = reader.by_ref().read_until(b'\n', &mut line).at(path)?;
-        if n == 0 {
+    while let Some(at) = lines.next()? {
+        if at >= end && doc.is_empty() {
             break;
         }
-        lineno += 1;
-        pos += n as u64;
-        let text = std::str::from_utf8(&line).map_err(|e| not_utf8(path, lineno, &line, e))?;
+        if foreign {
+            foreign = !blank(&lines.line);
+            continue;
+        }
+        let text = match std::str::from_utf8(&lines.line) {
+            Ok(t) => t,
+            Err(e) => return Err(not_utf8(path, lines.lineno()?, &lines.line, e)),
+        };
         if text.trim().is_empty() {
-            if !doc.is_empty() {
-                emit(std::mem::take(&mut doc), pos)?;
+            if !doc.is_empty() && !emit(std::mem::take(&mut doc), lines.pos)? {
+                return Ok(false);
             }
         } else {
             doc.push_str(text);
         }
     }
     if !doc.is_empty() {
-        emit(doc, pos)?;
+        return emit(doc, lines.pos);
     }
-    Ok(0)
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -599,5 +938,106 @@ mod tests {
         let files = corpus_files(d.path()).unwrap();
         let (ok, _) = docs(&files, &CorpusOptions::default()).unwrap();
         assert_eq!(ok, vec!["a", "b"]);
+    }
+
+    /// The documents of `path` read as spans cut every `k` bytes, in order,
+    /// or the first error; and the stats summed.
+    fn by_spans(path: &Path, k: u64, opts: &CorpusOptions) -> Result<(Vec<String>, ReadStats)> {
+        let len = std::fs::metadata(path).unwrap().len();
+        let (mut out, mut stats) = (Vec::new(), ReadStats::default());
+        let mut start = 0;
+        loop {
+            let end = if start + k >= len { u64::MAX } else { start + k };
+            read_span(path, start, end, opts, &mut stats, &mut |t, _| {
+                out.push(t);
+                Ok(true)
+            })?;
+            if end == u64::MAX {
+                return Ok((out, stats));
+            }
+            start = end;
+        }
+    }
+
+    /// Cut anywhere — inside a line, a character, a byte-order mark, a run
+    /// of blank lines, a document — spans read in order give the documents
+    /// (and counts, and first error) of one pass over the file.
+    #[test]
+    fn spans_cut_anywhere_read_as_one_pass() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "\u{feff}first doc line\nsecond 行\n\n\n  \nnext doc\r\n\u{3000}\r\nthird “quoted”\nmore\n\n\n\nlast without newline";
+        let jsonl = "\u{feff}{\"text\": \"one\"}\n\n{\"text\": oops}\n{\"title\":\"x\",\"content\":\"“y”\"}\n   \n{\"text\": \"\"}\n{\"text\": 3}\n{\"text\": \"长文本 long\"}";
+        let cases: Vec<(PathBuf, CorpusOptions)> = vec![
+            (write(d.path(), "a.txt", text.as_bytes()), CorpusOptions::default()),
+            (write(d.path(), "b.txt", b"\n\nstarts blank\nx\n\ny\n"), CorpusOptions::default()),
+            (write(d.path(), "c.txt", b"a\nb\nc\n"), CorpusOptions::default()),
+            (write(d.path(), "a.jsonl", jsonl.as_bytes()), CorpusOptions { skip_malformed: true, ..Default::default() }),
+            (
+                write(d.path(), "w.jsonl", format!("{}\n{{\"content\": \"短\"}}\n", serde_json::json!({"title": "t", "content": "q".repeat(150)})).as_bytes()),
+                CorpusOptions { reader: Reader::WuDao, ..Default::default() },
+            ),
+            (write(d.path(), "a.json", "[{\"content\": \"“a”\"}, {\"content\": \"b\"}]".as_bytes()), CorpusOptions::default()),
+        ];
+        for (path, opts) in &cases {
+            let whole = docs(std::slice::from_ref(path), opts).unwrap();
+            assert!(!whole.0.is_empty(), "{}", path.display());
+            let len = std::fs::metadata(path).unwrap().len();
+            for k in 1..=len + 1 {
+                assert_eq!(by_spans(path, k, opts).unwrap(), whole, "{} cut every {k} bytes", path.display());
+            }
+        }
+        // errors: the first in file order, located in the file, whoever reads it
+        let bad_text = write(d.path(), "bad.txt", b"ok line\n\nab\xffc\nmore\n\nx\xfe\n");
+        let bad_lines = write(d.path(), "bad.jsonl", b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n\n{\"text\": 1}\n{oops\n");
+        for (path, want) in [(&bad_text, "bad.txt:3:3: not UTF-8 (byte 0xFF)"), (&bad_lines, "bad.jsonl:4:1: \"text\" must be a string, found a number")] {
+            let whole = docs(std::slice::from_ref(path), &CorpusOptions::default()).unwrap_err().to_string();
+            assert!(whole.contains(want), "{whole}");
+            let len = std::fs::metadata(path).unwrap().len();
+            for k in 1..=len {
+                let e = by_spans(path, k, &CorpusOptions::default()).unwrap_err().to_string();
+                assert_eq!(e, whole, "cut every {k} bytes");
+            }
+        }
+    }
+
+    /// A JSON array is streamed record by record; records that are not
+    /// objects are located where they start, numbers included.
+    #[test]
+    fn json_arrays_stream_with_located_records() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "n.json", "[\n  7 , {\"content\": \"a\"},\n \"长\",\t-1.5e3]".as_bytes());
+        let e = docs(std::slice::from_ref(&p), &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("n.json:2:3: record 0: expected an object, found a number"), "{e}");
+        let (ok, stats) = docs(std::slice::from_ref(&p), &CorpusOptions { skip_malformed: true, ..Default::default() }).unwrap();
+        assert_eq!((ok, stats.skipped), (vec!["a".to_string()], 3));
+        let p = write(d.path(), "s.json", "[{\"content\": \"a\"},\n \"长\"]".as_bytes());
+        let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("s.json:2:2: record 1: expected an object, found a string"), "{e}");
+        let p = write(d.path(), "t.json", b"[{\"content\": \"a\"}] x");
+        let e = docs(&[p], &CorpusOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("t.json:1:20: malformed JSON: trailing characters"), "{e}");
+        // WuDao: RECORDS anywhere among other keys; null or missing is no array; twice is an error
+        let wudao = CorpusOptions { reader: Reader::WuDao, ..Default::default() };
+        let long = "长".repeat(101);
+        let p = write(d.path(), "w.json", format!("{{\"n\": [1, {{}}], \"RECORDS\": [{{\"content\": \"{long}\"}}], \"z\": null}}").as_bytes());
+        assert_eq!(docs(&[p], &wudao).unwrap().0, vec![long.clone()]);
+        for (name, body) in [("null.json", "{\"RECORDS\": null}"), ("none.json", "\n  {\"rows\": []}")] {
+            let p = write(d.path(), name, body.as_bytes());
+            let e = docs(&[p], &wudao).unwrap_err().to_string();
+            let at = if name == "null.json" { "1:1" } else { "2:3" };
+            assert!(e.contains(&format!("{name}:{at}: expected a JSON array of records or an object with a \"RECORDS\" array")), "{e}");
+        }
+        let p = write(d.path(), "twice.json", b"{\"RECORDS\": [], \"RECORDS\": []}");
+        let e = docs(&[p], &wudao).unwrap_err().to_string();
+        assert!(e.contains("twice.json:1:") && e.contains("duplicate field `RECORDS`"), "{e}");
+        // reading stops when asked: a tokenizer's training text is read no further
+        let p = write(d.path(), "many.json", serde_json::to_string(&vec![serde_json::json!({"content": "x"}); 100]).unwrap().as_bytes());
+        let mut seen = 0;
+        read_corpus_while(&[p], &CorpusOptions::default(), |_, _| {
+            seen += 1;
+            Ok(seen < 3)
+        })
+        .unwrap();
+        assert_eq!(seen, 3);
     }
 }

@@ -1,6 +1,7 @@
 //! The data pipeline: corpus files -> documents -> token store -> GLM samples.
 
 pub mod blocklm;
+pub mod build;
 pub mod corpus;
 pub mod fortunes;
 pub mod mixture;

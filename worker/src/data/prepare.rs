@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::corpus::{read_corpus, CorpusOptions};
+use super::build::{self, BuildOptions, Built, ShardSize, Slice};
+use super::corpus::{read_corpus_while, CorpusOptions};
 pub use super::store::TokenizerOption;
-use super::store::{self, build_store, BuildReport, CorpusFingerprint, StoreMeta};
+use super::store::{self, BuildReport, CorpusFingerprint, StoreMeta};
 use super::tokenizer::{GlmTokenizer, TokenizerSpec};
 use crate::error::{Error, IoContext, Result};
 
@@ -31,6 +32,10 @@ pub struct PrepareOptions {
     /// A command that must not replace a store built for another corpus or
     /// tokenizer (`None`: training, which owns its store and rebuilds it).
     pub guard: Option<StoreGuard>,
+    /// Worker threads that tokenize (0: one per core).
+    pub workers: usize,
+    /// Input bytes per shard of the store.
+    pub shard_size: ShardSize,
 }
 
 /// How a command that does not own a store names its way out of replacing
@@ -55,6 +60,8 @@ impl Default for PrepareOptions {
             spec: Some(TokenizerSpec::default()),
             tokenizer_option: TokenizerOption::Flag,
             guard: None,
+            workers: 0,
+            shard_size: ShardSize::Auto,
         }
     }
 }
@@ -108,12 +115,10 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
     }
     let mut texts = Vec::new();
     let mut bytes = 0usize;
-    read_corpus(files, &opts.corpus, |t, _| {
-        if bytes < opts.tokenizer_train_bytes {
-            bytes += t.len();
-            texts.push(t);
-        }
-        Ok(())
+    read_corpus_while(files, &opts.corpus, |t, _| {
+        bytes += t.len();
+        texts.push(t);
+        Ok(bytes < opts.tokenizer_train_bytes)
     })?;
     if texts.is_empty() {
         return Err(Error::invalid(corpus_name(files), "the corpus holds no documents with text"));
@@ -152,22 +157,66 @@ pub enum StoreOutcome {
     },
 }
 
-/// Reuses the store at `out` when it matches corpus and tokenizer, else builds it.
+impl PrepareOptions {
+    fn build_options(&self, slice: Option<Slice>) -> BuildOptions {
+        BuildOptions { workers: self.workers, shard_size: self.shard_size, slice, force: self.force }
+    }
+
+    /// The refusal to replace a store that is `whose` (another corpus's or
+    /// tokenizer's), for a command with a guard.
+    fn refusal(&self, whose: &str) -> Option<String> {
+        let g = self.guard?;
+        Some(format!(
+            "this token store does not match what {} needs: {whose}; {} does not replace a store it did not build (it may be a training run's): give it a store of its own ({} <new dir>), or {} to replace this one",
+            g.command, g.command, g.store_option, g.rebuild_flag
+        ))
+    }
+}
+
+/// Reuses the store at `out` when it matches corpus and tokenizer, else
+/// builds it (continuing a partial build of the same corpus, tokenizer and
+/// settings that was interrupted, or that slices made).
 pub fn ensure_store(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<(StoreMeta, StoreOutcome)> {
     let why = store::staleness(out, files, tok, &opts.corpus)?;
     if why.is_none() && !opts.force {
         return Ok((store::read_meta(out)?, StoreOutcome::Reused));
     }
-    if let (Some(g), Some(whose)) = (opts.guard.filter(|_| !opts.force), why.as_ref().and(store::foreign(out, files, tok))) {
-        return Err(Error::invalid(
-            out,
-            format!(
-                "this token store does not match what {} needs: {whose}; {} does not replace a store it did not build (it may be a training run's): give it a store of its own ({} <new dir>), or {} to replace this one",
-                g.command, g.command, g.store_option, g.rebuild_flag
-            ),
-        ));
+    if let Some(refusal) = why.as_ref().filter(|_| !opts.force).and(store::foreign(out, files, tok)).and_then(|whose| opts.refusal(&whose)) {
+        return Err(Error::invalid(out, refusal));
     }
     let reason = if opts.force { Some("--force".to_string()) } else { why.filter(|_| out.exists()) };
-    let (meta, report) = build_store(files, &opts.corpus, tok, out, progress)?;
-    Ok((meta, StoreOutcome::Built { report, reason }))
+    match build::build(files, &opts.corpus, tok, out, &opts.build_options(None), progress)? {
+        Built::Store(meta, report) => Ok((*meta, StoreOutcome::Built { report, reason })),
+        Built::Slice { .. } => unreachable!("a build without a slice installs the store"),
+    }
+}
+
+/// What `prepare_slice` did.
+pub enum SliceOutcome {
+    /// The store is there and up to date: nothing to do.
+    UpToDate,
+    /// The slice's shards are done; `done` of `total` over all slices.
+    Done { report: BuildReport, done: usize, total: usize },
+}
+
+/// Tokenizes the shards of `slice` into the partial build of the store at
+/// `out`, which `join_store` installs once every slice is done.
+pub fn prepare_slice(files: &[PathBuf], tok: &GlmTokenizer, out: &Path, slice: Slice, opts: &PrepareOptions, progress: &dyn Fn(u64)) -> Result<SliceOutcome> {
+    let why = store::staleness(out, files, tok, &opts.corpus)?;
+    if why.is_none() && !opts.force {
+        return Ok(SliceOutcome::UpToDate);
+    }
+    if let Some(refusal) = (!opts.force).then(|| store::foreign(out, files, tok)).flatten().and_then(|whose| opts.refusal(&whose)) {
+        return Err(Error::invalid(out, refusal));
+    }
+    match build::build(files, &opts.corpus, tok, out, &opts.build_options(Some(slice)), progress)? {
+        Built::Slice { report, done, total } => Ok(SliceOutcome::Done { report, done, total }),
+        Built::Store(..) => unreachable!("a slice does not install the store"),
+    }
+}
+
+/// Installs the store at `out` from its partial build once every slice is
+/// done, without copying tokens; `files` (when given) must be its corpus.
+pub fn join_store(out: &Path, files: Option<&[PathBuf]>, opts: &PrepareOptions) -> Result<(StoreMeta, BuildReport)> {
+    build::join(out, files, opts.force, &|whose| opts.refusal(whose).unwrap_or_else(|| whose.to_string()))
 }

@@ -1,19 +1,26 @@
 //! The token store: a corpus tokenized once, memory-mapped by every run.
 //!
-//! A store is a directory:
-//! - `tokens.bin`: 32-byte header (`GLMTOKS\0`, format version u32, bytes per
-//!   token u32 — 2 when the vocabulary fits in u16, else 4 — token count u64,
-//!   reserved u64) followed by all documents' token ids, little-endian.
-//! - `index.bin`: 32-byte header (`GLMIDX\0\0`, version, 8, entry count,
-//!   reserved) followed by `documents + 1` u64 offsets into the token array.
-//! - `meta.json`: counts, the tokenizer's sha256 and special ids, and the
-//!   corpus fingerprint (per file: size, mtime, sha256).
+//! A store is a directory (format version 2):
+//! - `meta.json`: `format_version`, counts, the tokenizer's sha256 and
+//!   special ids, the corpus fingerprint (per file: size, mtime, sha256),
+//!   and `shards`, the manifest: per shard its name, documents, tokens and
+//!   the input it was read from (byte ranges of the corpus files).
+//! - per shard `<name>.tokens.bin`: 32-byte header (`GLMTOKS\0`, format
+//!   version u32, bytes per token u32 — 2 when the vocabulary fits in u16,
+//!   else 4 — token count u64, reserved u64) followed by the shard's token
+//!   ids, little-endian; and `<name>.index.bin`: 32-byte header
+//!   (`GLMIDX\0\0`, version, 8, entry count, reserved) followed by
+//!   `documents + 1` u64 offsets into the shard's tokens.
 //! - `tokenizer.json`: the tokenizer that produced the ids.
 //!
-//! A store is built in a temporary sibling directory and renamed into place,
-//! so a crash never leaves a half-written store under the final name. When
-//! the corpus (by content) or the tokenizer (by hash) changes, the store is
-//! out of date and is rebuilt rather than reused.
+//! The documents of the store are the shards' documents in shard order;
+//! `TokenStore` numbers them globally. Format version 1 (one `tokens.bin`
+//! and `index.bin`, no `shards`) is still read, as one shard.
+//!
+//! Stores are built by `data::build` in a work directory beside the store
+//! and renamed into place, so a crash never leaves a half-written store
+//! under the final name. When the corpus (by content) or the tokenizer (by
+//! hash) changes, the store is out of date and is rebuilt rather than reused.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -23,14 +30,17 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::corpus::{read_corpus, CorpusOptions, ReadStats, Reader};
+use super::corpus::{CorpusOptions, ReadStats, Reader};
 use super::tokenizer::{hex, GlmTokenizer, SpecialIds, TokenizerType};
 use crate::error::{Error, IoContext, Result};
 
 const TOKENS_MAGIC: &[u8; 8] = b"GLMTOKS\0";
 const INDEX_MAGIC: &[u8; 8] = b"GLMIDX\0\0";
-pub const FORMAT_VERSION: u32 = 1;
-const HEADER: usize = 32;
+/// The format this build writes: sharded (`meta.json`'s `shards`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads: 1, one `tokens.bin` + `index.bin`.
+pub const OLDEST_FORMAT: u32 = 1;
+pub(crate) const HEADER: usize = 32;
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("the token store format is little-endian; big-endian hosts are not supported");
@@ -104,7 +114,7 @@ impl CorpusFingerprint {
         Ok(Self::from_files(out))
     }
 
-    fn from_files(files: Vec<FileFingerprint>) -> Self {
+    pub(crate) fn from_files(files: Vec<FileFingerprint>) -> Self {
         let mut h = Sha256::new();
         for f in &files {
             let name = f.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -165,6 +175,40 @@ pub struct StoreMeta {
     /// Records the WuDao reader dropped as 100 characters or shorter.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub short_records: u64,
+    /// The shards, in document order (format 1: none, its one `tokens.bin`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardMeta>,
+}
+
+/// One shard of a store: its files `<name>.tokens.bin` and
+/// `<name>.index.bin`, what they hold, and the input they were read from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    pub name: String,
+    pub documents: u64,
+    pub tokens: u64,
+    /// The records that start in these byte ranges of the corpus files (a
+    /// JSON array file: the whole file).
+    pub input: Vec<Span>,
+}
+
+/// Bytes `[start, end)` of corpus file `file` (an index into the store's
+/// `corpus.files`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub file: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl ShardMeta {
+    pub fn tokens_file(&self) -> String {
+        format!("{}.tokens.bin", self.name)
+    }
+
+    pub fn index_file(&self) -> String {
+        format!("{}.index.bin", self.name)
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -219,12 +263,27 @@ impl StoreMeta {
     }
 }
 
-/// Where a build spent its time, for reports and benchmarks.
+/// What a build did, for reports and benchmarks.
 #[derive(Clone, Debug, Default)]
 pub struct BuildReport {
     pub seconds: f64,
+    /// What the corpus gave, over every shard (those of earlier runs too).
     pub stats: ReadStats,
     pub documents_without_tokens: u64,
+    /// Shards in the store, and those this run tokenized (the others were
+    /// done by an interrupted run or other slices and kept).
+    pub shards: usize,
+    pub shards_built: usize,
+    /// The input bytes, text bytes and tokens of the shards this run built.
+    pub input_bytes: u64,
+    pub text_bytes: u64,
+    pub tokens: u64,
+    /// Workers that tokenized (at most one per shard to build).
+    pub workers: usize,
+    /// The shard size the corpus was cut by (input bytes; 0: one shard).
+    pub shard_size: u64,
+    /// Said when a partial build of another plan was thrown away.
+    pub discarded: Option<String>,
 }
 
 fn write_header(w: &mut impl Write, magic: &[u8; 8], width: u32, count: u64) -> std::io::Result<()> {
@@ -235,29 +294,16 @@ fn write_header(w: &mut impl Write, magic: &[u8; 8], width: u32, count: u64) -> 
     w.write_all(&0u64.to_le_bytes())
 }
 
-/// Tokenizes `files` with `tok` into a store at `out` (replacing any store
-/// there). `progress` receives input bytes as they are consumed.
-pub fn build_store(files: &[PathBuf], opts: &CorpusOptions, tok: &GlmTokenizer, out: &Path, progress: &dyn Fn(u64)) -> Result<(StoreMeta, BuildReport)> {
-    let start = std::time::Instant::now();
-    let fingerprint = CorpusFingerprint::compute(files)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).at(parent)?;
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "store".into());
-    let tmp = crate::runtime::host::temp_path(parent, &format!(".{name}.tmp-"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).at(&tmp)?;
-    let result = (|| {
-        let (meta, report) = write_store(files, opts, tok, &tmp, fingerprint, progress)?;
-        replace_dir(&tmp, out)?;
-        Ok((meta, BuildReport { seconds: start.elapsed().as_secs_f64(), ..report }))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+/// The bytes per token of a store for `vocab_size` ids.
+pub fn token_width(vocab_size: usize) -> u32 {
+    if vocab_size <= u16::MAX as usize + 1 {
+        2
+    } else {
+        4
     }
-    result
 }
 
-/// Streams documents' token ids into `tokens.bin` + `index.bin` of `dir`.
+/// Streams documents' token ids into one shard's files.
 pub struct StoreWriter {
     tokens: BufWriter<File>,
     index: BufWriter<File>,
@@ -266,31 +312,34 @@ pub struct StoreWriter {
     width: u32,
     total: u64,
     docs: u64,
+    bytes: Vec<u8>,
 }
 
 impl StoreWriter {
-    pub fn create(dir: &Path, vocab_size: usize) -> Result<Self> {
-        let width: u32 = if vocab_size <= u16::MAX as usize + 1 { 2 } else { 4 };
-        let tokens_path = dir.join("tokens.bin");
-        let index_path = dir.join("index.bin");
-        let mut tokens = BufWriter::with_capacity(1 << 22, File::create(&tokens_path).at(&tokens_path)?);
-        let mut index = BufWriter::with_capacity(1 << 20, File::create(&index_path).at(&index_path)?);
-        write_header(&mut tokens, TOKENS_MAGIC, width, 0).at(&tokens_path)?;
-        write_header(&mut index, INDEX_MAGIC, 8, 0).at(&index_path)?;
-        index.write_all(&0u64.to_le_bytes()).at(&index_path)?;
-        Ok(StoreWriter { tokens, index, tokens_path, index_path, width, total: 0, docs: 0 })
+    /// A writer of shard `name` in `dir`.
+    pub fn create(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
+        Self::create_at(&dir.join(format!("{name}.tokens.bin")), &dir.join(format!("{name}.index.bin")), vocab_size)
+    }
+
+    /// A writer of the two files of a shard, wherever they are made.
+    pub fn create_at(tokens_path: &Path, index_path: &Path, vocab_size: usize) -> Result<Self> {
+        let width = token_width(vocab_size);
+        let mut tokens = BufWriter::with_capacity(1 << 20, File::create(tokens_path).at(tokens_path)?);
+        let mut index = BufWriter::with_capacity(256 << 10, File::create(index_path).at(index_path)?);
+        write_header(&mut tokens, TOKENS_MAGIC, width, 0).at(tokens_path)?;
+        write_header(&mut index, INDEX_MAGIC, 8, 0).at(index_path)?;
+        index.write_all(&0u64.to_le_bytes()).at(index_path)?;
+        Ok(StoreWriter { tokens, index, tokens_path: tokens_path.into(), index_path: index_path.into(), width, total: 0, docs: 0, bytes: Vec::new() })
     }
 
     pub fn push(&mut self, ids: &[u32]) -> Result<()> {
+        self.bytes.clear();
         if self.width == 2 {
-            for id in ids {
-                self.tokens.write_all(&(*id as u16).to_le_bytes()).at(&self.tokens_path)?;
-            }
+            self.bytes.extend(ids.iter().flat_map(|&id| (id as u16).to_le_bytes()));
         } else {
-            for id in ids {
-                self.tokens.write_all(&id.to_le_bytes()).at(&self.tokens_path)?;
-            }
+            self.bytes.extend(ids.iter().flat_map(|&id| id.to_le_bytes()));
         }
+        self.tokens.write_all(&self.bytes).at(&self.tokens_path)?;
         self.total += ids.len() as u64;
         self.docs += 1;
         self.index.write_all(&self.total.to_le_bytes()).at(&self.index_path)
@@ -314,99 +363,32 @@ impl StoreWriter {
     }
 }
 
-fn write_meta(dir: &Path, meta: &StoreMeta) -> Result<()> {
-    let mj = dir.join("meta.json");
-    std::fs::write(&mj, serde_json::to_string_pretty(meta).expect("meta serializes")).at(&mj)
+/// Writes `meta.json` of `dir` (through a temporary: a crash leaves the old
+/// one or the new one).
+pub(crate) fn write_meta(dir: &Path, meta: &StoreMeta) -> Result<()> {
+    write_atomic(&dir.join("meta.json"), serde_json::to_string_pretty(meta).expect("meta serializes").as_bytes())
 }
 
-fn write_store(
-    files: &[PathBuf],
-    opts: &CorpusOptions,
-    tok: &GlmTokenizer,
-    dir: &Path,
-    corpus: CorpusFingerprint,
-    progress: &dyn Fn(u64),
-) -> Result<(StoreMeta, BuildReport)> {
-    let mut w = StoreWriter::create(dir, tok.vocab_size())?;
-    let mut no_tokens: u64 = 0;
-    let mut unknown: u64 = 0;
-    let unk = tok.text_unk();
-    let mut done_before: u64 = 0; // bytes of finished files
-    let mut batch: Vec<String> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut flush = |batch: &mut Vec<String>, w: &mut StoreWriter| -> Result<()> {
-        for ids in tok.encode_batch(std::mem::take(batch))? {
-            if ids.is_empty() {
-                no_tokens += 1;
-            } else {
-                unknown += ids.iter().filter(|&&i| Some(i) == unk).count() as u64;
-                w.push(&ids)?;
-            }
-        }
-        Ok(())
-    };
-    let mut stats = ReadStats::default();
-    for f in files {
-        let size = std::fs::metadata(f).at(f)?.len();
-        let s = read_corpus(std::slice::from_ref(f), opts, |text, pos| {
-            batch_bytes += text.len();
-            batch.push(text);
-            if batch_bytes >= 4 << 20 || batch.len() >= 8192 {
-                flush(&mut batch, &mut w)?;
-                batch_bytes = 0;
-                progress(done_before + pos);
-            }
-            Ok(())
-        })?;
-        flush(&mut batch, &mut w)?;
-        batch_bytes = 0;
-        done_before += size;
-        progress(done_before);
-        stats.documents += s.documents;
-        stats.empty += s.empty;
-        stats.skipped += s.skipped;
-        stats.short += s.short;
-        stats.text_bytes += s.text_bytes;
-    }
-    if w.docs() == 0 {
-        let what = if files.len() == 1 { files[0].clone() } else { files[0].parent().unwrap_or(Path::new(".")).to_path_buf() };
-        return Err(Error::invalid(what, "the corpus holds no documents with text"));
-    }
-    let (docs, total, width) = w.finish()?;
-    let meta = StoreMeta {
-        format_version: FORMAT_VERSION,
-        created_by: format!("glm-worker {}", env!("CARGO_PKG_VERSION")),
-        tokenizer_sha256: tok.sha256.clone(),
-        tokenizer_type: tok.tokenizer_type(),
-        vocab_size: tok.vocab_size(),
-        special: tok.special,
-        bytes_per_token: width,
-        documents: docs,
-        tokens: total,
-        text_bytes: stats.text_bytes,
-        empty_documents: stats.empty,
-        skipped_records: stats.skipped,
-        unknown_tokens: Some(unknown),
-        corpus,
-        reader: opts.reader,
-        text_key: Some(opts.text_key.clone()),
-        short_records: stats.short,
-    };
-    let tj = dir.join("tokenizer.json");
-    std::fs::write(&tj, tok.to_json()?).at(&tj)?;
-    write_meta(dir, &meta)?;
-    Ok((meta, BuildReport { seconds: 0.0, stats, documents_without_tokens: no_tokens }))
+/// Writes `path` whole through a temporary beside it and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = crate::runtime::host::temp_path(dir, &format!(".{name}.tmp-"));
+    std::fs::write(&tmp, bytes).at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
 }
 
 /// A store of ready-made token ids (no tokenizer, no corpus files): for tests
 /// and tools that produce ids themselves.
 pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds, vocab_size: usize) -> Result<TokenStore> {
     std::fs::create_dir_all(dir).at(dir)?;
-    let mut w = StoreWriter::create(dir, vocab_size)?;
+    let name = "shard-00000";
+    let mut w = StoreWriter::create(dir, name, vocab_size)?;
     for d in docs {
         w.push(d)?;
     }
     let (documents, tokens, width) = w.finish()?;
+    let shards = vec![ShardMeta { name: name.into(), documents, tokens, input: Vec::new() }];
     let meta = StoreMeta {
         format_version: FORMAT_VERSION,
         created_by: "synthetic".into(),
@@ -425,13 +407,14 @@ pub fn write_synthetic_store(dir: &Path, docs: &[Vec<u32>], special: SpecialIds,
         reader: Reader::Default,
         text_key: None,
         short_records: 0,
+        shards,
     };
     write_meta(dir, &meta)?;
     TokenStore::open(dir)
 }
 
 /// Moves `tmp` to `out`, replacing a previous store in two renames.
-fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
+pub(crate) fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         if !out.join("meta.json").is_file() && std::fs::read_dir(out).at(out)?.next().is_some() {
             return Err(Error::invalid(out, "exists and is not a token store; refusing to replace it"));
@@ -450,11 +433,18 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
 pub fn read_meta(dir: &Path) -> Result<StoreMeta> {
     let p = dir.join("meta.json");
     let meta: StoreMeta = glm_common::text::read_json(&p, "not a token store's meta.json")?;
-    if meta.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&meta.format_version) {
         return Err(Error::invalid(
             &p,
-            format!("store format version {} (this build reads {FORMAT_VERSION}); rebuild it: {}", meta.format_version, rebuild_command(dir, &meta)),
+            format!(
+                "store format version {} (this build reads versions {OLDEST_FORMAT} to {FORMAT_VERSION}); rebuild it: {}",
+                meta.format_version,
+                rebuild_command(dir, &meta)
+            ),
         ));
+    }
+    if meta.format_version >= 2 && meta.shards.is_empty() {
+        return Err(Error::invalid(&p, format!("a format {} store without shards; rebuild it: {}", meta.format_version, rebuild_command(dir, &meta))));
     }
     Ok(meta)
 }
@@ -526,8 +516,14 @@ pub fn staleness(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer, corpus: &Cor
 /// nothing readable there to lose). A command that did not build it must
 /// not replace it: it may be a training run's, hours to build again.
 pub fn foreign(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Option<String> {
+    foreign_to(dir, files, tok.tokenizer_type(), &|sha| tok.answers_to(sha))
+}
+
+/// `foreign` for a tokenizer known by its type and whether a recorded
+/// sha256 names it.
+pub(crate) fn foreign_to(dir: &Path, files: &[PathBuf], kind: TokenizerType, answers_to: &dyn Fn(&str) -> bool) -> Option<String> {
     let meta = read_meta(dir).ok()?;
-    if meta.tokenizer_type != tok.tokenizer_type() || !tok.answers_to(&meta.tokenizer_sha256) {
+    if meta.tokenizer_type != kind || !answers_to(&meta.tokenizer_sha256) {
         let sha = meta.tokenizer_sha256.get(..12).unwrap_or(&meta.tokenizer_sha256);
         return Some(format!("it was built with another tokenizer (a {} tokenizer, sha256 {sha}...)", meta.tokenizer_type));
     }
@@ -542,23 +538,40 @@ pub fn foreign(dir: &Path, files: &[PathBuf], tok: &GlmTokenizer) -> Option<Stri
     None
 }
 
-/// A read-only, memory-mapped token store.
+/// A read-only, memory-mapped token store: its shards' documents numbered
+/// in shard order.
 pub struct TokenStore {
     pub meta: StoreMeta,
     pub dir: PathBuf,
+    shards: Vec<Shard>,
+    /// The global id of each shard's first document.
+    first_doc: Vec<u64>,
+}
+
+/// One shard's two files, mapped.
+struct Shard {
     tokens: memmap2::Mmap,
     index: memmap2::Mmap,
 }
 
-fn check_header(path: &Path, buf: &[u8], magic: &[u8; 8], widths: &[u32]) -> Result<(u32, u64)> {
+impl Shard {
+    fn offsets(&self) -> &[u64] {
+        let body = &self.index[HEADER..];
+        // SAFETY: the map is page-aligned, HEADER is a multiple of 8 and the
+        // length was checked to be a whole number of u64s.
+        unsafe { std::slice::from_raw_parts(body.as_ptr() as *const u64, body.len() / 8) }
+    }
+}
+
+fn check_header(path: &Path, buf: &[u8], magic: &[u8; 8], version: u32, widths: &[u32]) -> Result<(u32, u64)> {
     if buf.len() < HEADER || &buf[..8] != magic {
         return Err(Error::invalid(path, "not a token store file (bad magic)"));
     }
-    let version = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+    let found = u32::from_le_bytes(buf[8..12].try_into().unwrap());
     let width = u32::from_le_bytes(buf[12..16].try_into().unwrap());
     let count = u64::from_le_bytes(buf[16..24].try_into().unwrap());
-    if version != FORMAT_VERSION {
-        return Err(Error::invalid(path, format!("format version {version}, this build reads {FORMAT_VERSION}")));
+    if found != version {
+        return Err(Error::invalid(path, format!("format version {found}, meta.json says {version}")));
     }
     if !widths.contains(&width) {
         return Err(Error::invalid(path, format!("unsupported element width {width}")));
@@ -578,8 +591,6 @@ fn map(path: &Path) -> Result<memmap2::Mmap> {
 }
 
 impl TokenStore {
-    /// Opens and validates a store (headers, sizes, index monotonic and
-    /// consistent with the token count and meta.json).
     /// Opens the store at `dir` and checks that `tok` (the tokenizer of
     /// `whose`: "this run's", "the checkpoint's") built it.
     pub fn open_for(dir: &Path, tok: &GlmTokenizer, whose: &str) -> Result<Self> {
@@ -593,8 +604,10 @@ impl TokenStore {
         Ok(st)
     }
 
-    /// Opens and validates the store at `dir`; a damaged one is an error
-    /// with the command that rebuilds it.
+    /// Opens and validates the store at `dir` (every shard's headers and
+    /// sizes, its index monotone and covering its tokens, the counts those
+    /// of meta.json); a damaged one is an error with the command that
+    /// rebuilds it.
     pub fn open(dir: &Path) -> Result<Self> {
         let meta = read_meta(dir)?;
         let hint = rebuild_command(dir, &meta);
@@ -605,29 +618,47 @@ impl TokenStore {
         })
     }
 
-    fn open_with(dir: &Path, meta: StoreMeta) -> Result<Self> {
-        let tp = dir.join("tokens.bin");
-        let ip = dir.join("index.bin");
-        let tokens = map(&tp)?;
-        let index = map(&ip)?;
-        let (width, count) = check_header(&tp, &tokens, TOKENS_MAGIC, &[2, 4])?;
-        let (_, entries) = check_header(&ip, &index, INDEX_MAGIC, &[8])?;
-        if width != meta.bytes_per_token || count != meta.tokens || entries != meta.documents + 1 {
-            return Err(Error::invalid(dir, "tokens.bin/index.bin disagree with meta.json"));
+    pub(crate) fn open_with(dir: &Path, meta: StoreMeta) -> Result<Self> {
+        // format 1: one shard of the whole store, named as the files were then
+        let files: Vec<(String, String, u64, u64)> = if meta.format_version == 1 {
+            vec![("tokens.bin".into(), "index.bin".into(), meta.documents, meta.tokens)]
+        } else {
+            meta.shards.iter().map(|s| (s.tokens_file(), s.index_file(), s.documents, s.tokens)).collect()
+        };
+        let (mut shards, mut first_doc) = (Vec::with_capacity(files.len()), Vec::with_capacity(files.len()));
+        let (mut docs, mut total) = (0u64, 0u64);
+        for (tokens_file, index_file, want_docs, want_tokens) in files {
+            let (tp, ip) = (dir.join(&tokens_file), dir.join(&index_file));
+            let shard = Shard { tokens: map(&tp)?, index: map(&ip)? };
+            let (width, count) = check_header(&tp, &shard.tokens, TOKENS_MAGIC, meta.format_version, &[2, 4])?;
+            let (_, entries) = check_header(&ip, &shard.index, INDEX_MAGIC, meta.format_version, &[8])?;
+            let documents = entries.checked_sub(1).ok_or_else(|| Error::invalid(&ip, "empty document index (corrupt)"))?;
+            if width != meta.bytes_per_token || (documents, count) != (want_docs, want_tokens) {
+                return Err(Error::invalid(dir, format!("{tokens_file}/{index_file} disagree with meta.json")));
+            }
+            let offs = shard.offsets();
+            if offs[0] != 0 || *offs.last().unwrap() != count || offs.windows(2).any(|w| w[0] > w[1]) {
+                return Err(Error::invalid(&ip, "document index is not a monotone cover of the tokens (corrupt)"));
+            }
+            first_doc.push(docs);
+            shards.push(shard);
+            docs += documents;
+            total += count;
         }
-        let store = TokenStore { meta, dir: dir.to_path_buf(), tokens, index };
-        let offs = store.offsets();
-        if offs[0] != 0 || *offs.last().unwrap() != count || offs.windows(2).any(|w| w[0] > w[1]) {
-            return Err(Error::invalid(&ip, "document index is not a monotone cover of the tokens (corrupt)"));
+        if docs != meta.documents || total != meta.tokens {
+            return Err(Error::invalid(
+                dir,
+                format!("the shards hold {docs} documents and {total} tokens, meta.json says {} and {}", meta.documents, meta.tokens),
+            ));
         }
-        Ok(store)
+        Ok(TokenStore { meta, dir: dir.to_path_buf(), shards, first_doc })
     }
 
-    fn offsets(&self) -> &[u64] {
-        let body = &self.index[HEADER..];
-        // SAFETY: the map is page-aligned, HEADER is a multiple of 8 and the
-        // length was checked to be a whole number of u64s.
-        unsafe { std::slice::from_raw_parts(body.as_ptr() as *const u64, body.len() / 8) }
+    /// The shard holding document `i`, and `i`'s number in it.
+    fn locate(&self, i: usize) -> (&Shard, usize) {
+        // the last shard starting at or before i (shards without documents start where the next does)
+        let s = self.first_doc.partition_point(|&f| f <= i as u64) - 1;
+        (&self.shards[s], i - self.first_doc[s] as usize)
     }
 
     pub fn num_docs(&self) -> usize {
@@ -635,16 +666,19 @@ impl TokenStore {
     }
 
     pub fn doc_len(&self, i: usize) -> usize {
-        let o = self.offsets();
-        (o[i + 1] - o[i]) as usize
+        let (shard, j) = self.locate(i);
+        let o = shard.offsets();
+        (o[j + 1] - o[j]) as usize
     }
 
     /// Appends tokens `[from, to)` of document `i` to `out`.
     pub fn extend_doc(&self, i: usize, from: usize, to: usize, out: &mut Vec<u32>) {
-        let base = self.offsets()[i] as usize;
+        let (shard, j) = self.locate(i);
+        let o = shard.offsets();
+        let base = o[j] as usize;
+        assert!(from <= to && to <= (o[j + 1] - o[j]) as usize);
         let (a, b) = (base + from, base + to);
-        assert!(from <= to && to <= self.doc_len(i));
-        let body = &self.tokens[HEADER..];
+        let body = &shard.tokens[HEADER..];
         if self.meta.bytes_per_token == 2 {
             // SAFETY: alignment (page + 32) and length checked in `open`.
             let t = unsafe { std::slice::from_raw_parts(body.as_ptr() as *const u16, body.len() / 2) };
@@ -659,6 +693,11 @@ impl TokenStore {
         let mut v = Vec::with_capacity(self.doc_len(i));
         self.extend_doc(i, 0, self.doc_len(i), &mut v);
         v
+    }
+
+    /// The number of shards (format 1: one).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
     }
 }
 
@@ -686,5 +725,93 @@ mod tests {
         let changed = CorpusFingerprint::compute(&files).unwrap();
         assert_eq!(changed.files[0].sha256, sha256_file(&p).unwrap());
         assert_ne!(changed.digest, real.digest);
+    }
+
+    const SPECIAL: SpecialIds = SpecialIds { pad: 0, unk: 1, cls: 2, sep: 3, mask: 4, sop: 5, eop: 6, gmask: 7, smask: 8, eod: 9 };
+
+    /// A store as format 1 wrote it: `tokens.bin` and `index.bin` with
+    /// version 1 headers, `meta.json` with `format_version` 1 and no shards.
+    fn write_v1_store(dir: &Path, docs: &[Vec<u32>]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let header = |magic: &[u8; 8], width: u32, count: u64| {
+            [&magic[..], &1u32.to_le_bytes(), &width.to_le_bytes(), &count.to_le_bytes(), &0u64.to_le_bytes()].concat()
+        };
+        let total: u64 = docs.iter().map(|d| d.len() as u64).sum();
+        let mut tokens = header(TOKENS_MAGIC, 2, total);
+        let mut index = header(INDEX_MAGIC, 8, docs.len() as u64 + 1);
+        index.extend(0u64.to_le_bytes());
+        let mut at = 0u64;
+        for d in docs {
+            tokens.extend(d.iter().flat_map(|&t| (t as u16).to_le_bytes()));
+            at += d.len() as u64;
+            index.extend(at.to_le_bytes());
+        }
+        std::fs::write(dir.join("tokens.bin"), tokens).unwrap();
+        std::fs::write(dir.join("index.bin"), index).unwrap();
+        let meta = serde_json::json!({
+            "format_version": 1, "created_by": "glm-worker 0.1.0", "tokenizer_sha256": "abc", "tokenizer_type": "BertWordPieceTokenizer",
+            "vocab_size": 100, "special": SPECIAL, "bytes_per_token": 2, "documents": docs.len(), "tokens": total, "text_bytes": 10,
+            "empty_documents": 0, "skipped_records": 0, "unknown_tokens": 0,
+            "corpus": {"files": [{"path": "c.txt", "size": 10, "mtime_ns": 1, "sha256": "x"}], "digest": "y"}, "reader": "default", "text_key": "text",
+        });
+        std::fs::write(dir.join("meta.json"), serde_json::to_string_pretty(&meta).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_opens_and_a_future_one_is_refused_with_the_rebuild_command() {
+        let d = tempfile::tempdir().unwrap();
+        let docs = vec![vec![10, 11, 12], vec![], vec![13], vec![14, 15]];
+        write_v1_store(d.path(), &docs);
+        let st = TokenStore::open(d.path()).unwrap();
+        assert_eq!((st.num_docs(), st.num_shards(), st.meta.format_version), (4, 1, 1));
+        for (i, doc) in docs.iter().enumerate() {
+            assert_eq!(&st.doc(i), doc);
+        }
+        let mut part = Vec::new();
+        st.extend_doc(3, 1, 2, &mut part);
+        assert_eq!(part, vec![15]);
+        // a damaged format 1 store is named as damaged, with the way to rebuild it
+        std::fs::write(d.path().join("index.bin"), b"GLMIDX\0\0").unwrap();
+        let e = TokenStore::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("index.bin: not a token store file") && e.contains("rebuild it: glm-worker prepare --data c.txt --out"), "{e}");
+        // a format this build does not know: refused, saying how to prepare it again
+        let meta = std::fs::read_to_string(d.path().join("meta.json")).unwrap().replace("\"format_version\": 1", "\"format_version\": 3");
+        std::fs::write(d.path().join("meta.json"), meta).unwrap();
+        let e = TokenStore::open(d.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("store format version 3 (this build reads versions 1 to 2); rebuild it: glm-worker prepare --data c.txt") && e.contains(" --force"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shards_are_one_store_in_order_empty_ones_included() {
+        let d = tempfile::tempdir().unwrap();
+        let shards: Vec<Vec<Vec<u32>>> = vec![vec![vec![1, 2], vec![3]], vec![], vec![vec![], vec![4, 5, 6]], vec![], vec![vec![7]]];
+        let mut metas = Vec::new();
+        for (s, docs) in shards.iter().enumerate() {
+            let name = format!("shard-{s:05}");
+            let mut w = StoreWriter::create(d.path(), &name, 100).unwrap();
+            for doc in docs {
+                w.push(doc).unwrap();
+            }
+            let (documents, tokens, _) = w.finish().unwrap();
+            metas.push(ShardMeta { name, documents, tokens, input: Vec::new() });
+        }
+        let all: Vec<Vec<u32>> = shards.iter().flatten().cloned().collect();
+        let mut meta = write_synthetic_store(&d.path().join("one"), &all, SPECIAL, 100).unwrap().meta;
+        meta.shards = metas;
+        write_meta(d.path(), &meta).unwrap();
+        let st = TokenStore::open(d.path()).unwrap();
+        assert_eq!((st.num_docs(), st.num_shards()), (5, 5));
+        for (i, doc) in all.iter().enumerate() {
+            assert_eq!(&st.doc(i), doc, "document {i}");
+            assert_eq!(st.doc_len(i), doc.len());
+        }
+        // a shard that disagrees with the manifest is named
+        meta.shards[2].tokens += 1;
+        write_meta(d.path(), &meta).unwrap();
+        let e = TokenStore::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("shard-00002.tokens.bin/shard-00002.index.bin disagree with meta.json"), "{e}");
     }
 }

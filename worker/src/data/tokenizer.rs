@@ -703,7 +703,7 @@ impl GlmTokenizer {
                 if let Some((t, id, lstrip)) = self.matched.iter().find(|(t, ..)| text[i..].starts_with(t.as_str())) {
                     let before = if *lstrip { text[start..i].trim_end() } else { &text[start..i] };
                     if !before.is_empty() {
-                        out.push(Piece::Text(before));
+                        self.push_text(before, out);
                     }
                     out.push(Piece::Id(*id));
                     i += t.len();
@@ -714,12 +714,73 @@ impl GlmTokenizer {
             i += 1;
         }
         if start < text.len() {
-            out.push(Piece::Text(&text[start..]));
+            self.push_text(&text[start..], out);
         }
+    }
+
+    /// A run of text between command tokens. WordPiece's long runs are cut
+    /// after whitespace into runs of about `WORDPIECE_RUN` bytes: its
+    /// normaliser works character by character and its pre-tokenizer splits
+    /// at whitespace, so the ids are the same, and the library's working
+    /// memory (some 150 bytes per byte of text) stays that of one run
+    /// however long a document is.
+    fn push_text<'a>(&self, text: &'a str, out: &mut Vec<Piece<'a>>) {
+        let mut rest = text;
+        if self.block.tokenizer_type == TokenizerType::WordPiece {
+            while rest.len() > 2 * WORDPIECE_RUN {
+                let b = rest.as_bytes();
+                // the first whitespace byte at or after WORDPIECE_RUN (ASCII: never inside a character)
+                let Some(i) = b[WORDPIECE_RUN..].iter().position(|c| matches!(c, b' ' | b'\n' | b'\t' | b'\r')) else { break };
+                let cut = WORDPIECE_RUN + i + 1;
+                out.push(Piece::Text(&rest[..cut]));
+                rest = &rest[cut..];
+            }
+        }
+        out.push(Piece::Text(rest));
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.encode_batch(vec![text.to_string()])?.pop().unwrap_or_default())
+    }
+
+    /// Appends the ids of `text` to `out`, on this thread alone (no thread
+    /// pool): for callers that run one encoder per core themselves, as
+    /// `prepare`'s workers do. The same ids as `encode_batch`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut pieces = Vec::new();
+        self.split(text, &mut pieces);
+        for p in pieces {
+            match p {
+                Piece::Id(id) => out.push(id),
+                Piece::Text(t) => self.text_ids(t, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The text model's ids of `text`, appended to `out`: the steps of the
+    /// library's `encode_fast` (added tokens, normaliser, pre-tokenizer,
+    /// model) without building an `Encoding` (tokens, offsets, masks: half
+    /// of the allocations), which a store does not keep. A post-processor
+    /// adds nothing without special tokens; a model file that asks for
+    /// truncation or padding goes the library's whole way.
+    fn text_ids(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizer};
+        let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        if self.inner.get_truncation().is_some() || self.inner.get_padding().is_some() {
+            out.extend_from_slice(self.inner.encode_fast(text, false).map_err(err)?.get_ids());
+            return Ok(());
+        }
+        let mut pre = self.inner.get_added_vocabulary().extract_and_normalize(self.inner.get_normalizer(), text);
+        if let Some(p) = self.inner.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(err)?;
+        }
+        let model = self.inner.get_model();
+        pre.tokenize(|n| tokenizers::Model::tokenize(model, n.get())).map_err(err)?;
+        for (_, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+            out.extend(tokens.iter().flatten().map(|t| t.id));
+        }
+        Ok(())
     }
 
     /// Encodes many texts on all cores (rayon, inside `tokenizers`).
@@ -840,6 +901,9 @@ impl GlmTokenizer {
 fn text_ids(inner: &Tokenizer) -> usize {
     inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1)
 }
+
+/// WordPiece encodes runs of text of about this many bytes (see `push_text`).
+const WORDPIECE_RUN: usize = 128 << 10;
 
 /// A piece of raw text between command tokens, or a command token's id.
 enum Piece<'a> {
@@ -976,5 +1040,25 @@ mod tests {
         assert!(ids.contains(&s.mask));
         let end = tok.encode("。").unwrap()[0];
         assert!(tok.sentence_end_table()[end as usize]);
+    }
+
+    /// WordPiece cuts a long run of text after whitespace: the ids are the
+    /// library's for the whole run.
+    #[test]
+    fn long_wordpiece_runs_are_cut_without_changing_ids() {
+        let vocab = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seed/vocab.txt");
+        for model_type in ["bert-base-uncased", "bert-base-chinese"] {
+            let tok = GlmTokenizer::load(&vocab, &TokenizerSpec::new(TokenizerType::WordPiece, model_type, false)).unwrap();
+            let unit = "床前明月光，疑是地上霜。\tHello Wörld, ÉCOLE naïve café!\r\nΣΑΣ ΟΔΟΣ 123.45\u{3000}長い文章です。 x\u{301}y  \n\n";
+            let text = unit.repeat(2 * WORDPIECE_RUN / unit.len() + 50);
+            let mut pieces = Vec::new();
+            tok.split(&text, &mut pieces);
+            assert!(pieces.len() >= 2, "cut into runs");
+            let whole = tok.inner.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
+            let mut ours = Vec::new();
+            tok.encode_into(&text, &mut ours).unwrap();
+            assert_eq!(ours, whole, "{model_type}");
+            assert_eq!(tok.encode_batch(vec![text.clone()]).unwrap()[0], whole, "{model_type}");
+        }
     }
 }

@@ -66,6 +66,17 @@ pub fn current_rss_bytes() -> u64 {
     pages * page.max(0) as u64
 }
 
+/// The peak resident memory of this program image (bytes): `/proc/self/status`'s
+/// `VmHWM`, which starts afresh at `exec` (getrusage's maximum also counts
+/// the memory of the process that forked this one before it exec'd, e.g. a
+/// large Python parent), else `peak_rss_bytes`.
+pub fn peak_rss_of_this_program() -> u64 {
+    let hwm = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()));
+    hwm.map_or_else(peak_rss_bytes, |kb| kb * 1024)
+}
+
 /// The process's peak resident memory so far (bytes).
 pub fn peak_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given.

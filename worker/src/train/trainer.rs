@@ -65,14 +65,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
         let msg: &[u8] = match (PHASE.load(Ordering::SeqCst), int) {
             (p, true) if p == eval => b"glm-worker: interrupted (SIGINT): evaluation stopped\n",
             (p, false) if p == eval => b"glm-worker: terminated (SIGTERM): evaluation stopped\n",
-            (p, true) if p == prepare => b"glm-worker: interrupted (SIGINT): prepare stopped; a store it had not finished was not installed\n",
-            (p, false) if p == prepare => b"glm-worker: terminated (SIGTERM): prepare stopped; a store it had not finished was not installed\n",
+            (p, true) if p == prepare => b"glm-worker: interrupted (SIGINT): prepare stopped; a store it had not finished was not installed (its finished shards are kept: the same prepare again continues)\n",
+            (p, false) if p == prepare => b"glm-worker: terminated (SIGTERM): prepare stopped; a store it had not finished was not installed (its finished shards are kept: the same prepare again continues)\n",
             (_, true) => b"glm-worker: interrupted (SIGINT) before training: stopped; nothing was trained or saved\n",
             (_, false) => b"glm-worker: terminated (SIGTERM) before training: stopped; nothing was trained or saved\n",
         };
         // SAFETY: write(2) and _exit(2) are async-signal-safe. (The
-        // temporaries of an unfinished store or tokenizer are removed by the
-        // next run: runtime::host::temp_path.)
+        // temporaries of an unfinished shard or tokenizer are removed by the
+        // next run: runtime::host::temp_path; finished shards of an
+        // unfinished store are kept for it: data::build.)
         unsafe {
             libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
             libc::_exit(128 + sig);
