@@ -625,7 +625,9 @@ fn a_weighted_mixture_draws_by_weight_reports_each_corpus_and_resumes_exactly() 
     assert!(std::fs::read(a.join("10/model.safetensors")).unwrap() == std::fs::read(b.join("10/model.safetensors")).unwrap(), "final weights differ");
     // TensorBoard has each corpus's samples, tokens, epochs and validation, once a step
     let tb = tensorboard_events(&r.p("tb/runs/glm-tiny"));
-    let series = |tag: &str| -> Vec<(u64, f64)> { tb["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag}")).iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect() };
+    let series = |tag: &str| -> Vec<(u64, f64)> {
+        tb["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag}")).iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect()
+    };
     assert_eq!(series("Train/samples/a").last(), Some(&(10, 32.0)));
     assert_eq!(series("Train/samples/corpus").iter().map(|p| p.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>());
     let at10 = &evals.last().unwrap()["corpora"][1];
