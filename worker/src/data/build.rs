@@ -622,7 +622,7 @@ fn install(work: &Path, out: &Path, plan: &Plan, report: &mut BuildReport) -> Re
     let documents: u64 = done.iter().map(|d| d.shard.documents).sum();
     if documents == 0 {
         let files = plan.files();
-        return Err(Error::invalid(super::prepare::corpus_name(&files), "the corpus holds no documents with text"));
+        return Err(Error::invalid(super::corpus::corpus_name(&files), "the corpus holds no documents with text"));
     }
     let meta = StoreMeta {
         format_version: FORMAT_VERSION,
@@ -710,7 +710,7 @@ pub fn join(out: &Path, files: Option<&[PathBuf]>, force: bool, guard: &dyn Fn(&
         if files.iter().map(|p| canon(p)).ne(ours.iter().map(|p| canon(p))) {
             return Err(Error::invalid(
                 &work,
-                format!("the partial build is of another corpus ({}): give prepare its --data or none", super::prepare::corpus_name(&ours).display()),
+                format!("the partial build is of another corpus ({}): give prepare its --data or none", super::corpus::corpus_name(&ours).display()),
             ));
         }
     }

@@ -76,6 +76,14 @@ pub fn parse_entry(entry: &str) -> (PathBuf, Reader) {
     }
 }
 
+/// The path to name in messages about a corpus of `files`.
+pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
+    match files {
+        [one] => one.clone(),
+        _ => files.first().and_then(|f| f.parent()).unwrap_or(Path::new(".")).to_path_buf(),
+    }
+}
+
 /// A corpus as configs.json names it: its files or folders and their reader.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CorpusSpec {

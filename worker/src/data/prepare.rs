@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::build::{self, BuildOptions, Built, ShardSize, Slice};
+pub use super::corpus::corpus_name;
 use super::corpus::{read_corpus_while, CorpusOptions};
 pub use super::store::TokenizerOption;
 use super::store::{self, BuildReport, CorpusFingerprint, StoreMeta};
@@ -138,14 +139,6 @@ pub fn obtain_tokenizer(files: &[PathBuf], given: Option<&Path>, store: &Path, o
 pub fn beside_store(store: &Path, which: &str) -> PathBuf {
     let name = store.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
     store.with_file_name(format!("{name}-{which}"))
-}
-
-/// The path to name in messages about a corpus of `files`.
-pub fn corpus_name(files: &[PathBuf]) -> PathBuf {
-    match files {
-        [one] => one.clone(),
-        _ => files.first().and_then(|f| f.parent()).unwrap_or(Path::new(".")).to_path_buf(),
-    }
 }
 
 pub enum StoreOutcome {

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::trainer::{TrainOptions, VALID_SEED};
 use crate::config::run::{files_of, RunConfig};
 use crate::data::blocklm::BlockSampler;
 use crate::data::mixture::{component_seed, component_store, Source, TrainData};
@@ -15,6 +14,9 @@ use crate::data::store::{StoreMeta, TokenStore};
 use crate::data::tokenizer::{GlmTokenizer, TokenizerSpec};
 use crate::error::{Error, Result};
 use crate::parallel::Parallel;
+
+/// The seed offset of the validation split's sample stream.
+pub const VALID_SEED: u64 = 0x00E7_A100;
 
 /// A validation set: the valid split of one corpus (or `valid_data`).
 pub struct ValidSet {
@@ -44,10 +46,11 @@ struct Corpus {
     weight: f64,
 }
 
-/// Prepares (rank 0 first) and opens the run's data.
-pub fn prepare(cfg: &RunConfig, opts: &TrainOptions, par: &Parallel) -> Result<RunData> {
+/// Prepares (rank 0 first) and opens the run's data: the store at `store`
+/// (a mixture's corpora beside it), prepared with `prepare`.
+pub fn prepare(cfg: &RunConfig, store: &Path, prepare: &PrepareOptions, par: &Parallel) -> Result<RunData> {
     let a = &cfg.args.args;
-    let mut base = opts.prepare.clone();
+    let mut base = prepare.clone();
     base.corpus.text_key = a.text_key.clone();
     base.tokenizer_option = TokenizerOption::ConfigKey;
     base.spec = Some(TokenizerSpec::from_args(a)?);
@@ -55,7 +58,7 @@ pub fn prepare(cfg: &RunConfig, opts: &TrainOptions, par: &Parallel) -> Result<R
         TrainData::Corpus(c) => {
             let mut popts = base.clone();
             popts.corpus.reader = c.reader;
-            vec![Corpus { name: "train_data".into(), files: files_of("train_data", &c.roots)?, store: opts.store.clone(), popts, weight: 1.0 }]
+            vec![Corpus { name: "train_data".into(), files: files_of("train_data", &c.roots)?, store: store.to_path_buf(), popts, weight: 1.0 }]
         }
         TrainData::Mixture(m) => m
             .iter()
@@ -66,7 +69,7 @@ pub fn prepare(cfg: &RunConfig, opts: &TrainOptions, par: &Parallel) -> Result<R
                 Ok(Corpus {
                     name: c.name.clone(),
                     files: files_of("train_data", &c.spec.roots)?,
-                    store: component_store(&opts.store, k, &c.name),
+                    store: component_store(store, k, &c.name),
                     popts,
                     weight: c.weight,
                 })
@@ -79,13 +82,13 @@ pub fn prepare(cfg: &RunConfig, opts: &TrainOptions, par: &Parallel) -> Result<R
     if let Some(t) = &cfg.test_data {
         files_of("test_data", &t.roots)?;
     }
-    let valid_store = beside_store(&opts.store, "valid");
+    let valid_store = beside_store(store, "valid");
     let mut valid_popts = base.clone();
     if let Some(v) = &cfg.valid_data {
         valid_popts.corpus.reader = v.reader;
         valid_popts.corpus.text_key = a.eval_text_key.clone().unwrap_or_else(|| a.text_key.clone());
-        valid_popts.spec = opts.prepare.spec;
-        valid_popts.tokenizer_option = opts.prepare.tokenizer_option;
+        valid_popts.spec = prepare.spec;
+        valid_popts.tokenizer_option = prepare.tokenizer_option;
     }
     // a trained tokenizer learns from every corpus's files, read by one reader
     let all_files: Vec<PathBuf> = corpora.iter().flat_map(|c| c.files.iter().cloned()).collect();

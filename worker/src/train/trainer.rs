@@ -41,8 +41,7 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// when complete.
 static TRAINING: AtomicBool = AtomicBool::new(false);
 
-/// The seed offset of the validation split's sample stream.
-pub const VALID_SEED: u64 = 0x00E7_A100;
+pub use super::data::VALID_SEED;
 
 /// What a signal outside the training loop stops, for its message.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -260,7 +259,7 @@ impl Trainer {
             Some(s) => Some(super::save_dir::claim(s, a.load.as_deref(), a.overwrite, &par)?),
             None => None,
         };
-        let super::data::RunData { tok, train, valid, train_tokens } = super::data::prepare(&cfg, &opts, &par)?;
+        let super::data::RunData { tok, train, valid, train_tokens } = super::data::prepare(&cfg, &opts.store, &opts.prepare, &par)?;
 
         progress::set_phase(Stage::Building);
         let (mut model, mut opt) = build(&Recipe::from_run(&cfg, tok.vocab_size()), &par, opts.device)?;
